@@ -1,0 +1,25 @@
+"""Shared offline fixtures: one tiny random CLIP per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+TEST_IMAGE_SIZE = 112  # 8x8 patch grid on the tiny CLIP's 14-px patches
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    from zsad.testing import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_clip_path):
+    from zsad import CLIPBackbone
+
+    return CLIPBackbone.from_pretrained(str(tiny_clip_path))

@@ -1,0 +1,185 @@
+"""A frozen ``transformers.CLIPModel`` with hidden-state hooks and a prompt-embedding text encoder.
+
+Example:
+
+```python
+>>> backbone = CLIPBackbone.from_pretrained("openai/clip-vit-large-patch14-336")
+>>> features = backbone.encode_image(pixel_values, layers=[6, 12, 18, 24])  # any square size
+>>> ids = backbone.tokenize(["a photo of a bottle."])
+>>> text = backbone.encode_text(ids)  # (1, 768), L2-normalised
+```
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, CLIPModel
+from transformers.masking_utils import create_causal_mask
+
+from .exceptions import ZSADError
+
+
+def quarter_point_layers(num_layers: int) -> list[int]:
+    """The four quarter points of a depth: 6, 12, 18, 24 for 24 layers; 1, 2, 3, 4 for 4."""
+    return [round(num_layers * quarter / 4) for quarter in (1, 2, 3, 4)]
+
+
+@dataclass
+class ImageFeatures:
+    """What one vision pass gives the method heads.
+
+    ``layer_tokens[i]`` is ``hidden_states[layers[i]]`` of the vision tower, shape (B, 1 + N, D) with the
+    class token first; ``image_embeds`` is the projected, L2-normalised global embedding (B, P).
+    """
+
+    layers: list[int]
+    layer_tokens: list[torch.Tensor]
+    image_embeds: torch.Tensor
+    grid_size: int
+
+    def patch_tokens(self, index: int) -> torch.Tensor:
+        """Patch tokens (B, N, D) of the ``index``-th requested layer, class token dropped."""
+        return self.layer_tokens[index][:, 1:]
+
+
+def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
+    """Raise a ZSADError unless ``pixel_values`` is a (B, 3, S, S) batch with S >= patch size."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ZSADError(f"pixel_values must be a (batch, 3, size, size) tensor, got {shape}.")
+    batch, _, height, width = pixel_values.shape
+    if batch == 0 or height == 0 or width == 0:
+        raise ZSADError(f"pixel_values is empty (shape {tuple(pixel_values.shape)}); pass at least one image.")
+    if height != width:
+        raise ZSADError(
+            f"pixel_values must be square, got {height}x{width}; resize images to the model's "
+            "image_size (zsad.inference.AnomalyDetector does this for you)."
+        )
+    if height < patch_size:
+        raise ZSADError(f"Images of {height}px are smaller than one {patch_size}px patch; use a larger image_size.")
+
+
+def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> None:
+    store[layer_number] = output
+
+
+class CLIPBackbone(nn.Module):
+    """Frozen CLIP (always in eval mode, no gradients) plus its tokenizer."""
+
+    def __init__(self, clip: CLIPModel, tokenizer):
+        super().__init__()
+        self.model = clip
+        self.tokenizer = tokenizer
+        self.model.requires_grad_(False)
+        self.train(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None):
+        """Load CLIP weights and tokenizer from a Hub id or a local folder."""
+        try:
+            clip = CLIPModel.from_pretrained(name_or_path, revision=revision, dtype=dtype, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        except (OSError, ValueError, KeyError) as error:
+            raise ZSADError(
+                f"Could not load the CLIP backbone '{name_or_path}' (revision {revision or 'default'}): {error}\n"
+                "Pass the Hub id of a CLIP model or the path of a local copy (a folder with config.json, the "
+                "weights and the tokenizer files), e.g. one saved by CLIPModel.save_pretrained."
+            ) from error
+        return cls(clip, tokenizer)
+
+    def train(self, mode: bool = True):
+        # The backbone is frozen: its dropout/norm behaviour must not change when a head is trained.
+        return super().train(False)
+
+    @property
+    def vision_config(self):
+        return self.model.config.vision_config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual_projection.weight.device
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.model.text_model.embeddings.token_embedding
+
+    def encode_image(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
+        """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers)."""
+        num_layers = self.vision_config.num_hidden_layers
+        if not layers or any(not 1 <= layer <= num_layers for layer in layers):
+            raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
+        check_pixel_values(pixel_values, self.vision_config.patch_size)
+        captured: dict[int, torch.Tensor] = {}
+        blocks = self.model.vision_model.encoder.layers
+        handles = [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured, k)) for k in set(layers)]
+        try:
+            output = self.model.vision_model(
+                pixel_values=pixel_values.to(device=self.device, dtype=self.dtype), interpolate_pos_encoding=True
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        image_embeds = F.normalize(self.model.visual_projection(output.pooler_output), dim=-1)
+        grid_size = pixel_values.shape[-1] // self.vision_config.patch_size
+        return ImageFeatures(list(layers), [captured[k] for k in layers], image_embeds, grid_size)
+
+    def post_layernorm(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model.post_layernorm(tokens)
+
+    def project_patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's own patch projection: post_layernorm then visual_projection (not normalised)."""
+        return self.model.visual_projection(self.post_layernorm(tokens))
+
+    def tokenize(self, texts: list[str], num_placeholders: int = 0) -> torch.Tensor:
+        """Token ids padded to the longest prompt (not to 77), with room for ``num_placeholders`` tokens.
+
+        The placeholders sit right after the start token (positions 1..num_placeholders) and are meant
+        to be replaced by learnable embeddings in ``encode_text``; texts are cut so the end token stays
+        inside CLIP's context window.
+        """
+        max_length = self.text_config.max_position_embeddings - num_placeholders
+        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+        ids = encoded["input_ids"]
+        if num_placeholders:
+            # Any id but the end token works: these embeddings are replaced before the transformer runs.
+            filler = torch.zeros((ids.shape[0], num_placeholders), dtype=ids.dtype)
+            ids = torch.cat([ids[:, :1], filler, ids[:, 1:]], dim=1)
+        return ids.to(self.device)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        replacement: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected, L2-normalised end-token features (B, P).
+
+        ``replacement`` (K, D) or (B, K, D) embeddings are written at token ``positions`` (K,) before the
+        transformer runs; gradients reach them, never the frozen backbone.
+        """
+        text_model = self.model.text_model
+        embeds = text_model.embeddings.token_embedding(input_ids)
+        if replacement is not None:
+            replacement = replacement.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
+            embeds = embeds.index_copy(1, positions.to(input_ids.device), replacement)
+        hidden = text_model.embeddings(inputs_embeds=embeds)
+        causal_mask = create_causal_mask(
+            config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
+        )
+        hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
+        hidden = text_model.final_layer_norm(hidden)
+        # The first end token ends the prompt (the pad token may be the same id).
+        end_positions = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), end_positions]
+        return F.normalize(self.model.text_projection(pooled), dim=-1)

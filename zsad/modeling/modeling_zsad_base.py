@@ -1,0 +1,270 @@
+"""What every zsad model shares: a frozen CLIP backbone that is never saved, adapter-only checkpoints,
+loading the backbone named in the config, a text-feature cache, and the output type."""
+
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub import HfApi
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
+
+from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
+from .clip_backbone import CLIPBackbone, ImageFeatures
+from .configuration_zsad_base import ZSADBaseConfig
+from .exceptions import ZSADError
+from .losses import image_loss, segmentation_loss
+
+BACKBONE_PREFIX = "clip."
+TEXT_CACHE_SIZE = 256
+
+
+@dataclass
+class ZeroShotAnomalyOutput(ModelOutput):
+    """Output of every zsad model.
+
+    Args:
+        loss: training loss, when ``masks`` and ``labels`` are given.
+        anomaly_map: (B, S, S) smoothed abnormal probability at the model's input size, in [0, 1].
+        image_score: (B,) anomaly score in [0, 1].
+        global_score: (B,) abnormal probability from the global image feature.
+        map_score: (B,) maximum of ``anomaly_map``.
+        layer_maps: (B, L, S, S) unsmoothed abnormal maps of each tapped layer.
+        details: method-specific parts (per-branch maps, names used, ...).
+    """
+
+    loss: torch.Tensor | None = None
+    anomaly_map: torch.Tensor | None = None
+    image_score: torch.Tensor | None = None
+    global_score: torch.Tensor | None = None
+    map_score: torch.Tensor | None = None
+    layer_maps: torch.Tensor | None = None
+    details: dict | None = None
+
+
+def _backbone_dimensions(backbone: CLIPBackbone) -> dict:
+    vision, text = backbone.vision_config, backbone.text_config
+    return {
+        "num_vision_layers": vision.num_hidden_layers,
+        "patch_size": vision.patch_size,
+        "vision_hidden_size": vision.hidden_size,
+        "text_hidden_size": text.hidden_size,
+        "projection_dim": backbone.model.config.projection_dim,
+    }
+
+
+def default_model_card(config: ZSADBaseConfig, model_name: str) -> str:
+    """A short, true card written with every save; ``zsad publish`` replaces it with the full template."""
+    status = "trained" if config.is_trained else "untrained (training-free start: CLIP's own features and prompts)"
+    settings = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(config.to_diff_dict().items()))
+    return (
+        f"---\nbase_model: {config.base_model_name_or_path}\nlibrary_name: transformers\n"
+        f"pipeline_tag: image-segmentation\ntags:\n- zsad\n- anomaly-detection\n- zero-shot\n- clip\n---\n\n"
+        f"# {model_name} for zero-shot anomaly detection\n\n"
+        f"Status: **{status}**. Backbone: `{config.base_model_name_or_path}` (frozen, not stored here).\n\n"
+        "```python\nfrom transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained(REPO_OR_PATH, trust_remote_code=True)\n"
+        "output = model(pixel_values, class_names=['bottle'])  # anomaly_map, image_score\n```\n\n"
+        f"| setting | value |\n|---|---|\n{settings}\n"
+    )
+
+
+class ZSADPreTrainedModel(PreTrainedModel):
+    """Base class of the zsad method models.
+
+    The frozen CLIP lives in ``self.clip`` (a :class:`CLIPBackbone`) and is attached after construction
+    (``from_clip``, ``from_pretrained`` or ``attach_backbone``), so that checkpoints hold only the small
+    trainable adapters and several models can share one backbone. Subclasses build their adapters in
+    ``__init__`` and end it with ``self.post_init()``.
+    """
+
+    config_class = ZSADBaseConfig
+    base_model_prefix = "zsad"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+
+    def __init__(self, config: ZSADBaseConfig):
+        super().__init__(config)
+        self.clip = None
+        self._text_cache: OrderedDict = OrderedDict()
+
+    def _init_weights(self, module):
+        # Adapters get their training-free start from the backbone in ``init_from_backbone``.
+        pass
+
+    # ----- construction and loading -------------------------------------------------------------
+
+    @classmethod
+    def from_clip(cls, clip_name_or_path: str, revision: str | None = None, clip_model=None, clip_dtype=None, **config_overrides):
+        """An untrained (training-free) model on the given CLIP; ``config_overrides`` set config fields."""
+        backbone = _as_backbone(clip_model, clip_name_or_path, revision) if clip_model is not None else (
+            CLIPBackbone.from_pretrained(clip_name_or_path, revision=revision, dtype=clip_dtype)
+        )
+        settings = {**_backbone_dimensions(backbone), **config_overrides}
+        config = cls.config_class(base_model_name_or_path=str(clip_name_or_path), base_model_revision=revision, **settings)
+        model = cls(config)
+        model.attach_backbone(backbone)
+        model.init_from_backbone()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, clip_model=None, clip_dtype=None, **kwargs):
+        """Load adapters from a folder or Hub repo, then the backbone named in the config unless
+        ``clip_model`` (a ready ``CLIPModel`` or ``CLIPBackbone``) is given to share one."""
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+            raise ZSADError(
+                f"Could not load the zsad checkpoint '{pretrained_model_name_or_path}': {error}\n"
+                "Check the path or Hub id; a checkpoint folder needs config.json and model.safetensors as written "
+                "by save_pretrained. If the weights file is truncated, download or save it again."
+            ) from error
+        config = model.config
+        backbone = (
+            _as_backbone(clip_model, config.base_model_name_or_path, config.base_model_revision)
+            if clip_model is not None
+            else CLIPBackbone.from_pretrained(config.base_model_name_or_path, config.base_model_revision, dtype=clip_dtype)
+        )
+        model.attach_backbone(backbone)
+        return model.eval()
+
+    def attach_backbone(self, backbone: CLIPBackbone) -> None:
+        """Use ``backbone`` (kept frozen) for this model after checking it matches the config's dimensions."""
+        expected = {key: getattr(self.config, key) for key in _backbone_dimensions(backbone)}
+        found = _backbone_dimensions(backbone)
+        if expected != found:
+            raise ZSADError(
+                f"This checkpoint was made for a backbone with {expected}, but the given CLIP has {found}. "
+                f"Use the backbone it was trained on: {self.config.base_model_name_or_path}."
+            )
+        self.clip = backbone
+        backbone.model.requires_grad_(False)
+        backbone.train(False)
+        self.to(backbone.device)
+        self._text_cache.clear()
+
+    def init_from_backbone(self) -> None:
+        """Set adapters to their training-free start (METHODS.md); models without adapters do nothing."""
+
+    def require_backbone(self) -> CLIPBackbone:
+        if self.clip is None:
+            raise ZSADError(
+                "No CLIP backbone is attached. Build models with from_clip(...) or from_pretrained(...), "
+                "or call attach_backbone(CLIPBackbone.from_pretrained(name))."
+            )
+        return self.clip
+
+    # ----- saving -------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """All weights except the frozen backbone's."""
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(BACKBONE_PREFIX)}
+
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith(BACKBONE_PREFIX)]
+
+    def save_pretrained(self, save_directory, *args, model_card: str | None = None, **kwargs):
+        """Adapter-only ``save_pretrained`` that also writes a model card (README.md)."""
+        state_dict = self.adapter_state_dict()
+        kwargs["state_dict"] = state_dict
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not state_dict:
+            # transformers writes no weights file for an empty state dict, but from_pretrained needs one.
+            save_file({}, os.path.join(save_directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        card = model_card if model_card is not None else default_model_card(self.config, type(self).__name__)
+        with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                    model_card: str | None = None, **_ignored):
+        """One Hub commit with weights, config, code and our model card (never transformers' blank card)."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card=model_card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.clip is not None:
+            self.clip.train(False)
+        return self
+
+    # ----- shared forward pieces ---------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        return self.require_backbone().encode_image(pixel_values, self.config.feature_layers)
+
+    def cached_text(self, key: tuple, compute):
+        """``compute()`` once per key while no parameter changes; training (grad enabled) bypasses the cache.
+
+        Parameter version counters are part of the key, so an optimiser step or load_state_dict
+        invalidates entries of text features that depend on learnable prompts.
+        """
+        adapters = self.adapter_parameters()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
+            return compute()
+        versions = tuple(p._version for p in adapters)
+        full_key = (key, versions, self.require_backbone().dtype, str(self.require_backbone().device))
+        if full_key in self._text_cache:
+            self._text_cache.move_to_end(full_key)
+            return self._text_cache[full_key]
+        value = compute()
+        self._text_cache[full_key] = value
+        if len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return value
+
+    def maps_from_layer_probs(self, layer_probs: list[torch.Tensor], grid_size: int, image_size: int):
+        """Per-layer (B, 2, N) state probabilities -> (2-channel maps per layer, smoothed abnormal map)."""
+        state_maps = [upsample_patch_maps(probs, grid_size, image_size) for probs in layer_probs]
+        layer_maps = torch.stack([maps[:, 1] for maps in state_maps], dim=1)
+        sigma = scaled_sigma(self.config.smoothing_sigma, image_size, self.config.smoothing_reference_size)
+        return state_maps, layer_maps, combine_layer_maps(layer_maps, sigma)
+
+    def build_output(self, state_maps, layer_maps, anomaly_map, global_logits, masks=None, labels=None, details=None):
+        """Scores, maps and (when targets are given) the summed segmentation + image loss."""
+        global_score = global_logits.float().softmax(dim=-1)[:, 1]
+        image_score, map_score = image_scores(global_score, anomaly_map, self.config.image_score_map_weight)
+        loss = None
+        if masks is not None:
+            loss = sum(segmentation_loss(maps, masks) for maps in state_maps)
+        if labels is not None:
+            loss = image_loss(global_logits, labels) + (0.0 if loss is None else loss)
+        return ZeroShotAnomalyOutput(
+            loss=loss,
+            anomaly_map=anomaly_map.clamp(0.0, 1.0),
+            image_score=image_score.clamp(0.0, 1.0),
+            global_score=global_score,
+            map_score=map_score,
+            layer_maps=layer_maps,
+            details=details,
+        )
+
+
+def _as_backbone(clip_model, fallback_name: str, revision: str | None) -> CLIPBackbone:
+    """Accept a ready ``CLIPBackbone`` or a ``CLIPModel`` (its tokenizer is loaded from its own path)."""
+    if isinstance(clip_model, CLIPBackbone):
+        return clip_model
+    if isinstance(clip_model, CLIPModel):
+        source = clip_model.config._name_or_path or fallback_name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        except (OSError, ValueError) as error:
+            raise ZSADError(
+                f"Could not load the tokenizer for the given CLIPModel from '{source}': {error}. "
+                "Pass a zsad CLIPBackbone (model + tokenizer) instead."
+            ) from error
+        return CLIPBackbone(clip_model, tokenizer)
+    raise ZSADError(f"clip_model must be a transformers CLIPModel or a zsad CLIPBackbone, got {type(clip_model).__name__}.")

@@ -1,0 +1,104 @@
+"""Prompt text: state words x templates (APRIL-GAN / WinCLIP lineage), class-name checks, ensembles."""
+
+import torch
+import torch.nn.functional as F
+
+from .exceptions import ZSADError
+
+NORMAL_STATES = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+ABNORMAL_STATES = (
+    "damaged {}",
+    "broken {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+TEMPLATES = (
+    "a bad photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a photo of my {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of one {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of a large {}.",
+    "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
+STATE_WORDS = (NORMAL_STATES, ABNORMAL_STATES)
+MAX_CLASS_NAME_CHARS = 200
+
+
+def clean_class_name(name: str) -> str:
+    """Dataset folder names to words ("metal_nut" -> "metal nut"); rejects empty and over-long names."""
+    if not isinstance(name, str):
+        raise ZSADError(f"A class name must be a string, got {type(name).__name__}.")
+    cleaned = " ".join(name.replace("_", " ").split())
+    if not cleaned:
+        raise ZSADError("The class name is empty: type what the product is, e.g. 'bottle' or 'metal nut'.")
+    if len(cleaned) > MAX_CLASS_NAME_CHARS:
+        raise ZSADError(
+            f"The class name has {len(cleaned)} characters; keep it under {MAX_CLASS_NAME_CHARS} "
+            "(a short product name such as 'screw' works best)."
+        )
+    return cleaned
+
+
+def class_names_for_batch(class_names: str | list[str], batch_size: int) -> list[str]:
+    """One cleaned name per image: a single string is used for the whole batch."""
+    names = [class_names] * batch_size if isinstance(class_names, str) else list(class_names)
+    if len(names) != batch_size:
+        raise ZSADError(f"Got {len(names)} class names for {batch_size} images; pass one name per image or one for all.")
+    return [clean_class_name(name) for name in names]
+
+
+def state_prompts(class_name: str, states: tuple[str, ...], templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+    """Every template filled with every state phrase of ``class_name``."""
+    return [template.format(state.format(class_name)) for state in states for template in templates]
+
+
+def prompt_ensemble_features(backbone, class_names: list[str], templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
+    """(C, 2, P) normalised (normal, abnormal) text features: mean of each state's prompt features.
+
+    All prompts of one class go through the text encoder in one call.
+    """
+    pairs = []
+    for name in class_names:
+        prompts = [state_prompts(name, states, templates) for states in STATE_WORDS]
+        features = backbone.encode_text(backbone.tokenize(prompts[0] + prompts[1]))
+        normal, abnormal = features.split([len(prompts[0]), len(prompts[1])])
+        pairs.append(torch.stack([normal.mean(dim=0), abnormal.mean(dim=0)]))
+    return F.normalize(torch.stack(pairs), dim=-1)
