@@ -16,7 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 from transformers.masking_utils import create_causal_mask
 
 from .exceptions import ZSADError
@@ -66,13 +66,28 @@ def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> 
     store[layer_number] = output
 
 
-class CLIPBackbone(nn.Module):
-    """Frozen CLIP (always in eval mode, no gradients) plus its tokenizer."""
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-    def __init__(self, clip: CLIPModel, tokenizer):
+
+def image_normalisation(name_or_path: str, revision: str | None) -> tuple[tuple, tuple]:
+    """The backbone's pixel mean/std from its image processor config, OpenAI's values if it has none."""
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
+        return tuple(processor.image_mean), tuple(processor.image_std)
+    except (OSError, ValueError, AttributeError):
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+class CLIPBackbone(nn.Module):
+    """Frozen CLIP (always in eval mode, no gradients) plus its tokenizer and pixel normalisation."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
         super().__init__()
         self.model = clip
         self.tokenizer = tokenizer
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -88,7 +103,7 @@ class CLIPBackbone(nn.Module):
                 "Pass the Hub id of a CLIP model or the path of a local copy (a folder with config.json, the "
                 "weights and the tokenizer files), e.g. one saved by CLIPModel.save_pretrained."
             ) from error
-        return cls(clip, tokenizer)
+        return cls(clip, tokenizer, *image_normalisation(name_or_path, revision))
 
     def train(self, mode: bool = True):
         # The backbone is frozen: its dropout/norm behaviour must not change when a head is trained.

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
-from .clip_backbone import CLIPBackbone, ImageFeatures
+from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
 from .configuration_zsad_base import ZSADBaseConfig
 from .exceptions import ZSADError
 from .losses import image_loss, segmentation_loss
@@ -150,6 +150,10 @@ class ZSADPreTrainedModel(PreTrainedModel):
     def init_from_backbone(self) -> None:
         """Set adapters to their training-free start (METHODS.md); models without adapters do nothing."""
 
+    def prepare_for_training(self, class_names: list[str]) -> None:
+        """Called by the training command with the auxiliary dataset's category names before the first
+        step (StackCLIP clusters them here); models that need nothing do nothing."""
+
     def require_backbone(self) -> CLIPBackbone:
         if self.clip is None:
             raise ZSADError(
@@ -266,5 +270,5 @@ def _as_backbone(clip_model, fallback_name: str, revision: str | None) -> CLIPBa
                 f"Could not load the tokenizer for the given CLIPModel from '{source}': {error}. "
                 "Pass a zsad CLIPBackbone (model + tokenizer) instead."
             ) from error
-        return CLIPBackbone(clip_model, tokenizer)
+        return CLIPBackbone(clip_model, tokenizer, *image_normalisation(source, revision))
     raise ZSADError(f"clip_model must be a transformers CLIPModel or a zsad CLIPBackbone, got {type(clip_model).__name__}.")
