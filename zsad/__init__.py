@@ -17,16 +17,24 @@ from .modeling.modeling_zsad_base import ZeroShotAnomalyOutput
 
 __version__ = "0.1.0"
 
-MODEL_CLASSES = {ZeroShotCLIPConfig: ZeroShotCLIPModel}
+# Method name (CLI, Space, training command) -> model class.
+METHODS = {
+    "baseline": ZeroShotCLIPModel,
+}
 
-for _config_class, _model_class in MODEL_CLASSES.items():
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    AutoModel.register(_config_class, _model_class, exist_ok=True)
+for _model_class in METHODS.values():
+    AutoConfig.register(_model_class.config_class.model_type, _model_class.config_class, exist_ok=True)
+    AutoModel.register(_model_class.config_class, _model_class, exist_ok=True)
+
+from .loading import load_backbone, load_model  # noqa: E402  (needs METHODS)
 
 __all__ = [
+    "METHODS",
     "CLIPBackbone",
     "ZSADError",
     "ZeroShotAnomalyOutput",
     "ZeroShotCLIPConfig",
     "ZeroShotCLIPModel",
+    "load_backbone",
+    "load_model",
 ]
