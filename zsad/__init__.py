@@ -11,7 +11,11 @@ from transformers import AutoConfig, AutoModel
 
 from .errors import ZSADError
 from .modeling.clip_backbone import CLIPBackbone
+from .modeling.configuration_genclip import GenCLIPConfig
+from .modeling.configuration_stackclip import StackCLIPConfig
 from .modeling.configuration_zeroshot_clip import ZeroShotCLIPConfig
+from .modeling.modeling_genclip import GenCLIPModel
+from .modeling.modeling_stackclip import StackCLIPModel
 from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
 from .modeling.modeling_zsad_base import ZeroShotAnomalyOutput
 
@@ -20,6 +24,8 @@ __version__ = "0.1.0"
 # Method name (CLI, Space, training command) -> model class.
 METHODS = {
     "baseline": ZeroShotCLIPModel,
+    "genclip": GenCLIPModel,
+    "stackclip": StackCLIPModel,
 }
 
 for _model_class in METHODS.values():
@@ -31,6 +37,10 @@ from .loading import load_backbone, load_model  # noqa: E402  (needs METHODS)
 __all__ = [
     "METHODS",
     "CLIPBackbone",
+    "GenCLIPConfig",
+    "GenCLIPModel",
+    "StackCLIPConfig",
+    "StackCLIPModel",
     "ZSADError",
     "ZeroShotAnomalyOutput",
     "ZeroShotCLIPConfig",
