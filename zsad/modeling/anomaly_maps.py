@@ -32,7 +32,7 @@ def upsample_patch_maps(patch_maps: torch.Tensor, grid_size: int, image_size: in
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian with radius round(truncate * sigma), as scipy.ndimage.gaussian_filter uses."""
     radius = max(int(truncate * sigma + 0.5), 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 

@@ -3,11 +3,12 @@ loading the backbone named in the config, a text-feature cache, and the output t
 
 import os
 import tempfile
+from pathlib import Path
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
@@ -174,9 +175,10 @@ class ZSADPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, model_card: str | None = None, **kwargs):
         """Adapter-only ``save_pretrained`` that also writes a model card (README.md)."""
         state_dict = self.adapter_state_dict()
+        has_weights = bool(state_dict)  # transformers empties the dict while writing it
         kwargs["state_dict"] = state_dict
         super().save_pretrained(save_directory, *args, **kwargs)
-        if not state_dict:
+        if not has_weights:
             # transformers writes no weights file for an empty state dict, but from_pretrained needs one.
             save_file({}, os.path.join(save_directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
         card = model_card if model_card is not None else default_model_card(self.config, type(self).__name__)
@@ -191,9 +193,15 @@ class ZSADPreTrainedModel(PreTrainedModel):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, model_card=model_card)
-            return api.upload_folder(
+            # create_commit, not upload_folder: the latter may split an upload into several commits.
+            operations = [
+                CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+                for path in sorted(Path(folder).rglob("*"))
+                if path.is_file()
+            ]
+            return api.create_commit(
                 repo_id=repo_id,
-                folder_path=folder,
+                operations=operations,
                 commit_message=commit_message or f"Upload {type(self).__name__}",
                 revision=revision,
                 create_pr=create_pr,

@@ -1,0 +1,211 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel
+
+import zsad
+from conftest import TEST_IMAGE_SIZE
+from zsad import ZSADError, ZeroShotCLIPModel
+from zsad.modeling.configuration_zsad_base import ZSADBaseConfig
+from zsad.modeling.modeling_zsad_base import ZSADPreTrainedModel
+
+
+class ToyAdapterConfig(ZSADBaseConfig):
+    model_type = "zsad_toy_adapter"
+
+
+class ToyAdapterModel(ZSADPreTrainedModel):
+    """A base-class user with one trainable head, to check adapter-only saving."""
+
+    config_class = ToyAdapterConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = torch.nn.Linear(config.vision_hidden_size, config.projection_dim)
+        self.post_init()
+
+    def init_from_backbone(self):
+        self.head.weight.data.copy_(self.clip.model.visual_projection.weight)
+        self.head.bias.data.zero_()
+
+    def forward(self, pixel_values):
+        return self.head(self.encode_image(pixel_values).patch_tokens(0))
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+
+
+@pytest.fixture
+def baseline(tiny_clip_path, tiny_backbone):
+    return ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+
+
+def test_config_defaults_follow_the_backbone(baseline):
+    assert baseline.config.feature_layers == [1, 2, 3, 4]
+    assert ZSADBaseConfig().feature_layers == [6, 12, 18, 24]
+    assert ZSADBaseConfig().image_size == 518
+
+
+def test_adapter_only_save_and_identical_reload(tmp_path, tiny_clip_path, tiny_backbone, pixels):
+    model = ToyAdapterModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    with torch.no_grad():
+        model.head.weight.add_(0.1)
+        expected = model(pixels)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert set(weights) == {"head.weight", "head.bias"}
+    assert (tmp_path / "model.safetensors").stat().st_size < 20_000
+    reloaded = ToyAdapterModel.from_pretrained(tmp_path)  # loads the backbone named in the config
+    assert reloaded.clip is not tiny_backbone
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels), expected, rtol=0, atol=0)
+    assert not reloaded.clip.training and not any(p.requires_grad for p in reloaded.clip.parameters())
+    assert reloaded.head.weight.requires_grad
+
+
+def test_baseline_round_trip_and_auto_model(tmp_path, baseline, tiny_backbone, pixels):
+    with torch.no_grad():
+        expected = baseline(pixels, class_names=["bottle", "metal_nut"])
+    baseline.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors") == {}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_zeroshot_clip.ZeroShotCLIPModel"
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "zeroshot_clip"
+    loaded = AutoModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
+    assert isinstance(loaded, ZeroShotCLIPModel) and loaded.clip is tiny_backbone
+    with torch.no_grad():
+        output = loaded(pixels, class_names=["bottle", "metal_nut"])
+    torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(output.image_score, expected.image_score, rtol=0, atol=0)
+
+
+def test_remote_code_loads_without_zsad(tmp_path, baseline, pixels):
+    with torch.no_grad():
+        expected = baseline(pixels, class_names="screw")
+    checkpoint = tmp_path / "checkpoint"
+    baseline.save_pretrained(checkpoint)
+    torch.save({"pixels": pixels, "map": expected.anomaly_map, "score": expected.image_score}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["zsad"] = None  # importing zsad must fail in this process
+        import torch
+        from transformers import AutoModel
+        try:
+            import zsad  # noqa: F401
+            raise SystemExit("zsad was importable")
+        except ImportError:
+            pass
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            output = model(expected["pixels"], class_names="screw")
+        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(output.image_score, expected["score"], rtol=0, atol=1e-6)
+        assert not model.clip.training
+        print("REMOTE OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE OK" in result.stdout
+
+
+def test_push_to_hub_makes_one_commit_with_our_card(monkeypatch, baseline):
+    commits = []
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        files = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        contents = {path: (open(src, "rb").read() if isinstance(src, str) else src) for path, src in files.items()}
+        commits.append({"repo_id": repo_id, "files": contents, "message": kwargs.get("commit_message")})
+        return "fake-commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)
+    monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
+    baseline.push_to_hub("org/tiny-baseline")
+    assert len(commits) == 1
+    files = commits[0]["files"]
+    assert commits[0]["repo_id"] == "org/tiny-baseline"
+    for name in ["model.safetensors", "config.json", "README.md", "modeling_zeroshot_clip.py",
+                 "configuration_zeroshot_clip.py", "modeling_zsad_base.py", "clip_backbone.py"]:
+        assert name in files, sorted(files)
+    card = files["README.md"].decode() if isinstance(files["README.md"], bytes) else files["README.md"].read().decode()
+    assert "ZeroShotCLIPModel for zero-shot anomaly detection" in card
+    assert "untrained" in card and "trust_remote_code=True" in card
+    assert "automatically generated" not in card
+
+
+def test_truncated_weights_raise_clear_error(tmp_path, tiny_clip_path, tiny_backbone):
+    model = ToyAdapterModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ZSADError, match="Could not load the zsad checkpoint"):
+        ToyAdapterModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
+
+
+def test_missing_checkpoint_folder_raises(tmp_path):
+    with pytest.raises(ZSADError, match="Could not load the zsad checkpoint"):
+        ZeroShotCLIPModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unknown_backbone_raises_clear_error(tmp_path, baseline):
+    baseline.config.base_model_name_or_path = "no-such-org/no-such-clip"
+    baseline.save_pretrained(tmp_path)
+    with pytest.raises(ZSADError, match="Could not load the CLIP backbone 'no-such-org/no-such-clip'"):
+        ZeroShotCLIPModel.from_pretrained(tmp_path)
+
+
+def test_backbone_of_other_size_is_refused(tmp_path, tiny_clip_path, tiny_backbone):
+    config_path = tmp_path / "other"
+    model = ToyAdapterModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone)
+    model.config.vision_hidden_size = 1024
+    with pytest.raises(ZSADError, match="backbone it was trained on"):
+        model.attach_backbone(tiny_backbone)
+    assert not config_path.exists()
+
+
+def test_training_mode_never_reaches_the_backbone(baseline):
+    baseline.train()
+    assert baseline.training and not baseline.clip.training
+    assert not any(p.requires_grad for p in baseline.clip.parameters())
+
+
+def test_model_without_backbone_says_how_to_attach():
+    model = ZeroShotCLIPModel(zsad.ZeroShotCLIPConfig())
+    with pytest.raises(ZSADError, match="from_clip"):
+        model(torch.randn(1, 3, 56, 56), class_names="bottle")
+
+
+def test_class_text_features_are_computed_once(monkeypatch, baseline, pixels):
+    calls = []
+    original = baseline.clip.encode_text
+    monkeypatch.setattr(baseline.clip, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        first = baseline(pixels, class_names=["bottle", "bottle"])
+        assert len(calls) == 1
+        second = baseline(pixels, class_names="bottle")
+        assert len(calls) == 1
+        baseline(pixels[:1], class_names="cable")
+        assert len(calls) == 2
+    torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("names", ["", "   ", "x" * 500, ["a", "b", "c"]])
+def test_bad_class_names_raise(baseline, pixels, names):
+    with pytest.raises(ZSADError):
+        baseline(pixels, class_names=names)

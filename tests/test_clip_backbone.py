@@ -1,0 +1,101 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TEST_IMAGE_SIZE
+from zsad import ZSADError
+from zsad.modeling.clip_backbone import quarter_point_layers
+
+
+def test_quarter_points():
+    assert quarter_point_layers(24) == [6, 12, 18, 24]
+    assert quarter_point_layers(4) == [1, 2, 3, 4]
+    assert quarter_point_layers(12) == [3, 6, 9, 12]
+
+
+@pytest.mark.parametrize("size", [TEST_IMAGE_SIZE, 70])
+def test_hooked_layers_equal_output_hidden_states(tiny_backbone, size):
+    pixels = torch.randn(2, 3, size, size)
+    layers = [1, 3, 4]
+    reference = tiny_backbone.model.vision_model(pixels, interpolate_pos_encoding=True, output_hidden_states=True)
+    blocks = tiny_backbone.model.vision_model.encoder.layers
+    hooks_before = [len(block._forward_hooks) for block in blocks]
+    features = tiny_backbone.encode_image(pixels, layers)
+    for tokens, layer in zip(features.layer_tokens, layers):
+        torch.testing.assert_close(tokens, reference.hidden_states[layer], rtol=0, atol=1e-6)
+    assert features.grid_size == size // 14
+    assert features.patch_tokens(0).shape == (2, (size // 14) ** 2, tiny_backbone.vision_config.hidden_size)
+    expected_embeds = F.normalize(
+        tiny_backbone.model.get_image_features(pixels, interpolate_pos_encoding=True).pooler_output, dim=-1
+    )
+    torch.testing.assert_close(features.image_embeds, expected_embeds, rtol=0, atol=1e-6)
+    # Our hooks are removed after the call.
+    assert [len(block._forward_hooks) for block in blocks] == hooks_before
+
+
+def test_project_patch_tokens_is_post_layernorm_then_projection(tiny_backbone):
+    tokens = torch.randn(1, 5, tiny_backbone.vision_config.hidden_size)
+    vision = tiny_backbone.model.vision_model
+    expected = tiny_backbone.model.visual_projection(vision.post_layernorm(tokens))
+    torch.testing.assert_close(tiny_backbone.project_patch_tokens(tokens), expected)
+
+
+def test_text_features_equal_get_text_features(tiny_backbone):
+    texts = ["a photo of a bottle.", "a photo of a damaged metal nut with a long scratch on it."]
+    ids = tiny_backbone.tokenize(texts)
+    features = tiny_backbone.encode_text(ids)
+    reference = F.normalize(tiny_backbone.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    torch.testing.assert_close(features, reference, rtol=0, atol=1e-5)
+
+
+def test_sequences_are_cut_to_the_longest_prompt(tiny_backbone):
+    texts = ["a bottle.", "a photo of a damaged bottle."]
+    ids = tiny_backbone.tokenize(texts)
+    longest = max(len(tiny_backbone.tokenizer(text)["input_ids"]) for text in texts)
+    assert ids.shape[1] == longest < 77
+    assert tiny_backbone.tokenize(texts, num_placeholders=5).shape[1] == longest + 5
+    overlong = tiny_backbone.tokenize(["word " * 200], num_placeholders=12)
+    assert overlong.shape[1] == 77
+    assert (overlong[0] == tiny_backbone.tokenizer.eos_token_id).any()
+
+
+def test_injected_embeddings_replace_tokens_and_get_gradients(tiny_backbone):
+    ids = tiny_backbone.tokenize(["object.", "damaged object."], num_placeholders=3)
+    positions = torch.arange(1, 4)
+    prompt = torch.randn(3, tiny_backbone.text_config.hidden_size, requires_grad=True)
+    features = tiny_backbone.encode_text(ids, prompt, positions)
+    features.sum().backward()
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tiny_backbone.parameters())
+    # Replacement equal to the placeholder's own embeddings changes nothing.
+    own = tiny_backbone.word_embeddings(ids[0, 1:4]).detach()
+    torch.testing.assert_close(tiny_backbone.encode_text(ids, own, positions), tiny_backbone.encode_text(ids), atol=1e-6, rtol=0)
+    # Per-prompt replacements (B, K, D) differ per row.
+    per_row = torch.randn(2, 3, tiny_backbone.text_config.hidden_size)
+    assert not torch.allclose(tiny_backbone.encode_text(ids, per_row, positions), features.detach())
+
+
+@pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (torch.randn(1, 3, 112, 98), "square"),
+        (torch.randn(0, 3, 112, 112), "empty"),
+        (torch.randn(1, 3, 0, 0), "empty"),
+        (torch.randn(1, 1, 112, 112), "tensor"),
+        (torch.randn(1, 3, 8, 8), "smaller than one"),
+    ],
+)
+def test_bad_pixel_values_raise_clear_errors(tiny_backbone, pixels, message):
+    with pytest.raises(ZSADError, match=message):
+        tiny_backbone.encode_image(pixels, [1, 2])
+
+
+def test_bad_layers_raise(tiny_backbone):
+    with pytest.raises(ZSADError, match="1..4"):
+        tiny_backbone.encode_image(torch.randn(1, 3, 56, 56), [0, 5])
+
+
+def test_backbone_stays_frozen_and_in_eval_mode(tiny_backbone):
+    tiny_backbone.train(True)
+    assert not tiny_backbone.training and not tiny_backbone.model.training
+    assert not any(p.requires_grad for p in tiny_backbone.parameters())
