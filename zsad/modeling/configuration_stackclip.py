@@ -1,0 +1,65 @@
+"""Configuration of StackCLIP (CSP, EFA, RPL; METHODS.md "StackCLIP")."""
+
+from .configuration_zsad_base import ZSADBaseConfig
+from .exceptions import ZSADError
+
+EFA_TRAINING_MODES = ("cluster-specific", "all-data")
+
+
+class StackCLIPConfig(ZSADBaseConfig):
+    """StackCLIP settings; defaults are METHODS.md's ([paper], [lineage] or [choice] there).
+
+    Args:
+        num_clusters: force this many CSP clusters; ``None`` picks n* by the count criterion.
+        max_clusters: largest count the criterion tries (bounded by the number of categories).
+        cluster_penalty: the 0.1 in ``spread + 0.1 * e^n``.
+        kmeans_n_init: k-means restarts.
+        cluster_seed: k-means random state.
+        cluster_members: training category names of each cluster, set by ``prepare_for_training``
+            (nearest to the centroid first); ``None`` before clustering, when every category is its own
+            cluster (pure precise prompts, one set of EFA heads).
+        stacked_names: the stacked name of each cluster, cut to CLIP's token window.
+        fusion_weight: a in normalise(a * stacked + (1 - a) * precise); 1 gives pure stacking.
+        cluster_temperature: tau of the EFA weights softmax(cos(t_c, centroid_i) / tau).
+        efa_training: "cluster-specific" (a cluster's heads see only its categories' images) or
+            "all-data" (every cluster's heads see every image).
+        n_ctx: learnable RPL context vectors per state.
+        ctx_init: text whose word embeddings, repeated, start the context vectors.
+        rpl_normal_text / rpl_abnormal_text: words after the context vectors.
+        rpl_regularizer_weight: lambda of lambda * (1 - cos(learned, stacked)) per state.
+    """
+
+    model_type = "stackclip"
+
+    num_clusters: int | None = None
+    max_clusters: int = 10
+    cluster_penalty: float = 0.1
+    kmeans_n_init: int = 10
+    cluster_seed: int = 111
+    cluster_members: list[list[str]] | None = None
+    stacked_names: list[str] | None = None
+    fusion_weight: float = 0.5
+    cluster_temperature: float = 0.1
+    efa_training: str = "cluster-specific"
+    n_ctx: int = 12
+    ctx_init: str = "a photo of a"
+    rpl_normal_text: str = "object"
+    rpl_abnormal_text: str = "damaged object"
+    rpl_regularizer_weight: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        if self.efa_training not in EFA_TRAINING_MODES:
+            raise ZSADError(f"efa_training must be one of {EFA_TRAINING_MODES}, got '{self.efa_training}'.")
+        if self.num_clusters is not None and self.num_clusters < 1:
+            raise ZSADError(f"num_clusters must be at least 1 (or None to choose it), got {self.num_clusters}.")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            raise ZSADError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}.")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_head_sets(self) -> int:
+        """EFA head sets: one per cluster, one before clustering."""
+        return max(len(self.cluster_members or []), 1)
+
+
+StackCLIPConfig.register_for_auto_class()
