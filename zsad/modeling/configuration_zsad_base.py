@@ -15,9 +15,15 @@ class ZSADBaseConfig(PreTrainedConfig):
         base_model_revision: Hub revision (branch, tag or commit) of that backbone.
         image_size: square input side in pixels; position embeddings are interpolated to it.
         feature_layers: 1-based vision blocks whose outputs are tapped (default: the quarter points).
+        num_vision_layers: depth of the backbone's vision transformer.
+        patch_size: the backbone's patch side in pixels.
+        vision_hidden_size: width of the backbone's vision transformer (input of the patch adapters).
+        text_hidden_size: width of the backbone's text transformer (size of prompt token embeddings).
+        projection_dim: size of CLIP's joint image-text space.
         logit_scale: temperature of the (normal, abnormal) softmax.
         smoothing_sigma: Gaussian smoothing of the final map in pixels at ``smoothing_reference_size``;
             scaled with ``image_size``.
+        smoothing_reference_size: input size at which ``smoothing_sigma`` is given.
         image_score_map_weight: image score = (1 - w) * global probability + w * max of the map.
         is_trained: False for a training-free model made by ``from_clip``.
     """

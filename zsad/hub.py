@@ -1,0 +1,382 @@
+"""Model cards and publishing: adapter-only weights + remote code + a full model card, in one Hub commit.
+
+```python
+>>> from zsad.hub import publish, render_model_card
+>>> card = render_model_card(model, eval_results="results/stackclip_visa.json")  # huggingface_hub.ModelCard
+>>> publish("runs/stackclip-mvtec", "my-org/stackclip-mvtec", eval_json="results/stackclip_visa.json")
+```
+
+The card template is chosen by the config's ``model_type`` (``model_cards/<model_type>.md``) and filled from the
+config itself, so every config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the
+description from the config class docstring.
+
+Evaluation JSON accepted by ``load_evaluation`` (as written by ``zsad evaluate``): one report or a list of reports,
+or ``{"reports": [...]}``; a report is ::
+
+    {"dataset": "VisA",                      # required (also accepted: "dataset_name")
+     "dataset_id": "visa", "split": "test",  # optional
+     "categories": {"pcb1": {"image_auroc": 0.91, "pixel_aupro": 0.85, ...}, ...},
+     "mean": {"image_auroc": 0.88, ...}}     # optional: computed from "categories" when missing
+
+Metric values are fractions in [0, 1] or percentages; they go into ``model-index`` exactly as written.
+``null``/NaN values (e.g. pixel metrics of an image-level-only dataset) are left out.
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import CONFIG_NAME
+
+from .errors import ZSADError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+MACROS_TEMPLATE = "_sections.md"
+
+METRIC_NAMES = {
+    "image_auroc": "Image AUROC",
+    "image_ap": "Image AP",
+    "image_f1_max": "Image F1-max",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "pixel_f1_max": "Pixel F1-max",
+    "pixel_aupro": "Pixel AUPRO",
+}
+IMAGE_TASK = {"task_type": "image-classification", "task_name": "Zero-shot anomaly detection (image level)"}
+PIXEL_TASK = {"task_type": "image-segmentation", "task_name": "Zero-shot anomaly segmentation (pixel level)"}
+
+# Read from the backbone by ``from_clip``: facts about the CLIP, not method settings.
+BACKBONE_FIELDS = (
+    "base_model_name_or_path", "base_model_revision", "num_vision_layers", "patch_size",
+    "vision_hidden_size", "text_hidden_size", "projection_dim",
+)
+# Training metadata (written by train/train.py) is shown with the training protocol.
+TRAINING_METADATA_PREFIX = "training_"
+# Methods with nothing to train: their results are valid without training.
+TRAINING_FREE_MODEL_TYPES = ("zeroshot_clip",)
+CHECKPOINT_FILE_PATTERNS = (CONFIG_NAME, "*.safetensors", "*.safetensors.index.json", "*.py")
+
+
+# ----- evaluation results ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvaluationReport:
+    """One evaluated dataset: mean and per-category metrics, as written in the evaluation JSON."""
+
+    dataset: str
+    dataset_id: str
+    split: str
+    mean: dict[str, float]
+    categories: dict[str, dict[str, float]]
+
+    @property
+    def is_percent(self) -> bool:
+        values = [*self.mean.values(), *(v for metrics in self.categories.values() for v in metrics.values())]
+        return any(value > 1.0 for value in values)
+
+    def display(self, value: float | None) -> str:
+        if value is None:
+            return "–"
+        return f"{value if self.is_percent else 100.0 * value:.1f}"
+
+
+def load_evaluation(source) -> list[EvaluationReport]:
+    """Reports from an evaluation JSON path, a report dict, or a list of them (schema in the module docstring)."""
+    data = _read_json(source) if isinstance(source, (str, Path)) else source
+    if isinstance(data, dict) and "reports" in data:
+        data = data["reports"]
+    raw_reports = data if isinstance(data, list) else [data]
+    if not raw_reports or not all(isinstance(raw, dict) for raw in raw_reports):
+        raise ZSADError(f"Evaluation results must be a report object or a list of them, got: {str(data)[:200]}")
+    return [_parse_report(raw) for raw in raw_reports]
+
+
+def _read_json(path) -> dict | list:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ZSADError(f"File not found: {path}. Evaluation results are written by `zsad evaluate`.") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ZSADError(f"{path} is not valid JSON: {error}") from error
+
+
+def _parse_report(raw: dict) -> EvaluationReport:
+    dataset = raw.get("dataset") or raw.get("dataset_name")
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise ZSADError(f"An evaluation report has no dataset name ('dataset'); its keys are {sorted(raw)}.")
+    categories = {str(name): _clean_metrics(metrics, f"{dataset}/{name}") for name, metrics in (raw.get("categories") or {}).items()}
+    mean = _clean_metrics(raw["mean"], f"{dataset}/mean") if raw.get("mean") else _mean_over_categories(categories)
+    if not mean:
+        raise ZSADError(f"The evaluation report for {dataset} holds no metric values ('mean' or 'categories').")
+    dataset_id = raw.get("dataset_id") or re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
+    return EvaluationReport(dataset, dataset_id, raw.get("split") or "test", mean, categories)
+
+
+def _clean_metrics(metrics, where: str) -> dict[str, float]:
+    """Numeric metric values; null/NaN entries are dropped, anything else non-numeric is an error."""
+    if not isinstance(metrics, dict):
+        raise ZSADError(f"Metrics of {where} must be an object {{metric: value}}, got {metrics!r}.")
+    cleaned = {}
+    for key, value in metrics.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ZSADError(f"Metric {key} of {where} must be a number, got {value!r}.")
+        cleaned[key] = value
+    return cleaned
+
+
+def _mean_over_categories(categories: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over the categories that have the metric (the paper protocol: per category, then averaged)."""
+    keys = dict.fromkeys(key for metrics in categories.values() for key in metrics)
+    return {key: sum(values) / len(values) for key in keys if (values := [m[key] for m in categories.values() if key in m])}
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key.replace("_", " "))
+
+
+def model_index_results(reports: list[EvaluationReport]) -> list[EvalResult]:
+    """One ``model-index`` entry per (dataset, metric), with the mean value exactly as written."""
+    return [
+        EvalResult(
+            **(PIXEL_TASK if key.startswith("pixel_") else IMAGE_TASK),
+            dataset_type=report.dataset_id,
+            dataset_name=report.dataset,
+            dataset_split=report.split,
+            metric_type=key,
+            metric_name=metric_name(key),
+            metric_value=value,
+        )
+        for report in reports
+        for key, value in report.mean.items()
+    ]
+
+
+# ----- settings from the config -----------------------------------------------------------------------------
+
+
+def field_descriptions(config_class: type) -> dict[str, str]:
+    """``name: description`` entries of the ``Args:`` sections of the config class and its zsad bases."""
+    descriptions: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        section = inspect.cleandoc(klass.__dict__.get("__doc__") or "").partition("Args:")[2]
+        # Entries look like "    name: text" or "    name_a / name_b: text", continued on deeper-indented lines.
+        for names, text in re.findall(r"^ {4}(\w+(?: / \w+)*): (.*(?:\n {8}.*)*)", section, flags=re.MULTILINE):
+            for name in names.split(" / "):
+                descriptions[name] = " ".join(text.split())
+    return descriptions
+
+
+def config_settings(config: PreTrainedConfig) -> dict[str, list[dict]]:
+    """The config's own fields (transformers' generic ones left out), grouped as backbone / training / method rows."""
+    generic = set(PreTrainedConfig().to_dict()) | {"auto_map"}
+    descriptions = field_descriptions(type(config))
+    groups = {"backbone": [], "training": [], "method": []}
+    for name, value in config.to_dict().items():
+        if name in generic or name.startswith("_"):
+            continue
+        row = {"name": name, "value": _format_value(value), "description": descriptions.get(name, "")}
+        groups[_settings_group(name)].append(row)
+    return groups
+
+
+def _settings_group(name: str) -> str:
+    if name in BACKBONE_FIELDS:
+        return "backbone"
+    if name == "is_trained" or name.startswith(TRAINING_METADATA_PREFIX):
+        return "training"
+    return "method"
+
+
+def _format_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def training_dataset(config: PreTrainedConfig) -> str:
+    """The auxiliary training dataset's name from the training metadata, or "unknown"."""
+    return str(getattr(config, "training_dataset", None) or "unknown")
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it is a Hub repo id (not a local folder), else None."""
+    if not name_or_path or Path(name_or_path).exists():
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+# ----- the card -----------------------------------------------------------------------------------------
+
+
+def render_model_card(model_or_config, eval_results=None, repo_id: str | None = None) -> ModelCard:
+    """The full model card of a zsad model (or its config), optionally with evaluation results.
+
+    ``eval_results`` is anything ``load_evaluation`` accepts. An untrained model (``is_trained`` False) gets no
+    results: its card says it is untrained, and passing results for it is refused.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    reports = load_evaluation(eval_results) if eval_results is not None else []
+    status = _training_status(config)
+    if reports and status == "untrained":
+        raise ZSADError(
+            "This model is untrained (training-free start, config.is_trained is False); its card carries no results. "
+            "Publish it without evaluation results, or train it first."
+        )
+    title = _method_title(config)
+    trained_on = training_dataset(config)
+    base_model = hub_model_id(config.base_model_name_or_path)
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag="image-segmentation",
+        tags=["zsad", config.model_type, "anomaly-detection", "zero-shot", "clip", "industrial-inspection"],
+        model_name=repo_id.split("/")[-1] if repo_id else title,
+        eval_results=model_index_results(reports) or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template_text(config.model_type),
+        title=title,
+        model_name=card_data.model_name,
+        model_class=type(model_or_config).__name__ if hasattr(model_or_config, "config") else title + "Model",
+        status=status,
+        repo_id=repo_id or "ORG/NAME",
+        backbone=config.base_model_name_or_path,
+        image_size=config.image_size,
+        backbone_on_hub=base_model is not None,
+        training_dataset=trained_on,
+        settings=config_settings(config),
+        reports=reports,
+        metric_name=metric_name,
+        evaluated_on_training_data=[r.dataset for r in reports if r.dataset.lower() == trained_on.lower()],
+    )
+
+
+def _training_status(config) -> str:
+    if config.model_type in TRAINING_FREE_MODEL_TYPES:
+        return "training-free"
+    return "trained" if config.is_trained else "untrained"
+
+
+def _method_title(config) -> str:
+    return {"stackclip": "StackCLIP", "genclip": "GenCLIP", "zeroshot_clip": "ZeroShotCLIP"}.get(
+        config.model_type, config.model_type
+    )
+
+
+def _template_text(model_type: str) -> str:
+    """Shared Jinja macros + the method's template (``from_template`` has no loader for ``{% import %}``)."""
+    template = TEMPLATE_DIR / f"{model_type}.md"
+    if not template.is_file():
+        available = sorted(p.stem for p in TEMPLATE_DIR.glob("[!_]*.md"))
+        raise ZSADError(
+            f"No model card template for model_type '{model_type}' in {TEMPLATE_DIR} (available: {available}). "
+            "Model cards are rendered from a source checkout of zsad, which holds model_cards/."
+        )
+    return (TEMPLATE_DIR / MACROS_TEMPLATE).read_text(encoding="utf-8") + template.read_text(encoding="utf-8")
+
+
+# ----- checkpoints and publishing ---------------------------------------------------------------------------
+
+
+def checkpoint_config(folder) -> PreTrainedConfig:
+    """The config of a zsad checkpoint folder; anything else is refused with a ZSADError."""
+    from . import METHODS  # the registry lives in the package root
+
+    folder = Path(folder)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise ZSADError(f"{folder} is not a zsad checkpoint: it has no {CONFIG_NAME}. Pass a folder written by save_pretrained or training.")
+    model_type = _read_json(config_file).get("model_type")
+    config_classes = {model_class.config_class.model_type: model_class.config_class for model_class in METHODS.values()}
+    if model_type not in config_classes:
+        raise ZSADError(f"{folder} is not a zsad checkpoint: model_type is {model_type!r}, expected one of {sorted(config_classes)}.")
+    if not list(folder.glob("*.safetensors")):
+        raise ZSADError(f"{folder} has no weights (model.safetensors). Save the model again with save_pretrained.")
+    config = config_classes[model_type].from_pretrained(folder)
+    _check_remote_code(folder, config)
+    return config
+
+
+def _check_remote_code(folder: Path, config: PreTrainedConfig) -> None:
+    """The files ``auto_map`` names, and their relative imports, must be there for ``trust_remote_code`` loading."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if not auto_map:
+        raise ZSADError(f"{folder}/{CONFIG_NAME} has no auto_map, so the checkpoint cannot load with trust_remote_code. Save it again with zsad.")
+    for reference in auto_map.values():
+        module_file = folder / f"{reference.split('.')[0]}.py"
+        if not module_file.is_file():
+            raise ZSADError(f"{folder} lacks {module_file.name}, named in auto_map. Save the model again with zsad.")
+        missing = [Path(path).name for path in get_relative_import_files(str(module_file)) if not Path(path).is_file()]
+        if missing:
+            raise ZSADError(f"{folder} lacks {sorted(set(missing))}, imported by {module_file.name}. Save the model again with zsad.")
+
+
+def checkpoint_files(folder) -> list[Path]:
+    """The files of a checkpoint that go to the Hub (config, weights, code); README.md is replaced by the card."""
+    folder = Path(folder)
+    return sorted({path for pattern in CHECKPOINT_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()})
+
+
+def export(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None) -> Path:
+    """Write the folder ``publish`` would upload (dry run): weights, config, code and the full card."""
+    directory = Path(directory)
+    card, source, _ = _card_source_config(checkpoint_or_model, eval_json, repo_id)
+    if isinstance(source, Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in checkpoint_files(source):
+            shutil.copy2(path, directory / path.name)
+        card.save(directory / "README.md")
+    else:
+        source.save_pretrained(directory, model_card=str(card))
+    return directory
+
+
+def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | None = None, private: bool | None = None):
+    """One Hub commit with weights, config, code and the full model card; returns the ``CommitInfo``.
+
+    ``checkpoint_dir_or_model`` is a zsad model or a checkpoint folder (published as is, without loading the CLIP).
+    """
+    card, source, config = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id)
+    if hub_model_id(config.base_model_name_or_path) is None:
+        warnings.warn(
+            f"The backbone '{config.base_model_name_or_path}' is not a Hub id; users of {repo_id} must pass clip_model=.",
+            stacklevel=2,
+        )
+    message = f"Upload {_method_title(config)} ({_training_status(config)}) with zsad"
+    if not isinstance(source, Path):
+        return source.push_to_hub(repo_id, model_card=str(card), token=token, private=private, commit_message=message)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in checkpoint_files(source)]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    return api.create_commit(repo_id, operations=operations, commit_message=message)
+
+
+def _card_source_config(checkpoint_or_model, eval_json, repo_id):
+    """(card, source, config); source is the checkpoint folder (a Path) or the model object."""
+    if isinstance(checkpoint_or_model, (str, Path)):
+        folder = Path(checkpoint_or_model)
+        config = checkpoint_config(folder)
+        return render_model_card(config, eval_json, repo_id), folder, config
+    if not hasattr(checkpoint_or_model, "save_pretrained") or not hasattr(checkpoint_or_model, "config"):
+        raise ZSADError(f"Expected a zsad model or a checkpoint folder, got {type(checkpoint_or_model).__name__}.")
+    return render_model_card(checkpoint_or_model, eval_json, repo_id), checkpoint_or_model, checkpoint_or_model.config
+
+
+__all__ = ["EvaluationReport", "export", "load_evaluation", "publish", "render_model_card"]
