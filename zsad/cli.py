@@ -12,6 +12,16 @@ def _tiny_clip(args: argparse.Namespace) -> None:
     print(save_tiny_clip(args.directory, seed=args.seed))
 
 
+def _publish(args: argparse.Namespace) -> None:
+    from .hub import export, publish
+
+    if args.dry_run:
+        print(export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id))
+        return
+    commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private)
+    print(commit.commit_url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="Zero-shot industrial anomaly detection with CLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -20,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_clip)
+
+    publish = commands.add_parser("publish", help="upload a checkpoint (weights, config, code, model card) in one Hub commit")
+    publish.add_argument("checkpoint", help="checkpoint folder written by save_pretrained or training")
+    publish.add_argument("--repo-id", required=True, help="Hub repo, ORG/NAME")
+    publish.add_argument("--eval", help="evaluation JSON from `zsad evaluate`; fills the card's model-index")
+    publish.add_argument("--token", help="Hub token (default: the logged-in one)")
+    publish.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead")
+    publish.set_defaults(run=_publish)
     return parser
 
 

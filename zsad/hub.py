@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -322,9 +323,12 @@ def _check_remote_code(folder: Path, config: PreTrainedConfig) -> None:
         module_file = folder / f"{reference.split('.')[0]}.py"
         if not module_file.is_file():
             raise ZSADError(f"{folder} lacks {module_file.name}, named in auto_map. Save the model again with zsad.")
-        missing = [Path(path).name for path in get_relative_import_files(str(module_file)) if not Path(path).is_file()]
-        if missing:
-            raise ZSADError(f"{folder} lacks {sorted(set(missing))}, imported by {module_file.name}. Save the model again with zsad.")
+        try:
+            get_relative_import_files(str(module_file))  # reads every file the module imports, recursively
+        except FileNotFoundError as error:
+            raise ZSADError(
+                f"{folder} lacks {Path(error.filename).name}, needed by {module_file.name}. Save the model again with zsad."
+            ) from error
 
 
 def checkpoint_files(folder) -> list[Path]:
@@ -352,6 +356,10 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
 
     ``checkpoint_dir_or_model`` is a zsad model or a checkpoint folder (published as is, without loading the CLIP).
     """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ZSADError(f"--repo-id must look like ORG/NAME: {error}") from error
     card, source, config = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id)
     if hub_model_id(config.base_model_name_or_path) is None:
         warnings.warn(
@@ -359,11 +367,22 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
             stacklevel=2,
         )
     message = f"Upload {_method_title(config)} ({_training_status(config)}) with zsad"
-    if not isinstance(source, Path):
+    try:
+        if isinstance(source, Path):
+            return _commit_checkpoint_folder(source, card, repo_id, message, token, private)
         return source.push_to_hub(repo_id, model_card=str(card), token=token, private=private, commit_message=message)
+    except (HfHubHTTPError, OfflineModeIsEnabled) as error:
+        raise ZSADError(
+            f"Uploading to {repo_id} failed: {error}\nLog in with `hf auth login` (or pass a write token), check "
+            "that you may write to that namespace, and unset HF_HUB_OFFLINE. `--dry-run DIR` works offline."
+        ) from error
+
+
+def _commit_checkpoint_folder(folder: Path, card: ModelCard, repo_id: str, message: str, token, private):
+    """The folder's config, weights and code plus the card, as one ``create_commit`` (the same as ``push_to_hub``)."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in checkpoint_files(source)]
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in checkpoint_files(folder)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
     return api.create_commit(repo_id, operations=operations, commit_message=message)
 

@@ -1,0 +1,203 @@
+"""Model cards and `zsad publish`: the card is filled from the config and the evaluation JSON, and publishing is
+one Hub commit with weights, config, code and the card (fake Hub transport, no network)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+from transformers import PreTrainedConfig
+from transformers.dynamic_module_utils import get_relative_import_files
+
+import zsad
+from zsad.cli import main
+from zsad.hub import load_evaluation, publish, render_model_card
+
+HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
+
+EVALUATION = {
+    "model": "runs/genclip-mvtec",
+    "dataset": "VisA",
+    "split": "test",
+    "categories": {
+        "pcb1": {"image_auroc": 0.875, "image_ap": 0.9, "pixel_auroc": 0.95, "pixel_aupro": 0.8},
+        "candle": {"image_auroc": 0.625, "image_ap": 0.7, "pixel_auroc": 0.85, "pixel_aupro": 0.6},
+    },
+    "mean": {"image_auroc": 0.75, "image_ap": 0.8, "pixel_auroc": 0.9, "pixel_aupro": 0.7},
+}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Records create_repo / create_commit calls (paths and bytes) instead of talking to the Hub."""
+    calls = {"repos": [], "commits": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repos"].append({"repo_id": repo_id, **kwargs})
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for operation in operations:
+            source = operation.path_or_fileobj
+            files[operation.path_in_repo] = Path(source).read_bytes() if isinstance(source, str) else bytes(source)
+        calls["commits"].append({"repo_id": repo_id, "files": files, "message": kwargs.get("commit_message")})
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/fake"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def trained_genclip(tiny_backbone):
+    """A GenCLIP marked trained on MVTec-AD, on a backbone its config names by Hub id (the real case)."""
+    model = zsad.GenCLIPModel.from_clip("tiny", clip_model=tiny_backbone, image_size=112)
+    model.config.is_trained = True
+    model.config.training_dataset = "MVTec-AD"
+    model.config.base_model_name_or_path = HUB_BACKBONE
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_genclip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("genclip-checkpoint")
+    trained_genclip.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def eval_json(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(EVALUATION))
+    return path
+
+
+def model_index(card_text: str) -> dict[tuple[str, str], float]:
+    """(dataset name, metric type) -> value from a card's model-index."""
+    return {(r.dataset_name, r.metric_type): r.metric_value for r in ModelCard(card_text).data.eval_results or []}
+
+
+def code_files_needed(folder: Path) -> set[str]:
+    """The files the config's auto_map names plus their relative imports, as the remote-code loader needs them."""
+    modules = {reference.split(".")[0] for reference in json.loads((folder / "config.json").read_text())["auto_map"].values()}
+    needed = set()
+    for module in modules:
+        needed |= {f"{module}.py"} | {Path(path).name for path in get_relative_import_files(str(folder / f"{module}.py"))}
+    return needed
+
+
+@pytest.mark.parametrize("source", ["folder", "model"])
+def test_publish_is_one_commit_with_weights_code_and_card(fake_hub, checkpoint, trained_genclip, eval_json, source):
+    publish(checkpoint if source == "folder" else trained_genclip, "org/genclip-mvtec", eval_json=eval_json)
+
+    assert len(fake_hub["commits"]) == 1
+    commit = fake_hub["commits"][0]
+    assert commit["repo_id"] == "org/genclip-mvtec"
+    files = commit["files"]
+    expected = {"config.json", "model.safetensors", "README.md"} | code_files_needed(checkpoint)
+    assert expected <= set(files), sorted(expected - set(files))
+    assert files["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == HUB_BACKBONE
+    assert card.data.library_name == "transformers"
+    assert {"zsad", "genclip", "anomaly-detection"} <= set(card.data.tags)
+    assert model_index(str(card)) == {("VisA", key): value for key, value in EVALUATION["mean"].items()}
+    task_of = {r.metric_type: r.task_type for r in card.data.eval_results}
+    assert task_of["pixel_aupro"] == "image-segmentation" and task_of["image_auroc"] == "image-classification"
+
+
+def test_card_lists_every_config_setting_with_its_value(trained_genclip):
+    card = str(render_model_card(trained_genclip))
+    generic = set(PreTrainedConfig().to_dict())
+    own_fields = [f.name for f in dataclasses.fields(trained_genclip.config) if f.name not in generic]
+    assert len(own_fields) > 20
+    for name in own_fields:
+        assert f"| `{name}` |" in card, name
+    assert "| `cnf_threshold` | `0.2` | keep the name when its zero-shot probability" in card
+    assert "| `branch_weight` | `0.5` |" in card
+    assert "| `feature_layers` | `[1, 2, 3, 4]` |" in card
+    assert "Training dataset: **MVTec-AD**" in card
+    assert "AutoModel.from_pretrained" in card and "trust_remote_code=True" in card
+    assert "zsad.load_model" in card
+    assert "2504.14919" in card and "2506.23577" in card  # both papers cited
+
+
+def test_stackclip_template_is_chosen_by_model_type():
+    card = str(render_model_card(zsad.StackCLIPConfig()))
+    assert "StackCLIP for zero-shot industrial anomaly detection" in card
+    assert "| `fusion_weight` | `0.5` |" in card and "| `cluster_temperature` | `0.1` |" in card
+    assert card.index("qiu2025stackclip") < card.index("kim2025genclip")
+
+
+def test_untrained_card_says_so_and_has_no_results():
+    config = zsad.StackCLIPConfig()
+    card = render_model_card(config)
+    assert "untrained (training-free start)" in str(card)
+    assert not card.data.eval_results and "model-index" not in str(card)
+    with pytest.raises(zsad.ZSADError, match="untrained"):
+        render_model_card(config, EVALUATION)
+
+
+def test_results_table_in_percent_and_means_computed_when_missing():
+    report = {key: value for key, value in EVALUATION.items() if key != "mean"}
+    report["categories"]["pcb1"]["pixel_ap"] = None  # not measured: left out
+    (parsed,) = load_evaluation(report)
+    assert parsed.mean == pytest.approx({"image_auroc": 0.75, "image_ap": 0.8, "pixel_auroc": 0.9, "pixel_aupro": 0.7})
+    assert "pixel_ap" not in parsed.categories["pcb1"]
+    card = str(render_model_card(zsad.ZeroShotCLIPConfig(), report))  # the baseline needs no training
+    assert "| 75.0 | 80.0 | 90.0 | 70.0 |" in card
+    assert "| candle | 62.5 | 70.0 | 85.0 | 60.0 |" in card
+
+
+def test_evaluating_on_the_training_dataset_is_flagged(trained_genclip):
+    card = str(render_model_card(trained_genclip, {**EVALUATION, "dataset": "MVTec-AD"}))
+    assert "not zero-shot results" in card
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [({"categories": {}}, "no dataset name"), ({"dataset": "VisA"}, "no metric values"),
+     ({"dataset": "VisA", "mean": {"image_auroc": "high"}}, "must be a number")],
+)
+def test_malformed_evaluation_is_refused(bad, message):
+    with pytest.raises(zsad.ZSADError, match=message):
+        load_evaluation(bad)
+
+
+def test_publish_refuses_folders_that_are_not_zsad_checkpoints(fake_hub, tmp_path, tiny_clip_path, checkpoint, capsys):
+    with pytest.raises(zsad.ZSADError, match="no config.json"):
+        publish(tmp_path, "org/name")
+    with pytest.raises(zsad.ZSADError, match="model_type is 'clip'"):
+        publish(tiny_clip_path, "org/name")
+    assert main(["publish", str(tiny_clip_path), "--repo-id", "org/name"]) == 2
+    assert "is not a zsad checkpoint" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in checkpoint.iterdir():
+        if path.name != "clip_backbone.py":
+            (broken / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(zsad.ZSADError, match="clip_backbone.py"):
+        publish(broken, "org/name")
+    assert fake_hub["commits"] == []
+
+
+def test_cli_dry_run_writes_the_upload_folder(fake_hub, checkpoint, eval_json, tmp_path, capsys):
+    out = tmp_path / "upload"
+    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--eval", str(eval_json), "--dry-run", str(out)]) == 0
+    assert fake_hub["commits"] == [] and fake_hub["repos"] == []
+    written = {path.name for path in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} | code_files_needed(checkpoint) <= written
+    card = (out / "README.md").read_text()
+    assert model_index(card) == {("VisA", key): value for key, value in EVALUATION["mean"].items()}
+    assert 'AutoModel.from_pretrained("org/genclip-mvtec", trust_remote_code=True)' in card
+
+
+def test_cli_publish_prints_the_commit(fake_hub, checkpoint, capsys):
+    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--private"]) == 0
+    assert fake_hub["repos"][0]["private"] is True
+    assert len(fake_hub["commits"]) == 1
+    assert "org/genclip-mvtec/commit/fake" in capsys.readouterr().out
