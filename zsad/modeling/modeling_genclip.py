@@ -185,19 +185,23 @@ class GenCLIPModel(ZSADPreTrainedModel):
                                   config.cnf_top_k, config.generic_name)
 
     def cnf_generic_features(self) -> torch.Tensor:
-        """(G + 1, P) frozen-CLIP features of the generic nouns' prompts and of ``cnf_generic_prompt``, cached."""
+        """(G + 1, P) features of the generic nouns' prompts and of ``cnf_generic_prompt``."""
         config = self.config
         prompts = [config.cnf_template.format(noun) for noun in config.cnf_generic_nouns] + [config.cnf_generic_prompt]
-        backbone = self.require_backbone()
-        return self.cached_text(("cnf-generic", tuple(prompts)), lambda: backbone.encode_text(backbone.tokenize(prompts)))
+        return self.frozen_text_features(prompts)
 
     def cnf_name_features(self, names: list[str]) -> torch.Tensor:
-        """(B, P) frozen-CLIP features of ``cnf_template`` with each image's name; one call per distinct set."""
+        """(B, P) features of ``cnf_template`` with each image's name; one call per distinct set of names."""
         unique = sorted(set(names))
-        prompts = [self.config.cnf_template.format(name) for name in unique]
-        backbone = self.require_backbone()
-        features = self.cached_text(("cnf-names", tuple(prompts)), lambda: backbone.encode_text(backbone.tokenize(prompts)))
+        features = self.frozen_text_features([self.config.cnf_template.format(name) for name in unique])
         return features[[unique.index(name) for name in names]]
+
+    def frozen_text_features(self, prompts: list[str]) -> torch.Tensor:
+        """Plain frozen-CLIP text features (no learned tokens), cached also through training."""
+        backbone = self.require_backbone()
+        return self.cached_text(
+            ("frozen", tuple(prompts)), lambda: backbone.encode_text(backbone.tokenize(prompts)), depends_on_parameters=False
+        )
 
     # ----- forward --------------------------------------------------------------------------------
 

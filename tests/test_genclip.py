@@ -1,0 +1,357 @@
+"""GenCLIP: prompt layout, MVP, patch heads, CNF, dual-branch fusion, text cache, save/load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import zsad
+from conftest import TEST_IMAGE_SIZE
+from zsad import GenCLIPConfig, GenCLIPModel, ZSADError
+from zsad.modeling.class_name_filter import candidate_logits, decide_class_names, name_probability_and_rank
+from zsad.modeling.modeling_genclip import tiled_token_ids
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+
+
+@pytest.fixture
+def make_model(tiny_clip_path, tiny_backbone):
+    def make(**overrides):
+        return GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def model(make_model):
+    return make_model()
+
+
+def randomise_mvp(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in model.vision_prompts:
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.05)
+            linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.05)
+
+
+# ----- configuration and training-free start -------------------------------------------------------
+
+
+def test_config_defaults_follow_methods_md():
+    config = GenCLIPConfig()
+    assert (config.num_state_tokens, config.num_query_tokens) == (4, 4)
+    assert (config.cnf_mode, config.cnf_threshold, config.cnf_top_k) == ("hard", 0.2, 3)
+    assert config.branch_weight == 0.5 and config.generic_name == "object"
+    assert (config.optimizer, config.learning_rate, config.epochs) == ("adamw", 1e-3, 5)
+    assert config.feature_layers == [6, 12, 18, 24] and len(config.cnf_generic_nouns) > 10
+    assert zsad.METHODS["genclip"] is GenCLIPModel
+    with pytest.raises(ZSADError, match="cnf_mode"):
+        GenCLIPConfig(cnf_mode="sometimes")
+    with pytest.raises(ZSADError, match="branch_weight"):
+        GenCLIPConfig(branch_weight=1.5)
+
+
+def test_tiled_token_ids_repeat_or_cut():
+    assert tiled_token_ids([7, 8], 5) == [7, 8, 7, 8, 7]
+    assert tiled_token_ids([1, 2, 3, 4, 5, 6], 4) == [1, 2, 3, 4]
+    assert tiled_token_ids([9], 4) == [9, 9, 9, 9]
+
+
+def test_learnable_tokens_start_from_word_embeddings(model, tiny_backbone):
+    def embeddings_of(text, length):
+        ids = tiled_token_ids(tiny_backbone.tokenizer(text, add_special_tokens=False)["input_ids"], length)
+        return tiny_backbone.word_embeddings(torch.tensor(ids))
+
+    torch.testing.assert_close(model.query_tokens.data, embeddings_of("a photo of a", 4), rtol=0, atol=0)
+    torch.testing.assert_close(model.normal_tokens.data, embeddings_of("flawless", 4), rtol=0, atol=0)
+    torch.testing.assert_close(model.abnormal_tokens.data, embeddings_of("damaged", 4), rtol=0, atol=0)
+    assert all(not linear.weight.any() and not linear.bias.any() for linear in model.vision_prompts)
+    assert not model.training  # from_clip gives a model ready for inference (CNF on)
+
+
+def test_untrained_patch_heads_are_clips_projection(model, tiny_backbone, pixels):
+    features = model.encode_image(pixels)
+    for index in range(len(features.layers)):
+        expected = F.normalize(tiny_backbone.project_patch_tokens(features.patch_tokens(index)), dim=-1)
+        torch.testing.assert_close(model.patch_features(features, index), expected, rtol=0, atol=1e-6)
+
+
+# ----- prompt layout ---------------------------------------------------------------------------------
+
+
+def capture_text_embeddings(backbone):
+    """Record the token embeddings the text transformer receives (inputs_embeds of its embedding layer)."""
+    captured = []
+    handle = backbone.model.text_model.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True
+    )
+    return captured, handle
+
+
+def test_prompt_layout_places_state_query_and_vision_tokens(model, tiny_backbone):
+    torch.manual_seed(1)
+    layers, width = len(model.config.feature_layers), model.config.text_hidden_size
+    vision_tokens = torch.randn(1, layers, width)
+    captured, handle = capture_text_embeddings(tiny_backbone)
+    try:
+        with torch.no_grad():
+            features = model.encode_prompts(["metal nut"], model.prompt_embeddings(vision_tokens))
+    finally:
+        handle.remove()
+    assert features.shape == (1, layers, 2, model.config.projection_dim)
+    (embeds,) = captured
+    name_ids = tiny_backbone.tokenizer("metal nut.")["input_ids"]  # [BOS, name tokens ..., EOS]
+    words = tiny_backbone.word_embeddings(torch.tensor(name_ids))
+    assert embeds.shape[:2] == (layers * 2, len(name_ids) + 8)
+    for layer in range(layers):
+        for state, state_tokens in enumerate((model.normal_tokens, model.abnormal_tokens)):
+            row = embeds[layer * 2 + state]
+            torch.testing.assert_close(row[0], words[0], rtol=0, atol=0)  # start token
+            torch.testing.assert_close(row[1:5], state_tokens.data, rtol=0, atol=0)  # N_p or A_p
+            torch.testing.assert_close(row[5:9], model.query_tokens.data + vision_tokens[0, layer], rtol=0, atol=0)
+            torch.testing.assert_close(row[9:], words[1:], rtol=0, atol=0)  # "metal nut." and the end token
+
+
+def test_query_only_branch_is_state_and_query_tokens_before_object(model, tiny_backbone):
+    with torch.no_grad():
+        features = model.query_text_features()
+        ids = tiny_backbone.tokenize(["object."], num_placeholders=8).expand(2, -1)
+        learned = torch.stack(
+            [torch.cat([model.normal_tokens, model.query_tokens]), torch.cat([model.abnormal_tokens, model.query_tokens])]
+        )
+        expected = tiny_backbone.encode_text(ids, replacement=learned, positions=torch.arange(1, 9))
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(features[0], features[1])  # the untrained normal and abnormal prompts differ
+
+
+# ----- MVP ---------------------------------------------------------------------------------------------
+
+
+def test_mvp_has_exactly_no_effect_at_initialisation(make_model, pixels):
+    model = make_model(cnf_mode="off")
+    with torch.no_grad():
+        features = model.encode_image(pixels)
+        assert not model.vision_prompt_tokens(features).any()
+        output = model(pixels, class_names="object")
+        decision = model.filter_class_names(["object", "object"], features.image_embeds)
+        vision_text = model.vision_text_features(decision, features)
+    query_text = model.query_text_features()
+    for layer in range(vision_text.shape[1]):
+        for image in range(2):
+            torch.testing.assert_close(vision_text[image, layer], query_text, rtol=0, atol=1e-6)
+    # With the generic name the untrained vision-enhanced branch is the query-only branch.
+    torch.testing.assert_close(output.details["vision_map"], output.details["query_map"], rtol=0, atol=1e-5)
+
+
+def test_mvp_makes_text_features_depend_on_the_image(make_model, pixels):
+    model = make_model(cnf_mode="off")
+    randomise_mvp(model)
+    with torch.no_grad():
+        features = model.encode_image(pixels)
+        decision = model.filter_class_names(["bottle", "bottle"], features.image_embeds)
+        text = model.vision_text_features(decision, features)
+        again = model.vision_text_features(decision, model.encode_image(pixels.flip(0)))
+    assert (text[0] - text[1]).abs().max() > 1e-4  # two images, two sets of prompts
+    assert (text[:, 0] - text[:, 1]).abs().max() > 1e-4  # one text pair per tapped layer
+    torch.testing.assert_close(again, text.flip(0), rtol=0, atol=1e-6)  # and they follow the image
+
+
+# ----- CNF ---------------------------------------------------------------------------------------------
+
+
+def test_cnf_decision_rule_threshold_or_top_k():
+    probabilities = torch.tensor([0.50, 0.10, 0.10, 0.20])
+    ranks = torch.tensor([1, 3, 5, 6])
+    names = ["bottle", "pcb1", "zz9", "grid"]
+    hard = decide_class_names(probabilities, ranks, names, "hard", threshold=0.2, top_k=3, generic_name="object")
+    assert hard.kept == [True, True, False, True]  # kept by probability, by rank, neither, probability == threshold
+    assert hard.names_used == ["bottle", "pcb1", "object", "grid"]
+    assert hard.class_weights.tolist() == [1.0, 1.0, 0.0, 1.0]
+    soft = decide_class_names(probabilities, ranks, names, "soft", threshold=0.2, top_k=3, generic_name="object")
+    assert soft.names_used == names and soft.kept == hard.kept
+    torch.testing.assert_close(soft.class_weights, probabilities)
+    off = decide_class_names(None, None, names, "off", threshold=0.2, top_k=3, generic_name="object")
+    assert off.names_used == names and off.probabilities is None and off.class_weights.tolist() == [1.0] * 4
+
+
+def test_cnf_probability_and_rank_by_hand():
+    image = torch.tensor([[1.0, 0.0]])
+    name = torch.tensor([[0.6, 0.8]])
+    generic = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    duplicate = torch.tensor([[False, False, True]])  # the third candidate is the name itself
+    logits = candidate_logits(image, name, generic, duplicate, logit_scale=10.0)
+    assert logits[0, :3].tolist() == pytest.approx([6.0, 10.0, 0.0]) and logits[0, 3] == float("-inf")
+    probability, rank = name_probability_and_rank(logits)
+    expected = torch.exp(torch.tensor(6.0)) / (torch.exp(torch.tensor(6.0)) + torch.exp(torch.tensor(10.0)) + 1.0)
+    torch.testing.assert_close(probability, expected.reshape(1))
+    assert rank.tolist() == [2]
+
+
+def test_cnf_keeps_a_recognised_name_and_replaces_an_unrecognised_one(model):
+    # The frozen CLIP "recognises" a name for an image whose embedding is that name's prompt feature (it is
+    # the most similar candidate: rank 1) and not for the opposite embedding (the least similar of all
+    # 22 candidates: rank 22 and a probability below 1/22).
+    name_feature = model.cnf_name_features(["hazelnut"])
+    generic = model.cnf_generic_features()
+    assert (generic @ name_feature[0]).max() < 1.0 - 1e-4  # no generic candidate has the same feature
+    decision = model.filter_class_names(["hazelnut", "hazelnut"], torch.cat([name_feature, -name_feature]))
+    assert decision.kept == [True, False]
+    assert decision.names_used == ["hazelnut", "object"]
+    assert decision.probabilities[1] < 1.0 / (generic.shape[0] + 1) < model.config.cnf_threshold
+    assert decision.class_weights.tolist() == [1.0, 0.0]
+
+
+def test_cnf_decision_is_reported_and_used_by_the_vision_branch(make_model, pixels):
+    model = make_model(cnf_mode="hard", cnf_threshold=1.1, cnf_top_k=0)  # rejects every name
+    off = make_model(cnf_mode="off")
+    with torch.no_grad():
+        rejected = model(pixels, class_names="screw")
+        as_object = off(pixels, class_names="object")
+    details = rejected.details
+    assert details["cnf_mode"] == "hard" and details["class_names_given"] == ["screw", "screw"]
+    assert details["class_names_used"] == ["object", "object"] and details["class_name_kept"] == [False, False]
+    assert details["class_name_probability"].shape == (2,)
+    torch.testing.assert_close(details["vision_map"], as_object.details["vision_map"], rtol=0, atol=1e-5)
+    keeper = make_model(cnf_mode="hard", cnf_threshold=0.0)  # keeps every name
+    with torch.no_grad():
+        assert keeper(pixels, class_names="screw").details["class_names_used"] == ["screw", "screw"]
+
+
+def test_cnf_soft_weights_lie_in_unit_interval_and_interpolate_features(make_model, pixels):
+    model = make_model(cnf_mode="soft")
+    randomise_mvp(model)
+    with torch.no_grad():
+        output = model(pixels, class_names=["bottle", "qq7x"])
+        features = model.encode_image(pixels)
+        decision = model.filter_class_names(["bottle", "qq7x"], features.image_embeds)
+        decision.class_weights = torch.tensor([0.25, 1.0])
+        soft = model.vision_text_features(decision, features)
+        embeddings = model.prompt_embeddings(model.vision_prompt_tokens(features))
+        with_names = model.encode_prompts(["bottle", "qq7x"], embeddings)
+        with_object = model.encode_prompts(["object", "object"], embeddings)
+    weights = output.details["class_weight"]
+    assert ((weights >= 0) & (weights <= 1)).all()
+    torch.testing.assert_close(weights, output.details["class_name_probability"])
+    assert output.details["class_names_used"] == ["bottle", "qq7x"]
+    torch.testing.assert_close(soft[0], F.normalize(0.25 * with_names[0] + 0.75 * with_object[0], dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(soft[1], with_names[1], atol=1e-5, rtol=0)
+
+
+# ----- dual branch, output, loss ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("branch_weight", [0.0, 0.3, 1.0])
+def test_branch_fusion_arithmetic(make_model, pixels, branch_weight):
+    model = make_model(branch_weight=branch_weight)
+    randomise_mvp(model)
+    with torch.no_grad():
+        output = model(pixels, class_names=["bottle", "cable"])
+    details = output.details
+    fused = branch_weight * details["vision_map"] + (1 - branch_weight) * details["query_map"]
+    torch.testing.assert_close(output.anomaly_map, fused.clamp(0, 1), rtol=0, atol=1e-6)
+    global_score = branch_weight * details["vision_global_score"] + (1 - branch_weight) * details["query_global_score"]
+    torch.testing.assert_close(output.global_score, global_score, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output.map_score, output.anomaly_map.flatten(1).amax(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(output.image_score, (global_score + output.map_score) / 2, rtol=0, atol=1e-6)
+    assert output.layer_maps.shape == (2, 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert output.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+
+
+def test_text_cache_hits_on_the_second_call(model, tiny_backbone, pixels, monkeypatch):
+    calls = []
+    encode_text = tiny_backbone.encode_text
+    monkeypatch.setattr(tiny_backbone, "encode_text", lambda ids, *a, **k: calls.append(ids.shape[0]) or encode_text(ids, *a, **k))
+    layers = len(model.config.feature_layers)
+    with torch.no_grad():
+        first = model(pixels, class_names="bottle")
+        assert len(calls) == 4  # CNF generic nouns, CNF name, query-only branch, vision-enhanced branch
+        calls.clear()
+        second = model(pixels, class_names="bottle")
+        assert calls == [2 * layers * 2]  # only the image-dependent prompts: B x L x 2 in one call
+        calls.clear()
+        model(pixels, class_names="cable")
+        assert len(calls) == 2  # the new name's CNF prompt, then the vision-enhanced branch
+    torch.testing.assert_close(second.anomaly_map, first.anomaly_map, rtol=0, atol=0)
+
+
+def test_training_loss_reaches_every_adapter_and_both_branches(make_model, pixels):
+    masks = torch.zeros(2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    masks[0, 30:60, 40:80] = 1
+    labels = torch.tensor([1, 0])
+    both = make_model().train()
+    loss = both(pixels, class_names=["bottle", "bottle"], masks=masks, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in both.named_parameters():
+        if not name.startswith("clip."):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in both.clip.parameters())
+    assert both.filter_class_names(["pcb1"], torch.zeros(1, 1)).mode == "off"  # no CNF while training
+    vision_only = make_model(train_query_branch=False).train()
+    with torch.no_grad():
+        vision_loss = vision_only(pixels, class_names=["bottle", "bottle"], masks=masks, labels=labels).loss
+    assert vision_loss < loss - 0.1  # the query-only branch's four layer losses are left out
+
+
+def test_bad_class_name_raises_zsad_error(model, pixels):
+    with pytest.raises(ZSADError):
+        model(pixels, class_names=["bottle"])  # one name for two images
+    with pytest.raises(ZSADError):
+        model(pixels, class_names="  ")
+
+
+# ----- save / load -------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_and_remote_code_without_zsad(tmp_path, make_model, tiny_backbone, pixels):
+    model = make_model(cnf_mode="soft", branch_weight=0.4)
+    randomise_mvp(model)
+    with torch.no_grad():
+        model.query_tokens.add_(0.01)
+        expected = model(pixels, class_names=["bottle", "pcb1"])
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    assert not any(key.startswith("clip.") for key in weights) and "query_tokens" in weights
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_genclip.GenCLIPModel"
+    assert (checkpoint / "class_name_filter.py").exists()
+    reloaded = AutoModel.from_pretrained(checkpoint, clip_model=tiny_backbone)
+    assert isinstance(reloaded, GenCLIPModel) and reloaded.config.cnf_mode == "soft"
+    with torch.no_grad():
+        output = reloaded(pixels, class_names=["bottle", "pcb1"])
+    torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(output.image_score, expected.image_score, rtol=0, atol=0)
+
+    torch.save({"pixels": pixels, "map": expected.anomaly_map, "names": expected.details["class_names_used"]},
+               tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["zsad"] = None  # importing zsad must fail in this process
+        import torch
+        from transformers import AutoModel
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            output = model(expected["pixels"], class_names=["bottle", "pcb1"])
+        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
+        assert output.details["class_names_used"] == expected["names"]
+        print("REMOTE OK")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE OK" in result.stdout
