@@ -1,0 +1,177 @@
+"""AnomalyDetector: maps at the original size, masks, verdicts, batches, checkpoints and every bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zsad
+from conftest import TEST_IMAGE_SIZE
+from image_files import HEIGHT, WIDTH, random_rgb, write_bad_images, write_good_images
+from zsad.errors import ZSADError
+from zsad.images import load_image, to_pixel_values
+from zsad.inference import AnomalyDetector, checkpoint_backbone_name, readable_details
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_backbone):
+    return AnomalyDetector.load(clip=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory):
+    return write_good_images(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_images(tmp_path_factory.mktemp("bad"))
+
+
+def test_detector_holds_every_registered_method_on_one_backbone(detector, tiny_backbone):
+    assert detector.method_names == list(zsad.METHODS)
+    assert all(model.clip is tiny_backbone for model in detector.models.values())
+    assert detector.status("baseline") == "training-free"
+    for method in set(zsad.METHODS) - {"baseline"}:
+        assert detector.status(method) == "untrained"
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray16", "cmyk", "rgba", "gray", "exif_rotated"])
+def test_map_mask_and_overlay_come_back_at_the_upright_image_size(detector, good_files, kind):
+    path, (width, height) = good_files[kind]
+    result = detector.detect(path, "bottle", method="baseline", threshold=0.5)
+    assert result.anomaly_map.shape == (height, width) and result.anomaly_map.dtype == np.float32
+    assert 0.0 <= result.anomaly_map.min() <= result.anomaly_map.max() <= 1.0
+    np.testing.assert_array_equal(result.mask, result.anomaly_map >= 0.5)
+    assert result.overlay.size == (width, height) and result.overlay.mode == "RGB"
+    assert 0.0 <= result.score <= 1.0 and result.seconds > 0
+
+
+def test_map_is_the_bilinear_resize_of_the_model_map_and_score_is_the_models(detector, tiny_backbone):
+    image = Image.fromarray(random_rgb(3, width=150, height=130))  # both sides upsampled from 112
+    model = detector.model("baseline")
+    pixel_values = to_pixel_values([image], TEST_IMAGE_SIZE, tiny_backbone.image_mean, tiny_backbone.image_std)
+    with torch.no_grad():
+        output = model(pixel_values, class_names=["bottle"])
+    # Reference resize by Pillow (independent of torch's interpolate); both are half-pixel bilinear.
+    expected = np.asarray(Image.fromarray(output.anomaly_map[0].numpy(), mode="F").resize((150, 130), Image.Resampling.BILINEAR))
+    result = detector.detect(image, "bottle", method="baseline")
+    np.testing.assert_allclose(result.anomaly_map, expected, atol=1e-5)
+    assert result.score == pytest.approx(float(output.image_score[0]), abs=1e-6)
+
+
+def test_verdict_and_mask_follow_the_threshold(detector):
+    image = random_rgb(4)
+    score = detector.detect(image, "bottle", method="baseline").score
+    at_score = detector.detect(image, "bottle", method="baseline", threshold=score)
+    above = detector.detect(image, "bottle", method="baseline", threshold=min(score + 1e-3, 1.0))
+    assert (at_score.verdict, above.verdict) == ("anomalous", "normal")
+    assert detector.detect(image, "bottle", method="baseline", threshold=0.0).mask.all()
+    full = detector.detect(image, "bottle", method="baseline", threshold=1.0)
+    np.testing.assert_array_equal(full.mask, full.anomaly_map >= 1.0)
+    assert full.mask_image().mode == "L" and set(np.unique(np.asarray(full.mask_image()))) <= {0, 255}
+
+
+def test_a_batch_gives_the_same_results_as_one_image_at_a_time(detector):
+    images = [random_rgb(5, 80, 60), random_rgb(6, 40, 120)]
+    batch = detector.detect_batch(images, ["bottle", "metal_nut"], method="baseline")
+    for image, name, result in zip(images, ["bottle", "metal_nut"], batch):
+        single = detector.detect(image, name, method="baseline")
+        assert result.class_name == single.class_name == name.replace("_", " ")
+        assert result.score == pytest.approx(single.score, abs=1e-5)
+        np.testing.assert_allclose(result.anomaly_map, single.anomaly_map, atol=1e-5)
+
+
+def test_compare_runs_every_method_on_the_same_image(detector):
+    results = detector.compare(random_rgb(7), "bottle")
+    assert list(results) == detector.method_names
+    assert all(result.method == name and result.anomaly_map.shape == (HEIGHT, WIDTH) for name, result in results.items())
+
+
+@pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
+def test_genclip_details_carry_the_class_name_filter_decision_for_that_image(detector):
+    result = detector.detect(random_rgb(8), "bottle", method="genclip")
+    assert result.details["class_names_given"] == "bottle"
+    assert result.details["class_names_used"] in ("bottle", "object")
+    assert result.details["class_name_kept"] == (result.details["class_names_used"] == "bottle")
+    assert "vision_map" not in result.details  # maps are not details
+
+
+@pytest.mark.parametrize(
+    "image, class_name, method, threshold, message",
+    [
+        (None, "bottle", "baseline", 0.5, "No image"),
+        (random_rgb(), "", "baseline", 0.5, "class name is empty"),
+        (random_rgb(), "   ", "baseline", 0.5, "class name is empty"),
+        (random_rgb(), "x" * 500, "baseline", 0.5, "500 characters"),
+        (random_rgb(), None, "baseline", 0.5, "must be a string"),
+        (random_rgb(), "bottle", "nosuchmethod", 0.5, "Unknown method"),
+        (random_rgb(), "bottle", "baseline", 1.5, "between 0 and 1"),
+        (random_rgb(), "bottle", "baseline", "high", "between 0 and 1"),
+        (np.zeros((8, 8, 3), np.uint8), "bottle", "baseline", 0.5, "at least 16 px"),
+    ],
+)
+def test_user_errors_raise_zsaderror_with_a_clear_message(detector, image, class_name, method, threshold, message):
+    with pytest.raises(ZSADError, match=message):
+        detector.detect(image, class_name, method=method, threshold=threshold)
+
+
+@pytest.mark.parametrize("kind, message", [("unreadable", "Not a readable image"), ("truncated", "truncated"), ("bomb", "more than")])
+def test_bad_files_raise_zsaderror(detector, bad_files, kind, message):
+    with pytest.raises(ZSADError, match=message):
+        detector.detect(bad_files[kind], "bottle", method="baseline")
+
+
+def test_batch_input_errors(detector):
+    with pytest.raises(ZSADError, match="No images"):
+        detector.detect_batch([], "bottle", method="baseline")
+    with pytest.raises(ZSADError, match="2 class names for 1 images"):
+        detector.detect_batch([random_rgb()], ["a", "b"], method="baseline")
+    with pytest.raises(ZSADError, match="Say which method"):
+        detector.detect(random_rgb(), "bottle")
+
+
+def test_a_trained_checkpoint_is_loaded_on_the_shared_backbone(tmp_path, tiny_backbone, tiny_clip_path):
+    model = zsad.load_model("baseline", backbone=tiny_backbone, clip=str(tiny_clip_path), image_size=56)
+    model.config.is_trained = True
+    model.save_pretrained(tmp_path / "baseline")
+    assert checkpoint_backbone_name([str(tmp_path / "baseline")]) == str(tiny_clip_path)
+    detector = AnomalyDetector.load(methods=["baseline"], checkpoints={"baseline": str(tmp_path / "baseline")}, clip=tiny_backbone)
+    loaded = detector.model("baseline")
+    assert loaded.clip is tiny_backbone and loaded.config.image_size == 56
+    assert detector.status("baseline") == "trained"
+    assert detector.detect(random_rgb(), "bottle").anomaly_map.shape == (HEIGHT, WIDTH)  # single model: method optional
+
+
+def test_checkpoint_errors(tmp_path, tiny_backbone, tiny_clip_path):
+    other = next((name for name in zsad.METHODS if name != "baseline"), None)
+    if other is not None:
+        zsad.load_model("baseline", backbone=tiny_backbone, clip=str(tiny_clip_path)).save_pretrained(tmp_path / "baseline")
+        with pytest.raises(ZSADError, match="not a"):
+            AnomalyDetector.load(methods=[other], checkpoints={other: str(tmp_path / "baseline")}, clip=tiny_backbone)
+    with pytest.raises(ZSADError, match="unknown methods"):
+        AnomalyDetector.load(checkpoints={"nosuch": str(tmp_path)}, clip=tiny_backbone)
+    with pytest.raises(ZSADError, match="Could not read the config"):
+        checkpoint_backbone_name([str(tmp_path / "missing")])
+
+
+def test_readable_details_pick_the_images_entry_and_drop_maps_and_nones():
+    details = {
+        "per_image": torch.tensor([0.123456, 0.5]),
+        "names": ["bottle", "object"],
+        "map": torch.zeros(2, 32, 32),
+        "unset": None,
+        "weight": 0.5,
+        "nested": {"kept": [True, False]},
+    }
+    assert readable_details(details, 1, 2) == {"per_image": 0.5, "names": "object", "weight": 0.5, "nested": {"kept": False}}
+    assert readable_details(details, 0, 2)["per_image"] == 0.1235
+    assert readable_details(None, 0, 1) == {}
+
+
+def test_load_image_is_the_preprocessing_path(detector, good_files):
+    """The detector reads files through zsad.images.load_image: same pixels, same result."""
+    path, _ = good_files["exif_rotated"]
+    from_file = detector.detect(path, "bottle", method="baseline")
+    from_image = detector.detect(load_image(path), "bottle", method="baseline")
+    np.testing.assert_array_equal(from_file.anomaly_map, from_image.anomaly_map)
