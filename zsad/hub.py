@@ -237,7 +237,8 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
             "This model is untrained (training-free start, config.is_trained is False); its card carries no results. "
             "Publish it without evaluation results, or train it first."
         )
-    title = _method_title(config)
+    model_class = _model_class_name(config)
+    title = model_class.removesuffix("Model")
     trained_on = training_dataset(config)
     base_model = hub_model_id(config.base_model_name_or_path)
     card_data = ModelCardData(
@@ -254,7 +255,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         template_str=_template_text(config.model_type),
         title=title,
         model_name=card_data.model_name,
-        model_class=type(model_or_config).__name__ if hasattr(model_or_config, "config") else title + "Model",
+        model_class=model_class,
         status=status,
         repo_id=repo_id or "ORG/NAME",
         backbone=config.base_model_name_or_path,
@@ -274,10 +275,12 @@ def _training_status(config) -> str:
     return "trained" if config.is_trained else "untrained"
 
 
-def _method_title(config) -> str:
-    return {"stackclip": "StackCLIP", "genclip": "GenCLIP", "zeroshot_clip": "ZeroShotCLIP"}.get(
-        config.model_type, config.model_type
-    )
+def _model_class_name(config) -> str:
+    """The zsad model class of this config's model_type (e.g. "StackCLIPModel")."""
+    from . import METHODS  # the registry lives in the package root
+
+    names = {model_class.config_class.model_type: model_class.__name__ for model_class in METHODS.values()}
+    return names.get(config.model_type, f"{config.model_type} model")
 
 
 def _template_text(model_type: str) -> str:
@@ -366,7 +369,7 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
             f"The backbone '{config.base_model_name_or_path}' is not a Hub id; users of {repo_id} must pass clip_model=.",
             stacklevel=2,
         )
-    message = f"Upload {_method_title(config)} ({_training_status(config)}) with zsad"
+    message = f"Upload {_model_class_name(config)} ({_training_status(config)}) with zsad"
     try:
         if isinstance(source, Path):
             return _commit_checkpoint_folder(source, card, repo_id, message, token, private)
