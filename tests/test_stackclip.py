@@ -1,0 +1,308 @@
+"""StackCLIP: CSP clustering and stacking, EFA weights and heads, RPL, saving and loading (tiny CLIP, offline)."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel
+from transformers.testing_utils import CaptureLogger
+
+from conftest import TEST_IMAGE_SIZE
+from zsad import StackCLIPConfig, StackCLIPModel, ZeroShotCLIPModel, ZSADError
+from zsad.modeling import stacking
+from zsad.modeling.prompting import STATE_WORDS, TEMPLATES, prompt_ensemble_features
+
+TRAIN_NAMES = ["bottle", "cable", "capsule", "screw", "metal_nut", "pill"]
+
+
+@pytest.fixture
+def pixels():
+    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+
+
+def untrained(tiny_clip_path, tiny_backbone, **overrides):
+    return StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE, **overrides)
+
+
+@pytest.fixture(scope="module")
+def two_cluster_model(tiny_clip_path, tiny_backbone):
+    """Untrained, clustered into two on TRAIN_NAMES; copy it (``prepared``) before changing it."""
+    model = untrained(tiny_clip_path, tiny_backbone, num_clusters=2)
+    model.prepare_for_training(TRAIN_NAMES)
+    return model.eval()
+
+
+@pytest.fixture
+def prepared(two_cluster_model):
+    return copy.deepcopy(two_cluster_model)
+
+
+# ----- CSP: clustering ----------------------------------------------------------------------
+
+
+def test_count_criterion_matches_hand_computed_values_and_picks_one_cluster_for_three_directions():
+    # Three categories on three orthogonal axes: one cluster has spread 3 * (1 - 2/3 + 1/3) / 3 = 2/3.
+    features = np.eye(3)
+    clustering = stacking.cluster_categories(features, ["a", "b", "c"], n_init=4, seed=0)
+    assert clustering.count_scores[1] == pytest.approx(2 / 3 + 0.1 * math.e)
+    # Two clusters: {x, y} has spread 1/2, the singleton 0.
+    assert clustering.count_scores[2] == pytest.approx(0.5 + 0.1 * math.e**2)
+    assert clustering.count_scores[3] == pytest.approx(0.1 * math.e**3)
+    assert len(clustering.members) == 1 and sorted(clustering.members[0]) == ["a", "b", "c"]
+
+
+def test_two_opposite_groups_form_two_clusters_with_the_right_members_nearest_first():
+    rng = np.random.default_rng(0)
+    axis = np.array([1.0, 0.0, 0.0])
+    group_a = axis + 0.01 * rng.standard_normal((3, 3))
+    group_b = -axis + 0.01 * rng.standard_normal((3, 3))
+    outlier_of_a = axis + np.array([0.0, 0.3, 0.0])  # still nearest to group a, but farthest from its centre
+    features = np.vstack([group_a[:1], group_b, outlier_of_a, group_a[1:]])
+    names = ["a0", "b0", "b1", "b2", "a_far", "a1", "a2"]
+    clustering = stacking.cluster_categories(features, names, seed=0)
+    assert len(clustering.members) == 2
+    assert clustering.count_scores[2] < clustering.count_scores[1]
+    # Clusters in order of first appearance; members nearest to the centroid first.
+    assert sorted(clustering.members[0]) == ["a0", "a1", "a2", "a_far"] and clustering.members[0][-1] == "a_far"
+    assert sorted(clustering.members[1]) == ["b0", "b1", "b2"]
+    np.testing.assert_allclose(clustering.centroids[1], features[1:4].mean(axis=0), atol=1e-9)
+
+
+def test_forced_cluster_count_is_used():
+    features = np.eye(4)
+    clustering = stacking.cluster_categories(features, list("abcd"), num_clusters=2, seed=0)
+    assert len(clustering.members) == 2 and list(clustering.count_scores) == [2]
+    assert sorted(sum(clustering.members, [])) == list("abcd")
+
+
+# ----- CSP: stacked names -------------------------------------------------------------------
+
+
+def _longest_prompt_tokens(name, tokenizer):
+    prompts = [template.format(state.format(name)) for states in STATE_WORDS for state in states for template in TEMPLATES]
+    return max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+
+
+def test_stacked_name_joins_members_with_spaces(tiny_backbone):
+    assert stacking.stacked_name(["bottle", "cable", "metal nut"], tiny_backbone.tokenizer) == "bottle cable metal nut"
+
+
+def test_stacked_name_is_cut_to_the_token_window_and_logs_it(tiny_backbone):
+    tokenizer = tiny_backbone.tokenizer
+    members = [f"{word} {index}" for index in range(40) for word in ("toothbrush",)]
+    with CaptureLogger(stacking.logger) as captured:
+        name = stacking.stacked_name(members, tokenizer, context_length=77)
+    kept = name.split(" toothbrush ")
+    assert 1 < len(kept) < len(members)
+    assert name == " ".join(members[: len(kept)])
+    assert _longest_prompt_tokens(name, tokenizer) <= 77
+    assert _longest_prompt_tokens(" ".join(members[: len(kept) + 1]), tokenizer) > 77  # the cut is tight
+    assert "cut" in captured.out and members[len(kept)] in captured.out
+
+
+def test_a_single_overlong_name_is_cut_word_by_word(tiny_backbone):
+    long_name = " ".join(["transistor"] * 60)
+    name = stacking.stacked_name([long_name, "cable"], tiny_backbone.tokenizer)
+    assert long_name.startswith(name) and 0 < len(name) < len(long_name)
+    assert _longest_prompt_tokens(name, tiny_backbone.tokenizer) <= 77
+
+
+def test_model_clusters_training_categories_and_stores_stacked_features(two_cluster_model, tiny_backbone):
+    model = two_cluster_model
+    members = model.config.cluster_members
+    assert len(members) == 2 and sorted(sum(members, [])) == sorted(name.replace("_", " ") for name in TRAIN_NAMES)
+    assert model.config.stacked_names == [" ".join(group) for group in members]
+    expected = prompt_ensemble_features(tiny_backbone, model.config.stacked_names)
+    torch.testing.assert_close(model.stacked_text, expected.float())
+    assert model.cluster_centroids.shape == (2, tiny_backbone.model.config.projection_dim)
+    assert len(model.efa_heads) == 2 and all(len(heads) == 4 for heads in model.efa_heads)
+
+
+def test_fusion_is_the_normalised_weighted_sum():
+    stacked = F.normalize(torch.randn(3, 2, 8), dim=-1)
+    precise = F.normalize(torch.randn(5, 2, 8), dim=-1)
+    fused = stacking.fuse_text_features(stacked, precise, 0.3)
+    assert fused.shape == (5, 3, 2, 8)
+    torch.testing.assert_close(fused[4, 1, 0], F.normalize(0.3 * stacked[1, 0] + 0.7 * precise[4, 0], dim=0))
+    torch.testing.assert_close(stacking.fuse_text_features(stacked, precise, 1.0)[2], stacked)
+
+
+# ----- EFA ----------------------------------------------------------------------------------
+
+
+def test_ensemble_weights_sum_to_one_and_favour_the_nearest_centroid():
+    centroids = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    classes = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.9]])
+    weights = stacking.cluster_weights(classes, centroids, temperature=0.1)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2))
+    assert weights.argmax(dim=1).tolist() == [0, 2]
+    assert weights[0, 0] > 0.9
+    cos = F.normalize(classes, dim=-1) @ F.normalize(centroids, dim=-1).t()
+    torch.testing.assert_close(weights, (cos / 0.1).softmax(dim=-1))
+
+
+def test_untrained_heads_equal_clips_projected_patch_tokens(two_cluster_model, tiny_backbone, pixels):
+    model = two_cluster_model
+    features = model.encode_image(pixels)
+    tokens = features.patch_tokens(2)
+    for heads in model.efa_heads:
+        torch.testing.assert_close(heads[2](tiny_backbone.post_layernorm(tokens)), tiny_backbone.project_patch_tokens(tokens))
+
+
+@pytest.mark.parametrize("fusion_weight", [0.5, 0.9])
+def test_with_one_training_category_the_untrained_map_is_the_baselines(tiny_clip_path, tiny_backbone, pixels, fusion_weight):
+    model = untrained(tiny_clip_path, tiny_backbone, fusion_weight=fusion_weight).eval()
+    model.prepare_for_training(["bottle"])
+    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    with torch.no_grad():
+        ours, reference = model(pixels, "bottle"), baseline(pixels, "bottle")
+    torch.testing.assert_close(ours.anomaly_map, reference.anomaly_map)
+    torch.testing.assert_close(ours.layer_maps, reference.layer_maps)
+
+
+def test_eval_weights_are_soft_and_training_routes_members_to_their_cluster(prepared):
+    model = prepared
+    member = model.config.cluster_members[1][0]
+    names = [member, "candle"]
+    with torch.no_grad():
+        soft = model.eval().ensemble_weights(names)
+        routed = model.train().ensemble_weights(names)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(2))
+    assert (soft > 0).all() and (soft < 1).all()
+    assert routed[0].tolist() == [0.0, 1.0]
+    torch.testing.assert_close(routed[1], soft[1])  # an unseen name keeps its soft weights
+
+
+@pytest.mark.parametrize("mode, other_cluster_learns", [("cluster-specific", False), ("all-data", True)])
+def test_efa_training_mode_decides_which_heads_learn(prepared, pixels, mode, other_cluster_learns):
+    model = prepared.train()
+    model.config.efa_training = mode
+    member = model.config.cluster_members[0][0]
+    masks = torch.zeros(2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    masks[:, 20:50, 30:60] = 1
+    model(pixels, member, masks=masks).loss.backward()
+    own, other = (sum(p.grad.abs().sum() for p in heads.parameters()) for heads in model.efa_heads)
+    assert own > 0
+    assert (other > 0) == other_cluster_learns
+
+
+# ----- RPL ----------------------------------------------------------------------------------
+
+
+def test_context_starts_from_the_repeated_init_phrase(tiny_clip_path, tiny_backbone):
+    model = untrained(tiny_clip_path, tiny_backbone, n_ctx=6, ctx_init="a photo of a")
+    ids = tiny_backbone.tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
+    expected_ids = (ids * 6)[-6:]
+    expected = tiny_backbone.word_embeddings(torch.tensor(expected_ids))
+    torch.testing.assert_close(model.rpl_context[0], expected)
+    torch.testing.assert_close(model.rpl_context[1], expected)
+
+
+def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=20):
+    """Adam with the METHODS.md defaults on the RPL context alone; returns the model and the regulariser per step."""
+    model = untrained(tiny_clip_path, tiny_backbone, num_clusters=1, rpl_regularizer_weight=regularizer_weight).train()
+    model.prepare_for_training(TRAIN_NAMES)
+    optimizer = torch.optim.Adam([model.rpl_context], lr=1e-3, betas=(0.5, 0.999))
+    values = []
+    for _ in range(steps):
+        output = model(pixels, ["bottle", "cable"], labels=torch.tensor([0, 1]))
+        values.append(output.details["rpl_regularizer"].item())
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+    return model, values
+
+
+def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pixels):
+    model, values = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=1.0)
+    _, unregulated = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=0.0)
+    assert values[-1] < 0.9 * values[0]
+    assert values[-1] < unregulated[-1]  # without the term the prompts drift away from the stacked features
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        output = model(pixels, ["bottle", "cable"], labels=labels)
+        learned, stacked = model.rpl_text(), model.stacked_text[0]
+    expected = sum(1 - F.cosine_similarity(learned[state], stacked[state], dim=0) for state in (0, 1))
+    torch.testing.assert_close(output.details["rpl_regularizer"], expected)
+
+
+def test_image_score_is_the_mean_of_rpl_probability_and_map_max(tiny_clip_path, tiny_backbone, pixels):
+    model = untrained(tiny_clip_path, tiny_backbone).eval()
+    with torch.no_grad():
+        output = model(pixels, ["bottle", "wood"])
+        learned = model.rpl_text()
+        rpl_prob = (100 * model.encode_image(pixels).image_embeds @ learned.t()).softmax(dim=-1)[:, 1]
+    torch.testing.assert_close(output.global_score, rpl_prob)
+    torch.testing.assert_close(output.map_score, output.anomaly_map.flatten(1).amax(dim=1))
+    torch.testing.assert_close(output.image_score, (rpl_prob + output.map_score) / 2)
+
+
+# ----- outputs, caching, persistence --------------------------------------------------------
+
+
+def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_backbone, pixels):
+    model = two_cluster_model
+    with torch.no_grad():
+        first = model(pixels, ["candle", "pcb"])
+        second = model(pixels, ["candle", "pcb"])
+    assert first.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert first.layer_maps.shape == (2, 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert first.image_score.shape == (2,) and first.details["cluster_weights"].shape == (2, 2)
+    assert 0 <= first.anomaly_map.min() and first.anomaly_map.max() <= 1
+    assert ((0 <= first.image_score) & (first.image_score <= 1)).all()
+    torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
+    twin = untrained(tiny_clip_path, tiny_backbone, num_clusters=2).eval()
+    twin.prepare_for_training(list(reversed(TRAIN_NAMES)))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(pixels, ["candle", "pcb"]).anomaly_map, first.anomaly_map, rtol=0, atol=0)
+
+
+def test_class_text_is_encoded_once_per_name_set_and_rpl_text_refreshes_after_a_step(tiny_clip_path, tiny_backbone, pixels, monkeypatch):
+    model = untrained(tiny_clip_path, tiny_backbone).eval()
+    calls = []
+    original = tiny_backbone.encode_text
+    monkeypatch.setattr(tiny_backbone, "encode_text", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    with torch.no_grad():
+        model(pixels, ["bottle", "cable"])
+        first_calls = len(calls)
+        model(pixels, ["cable", "bottle"])
+        assert len(calls) == first_calls
+        before = model.rpl_text()
+        model.rpl_context.add_(0.5)
+        after = model.rpl_text()
+    assert len(calls) == first_calls + 1
+    assert not torch.allclose(before, after)
+
+
+def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_backbone, pixels, tmp_path):
+    model = prepared
+    with torch.no_grad():
+        model.efa_heads[1][0].bias.add_(0.1)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
+    assert isinstance(loaded, StackCLIPModel)
+    assert loaded.config.cluster_members == model.config.cluster_members
+    torch.testing.assert_close(loaded.stacked_text, model.stacked_text)
+    torch.testing.assert_close(loaded.cluster_centroids, model.cluster_centroids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels, "candle").anomaly_map, model(pixels, "candle").anomaly_map)
+
+
+def test_prepare_is_idempotent_and_refuses_to_recluster_a_trained_model(prepared):
+    model = prepared
+    heads = model.efa_heads
+    model.config.is_trained = True
+    model.prepare_for_training(list(reversed(TRAIN_NAMES)))
+    assert model.efa_heads is heads
+    with pytest.raises(ZSADError, match="untrained"):
+        model.prepare_for_training(["wood", "tile"])
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(ZSADError, match="efa_training"):
+        StackCLIPConfig(efa_training="everything")
+    with pytest.raises(ZSADError, match="fusion_weight"):
+        StackCLIPConfig(fusion_weight=1.5)
