@@ -30,6 +30,11 @@ class StackCLIPConfig(ZSADBaseConfig):
     """
 
     model_type = "stackclip"
+    # Switches the training command offers for this method: flag -> (config field, value, help).
+    training_flags = {
+        "--cluster-specific": ("efa_training", "cluster-specific", "StackCLIP: a cluster's EFA heads see only its categories (default)"),
+        "--all-data": ("efa_training", "all-data", "StackCLIP: every cluster's EFA heads see every training image"),
+    }
 
     num_clusters: int | None = None
     max_clusters: int = 10
