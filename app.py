@@ -23,7 +23,7 @@ import gradio as gr
 
 import zsad
 from zsad.errors import ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, checkpoint_backbone_name
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, BackboneLoadError, Detection
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 
 COMPARE = "compare"
@@ -77,16 +77,14 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
 
 def load_detector(clip: str | None, checkpoints: dict[str, str]) -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
-    clip = clip or checkpoint_backbone_name(checkpoints.values()) or DEFAULT_CLIP
     try:
-        backbone = zsad.load_backbone(clip)
-    except ZSADError:
+        return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip)
+    except BackboneLoadError as error:
         sys.exit(
-            f"zsad app: could not load the CLIP backbone '{clip}' (offline, or not in the Hugging Face cache?).\n"
+            f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"
             "Point the app at a local copy with --clip PATH (or ZSAD_CLIP=PATH), "
             "or start it with --tiny (a tiny random CLIP) for UI work."
         )
-    return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=backbone)
 
 
 def ordered_methods(methods) -> list[str]:
@@ -212,11 +210,12 @@ def banner(detector: AnomalyDetector, tiny: bool) -> str:
             "⚠️ **Tiny random CLIP** (`--tiny`): scores and maps are noise. This mode is for UI work only; "
             "start without `--tiny` (or with `--clip PATH`) for real results."
         )
-    untrained = [display_name(name) for name in detector.method_names if detector.status(name) == "untrained"]
+    untrained = [name for name in detector.method_names if detector.status(name) == "untrained"]
     if untrained:
+        variables = " / ".join(f"`{checkpoint_variable(name)}`" for name in untrained)
         notes.append(
-            f"ℹ️ **{', '.join(untrained)}: untrained** (no checkpoint configured; training-free start from CLIP). "
-            "Set ZSAD_<METHOD>_CHECKPOINT or --checkpoint METHOD=PATH to use trained weights."
+            f"ℹ️ **{', '.join(map(display_name, untrained))}: untrained** (no checkpoint configured; training-free "
+            f"start from CLIP). Set {variables} or `--checkpoint METHOD=PATH` to use trained weights."
         )
     return "\n\n".join(notes)
 
@@ -245,7 +244,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
                 score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
                 verdict = gr.Markdown(elem_id="report")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Per method", interactive=False)
-        views = gr.Gallery(label="All methods run (overlay, mask)", columns=4, height="auto")
+        views = gr.Gallery(label="All methods run (overlay, mask)", columns=4, height=320, object_fit="contain")
         rows = example_rows()
         if rows:
             gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")

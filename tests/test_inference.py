@@ -1,5 +1,7 @@
 """AnomalyDetector: maps at the original size, masks, verdicts, batches, checkpoints and every bad input."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from conftest import TEST_IMAGE_SIZE
 from image_files import HEIGHT, WIDTH, random_rgb, write_bad_images, write_good_images
 from zsad.errors import ZSADError
 from zsad.images import load_image, to_pixel_values
-from zsad.inference import AnomalyDetector, checkpoint_backbone_name, readable_details
+from zsad.inference import AnomalyDetector, BackboneLoadError, checkpoint_backbone, checkpoint_method, readable_details
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +137,18 @@ def test_a_trained_checkpoint_is_loaded_on_the_shared_backbone(tmp_path, tiny_ba
     model = zsad.load_model("baseline", backbone=tiny_backbone, clip=str(tiny_clip_path), image_size=56)
     model.config.is_trained = True
     model.save_pretrained(tmp_path / "baseline")
-    assert checkpoint_backbone_name([str(tmp_path / "baseline")]) == str(tiny_clip_path)
+    assert checkpoint_backbone([str(tmp_path / "baseline")]) == (str(tiny_clip_path), None)
+    assert checkpoint_method(str(tmp_path / "baseline")) == "baseline"
     detector = AnomalyDetector.load(methods=["baseline"], checkpoints={"baseline": str(tmp_path / "baseline")}, clip=tiny_backbone)
     loaded = detector.model("baseline")
     assert loaded.clip is tiny_backbone and loaded.config.image_size == 56
     assert detector.status("baseline") == "trained"
     assert detector.detect(random_rgb(), "bottle").anomaly_map.shape == (HEIGHT, WIDTH)  # single model: method optional
+    # Without a CLIP given, the backbone is the one named in the checkpoint's config.
+    alone = AnomalyDetector.for_model(str(tmp_path / "baseline"))
+    assert alone.method_names == ["baseline"] and alone.backbone.model.config._name_or_path == str(tiny_clip_path)
+    with pytest.raises(ZSADError, match="only for untrained"):
+        AnomalyDetector.for_model(str(tmp_path / "baseline"), image_size=112)
 
 
 def test_checkpoint_errors(tmp_path, tiny_backbone, tiny_clip_path):
@@ -152,7 +160,10 @@ def test_checkpoint_errors(tmp_path, tiny_backbone, tiny_clip_path):
     with pytest.raises(ZSADError, match="unknown methods"):
         AnomalyDetector.load(checkpoints={"nosuch": str(tmp_path)}, clip=tiny_backbone)
     with pytest.raises(ZSADError, match="Could not read the config"):
-        checkpoint_backbone_name([str(tmp_path / "missing")])
+        checkpoint_backbone([str(tmp_path / "missing")])
+    with pytest.raises(BackboneLoadError, match="Could not load the CLIP backbone") as caught:
+        AnomalyDetector.for_model("baseline", clip=str(tmp_path / "no-clip"))
+    assert caught.value.clip == str(tmp_path / "no-clip")
 
 
 def test_readable_details_pick_the_images_entry_and_drop_maps_and_nones():
@@ -175,3 +186,47 @@ def test_load_image_is_the_preprocessing_path(detector, good_files):
     from_file = detector.detect(path, "bottle", method="baseline")
     from_image = detector.detect(load_image(path), "bottle", method="baseline")
     np.testing.assert_array_equal(from_file.anomaly_map, from_image.anomaly_map)
+
+
+def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_path, detector, capsys):
+    from zsad.cli import main
+
+    for folder, seed, size in (("a", 10, (90, 60)), ("b", 11, (50, 70)), ("b/deeper", 12, (64, 64))):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(random_rgb(seed, *size)).save(tmp_path / folder / "part.png")
+    missing = tmp_path / "missing.png"
+    arguments = ["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE)]
+    out = tmp_path / "out"
+    code = main([*arguments, str(tmp_path / "a" / "part.png"), str(tmp_path / "b"), str(missing), "--out", str(out), "--batch-size", "2"])
+    assert code == 2 and "1 of 4 images could not be read" in capsys.readouterr().err
+    scores = json.loads((out / "scores.json").read_text())
+    assert (scores["method"], scores["status"], scores["class_name"]) == ("baseline", "training-free", "bottle")
+    records = scores["images"]
+    assert [record["image"] for record in records] == [
+        str(tmp_path / "a" / "part.png"), str(tmp_path / "b" / "deeper" / "part.png"), str(tmp_path / "b" / "part.png"), str(missing)
+    ]
+    assert "not found" in records[3]["error"]
+    assert [record["overlay"] for record in records[:3]] == ["part_overlay.png", "part_1_overlay.png", "part_2_overlay.png"]
+    for record in records[:3]:
+        expected = detector.detect(record["image"], "bottle", method="baseline")  # same backbone and size
+        original_size = Image.open(record["image"]).size
+        assert Image.open(out / record["overlay"]).size == Image.open(out / record["mask"]).size == original_size
+        assert record["score"] == pytest.approx(expected.score, abs=1e-5)
+        assert record["verdict"] == expected.verdict
+        mask = np.asarray(Image.open(out / record["mask"])) > 0
+        assert record["anomalous_pixel_fraction"] == pytest.approx(mask.mean())
+        assert abs(mask.mean() - expected.mask.mean()) < 0.01  # batched vs single: float noise at the threshold only
+
+
+def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_backbone, tiny_clip_path, capsys):
+    from zsad.cli import main
+
+    zsad.load_model("baseline", backbone=tiny_backbone, clip=str(tiny_clip_path), image_size=56).save_pretrained(tmp_path / "ckpt")
+    Image.fromarray(random_rgb(13)).save(tmp_path / "x.png")
+    common = ["--class-name", "bottle", str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]
+    assert main(["predict", "--model", str(tmp_path / "ckpt"), *common]) == 0
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["images"][0]["score"] >= 0.0
+    assert main(["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")]) == 2
+    assert "class name is empty" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "nothing"), *common]) == 2
+    assert "Could not read the config" in capsys.readouterr().err

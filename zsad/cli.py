@@ -22,6 +22,17 @@ def _publish(args: argparse.Namespace) -> None:
     print(commit.commit_url)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from .inference import AnomalyDetector, predict_files
+
+    detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
+    summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size)
+    failed = [record for record in summary["images"] if "error" in record]
+    print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
+    if failed:
+        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="Zero-shot industrial anomaly detection with CLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_clip)
+
+    predict = commands.add_parser("predict", help="anomaly scores, overlays and masks for image files")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
+    predict.add_argument("--class-name", required=True, help="what the product is, e.g. 'metal nut'")
+    predict.add_argument("--out", required=True, help="folder for <image>_overlay.png, <image>_mask.png and scores.json")
+    predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
+    predict.add_argument("--threshold", type=float, default=0.5, help="for the masks and the verdicts (default 0.5)")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
+    predict.set_defaults(run=_predict)
 
     publish = commands.add_parser("publish", help="upload a checkpoint (weights, config, code, model card) in one Hub commit")
     publish.add_argument("checkpoint", help="checkpoint folder written by save_pretrained or training")

@@ -12,20 +12,24 @@ One frozen CLIP backbone is loaded once and shared by every method model the det
 ```
 """
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .errors import ZSADError
 from .images import load_image, to_pixel_values
 from .loading import load_backbone, load_model
 from .modeling.clip_backbone import CLIPBackbone
+from .modeling.configuration_zsad_base import DEFAULT_CLIP
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
 from .visualize import overlay_heatmap
@@ -33,6 +37,14 @@ from .visualize import overlay_heatmap
 DEFAULT_THRESHOLD = 0.5
 # Details entries with more values than this (maps, features) are left out of the human-readable details.
 MAX_DETAIL_VALUES = 16
+
+
+class BackboneLoadError(ZSADError):
+    """The CLIP backbone could not be loaded (offline without a cached copy, or a wrong id or path)."""
+
+    def __init__(self, clip: str, message: str):
+        super().__init__(message)
+        self.clip = clip
 
 
 @dataclass
@@ -137,11 +149,25 @@ class AnomalyDetector:
         unknown = sorted(set(checkpoints) - set(METHODS))
         if unknown:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
-        backbone = load_backbone(clip or checkpoint_backbone_name(checkpoints.values()), dtype=dtype)
+        backbone = _shared_backbone(clip, checkpoints.values(), dtype)
         detector = cls(backbone)
         for name in methods or list(METHODS):
             detector.add(name, _load_method(name, checkpoints.get(name), backbone, image_size))
         return detector
+
+    @classmethod
+    def for_model(
+        cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None
+    ) -> "AnomalyDetector":
+        """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
+        from . import METHODS
+
+        if model in METHODS:
+            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size)
+        if image_size:
+            raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
+        method = checkpoint_method(model)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -228,17 +254,44 @@ def _load_method(name: str, checkpoint: str | None, backbone: CLIPBackbone, imag
     return model
 
 
-def checkpoint_backbone_name(checkpoints) -> str | None:
-    """The CLIP the first checkpoint was trained on (read from its config only), or None without checkpoints."""
+def checkpoint_method(checkpoint: str) -> str:
+    """The ``zsad.METHODS`` name of the model a checkpoint holds."""
+    from . import METHODS
+
+    model_type = checkpoint_config(checkpoint).model_type
+    for name, model_class in METHODS.items():
+        if model_class.config_class.model_type == model_type:
+            return name
+    raise ZSADError(f"The checkpoint '{checkpoint}' holds a '{model_type}' model, which is not one of {sorted(METHODS)}.")
+
+
+def _shared_backbone(clip, checkpoints, dtype) -> CLIPBackbone:
+    if isinstance(clip, CLIPBackbone):
+        return clip
+    name, revision = (clip, None) if clip else checkpoint_backbone(checkpoints)
+    try:
+        return load_backbone(name, revision=revision, dtype=dtype)
+    except ZSADError as error:
+        raise BackboneLoadError(name or DEFAULT_CLIP, str(error)) from error
+
+
+def checkpoint_backbone(checkpoints) -> tuple[str | None, str | None]:
+    """(name, revision) of the CLIP the first checkpoint was trained on, (None, None) without checkpoints."""
     for checkpoint in checkpoints:
-        try:
-            return AutoConfig.from_pretrained(checkpoint).base_model_name_or_path
-        except (OSError, ValueError, KeyError) as error:
-            raise ZSADError(
-                f"Could not read the config of the checkpoint '{checkpoint}': {error}\n"
-                "Check the path or Hub id (a folder written by save_pretrained has a config.json)."
-            ) from error
-    return None
+        config = checkpoint_config(checkpoint)
+        return config.base_model_name_or_path, config.base_model_revision
+    return None, None
+
+
+def checkpoint_config(checkpoint: str):
+    """A checkpoint's config alone (no weights, no backbone)."""
+    try:
+        return AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError) as error:
+        raise ZSADError(
+            f"Could not read the config of the checkpoint '{checkpoint}': {error}\n"
+            "Check the path or Hub id (a folder written by save_pretrained has a config.json)."
+        ) from error
 
 
 def _check_threshold(threshold: float) -> None:
@@ -292,3 +345,87 @@ def _is_small_plain(value) -> bool:
     if isinstance(value, (list, tuple)):
         return len(value) <= MAX_DETAIL_VALUES and all(_is_small_plain(item) for item in value)
     return False
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(sources: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(source)
+    return files
+
+
+def predict_files(
+    detector: AnomalyDetector,
+    images: Sequence[str | Path],
+    class_name: str,
+    out_dir: str | Path,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 8,
+) -> dict:
+    """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
+
+    Unreadable images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds.
+    """
+    if batch_size < 1:
+        raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
+    _check_threshold(threshold)
+    class_name = clean_class_name(class_name)
+    paths = image_files(images)
+    if not paths:
+        raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _output_names(paths)
+    records = []
+    with tqdm(total=len(paths), unit="image", desc="zsad predict") as progress:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(zip(paths[start : start + batch_size], names[start : start + batch_size]))
+            records.extend(_predict_chunk(detector, chunk, class_name, out_dir, threshold))
+            progress.update(len(chunk))
+    method = detector.method_names[0]
+    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": threshold, "images": records}
+    (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """File stems, made unique with a counter where two inputs share one (``a/x.png``, ``b/x.png``)."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return names
+
+
+def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float) -> list[dict]:
+    """One batch; records in input order, unreadable images recorded with their error."""
+    pictures, errors = {}, {}
+    for index, (path, _) in enumerate(chunk):
+        try:
+            pictures[index] = load_image(path)
+        except ZSADError as error:
+            errors[index] = str(error)
+    results = dict(zip(pictures, detector.detect_batch(list(pictures.values()), class_name, threshold=threshold))) if pictures else {}
+    records = []
+    for index, (path, name) in enumerate(chunk):
+        if index in errors:
+            records.append({"image": str(path), "error": errors[index]})
+            continue
+        results[index].overlay.save(out_dir / f"{name}_overlay.png")
+        results[index].mask_image().save(out_dir / f"{name}_mask.png")
+        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(results[index])})
+    return records
+
+
+def _image_summary(result: Detection) -> dict:
+    summary = result.summary()
+    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "details", "seconds")}
