@@ -55,7 +55,8 @@ class GenCLIPConfig(ZSADBaseConfig):
         branch_weight: b in map = b * M_vision + (1 - b) * M_query (0.5).
         train_query_branch: add the query-only branch's focal + Dice losses during training (the brief's
             "per layer per branch"); the paper trains the vision-enhanced branch only.
-        optimizer / learning_rate / epochs: training defaults read by train/train.py (AdamW, 1e-3, 5).
+        optimizer: the optimizer train/train.py builds for this method ("adamw"; its learning rate 1e-3 and
+            the 5 epochs are the training command's defaults).
     """
 
     model_type = "genclip"
@@ -76,8 +77,6 @@ class GenCLIPConfig(ZSADBaseConfig):
     branch_weight: float = 0.5
     train_query_branch: bool = True
     optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    epochs: int = 5
 
     def __post_init__(self, **kwargs):
         if self.cnf_generic_nouns is None:
