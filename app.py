@@ -113,7 +113,8 @@ def image_source(payload):
 
 
 def make_handler(detector: AnomalyDetector):
-    """``detect(image, class_name, method, threshold)`` -> (before/after pair, mask, score, report, table, gallery).
+    """``detect(image, class_name, method, threshold)`` -> (before/after pair, mask, score, report, table, gallery);
+    the gallery (every method's overlay and mask) is filled in compare mode only.
 
     Every error a user can cause comes back as ``gr.Error`` with zsad's message; the app keeps serving.
     """
@@ -134,7 +135,7 @@ def make_handler(detector: AnomalyDetector):
             round(first.score, 4),
             report(results),
             [table_row(result) for result in results],
-            gallery(results),
+            gallery(results) if method == COMPARE else [],
         )
 
     return detect
@@ -244,7 +245,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
                 score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
                 verdict = gr.Markdown(elem_id="report")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Per method", interactive=False)
-        views = gr.Gallery(label="All methods run (overlay, mask)", columns=4, height=320, object_fit="contain")
+        views = gr.Gallery(label="Compare: every method's overlay and mask", columns=4, height=320, object_fit="contain")
         rows = example_rows()
         if rows:
             gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
