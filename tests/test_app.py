@@ -1,0 +1,176 @@
+"""The Space's request handler and page, in-process and offline with the tiny CLIP (no server)."""
+
+import base64
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+import zsad
+from conftest import TEST_IMAGE_SIZE
+from image_files import write_bad_images, write_good_images
+from zsad.errors import ZSADError
+from zsad.inference import AnomalyDetector
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_backbone):
+    return AnomalyDetector.load(methods=app.ordered_methods(zsad.METHODS), clip=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def detect(detector):
+    return app.make_handler(detector)
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory):
+    return write_good_images(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return write_bad_images(tmp_path_factory.mktemp("bad"))
+
+
+def upload(path: Path) -> dict:
+    """The payload Gradio hands an unprocessed image input after an upload."""
+    return {"path": str(path), "url": None, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray16", "cmyk", "rgba", "gray", "exif_rotated"])
+def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files, kind):
+    path, size = good_files[kind]
+    (original, overlay), mask, score, report, rows, views = detect(upload(path), "bottle", "baseline", 0.5)
+    assert original.size == overlay.size == mask.size == size  # the image's own (upright) size
+    assert original.mode == overlay.mode == "RGB" and mask.mode == "L"
+    assert 0.0 <= score <= 1.0
+    verdict = "anomalous" if score >= 0.5 else "normal"
+    assert f"**{verdict}**" in report and "CLIP baseline (training-free)" in report and "request took" in report
+    assert rows[0][:4] == ["CLIP baseline", "training-free", score, verdict]
+    assert views == []  # the gallery is for compare mode
+
+
+def test_mask_matches_the_threshold(detect, good_files):
+    path, _ = good_files["rgb"]
+    everything = detect(upload(path), "bottle", "baseline", 0.0)[1]
+    nothing = detect(upload(path), "bottle", "baseline", 1.0)[1]
+    assert np.asarray(everything).min() == 255
+    fraction = detect(upload(path), "bottle", "baseline", 0.5)[4][0][4]
+    assert 0.0 <= fraction <= 100.0 and np.asarray(nothing).mean() <= np.asarray(everything).mean()
+
+
+def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
+    path, _ = good_files["rgb"]
+    (_, overlay), _, score, report, rows, views = detect(upload(path), "bottle", app.COMPARE, 0.5)
+    names = [app.display_name(method) for method in detector.method_names]
+    assert [row[0] for row in rows] == names
+    assert [caption for _, caption in views[:2]] == [f"{names[0]}: {score:.3f} {rows[0][3]}", f"{names[0]}: mask at 0.50"]
+    assert len(views) == 2 * len(names)
+    assert all(f"### {name} (" in report for name in names)
+    assert score == rows[0][2]  # the first method's score is the headline
+
+
+@pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
+def test_genclip_report_states_the_class_name_filter_decision(detect, good_files):
+    path, _ = good_files["rgb"]
+    report = detect(upload(path), "bottle", "genclip", 0.5)[3]
+    assert "GenCLIP (untrained)" in report
+    assert "Class name filter (hard): kept “bottle”" in report or "“bottle” does not fit the image" in report
+
+
+def test_clipboard_data_url_is_read(detect, good_files):
+    path, size = good_files["rgb"]
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    (original, _), *_ = detect({"path": None, "url": url}, "bottle", "baseline", 0.5)
+    assert original.size == size
+
+
+@pytest.mark.parametrize(
+    "make_image, class_name, method, threshold, message",
+    [
+        (lambda files: None, "bottle", "baseline", 0.5, "No image was given"),
+        (lambda files: upload(files["unreadable"]), "bottle", "baseline", 0.5, "Not a readable image"),
+        (lambda files: upload(files["truncated"]), "bottle", "baseline", 0.5, "truncated"),
+        (lambda files: upload(files["bomb"]), "bottle", "baseline", 0.5, "20000x20000"),
+        (lambda files: upload(files["missing"]), "bottle", "baseline", 0.5, "not found"),
+        (lambda files: upload(files["good"]), "", "baseline", 0.5, "class name is empty"),
+        (lambda files: upload(files["good"]), "a" * 500, "baseline", 0.5, "500 characters"),
+        (lambda files: upload(files["good"]), "bottle", "nosuch", 0.5, "Unknown method"),
+        (lambda files: upload(files["good"]), "bottle", "baseline", 7, "between 0 and 1"),
+    ],
+)
+def test_user_errors_become_gradio_errors_and_the_handler_keeps_working(
+    detect, bad_files, good_files, make_image, class_name, method, threshold, message
+):
+    files = {**bad_files, "good": good_files["rgb"][0], "missing": bad_files["bomb"].with_name("gone.png")}
+    with pytest.raises(gr.Error, match=message):
+        detect(make_image(files), class_name, method, threshold)
+    assert 0.0 <= detect(upload(good_files["rgb"][0]), "bottle", "baseline", 0.5)[2] <= 1.0
+
+
+def test_page_has_the_detect_endpoint_and_every_method(detector):
+    demo = app.build_demo(detector, tiny=True)
+    assert isinstance(demo, gr.Blocks)
+    assert [fn.api_name for fn in demo.fns.values()].count("detect") == 1
+    methods = [value for _, value in app.method_choices(detector)]
+    assert methods == detector.method_names + [app.COMPARE]
+    notice = app.banner(detector, tiny=True)
+    assert "Tiny random CLIP" in notice
+    untrained = [app.display_name(m) for m in detector.method_names if detector.status(m) == "untrained"]
+    assert all(name in notice for name in untrained) and ("untrained" in notice) == bool(untrained)
+
+
+def test_examples_exist_and_are_readable():
+    rows = app.example_rows()
+    assert rows, "examples/examples.json lists the shipped example images"
+    for path, class_name in rows:
+        image = zsad.images.load_image(path)
+        assert min(image.size) >= 16 and class_name.strip()
+
+
+def test_examples_are_what_the_synthetic_generator_makes(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_examples", REPO / "examples" / "make_examples.py")
+    make_examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_examples)
+    rows = make_examples.make_examples(tmp_path)
+    assert [[str(app.EXAMPLES_DIR / row["image"]), row["class_name"]] for row in rows] == app.example_rows()
+    for row in rows:
+        regenerated, shipped = Image.open(tmp_path / row["image"]), Image.open(app.EXAMPLES_DIR / row["image"])
+        np.testing.assert_array_equal(np.asarray(regenerated), np.asarray(shipped))
+
+
+def test_checkpoints_come_from_environment_and_flags():
+    environ = {app.checkpoint_variable(method): f"env/{method}" for method in zsad.METHODS}
+    flagged = app.configured_checkpoints(["baseline=/local/ckpt"], environ)
+    assert flagged["baseline"] == "/local/ckpt"
+    assert all(flagged[method] == f"env/{method}" for method in zsad.METHODS if method != "baseline")
+    assert app.configured_checkpoints([], {}) == {}
+    with pytest.raises(ZSADError, match="METHOD=PATH"):
+        app.configured_checkpoints(["stackclip"], {})
+
+
+def run_app(*arguments, timeout=60):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.run([sys.executable, "app.py", *arguments], cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_works_without_loading_anything():
+    result = run_app("--help")
+    assert result.returncode == 0 and "--tiny" in result.stdout and "GRADIO_SERVER_PORT" in result.stdout
+
+
+def test_missing_backbone_exits_with_a_short_hint(tmp_path):
+    result = run_app("--clip", str(tmp_path / "no-clip-here"))
+    assert result.returncode != 0
+    assert "--clip PATH" in result.stderr and "--tiny" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 4
