@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Train a zsad method on an auxiliary dataset (the zero-shot protocol: its *test* split), with Accelerate.
+
+One process (CPU or one GPU):
+
+    python train/train.py --method stackclip --clip openai/clip-vit-large-patch14-336 \\
+        --train-dataset mvtec --train-root /data/mvtec_anomaly_detection --output-dir runs/stackclip-mvtec
+
+Several processes or GPUs (``--batch-size`` is per process):
+
+    accelerate launch --num_processes 2 train/train.py --method stackclip ...
+
+Writes to ``--output-dir``: ``epoch-N/`` (a ``save_pretrained`` checkpoint that loads with
+``AutoModel.from_pretrained(..., trust_remote_code=True)``, plus ``training_state.pt`` for ``--resume``),
+``loss.csv`` (loss per step), ``loss.png`` (loss curve) and ``training_args.json``.
+
+The method is looked up by name in ``zsad.METHODS``; every method model provides
+``prepare_for_training(class_names)`` and returns ``.loss`` from ``model(pixel_values, class_names,
+masks=..., labels=...)``. Method settings are config fields: ``--set key=value`` (repeatable), or the
+switches a method's config declares in ``training_flags`` (e.g. StackCLIP's ``--all-data``).
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import zsad  # noqa: E402
+from zsad.data import load_dataset  # noqa: E402
+from zsad.errors import ZSADError  # noqa: E402
+from zsad.images import load_image, to_pixel_values  # noqa: E402
+
+STATE_FILE = "training_state.pt"
+# A method's config may name its optimizer in an ``optimizer`` field; Adam is the lineage default (METHODS.md).
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+LOSS_FIELDS = ("epoch", "step", "global_step", "loss")
+
+
+# ----- command line -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True, choices=sorted(zsad.METHODS))
+    parser.add_argument("--clip", help="Hub id or local path of the CLIP backbone (default: the method's, ViT-L/14@336)")
+    parser.add_argument("--clip-revision", help="Hub revision of the backbone")
+    parser.add_argument("--train-dataset", required=True, help="dataset name for zsad.data.load_dataset, e.g. mvtec, visa")
+    parser.add_argument("--train-root", required=True, help="folder of the training dataset")
+    parser.add_argument("--train-categories", nargs="+", help="train on these categories only (default: all)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step and process")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam betas")
+    parser.add_argument("--image-size", type=int, help="model input size (default: the config's, 518)")
+    parser.add_argument("--feature-layers", type=int, nargs="+", help="tapped vision blocks (default: quarter points)")
+    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--resume", nargs="?", const="latest",
+                        help="continue from an epoch-N folder (default: the latest one in --output-dir)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config field of the method (VALUE is read as JSON, else as text)")
+    for flag, (field, value, help_text) in method_flags().items():
+        parser.add_argument(flag, dest="flag_settings", action="append_const", const=(field, value), help=help_text)
+    return parser
+
+
+def method_flags() -> dict:
+    """Switches that method configs declare (``training_flags``), so this command stays method-agnostic."""
+    flags = {}
+    for model_class in zsad.METHODS.values():
+        flags.update(getattr(model_class.config_class, "training_flags", {}))
+    return flags
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    key, separator, raw = text.partition("=")
+    if not separator or not key:
+        raise ZSADError(f"--set expects KEY=VALUE, got '{text}'.")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def config_overrides(args: argparse.Namespace, config_class) -> dict:
+    """Config fields from the command line, checked against the method's config."""
+    overrides = dict(parse_setting(text) for text in args.settings)
+    overrides.update(args.flag_settings or [])
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
+    if args.feature_layers is not None:
+        overrides["feature_layers"] = args.feature_layers
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ZSADError(f"{config_class.__name__} has no setting(s) {unknown}; see its docstring for the fields.")
+    return overrides
+
+
+# ----- data -------------------------------------------------------------------------------------
+
+
+def load_mask(path, size: int) -> torch.Tensor:
+    """(size, size) 0/1 mask, resized with nearest neighbour; all zeros when there is no mask file."""
+    if path is None:
+        return torch.zeros(size, size)
+    mask = Image.open(path).convert("L").resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(mask) > 127).float()
+
+
+class TrainingSet(Dataset):
+    """Samples of ``zsad.data.load_dataset`` as model input: pixel values, mask, label, class name."""
+
+    def __init__(self, samples, image_size: int, image_mean, image_std):
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.image_mean, self.image_std = image_mean, image_std
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        pixels = to_pixel_values([load_image(sample.image_path)], self.image_size, self.image_mean, self.image_std)[0]
+        return {
+            "pixel_values": pixels,
+            "masks": load_mask(sample.mask_path, self.image_size),
+            "labels": int(sample.label),
+            "class_names": sample.category,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "masks": torch.stack([item["masks"] for item in items]),
+        "labels": torch.tensor([item["labels"] for item in items]),
+        "class_names": [item["class_names"] for item in items],
+    }
+
+
+# ----- model, checkpoints, logs -----------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: Path) -> Path:
+    epochs = sorted((int(path.name.split("-")[1]), path) for path in output_dir.glob("epoch-*") if (path / STATE_FILE).is_file())
+    if not epochs:
+        raise ZSADError(f"--resume: no epoch-N checkpoint with {STATE_FILE} in {output_dir}.")
+    return epochs[-1][1]
+
+
+def build_model(args: argparse.Namespace, resume_dir: Path | None):
+    model_class = zsad.METHODS[args.method]
+    overrides = config_overrides(args, model_class.config_class)
+    if resume_dir is None:
+        return model_class.from_clip(args.clip or model_class.config_class().base_model_name_or_path,
+                                     revision=args.clip_revision, **overrides)
+    if overrides:
+        raise ZSADError(f"Settings {sorted(overrides)} cannot change when resuming; they come from {resume_dir}.")
+    backbone = zsad.load_backbone(args.clip, revision=args.clip_revision) if args.clip else None
+    return model_class.from_pretrained(resume_dir, clip_model=backbone)
+
+
+def parameter_checksums(model) -> torch.Tensor:
+    """Sum and sum of squares of every trainable tensor (float64): equal on all processes after a sync."""
+    values = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]) for p in model.adapter_parameters()]
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def read_loss_rows(path: Path, up_to_epoch: int) -> list[dict]:
+    """Loss rows of the finished epochs (a crash may have left rows of a later, unfinished one)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [row for row in csv.DictReader(handle) if int(row["epoch"]) <= up_to_epoch]
+
+
+def write_loss_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOSS_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_loss_curve(rows: list[dict], path: Path, title: str) -> None:
+    """Loss per step and its mean per epoch."""
+    steps = [int(row["global_step"]) for row in rows]
+    losses = [float(row["loss"]) for row in rows]
+    epochs = sorted({int(row["epoch"]) for row in rows})
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, losses, linewidth=1, alpha=0.6, label="loss per step")
+    epoch_ends = [max(s for s, row in zip(steps, rows) if int(row["epoch"]) == e) for e in epochs]
+    epoch_means = [np.mean([l for l, row in zip(losses, rows) if int(row["epoch"]) == e]) for e in epochs]
+    axis.plot(epoch_ends, epoch_means, marker="o", label="epoch mean")
+    axis.set(xlabel="step", ylabel="training loss", title=title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----- training ---------------------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    return Accelerator(
+        cpu=args.cpu,
+        mixed_precision="bf16" if args.bf16 else "no",
+        # Epoch e's shuffle depends only on (seed, e), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Methods may leave some adapters unused in a step (e.g. a cluster with no image in the batch).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def make_loader(args: argparse.Namespace, model) -> DataLoader:
+    samples = load_dataset(args.train_dataset, args.train_root, categories=args.train_categories)
+    if not samples:
+        raise ZSADError(f"No images found for '{args.train_dataset}' in {args.train_root}.")
+    backbone = model.require_backbone()
+    dataset = TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                      num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
+
+
+def make_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The method's optimizer over its adapter parameters only (the backbone is frozen)."""
+    name = getattr(model.config, "optimizer", "adam")
+    if name not in OPTIMIZERS:
+        raise ZSADError(f"Unknown optimizer '{name}' in the {args.method} config; use one of {sorted(OPTIMIZERS)}.")
+    return OPTIMIZERS[name](model.adapter_parameters(), lr=args.lr, betas=tuple(args.betas))
+
+
+def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, global_step: int) -> Path:
+    """``save_pretrained`` checkpoint + resume state, after checking all processes hold the same weights."""
+    unwrapped = accelerator.unwrap_model(model)
+    checksums = accelerator.gather(parameter_checksums(unwrapped).to(accelerator.device)[None]).cpu()
+    if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"Processes hold different weights after epoch {epoch}; the checkpoint would be wrong.")
+    folder = output_dir / f"epoch-{epoch}"
+    if accelerator.is_main_process:
+        unwrapped.config.is_trained = True
+        unwrapped.save_pretrained(folder)
+        state = {"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                 "rng": rng_state(), "parameter_checksums": checksums}
+        torch.save(state, folder / STATE_FILE)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run the training; returns the last epoch's checkpoint folder."""
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    if accelerator.device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    output_dir = Path(args.output_dir)
+    resume_dir = (latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)) if args.resume else None
+
+    model = build_model(args, resume_dir)
+    loader = make_loader(args, model)
+    model.prepare_for_training(sorted({sample.category for sample in loader.dataset.samples}))
+    model.train()
+    optimizer = make_optimizer(model, args)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    start_epoch, global_step = 0, 0
+    if resume_dir is not None:
+        state = torch.load(resume_dir / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    rows = read_loss_rows(output_dir / "loss.csv", start_epoch)
+
+    folder = resume_dir
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        loader.set_epoch(epoch)
+        progress = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not accelerator.is_local_main_process)
+        for step, batch in enumerate(progress, start=1):
+            with accelerator.autocast():
+                loss = model(batch["pixel_values"], batch["class_names"], masks=batch["masks"], labels=batch["labels"]).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            global_step += 1
+            mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            rows.append({"epoch": epoch, "step": step, "global_step": global_step, "loss": mean_loss})
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+        folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step)
+        if accelerator.is_main_process:
+            write_loss_rows(output_dir / "loss.csv", rows)
+            plot_loss_curve(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
+    accelerator.end_training()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        folder = train(args)
+    except ZSADError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
