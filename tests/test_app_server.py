@@ -1,9 +1,11 @@
 """The app launched as users launch it (``python app.py --tiny`` on 127.0.0.1) and driven by ``gradio_client``."""
 
 import itertools
+import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -117,3 +119,17 @@ def test_memory_does_not_grow_across_fifty_requests(server, example, tmp_path):
         f"{seconds:.2f} s per {LARGE_SIDE}x{LARGE_SIDE} request"
     )
     assert rss_after - rss_before < MEMORY_TOLERANCE_MB
+
+
+def test_server_files_that_were_not_uploaded_are_refused(server, example):
+    """The handler reads raw payloads (preprocess=False); Gradio's check that a path was uploaded still applies."""
+    url, _ = server
+    not_uploaded = {"path": str(Path(example[0]).resolve()), "meta": {"_type": "gradio.FileData"}}
+    for image in (not_uploaded, str(Path(example[0]).resolve())):
+        body = json.dumps({"data": [image, example[1], "baseline", 0.5]}).encode()
+        request = urllib.request.Request(url + "gradio_api/call/detect", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            event_id = json.load(response)["event_id"]
+        with urllib.request.urlopen(f"{url}gradio_api/call/detect/{event_id}", timeout=30) as response:
+            events = response.read().decode()
+        assert events.startswith("event: error") and "complete" not in events
