@@ -173,10 +173,12 @@ def build_model(args: argparse.Namespace, resume_dir: Path | None):
     if resume_dir is None:
         return model_class.from_clip(args.clip or model_class.config_class().base_model_name_or_path,
                                      revision=args.clip_revision, **overrides)
-    if overrides:
-        raise ZSADError(f"Settings {sorted(overrides)} cannot change when resuming; they come from {resume_dir}.")
     backbone = zsad.load_backbone(args.clip, revision=args.clip_revision) if args.clip else None
-    return model_class.from_pretrained(resume_dir, clip_model=backbone)
+    model = model_class.from_pretrained(resume_dir, clip_model=backbone)
+    changed = sorted(key for key, value in overrides.items() if getattr(model.config, key) != value)
+    if changed:
+        raise ZSADError(f"Settings {changed} differ from the checkpoint {resume_dir}; they cannot change when resuming.")
+    return model
 
 
 def parameter_checksums(model) -> torch.Tensor:
