@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmarks: the full-size CLIP ViT-L/14@336 architecture with random weights
+(compute does not depend on weight values, and the real weights cannot be downloaded here), timing."""
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+VIT_L14_336 = dict(
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=336, patch_size=14),
+    projection_dim=768,
+)
+
+
+def full_size_clip(dtype: torch.dtype = torch.float32) -> CLIPModel:
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(**VIT_L14_336)).to(dtype).eval().requires_grad_(False)
+
+
+def save_full_size_clip(directory: str | Path) -> Path:
+    """A loadable full-size CLIP folder (random weights, tiny tokenizer) for end-to-end benchmarks."""
+    from zsad.testing import _tiny_tokenizer
+
+    directory = Path(directory)
+    if (directory / "model.safetensors").exists():
+        return directory
+    tokenizer = _tiny_tokenizer(vocab_size=600)
+    config = CLIPConfig(**VIT_L14_336)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = config.text_config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    CLIPModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    seconds = timed(lambda: a @ b, repeats=repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def machine_line() -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
