@@ -51,7 +51,7 @@ def pixel_auroc_per_category(model, root: Path, categories: list[str], image_siz
 
 def run_fold(args, work: Path, clip: Path, root: Path, train_categories, held_out, train_script) -> dict:
     """Train on ``train_categories``; pixel AUROC on ``held_out`` before and after training."""
-    output_dir = work / f"run-{'-'.join(train_categories)}"
+    output_dir = work / f"run-{clip.name}-{'-'.join(train_categories)}"
     train_script.main([
         "--method", "stackclip", "--clip", str(clip), "--train-dataset", "mvtec", "--train-root", str(root),
         "--train-categories", *train_categories, "--output-dir", str(output_dir), "--epochs", str(args.epochs),
@@ -76,11 +76,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--clip-seed", type=int, default=0, help="seed of the tiny random CLIP's weights")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="StackCLIP config field for both models, as in train.py (e.g. fusion_weight=1.0)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stackclip-heldout-"))
-    clip = save_tiny_clip(work / "tiny-clip")
+    # The tiny tokenizer's BPE training is not bit-reproducible, so an existing tiny CLIP is reused.
+    clip = work / f"tiny-clip-{args.clip_seed}"
+    if not (clip / "model.safetensors").is_file():
+        save_tiny_clip(clip, seed=args.clip_seed)
     root = generate(work / "synthetic", categories=FOLD_A + FOLD_B, num_good=4, num_defective=12, image_size=128, seed=0)
     train_script = load_train_script()
     folds = [run_fold(args, work, clip, root, train, held_out, train_script)
