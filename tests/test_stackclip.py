@@ -260,7 +260,7 @@ def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_ba
         torch.testing.assert_close(twin(pixels, ["candle", "pcb"]).anomaly_map, first.anomaly_map, rtol=0, atol=0)
 
 
-def test_class_text_is_encoded_once_per_name_set_and_rpl_text_refreshes_after_a_step(tiny_clip_path, tiny_backbone, pixels, monkeypatch):
+def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step(tiny_clip_path, tiny_backbone, pixels, monkeypatch):
     model = untrained(tiny_clip_path, tiny_backbone).eval()
     calls = []
     original = tiny_backbone.encode_text
@@ -270,6 +270,9 @@ def test_class_text_is_encoded_once_per_name_set_and_rpl_text_refreshes_after_a_
         first_calls = len(calls)
         model(pixels, ["cable", "bottle"])
         assert len(calls) == first_calls
+        model(pixels, ["cable", "wood"])  # only the new name's prompt ensemble is encoded
+        assert len(calls) == first_calls + 1
+        first_calls = len(calls)
         before = model.rpl_text()
         model.rpl_context.add_(0.5)
         after = model.rpl_text()

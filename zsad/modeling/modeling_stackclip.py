@@ -117,10 +117,13 @@ class StackCLIPModel(ZSADPreTrainedModel):
     # ----- text features ----------------------------------------------------------------------
 
     def _per_image(self, key: str, names: list[str], compute) -> torch.Tensor:
-        """Backbone-only features computed once per distinct name set, then one row per image."""
-        unique = sorted(set(names))
-        values = self.cached_text((key, tuple(unique)), lambda: compute(unique), depends_on_parameters=False)
-        return values[[unique.index(name) for name in names]]
+        """Backbone-only features, one row per image, each class name encoded once (training batches mix
+        names in ever new combinations, so the cache is per name, not per name set)."""
+        rows = {
+            name: self.cached_text((key, name), lambda name=name: compute([name])[0], depends_on_parameters=False)
+            for name in set(names)
+        }
+        return torch.stack([rows[name] for name in names])
 
     def precise_text(self, names: list[str]) -> torch.Tensor:
         """(B, 2, P) state x template ensemble with each image's own category name."""
