@@ -282,6 +282,9 @@ def test_text_cache_hits_on_the_second_call(model, tiny_backbone, pixels, monkey
         calls.clear()
         model(pixels, class_names="cable")
         assert len(calls) == 2  # the new name's CNF prompt, then the vision-enhanced branch
+        calls.clear()
+        model(pixels, class_names=["cable", "bottle"])
+        assert len(calls) == 1  # a batch mixing known names reuses their CNF features
     torch.testing.assert_close(second.anomaly_map, first.anomaly_map, rtol=0, atol=0)
 
 

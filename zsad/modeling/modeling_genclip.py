@@ -191,10 +191,9 @@ class GenCLIPModel(ZSADPreTrainedModel):
         return self.frozen_text_features(prompts)
 
     def cnf_name_features(self, names: list[str]) -> torch.Tensor:
-        """(B, P) features of ``cnf_template`` with each image's name; one call per distinct set of names."""
-        unique = sorted(set(names))
-        features = self.frozen_text_features([self.config.cnf_template.format(name) for name in unique])
-        return features[[unique.index(name) for name in names]]
+        """(B, P) features of ``cnf_template`` with each image's name, cached per name (batches mix names)."""
+        per_name = {name: self.frozen_text_features([self.config.cnf_template.format(name)])[0] for name in set(names)}
+        return torch.stack([per_name[name] for name in names])
 
     def frozen_text_features(self, prompts: list[str]) -> torch.Tensor:
         """Plain frozen-CLIP text features (no learned tokens), cached also through training."""
