@@ -217,10 +217,12 @@ def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=
 
 
 def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pixels):
-    model, values = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=1.0)
+    # A weight of 10 makes the term's effect clear on any tiny random CLIP (the tiny tokenizer, and so the
+    # text features, differ between sessions); image cross-entropy on noise images pulls the other way.
+    model, values = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=10.0)
     _, unregulated = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=0.0)
-    assert values[-1] < values[0]
-    assert values[-1] < unregulated[-1]  # without the term the prompts drift away from the stacked features
+    assert values[-1] < 0.8 * values[0]
+    assert values[-1] < 0.8 * unregulated[-1]  # without the term the prompts drift away from the stacked features
     labels = torch.tensor([0, 1])
     with torch.no_grad():
         output = model(pixels, ["bottle", "cable"], labels=labels)
@@ -274,7 +276,7 @@ def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step
         assert len(calls) == first_calls + 1
         first_calls = len(calls)
         before = model.rpl_text()
-        model.rpl_context.add_(0.5)
+        model.rpl_context.add_(torch.randn(model.rpl_context.shape, generator=torch.Generator().manual_seed(0)))
         after = model.rpl_text()
     assert len(calls) == first_calls + 1
     assert not torch.allclose(before, after)
