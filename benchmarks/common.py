@@ -25,12 +25,12 @@ def full_size_clip(dtype: torch.dtype = torch.float32) -> CLIPModel:
 
 def save_full_size_clip(directory: str | Path) -> Path:
     """A loadable full-size CLIP folder (random weights, tiny tokenizer) for end-to-end benchmarks."""
-    from zsad.testing import _tiny_tokenizer
+    from zsad.testing import tiny_tokenizer
 
     directory = Path(directory)
     if (directory / "model.safetensors").exists():
         return directory
-    tokenizer = _tiny_tokenizer(vocab_size=600)
+    tokenizer = tiny_tokenizer()
     config = CLIPConfig(**VIT_L14_336)
     config.text_config.vocab_size = len(tokenizer)
     config.text_config.bos_token_id = tokenizer.bos_token_id

@@ -7,11 +7,11 @@
 ```
 """
 
-import json
+import re
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from .modeling.prompting import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
@@ -24,30 +24,31 @@ EXTRA_WORDS = (
 )
 
 
-def _tiny_tokenizer(vocab_size: int) -> CLIPTokenizer:
-    """Byte-level BPE learned on the prompt vocabulary, wrapped as a CLIPTokenizer.
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A deterministic byte-level BPE CLIPTokenizer in which every word of the prompts is one token.
 
-    Trained here with the tokenizers library because CLIP's real vocabulary cannot be downloaded offline.
+    Built by hand because CLIP's real vocabulary cannot be downloaded offline, and a trained BPE
+    (tokenizers' trainer) breaks ties differently from one process to the next.
     """
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=SPECIAL_TOKENS[1]))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    corpus = [template.format(state.format("object")) for template in TEMPLATES for state in NORMAL_STATES + ABNORMAL_STATES]
-    bpe.train_from_iterator(corpus + [EXTRA_WORDS] * 10, trainer=trainer)
-    vocab = bpe.get_vocab()
-    # CLIP expects every byte both inside a word and at a word's end.
-    for char in pre_tokenizers.ByteLevel.alphabet():
-        for piece in (char, char + "</w>"):
-            vocab.setdefault(piece, len(vocab))
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = [*SPECIAL_TOKENS, *alphabet, *(char + "</w>" for char in alphabet)]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(_prompt_words()):
+        built = word[0]
+        for position, char in enumerate(word[1:], start=1):
+            right = char + "</w>" if position == len(word) - 1 else char
+            if (built, right) not in merges:
+                merges.append((built, right))
+                pieces.append(built + right)
+            built += right
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
     return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _prompt_words() -> set[str]:
+    """Lower-case words of the prompt templates, state phrases and common category names (longer than 1 char)."""
+    text = " ".join([*TEMPLATES, *NORMAL_STATES, *ABNORMAL_STATES, EXTRA_WORDS]).lower()
+    return {word for word in re.findall(r"[a-z]+", text) if len(word) > 1}
 
 
 def tiny_clip_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> CLIPConfig:
@@ -65,7 +66,7 @@ def tiny_clip_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> C
 def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
     """Write a tiny random CLIP (model, tokenizer, image processor) to ``directory`` and return its path."""
     directory = Path(directory)
-    tokenizer = _tiny_tokenizer(vocab_size=600)
+    tokenizer = tiny_tokenizer()
     config = tiny_clip_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
