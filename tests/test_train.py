@@ -1,0 +1,169 @@
+"""train/train.py end to end on a tiny CLIP and a synthetic MVTec-layout dataset: checkpoints, logs, loss,
+resume, remote-code loading, and a 2-process Accelerate run (gloo on CPU)."""
+
+import importlib.util
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from zsad import StackCLIPModel
+
+pytest.importorskip("zsad.data.synthetic")
+if not hasattr(sys.modules["zsad.data"], "load_dataset"):
+    pytest.skip("zsad.data.load_dataset is not in the repository yet", allow_module_level=True)
+from zsad.data import load_dataset  # noqa: E402
+from zsad.data.synthetic import generate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "train" / "train.py"
+IMAGE_SIZE = 56
+BATCH_SIZE = 4
+CATEGORIES = ["wood", "capsule"]
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("zsad_train_script", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_train_module()
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+
+
+def _training_args(clip, root, output_dir, epochs, *extra):
+    return [
+        "--method", "stackclip", "--clip", str(clip), "--train-dataset", "mvtec", "--train-root", str(root),
+        "--output-dir", str(output_dir), "--epochs", str(epochs), "--batch-size", str(BATCH_SIZE),
+        "--image-size", str(IMAGE_SIZE), "--cpu", *extra,
+    ]
+
+
+def _run(command, cwd):
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic"), categories=CATEGORIES, num_good=2, num_defective=4,
+                    image_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory, tiny_clip_path, dataset_root):
+    output_dir = tmp_path_factory.mktemp("run")
+    _run([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, output_dir, 2)], REPO)
+    return output_dir
+
+
+def _mean_training_loss(model, root) -> float:
+    """Loss over the whole training set, in training mode (cluster routing), without updates."""
+    backbone = model.require_backbone()
+    samples = load_dataset("mvtec", root)
+    dataset = train_script.TrainingSet(samples, IMAGE_SIZE, backbone.image_mean, backbone.image_std)
+    batch = train_script.collate([dataset[i] for i in range(len(dataset))])
+    model.train()
+    with torch.no_grad():
+        return model(batch["pixel_values"], batch["class_names"], masks=batch["masks"], labels=batch["labels"]).loss.item()
+
+
+def test_training_writes_checkpoints_and_logs_and_lowers_the_loss(two_epoch_run, tiny_clip_path, tiny_backbone, dataset_root):
+    num_images = len(load_dataset("mvtec", dataset_root))
+    steps_per_epoch = math.ceil(num_images / BATCH_SIZE)
+    for epoch in (1, 2):
+        folder = two_epoch_run / f"epoch-{epoch}"
+        assert (folder / "model.safetensors").is_file() and (folder / "training_state.pt").is_file()
+        state = torch.load(folder / "training_state.pt", weights_only=False)
+        assert state["epoch"] == epoch and state["global_step"] == epoch * steps_per_epoch
+    rows = (two_epoch_run / "loss.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,global_step,loss" and len(rows) == 1 + 2 * steps_per_epoch
+    assert all(math.isfinite(float(row.split(",")[3])) for row in rows[1:])
+    with Image.open(two_epoch_run / "loss.png") as curve:
+        assert curve.format == "PNG" and curve.size[0] > 300
+
+    trained = StackCLIPModel.from_pretrained(two_epoch_run / "epoch-2", clip_model=tiny_backbone)
+    assert trained.config.is_trained and sorted(sum(trained.config.cluster_members, [])) == sorted(CATEGORIES)
+    untrained = StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    untrained.prepare_for_training(CATEGORIES)
+    assert _mean_training_loss(trained, dataset_root) < _mean_training_loss(untrained, dataset_root)
+
+
+def test_resume_from_epoch_one_gives_the_same_weights_as_an_uninterrupted_run(two_epoch_run, tiny_clip_path, dataset_root, tmp_path):
+    shutil.copytree(two_epoch_run / "epoch-1", tmp_path / "epoch-1")
+    lines = (two_epoch_run / "loss.csv").read_text().splitlines()
+    # A run that crashed in epoch 2 left some of its rows behind; resuming must drop them.
+    (tmp_path / "loss.csv").write_text("\n".join(lines[:-1]) + "\n")
+    _run([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 2, "--resume")], REPO)
+    resumed = load_file(tmp_path / "epoch-2" / "model.safetensors")
+    uninterrupted = load_file(two_epoch_run / "epoch-2" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+    assert (tmp_path / "loss.csv").read_text().splitlines() == lines
+
+
+def test_checkpoint_loads_with_remote_code_in_a_process_without_zsad(two_epoch_run, tiny_backbone, tmp_path):
+    checkpoint = two_epoch_run / "epoch-2"
+    model = StackCLIPModel.from_pretrained(checkpoint, clip_model=tiny_backbone)
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(pixels, class_names="plate")
+    torch.save({"pixels": pixels, "map": expected.anomaly_map, "score": expected.image_score}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["zsad"] = None  # importing zsad must fail in this process
+        import torch
+        from transformers import AutoModel
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__name__ == "StackCLIPModel" and type(model).__module__.startswith("transformers_modules")
+        with torch.no_grad():
+            output = model(expected["pixels"], class_names="plate")
+        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(output.image_score, expected["score"], rtol=0, atol=1e-6)
+        print("REMOTE OK", model.config.cluster_members)
+        """
+    )
+    result = _run([sys.executable, "-c", script], tmp_path)
+    assert "REMOTE OK" in result.stdout
+
+
+def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(tiny_clip_path, tiny_backbone, dataset_root, tmp_path):
+    # accelerate's torchrun launcher starts the processes; train.py --cpu makes them join over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    _run([*launcher, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)], REPO)
+    state = torch.load(tmp_path / "epoch-1" / "training_state.pt", weights_only=False)
+    checksums = state["parameter_checksums"]
+    assert checksums.shape[0] == 2 and torch.equal(checksums[0], checksums[1])
+    saved = StackCLIPModel.from_pretrained(tmp_path / "epoch-1", clip_model=tiny_backbone)
+    torch.testing.assert_close(train_script.parameter_checksums(saved), checksums[0], rtol=0, atol=0)
+    untrained = StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    assert not torch.equal(train_script.parameter_checksums(untrained), checksums[0])
+    # Each step takes BATCH_SIZE images on each of the two processes.
+    num_images = len(load_dataset("mvtec", dataset_root))
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + math.ceil(num_images / (2 * BATCH_SIZE))

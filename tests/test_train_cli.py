@@ -1,0 +1,55 @@
+"""train/train.py pieces that need no dataset: command-line settings and mask loading (in process)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from zsad import StackCLIPModel, ZSADError
+
+pytest.importorskip("zsad.data")
+if not hasattr(sys.modules["zsad.data"], "load_dataset"):  # train.py imports it
+    pytest.skip("zsad.data.load_dataset is not in the repository yet", allow_module_level=True)
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train.py"
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("zsad_train_script_cli", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _load_train_module()
+
+
+def _parse(*extra):
+    return train_script.build_parser().parse_args(
+        ["--method", "stackclip", "--train-dataset", "mvtec", "--train-root", "r", "--output-dir", "o", *extra]
+    )
+
+
+def test_method_switches_and_settings_become_config_overrides():
+    args = _parse("--all-data", "--set", "fusion_weight=0.7", "--set", "ctx_init=a photo of the", "--image-size", "112")
+    overrides = train_script.config_overrides(args, StackCLIPModel.config_class)
+    assert overrides == {"efa_training": "all-data", "fusion_weight": 0.7, "ctx_init": "a photo of the", "image_size": 112}
+    assert _parse().epochs == 5 and _parse().batch_size == 8 and _parse().seed == 111 and _parse().lr == 1e-3
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ZSADError, match="no setting"):
+        train_script.config_overrides(_parse("--set", "fusion_wieght=0.7"), StackCLIPModel.config_class)
+    with pytest.raises(ZSADError, match="KEY=VALUE"):
+        train_script.config_overrides(_parse("--set", "fusion_weight"), StackCLIPModel.config_class)
+
+
+def test_masks_are_resized_with_nearest_neighbour_and_binarised(tmp_path):
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    mask.save(tmp_path / "mask.png")
+    loaded = train_script.load_mask(tmp_path / "mask.png", 4)
+    assert loaded.tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
+    assert train_script.load_mask(None, 3).sum() == 0
