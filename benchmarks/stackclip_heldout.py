@@ -81,10 +81,7 @@ def main() -> None:
                         help="StackCLIP config field for both models, as in train.py (e.g. fusion_weight=1.0)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="stackclip-heldout-"))
-    # The tiny tokenizer's BPE training is not bit-reproducible, so an existing tiny CLIP is reused.
-    clip = work / f"tiny-clip-{args.clip_seed}"
-    if not (clip / "model.safetensors").is_file():
-        save_tiny_clip(clip, seed=args.clip_seed)
+    clip = save_tiny_clip(work / f"tiny-clip-{args.clip_seed}", seed=args.clip_seed)
     root = generate(work / "synthetic", categories=FOLD_A + FOLD_B, num_good=4, num_defective=12, image_size=128, seed=0)
     train_script = load_train_script()
     folds = [run_fold(args, work, clip, root, train, held_out, train_script)

@@ -217,8 +217,8 @@ def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=
 
 
 def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pixels):
-    # A weight of 10 makes the term's effect clear on any tiny random CLIP (the tiny tokenizer, and so the
-    # text features, differ between sessions); image cross-entropy on noise images pulls the other way.
+    # A weight of 10 makes the term's effect clear whatever the tiny random CLIP's weights; the image
+    # cross-entropy on noise images pulls the prompts the other way.
     model, values = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=10.0)
     _, unregulated = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=0.0)
     assert values[-1] < 0.8 * values[0]
