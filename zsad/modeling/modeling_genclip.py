@@ -67,11 +67,6 @@ class GenCLIPModel(ZSADPreTrainedModel):
 
     # ----- training-free start -----------------------------------------------------------------
 
-    @classmethod
-    def from_clip(cls, *args, **kwargs) -> "GenCLIPModel":
-        """As the base, but ready for inference (eval mode): CNF and the text cache are off in train mode."""
-        return super().from_clip(*args, **kwargs).eval()
-
     def init_from_backbone(self) -> None:
         """Prompt tokens from word embeddings of their init texts, MVPs at zero, patch heads = CLIP's projection."""
         with torch.no_grad():

@@ -101,7 +101,7 @@ class ZSADPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_clip(cls, clip_name_or_path: str, revision: str | None = None, clip_model=None, clip_dtype=None, **config_overrides):
-        """An untrained (training-free) model on the given CLIP; ``config_overrides`` set config fields."""
+        """An untrained (training-free) model on the given CLIP, in eval mode; ``config_overrides`` set config fields."""
         backbone = _as_backbone(clip_model, clip_name_or_path, revision) if clip_model is not None else (
             CLIPBackbone.from_pretrained(clip_name_or_path, revision=revision, dtype=clip_dtype)
         )
@@ -110,7 +110,7 @@ class ZSADPreTrainedModel(PreTrainedModel):
         model = cls(config)
         model.attach_backbone(backbone)
         model.init_from_backbone()
-        return model
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, clip_model=None, clip_dtype=None, **kwargs):
