@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from zsad import GenCLIPModel
-
-# Needs the dataset issue's loader and generator; runs as soon as they are in (remove this guard then).
-pytest.importorskip("zsad.data.synthetic")
-if not hasattr(sys.modules["zsad.data"], "load_dataset"):
-    pytest.skip("zsad.data.load_dataset is not in the repository yet", allow_module_level=True)
-from zsad.data import load_dataset  # noqa: E402
-from zsad.data.synthetic import generate  # noqa: E402
+from zsad.data import load_dataset
+from zsad.data.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train" / "train.py"
