@@ -24,6 +24,7 @@ import gradio as gr
 import zsad
 from zsad.errors import ZSADError
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, BackboneLoadError, Detection
+from zsad.loading import PRECISIONS, resolve_precision
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 
 COMPARE = "compare"
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"trained checkpoint (Hub id or folder) for a method; repeatable (env {variables}). "
         "Methods without one run untrained.",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=os.environ.get("ZSAD_PRECISION", "auto"),
+        help="backbone precision (env ZSAD_PRECISION); auto = bfloat16 where the hardware runs it natively",
+    )
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")
     return parser
@@ -75,10 +82,12 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
     return checkpoints
 
 
-def load_detector(clip: str | None, checkpoints: dict[str, str]) -> AnomalyDetector:
+def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto") -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
     try:
-        return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip)
+        return AnomalyDetector.load(
+            methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip, dtype=resolve_precision(precision)
+        )
     except BackboneLoadError as error:
         sys.exit(
             f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"
@@ -268,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
         clip = str(save_tiny_clip(tempfile.mkdtemp(prefix="zsad-tiny-clip-")))
     try:
-        detector = load_detector(clip, configured_checkpoints(args.checkpoint))
+        detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
     demo = build_demo(detector, tiny=args.tiny)

@@ -230,3 +230,30 @@ def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_back
     assert "class name is empty" in capsys.readouterr().err
     assert main(["predict", "--model", str(tmp_path / "nothing"), *common]) == 2
     assert "Could not read the config" in capsys.readouterr().err
+
+
+def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
+    detector = AnomalyDetector.load(clip=str(tiny_clip_path), image_size=112)
+    passes = []
+    original = detector.backbone._run_vision_tower
+    monkeypatch.setattr(detector.backbone, "_run_vision_tower", lambda *a: passes.append(1) or original(*a))
+    image = Image.new("RGB", (80, 60), (120, 90, 30))
+    results = detector.compare(image, "wood")
+    assert len(passes) == 1 and len(results) == len(detector.method_names) > 1
+    separate = {name: detector.detect(image, "wood", method=name) for name in detector.method_names}
+    assert len(passes) == 1 + len(detector.method_names)
+    for name, result in results.items():
+        np.testing.assert_array_equal(result.anomaly_map, separate[name].anomaly_map)
+
+
+def test_precision_names(monkeypatch):
+    from zsad.loading import resolve_precision
+
+    assert resolve_precision("float32") is torch.float32 and resolve_precision("bfloat16") is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto") is torch.bfloat16
+    with pytest.raises(ZSADError, match="precision"):
+        resolve_precision("fp8")

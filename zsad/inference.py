@@ -192,9 +192,10 @@ class AnomalyDetector:
         return self.detect_batch([image], class_name, method=method, threshold=threshold)[0]
 
     def compare(self, image, class_name: str, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Detection]:
-        """Every held method on the same image (read once)."""
+        """Every held method on the same image (read once; one vision pass for methods of equal input size)."""
         image = load_image(image)
-        return {name: self.detect(image, class_name, method=name, threshold=threshold) for name in self.models}
+        with self.backbone.reusing_image_features():
+            return {name: self.detect(image, class_name, method=name, threshold=threshold) for name in self.models}
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float = DEFAULT_THRESHOLD

@@ -1,10 +1,26 @@
 """One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint."""
 
+import torch
 from transformers import AutoModel
 
 from .errors import ZSADError
 from .modeling.clip_backbone import CLIPBackbone
 from .modeling.configuration_zsad_base import DEFAULT_CLIP
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision: str = "auto") -> torch.dtype:
+    """The backbone dtype for a precision name; "auto" picks bfloat16 where the hardware runs it natively
+    (a GPU, or a CPU with AVX512-BF16/AMX) and float32 elsewhere, where bfloat16 would be slower."""
+    if precision not in PRECISIONS:
+        raise ZSADError(f"precision must be one of {PRECISIONS}, got '{precision}'.")
+    if precision != "auto":
+        return getattr(torch, precision)
+    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
+    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if torch.cuda.is_available() or cpu_bf16 else torch.float32
 
 
 def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None = None, dtype=None) -> CLIPBackbone:

@@ -8,8 +8,10 @@ def state_logits(features: torch.Tensor, text_features: torch.Tensor, logit_scal
     """Scaled cosine similarities of L2-normalised ``features`` (B, N, P) or (B, P) against text pairs.
 
     ``text_features`` is (2, P) shared by the batch or (B, 2, P) per image; the result has a trailing
-    dimension of 2 (normal, abnormal).
+    dimension of 2 (normal, abnormal). Computed in float32 whatever the backbone's precision: a logit
+    scale of 100 magnifies bfloat16 rounding of the cosines.
     """
+    features, text_features = features.float(), text_features.float()
     if text_features.dim() == 2:
         return logit_scale * features @ text_features.t()
     if features.dim() == 2:

@@ -10,6 +10,7 @@ Example:
 ```
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -88,6 +89,7 @@ class CLIPBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
+        self._reused_features: list | None = None
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -129,12 +131,32 @@ class CLIPBackbone(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.text_model.embeddings.token_embedding
 
+    @contextmanager
+    def reusing_image_features(self):
+        """Within this block, ``encode_image`` on equal pixels and layers runs the vision tower only once
+        (several method heads on one image share the backbone pass)."""
+        self._reused_features = []
+        try:
+            yield self
+        finally:
+            self._reused_features = None
+
     def encode_image(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
         """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers)."""
         num_layers = self.vision_config.num_hidden_layers
         if not layers or any(not 1 <= layer <= num_layers for layer in layers):
             raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
         check_pixel_values(pixel_values, self.vision_config.patch_size)
+        reused = self._reused_features
+        for pixels, features in reused or ():
+            if features.layers == list(layers) and pixels.shape == pixel_values.shape and torch.equal(pixels, pixel_values):
+                return features
+        features = self._run_vision_tower(pixel_values, layers)
+        if reused is not None:
+            reused.append((pixel_values, features))
+        return features
+
+    def _run_vision_tower(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
         captured: dict[int, torch.Tensor] = {}
         blocks = self.model.vision_model.encoder.layers
         handles = [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured, k)) for k in set(layers)]
