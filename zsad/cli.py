@@ -33,6 +33,12 @@ def _predict(args: argparse.Namespace) -> None:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="Zero-shot industrial anomaly detection with CLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="per-category and mean metrics of a model on a benchmark (JSON, Markdown, figure)")
+    from .evaluation import add_arguments
+
+    add_arguments(evaluate)
+    evaluate.set_defaults(run=_evaluate)
 
     publish = commands.add_parser("publish", help="upload a checkpoint (weights, config, code, model card) in one Hub commit")
     publish.add_argument("checkpoint", help="checkpoint folder written by save_pretrained or training")

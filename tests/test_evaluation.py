@@ -1,0 +1,109 @@
+"""The evaluation protocol on a tiny CLIP and a synthetic MVTec-layout dataset: metrics equal the metrics of
+the recorded scores and maps, the three outputs are written (in process, by `zsad evaluate`, and by a
+2-process `accelerate launch train/evaluate.py` that must agree with one process), and the JSON feeds the model card."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+import zsad
+from zsad.cli import main
+from zsad.data import read_mask
+from zsad.data.synthetic import generate
+from zsad.evaluation import evaluate, write_outputs
+from zsad.hub import load_evaluation, render_model_card
+from zsad.metrics import METRICS
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 56
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("eval-data"), categories=["tile", "capsule"], num_good=3, num_defective=3,
+                    image_size=72, num_train_good=0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_clip_path, tiny_backbone, dataset_root):
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    return evaluate(model, "mvtec", dataset_root, batch_size=4)
+
+
+def test_report_holds_the_metrics_of_the_recorded_scores_and_maps(evaluated):
+    report, records = evaluated
+    assert len(records) == 12 and set(report["categories"]) == {"tile", "capsule"}
+    for category, metrics in report["categories"].items():
+        chosen = [r for r in records if r.sample.category == category]
+        labels = [r.sample.label for r in chosen]
+        assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, [r.score for r in chosen]))
+        # Pixel AUROC at native size: each 56x56 map resized bilinearly to the 72x72 mask.
+        masks = [read_mask(r.sample) for r in chosen]
+        maps = [F.interpolate(torch.from_numpy(r.anomaly_map.astype(np.float32))[None, None], size=(72, 72), mode="bilinear")
+                .numpy().astype(np.float16).ravel() for r in chosen]
+        expected = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate(maps).astype(np.float64))
+        assert metrics["pixel_auroc"] == pytest.approx(expected, abs=1e-9)
+        assert set(metrics) == set(METRICS) and all(0.0 <= v <= 1.0 for v in metrics.values())
+    for key in METRICS:
+        assert report["mean"][key] == pytest.approx(np.mean([m[key] for m in report["categories"].values()]))
+
+
+def test_outputs_are_written_and_feed_the_model_card(evaluated, tmp_path):
+    report, records = evaluated
+    paths = write_outputs(report, records, tmp_path)
+    assert json.loads(paths["json"].read_text())["mean"] == report["mean"]
+    table = paths["markdown"].read_text()
+    assert f"| tile | {100 * report['categories']['tile']['image_auroc']:.1f} |" in table and "**mean**" in table
+    with Image.open(paths["figure"]) as figure:
+        assert figure.width > 500 and figure.height > 500
+    (parsed,) = load_evaluation(paths["json"])
+    assert parsed.mean == pytest.approx(report["mean"])
+    config = zsad.ZeroShotCLIPConfig()  # training-free baseline: results allowed without training
+    card = str(render_model_card(config, paths["json"]))
+    assert f"{100 * report['mean']['pixel_aupro']:.1f}" in card
+
+
+def test_cli_evaluate_writes_the_three_outputs(tiny_clip_path, dataset_root, tmp_path, capsys):
+    code = main(["evaluate", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(IMAGE_SIZE),
+                 "--dataset", "mvtec", "--root", str(dataset_root), "--categories", "tile", "--out", str(tmp_path)])
+    assert code == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"evaluation.json", "evaluation.md", "evaluation.png"}
+    assert list(json.loads((tmp_path / "evaluation.json").read_text())["categories"]) == ["tile"]
+    assert "I-AUROC" in capsys.readouterr().out
+
+
+def test_cli_evaluate_names_a_broken_dataset(tiny_clip_path, tmp_path, capsys):
+    (tmp_path / "bottle" / "test").mkdir(parents=True)
+    code = main(["evaluate", "--model", "baseline", "--clip", str(tiny_clip_path), "--dataset", "mvtec",
+                 "--root", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert code == 2 and "No images in" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_run_agrees_with_one_process(tiny_clip_path, dataset_root, evaluated, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([*launcher, str(REPO / "train" / "evaluate.py"), "--model", "baseline", "--clip", str(tiny_clip_path),
+                             "--image-size", str(IMAGE_SIZE), "--dataset", "mvtec", "--root", str(dataset_root), "--batch-size", "4",
+                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["num_images"] == 12 and report["num_processes"] == 2
+    for category, metrics in evaluated[0]["categories"].items():
+        assert report["categories"][category] == pytest.approx(metrics, abs=1e-6)
