@@ -18,7 +18,7 @@ with ``np.unique``. Degenerate inputs (one class only, no defect region) give Na
 """
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -114,10 +114,11 @@ class ThresholdCurve:
         return self.tp / np.maximum(self.tp + self.fp, 1)
 
 
-def _ordinal_keys(maps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
-    """Integer keys per map, ordered like the scores (equal scores, equal keys), and the number of keys."""
+def _ordinal_keys(maps: Sequence[np.ndarray]) -> tuple[Iterable[np.ndarray], int]:
+    """Integer keys per map, ordered like the scores (equal scores, equal keys), and the number of keys.
+    float16 keys are made one map at a time (lazily), so only one map's keys exist at once."""
     if all(np.asarray(m).dtype == np.float16 for m in maps):
-        return [_float16_key(np.asarray(m)) for m in maps], FLOAT16_KEYS
+        return (_float16_key(np.asarray(m)) for m in maps), FLOAT16_KEYS
     flat = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
     values, inverse = np.unique(flat, return_inverse=True)
     bounds = np.cumsum([np.size(m) for m in maps])[:-1]
