@@ -42,9 +42,13 @@ def test_unknown_settings_are_refused():
 
 
 def test_masks_are_resized_with_nearest_neighbour_and_binarised(tmp_path):
+    from zsad.data import Sample
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
     mask = Image.new("L", (8, 8), 0)
-    mask.paste(255, (0, 0, 4, 8))
+    mask.paste(1, (0, 0, 4, 8))  # VisA-style label values count as defect pixels
     mask.save(tmp_path / "mask.png")
-    loaded = train_script.load_mask(tmp_path / "mask.png", 4)
-    assert loaded.tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
-    assert train_script.load_mask(None, 3).sum() == 0
+    defective = Sample(tmp_path / "image.png", tmp_path / "mask.png", 1, "pcb", "bad")
+    assert train_script.load_mask(defective, 4).tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
+    normal = Sample(tmp_path / "image.png", None, 0, "pcb", "good")
+    assert train_script.load_mask(normal, 3).tolist() == [[0.0] * 3] * 3

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import zsad  # noqa: E402
-from zsad.data import load_dataset  # noqa: E402
+from zsad.data import load_dataset, read_mask  # noqa: E402
 from zsad.errors import ZSADError  # noqa: E402
 from zsad.images import load_image, to_pixel_values  # noqa: E402
 
@@ -118,12 +118,10 @@ def config_overrides(args: argparse.Namespace, config_class) -> dict:
 # ----- data -------------------------------------------------------------------------------------
 
 
-def load_mask(path, size: int) -> torch.Tensor:
-    """(size, size) 0/1 mask, resized with nearest neighbour; all zeros when there is no mask file."""
-    if path is None:
-        return torch.zeros(size, size)
-    mask = Image.open(path).convert("L").resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy(np.asarray(mask) > 127).float()
+def load_mask(sample, size: int) -> torch.Tensor:
+    """(size, size) 0/1 ground truth of a sample, resized with nearest neighbour (all zeros without a mask)."""
+    mask = Image.fromarray(read_mask(sample)).resize((size, size), Image.Resampling.NEAREST)
+    return torch.tensor(np.asarray(mask), dtype=torch.float32)
 
 
 class TrainingSet(Dataset):
@@ -142,7 +140,7 @@ class TrainingSet(Dataset):
         pixels = to_pixel_values([load_image(sample.image_path)], self.image_size, self.image_mean, self.image_std)[0]
         return {
             "pixel_values": pixels,
-            "masks": load_mask(sample.mask_path, self.image_size),
+            "masks": load_mask(sample, self.image_size),
             "labels": int(sample.label),
             "class_names": sample.category,
         }
@@ -244,7 +242,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
 
 def make_loader(args: argparse.Namespace, model) -> DataLoader:
-    samples = load_dataset(args.train_dataset, args.train_root, categories=args.train_categories)
+    samples = load_dataset(args.train_dataset, args.train_root, categories=args.train_categories, split="test")
     if not samples:
         raise ZSADError(f"No images found for '{args.train_dataset}' in {args.train_root}.")
     backbone = model.require_backbone()
