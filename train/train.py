@@ -24,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -279,6 +280,10 @@ def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, glob
 def train(args: argparse.Namespace) -> Path:
     """Run the training; returns the last epoch's checkpoint folder."""
     accelerator = make_accelerator(args)
+    if accelerator.is_main_process:
+        # Model code reports what it decides while preparing (e.g. StackCLIP's cluster count) at INFO.
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("zsad").setLevel(logging.INFO)
     set_seed(args.seed)
     if accelerator.device.type == "cpu":
         torch.use_deterministic_algorithms(True)
