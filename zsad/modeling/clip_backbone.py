@@ -101,7 +101,8 @@ class CLIPBackbone(nn.Module):
         compute; the text encoder, the final norm and the projections stay in float32 (see ``set_vision_dtype``).
         """
         try:
-            clip = CLIPModel.from_pretrained(name_or_path, revision=revision, dtype=torch.float32, attn_implementation="sdpa")
+            # Loaded in the vision dtype so no float32 copy of the vision weights is ever held.
+            clip = CLIPModel.from_pretrained(name_or_path, revision=revision, dtype=dtype or torch.float32, attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         except (OSError, ValueError, KeyError) as error:
             raise ZSADError(
@@ -115,7 +116,8 @@ class CLIPBackbone(nn.Module):
         """Run the vision transformer in ``dtype``. Its outputs are normalised and projected in float32
         (``post_layernorm``), and text features stay float32: a logit scale of 100 magnifies rounding
         there, while the vision blocks, 99% of the FLOPs, tolerate bfloat16 (benchmarks/bench_inference.py)."""
-        self.model.vision_model.to(dtype)
+        for name, child in self.model.named_children():
+            child.to(dtype if name == "vision_model" else torch.float32)
         return self
 
     def train(self, mode: bool = True):

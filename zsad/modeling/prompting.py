@@ -60,6 +60,7 @@ TEMPLATES = (
 )
 STATE_WORDS = (NORMAL_STATES, ABNORMAL_STATES)
 MAX_CLASS_NAME_CHARS = 200
+PROMPT_CHUNK = 105
 
 
 def clean_class_name(name: str) -> str:
@@ -93,12 +94,15 @@ def state_prompts(class_name: str, states: tuple[str, ...], templates: tuple[str
 def prompt_ensemble_features(backbone, class_names: list[str], templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
     """(C, 2, P) normalised (normal, abnormal) text features: mean of each state's prompt features.
 
-    All prompts of one class go through the text encoder in one call.
+    Prompts go through the text encoder in chunks of ``PROMPT_CHUNK``: large enough to keep the matmuls
+    efficient, small enough to bound the activation memory of a few hundred prompts.
     """
     pairs = []
     for name in class_names:
         prompts = [state_prompts(name, states, templates) for states in STATE_WORDS]
-        features = backbone.encode_text(backbone.tokenize(prompts[0] + prompts[1]))
+        texts = prompts[0] + prompts[1]
+        chunks = [texts[start : start + PROMPT_CHUNK] for start in range(0, len(texts), PROMPT_CHUNK)]
+        features = torch.cat([backbone.encode_text(backbone.tokenize(chunk)) for chunk in chunks])
         normal, abnormal = features.split([len(prompts[0]), len(prompts[1])])
         pairs.append(torch.stack([normal.mean(dim=0), abnormal.mean(dim=0)]))
     return F.normalize(torch.stack(pairs), dim=-1)

@@ -1,0 +1,162 @@
+"""Inference speed and fidelity on the full-size CLIP ViT-L/14@336 architecture (random weights), 518 px, batch 1.
+
+Prints, all measured in this run:
+- the plain matmul rate (fp32, bf16) and the floor: transformers' vision forward in bf16, its GFLOP/s;
+- end-to-end latency per method (file decode -> score and map at the original size) in the Space's fast
+  configuration, as a ratio to the floor; GenCLIP's per-image text pass as a share of the floor;
+- the straightforward path (fp32, all hidden states kept, text recomputed every call) and the speed-up;
+- fidelity of the fast path against fp32 (Pearson of maps, image-score difference), full size and tiny model.
+
+    python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import zsad  # noqa: E402
+from benchmarks.common import machine_line, matmul_gflops, save_full_size_clip, timed  # noqa: E402
+from zsad.inference import AnomalyDetector  # noqa: E402
+from zsad.modeling.clip_backbone import ImageFeatures  # noqa: E402
+from zsad.testing import save_tiny_clip  # noqa: E402
+
+IMAGE_SIZE = 518
+CLASS_NAME = "metal nut"
+
+
+def test_image(path: Path) -> Path:
+    """A 900x700 photo-like PNG (not square, not 518 px) so decode and resizing are part of the timing."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((700, 900, 3)) * 60 + np.linspace(60, 180, 900)[None, :, None]).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def vision_floor(backbone, repeats: int) -> tuple[float, float]:
+    """(seconds, GFLOP) of transformers' own vision forward for one image."""
+    vision = backbone.model.vision_model
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=backbone.dtype)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            vision(pixel_values=pixels, interpolate_pos_encoding=True)
+        seconds = timed(lambda: vision(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
+    return seconds, counter.get_total_flops() / 1e9
+
+
+@contextmanager
+def straightforward_path(detector: AnomalyDetector):
+    """The unoptimised path: every hidden state kept (output_hidden_states=True), text never cached."""
+    backbone = detector.backbone
+
+    def all_hidden_states(pixel_values, layers):
+        output = backbone.model.vision_model(
+            pixel_values=pixel_values.to(backbone.dtype), interpolate_pos_encoding=True, output_hidden_states=True
+        )
+        embeds = torch.nn.functional.normalize(backbone.model.visual_projection(output.pooler_output), dim=-1)
+        grid = pixel_values.shape[-1] // backbone.vision_config.patch_size
+        return ImageFeatures(list(layers), [output.hidden_states[k] for k in layers], embeds, grid)
+
+    original_tower = backbone._run_vision_tower
+    originals = {name: model.cached_text for name, model in detector.models.items()}
+    backbone._run_vision_tower = all_hidden_states
+    for model in detector.models.values():
+        model.cached_text = lambda key, compute, *args, **kwargs: compute()
+    try:
+        yield detector
+    finally:
+        backbone._run_vision_tower = original_tower
+        for name, model in detector.models.items():
+            model.cached_text = originals[name]
+
+
+def text_seconds_per_call(detector: AnomalyDetector, method: str, image: Path) -> float:
+    """Wall time spent in the text encoder during one (warm) detection."""
+    backbone = detector.backbone
+    spent = []
+    original = backbone.encode_text
+
+    def timed_encode(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        spent.append(time.perf_counter() - start)
+        return result
+
+    backbone.encode_text = timed_encode
+    try:
+        detector.detect(image, CLASS_NAME, method=method)
+    finally:
+        backbone.encode_text = original
+    return sum(spent)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def fidelity(clip_path: str, image: Path, image_size: int) -> dict[str, tuple[float, float]]:
+    """Per method: (Pearson of bf16 vs fp32 maps, |score difference|)."""
+    fast = AnomalyDetector.load(clip=clip_path, dtype=torch.bfloat16, image_size=image_size)
+    exact = AnomalyDetector.load(clip=clip_path, dtype=torch.float32, image_size=image_size)
+    results = {}
+    for method in fast.method_names:
+        a, b = fast.detect(image, CLASS_NAME, method=method), exact.detect(image, CLASS_NAME, method=method)
+        results[method] = (pearson(a.anomaly_map, b.anomaly_map), abs(a.score - b.score))
+    return results
+
+
+def main(workdir: str, repeats: int) -> None:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    clip_path = str(save_full_size_clip(workdir / "clip-vit-large-patch14-336-random"))
+    image = test_image(workdir / "part.png")
+    print(machine_line())
+    print(f"matmul 2048^3: fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s")
+
+    fast = AnomalyDetector.load(clip=clip_path, dtype=torch.bfloat16, image_size=IMAGE_SIZE)
+    floor, gflop = vision_floor(fast.backbone, repeats)
+    print(f"floor: transformers vision forward, bf16, {IMAGE_SIZE}px: {floor:.2f} s, {gflop:.0f} GFLOP -> {gflop / floor:.0f} GFLOP/s")
+
+    exact = AnomalyDetector.load(clip=clip_path, dtype=torch.float32, image_size=IMAGE_SIZE)
+    fp32_floor, _ = vision_floor(exact.backbone, repeats)
+    print(f"fp32 vision forward: {fp32_floor:.2f} s ({fp32_floor / floor:.2f}x the floor)")
+
+    print("\n| method | fast path (s) | / floor | straightforward fp32 (s) | speed-up | text per image (s) | text / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for method in fast.method_names:
+        fast.detect(image, CLASS_NAME, method=method)  # first use of the class name fills the text cache
+        fast_seconds = timed(lambda: fast.detect(image, CLASS_NAME, method=method), repeats=repeats, warmup=0)
+        text = text_seconds_per_call(fast, method, image)
+        with straightforward_path(exact):
+            slow_seconds = timed(lambda: exact.detect(image, CLASS_NAME, method=method), repeats=1, warmup=0)
+        print(
+            f"| {method} | {fast_seconds:.2f} | {fast_seconds / floor:.2f} | {slow_seconds:.2f} | "
+            f"{slow_seconds / fast_seconds:.1f}x | {text:.3f} | {text / floor:.1%} |"
+        )
+    started = time.perf_counter()
+    fast.compare(image, CLASS_NAME)
+    compare_seconds = time.perf_counter() - started
+    print(f"\ncompare (all {len(fast.method_names)} methods, one vision pass): {compare_seconds:.2f} s ({compare_seconds / floor:.2f}x the floor)")
+    del fast, exact
+
+    print("\nfidelity of bf16 against fp32 (Pearson of maps, |score difference|):")
+    for label, path, size in (("full-size random", clip_path, IMAGE_SIZE), ("tiny", str(save_tiny_clip(tempfile.mkdtemp())), 224)):
+        for method, (correlation, score_gap) in fidelity(path, image, size).items():
+            print(f"  {label:16s} {method:10s} pearson {correlation:.5f}  score diff {score_gap:.4f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    args = parser.parse_args()
+    main(args.workdir, args.repeats)
