@@ -197,11 +197,12 @@ def test_class_text_features_are_computed_once(monkeypatch, baseline, pixels):
     monkeypatch.setattr(baseline.clip, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.no_grad():
         first = baseline(pixels, class_names=["bottle", "bottle"])
-        assert len(calls) == 1
+        calls_per_name = len(calls)
+        assert calls_per_name > 0
         second = baseline(pixels, class_names="bottle")
-        assert len(calls) == 1
+        assert len(calls) == calls_per_name
         baseline(pixels[:1], class_names="cable")
-        assert len(calls) == 2
+        assert len(calls) == 2 * calls_per_name
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
 
 
