@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .data import Sample, load_dataset, read_mask
 from .errors import ZSADError
 from .images import load_image, to_pixel_values
+from .loading import PRECISIONS, load_backbone, resolve_precision
 from .metrics import METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
 from .modeling.prompting import clean_class_name
 from .visualize import evaluation_figure
@@ -65,7 +66,8 @@ class _ImageSet(Dataset):
 
 
 def evaluate(model, dataset: str, root, categories=None, clip: str | None = None, image_size: int | None = None,
-             batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None) -> tuple[dict, list[Record]]:
+             batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
+             precision: str = "float32") -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
     and the records (on the main process; other processes get ``({}, [])``)."""
@@ -74,7 +76,7 @@ def evaluate(model, dataset: str, root, categories=None, clip: str | None = None
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    model = _load(model, clip, image_size).to(accelerator.device)
+    model = _load(model, clip, image_size, resolve_precision(precision)).to(accelerator.device)
     records = _score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
@@ -83,13 +85,14 @@ def evaluate(model, dataset: str, root, categories=None, clip: str | None = None
     return report, records
 
 
-def _load(model, clip: str | None, image_size: int | None):
+def _load(model, clip: str | None, image_size: int | None, dtype):
     from . import METHODS, load_model
 
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
-    return load_model(model, clip=clip, **overrides).eval()
+    backbone = load_backbone(clip, dtype=dtype) if clip else None
+    return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
 
 
 def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
@@ -207,6 +210,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999)")
 
 
 def run(args) -> dict[str, Path] | None:
@@ -214,7 +219,7 @@ def run(args) -> dict[str, Path] | None:
     accelerator = Accelerator()
     report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
                                image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                               accelerator=accelerator)
+                               accelerator=accelerator, precision=args.precision)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

@@ -30,18 +30,19 @@ def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None =
     return CLIPBackbone.from_pretrained(clip or DEFAULT_CLIP, revision=revision, dtype=dtype)
 
 
-def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, **config_overrides):
+def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, dtype=None, **config_overrides):
     """``model`` is a method name from ``zsad.METHODS`` ("baseline", "stackclip", "genclip": untrained,
     training-free start on ``clip``) or the path / Hub id of a saved checkpoint.
 
-    Pass ``backbone`` to share one loaded CLIP between several models.
+    Pass ``backbone`` to share one loaded CLIP between several models; ``dtype`` is the vision precision of a
+    backbone loaded here.
     """
     from . import METHODS  # the registry lives in the package root, which imports this module
 
     if model in METHODS:
-        backbone = backbone or load_backbone(clip)
+        backbone = backbone or load_backbone(clip, dtype=dtype)
         name = clip or backbone.model.config._name_or_path or DEFAULT_CLIP
         return METHODS[model].from_clip(name, clip_model=backbone, **config_overrides)
     if config_overrides:
         raise ZSADError(f"Settings {sorted(config_overrides)} apply only to untrained models {sorted(METHODS)}.")
-    return AutoModel.from_pretrained(model, clip_model=backbone).eval()
+    return AutoModel.from_pretrained(model, clip_model=backbone, clip_dtype=dtype).eval()
