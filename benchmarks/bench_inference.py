@@ -24,7 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import zsad  # noqa: E402
 from benchmarks.common import machine_line, matmul_gflops, save_full_size_clip, timed  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
 from zsad.modeling.clip_backbone import ImageFeatures  # noqa: E402

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -10,6 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
 import zsad
+from remote_code import run_without_zsad
 from conftest import TEST_IMAGE_SIZE
 from zsad import ZSADError, ZeroShotCLIPModel
 from zsad.modeling.configuration_zsad_base import ZSADBaseConfig
@@ -93,32 +91,7 @@ def test_remote_code_loads_without_zsad(tmp_path, baseline, pixels):
         expected = baseline(pixels, class_names="screw")
     checkpoint = tmp_path / "checkpoint"
     baseline.save_pretrained(checkpoint)
-    torch.save({"pixels": pixels, "map": expected.anomaly_map, "score": expected.image_score}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["zsad"] = None  # importing zsad must fail in this process
-        import torch
-        from transformers import AutoModel
-        try:
-            import zsad  # noqa: F401
-            raise SystemExit("zsad was importable")
-        except ImportError:
-            pass
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        with torch.no_grad():
-            output = model(expected["pixels"], class_names="screw")
-        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(output.image_score, expected["score"], rtol=0, atol=1e-6)
-        assert not model.clip.training
-        print("REMOTE OK")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE OK" in result.stdout
+    assert run_without_zsad(checkpoint, pixels, "screw", expected, tmp_path)["class"] == "ZeroShotCLIPModel"
 
 
 def test_push_to_hub_makes_one_commit_with_our_card(monkeypatch, baseline):

@@ -1,9 +1,6 @@
 """GenCLIP: prompt layout, MVP, patch heads, CNF, dual-branch fusion, text cache, save/load."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import zsad
+from remote_code import run_without_zsad
 from conftest import TEST_IMAGE_SIZE
 from zsad import GenCLIPConfig, GenCLIPModel, ZSADError
 from zsad.modeling.class_name_filter import candidate_logits, decide_class_names, name_probability_and_rank
@@ -337,24 +335,6 @@ def test_save_load_round_trip_and_remote_code_without_zsad(tmp_path, make_model,
     torch.testing.assert_close(output.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
     torch.testing.assert_close(output.image_score, expected.image_score, rtol=0, atol=0)
 
-    torch.save({"pixels": pixels, "map": expected.anomaly_map, "names": expected.details["class_names_used"]},
-               tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["zsad"] = None  # importing zsad must fail in this process
-        import torch
-        from transformers import AutoModel
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        with torch.no_grad():
-            output = model(expected["pixels"], class_names=["bottle", "pcb1"])
-        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
-        assert output.details["class_names_used"] == expected["names"]
-        print("REMOTE OK")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE OK" in result.stdout
+    remote = run_without_zsad(checkpoint, pixels, ["bottle", "pcb1"], expected, tmp_path)
+    assert remote["class"] == "GenCLIPModel"
+    assert remote["details"]["class_names_used"] == expected.details["class_names_used"]

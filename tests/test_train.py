@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from remote_code import run_without_zsad
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
@@ -126,25 +126,7 @@ def test_checkpoint_loads_with_remote_code_in_a_process_without_zsad(two_epoch_r
     pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(pixels, class_names="plate")
-    torch.save({"pixels": pixels, "map": expected.anomaly_map, "score": expected.image_score}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["zsad"] = None  # importing zsad must fail in this process
-        import torch
-        from transformers import AutoModel
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        assert type(model).__name__ == "StackCLIPModel" and type(model).__module__.startswith("transformers_modules")
-        with torch.no_grad():
-            output = model(expected["pixels"], class_names="plate")
-        torch.testing.assert_close(output.anomaly_map, expected["map"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(output.image_score, expected["score"], rtol=0, atol=1e-6)
-        print("REMOTE OK", model.config.cluster_members)
-        """
-    )
-    result = _run([sys.executable, "-c", script], tmp_path)
-    assert "REMOTE OK" in result.stdout
+    assert run_without_zsad(checkpoint, pixels, "plate", expected, tmp_path)["class"] == "StackCLIPModel"
 
 
 def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(tiny_clip_path, tiny_backbone, dataset_root, tmp_path):
