@@ -52,8 +52,9 @@ def test_normal_masks_are_all_zero_at_the_image_size(tmp_path):
     ("btad", "01", "ok", "ko", "0000.png", "0000.png"),
     ("btad", "03", "ok", "ko", "0000.bmp", "0000.bmp"),
     ("dtd", "Woven_001", "good", "bad", "000.png", "000_mask.png"),
-    ("sdd", "SDD", "good", "bad", "kos01_Part5.png", "kos01_Part5.png"),
-    ("dagm", "Class1", "good", "defect", "0001.PNG", "0001_label.PNG"),
+    ("sdd", "SDD", "good", "defect", "kos01_Part5_0.png", "kos01_Part5_0_mask.png"),  # AdaCLIP conversion
+    ("sdd", "SDD", "good", "bad", "kos02_Part1_1.png", "kos02_Part1_1.png"),  # mask named like the image
+    ("dagm", "Class1", "good", "defect", "0001.PNG", "0001_label.PNG"),  # DAGM's own label names kept by the conversion
 ])
 def test_mvtec_like_layouts(tmp_path, name, category, normal, defect, image, mask):
     folder = tmp_path / category

@@ -75,7 +75,7 @@ def test_outputs_are_written_and_feed_the_model_card(evaluated, tmp_path):
 
 def test_cli_evaluate_writes_the_three_outputs(tiny_clip_path, dataset_root, tmp_path, capsys):
     code = main(["evaluate", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(IMAGE_SIZE),
-                 "--dataset", "mvtec", "--root", str(dataset_root), "--categories", "tile", "--out", str(tmp_path)])
+                 "--dataset", "mvtec", "--root", str(dataset_root), "--categories", "tile", "--output-dir", str(tmp_path)])
     assert code == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"evaluation.json", "evaluation.md", "evaluation.png"}
     assert list(json.loads((tmp_path / "evaluation.json").read_text())["categories"]) == ["tile"]

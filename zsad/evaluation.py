@@ -160,7 +160,6 @@ def _row(name: str, metrics: dict) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
-
 def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Path]:
     """Write evaluation.json, evaluation.md and evaluation.png (examples and curves) into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -204,7 +203,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
     parser.add_argument("--dataset", required=True, help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta (meta.json) or folder")
     parser.add_argument("--root", required=True, help="dataset root folder")
-    parser.add_argument("--out", required=True, help="folder for evaluation.json, evaluation.md and evaluation.png")
+    parser.add_argument("--out", "--output-dir", dest="out", required=True,
+                        help="folder for evaluation.json, evaluation.md and evaluation.png")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     parser.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")

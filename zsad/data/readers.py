@@ -259,7 +259,7 @@ DATASETS: dict[str, Callable[..., list[Sample]]] = {
     "mpdd": _mvtec_like(example="bracket_black/test/hole/000.png with bracket_black/ground_truth/hole/000_mask.png"),
     "btad": _mvtec_like(normal_folders=("ok",), example="01/test/ko/0000.bmp with 01/ground_truth/ko/0000.png"),
     "dtd": _mvtec_like(example="Woven_001/test/bad/000.png with Woven_001/ground_truth/bad/000_mask.png"),
-    "sdd": _mvtec_like(example="SDD/test/bad/kos01_Part5.png with SDD/ground_truth/bad/kos01_Part5.png"),
+    "sdd": _mvtec_like(example="SDD/test/defect/kos01_Part5_0.png with SDD/ground_truth/defect/kos01_Part5_0_mask.png"),
     "dagm": _mvtec_like(example="Class1/test/defect/0001.PNG with Class1/ground_truth/defect/0001_label.PNG"),
     "visa": read_visa,
     "meta": read_meta,
