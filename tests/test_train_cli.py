@@ -52,3 +52,18 @@ def test_masks_are_resized_with_nearest_neighbour_and_binarised(tmp_path):
     assert train_script.load_mask(defective, 4).tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
     normal = Sample(tmp_path / "image.png", None, 0, "pcb", "good")
     assert train_script.load_mask(normal, 3).tolist() == [[0.0] * 3] * 3
+
+
+def test_backbone_precision_applies_to_the_vision_transformer_only(tiny_clip_path):
+    import torch
+
+    args = _parse("--clip", str(tiny_clip_path), "--backbone-precision", "bfloat16", "--image-size", "56")
+    model = train_script.build_model(args, resume_dir=None)
+    assert model.clip.dtype is torch.bfloat16
+    assert model.clip.model.text_model.embeddings.token_embedding.weight.dtype is torch.float32
+    assert all(p.dtype is torch.float32 for p in model.adapter_parameters())
+    pixels = torch.randn(2, 3, 56, 56)
+    loss = model.train()(pixels, ["wood", "tile"], masks=torch.zeros(2, 56, 56), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapter_parameters())
+    assert _parse().backbone_precision == "float32"

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-layers", type=int, nargs="+", help="tapped vision blocks (default: quarter points)")
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--backbone-precision", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the frozen vision transformer (text encoder and heads stay float32)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--resume", nargs="?", const="latest",
@@ -169,11 +171,12 @@ def latest_checkpoint(output_dir: Path) -> Path:
 def build_model(args: argparse.Namespace, resume_dir: Path | None):
     model_class = zsad.METHODS[args.method]
     overrides = config_overrides(args, model_class.config_class)
+    dtype = getattr(torch, args.backbone_precision)
     if resume_dir is None:
         return model_class.from_clip(args.clip or model_class.config_class().base_model_name_or_path,
-                                     revision=args.clip_revision, **overrides)
-    backbone = zsad.load_backbone(args.clip, revision=args.clip_revision) if args.clip else None
-    model = model_class.from_pretrained(resume_dir, clip_model=backbone)
+                                     revision=args.clip_revision, clip_dtype=dtype, **overrides)
+    backbone = zsad.load_backbone(args.clip, revision=args.clip_revision, dtype=dtype) if args.clip else None
+    model = model_class.from_pretrained(resume_dir, clip_model=backbone, clip_dtype=dtype)
     changed = sorted(key for key, value in overrides.items() if getattr(model.config, key) != value)
     if changed:
         raise ZSADError(f"Settings {changed} differ from the checkpoint {resume_dir}; they cannot change when resuming.")
