@@ -23,3 +23,19 @@ def tiny_backbone(tiny_clip_path):
     from zsad import CLIPBackbone
 
     return CLIPBackbone.from_pretrained(str(tiny_clip_path))
+
+
+@pytest.fixture(scope="session")
+def good_files(tmp_path_factory):
+    """Readable images of every awkward kind (16-bit, CMYK, RGBA, grey, EXIF-rotated, ...); see image_files.py."""
+    from image_files import write_good_images
+
+    return write_good_images(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory):
+    """Files a user may upload that are not usable images; see image_files.py."""
+    from image_files import write_bad_images
+
+    return write_bad_images(tmp_path_factory.mktemp("bad"))

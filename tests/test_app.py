@@ -15,7 +15,6 @@ from PIL import Image
 import app
 import zsad
 from conftest import TEST_IMAGE_SIZE
-from image_files import write_bad_images, write_good_images
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector
 
@@ -30,16 +29,6 @@ def detector(tiny_backbone):
 @pytest.fixture(scope="module")
 def detect(detector):
     return app.make_handler(detector)
-
-
-@pytest.fixture(scope="module")
-def good_files(tmp_path_factory):
-    return write_good_images(tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    return write_bad_images(tmp_path_factory.mktemp("bad"))
 
 
 def upload(path: Path) -> dict:

@@ -1,31 +1,19 @@
 """`train/train.py --method genclip` on a tiny CLIP and synthetic data: the loss falls, the checkpoint
 reloads identically and loads with remote code in a process without zsad."""
 
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from remote_code import run_without_zsad
+from train_script import TRAIN_SCRIPT, load_train_script, run_command
 from zsad import GenCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "train" / "train.py"
 IMAGE_SIZE = 56
 CATEGORIES = ["wood", "disk"]
-
-
-def _run(command, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +25,16 @@ def dataset_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_clip_path, dataset_root):
     output_dir = tmp_path_factory.mktemp("genclip-run")
-    _run([sys.executable, str(TRAIN_SCRIPT), "--method", "genclip", "--clip", str(tiny_clip_path),
+    run_command([sys.executable, str(TRAIN_SCRIPT), "--method", "genclip", "--clip", str(tiny_clip_path),
           "--train-dataset", "mvtec", "--train-root", str(dataset_root), "--output-dir", str(output_dir),
-          "--epochs", "2", "--batch-size", "4", "--image-size", str(IMAGE_SIZE), "--cpu"], REPO)
+          "--epochs", "2", "--batch-size", "4", "--image-size", str(IMAGE_SIZE), "--cpu"])
     return output_dir
 
 
 @pytest.fixture(scope="module")
 def training_batch(dataset_root, tiny_backbone):
     """The whole training set as one batch, preprocessed as train.py does."""
-    spec = importlib.util.spec_from_file_location("zsad_train_script_genclip", TRAIN_SCRIPT)
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_train_script()
     samples = load_dataset("mvtec", dataset_root)
     dataset = train_script.TrainingSet(samples, IMAGE_SIZE, tiny_backbone.image_mean, tiny_backbone.image_std)
     return train_script.collate([dataset[i] for i in range(len(dataset))])

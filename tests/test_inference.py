@@ -9,7 +9,7 @@ from PIL import Image
 
 import zsad
 from conftest import TEST_IMAGE_SIZE
-from image_files import HEIGHT, WIDTH, random_rgb, write_bad_images, write_good_images
+from image_files import HEIGHT, WIDTH, random_rgb
 from zsad.errors import ZSADError
 from zsad.images import load_image, to_pixel_values
 from zsad.inference import AnomalyDetector, BackboneLoadError, checkpoint_backbone, checkpoint_method, readable_details
@@ -18,16 +18,6 @@ from zsad.inference import AnomalyDetector, BackboneLoadError, checkpoint_backbo
 @pytest.fixture(scope="module")
 def detector(tiny_backbone):
     return AnomalyDetector.load(clip=tiny_backbone, image_size=TEST_IMAGE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def good_files(tmp_path_factory):
-    return write_good_images(tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    return write_bad_images(tmp_path_factory.mktemp("bad"))
 
 
 def test_detector_holds_every_registered_method_on_one_backbone(detector, tiny_backbone):

@@ -1,14 +1,10 @@
 """train/train.py end to end on a tiny CLIP and a synthetic MVTec-layout dataset: checkpoints, logs, loss,
 resume, remote-code loading, and a 2-process Accelerate run (gloo on CPU)."""
 
-import importlib.util
 import math
-import os
 import shutil
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,29 +12,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from remote_code import run_without_zsad
+from train_script import TRAIN_SCRIPT, load_train_script, run_command
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "train" / "train.py"
 IMAGE_SIZE = 56
 BATCH_SIZE = 4
 CATEGORIES = ["wood", "capsule"]
 
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("zsad_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_module()
-
-
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+train_script = load_train_script()
 
 
 def _training_args(clip, root, output_dir, epochs, *extra):
@@ -47,12 +30,6 @@ def _training_args(clip, root, output_dir, epochs, *extra):
         "--output-dir", str(output_dir), "--epochs", str(epochs), "--batch-size", str(BATCH_SIZE),
         "--image-size", str(IMAGE_SIZE), "--cpu", *extra,
     ]
-
-
-def _run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 def _free_port() -> int:
@@ -70,7 +47,7 @@ def dataset_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory, tiny_clip_path, dataset_root):
     output_dir = tmp_path_factory.mktemp("run")
-    _run([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, output_dir, 2)], REPO)
+    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, output_dir, 2)])
     return output_dir
 
 
@@ -111,7 +88,7 @@ def test_resume_from_epoch_one_gives_the_same_weights_as_an_uninterrupted_run(tw
     lines = (two_epoch_run / "loss.csv").read_text().splitlines()
     # A run that crashed in epoch 2 left some of its rows behind; resuming must drop them.
     (tmp_path / "loss.csv").write_text("\n".join(lines[:-1]) + "\n")
-    _run([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 2, "--resume")], REPO)
+    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 2, "--resume")])
     resumed = load_file(tmp_path / "epoch-2" / "model.safetensors")
     uninterrupted = load_file(two_epoch_run / "epoch-2" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -133,7 +110,7 @@ def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(tiny_c
     # accelerate's torchrun launcher starts the processes; train.py --cpu makes them join over gloo.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    _run([*launcher, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)], REPO)
+    run_command([*launcher, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)])
     state = torch.load(tmp_path / "epoch-1" / "training_state.pt", weights_only=False)
     checksums = state["parameter_checksums"]
     assert checksums.shape[0] == 2 and torch.equal(checksums[0], checksums[1])

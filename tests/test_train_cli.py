@@ -1,24 +1,12 @@
 """train/train.py pieces that need no dataset: command-line settings and mask loading (in process)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
+from train_script import load_train_script
 from zsad import StackCLIPModel, ZSADError
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train.py"
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("zsad_train_script_cli", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_module()
+train_script = load_train_script()
 
 
 def _parse(*extra):
