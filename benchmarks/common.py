@@ -31,8 +31,7 @@ def save_full_size_clip(directory: str | Path) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
     tokenizer = tiny_tokenizer()
-    config = CLIPConfig(**VIT_L14_336)
-    config.text_config.vocab_size = len(tokenizer)
+    config = CLIPConfig(**VIT_L14_336)  # the real 49,408-token embedding table; the tiny tokenizer uses its first ids
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.eos_token_id = config.text_config.pad_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)

@@ -165,17 +165,17 @@ def test_model_without_backbone_says_how_to_attach():
 
 
 def test_class_text_features_are_computed_once(monkeypatch, baseline, pixels):
-    calls = []
+    encoded_rows = []  # prompts per text-encoder call
     original = baseline.clip.encode_text
-    monkeypatch.setattr(baseline.clip, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(baseline.clip, "encode_text", lambda ids, *a, **k: encoded_rows.append(len(ids)) or original(ids, *a, **k))
     with torch.no_grad():
         first = baseline(pixels, class_names=["bottle", "bottle"])
-        calls_per_name = len(calls)
-        assert calls_per_name > 0
+        prompts_per_name = sum(encoded_rows)
+        assert prompts_per_name > 0
         second = baseline(pixels, class_names="bottle")
-        assert len(calls) == calls_per_name
+        assert sum(encoded_rows) == prompts_per_name
         baseline(pixels[:1], class_names="cable")
-        assert len(calls) == 2 * calls_per_name
+        assert sum(encoded_rows) == 2 * prompts_per_name
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
 
 

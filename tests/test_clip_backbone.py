@@ -1,10 +1,12 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TEST_IMAGE_SIZE
 from zsad import ZSADError
-from zsad.modeling.clip_backbone import quarter_point_layers
+from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers
 
 
 def test_quarter_points():
@@ -99,3 +101,30 @@ def test_backbone_stays_frozen_and_in_eval_mode(tiny_backbone):
     tiny_backbone.train(True)
     assert not tiny_backbone.training and not tiny_backbone.model.training
     assert not any(p.requires_grad for p in tiny_backbone.parameters())
+
+
+def _assert_weights(backbone, reference, vision_dtype):
+    """Vision tower in ``vision_dtype`` (rounded from the reference), everything else float32 and exact."""
+    expected = dict(reference.model.named_parameters())
+    for name, parameter in backbone.model.named_parameters():
+        dtype = vision_dtype if name.startswith("vision_model.") else torch.float32
+        assert parameter.dtype == dtype, name
+        torch.testing.assert_close(parameter, expected[name].to(dtype), rtol=0, atol=0)
+
+
+def test_bfloat16_load_rounds_the_vision_tower_only(tiny_clip_path, tiny_backbone):
+    _assert_weights(CLIPBackbone.from_pretrained(str(tiny_clip_path), dtype=torch.bfloat16), tiny_backbone, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "pickle"])
+def test_sharded_and_pickle_checkpoints_load_the_same_weights(tiny_clip_path, tiny_backbone, tmp_path, layout):
+    for file in tiny_clip_path.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    if layout == "sharded":
+        tiny_backbone.model.save_pretrained(tmp_path, max_shard_size="100KB")
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    else:
+        torch.save(tiny_backbone.model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_weights(CLIPBackbone.from_pretrained(str(tmp_path), dtype=torch.bfloat16), tiny_backbone, torch.bfloat16)

@@ -13,7 +13,7 @@ from transformers.testing_utils import CaptureLogger
 from conftest import TEST_IMAGE_SIZE
 from zsad import StackCLIPConfig, StackCLIPModel, ZeroShotCLIPModel, ZSADError
 from zsad.modeling import stacking
-from zsad.modeling.prompting import PROMPT_CHUNK, STATE_WORDS, TEMPLATES, prompt_ensemble_features
+from zsad.modeling.prompting import STATE_WORDS, TEXT_TOKENS_PER_CHUNK, TEMPLATES, prompt_ensemble_features
 
 TRAIN_NAMES = ["bottle", "cable", "capsule", "screw", "metal_nut", "pill"]
 
@@ -266,15 +266,17 @@ def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step
     model = untrained(tiny_clip_path, tiny_backbone).eval()
     calls = []
     original = tiny_backbone.encode_text
-    monkeypatch.setattr(tiny_backbone, "encode_text", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(tiny_backbone, "encode_text", lambda ids, *args, **kwargs: calls.append(ids.shape) or original(ids, *args, **kwargs))
     with torch.no_grad():
         model(pixels, ["bottle", "cable"])
         first_calls = len(calls)
         model(pixels, ["cable", "bottle"])
         assert len(calls) == first_calls
-        model(pixels, ["cable", "wood"])  # only the new name's prompt ensemble is encoded (in chunks)
+        model(pixels, ["cable", "wood"])  # only the new name's prompt ensemble is encoded (in bounded chunks)
         prompts_per_name = sum(len(states) for states in STATE_WORDS) * len(TEMPLATES)
-        assert len(calls) == first_calls + math.ceil(prompts_per_name / PROMPT_CHUNK)
+        new_calls = calls[first_calls:]
+        assert sum(rows for rows, _ in new_calls) == prompts_per_name
+        assert len(new_calls) > 1 and all(rows * length <= TEXT_TOKENS_PER_CHUNK for rows, length in new_calls)
         first_calls = len(calls)
         before = model.rpl_text()
         model.rpl_context.add_(torch.randn(model.rpl_context.shape, generator=torch.Generator().manual_seed(0)))

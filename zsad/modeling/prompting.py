@@ -60,7 +60,8 @@ TEMPLATES = (
 )
 STATE_WORDS = (NORMAL_STATES, ABNORMAL_STATES)
 MAX_CLASS_NAME_CHARS = 200
-PROMPT_CHUNK = 105
+# Tokens per text-encoder call when encoding many prompts; see prompt_ensemble_features.
+TEXT_TOKENS_PER_CHUNK = 512
 
 
 def clean_class_name(name: str) -> str:
@@ -94,15 +95,16 @@ def state_prompts(class_name: str, states: tuple[str, ...], templates: tuple[str
 def prompt_ensemble_features(backbone, class_names: list[str], templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
     """(C, 2, P) normalised (normal, abnormal) text features: mean of each state's prompt features.
 
-    Prompts go through the text encoder in chunks of ``PROMPT_CHUNK``: large enough to keep the matmuls
-    efficient, small enough to bound the activation memory of a few hundred prompts.
+    Prompts go through the text encoder in chunks of at most ``TEXT_TOKENS_PER_CHUNK`` tokens: the MLP's
+    activations (four float32 copies of 3072 values per token) stay near 25 MB, where 420 prompts at once take
+    300 MB, and the 420 prompts of one name encode faster than in chunks of 105 (3.8 s vs 4.4 s on 2 cores).
     """
     pairs = []
     for name in class_names:
         prompts = [state_prompts(name, states, templates) for states in STATE_WORDS]
-        texts = prompts[0] + prompts[1]
-        chunks = [texts[start : start + PROMPT_CHUNK] for start in range(0, len(texts), PROMPT_CHUNK)]
-        features = torch.cat([backbone.encode_text(backbone.tokenize(chunk)) for chunk in chunks])
+        ids = backbone.tokenize(prompts[0] + prompts[1])
+        rows_per_chunk = max(1, TEXT_TOKENS_PER_CHUNK // ids.shape[1])
+        features = torch.cat([backbone.encode_text(chunk) for chunk in ids.split(rows_per_chunk)])
         normal, abnormal = features.split([len(prompts[0]), len(prompts[1])])
         pairs.append(torch.stack([normal.mean(dim=0), abnormal.mean(dim=0)]))
     return F.normalize(torch.stack(pairs), dim=-1)
