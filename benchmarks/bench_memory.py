@@ -1,46 +1,91 @@
-"""Peak memory of the Space's detector: every method loaded on one shared full-size CLIP ViT-L/14@336
-(random weights), one detection per method, in float32 and in the fast precision (bfloat16 vision).
+"""Peak memory of the Space: ``python app.py`` serving every method on one shared full-size CLIP ViT-L/14@336
+(random weights), in float32 and in the fast precision (bfloat16 vision), driven through its HTTP API.
 
-Prints peak RSS against the target 1.15 x the backbone's weight bytes + 400 MB, while serving (peak reset
-after loading) and while loading (which also counts the float32 checkpoint's memory-mapped file pages, clean
-page cache the kernel can drop). Each precision runs in a fresh process so the peaks do not mix.
+For each precision a fresh server is started; the table gives its peak RSS until it serves (imports and
+loading) and its peak RSS over one request per method plus one "compare all" request (the peak is reset in
+between through /proc/PID/clear_refs), against the target 1.15 x the backbone's weight bytes + 400 MB.
 
     python benchmarks/bench_memory.py [--workdir /tmp/zsad-bench]
 """
 
 import argparse
-import json
-import resource
+import math
+import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gradio_client import Client, handle_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 MB = 1024 * 1024
+CLASS_NAME = "metal nut"
 
 
-def measure(clip_path: str, image: str, precision: str) -> dict:
+def backbone_weight_bytes(clip_path: str, precision: str) -> int:
+    """Bytes of the backbone's weights as the Space holds them: vision tower in ``precision``, the rest float32."""
     import torch
+    from safetensors import safe_open
 
-    from zsad.inference import AnomalyDetector
-
-    detector = AnomalyDetector.load(clip=clip_path, dtype=getattr(torch, precision))
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    for method in detector.method_names:
-        detector.detect(image, "metal nut", method=method)
-    weight_bytes = sum(p.numel() * p.element_size() for p in detector.backbone.parameters())
-    return {"precision": precision, "methods": detector.method_names, "weight_bytes": weight_bytes,
-            "load_peak": load_peak, "serving_peak": _peak_rss_since_reset()}
+    vision_bytes = torch.tensor([], dtype=getattr(torch, precision)).element_size()
+    total = 0
+    with safe_open(str(Path(clip_path) / "model.safetensors"), framework="pt") as weights:
+        for name in weights.keys():
+            count = math.prod(weights.get_slice(name).get_shape())
+            total += count * (vision_bytes if name.startswith("vision_model.") else 4)
+    return total
 
 
-def _peak_rss_since_reset() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"app.py exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"app.py did not serve {url} within {timeout:.0f} s")
+
+
+def measure_space(clip_path: str, image: str, precision: str) -> dict:
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, "app.py", "--clip", clip_path, "--precision", precision], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_until_serving(url, server)
+        load_peak = _peak_rss(server.pid)
+        Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        client = Client(url, verbose=False)
+        for method in ("baseline", "stackclip", "genclip", "compare"):
+            client.predict(handle_file(image), CLASS_NAME, method, 0.5, api_name="/detect")
+        return {"load_peak": load_peak, "serving_peak": _peak_rss(server.pid)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main(workdir: Path) -> None:
@@ -50,26 +95,20 @@ def main(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     clip_path = str(save_full_size_clip(workdir / "clip-vit-large-patch14-336-random"))
     image = str(test_image(workdir / "part.png"))
-    print("| precision | methods | backbone weights (MB) | target (MB) | serving peak RSS (MB) | / target | "
-          "loading peak RSS (MB) | / target |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| precision | backbone weights (MB) | target (MB) | peak RSS until serving (MB) | / target | "
+          "peak RSS while serving (MB) | / target |")
+    print("|---|---|---|---|---|---|---|")
     for precision in ("float32", "bfloat16"):
-        result = subprocess.run(
-            [sys.executable, __file__, "--child", clip_path, image, precision], capture_output=True, text=True, check=True
-        )
-        row = json.loads(result.stdout.strip().splitlines()[-1])
-        target = 1.15 * row["weight_bytes"] + 400 * MB
+        weights = backbone_weight_bytes(clip_path, precision)
+        target = 1.15 * weights + 400 * MB
+        peaks = measure_space(clip_path, image, precision)
         print(
-            f"| {precision} | {len(row['methods'])} | {row['weight_bytes'] / MB:.0f} | {target / MB:.0f} | "
-            f"{row['serving_peak'] / MB:.0f} | {row['serving_peak'] / target:.2f} | "
-            f"{row['load_peak'] / MB:.0f} | {row['load_peak'] / target:.2f} |"
+            f"| {precision} | {weights / MB:.0f} | {target / MB:.0f} | {peaks['load_peak'] / MB:.0f} | "
+            f"{peaks['load_peak'] / target:.2f} | {peaks['serving_peak'] / MB:.0f} | {peaks['serving_peak'] / target:.2f} |"
         )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(measure(*sys.argv[2:5])))
-    else:
-        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
-        main(Path(parser.parse_args().workdir))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    main(Path(parser.parse_args().workdir))

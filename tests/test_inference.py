@@ -247,3 +247,18 @@ def test_precision_names(monkeypatch):
     assert resolve_precision("auto") is torch.bfloat16
     with pytest.raises(ZSADError, match="precision"):
         resolve_precision("fp8")
+
+
+def test_overlay_blends_the_colormap_half_and_half():
+    from matplotlib import colormaps
+
+    from zsad.visualize import overlay_heatmap
+
+    image = Image.fromarray(np.full((3, 4, 3), 200, dtype=np.uint8))
+    anomaly_map = np.array([[0.0, 0.5, 1.0, 2.0]] * 3, dtype=np.float32)  # 2.0 is clipped to 1
+    overlay = np.asarray(overlay_heatmap(image, anomaly_map))
+    jet = colormaps["jet"]
+    for column, value in enumerate([0.0, 0.5, 1.0, 1.0]):
+        expected = 0.5 * 200 + 0.5 * np.asarray(jet(value)[:3]) * 255
+        np.testing.assert_allclose(overlay[0, column], expected, atol=1.5)
+    assert overlay.shape == (3, 4, 3) and overlay.dtype == np.uint8
