@@ -20,9 +20,10 @@ import zsad
 from zsad.cli import main
 from zsad.data import read_mask
 from zsad.data.synthetic import generate
-from zsad.evaluation import evaluate, write_outputs
+from zsad.evaluation import evaluate, example_rows, figure_curves, write_outputs
 from zsad.hub import load_evaluation, render_model_card
 from zsad.metrics import METRICS
+from zsad.visualize import evaluation_figure
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 56
@@ -71,6 +72,22 @@ def test_outputs_are_written_and_feed_the_model_card(evaluated, tmp_path):
     config = zsad.ZeroShotCLIPConfig()  # training-free baseline: results allowed without training
     card = str(render_model_card(config, paths["json"]))
     assert f"{100 * report['mean']['pixel_aupro']:.1f}" in card
+
+
+def test_figure_has_image_and_pixel_curves_per_category(evaluated, tmp_path):
+    report, records = evaluated
+    curves = figure_curves(records)
+    figure = evaluation_figure(example_rows(records), curves, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0
+    panels = {axis.get_title(): axis for axis in figure.axes if axis.get_title()}
+    for level in ("Image", "Pixel"):
+        for kind in ("ROC", "precision-recall"):
+            assert [line.get_label() for line in panels[f"{level} {kind}"].lines] == ["capsule", "tile"]
+    for category, metrics in report["categories"].items():
+        # The drawn pixel ROC is the exact curve the reported pixel AUROC integrates.
+        line = next(line for line in panels["Pixel ROC"].lines if line.get_label() == category)
+        assert np.trapezoid(line.get_ydata(), line.get_xdata()) == pytest.approx(metrics["pixel_auroc"])
+        assert np.trapezoid(curves["Image"][category].tpr, curves["Image"][category].fpr) == pytest.approx(metrics["image_auroc"])
 
 
 def test_cli_evaluate_writes_the_three_outputs(tiny_clip_path, dataset_root, tmp_path, capsys):

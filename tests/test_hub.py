@@ -3,6 +3,11 @@ one Hub commit with weights, config, code and the card (fake Hub transport, no n
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,16 @@ from zsad.cli import main
 from zsad.hub import load_evaluation, publish, render_model_card
 
 HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
+REPO = Path(__file__).resolve().parent.parent
+BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt")  # what setuptools reads besides zsad/
+# Renders every method's card with zsad imported from the wheel archive alone (no checkout on the path).
+RENDER_FROM_WHEEL = """
+import json, sys
+import zsad
+from zsad.hub import render_model_card
+assert zsad.__file__.startswith(sys.argv[1]), zsad.__file__
+print(json.dumps({m.config_class.model_type: str(render_model_card(m.config_class())) for m in zsad.METHODS.values()}))
+"""
 
 EVALUATION = {
     "model": "runs/genclip-mvtec",
@@ -201,3 +216,30 @@ def test_cli_publish_prints_the_commit(fake_hub, checkpoint, capsys):
     assert fake_hub["repos"][0]["private"] is True
     assert len(fake_hub["commits"]) == 1
     assert "org/genclip-mvtec/commit/fake" in capsys.readouterr().out
+
+
+def build_wheel(directory: Path) -> Path:
+    """``pip wheel`` of a copy of the checkout (the build's build/ and egg-info stay out of the repo), offline."""
+    source = directory / "source"
+    shutil.copytree(REPO / "zsad", source / "zsad", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in BUILD_INPUTS:
+        shutil.copy2(REPO / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(directory)]
+    subprocess.run(command, check=True, timeout=120)
+    (wheel,) = directory.glob("zsad-*.whl")
+    return wheel
+
+
+def test_installed_package_ships_and_renders_every_card_template(tmp_path):
+    wheel = build_wheel(tmp_path)
+    config_classes = {model_class.config_class.model_type: model_class.config_class for model_class in zsad.METHODS.values()}
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"zsad/model_cards/{name}.md" for name in ["_sections", *config_classes]} <= shipped
+
+    environment = {**os.environ, "PYTHONPATH": str(wheel)}
+    completed = subprocess.run(
+        [sys.executable, "-c", RENDER_FROM_WHEEL, str(wheel)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    cards = json.loads(completed.stdout)
+    assert cards == {model_type: str(render_model_card(config_class())) for model_type, config_class in config_classes.items()}

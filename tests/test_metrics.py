@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 from metrics_reference import reference_aupro, reference_pixel_metrics
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-from zsad.metrics import IMAGE_METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
+from zsad.metrics import FLOAT16_KEYS, IMAGE_METRICS, PIXEL_METRICS, ThresholdCurve, image_curves, image_metrics, pixel_metrics
 
 
 def _random_case(seed: int, rounding: int = 2):
@@ -85,3 +86,34 @@ def test_degenerate_inputs_give_nan_with_a_warning():
         assert all(np.isnan(v) for v in pixel_metrics([np.zeros((4, 4), bool)], [np.ones((4, 4))]).values())
     with pytest.raises(ValueError, match="same shape"):
         pixel_metrics([np.zeros((4, 4), bool)], [np.ones((4, 5))])
+
+
+def test_pixel_curves_are_sklearns_curves_at_every_distinct_score():
+    masks, maps = _random_case(5)
+    labels = np.concatenate([m.ravel() for m in masks])
+    scores = np.concatenate([m.ravel() for m in maps])
+    curves = ThresholdCurve.from_maps(masks, maps).curves()
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    precision, recall, _ = precision_recall_curve(labels, scores)  # highest threshold last, then (R 0, P 1) appended
+    np.testing.assert_allclose(curves.fpr, fpr)
+    np.testing.assert_allclose(curves.tpr, tpr)
+    np.testing.assert_allclose(curves.recall, recall[-2::-1])
+    np.testing.assert_allclose(curves.precision, precision[-2::-1])
+    assert np.trapezoid(curves.tpr, curves.fpr) == pytest.approx(pixel_metrics(masks, maps)["pixel_auroc"])
+
+
+def test_pixel_curves_of_float16_maps_have_one_point_per_float16_value_at_most():
+    rng = np.random.default_rng(6)
+    masks = [rng.random((400, 400)) < 0.05 for _ in range(4)]  # 640,000 pixels
+    maps = [(rng.normal(size=mask.shape) + mask).astype(np.float16) for mask in masks]
+    curves = ThresholdCurve.from_maps(masks, maps).curves()
+    distinct = np.unique(np.concatenate([m.ravel() for m in maps]) + np.float16(0)).size
+    assert len(curves.precision) == len(curves.recall) == distinct <= FLOAT16_KEYS
+    assert len(curves.fpr) == len(curves.tpr) == distinct + 1  # plus the origin
+
+
+def test_curves_need_both_classes():
+    assert ThresholdCurve.from_maps([np.zeros((4, 4), bool)], [np.ones((4, 4))]).curves() is None
+    assert image_curves([1, 1], [0.2, 0.3]) is None
+    curves = image_curves([0, 1, 1], [0.2, 0.7, 0.9])
+    assert (curves.fpr[-1], curves.tpr[-1]) == (1.0, 1.0) and curves.precision.max() == 1.0

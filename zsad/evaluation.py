@@ -34,7 +34,7 @@ from .data import Sample, load_dataset, read_mask
 from .errors import ZSADError
 from .images import load_image, to_pixel_values
 from .loading import PRECISIONS, load_backbone, resolve_precision
-from .metrics import METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
+from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, pixel_metrics
 from .modeling.prompting import clean_class_name
 from .visualize import evaluation_figure
 
@@ -113,26 +113,40 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
 
 def category_report(records: list[Record]) -> dict:
     """``{"categories": {cat: {metric: value}}, "mean": {metric: mean over categories}}`` (NaN -> None)."""
-    by_category: dict[str, list[Record]] = {}
-    for record in records:
-        by_category.setdefault(record.sample.category, []).append(record)
-    categories = {name: category_metrics(group) for name, group in sorted(by_category.items())}
+    categories = {name: category_metrics(group) for name, group in by_category(records).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of a metric NaN in every category
         mean = {key: float(np.nanmean([m[key] for m in categories.values()])) for key in METRICS}
     return {"categories": {name: _json_values(m) for name, m in categories.items()}, "mean": _json_values(mean)}
 
 
+def by_category(records: list[Record]) -> dict[str, list[Record]]:
+    """Records grouped by category, categories sorted by name."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record.sample.category, []).append(record)
+    return dict(sorted(groups.items()))
+
+
 def category_metrics(records: list[Record]) -> dict[str, float]:
     """The seven metrics of one category; pixel metrics are NaN when a defective image has no mask."""
     metrics = image_metrics([r.sample.label for r in records], [r.score for r in records])
-    if any(r.sample.label and r.sample.mask_path is None for r in records):
+    if not has_masks(records):
         warnings.warn(f"Category {records[0].sample.category}: defective images without masks; pixel metrics are NaN.",
                       RuntimeWarning, stacklevel=2)
         return {**metrics, **dict.fromkeys(PIXEL_METRICS, float("nan"))}
+    return {**metrics, **pixel_metrics(*masks_and_native_maps(records))}
+
+
+def has_masks(records: list[Record]) -> bool:
+    """Whether every defective image has a ground-truth mask (the pixel metrics and curves need them)."""
+    return not any(r.sample.label and r.sample.mask_path is None for r in records)
+
+
+def masks_and_native_maps(records: list[Record]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each record's mask and its map resized to the mask's native size (float16)."""
     masks = [read_mask(r.sample) for r in records]
-    maps = [native_map(r.anomaly_map, mask.shape) for r, mask in zip(records, masks)]
-    return {**metrics, **pixel_metrics(masks, maps)}
+    return masks, [native_map(r.anomaly_map, mask.shape) for r, mask in zip(records, masks)]
 
 
 def native_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -161,13 +175,13 @@ def _row(name: str, metrics: dict) -> str:
 
 
 def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Path]:
-    """Write evaluation.json, evaluation.md and evaluation.png (examples and curves) into ``out_dir``."""
+    """Write evaluation.json, evaluation.md and evaluation.png (image and pixel curves, examples) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(report))
-    evaluation_figure(example_rows(records), _curve_inputs(records), paths["figure"])
+    evaluation_figure(example_rows(records), figure_curves(records), paths["figure"])
     return paths
 
 
@@ -189,13 +203,22 @@ def _example(record: Record) -> tuple:
     return title, image, anomaly_map, mask
 
 
-def _curve_inputs(records: list[Record]) -> dict[str, tuple[list[int], list[float]]]:
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    for record in records:
-        labels, scores = curves.setdefault(record.sample.category, ([], []))
-        labels.append(record.sample.label)
-        scores.append(record.score)
-    return curves
+def figure_curves(records: list[Record]) -> dict[str, dict[str, Curves]]:
+    """Image and pixel ROC / PR curves per category (a category with one class only, or with defective images
+    without masks, is left out of that level). Pixel curves are exact and built one category at a time, like
+    the pixel metrics, so only one category's native-size maps exist at once."""
+    levels = {"Image": {}, "Pixel": {}}
+    for name, group in by_category(records).items():
+        levels["Image"][name] = image_curves([r.sample.label for r in group], [r.score for r in group])
+        levels["Pixel"][name] = pixel_curves(group)
+    return {level: {name: curve for name, curve in curves.items() if curve is not None} for level, curves in levels.items()}
+
+
+def pixel_curves(records: list[Record]) -> Curves | None:
+    """Exact pixel ROC / PR points of one category at native mask size; None without masks or with one class."""
+    if not has_masks(records):
+        return None
+    return ThresholdCurve.from_maps(*masks_and_native_maps(records)).curves()
 
 
 def add_arguments(parser) -> None:

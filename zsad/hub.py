@@ -6,9 +6,10 @@
 >>> publish("runs/stackclip-mvtec", "my-org/stackclip-mvtec", eval_json="results/stackclip_visa.json")
 ```
 
-The card template is chosen by the config's ``model_type`` (``model_cards/<model_type>.md``) and filled from the
-config itself, so every config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the
-description from the config class docstring.
+The card template is chosen by the config's ``model_type`` (``zsad/model_cards/<model_type>.md``, package data, so
+it is found in a source checkout and in an installed package alike) and filled from the config itself, so every
+config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the description from the config
+class docstring.
 
 Evaluation JSON accepted by ``load_evaluation`` (as written by ``zsad evaluate``): one report or a list of reports,
 or ``{"reports": [...]}``; a report is ::
@@ -29,6 +30,7 @@ import math
 import re
 import shutil
 import warnings
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
@@ -40,7 +42,7 @@ from transformers.utils import CONFIG_NAME
 
 from .errors import ZSADError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+TEMPLATE_DIR = resources.files(__package__) / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"
 
 METRIC_NAMES = {
@@ -285,14 +287,7 @@ def _model_class_name(config) -> str:
 
 def _template_text(model_type: str) -> str:
     """Shared Jinja macros + the method's template (``from_template`` has no loader for ``{% import %}``)."""
-    template = TEMPLATE_DIR / f"{model_type}.md"
-    if not template.is_file():
-        available = sorted(p.stem for p in TEMPLATE_DIR.glob("[!_]*.md"))
-        raise ZSADError(
-            f"No model card template for model_type '{model_type}' in {TEMPLATE_DIR} (available: {available}). "
-            "Model cards are rendered from a source checkout of zsad, which holds model_cards/."
-        )
-    return (TEMPLATE_DIR / MACROS_TEMPLATE).read_text(encoding="utf-8") + template.read_text(encoding="utf-8")
+    return "".join((TEMPLATE_DIR / name).read_text(encoding="utf-8") for name in (MACROS_TEMPLATE, f"{model_type}.md"))
 
 
 # ----- checkpoints and publishing ---------------------------------------------------------------------------

@@ -15,20 +15,32 @@ components labelled once). Reverse cumulative sums of these histograms give TPR,
 per-region overlap (PRO) at every threshold. float16 maps get their key from the bit pattern in O(N) (65,536
 possible values), which keeps a whole benchmark's maps small and the metrics fast; other dtypes are ranked
 with ``np.unique``. Degenerate inputs (one class only, no defect region) give NaN with a warning.
+The same counts give the plotted pixel ROC and precision-recall points (``ThresholdCurve.curves``): exact, one
+point per distinct score, so at most 65,536 for float16 maps however many pixels there are.
 """
 
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 METRICS = IMAGE_METRICS + PIXEL_METRICS
 AUPRO_MAX_FPR = 0.3
 FLOAT16_KEYS = 1 << 16
+
+
+class Curves(NamedTuple):
+    """ROC and precision-recall points of one set of scores (for plotting)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    recall: np.ndarray
+    precision: np.ndarray
 
 
 def image_metrics(labels, scores) -> dict[str, float]:
@@ -42,6 +54,16 @@ def image_metrics(labels, scores) -> dict[str, float]:
         "image_ap": float(average_precision_score(labels, scores)),
         "image_f1_max": _f1_max(precision, recall),
     }
+
+
+def image_curves(labels, scores) -> Curves | None:
+    """ROC and precision-recall points of image scores (scikit-learn); None if only one class."""
+    labels, scores = np.asarray(labels).astype(bool).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    if labels.all() or not labels.any():
+        return None
+    fpr, tpr, _ = roc_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return Curves(fpr, tpr, recall, precision)
 
 
 def pixel_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_fpr: float = AUPRO_MAX_FPR) -> dict[str, float]:
@@ -88,8 +110,15 @@ class ThresholdCurve:
                 num_regions += count
         return cls(negative, positive, pro, num_regions)
 
+    def curves(self) -> Curves | None:
+        """ROC and precision-recall points at every distinct score (exact); None if only one class."""
+        if not (self.positives and self.negatives):
+            return None
+        fpr, tpr = self._roc()
+        return Curves(fpr, tpr, self.tp / self.positives, self._precision())
+
     def auroc(self) -> float:
-        tpr, fpr = _with_origin(self.tp / self.positives), _with_origin(self.fp / self.negatives)
+        fpr, tpr = self._roc()
         return float(np.trapezoid(tpr, fpr))
 
     def average_precision(self) -> float:
@@ -109,6 +138,10 @@ class ThresholdCurve:
             pro_at_limit = np.interp(max_fpr, fpr[end - 1:end + 1], pro[end - 1:end + 1])
             area += (max_fpr - fpr[end - 1]) * (pro[end - 1] + pro_at_limit) / 2
         return float(area / max_fpr)
+
+    def _roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR) from the origin (nothing flagged) to (1, 1)."""
+        return _with_origin(self.fp / self.negatives), _with_origin(self.tp / self.positives)
 
     def _precision(self) -> np.ndarray:
         return self.tp / np.maximum(self.tp + self.fp, 1)

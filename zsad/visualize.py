@@ -1,8 +1,15 @@
 """Heat-map overlays and result figures."""
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+
+from .metrics import Curves
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
@@ -17,43 +24,45 @@ def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, tuple], path) -> None:
-    """One PNG: image-level ROC and PR curves per category, then one row of overlays per example kind.
+def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, dict[str, Curves]], path) -> "Figure":
+    """One PNG: a row of ROC and PR curves per category for each level (image, pixel), then one row of overlays
+    per example kind; returns the figure.
 
     ``example_rows``: {row title: [(title, PIL image, [0, 1] map (H, W), bool mask (H, W)), ...]};
-    ``curves``: {category: (labels, scores)}.
+    ``curves``: {level: {category: Curves}}, e.g. {"Image": ..., "Pixel": ...}.
     """
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no GUI backend or global state
 
     columns = max(2, max((len(row) for row in example_rows.values()), default=0))
-    figure = Figure(figsize=(3.2 * columns, 3.2 * (1 + len(example_rows))))
-    axes = figure.subplots(1 + len(example_rows), columns, squeeze=False)
-    _plot_curves(axes[0][0], axes[0][1], curves)
-    for axis in axes[0][2:]:
-        axis.axis("off")
-    for row_axes, (row_title, examples) in zip(axes[1:], example_rows.items()):
-        for axis in row_axes:
+    rows = len(curves) + len(example_rows)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for row_axes, (level, level_curves) in zip(axes, curves.items()):
+        _plot_curves(row_axes[0], row_axes[1], level, level_curves)
+        for axis in row_axes[2:]:
             axis.axis("off")
-        for axis, (title, image, anomaly_map, mask) in zip(row_axes, examples):
-            axis.imshow(overlay_heatmap(image, anomaly_map))
-            if mask.any():
-                axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
-            axis.set_title(f"{row_title}\n{title}", fontsize=8)
+    for row_axes, (row_title, examples) in zip(axes[len(curves):], example_rows.items()):
+        _plot_examples(row_axes, row_title, examples)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+    return figure
 
 
-def _plot_curves(roc_axis, pr_axis, curves: dict[str, tuple]) -> None:
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    for category, (labels, scores) in curves.items():
-        if len(set(labels)) < 2:  # curves need both classes
-            continue
-        fpr, tpr, _ = roc_curve(labels, scores)
-        precision, recall, _ = precision_recall_curve(labels, scores)
-        roc_axis.plot(fpr, tpr, label=category)
-        pr_axis.plot(recall, precision, label=category)
-    roc_axis.set(title="Image ROC", xlabel="false-positive rate", ylabel="true-positive rate")
-    pr_axis.set(title="Image precision-recall", xlabel="recall", ylabel="precision")
+def _plot_curves(roc_axis, pr_axis, level: str, curves: dict[str, Curves]) -> None:
+    for category, curve in curves.items():
+        roc_axis.plot(curve.fpr, curve.tpr, label=category)
+        pr_axis.plot(curve.recall, curve.precision, label=category)
+    roc_axis.set(title=f"{level} ROC", xlabel="false-positive rate", ylabel="true-positive rate")
+    pr_axis.set(title=f"{level} precision-recall", xlabel="recall", ylabel="precision")
     if roc_axis.lines:
         roc_axis.legend(fontsize=7)
+
+
+def _plot_examples(row_axes, row_title: str, examples: list[tuple]) -> None:
+    for axis in row_axes:
+        axis.axis("off")
+    for axis, (title, image, anomaly_map, mask) in zip(row_axes, examples):
+        axis.imshow(overlay_heatmap(image, anomaly_map))
+        if mask.any():
+            axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        axis.set_title(f"{row_title}\n{title}", fontsize=8)
