@@ -1,6 +1,8 @@
 """AnomalyDetector: maps at the original size, masks, verdicts, batches, checkpoints and every bad input."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +264,10 @@ def test_overlay_blends_the_colormap_half_and_half():
         expected = 0.5 * 200 + 0.5 * np.asarray(jet(value)[:3]) * 255
         np.testing.assert_allclose(overlay[0, column], expected, atol=1.5)
     assert overlay.shape == (3, 4, 3) and overlay.dtype == np.uint8
+
+
+def test_the_serving_path_leaves_scikit_learn_unimported():
+    # scikit-learn costs the Space ~80 MB of RSS (benchmarks/bench_memory.py); only training and evaluation need it.
+    code = "import sys, zsad.inference; print('sklearn' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "False"

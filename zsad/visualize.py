@@ -6,10 +6,10 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from .metrics import Curves
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # metrics imports scikit-learn and SciPy, which the serving path does not need
     from matplotlib.figure import Figure
+
+    from .metrics import Curves
 
 
 def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
@@ -24,7 +24,7 @@ def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, dict[str, Curves]], path) -> "Figure":
+def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, dict[str, "Curves"]], path) -> "Figure":
     """One PNG: a row of ROC and PR curves per category for each level (image, pixel), then one row of overlays
     per example kind; returns the figure.
 
@@ -48,7 +48,7 @@ def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, di
     return figure
 
 
-def _plot_curves(roc_axis, pr_axis, level: str, curves: dict[str, Curves]) -> None:
+def _plot_curves(roc_axis, pr_axis, level: str, curves: dict[str, "Curves"]) -> None:
     for category, curve in curves.items():
         roc_axis.plot(curve.fpr, curve.tpr, label=category)
         pr_axis.plot(curve.recall, curve.precision, label=category)
