@@ -39,3 +39,12 @@ def bad_files(tmp_path_factory):
     from image_files import write_bad_images
 
     return write_bad_images(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture(scope="session")
+def two_process_launcher(tmp_path_factory):
+    """Builds an accelerate launch command for 2 CPU processes; skips the test if gloo cannot run here."""
+    from train_script import skip_unless_gloo_works, two_process_launcher
+
+    skip_unless_gloo_works(tmp_path_factory.mktemp("gloo"))
+    return two_process_launcher

@@ -3,10 +3,6 @@ the recorded scores and maps, the three outputs are written (in process, by `zsa
 2-process `accelerate launch train/evaluate.py` that must agree with one process), and the JSON feeds the model card."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import zsad
+from train_script import LOOPBACK_ENV, run_command
 from zsad.cli import main
 from zsad.data import read_mask
 from zsad.data.synthetic import generate
@@ -106,20 +103,10 @@ def test_cli_evaluate_names_a_broken_dataset(tiny_clip_path, tmp_path, capsys):
     assert code == 2 and "No images in" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_process_run_agrees_with_one_process(tiny_clip_path, dataset_root, evaluated, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run([*launcher, str(REPO / "train" / "evaluate.py"), "--model", "baseline", "--clip", str(tiny_clip_path),
-                             "--image-size", str(IMAGE_SIZE), "--dataset", "mvtec", "--root", str(dataset_root), "--batch-size", "4",
-                             "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_two_process_run_agrees_with_one_process(two_process_launcher, tiny_clip_path, dataset_root, evaluated, tmp_path):
+    run_command([*two_process_launcher(), str(REPO / "train" / "evaluate.py"), "--model", "baseline", "--clip", str(tiny_clip_path),
+                 "--image-size", str(IMAGE_SIZE), "--dataset", "mvtec", "--root", str(dataset_root), "--batch-size", "4",
+                 "--out", str(tmp_path)], extra_env={**LOOPBACK_ENV, "ACCELERATE_USE_CPU": "true"})
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["num_images"] == 12 and report["num_processes"] == 2
     for category, metrics in evaluated[0]["categories"].items():

@@ -3,7 +3,6 @@ resume, remote-code loading, and a 2-process Accelerate run (gloo on CPU)."""
 
 import math
 import shutil
-import socket
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from remote_code import run_without_zsad
-from train_script import TRAIN_SCRIPT, load_train_script, run_command
+from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, load_train_script, run_command
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
@@ -30,12 +29,6 @@ def _training_args(clip, root, output_dir, epochs, *extra):
         "--output-dir", str(output_dir), "--epochs", str(epochs), "--batch-size", str(BATCH_SIZE),
         "--image-size", str(IMAGE_SIZE), "--cpu", *extra,
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -106,41 +99,9 @@ def test_checkpoint_loads_with_remote_code_in_a_process_without_zsad(two_epoch_r
     assert run_without_zsad(checkpoint, pixels, "plate", expected, tmp_path)["class"] == "StackCLIPModel"
 
 
-# Two processes on one machine talk over loopback only, whatever the host name resolves to.
-LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
-GLOO_PROBE = """
-import torch
-from accelerate import Accelerator
-accelerator = Accelerator(cpu=True)
-ranks = accelerator.gather(torch.tensor([accelerator.process_index]))
-accelerator.wait_for_everyone()
-assert ranks.tolist() == [0, 1], ranks
-accelerator.end_training()
-"""
-
-
-def _two_process_launcher() -> list[str]:
-    # accelerate's torchrun launcher starts the processes; --cpu makes them join over gloo.
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-
-
-@pytest.fixture(scope="module")
-def two_process_launcher(tmp_path_factory):
-    """The launcher, once a bare two-process gloo exchange has been seen to work on this machine."""
-    probe = tmp_path_factory.mktemp("gloo") / "probe.py"
-    probe.write_text(GLOO_PROBE)
-    try:
-        run_command([*_two_process_launcher(), str(probe)], timeout=90, extra_env=LOOPBACK_ENV)
-    except AssertionError as failure:  # a hang (CommandHung) or an error; the probe uses no zsad code
-        pytest.skip(f"two processes cannot exchange a tensor over gloo on this machine:\n{failure}")
-    return _two_process_launcher()
-
-
 def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(two_process_launcher, tiny_clip_path, tiny_backbone,
                                                                           dataset_root, tmp_path):
-    run_command([*two_process_launcher, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)],
+    run_command([*two_process_launcher(), str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)],
                 extra_env=LOOPBACK_ENV)
     state = torch.load(tmp_path / "epoch-1" / "training_state.pt", weights_only=False)
     checksums = state["parameter_checksums"]

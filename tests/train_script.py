@@ -5,8 +5,13 @@ import importlib.util
 import os
 import signal
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
+
+import pytest
+
+from app_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train" / "train.py"
@@ -42,3 +47,34 @@ def run_command(command: list[str], timeout: float = 300, extra_env: dict[str, s
                           f"{stdout[-2000:]}{stderr[-12000:]}") from None
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+# Two processes on one machine talk over loopback only, whatever the host name resolves to.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+GLOO_PROBE = """
+import torch
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True)
+ranks = accelerator.gather(torch.tensor([accelerator.process_index]))
+accelerator.wait_for_everyone()
+assert ranks.tolist() == [0, 1], ranks
+accelerator.end_training()
+"""
+
+
+def two_process_launcher() -> list[str]:
+    """accelerate's torchrun launcher for 2 CPU processes on a free port (a script's --cpu or
+    ACCELERATE_USE_CPU makes them join over gloo)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+
+
+def skip_unless_gloo_works(workdir: Path) -> None:
+    """Skip the calling test if two bare processes cannot exchange a tensor over gloo on this machine."""
+    probe = workdir / "gloo_probe.py"
+    probe.write_text(GLOO_PROBE)
+    try:
+        run_command([*two_process_launcher(), str(probe)], timeout=90, extra_env=LOOPBACK_ENV)
+    except AssertionError as failure:  # a hang (CommandHung) or an error; the probe uses no zsad code
+        pytest.skip(f"two processes cannot exchange a tensor over gloo on this machine:\n{failure}")
