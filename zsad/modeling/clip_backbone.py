@@ -133,7 +133,7 @@ def fold_quick_gelu(vision_model: nn.Module) -> None:
     """Run each MLP's quick-GELU as one SiLU kernel instead of three elementwise passes.
 
     quick_gelu(x) = x * sigmoid(1.702 x) = silu(1.702 x) / 1.702, so fc1 is scaled by 1.702 and fc2's weight
-    by 1 / 1.702 (in float32, then cast back). The three passes over the (tokens, 4096) activations took 20%
+    by 1 / 1.702 (in float32, then cast back). The three passes over the (tokens, 4096) activations took 20-26%
     of a bfloat16 ViT-L/14 forward on CPU (benchmarks/bench_inference.py).
     """
     for layer in vision_model.encoder.layers:
