@@ -43,23 +43,24 @@ def test_image(path: Path) -> Path:
     return path
 
 
-def vision_floor(backbone, repeats: int) -> tuple[float, float]:
-    """(seconds, GFLOP) of transformers' own vision forward for one image."""
-    vision = backbone.model.vision_model
-    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=backbone.dtype)
+def vision_forward(vision_model, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(seconds, GFLOP) of a CLIP vision tower's forward for one image in ``dtype``."""
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
-            vision(pixel_values=pixels, interpolate_pos_encoding=True)
-        seconds = timed(lambda: vision(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
+            vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+        seconds = timed(lambda: vision_model(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
     return seconds, counter.get_total_flops() / 1e9
+
+
+def vision_floor(backbone, repeats: int) -> tuple[float, float]:
+    """(seconds, GFLOP) of the backbone's own vision forward (transformers' tower, quick-GELU folded)."""
+    return vision_forward(backbone.model.vision_model, backbone.dtype, repeats)
 
 
 def stock_vision_seconds(clip_path: str, repeats: int) -> float:
     """Seconds of the vision forward of an unmodified transformers CLIPModel in bf16, for comparison."""
-    vision = CLIPModel.from_pretrained(clip_path, dtype=torch.bfloat16).vision_model
-    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        return timed(lambda: vision(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
+    return vision_forward(CLIPModel.from_pretrained(clip_path, dtype=torch.bfloat16).vision_model, torch.bfloat16, repeats)[0]
 
 
 @contextmanager
