@@ -1,6 +1,7 @@
 """train/train.py for the tests: the script as a module (train/ is a script folder, not a package) and a
 runner for it (and Accelerate launches of it) in an offline subprocess."""
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app_server import free_port
@@ -41,12 +43,26 @@ def run_command(command: list[str], timeout: float = 300, extra_env: dict[str, s
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
+        abort_process_tree(process.pid)
         stdout, stderr = process.communicate(timeout=60)
         raise CommandHung(f"{command[:4]}... ran past {timeout:.0f} s; stacks at that moment:\n"
-                          f"{stdout[-2000:]}{stderr[-12000:]}") from None
-    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+                          f"{stdout[-2000:]}{_without_module_lists(stderr)[-12000:]}") from None
+    assert process.returncode == 0, stdout[-2000:] + _without_module_lists(stderr)[-12000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _without_module_lists(stderr: str) -> str:
+    """faulthandler follows each crash's stacks with a long 'Extension modules:' line; drop it to keep the stacks."""
+    return "\n".join(line for line in stderr.splitlines() if not line.lstrip().startswith("Extension modules:"))
+
+
+def abort_process_tree(pid: int) -> None:
+    """SIGABRT to ``pid`` and every descendant: torchrun starts its workers in sessions of their own, so the
+    launcher's process group does not reach them."""
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGABRT)
 
 
 # Two processes on one machine talk over loopback only, whatever the host name resolves to.

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import zsad  # noqa: E402
 from zsad.data import load_dataset, read_mask  # noqa: E402
+from zsad.distributed import process_group_closed_at_end  # noqa: E402
 from zsad.errors import ZSADError  # noqa: E402
 from zsad.images import load_image, to_pixel_values  # noqa: E402
 
@@ -282,7 +283,11 @@ def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, glob
 
 def train(args: argparse.Namespace) -> Path:
     """Run the training; returns the last epoch's checkpoint folder."""
-    accelerator = make_accelerator(args)
+    with process_group_closed_at_end(make_accelerator(args)) as accelerator:
+        return train_with(accelerator, args)
+
+
+def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         # Model code reports what it decides while preparing (e.g. StackCLIP's cluster count) at INFO.
         logging.basicConfig(format="%(name)s: %(message)s")
@@ -329,7 +334,6 @@ def train(args: argparse.Namespace) -> Path:
         if accelerator.is_main_process:
             write_loss_rows(output_dir / "loss.csv", rows)
             plot_loss_curve(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
-    accelerator.end_training()
     return folder
 
 

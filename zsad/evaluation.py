@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
+from .distributed import process_group_closed_at_end
 from .errors import ZSADError
 from .images import load_image, to_pixel_values
 from .loading import PRECISIONS, load_backbone, resolve_precision
@@ -239,10 +240,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict[str, Path] | None:
     """Evaluate from parsed ``add_arguments`` options; the main process writes and returns the output paths."""
-    accelerator = Accelerator()
-    report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
-                               image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
-                               accelerator=accelerator, precision=args.precision)
+    with process_group_closed_at_end(Accelerator()) as accelerator:
+        report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
+                                   image_size=args.image_size, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)
