@@ -15,11 +15,14 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 import zsad
 from zsad.errors import ZSADError
@@ -150,6 +153,51 @@ def make_handler(detector: AnomalyDetector):
     return detect
 
 
+class ImageFiles:
+    """Hands Gradio every output image as a file of its own request's folder.
+
+    Gradio stores a returned PIL image in its cache under a name derived from the image's content, rewriting that
+    file in place each time; a client still downloading it for an earlier request with the same output (two
+    visitors on the same example) then gets a truncated file ("peer closed connection"). A returned file path is
+    copied into the cache atomically and never rewritten. The folders of the last ``keep`` requests are kept:
+    Gradio has copied their files before a later request runs (one request at a time)."""
+
+    def __init__(self, keep: int = 2):
+        self._root = tempfile.TemporaryDirectory(prefix="zsad-space-")
+        self._folders: deque[Path] = deque()
+        self._keep = keep
+        self._count = 0
+
+    def new_folder(self) -> Path:
+        self._count += 1
+        folder = Path(self._root.name) / f"request-{self._count}"
+        folder.mkdir()
+        self._folders.append(folder)
+        while len(self._folders) > self._keep:
+            shutil.rmtree(self._folders.popleft())
+        return folder
+
+    def replace_images(self, value, folder: Path):
+        """``value`` with every PIL image (in nested tuples and lists) replaced by the path of a file holding it:
+        PNG for one-channel masks (exact), WebP otherwise (Gradio's own default for displayed images)."""
+        if isinstance(value, Image.Image):
+            path = folder / f"{len(list(folder.iterdir()))}.{'png' if value.mode == 'L' else 'webp'}"
+            value.save(path)
+            return str(path)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.replace_images(item, folder) for item in value)
+        return value
+
+
+def serving_files(handler, files: ImageFiles):
+    """``handler`` for Gradio: the same outputs, with images as files (see ``ImageFiles``)."""
+
+    def detect(*inputs):
+        return files.replace_images(handler(*inputs), files.new_folder())
+
+    return detect
+
+
 def report(results: list[Detection]) -> str:
     """Markdown: the verdict of each method, its status, details and time."""
     lines = []
@@ -260,7 +308,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
             gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
         # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
         run.click(
-            make_handler(detector),
+            serving_files(make_handler(detector), ImageFiles()),
             inputs=[image, class_name, method, threshold],
             outputs=[overlay, mask, score, verdict, table, views],
             api_name="detect",

@@ -10,19 +10,16 @@ between through /proc/PID/clear_refs), against the target 1.15 x the backbone's 
 
 import argparse
 import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from gradio_client import Client, handle_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from zsad.testing import serving_app  # noqa: E402
 
 MB = 1024 * 1024
 CLASS_NAME = "metal nut"
@@ -42,12 +39,6 @@ def backbone_weight_bytes(clip_path: str, precision: str) -> int:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -55,37 +46,14 @@ def _peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def _wait_until_serving(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"app.py exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"app.py did not serve {url} within {timeout:.0f} s")
-
-
 def measure_space(clip_path: str, image: str, precision: str) -> dict:
-    port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py", "--clip", clip_path, "--precision", precision], cwd=REPO,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        _wait_until_serving(url, server)
+    with serving_app(REPO / "app.py", "--clip", clip_path, "--precision", precision, timeout=600) as (url, server):
         load_peak = _peak_rss(server.pid)
         Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
         client = Client(url, verbose=False)
         for method in ("baseline", "stackclip", "genclip", "compare"):
             client.predict(handle_file(image), CLASS_NAME, method, 0.5, api_name="/detect")
         return {"load_peak": load_peak, "serving_peak": _peak_rss(server.pid)}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def main(workdir: Path) -> None:

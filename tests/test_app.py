@@ -163,3 +163,21 @@ def test_missing_backbone_exits_with_a_short_hint(tmp_path):
     assert result.returncode != 0
     assert "--clip PATH" in result.stderr and "--tiny" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 4
+
+
+def test_gradio_gets_each_requests_images_as_files_of_their_own(detect, good_files):
+    """Gradio rewrites a returned PIL image's cache file in place on every identical request (a client still
+    downloading it gets a truncated file); files are copied atomically instead."""
+    path, size = good_files["rgb"]
+    files = app.ImageFiles(keep=2)
+    serve = app.serving_files(detect, files)
+    outputs = [serve(upload(path), "bottle", app.COMPARE, 0.5) for _ in range(3)]
+    (original, overlay), mask, score, _, _, views = outputs[-1]
+    served = [original, overlay, mask, *(image for image, _ in views)]
+    assert all(isinstance(file, str) and Path(file).is_file() for file in served)
+    assert len(set(served)) == len(served)  # one file per image
+    assert [Image.open(file).size for file in served] == [size] * len(served)
+    reference_mask = detect(upload(path), "bottle", app.COMPARE, 0.5)[1]
+    np.testing.assert_array_equal(np.asarray(Image.open(mask)), np.asarray(reference_mask))  # PNG: exact
+    assert Path(outputs[1][1]).is_file() and not Path(outputs[0][1]).exists()  # the oldest request's folder is gone
+    assert score == outputs[0][2]

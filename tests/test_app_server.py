@@ -14,7 +14,9 @@ from PIL import Image
 
 import app
 import zsad
-from app_server import serving_app
+from zsad.testing import serving_app
+
+APP = Path(app.__file__)
 
 QUEUE_SIZE = 8
 CLIENTS = 20
@@ -27,7 +29,8 @@ MEMORY_TOLERANCE_MB = 50
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving_app(tmp_path_factory.mktemp("app") / "app.log", "--queue-size", str(QUEUE_SIZE)) as running:
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with serving_app(APP, "--tiny", "--queue-size", str(QUEUE_SIZE), log=log) as running:
         yield running
 
 

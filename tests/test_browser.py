@@ -12,14 +12,16 @@ from playwright.sync_api import expect, sync_playwright
 
 import app
 import zsad
-from app_server import REPO, serving_app
+from zsad.testing import serving_app
+
+APP = Path(app.__file__)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-ARTIFACTS = REPO / "test-artifacts"
+ARTIFACTS = APP.parent / "test-artifacts"
 TIMEOUT_MS = 60_000
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -29,7 +31,7 @@ def test_upload_type_run_and_see_the_result(tmp_path):
     image_path, class_name = app.example_rows()[0]
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "browser_app_result.png"
-    with serving_app(tmp_path / "app.log") as (url, _), sync_playwright() as playwright:
+    with serving_app(APP, "--tiny", log=tmp_path / "app.log") as (url, _), sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1500})

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,28 @@ def test_sharded_and_pickle_checkpoints_load_the_same_weights(tiny_clip_path, ti
         torch.save(stock.state_dict(), tmp_path / "pytorch_model.bin")
     assert not (tmp_path / "model.safetensors").exists()
     _assert_weights(CLIPBackbone.from_pretrained(str(tmp_path), dtype=torch.bfloat16), tiny_backbone, torch.bfloat16)
+
+
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds ``tensor``'s data, or None for anonymous memory (Linux)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def test_token_embedding_table_stays_a_copy_on_write_mapping_of_the_checkpoint(tiny_clip_path, tiny_backbone, tmp_path):
+    shutil.copytree(tiny_clip_path, tmp_path, dirs_exist_ok=True)
+    checkpoint = tmp_path / "model.safetensors"
+    original_bytes = checkpoint.read_bytes()
+    backbone = CLIPBackbone.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    table = backbone.word_embeddings.weight
+    assert _mapped_file(table) == str(checkpoint)
+    assert _mapped_file(backbone.model.text_model.encoder.layers[0].mlp.fc1.weight) is None  # read, not mapped
+    torch.testing.assert_close(table, tiny_backbone.word_embeddings.weight, rtol=0, atol=0)
+    with torch.no_grad():
+        table.add_(1.0)
+    assert checkpoint.read_bytes() == original_bytes
