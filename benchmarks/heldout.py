@@ -11,8 +11,8 @@ weights cannot be downloaded here), so the numbers show whether training helps, 
 """
 
 import argparse
-import importlib.util
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,20 +25,15 @@ from zsad.data import load_dataset
 from zsad.data.synthetic import generate
 from zsad.testing import save_tiny_clip
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import train as train_script  # noqa: E402 - train/ is a script folder beside zsad/
+
 # Two folds: each half (two textures, two objects) is held out once while the model trains on the other.
 FOLD_A = ["wood", "fabric", "disk", "capsule"]
 FOLD_B = ["tile", "grid", "plate", "tube"]
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train" / "train.py"
 
 
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("zsad_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def category_metrics(model, samples, train_script) -> dict[str, float]:
+def category_metrics(model, samples) -> dict[str, float]:
     """Pixel AUROC of the final map and of each reported branch map, and the image AUROC, for one category."""
     backbone = model.require_backbone()
     dataset = train_script.TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
@@ -54,11 +49,11 @@ def category_metrics(model, samples, train_script) -> dict[str, float]:
     return metrics
 
 
-def evaluate(model, root: Path, categories: list[str], train_script) -> dict[str, dict]:
-    return {c: category_metrics(model, load_dataset("mvtec", root, categories=[c]), train_script) for c in categories}
+def evaluate(model, root: Path, categories: list[str]) -> dict[str, dict]:
+    return {c: category_metrics(model, load_dataset("mvtec", root, categories=[c])) for c in categories}
 
 
-def run_fold(args, work: Path, clip: Path, root: Path, train_categories, held_out, train_script) -> dict:
+def run_fold(args, work: Path, clip: Path, root: Path, train_categories, held_out) -> dict:
     """Train on ``train_categories``; metrics on ``held_out`` before and after training."""
     output_dir = work / f"run-{args.method}-{clip.name}-{'-'.join(train_categories)}"
     train_script.main([
@@ -74,8 +69,8 @@ def run_fold(args, work: Path, clip: Path, root: Path, train_categories, held_ou
     untrained.prepare_for_training(train_categories)  # StackCLIP clusters the training names; others ignore it
     return {
         "train_categories": train_categories,
-        "untrained": evaluate(untrained, root, held_out, train_script),
-        "trained": evaluate(trained, root, held_out, train_script),
+        "untrained": evaluate(untrained, root, held_out),
+        "trained": evaluate(trained, root, held_out),
     }
 
 
@@ -103,8 +98,7 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix=f"{args.method}-heldout-"))
     clip = save_tiny_clip(work / f"tiny-clip-{args.clip_seed}", seed=args.clip_seed)
     root = generate(work / "synthetic", categories=FOLD_A + FOLD_B, num_good=4, num_defective=12, image_size=128, seed=0)
-    train_script = load_train_script()
-    folds = [run_fold(args, work, clip, root, train, held_out, train_script)
+    folds = [run_fold(args, work, clip, root, train, held_out)
              for train, held_out in ((FOLD_A, FOLD_B), (FOLD_B, FOLD_A))]
     (work / "heldout.json").write_text(json.dumps(folds, indent=2))
     for fold in folds:

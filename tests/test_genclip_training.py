@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from remote_code import run_without_zsad
-from train_script import TRAIN_SCRIPT, load_train_script, run_command
+from train import train as train_script  # train/ is a script folder; the repository root is on sys.path
+from train_script import TRAIN_SCRIPT, run_command
 from zsad import GenCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
@@ -34,7 +35,6 @@ def run_dir(tmp_path_factory, tiny_clip_path, dataset_root):
 @pytest.fixture(scope="module")
 def training_batch(dataset_root, tiny_backbone):
     """The whole training set as one batch, preprocessed as train.py does."""
-    train_script = load_train_script()
     samples = load_dataset("mvtec", dataset_root)
     dataset = train_script.TrainingSet(samples, IMAGE_SIZE, tiny_backbone.image_mean, tiny_backbone.image_std)
     return train_script.collate([dataset[i] for i in range(len(dataset))])

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from remote_code import run_without_zsad
-from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, load_train_script, run_command
+from train import train as train_script  # train/ is a script folder; the repository root is on sys.path
+from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
 from zsad.data.synthetic import generate
@@ -20,7 +21,6 @@ IMAGE_SIZE = 56
 BATCH_SIZE = 4
 CATEGORIES = ["wood", "capsule"]
 
-train_script = load_train_script()
 
 
 def _training_args(clip, root, output_dir, epochs, *extra):

@@ -1,13 +1,10 @@
-"""train/train.py for the tests: the script as a module (train/ is a script folder, not a package) and a
-runner for it (and Accelerate launches of it) in an offline subprocess."""
+"""Running train/train.py (and Accelerate launches of it) in an offline subprocess, for the tests."""
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 import psutil
@@ -21,14 +18,6 @@ TRAIN_SCRIPT = REPO / "train" / "train.py"
 
 class CommandHung(AssertionError):
     """A command ran past its time limit; the message holds its output and every Python process's stacks."""
-
-
-@cache
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("zsad_train_script", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_command(command: list[str], timeout: float = 300, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
