@@ -25,6 +25,7 @@ import gradio as gr
 from PIL import Image
 
 import zsad
+from zsad.allocator import return_large_buffers_to_the_system
 from zsad.errors import ZSADError
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, BackboneLoadError, Detection
 from zsad.loading import PRECISIONS, resolve_precision
@@ -319,6 +320,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    return_large_buffers_to_the_system()  # before loading: the weights' conversion buffers go back too
     clip = args.clip or os.environ.get("ZSAD_CLIP")
     if args.tiny:
         from zsad.testing import save_tiny_clip

@@ -8,7 +8,9 @@ Prints, all measured in this run:
 - the straightforward path (fp32, all hidden states kept, text recomputed every call) and the speed-up;
 - fidelity of the fast path against fp32 (Pearson of maps, image-score difference), full size and tiny model.
 
-    python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench]
+The allocator is set up as in the Space (``zsad.allocator``) unless ``--default-malloc`` is given.
+
+    python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench] [--default-malloc]
 """
 
 import argparse
@@ -20,27 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_line, matmul_gflops, save_full_size_clip, timed  # noqa: E402
+from benchmarks.common import full_size_inputs, machine_line, matmul_gflops, timed  # noqa: E402
+from zsad.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
 from zsad.modeling.clip_backbone import ImageFeatures  # noqa: E402
 from zsad.testing import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
 CLASS_NAME = "metal nut"
-
-
-def test_image(path: Path) -> Path:
-    """A 900x700 photo-like PNG (not square, not 518 px) so decode and resizing are part of the timing."""
-    rng = np.random.default_rng(0)
-    pixels = (rng.random((700, 900, 3)) * 60 + np.linspace(60, 180, 900)[None, :, None]).astype(np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def vision_forward(vision_model, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
@@ -89,7 +83,7 @@ def straightforward_path(detector: AnomalyDetector):
             model.cached_text = originals[name]
 
 
-def text_seconds_per_call(detector: AnomalyDetector, method: str, image: Path) -> float:
+def text_seconds_per_call(detector: AnomalyDetector, method: str, image: str) -> float:
     """Wall time spent in the text encoder during one (warm) detection."""
     backbone = detector.backbone
     spent = []
@@ -113,7 +107,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-def fidelity(clip_path: str, image: Path, image_size: int) -> dict[str, tuple[float, float]]:
+def fidelity(clip_path: str, image: str, image_size: int) -> dict[str, tuple[float, float]]:
     """Per method: (Pearson of bf16 vs fp32 maps, |score difference|)."""
     fast = AnomalyDetector.load(clip=clip_path, dtype=torch.bfloat16, image_size=image_size)
     exact = AnomalyDetector.load(clip=clip_path, dtype=torch.float32, image_size=image_size)
@@ -124,7 +118,7 @@ def fidelity(clip_path: str, image: Path, image_size: int) -> dict[str, tuple[fl
     return results
 
 
-def latency_tables(clip_path: str, image: Path, repeats: int) -> None:
+def latency_tables(clip_path: str, image: str, repeats: int) -> None:
     """The floor, then per method the fast path, the straightforward path and the text share.
 
     The floor is timed before and after the methods and the faster of the two is used, so that a slow spell of
@@ -164,12 +158,12 @@ def latency_tables(clip_path: str, image: Path, repeats: int) -> None:
     print(f"\ncompare (all {len(fast.method_names)} methods, one vision pass): {compare_seconds:.2f} s ({compare_seconds / floor:.2f}x the floor)")
 
 
-def main(workdir: str, repeats: int) -> None:
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    clip_path = str(save_full_size_clip(workdir / "clip-vit-large-patch14-336-random"))
-    image = test_image(workdir / "part.png")
+def main(workdir: str, repeats: int, space_malloc: bool) -> None:
+    if space_malloc:
+        return_large_buffers_to_the_system()
+    clip_path, image = full_size_inputs(Path(workdir))
     print(machine_line())
+    print(f"malloc: {'the Space settings (zsad.allocator)' if space_malloc else 'glibc defaults'}")
     print(f"matmul 2048^3: fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s")
 
     latency_tables(clip_path, image, repeats)
@@ -184,5 +178,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
-    main(args.workdir, args.repeats)
+    main(args.workdir, args.repeats, space_malloc=not args.default_malloc)

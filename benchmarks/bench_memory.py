@@ -57,12 +57,9 @@ def measure_space(clip_path: str, image: str, precision: str) -> dict:
 
 
 def main(workdir: Path) -> None:
-    from benchmarks.bench_inference import test_image
-    from benchmarks.common import save_full_size_clip
+    from benchmarks.common import full_size_inputs
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    clip_path = str(save_full_size_clip(workdir / "clip-vit-large-patch14-336-random"))
-    image = str(test_image(workdir / "part.png"))
+    clip_path, image = full_size_inputs(workdir)
     print("| precision | backbone weights (MB) | target (MB) | peak RSS until serving (MB) | / target | "
           "peak RSS while serving (MB) | / target |")
     print("|---|---|---|---|---|---|---|")

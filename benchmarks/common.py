@@ -6,7 +6,9 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
 VIT_L14_336 = dict(
@@ -38,6 +40,21 @@ def save_full_size_clip(directory: str | Path) -> Path:
     CLIPModel(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def photo_like_image(path: Path) -> Path:
+    """A 900x700 photo-like PNG (not square, not 518 px) so decode and resizing are part of the timing."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((700, 900, 3)) * 60 + np.linspace(60, 180, 900)[None, :, None]).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def full_size_inputs(workdir: Path) -> tuple[str, str]:
+    """(the full-size random CLIP's folder, the photo-like test image) in ``workdir``, made on first use."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    clip_path = save_full_size_clip(workdir / "clip-vit-large-patch14-336-random")
+    return str(clip_path), str(photo_like_image(workdir / "part.png"))
 
 
 def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
