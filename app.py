@@ -160,8 +160,8 @@ class ImageFiles:
     Gradio stores a returned PIL image in its cache under a name derived from the image's content, rewriting that
     file in place each time; a client still downloading it for an earlier request with the same output (two
     visitors on the same example) then gets a truncated file ("peer closed connection"). A returned file path is
-    copied into the cache atomically and never rewritten. The folders of the last ``keep`` requests are kept:
-    Gradio has copied their files before a later request runs (one request at a time)."""
+    copied into the cache atomically and never rewritten. The folders of the last ``keep`` requests are kept
+    (the Space passes its concurrency limit + 1): Gradio has copied their files before later requests run."""
 
     def __init__(self, keep: int = 2):
         self._root = tempfile.TemporaryDirectory(prefix="zsad-space-")
@@ -309,7 +309,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
             gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
         # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
         run.click(
-            serving_files(make_handler(detector), ImageFiles()),
+            serving_files(make_handler(detector), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
             inputs=[image, class_name, method, threshold],
             outputs=[overlay, mask, score, verdict, table, views],
             api_name="detect",
