@@ -25,6 +25,14 @@ def tiny_backbone(tiny_clip_path):
     return CLIPBackbone.from_pretrained(str(tiny_clip_path))
 
 
+@pytest.fixture
+def fresh_backbone(tiny_clip_path):
+    """A tiny backbone of the test's own, with no text features cached yet (for tests that count encoder calls)."""
+    from zsad import CLIPBackbone
+
+    return CLIPBackbone.from_pretrained(str(tiny_clip_path))
+
+
 @pytest.fixture(scope="session")
 def good_files(tmp_path_factory):
     """Readable images of every awkward kind (16-bit, CMYK, RGBA, grey, EXIF-rotated, ...); see image_files.py."""

@@ -164,7 +164,8 @@ def test_model_without_backbone_says_how_to_attach():
         model(torch.randn(1, 3, 56, 56), class_names="bottle")
 
 
-def test_class_text_features_are_computed_once(monkeypatch, baseline, pixels):
+def test_class_text_features_are_computed_once(monkeypatch, tiny_clip_path, fresh_backbone, pixels):
+    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
     encoded_rows = []  # prompts per text-encoder call
     original = baseline.clip.encode_text
     monkeypatch.setattr(baseline.clip, "encode_text", lambda ids, *a, **k: encoded_rows.append(len(ids)) or original(ids, *a, **k))

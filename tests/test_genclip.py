@@ -266,10 +266,11 @@ def test_branch_fusion_arithmetic(make_model, pixels, branch_weight):
     assert output.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
 
 
-def test_text_cache_hits_on_the_second_call(model, tiny_backbone, pixels, monkeypatch):
+def test_text_cache_hits_on_the_second_call(tiny_clip_path, fresh_backbone, pixels, monkeypatch):
+    model = GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
     calls = []
-    encode_text = tiny_backbone.encode_text
-    monkeypatch.setattr(tiny_backbone, "encode_text", lambda ids, *a, **k: calls.append(ids.shape[0]) or encode_text(ids, *a, **k))
+    encode_text = fresh_backbone.encode_text
+    monkeypatch.setattr(fresh_backbone, "encode_text", lambda ids, *a, **k: calls.append(ids.shape[0]) or encode_text(ids, *a, **k))
     layers = len(model.config.feature_layers)
     with torch.no_grad():
         first = model(pixels, class_names="bottle")

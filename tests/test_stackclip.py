@@ -262,11 +262,17 @@ def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_ba
         torch.testing.assert_close(twin(pixels, ["candle", "pcb"]).anomaly_map, first.anomaly_map, rtol=0, atol=0)
 
 
-def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step(tiny_clip_path, tiny_backbone, pixels, monkeypatch):
-    model = untrained(tiny_clip_path, tiny_backbone).eval()
+def _count_text_calls(backbone, monkeypatch) -> list:
+    """The (rows, length) of every text-encoder call on ``backbone`` from now on."""
     calls = []
-    original = tiny_backbone.encode_text
-    monkeypatch.setattr(tiny_backbone, "encode_text", lambda ids, *args, **kwargs: calls.append(ids.shape) or original(ids, *args, **kwargs))
+    original = backbone.encode_text
+    monkeypatch.setattr(backbone, "encode_text", lambda ids, *args, **kwargs: calls.append(ids.shape) or original(ids, *args, **kwargs))
+    return calls
+
+
+def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step(tiny_clip_path, fresh_backbone, pixels, monkeypatch):
+    model = untrained(tiny_clip_path, fresh_backbone).eval()
+    calls = _count_text_calls(fresh_backbone, monkeypatch)
     with torch.no_grad():
         model(pixels, ["bottle", "cable"])
         first_calls = len(calls)
@@ -283,6 +289,20 @@ def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step
         after = model.rpl_text()
     assert len(calls) == first_calls + 1
     assert not torch.allclose(before, after)
+
+
+def test_baseline_and_stackclip_on_one_backbone_encode_a_names_prompt_ensemble_once(tiny_clip_path, fresh_backbone, pixels,
+                                                                                    monkeypatch):
+    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
+    stackclip = untrained(tiny_clip_path, fresh_backbone).eval()
+    calls = _count_text_calls(fresh_backbone, monkeypatch)
+    prompts_per_name = sum(len(states) for states in STATE_WORDS) * len(TEMPLATES)
+    with torch.no_grad():
+        baseline(pixels, "bottle")
+        assert sum(rows for rows, _ in calls) == prompts_per_name
+        calls.clear()
+        stackclip(pixels, "bottle")
+    assert sum(rows for rows, _ in calls) < prompts_per_name  # its own RPL prompts only
 
 
 def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_backbone, pixels, tmp_path):

@@ -10,6 +10,7 @@ Example:
 ```
 """
 
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -100,6 +101,8 @@ def safetensors_files(name_or_path: str, revision: str | None) -> list[str] | No
     return get_checkpoint_shard_files(name_or_path, index, revision=revision)[0] if index else None
 
 
+# Class names whose frozen text features a backbone keeps (a few KB each).
+FROZEN_FEATURES_CACHE_SIZE = 1024
 # Prompts read a few dozen rows of this table. Memory-mapped (privately, so copy-on-write), it costs the pages
 # of those rows instead of its full size (146 MiB for CLIP's 49,408 x 768 float32 table).
 SPARSELY_READ_WEIGHTS = ("text_model.embeddings.token_embedding.weight",)
@@ -162,6 +165,7 @@ class CLIPBackbone(nn.Module):
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self._reused_features: list | None = None
+        self._frozen_features: OrderedDict = OrderedDict()
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -184,6 +188,21 @@ class CLIPBackbone(nn.Module):
                 "weights and the tokenizer files), e.g. one saved by CLIPModel.save_pretrained."
             ) from error
         return cls(clip, tokenizer, *image_normalisation(name_or_path, revision)).set_vision_dtype(dtype or torch.float32)
+
+    def frozen_features(self, key: tuple, compute) -> torch.Tensor:
+        """``compute()`` once per ``key`` for features of this frozen backbone alone (e.g. a class name's prompt
+        ensemble), shared by every model on the backbone; the least recently used go beyond
+        ``FROZEN_FEATURES_CACHE_SIZE`` keys. Computed outside inference mode, so training can use them too."""
+        full_key = (key, str(self.device))
+        if full_key in self._frozen_features:
+            self._frozen_features.move_to_end(full_key)
+            return self._frozen_features[full_key]
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self._frozen_features[full_key] = value
+        if len(self._frozen_features) > FROZEN_FEATURES_CACHE_SIZE:
+            self._frozen_features.popitem(last=False)
+        return value
 
     def set_vision_dtype(self, dtype: torch.dtype) -> "CLIPBackbone":
         """Run the vision transformer in ``dtype``. Its outputs are normalised and projected in float32

@@ -191,11 +191,9 @@ class GenCLIPModel(ZSADPreTrainedModel):
         return torch.stack([per_name[name] for name in names])
 
     def frozen_text_features(self, prompts: list[str]) -> torch.Tensor:
-        """Plain frozen-CLIP text features (no learned tokens), cached also through training."""
+        """Plain frozen-CLIP text features (no learned tokens), computed once per backbone (also through training)."""
         backbone = self.require_backbone()
-        return self.cached_text(
-            ("frozen", tuple(prompts)), lambda: backbone.encode_text(backbone.tokenize(prompts)), depends_on_parameters=False
-        )
+        return backbone.frozen_features(("prompts", tuple(prompts)), lambda: backbone.encode_text(backbone.tokenize(prompts)))
 
     # ----- forward --------------------------------------------------------------------------------
 

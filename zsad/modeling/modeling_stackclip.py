@@ -116,22 +116,13 @@ class StackCLIPModel(ZSADPreTrainedModel):
 
     # ----- text features ----------------------------------------------------------------------
 
-    def _per_image(self, key: str, names: list[str], compute) -> torch.Tensor:
-        """Backbone-only features, one row per image, each class name encoded once (training batches mix
-        names in ever new combinations, so the cache is per name, not per name set)."""
-        rows = {
-            name: self.cached_text((key, name), lambda name=name: compute([name])[0], depends_on_parameters=False)
-            for name in set(names)
-        }
-        return torch.stack([rows[name] for name in names])
-
     def precise_text(self, names: list[str]) -> torch.Tensor:
         """(B, 2, P) state x template ensemble with each image's own category name."""
-        return self._per_image("precise", names, lambda unique: prompt_ensemble_features(self.clip, unique).float())
+        return prompt_ensemble_features(self.clip, names).float()
 
     def class_features(self, names: list[str]) -> torch.Tensor:
         """(B, P) precise class features t_c (no state words), as used for clustering."""
-        return self._per_image("class", names, lambda unique: class_prompt_features(self.clip, unique))
+        return class_prompt_features(self.clip, names)
 
     def fused_text(self, names: list[str]) -> torch.Tensor:
         """(B, K, 2, P) text pair of each image's category for each cluster; (B, 1, 2, P) precise before CSP."""

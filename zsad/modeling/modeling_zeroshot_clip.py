@@ -26,10 +26,8 @@ class ZeroShotCLIPModel(ZSADPreTrainedModel):
         self.post_init()
 
     def class_text_features(self, class_names: list[str]) -> torch.Tensor:
-        """(B, 2, P) ensemble features, one pair per image, computed once per distinct name."""
-        unique = sorted(set(class_names))
-        pairs = self.cached_text(("ensemble", tuple(unique)), lambda: prompt_ensemble_features(self.clip, unique))
-        return pairs[[unique.index(name) for name in class_names]]
+        """(B, 2, P) ensemble features, one pair per image, computed once per name on the backbone."""
+        return prompt_ensemble_features(self.clip, class_names)
 
     def forward(
         self,

@@ -218,15 +218,14 @@ class ZSADPreTrainedModel(PreTrainedModel):
     def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
         return self.require_backbone().encode_image(pixel_values, self.config.feature_layers)
 
-    def cached_text(self, key: tuple, compute, depends_on_parameters: bool = True):
+    def cached_text(self, key: tuple, compute):
         """``compute()`` once per key while no parameter changes; training (grad enabled) bypasses the cache.
 
         Parameter version counters are part of the key, so an optimiser step or load_state_dict
         invalidates entries of text features that depend on learnable prompts. Features of the frozen
-        backbone alone (``depends_on_parameters=False``) stay cached through training; ``compute`` must
-        then not need gradients.
+        backbone alone are cached on the backbone instead (``CLIPBackbone.frozen_features``).
         """
-        adapters = self.adapter_parameters() if depends_on_parameters else []
+        adapters = self.adapter_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
             return compute()
         versions = tuple(p._version for p in adapters)

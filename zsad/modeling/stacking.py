@@ -23,12 +23,16 @@ logger = logging.get_logger(__name__)
 
 
 def class_prompt_features(backbone, class_names: list[str], templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
-    """(C, P) precise class features: mean over templates of ``"a photo of a {c}."``-style prompts, normalised."""
-    features = []
-    for name in class_names:
+    """(C, P) precise class features: mean over templates of ``"a photo of a {c}."``-style prompts, normalised;
+    each name's computed once per backbone (``frozen_features``)."""
+
+    def compute(name: str) -> torch.Tensor:
         prompts = [template.format(name) for template in templates]
-        features.append(backbone.encode_text(backbone.tokenize(prompts)).float().mean(dim=0))
-    return F.normalize(torch.stack(features), dim=-1)
+        return F.normalize(backbone.encode_text(backbone.tokenize(prompts)).float().mean(dim=0), dim=-1)
+
+    return torch.stack([
+        backbone.frozen_features(("class prompts", name, templates), lambda name=name: compute(name)) for name in class_names
+    ])
 
 
 def cluster_spread(features: np.ndarray, labels: np.ndarray) -> float:
