@@ -72,15 +72,18 @@ def straightforward_path(detector: AnomalyDetector):
         grid = pixel_values.shape[-1] // backbone.vision_config.patch_size
         return ImageFeatures(list(layers), [output.hidden_states[k] for k in layers], embeds, grid)
 
-    original_tower = backbone._run_vision_tower
+    def uncached(key, compute):
+        return compute()
+
+    original_tower, original_frozen_features = backbone._run_vision_tower, backbone.frozen_features
     originals = {name: model.cached_text for name, model in detector.models.items()}
-    backbone._run_vision_tower = all_hidden_states
+    backbone._run_vision_tower, backbone.frozen_features = all_hidden_states, uncached
     for model in detector.models.values():
-        model.cached_text = lambda key, compute, *args, **kwargs: compute()
+        model.cached_text = uncached
     try:
         yield detector
     finally:
-        backbone._run_vision_tower = original_tower
+        backbone._run_vision_tower, backbone.frozen_features = original_tower, original_frozen_features
         for name, model in detector.models.items():
             model.cached_text = originals[name]
 
