@@ -13,6 +13,7 @@ Host and port follow Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`
 
 import argparse
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -167,27 +168,28 @@ class ImageFiles:
         self._root = tempfile.TemporaryDirectory(prefix="zsad-space-")
         self._folders: deque[Path] = deque()
         self._keep = keep
-        self._count = 0
 
     def new_folder(self) -> Path:
-        self._count += 1
-        folder = Path(self._root.name) / f"request-{self._count}"
-        folder.mkdir()
-        self._folders.append(folder)
+        self._folders.append(Path(tempfile.mkdtemp(prefix="request-", dir=self._root.name)))
         while len(self._folders) > self._keep:
             shutil.rmtree(self._folders.popleft())
-        return folder
+        return self._folders[-1]
 
     def replace_images(self, value, folder: Path):
         """``value`` with every PIL image (in nested tuples and lists) replaced by the path of a file holding it:
         PNG for one-channel masks (exact), WebP otherwise (Gradio's own default for displayed images)."""
-        if isinstance(value, Image.Image):
-            path = folder / f"{len(list(folder.iterdir()))}.{'png' if value.mode == 'L' else 'webp'}"
-            value.save(path)
-            return str(path)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.replace_images(item, folder) for item in value)
-        return value
+        numbers = itertools.count()
+
+        def replace(item):
+            if isinstance(item, Image.Image):
+                path = folder / f"{next(numbers)}.{'png' if item.mode == 'L' else 'webp'}"
+                item.save(path)
+                return str(path)
+            if isinstance(item, (tuple, list)):
+                return type(item)(replace(part) for part in item)
+            return item
+
+        return replace(value)
 
 
 def serving_files(handler, files: ImageFiles):

@@ -32,10 +32,8 @@ SETTINGS = {
 MEASURE = """
 import json, os, sys, time
 import torch
+from benchmarks.common import proc_status_mb as status_mb
 from zsad.inference import AnomalyDetector
-
-def status_mb(key):
-    return int(next(l.split()[1] for l in open(f"/proc/{os.getpid()}/status") if l.startswith(key))) / 1024
 
 detector = AnomalyDetector.load(clip=sys.argv[1], dtype=torch.bfloat16, image_size=518)
 loaded, loading_peak = status_mb("VmRSS"), status_mb("VmHWM")
@@ -56,7 +54,8 @@ print(json.dumps({"loading_peak": loading_peak, "loaded": loaded, "serving_peak"
 
 
 def measure(tunables: str, clip_path: str, image: str) -> dict:
-    environment = {**os.environ, "GLIBC_TUNABLES": tunables, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    environment = {**os.environ, "GLIBC_TUNABLES": tunables, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", MEASURE, clip_path, image], env=environment, capture_output=True,
                             text=True, check=True)
     return json.loads(result.stdout.splitlines()[-1])

@@ -19,6 +19,7 @@ from gradio_client import Client, handle_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import full_size_inputs, proc_status_mb  # noqa: E402
 from zsad.testing import serving_app  # noqa: E402
 
 MB = 1024 * 1024
@@ -39,37 +40,28 @@ def backbone_weight_bytes(clip_path: str, precision: str) -> int:
     return total
 
 
-def _peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
-
-
 def measure_space(clip_path: str, image: str, precision: str) -> dict:
     with serving_app(REPO / "app.py", "--clip", clip_path, "--precision", precision, timeout=600) as (url, server):
-        load_peak = _peak_rss(server.pid)
+        load_peak = proc_status_mb("VmHWM", server.pid)
         Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
         client = Client(url, verbose=False)
         for method in ("baseline", "stackclip", "genclip", "compare"):
             client.predict(handle_file(image), CLASS_NAME, method, 0.5, api_name="/detect")
-        return {"load_peak": load_peak, "serving_peak": _peak_rss(server.pid)}
+        return {"load_peak": load_peak, "serving_peak": proc_status_mb("VmHWM", server.pid)}
 
 
 def main(workdir: Path) -> None:
-    from benchmarks.common import full_size_inputs
-
     clip_path, image = full_size_inputs(workdir)
     print("| precision | backbone weights (MB) | target (MB) | peak RSS until serving (MB) | / target | "
           "peak RSS while serving (MB) | / target |")
     print("|---|---|---|---|---|---|---|")
     for precision in ("float32", "bfloat16"):
-        weights = backbone_weight_bytes(clip_path, precision)
-        target = 1.15 * weights + 400 * MB
+        weights = backbone_weight_bytes(clip_path, precision) / MB
+        target = 1.15 * weights + 400
         peaks = measure_space(clip_path, image, precision)
         print(
-            f"| {precision} | {weights / MB:.0f} | {target / MB:.0f} | {peaks['load_peak'] / MB:.0f} | "
-            f"{peaks['load_peak'] / target:.2f} | {peaks['serving_peak'] / MB:.0f} | {peaks['serving_peak'] / target:.2f} |"
+            f"| {precision} | {weights:.0f} | {target:.0f} | {peaks['load_peak']:.0f} | "
+            f"{peaks['load_peak'] / target:.2f} | {peaks['serving_peak']:.0f} | {peaks['serving_peak'] / target:.2f} |"
         )
 
 

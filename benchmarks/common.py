@@ -42,6 +42,14 @@ def save_full_size_clip(directory: str | Path) -> Path:
     return directory
 
 
+def proc_status_mb(key: str, pid: int | str = "self") -> float:
+    """A memory figure of a process from Linux's /proc/PID/status (e.g. VmRSS, VmHWM = peak RSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
 def photo_like_image(path: Path) -> Path:
     """A 900x700 photo-like PNG (not square, not 518 px) so decode and resizing are part of the timing."""
     rng = np.random.default_rng(0)

@@ -101,7 +101,7 @@ def safetensors_files(name_or_path: str, revision: str | None) -> list[str] | No
     return get_checkpoint_shard_files(name_or_path, index, revision=revision)[0] if index else None
 
 
-# Class names whose frozen text features a backbone keeps (a few KB each).
+# Keys (a class name's prompts, a list of prompts) whose frozen text features a backbone keeps (a few KB each).
 FROZEN_FEATURES_CACHE_SIZE = 1024
 # Prompts read a few dozen rows of this table. Memory-mapped (privately, so copy-on-write), it costs the pages
 # of those rows instead of its full size (146 MiB for CLIP's 49,408 x 768 float32 table).
@@ -203,6 +203,10 @@ class CLIPBackbone(nn.Module):
         if len(self._frozen_features) > FROZEN_FEATURES_CACHE_SIZE:
             self._frozen_features.popitem(last=False)
         return value
+
+    def frozen_features_per_name(self, kind: tuple, class_names: list[str], compute) -> torch.Tensor:
+        """(C, ...) ``compute(name)`` for each name, each cached by ``frozen_features`` under ``(kind, name)``."""
+        return torch.stack([self.frozen_features((kind, name), lambda name=name: compute(name)) for name in class_names])
 
     def set_vision_dtype(self, dtype: torch.dtype) -> "CLIPBackbone":
         """Run the vision transformer in ``dtype``. Its outputs are normalised and projected in float32

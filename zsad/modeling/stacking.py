@@ -30,9 +30,7 @@ def class_prompt_features(backbone, class_names: list[str], templates: tuple[str
         prompts = [template.format(name) for template in templates]
         return F.normalize(backbone.encode_text(backbone.tokenize(prompts)).float().mean(dim=0), dim=-1)
 
-    return torch.stack([
-        backbone.frozen_features(("class prompts", name, templates), lambda name=name: compute(name)) for name in class_names
-    ])
+    return backbone.frozen_features_per_name(("class prompts", templates), class_names, compute)
 
 
 def cluster_spread(features: np.ndarray, labels: np.ndarray) -> float:
