@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from metrics_reference import reference_pixel_metrics  # noqa: E402
-
 from zsad.metrics import pixel_metrics  # noqa: E402
+
+from metrics_reference import reference_pixel_metrics  # noqa: E402
 
 SIZE = 518
 

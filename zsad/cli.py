@@ -7,7 +7,7 @@ from .errors import ZSADError
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
-    from .testing import save_tiny_clip
+    from .tiny_clip import save_tiny_clip
 
     print(save_tiny_clip(args.directory, seed=args.seed))
 
@@ -23,7 +23,8 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .inference import AnomalyDetector, predict_files
+    from .inference import AnomalyDetector
+    from .predict import predict_files
 
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
     summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size)
