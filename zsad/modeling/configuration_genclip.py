@@ -53,8 +53,11 @@ class GenCLIPConfig(ZSADBaseConfig):
             written ``cnf_generic_prompt`` ("a photo of an object.").
         cnf_generic_nouns: the fixed competing candidates (DEFAULT_CNF_GENERIC_NOUNS).
         branch_weight: b in map = b * M_vision + (1 - b) * M_query (0.5).
-        train_query_branch: add the query-only branch's focal + Dice losses during training (the brief's
-            "per layer per branch"); the paper trains the vision-enhanced branch only.
+        train_query_branch: also train on the query-only branch's focal + Dice losses. Off by default: the paper
+            (Fig. 2) uses every module except CNF and F_Q in training, i.e. the vision-enhanced branch's maps only;
+            the shared N_p, A_p, Q_p tokens still learn through that branch.
+        image_loss_weight: weight of the image-level cross-entropy on the fused global probabilities, added to the
+            focal + Dice map losses (the paper names only those; 0 leaves it out).
         optimizer: the optimizer train/train.py builds for this method ("adamw"; its learning rate 1e-3 and
             the 5 epochs are the training command's defaults).
     """
@@ -75,7 +78,8 @@ class GenCLIPConfig(ZSADBaseConfig):
     cnf_generic_prompt: str = "a photo of an object."
     cnf_generic_nouns: list[str] | None = None
     branch_weight: float = 0.5
-    train_query_branch: bool = True
+    train_query_branch: bool = False
+    image_loss_weight: float = 1.0
     optimizer: str = "adamw"
 
     def __post_init__(self, **kwargs):
@@ -86,6 +90,8 @@ class GenCLIPConfig(ZSADBaseConfig):
             raise ZSADError(f"cnf_mode must be one of {CNF_MODES}, got {self.cnf_mode!r}.")
         if not 0.0 <= self.branch_weight <= 1.0:
             raise ZSADError(f"branch_weight must lie in [0, 1], got {self.branch_weight}.")
+        if self.image_loss_weight < 0:
+            raise ZSADError(f"image_loss_weight must be at least 0 (0 trains on the maps only), got {self.image_loss_weight}.")
         super().__post_init__(**kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from .configuration_zsad_base import ZSADBaseConfig
 from .exceptions import ZSADError
+from .stacking import SPREAD_REDUCTIONS
 
 EFA_TRAINING_MODES = ("cluster-specific", "all-data")
 
@@ -13,6 +14,11 @@ class StackCLIPConfig(ZSADBaseConfig):
         num_clusters: force this many CSP clusters; ``None`` picks n* by the count criterion.
         max_clusters: largest count the criterion tries (bounded by the number of categories).
         cluster_penalty: the 0.1 in ``spread + 0.1 * e^n``.
+        cluster_spread: form of the criterion's spread: "sum" (per cluster, the sum of squared distances to the
+            cluster mean, i.e. k-means inertia, which falls as clusters split) or "mean" (their mean, the formula as
+            summarised, which cannot pick more than two clusters on normalised features; METHODS.md).
+        cluster_count_scores: the criterion's score (spread + penalty) of every candidate count, keyed by the count
+            as a string; set by ``prepare_for_training`` (one entry when ``num_clusters`` is forced).
         kmeans_n_init: k-means restarts.
         cluster_seed: k-means random state.
         cluster_members: training category names of each cluster, set by ``prepare_for_training``
@@ -39,6 +45,8 @@ class StackCLIPConfig(ZSADBaseConfig):
     num_clusters: int | None = None
     max_clusters: int = 10
     cluster_penalty: float = 0.1
+    cluster_spread: str = "sum"
+    cluster_count_scores: dict[str, float] | None = None
     kmeans_n_init: int = 10
     cluster_seed: int = 111
     cluster_members: list[list[str]] | None = None
@@ -55,6 +63,8 @@ class StackCLIPConfig(ZSADBaseConfig):
     def __post_init__(self, **kwargs):
         if self.efa_training not in EFA_TRAINING_MODES:
             raise ZSADError(f"efa_training must be one of {EFA_TRAINING_MODES}, got '{self.efa_training}'.")
+        if self.cluster_spread not in SPREAD_REDUCTIONS:
+            raise ZSADError(f"cluster_spread must be one of {tuple(SPREAD_REDUCTIONS)}, got '{self.cluster_spread}'.")
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ZSADError(f"num_clusters must be at least 1 (or None to choose it), got {self.num_clusters}.")
         if not 0.0 <= self.fusion_weight <= 1.0:

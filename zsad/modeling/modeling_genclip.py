@@ -16,6 +16,8 @@ Map = b * M_vision + (1 - b) * M_query; image score = mean of the global probabi
 ```
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,7 @@ from .class_name_filter import (
 from .clip_backbone import ImageFeatures
 from .configuration_genclip import GenCLIPConfig
 from .exceptions import ZSADError
+from .losses import image_loss
 from .modeling_zsad_base import ZSADPreTrainedModel, ZeroShotAnomalyOutput
 from .prompting import class_names_for_batch
 
@@ -245,16 +248,20 @@ class GenCLIPModel(ZSADPreTrainedModel):
             **decision.as_details(),
         }
         loss_maps = vision_state + (query_state if self.config.train_query_branch else [])
-        return self.build_output(
+        # log of the fused probabilities: softmax gives them back, cross-entropy is their NLL.
+        global_logits = global_probs.clamp_min(torch.finfo(global_probs.dtype).tiny).log()
+        output = self.build_output(
             loss_maps,
             b * vision_layers + (1.0 - b) * query_layers,
             b * vision_map + (1.0 - b) * query_map,
-            # log of the fused probabilities: softmax gives them back, cross-entropy is their NLL.
-            global_probs.clamp_min(torch.finfo(global_probs.dtype).tiny).log(),
+            global_logits,
             masks,
-            labels,
-            details,
+            details=details,
         )
+        if labels is None or self.config.image_loss_weight == 0:
+            return output
+        weighted = self.config.image_loss_weight * image_loss(global_logits, labels)
+        return replace(output, loss=weighted if output.loss is None else output.loss + weighted)
 
 
 GenCLIPModel.register_for_auto_class("AutoModel")
