@@ -1,6 +1,7 @@
 """StackCLIP: CSP clustering and stacking, EFA weights and heads, RPL, saving and loading (tiny CLIP, offline)."""
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -77,12 +78,14 @@ def test_sum_criterion_keeps_fifteen_evenly_similar_names_in_one_cluster():
     assert len(clustering.members) == 1
 
 
-def test_sum_criterion_splits_four_near_duplicates_from_eight_spread_names_and_mean_does_not():
+def test_sum_criterion_splits_four_near_duplicates_from_eight_spread_names_and_mean_does_not(caplog):
     # VisA-like: pcb1-4 at cosine 0.95 to each other, everything else at 0.75.
     features = cosine_structured_features([4] + [1] * 8, across=0.75, within=0.95)
     one_cluster = inertia(12, 12 * 0.95 + 120 * 0.75)  # 2.55
     pcb, rest = inertia(4, 12 * 0.95), inertia(8, 56 * 0.75)  # 0.15 and 1.75
-    clustering = stacking.cluster_categories(features, VISA_NAMES, **FAST, spread="sum")
+    with caplog.at_level(logging.INFO, logger="zsad"):
+        clustering = stacking.cluster_categories(features, VISA_NAMES, **FAST, spread="sum")
+    assert "2 cluster(s) for 12 categories" in caplog.text and "n=1: 2.8218, n=2: 2.6389, n=3: 3.6586" in caplog.text
     assert clustering.count_scores[1] == pytest.approx(one_cluster + 0.1 * math.e)  # 2.822
     assert clustering.count_scores[2] == pytest.approx(pcb + rest + 0.1 * math.e**2)  # 2.639
     assert clustering.count_scores[3] == pytest.approx(pcb + inertia(7, 42 * 0.75) + 0.1 * math.e**3)  # 3.659
@@ -441,6 +444,8 @@ def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_b
     loaded = AutoModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
     assert isinstance(loaded, StackCLIPModel)
     assert loaded.config.cluster_members == model.config.cluster_members
+    assert list(loaded.config.cluster_count_scores) == ["2"]  # forced count: its score only
+    assert loaded.config.cluster_count_scores == model.config.cluster_count_scores
     torch.testing.assert_close(loaded.stacked_text, model.stacked_text)
     torch.testing.assert_close(loaded.cluster_centroids, model.cluster_centroids)
     with torch.no_grad():
