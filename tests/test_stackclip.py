@@ -463,6 +463,9 @@ def test_prepare_is_idempotent_and_refuses_to_recluster_a_trained_model(prepared
 
 
 def test_bad_settings_raise_clear_errors():
+    assert StackCLIPConfig().cluster_spread == "sum"  # the form that can give VisA's two clusters (METHODS.md)
+    with pytest.raises(ZSADError, match="cluster_spread must be one of"):
+        StackCLIPConfig(cluster_spread="median")
     with pytest.raises(ZSADError, match="efa_training"):
         StackCLIPConfig(efa_training="everything")
     with pytest.raises(ZSADError, match="fusion_weight"):
