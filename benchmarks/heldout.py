@@ -71,6 +71,9 @@ def run_fold(args, work: Path, clip: Path, root: Path, train_categories, held_ou
     untrained.prepare_for_training(train_categories)  # StackCLIP clusters the training names; others ignore it
     return {
         "train_categories": train_categories,
+        # StackCLIP's CSP result (None for other methods): the clusters and the count criterion's score per n.
+        "clusters": getattr(trained.config, "cluster_members", None),
+        "cluster_count_scores": getattr(trained.config, "cluster_count_scores", None),
         "untrained": evaluate(untrained, root, held_out),
         "trained": evaluate(trained, root, held_out),
     }
@@ -106,6 +109,8 @@ def main() -> None:
     for fold in folds:
         untrained, trained = (np.mean([m["pixel_auroc"] for m in fold[name].values()]) for name in ("untrained", "trained"))
         print(f"trained on {fold['train_categories']}: held-out pixel AUROC {untrained:.3f} untrained -> {trained:.3f} trained")
+        if fold["clusters"] is not None:
+            print(f"  clusters {fold['clusters']}, count criterion {fold['cluster_count_scores']}")
     print(f"\n{args.method}, held-out categories (both folds), {args.epochs} epochs at {args.image_size} px, percent:\n")
     print(mean_table(folds))
 

@@ -47,12 +47,16 @@ def test_config_defaults_follow_methods_md():
     assert (config.cnf_mode, config.cnf_threshold, config.cnf_top_k) == ("hard", 0.2, 3)
     assert config.branch_weight == 0.5 and config.generic_name == "object"
     assert config.optimizer == "adamw"
+    # The paper trains every module except CNF and F_Q; the image-level cross-entropy is the project's choice.
+    assert config.train_query_branch is False and config.image_loss_weight == 1.0
     assert config.feature_layers == [6, 12, 18, 24] and len(config.cnf_generic_nouns) > 10
     assert zsad.METHODS["genclip"] is GenCLIPModel
     with pytest.raises(ZSADError, match="cnf_mode"):
         GenCLIPConfig(cnf_mode="sometimes")
     with pytest.raises(ZSADError, match="branch_weight"):
         GenCLIPConfig(branch_weight=1.5)
+    with pytest.raises(ZSADError, match="image_loss_weight"):
+        GenCLIPConfig(image_loss_weight=-1.0)
 
 
 def test_tiled_token_ids_repeat_or_cut():
@@ -281,23 +285,40 @@ def test_text_cache_hits_on_the_second_call(tiny_clip_path, fresh_backbone, pixe
     torch.testing.assert_close(second.anomaly_map, first.anomaly_map, rtol=0, atol=0)
 
 
-def test_training_loss_reaches_every_adapter_and_both_branches(make_model, pixels):
+@pytest.fixture
+def targets():
     masks = torch.zeros(2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
     masks[0, 30:60, 40:80] = 1
-    labels = torch.tensor([1, 0])
-    both = make_model().train()
-    loss = both(pixels, class_names=["bottle", "bottle"], masks=masks, labels=labels).loss
+    return {"masks": masks, "labels": torch.tensor([1, 0])}
+
+
+def test_training_loss_reaches_every_adapter_through_the_vision_branch_alone(make_model, pixels, targets):
+    model = make_model().train()  # default: the paper's training, query-only branch (F_Q) left out
+    loss = model(pixels, class_names=["bottle", "bottle"], **targets).loss
     loss.backward()
     assert torch.isfinite(loss)
-    for name, parameter in both.named_parameters():
-        if not name.startswith("clip."):
+    for name, parameter in model.named_parameters():
+        if not name.startswith("clip."):  # N_p, A_p, Q_p learn through the vision-enhanced branch
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in both.clip.parameters())
-    assert both.filter_class_names(["pcb1"], torch.zeros(1, 1)).mode == "off"  # no CNF while training
-    vision_only = make_model(train_query_branch=False).train()
+    assert all(p.grad is None for p in model.clip.parameters())
+    assert model.filter_class_names(["pcb1"], torch.zeros(1, 1)).mode == "off"  # no CNF while training
+    both = make_model(train_query_branch=True).train()
     with torch.no_grad():
-        vision_loss = vision_only(pixels, class_names=["bottle", "bottle"], masks=masks, labels=labels).loss
-    assert vision_loss < loss - 0.1  # the query-only branch's four layer losses are left out
+        both_loss = both(pixels, class_names=["bottle", "bottle"], **targets).loss
+    assert both_loss > loss + 0.1  # the query-only branch's four layer losses are added
+
+
+def test_image_loss_weight_scales_the_cross_entropy_of_the_fused_global_probabilities(make_model, pixels, targets):
+    losses = {}
+    for weight in (0.0, 1.0, 2.5):
+        with torch.no_grad():
+            output = make_model(image_loss_weight=weight).train()(pixels, class_names=["bottle", "bottle"], **targets)
+        losses[weight] = output.loss
+    abnormal = output.global_score.double()  # fused b * vision + (1 - b) * query probability; labels (1, 0)
+    cross_entropy = (-(abnormal[0].log() + (1.0 - abnormal[1]).log()) / 2).float()
+    assert cross_entropy > 0.01
+    torch.testing.assert_close(losses[1.0], losses[0.0] + cross_entropy)
+    torch.testing.assert_close(losses[2.5], losses[0.0] + 2.5 * cross_entropy)
 
 
 def test_bad_class_name_raises_zsad_error(model, pixels):

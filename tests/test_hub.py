@@ -150,6 +150,34 @@ def test_stackclip_template_is_chosen_by_model_type():
     assert card.index("qiu2025stackclip") < card.index("kim2025genclip")
 
 
+def test_stackclip_card_lists_the_clusters_and_the_count_criterion_score_of_every_candidate():
+    config = zsad.StackCLIPConfig(
+        cluster_members=[["pcb1", "pcb2"], ["candle", "fryum"]], stacked_names=["pcb1 pcb2", "candle fryum"],
+        cluster_count_scores={"1": 2.8217, "2": 2.63906, "3": 3.6586},
+    )
+    card = str(render_model_card(config))
+    assert "| 1 | pcb1 pcb2 | pcb1, pcb2 |" in card and "| 2 | candle fryum | candle, fryum |" in card
+    assert "| 1 | 2.8217 |\n| 2 (chosen) | 2.6391 |\n| 3 | 3.6586 |" in card
+    assert "per-cluster sum (k-means inertia)" in card and "| `cluster_spread` | `sum` |" in card
+    forced = str(render_model_card(zsad.StackCLIPConfig(**{**config.to_dict(), "num_clusters": 2,
+                                                            "cluster_count_scores": {"2": 2.63906}})))
+    assert "The count was forced (`num_clusters` = 2)" in forced and "| 2 (chosen) | 2.6391 |" in forced
+    assert "Not clustered yet" in str(render_model_card(zsad.StackCLIPConfig()))
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [({}, ["| `train_query_branch` | `false` |", "| `image_loss_weight` | `1.0` |", "vision-enhanced branch only, as in the paper",
+           "image-level cross-entropy on the fused global probabilities with weight\n  `image_loss_weight` = 1.0"]),
+     ({"train_query_branch": True, "image_loss_weight": 0.0},
+      ["| `train_query_branch` | `true` |", "and of the query-only branch", "No image-level loss (`image_loss_weight` = 0)"])],
+)
+def test_genclip_card_says_which_losses_train_it(overrides, says):
+    card = str(render_model_card(zsad.GenCLIPConfig(**overrides)))
+    for text in says:
+        assert text in card, text
+
+
 def test_untrained_card_says_so_and_has_no_results():
     config = zsad.StackCLIPConfig()
     card = render_model_card(config)

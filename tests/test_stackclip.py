@@ -1,6 +1,7 @@
 """StackCLIP: CSP clustering and stacking, EFA weights and heads, RPL, saving and loading (tiny CLIP, offline)."""
 
 import copy
+import logging
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ from transformers import AutoModel
 from transformers.testing_utils import CaptureLogger
 
 from zsad import StackCLIPConfig, StackCLIPModel, ZeroShotCLIPModel, ZSADError
-from zsad.modeling import stacking
+from zsad.modeling import modeling_stackclip, stacking
 from zsad.modeling.prompting import STATE_WORDS, TEMPLATES, TEXT_TOKENS_PER_CHUNK, prompt_ensemble_features
 
 from conftest import TEST_IMAGE_SIZE
@@ -39,15 +40,91 @@ def prepared(two_cluster_model):
 # ----- CSP: clustering ----------------------------------------------------------------------
 
 
-def test_count_criterion_matches_hand_computed_values_and_picks_one_cluster_for_three_directions():
-    # Three categories on three orthogonal axes: one cluster has spread 3 * (1 - 2/3 + 1/3) / 3 = 2/3.
+def cosine_structured_features(group_sizes: list[int], across: float, within: float) -> np.ndarray:
+    """Unit vectors, one row per item, whose pairwise cosine is exactly ``within`` inside a group and ``across``
+    between groups: sqrt(across) * shared axis + sqrt(within - across) * group axis + sqrt(1 - within) * own axis."""
+    count = sum(group_sizes)
+    features = np.zeros((count, 1 + len(group_sizes) + count))
+    features[:, 0] = math.sqrt(across)
+    groups = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    features[np.arange(count), 1 + groups] = math.sqrt(within - across)
+    features[np.arange(count), 1 + len(group_sizes) + np.arange(count)] = math.sqrt(1.0 - within)
+    return features
+
+
+def inertia(size: int, ordered_pair_cosines: float) -> float:
+    """Sum of squared distances to the mean of ``size`` unit vectors: |T| - (1/|T|) sum_{s,t in T} <s, t>."""
+    return size - (size + ordered_pair_cosines) / size
+
+
+FAST = {"max_clusters": 4, "n_init": 4}  # scikit-learn's k-means costs ~0.1 s per fit here
+VISA_NAMES = ["pcb1", "pcb2", "pcb3", "pcb4", "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
+              "macaroni2", "pipe_fryum"]
+
+
+def test_sum_criterion_keeps_fifteen_evenly_similar_names_in_one_cluster():
+    # Equal cosines 0.75: every partition into n clusters has inertia (15 - n)(1 - 0.75), so each extra cluster saves
+    # 0.25 while the penalty grows by 0.1 (e^(n+1) - e^n) >= 0.47.
+    features = cosine_structured_features([1] * 15, across=0.75, within=0.75)
+    clustering = stacking.cluster_categories(features, [f"c{i}" for i in range(15)], **FAST, spread="sum")
+    assert list(clustering.count_scores) == [1, 2, 3, 4]
+    for count, score in clustering.count_scores.items():
+        assert score == pytest.approx((15 - count) * 0.25 + 0.1 * math.exp(count))
+    assert clustering.count_scores[1] == pytest.approx(3.5 + 0.1 * math.e)  # 3.772 < 3.989 for n = 2
+    assert len(clustering.members) == 1
+
+
+def test_sum_criterion_splits_four_near_duplicates_from_eight_spread_names_and_mean_does_not(caplog):
+    # VisA-like: pcb1-4 at cosine 0.95 to each other, everything else at 0.75.
+    features = cosine_structured_features([4] + [1] * 8, across=0.75, within=0.95)
+    one_cluster = inertia(12, 12 * 0.95 + 120 * 0.75)  # 2.55
+    pcb, rest = inertia(4, 12 * 0.95), inertia(8, 56 * 0.75)  # 0.15 and 1.75
+    with caplog.at_level(logging.INFO, logger="zsad"):
+        clustering = stacking.cluster_categories(features, VISA_NAMES, **FAST, spread="sum")
+    assert "2 cluster(s) for 12 categories" in caplog.text and "n=1: 2.8218, n=2: 2.6389, n=3: 3.6586" in caplog.text
+    assert clustering.count_scores[1] == pytest.approx(one_cluster + 0.1 * math.e)  # 2.822
+    assert clustering.count_scores[2] == pytest.approx(pcb + rest + 0.1 * math.e**2)  # 2.639
+    assert clustering.count_scores[3] == pytest.approx(pcb + inertia(7, 42 * 0.75) + 0.1 * math.e**3)  # 3.659
+    assert [sorted(members) for members in clustering.members] == [VISA_NAMES[:4], sorted(VISA_NAMES[4:])]
+
+    mean = stacking.cluster_categories(features, VISA_NAMES, **FAST, spread="mean")
+    assert mean.count_scores[1] == pytest.approx(one_cluster / 12 + 0.1 * math.e)  # 0.484
+    assert mean.count_scores[2] == pytest.approx(pcb / 4 + rest / 8 + 0.1 * math.e**2)  # 0.995
+    assert len(mean.members) == 1
+
+
+def test_sum_criterion_finds_three_groups_and_mean_cannot():
+    # Three groups of four: cosine 0.9 inside a group, 0.3 across.
+    features = cosine_structured_features([4, 4, 4], across=0.3, within=0.9)
+    names = [f"{group}{i}" for group in "abc" for i in range(4)]
+    group = inertia(4, 12 * 0.9)  # 0.3
+    two_groups = inertia(8, 24 * 0.9 + 32 * 0.3)  # 3.1
+    everything = inertia(12, 36 * 0.9 + 96 * 0.3)  # 5.9
+    clustering = stacking.cluster_categories(features, names, **FAST, spread="sum")
+    assert clustering.count_scores[1] == pytest.approx(everything + 0.1 * math.e)
+    assert clustering.count_scores[2] == pytest.approx(two_groups + group + 0.1 * math.e**2)
+    assert clustering.count_scores[3] == pytest.approx(3 * group + 0.1 * math.e**3)
+    assert [sorted(members) for members in clustering.members] == [names[:4], names[4:8], names[8:]]
+
+    mean = stacking.cluster_categories(features, names, **FAST, spread="mean")
+    assert mean.count_scores[3] == pytest.approx(3 * group / 4 + 0.1 * math.e**3)
+    assert len(mean.members) == 1  # n = 3 costs 0.1 e^3 = 2.01 > 1 + 0.1 e >= any n = 1 score
+
+
+def test_mean_criterion_matches_hand_computed_values_and_picks_one_cluster_for_three_directions():
+    # Three categories on three orthogonal axes: one cluster has mean spread 3 * (1 - 2/3 + 1/3) / 3 = 2/3.
     features = np.eye(3)
-    clustering = stacking.cluster_categories(features, ["a", "b", "c"], n_init=4, seed=0)
+    clustering = stacking.cluster_categories(features, ["a", "b", "c"], n_init=4, seed=0, spread="mean")
     assert clustering.count_scores[1] == pytest.approx(2 / 3 + 0.1 * math.e)
-    # Two clusters: {x, y} has spread 1/2, the singleton 0.
+    # Two clusters: {x, y} has mean spread 1/2, the singleton 0.
     assert clustering.count_scores[2] == pytest.approx(0.5 + 0.1 * math.e**2)
     assert clustering.count_scores[3] == pytest.approx(0.1 * math.e**3)
     assert len(clustering.members) == 1 and sorted(clustering.members[0]) == ["a", "b", "c"]
+    # The inertia of the same fits: 2 for one cluster, 1 for two, so "sum" splits the orthogonal pair off.
+    inertia_fit = stacking.cluster_categories(features, ["a", "b", "c"], n_init=4, seed=0, spread="sum")
+    assert inertia_fit.count_scores[1] == pytest.approx(2 + 0.1 * math.e)
+    assert inertia_fit.count_scores[2] == pytest.approx(1 + 0.1 * math.e**2)
+    assert len(inertia_fit.members) == 2
 
 
 def test_two_opposite_groups_form_two_clusters_with_the_right_members_nearest_first():
@@ -170,6 +247,60 @@ def test_eval_weights_are_soft_and_training_routes_members_to_their_cluster(prep
     assert (soft > 0).all() and (soft < 1).all()
     assert routed[0].tolist() == [0.0, 1.0]
     torch.testing.assert_close(routed[1], soft[1])  # an unseen name keeps its soft weights
+
+
+GROUP_A, GROUP_B = ["bottle", "cable", "screw"], ["wood", "tile", "grid"]
+
+
+def two_group_class_features(dim: int) -> dict[str, torch.Tensor]:
+    """Class features of two well-separated name groups (near e0 and near e1) and of "candle", between them."""
+    eye = torch.eye(dim)
+    features = {name: eye[0] + 0.1 * eye[2 + i] for i, name in enumerate(GROUP_A)}
+    features.update({name: eye[1] + 0.1 * eye[5 + i] for i, name in enumerate(GROUP_B)})
+    features["candle"] = eye[0] + 0.8 * eye[1]
+    return {name: F.normalize(feature, dim=0) for name, feature in features.items()}
+
+
+def test_two_name_groups_get_two_head_sets_routed_in_training_and_mixed_by_softmax_weights(
+    tiny_clip_path, tiny_backbone, pixels, monkeypatch
+):
+    features = two_group_class_features(tiny_backbone.model.config.projection_dim)
+    monkeypatch.setattr(
+        modeling_stackclip, "class_prompt_features", lambda backbone, names: torch.stack([features[n] for n in names])
+    )
+    model = untrained(tiny_clip_path, tiny_backbone, max_clusters=3, kmeans_n_init=4)  # the criterion chooses
+    model.prepare_for_training(GROUP_A + GROUP_B)
+    assert sorted(map(sorted, model.config.cluster_members)) == [sorted(GROUP_A), sorted(GROUP_B)]
+    assert len(model.efa_heads) == 2
+    scores = model.config.cluster_count_scores
+    assert list(scores) == ["1", "2", "3"] and min(scores, key=scores.get) == "2"
+    with torch.no_grad():
+        model.efa_heads[1][0].bias.add_(0.5)  # cluster B's heads differ from cluster A's
+        routed = model.train().ensemble_weights(["screw", "tile", "wood", "bottle"])
+    first_of_a = 0 if "bottle" in model.config.cluster_members[0] else 1
+    own = [first_of_a, 1 - first_of_a, 1 - first_of_a, first_of_a]
+    assert routed.tolist() == F.one_hot(torch.tensor(own), 2).float().tolist()
+
+    model.eval()
+    members = [torch.stack([features[name] for name in names]) for names in model.config.cluster_members]
+    centroids = F.normalize(torch.stack([group.mean(dim=0) for group in members]), dim=-1)
+    expected = (features["candle"] @ centroids.t() / 0.1).softmax(dim=0)  # softmax(cos / tau)
+    assert 0.05 < expected.min() < 0.5  # a real mixture, not one cluster
+    with torch.no_grad():
+        mixed = model(pixels, "candle")
+        torch.testing.assert_close(mixed.cluster_weights, expected.expand(2, 2))
+        per_cluster = []
+        for cluster in range(2):
+            one_hot = F.one_hot(torch.tensor([cluster, cluster]), 2).float()
+            monkeypatch.setattr(model, "ensemble_weights", lambda names, weights=one_hot: weights)
+            per_cluster.append(model(pixels, "candle"))
+    assert (per_cluster[0].anomaly_map - per_cluster[1].anomaly_map).abs().max() > 1e-3
+    torch.testing.assert_close(
+        mixed.anomaly_map, expected[0] * per_cluster[0].anomaly_map + expected[1] * per_cluster[1].anomaly_map
+    )
+    torch.testing.assert_close(
+        mixed.layer_maps, expected[0] * per_cluster[0].layer_maps + expected[1] * per_cluster[1].layer_maps
+    )
 
 
 @pytest.mark.parametrize("mode, other_cluster_learns", [("cluster-specific", False), ("all-data", True)])
@@ -309,6 +440,8 @@ def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_b
     loaded = AutoModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
     assert isinstance(loaded, StackCLIPModel)
     assert loaded.config.cluster_members == model.config.cluster_members
+    assert list(loaded.config.cluster_count_scores) == ["2"]  # forced count: its score only
+    assert loaded.config.cluster_count_scores == model.config.cluster_count_scores
     torch.testing.assert_close(loaded.stacked_text, model.stacked_text)
     torch.testing.assert_close(loaded.cluster_centroids, model.cluster_centroids)
     with torch.no_grad():
@@ -326,6 +459,9 @@ def test_prepare_is_idempotent_and_refuses_to_recluster_a_trained_model(prepared
 
 
 def test_bad_settings_raise_clear_errors():
+    assert StackCLIPConfig().cluster_spread == "sum"  # the form that can give VisA's two clusters (METHODS.md)
+    with pytest.raises(ZSADError, match="cluster_spread must be one of"):
+        StackCLIPConfig(cluster_spread="median")
     with pytest.raises(ZSADError, match="efa_training"):
         StackCLIPConfig(efa_training="everything")
     with pytest.raises(ZSADError, match="fusion_weight"):

@@ -245,6 +245,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         backbone_on_hub=base_model is not None,
         training_dataset=trained_on,
         settings=config_settings(config),
+        config=config,  # for method-specific sections (StackCLIP's clusters, GenCLIP's training losses)
         reports=reports,
         metric_name=metric_name,
         evaluated_on_training_data=[r.dataset for r in reports if r.dataset.lower() == trained_on.lower()],

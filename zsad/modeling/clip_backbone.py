@@ -315,9 +315,9 @@ class CLIPBackbone(nn.Module):
             replacement = replacement.to(embeds.dtype).expand(input_ids.shape[0], -1, -1)
             embeds = embeds.index_copy(1, positions.to(input_ids.device), replacement)
         hidden = text_model.embeddings(inputs_embeds=embeds)
-        causal_mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-        )
+        # (config, inputs_embeds, attention_mask, cache) by position: transformers 5.24 renamed the fourth from
+        # past_key_values to cache (the old keyword warns, and goes in 5.40), so keywords would pin one side.
+        causal_mask = create_causal_mask(text_model.config, hidden, None, None)
         hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
         hidden = text_model.final_layer_norm(hidden)
         # The first end token ends the prompt (the pad token may be the same id).

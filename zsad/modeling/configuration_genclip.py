@@ -62,9 +62,15 @@ class GenCLIPConfig(ZSADBaseConfig):
     cnf_generic_nouns: list[str] | None = setting(None, "The fixed competing CNF candidates (DEFAULT_CNF_GENERIC_NOUNS).")
     branch_weight: float = setting(0.5, "b in map = b * M_vision + (1 - b) * M_query.")
     train_query_branch: bool = setting(
-        True,
-        "Add the query-only branch's focal + Dice losses during training (the brief's 'per layer per branch'); the "
-        "paper trains the vision-enhanced branch only.",
+        False,
+        "Also train on the query-only branch's focal + Dice losses. Off by default: the paper (Fig. 2) uses every module "
+        "except CNF and F_Q in training, i.e. the vision-enhanced branch's maps only; the shared N_p, A_p, Q_p tokens "
+        "still learn through that branch.",
+    )
+    image_loss_weight: float = setting(
+        1.0,
+        "Weight of the image-level cross-entropy on the fused global probabilities, added to the focal + Dice map "
+        "losses (the paper names only those; 0 leaves it out).",
     )
     optimizer: str = setting(
         "adamw", "The optimizer train/train.py builds for this method (its learning rate 1e-3 and the 5 epochs are the "
@@ -79,6 +85,8 @@ class GenCLIPConfig(ZSADBaseConfig):
             raise ZSADError(f"cnf_mode must be one of {CNF_MODES}, got {self.cnf_mode!r}.")
         if not 0.0 <= self.branch_weight <= 1.0:
             raise ZSADError(f"branch_weight must lie in [0, 1], got {self.branch_weight}.")
+        if self.image_loss_weight < 0:
+            raise ZSADError(f"image_loss_weight must be at least 0 (0 trains on the maps only), got {self.image_loss_weight}.")
         super().__post_init__(**kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from .configuration_zsad_base import ZSADBaseConfig, setting
 from .exceptions import ZSADError
+from .stacking import SPREAD_REDUCTIONS
 
 EFA_CLUSTER_SPECIFIC, EFA_ALL_DATA = "cluster-specific", "all-data"
 EFA_TRAINING_MODES = (EFA_CLUSTER_SPECIFIC, EFA_ALL_DATA)
@@ -15,6 +16,17 @@ class StackCLIPConfig(ZSADBaseConfig):
     num_clusters: int | None = setting(None, "Force this many CSP clusters; None picks n* by the count criterion.")
     max_clusters: int = setting(10, "Largest count the criterion tries (bounded by the number of categories).")
     cluster_penalty: float = setting(0.1, "The 0.1 in spread + 0.1 * e^n.")
+    cluster_spread: str = setting(
+        "sum",
+        "Form of the criterion's spread: 'sum' (per cluster, the sum of squared distances to the cluster mean, i.e. "
+        "k-means inertia, which falls as clusters split) or 'mean' (their mean, the formula as summarised, which "
+        "cannot pick more than two clusters on normalised features; METHODS.md).",
+    )
+    cluster_count_scores: dict[str, float] | None = setting(
+        None,
+        "The criterion's score (spread + penalty) of every candidate count, keyed by the count as a string; set by "
+        "prepare_for_training (one entry when num_clusters is forced).",
+    )
     kmeans_n_init: int = setting(10, "k-means restarts.")
     cluster_seed: int = setting(111, "k-means random state.")
     cluster_members: list[list[str]] | None = setting(
@@ -39,6 +51,8 @@ class StackCLIPConfig(ZSADBaseConfig):
     def __post_init__(self, **kwargs):
         if self.efa_training not in EFA_TRAINING_MODES:
             raise ZSADError(f"efa_training must be one of {EFA_TRAINING_MODES}, got '{self.efa_training}'.")
+        if self.cluster_spread not in SPREAD_REDUCTIONS:
+            raise ZSADError(f"cluster_spread must be one of {tuple(SPREAD_REDUCTIONS)}, got '{self.cluster_spread}'.")
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ZSADError(f"num_clusters must be at least 1 (or None to choose it), got {self.num_clusters}.")
         if not 0.0 <= self.fusion_weight <= 1.0:

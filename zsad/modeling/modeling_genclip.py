@@ -16,7 +16,7 @@ Map = b * M_vision + (1 - b) * M_query; image score = mean of the global probabi
 ```
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from .class_name_filter import (
 from .clip_backbone import ImageFeatures
 from .configuration_genclip import GenCLIPConfig
 from .exceptions import ZSADError
+from .losses import image_loss
 from .modeling_zsad_base import ZeroShotAnomalyOutput, ZSADPreTrainedModel
 from .prompting import class_names_for_batch
 
@@ -277,14 +278,14 @@ class GenCLIPModel(ZSADPreTrainedModel):
         query_global = self.global_state_probs(features.image_embeds, query_text)
         global_probs = b * vision_global + (1.0 - b) * query_global
         loss_maps = vision_state + (query_state if self.config.train_query_branch else [])
-        return self.build_output(
+        # log of the fused probabilities: softmax gives them back, cross-entropy is their NLL.
+        global_logits = global_probs.clamp_min(torch.finfo(global_probs.dtype).tiny).log()
+        output = self.build_output(
             loss_maps,
             b * vision_layers + (1.0 - b) * query_layers,
             b * vision_map + (1.0 - b) * query_map,
-            # log of the fused probabilities: softmax gives them back, cross-entropy is their NLL.
-            global_probs.clamp_min(torch.finfo(global_probs.dtype).tiny).log(),
+            global_logits,
             masks,
-            labels,
             output_class=GenCLIPOutput,
             vision_map=vision_map,
             query_map=query_map,
@@ -293,6 +294,10 @@ class GenCLIPModel(ZSADPreTrainedModel):
             branch_weight=b,
             class_name_decision=decision,
         )
+        if labels is None or self.config.image_loss_weight == 0:
+            return output
+        weighted = self.config.image_loss_weight * image_loss(global_logits, labels)
+        return replace(output, loss=weighted if output.loss is None else output.loss + weighted)
 
 
 GenCLIPModel.register_for_auto_class("AutoModel")

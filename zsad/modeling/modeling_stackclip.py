@@ -126,12 +126,13 @@ class StackCLIPModel(ZSADPreTrainedModel):
             features = class_prompt_features(backbone, names)
             clustering = cluster_categories(
                 features.cpu().numpy(), names, config.num_clusters, config.max_clusters,
-                config.cluster_penalty, config.kmeans_n_init, config.cluster_seed,
+                config.cluster_penalty, config.kmeans_n_init, config.cluster_seed, config.cluster_spread,
             )
             stacked_names = [stacked_name(members, backbone.tokenizer, backbone.text_config.max_position_embeddings)
                              for members in clustering.members]
             stacked_text = prompt_ensemble_features(backbone, stacked_names).float()
         config.cluster_members = clustering.members
+        config.cluster_count_scores = {str(count): score for count, score in clustering.count_scores.items()}
         config.stacked_names = stacked_names
         logger.info(f"StackCLIP stacked prompts: {stacked_names}")
         device = backbone.device

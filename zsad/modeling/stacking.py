@@ -33,12 +33,19 @@ def class_prompt_features(backbone, class_names: list[str], templates: tuple[str
     return backbone.frozen_features_per_name(("class prompts", templates), class_names, compute)
 
 
-def cluster_spread(features: np.ndarray, labels: np.ndarray) -> float:
-    """sum_i (1/|T_i|) sum_{t in T_i} ||t - mean(T_i)||^2: the within-cluster part of the count criterion."""
+# How a cluster's squared distances to its mean enter the count criterion (METHODS.md, StackCLIP 1):
+# "sum" is k-means inertia, which falls as clusters split; "mean" is the formula as summarised, which barely does.
+SPREAD_REDUCTIONS = {"sum": np.sum, "mean": np.mean}
+
+
+def cluster_spread(features: np.ndarray, labels: np.ndarray, form: str = "sum") -> float:
+    """sum_i reduce_{t in T_i} ||t - mean(T_i)||^2 with reduce = sum ("sum") or mean ("mean"): the within-cluster
+    part of the count criterion."""
+    reduce = SPREAD_REDUCTIONS[form]
     spread = 0.0
     for label in np.unique(labels):
         members = features[labels == label]
-        spread += float(((members - members.mean(axis=0)) ** 2).sum(axis=1).mean())
+        spread += float(reduce(((members - members.mean(axis=0)) ** 2).sum(axis=1)))
     return spread
 
 
@@ -48,7 +55,7 @@ class Clustering:
 
     members: list[list[str]]
     centroids: np.ndarray
-    count_scores: dict[int, float]
+    count_scores: dict[int, float]  # the criterion's score of every candidate count n
 
 
 def _kmeans_labels(features: np.ndarray, count: int, n_init: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +75,10 @@ def cluster_categories(
     penalty: float = 0.1,
     n_init: int = 10,
     seed: int = 111,
+    spread: str = "sum",
 ) -> Clustering:
     """K-means over (C, P) class features. The count is ``num_clusters`` if given, else
-    argmin_n cluster_spread + penalty * e^n over n in 1..min(C, max_clusters).
+    argmin_n cluster_spread(form=spread) + penalty * e^n over n in 1..min(C, max_clusters).
 
     Clusters are ordered by their first member in ``names``; members by distance to their centroid
     (nearest first), so a stacked name cut to the token window keeps the most typical names.
@@ -80,10 +88,12 @@ def cluster_categories(
     fits, scores = {}, {}
     for count in candidates:
         fits[count] = _kmeans_labels(features, count, n_init, seed)
-        scores[count] = cluster_spread(features, fits[count][0]) + penalty * math.exp(count)
+        scores[count] = cluster_spread(features, fits[count][0], spread) + penalty * math.exp(count)
     best = min(scores, key=scores.get)
     labels, centroids = fits[best]
-    logger.info(f"StackCLIP clustering: {best} cluster(s) for {len(names)} categories (criterion {scores}).")
+    listed = ", ".join(f"n={count}: {score:.4f}" for count, score in scores.items())
+    logger.info(f"StackCLIP clustering: {best} cluster(s) for {len(names)} categories; "
+                f"spread ({spread}) + {penalty} e^n per candidate: {listed}.")
     order = sorted(np.unique(labels), key=lambda label: int(np.flatnonzero(labels == label)[0]))
     members = []
     for label in order:
