@@ -87,7 +87,7 @@ def test_unreadable_hf_datasets_raise_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ZSADError, match="Could not load the Hub dataset my-org/parts"):  # offline in the tests
         load_dataset("hf:my-org/parts:test")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(ZSADError, match=r"pip install 'zsad\[datasets\]'"):
+    with pytest.raises(ZSADError, match=r"'datasets' package: pip install datasets \(zsad's \[datasets\] extra"):
         load_dataset(f"hf-disk:{tmp_path}")
 
 

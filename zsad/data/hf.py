@@ -13,7 +13,7 @@ Columns (renamable): ``image`` (images), ``label`` (0 / 1, a ``ClassLabel`` or b
 is a normal-folder name such as ``good``), and optionally ``mask`` (images; empty for normal images and for defects
 without masks), ``category`` (default: the dataset's name) and ``defect_type``. The evaluation reads image files, so
 the images are written once, with their original bytes, under ``HF_DATASETS_CACHE/zsad-files/<fingerprint>/``.
-``datasets`` is imported only here, when one of these is used (``pip install 'zsad[datasets]'``).
+``datasets`` is imported only here, when one of these is used (the ``[datasets]`` extra).
 """
 
 import hashlib
@@ -40,8 +40,8 @@ def _datasets():
     try:
         import datasets
     except ImportError as error:
-        raise ZSADError("Hugging Face datasets need the 'datasets' package: pip install 'zsad[datasets]' "
-                        "(or pip install datasets).") from error
+        raise ZSADError("Hugging Face datasets need the 'datasets' package: pip install datasets (zsad's [datasets] "
+                        "extra; in a zsad checkout: pip install -e '.[datasets]').") from error
     return datasets
 
 
