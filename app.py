@@ -27,10 +27,12 @@ from PIL import Image
 
 import zsad
 from zsad.allocator import return_large_buffers_to_the_system
-from zsad.errors import ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, BackboneLoadError, Detection
+from zsad.errors import BackboneLoadError, ZSADError
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection
 from zsad.loading import PRECISIONS, resolve_precision
+from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
+from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
@@ -209,22 +211,20 @@ def report(results: list[Detection]) -> str:
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
             f"score {result.score:.3f} (threshold {result.threshold:.2f})"
         )
-        if "class_name_kept" in result.details:
-            lines.append(f"- {class_name_filter_decision(result.details)}")
-        lines.extend(f"- {key}: `{json.dumps(value)}`" for key, value in result.details.items())
+        if isinstance(result.details, GenCLIPImageDetails):
+            lines.append(f"- {class_name_filter_decision(result.details.class_name)}")
+        lines.extend(f"- {key}: `{json.dumps(value)}`" for key, value in result.details_dict().items())
     total = sum(result.seconds for result in results)
     lines.append(f"\nClass name used: “{results[0].class_name}” · request took {total:.2f} s")
     return "\n".join(lines)
 
 
-def class_name_filter_decision(details: dict) -> str:
-    """GenCLIP's class name filtering (CNF) as a sentence, from its output details."""
-    given, used = details.get("class_names_given"), details.get("class_names_used")
-    probability = details.get("class_name_probability")
-    evidence = f" (CLIP probability {probability:.2f})" if isinstance(probability, float) else ""
-    if details["class_name_kept"]:
-        return f"Class name filter ({details.get('cnf_mode')}): kept “{given}”{evidence}"
-    return f"Class name filter ({details.get('cnf_mode')}): “{given}” does not fit the image{evidence}; used “{used}”"
+def class_name_filter_decision(choice: ClassNameChoice) -> str:
+    """GenCLIP's class name filtering (CNF) decision for one image as a sentence."""
+    evidence = f" (CLIP probability {choice.probability:.2f})" if choice.probability is not None else ""
+    if choice.kept:
+        return f"Class name filter ({choice.mode}): kept “{choice.name_given}”{evidence}"
+    return f"Class name filter ({choice.mode}): “{choice.name_given}” does not fit the image{evidence}; used “{choice.name_used}”"
 
 
 def table_row(result: Detection) -> list:
@@ -235,7 +235,7 @@ def table_row(result: Detection) -> list:
         result.verdict,
         round(100.0 * float(result.mask.mean()), 2),
         round(result.seconds, 3),
-        json.dumps(result.details) if result.details else "",
+        json.dumps(result.details_dict()) if result.details is not None else "",
     ]
 
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     return_large_buffers_to_the_system()  # before loading: the weights' conversion buffers go back too
     clip = args.clip or os.environ.get("ZSAD_CLIP")
     if args.tiny:
-        from zsad.testing import save_tiny_clip
+        from zsad.tiny_clip import save_tiny_clip
 
         clip = str(save_tiny_clip(tempfile.mkdtemp(prefix="zsad-tiny-clip-")))
     try:

@@ -32,7 +32,7 @@ from benchmarks.common import full_size_inputs, machine_line, matmul_gflops, tim
 from zsad.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
 from zsad.modeling.clip_backbone import ImageFeatures  # noqa: E402
-from zsad.testing import save_tiny_clip  # noqa: E402
+from zsad.tiny_clip import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
 CLASS_NAME = "metal nut"

@@ -4,8 +4,9 @@
 
 Maps are float16 518x518 (what zsad.evaluation stores), masks hold a few rectangular regions on 2/3 of the
 images. The dtype comparison times the same ``--dtype-maps`` 256x256 maps as float32 (full-precision noise:
-nearly every score distinct, the worst case for ranking) and rounded to float16, median of ``--repeats``. The reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced
-thresholds as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
+nearly every score distinct, the worst case for ranking) and rounded to float16, median of ``--repeats``. The
+reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced thresholds
+as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
 ``--maps`` (its sorts are O(N log N), so the scaled time understates it). ``--visa`` also evaluates a
 VisA-sized set (2,162 maps in 12 categories, all held in memory as zsad.evaluation does) and prints peak RSS.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import cpu_line, machine_line  # noqa: E402
-from common import timed as median_seconds  # noqa: E402
-from metrics_reference import reference_pixel_metrics  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cpu_line, machine_line  # noqa: E402
+from benchmarks.common import timed as median_seconds  # noqa: E402
 from zsad.metrics import pixel_metrics  # noqa: E402
+
+from metrics_reference import reference_pixel_metrics  # noqa: E402
 
 SIZE = 518
 DTYPE_SIZE = 256

@@ -27,7 +27,7 @@ def full_size_clip(dtype: torch.dtype = torch.float32) -> CLIPModel:
 
 def save_full_size_clip(directory: str | Path) -> Path:
     """A loadable full-size CLIP folder (random weights, tiny tokenizer) for end-to-end benchmarks."""
-    from zsad.testing import tiny_tokenizer
+    from zsad.tiny_clip import tiny_tokenizer
 
     directory = Path(directory)
     if (directory / "model.safetensors").exists():

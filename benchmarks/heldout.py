@@ -11,6 +11,7 @@ weights cannot be downloaded here), so the numbers show whether training helps, 
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from torch.utils.data import default_collate
 
 import zsad
 from zsad.data import load_dataset
+from zsad.data.model_input import TrainingSet
 from zsad.data.synthetic import generate
-from zsad.testing import save_tiny_clip
+from zsad.metrics import image_metrics, pixel_metrics
+from zsad.tiny_clip import save_tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import train as train_script  # noqa: E402 - train/ is a script folder beside zsad/
@@ -34,18 +37,17 @@ FOLD_B = ["tile", "grid", "plate", "tube"]
 
 
 def category_metrics(model, samples) -> dict[str, float]:
-    """Pixel AUROC of the final map and of each reported branch map, and the image AUROC, for one category."""
+    """Pixel AUROC of the final map and of each branch map the output reports, and the image AUROC, for one category."""
     backbone = model.require_backbone()
-    dataset = train_script.TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
-    batch = train_script.collate([dataset[i] for i in range(len(dataset))])
+    dataset = TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    batch = default_collate([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         output = model.eval()(batch["pixel_values"], batch["class_names"])
-    masks = batch["masks"].flatten().numpy()
-    maps = {"pixel_auroc": output.anomaly_map}
-    maps.update({f"pixel_auroc_{key.removesuffix('_map')}": value for key, value in (output.details or {}).items()
-                 if key.endswith("_map") and torch.is_tensor(value) and value.shape == output.anomaly_map.shape})
-    metrics = {key: float(roc_auc_score(masks, value.flatten().numpy())) for key, value in maps.items()}
-    metrics["image_auroc"] = float(roc_auc_score(batch["labels"].numpy(), output.image_score.numpy()))
+    masks = list(batch["masks"].numpy() > 0)
+    branches = [field.name for field in dataclasses.fields(output) if field.name.endswith("_map") and field.name != "anomaly_map"]
+    maps = {"pixel_auroc": output.anomaly_map} | {f"pixel_auroc_{name.removesuffix('_map')}": getattr(output, name) for name in branches}
+    metrics = {key: pixel_metrics(masks, list(value.float().numpy()))["pixel_auroc"] for key, value in maps.items()}
+    metrics["image_auroc"] = image_metrics(batch["labels"].numpy(), output.image_score.numpy())["image_auroc"]
     return metrics
 
 

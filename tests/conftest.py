@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -56,3 +57,38 @@ def two_process_launcher(tmp_path_factory):
 
     skip_unless_gloo_works(tmp_path_factory.mktemp("gloo"))
     return two_process_launcher
+
+
+@pytest.fixture
+def pixels():
+    """Two random (3, S, S) model inputs at the test size."""
+    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """``synthetic_root(categories, num_defective)``: a synthetic MVTec-layout dataset (2 good images per category,
+    64 px), written once per argument set."""
+    from zsad.data.synthetic import generate
+
+    made = {}
+
+    def make(categories: list[str], num_defective: int):
+        key = (tuple(categories), num_defective)
+        if key not in made:
+            made[key] = generate(tmp_path_factory.mktemp("synthetic"), categories=list(categories), num_good=2,
+                                 num_defective=num_defective, image_size=64, seed=0)
+        return made[key]
+
+    return make
+
+
+def whole_dataset_batch(root, image_size: int, backbone) -> dict:
+    """Every image of an MVTec-layout dataset as one batch, preprocessed as train.py does."""
+    from torch.utils.data import default_collate
+
+    from zsad.data import load_dataset
+    from zsad.data.model_input import TrainingSet
+
+    dataset = TrainingSet(load_dataset("mvtec", root), image_size, backbone.image_mean, backbone.image_std)
+    return default_collate([dataset[i] for i in range(len(dataset))])

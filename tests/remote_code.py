@@ -12,6 +12,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     sys.modules["zsad"] = None  # importing zsad must fail in this process
+    import dataclasses
     import torch
     from transformers import AutoModel
     try:
@@ -27,7 +28,8 @@ SCRIPT = textwrap.dedent(
         output = model(case["pixels"], class_names=case["class_names"])
     torch.testing.assert_close(output.anomaly_map, case["map"], rtol=0, atol=1e-6)
     torch.testing.assert_close(output.image_score, case["score"], rtol=0, atol=1e-6)
-    torch.save({"class": type(model).__name__, "details": output.details}, sys.argv[3])
+    details = output.image_details(0)  # image 0's parts, as plain values (the remote classes do not unpickle here)
+    torch.save({"class": type(model).__name__, "details": dataclasses.asdict(details) if details else None}, sys.argv[3])
     """
 )
 

@@ -14,9 +14,10 @@ from PIL import Image
 
 import app
 import zsad
-from conftest import TEST_IMAGE_SIZE
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector
+
+from conftest import TEST_IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
 

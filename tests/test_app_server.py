@@ -14,7 +14,8 @@ from PIL import Image
 
 import app
 import zsad
-from zsad.testing import serving_app
+
+from app_server import serving_app
 
 APP = Path(app.__file__)
 

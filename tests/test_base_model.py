@@ -7,11 +7,12 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
 import zsad
-from remote_code import run_without_zsad
-from conftest import TEST_IMAGE_SIZE
-from zsad import ZSADError, ZeroShotCLIPModel
+from zsad import ZeroShotCLIPModel, ZSADError
 from zsad.modeling.configuration_zsad_base import ZSADBaseConfig
 from zsad.modeling.modeling_zsad_base import ZSADPreTrainedModel
+
+from conftest import TEST_IMAGE_SIZE
+from remote_code import run_without_zsad
 
 
 class ToyAdapterConfig(ZSADBaseConfig):
@@ -34,12 +35,6 @@ class ToyAdapterModel(ZSADPreTrainedModel):
 
     def forward(self, pixel_values):
         return self.head(self.encode_image(pixel_values).patch_tokens(0))
-
-
-@pytest.fixture
-def pixels():
-    torch.manual_seed(0)
-    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
 
 
 @pytest.fixture
@@ -103,23 +98,27 @@ def test_push_to_hub_makes_one_commit_with_our_card(monkeypatch, baseline):
     def fake_create_commit(self, repo_id, operations, **kwargs):
         files = {op.path_in_repo: op.path_or_fileobj for op in operations}
         contents = {path: (open(src, "rb").read() if isinstance(src, str) else src) for path, src in files.items()}
-        commits.append({"repo_id": repo_id, "files": contents, "message": kwargs.get("commit_message")})
+        commits.append({"repo_id": repo_id, "files": contents, **kwargs})
         return "fake-commit"
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)
     monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
-    baseline.push_to_hub("org/tiny-baseline")
+    baseline.push_to_hub("org/tiny-baseline", commit_description="why", revision="dev", create_pr=True)
     assert len(commits) == 1
     files = commits[0]["files"]
     assert commits[0]["repo_id"] == "org/tiny-baseline"
+    assert (commits[0]["commit_description"], commits[0]["revision"], commits[0]["create_pr"]) == ("why", "dev", True)
     for name in ["model.safetensors", "config.json", "README.md", "modeling_zeroshot_clip.py",
-                 "configuration_zeroshot_clip.py", "modeling_zsad_base.py", "clip_backbone.py"]:
+                 "configuration_zeroshot_clip.py", "modeling_zsad_base.py", "clip_backbone.py", "lru_cache.py"]:
         assert name in files, sorted(files)
     card = files["README.md"].decode() if isinstance(files["README.md"], bytes) else files["README.md"].read().decode()
     assert "ZeroShotCLIPModel for zero-shot anomaly detection" in card
     assert "untrained" in card and "trust_remote_code=True" in card
     assert "automatically generated" not in card
+    with pytest.raises(TypeError, match="safe_serialisation"):  # a misspelt argument is not silently dropped
+        baseline.push_to_hub("org/tiny-baseline", safe_serialisation=True)
+    assert len(commits) == 1
 
 
 def test_truncated_weights_raise_clear_error(tmp_path, tiny_clip_path, tiny_backbone):

@@ -12,7 +12,8 @@ from playwright.sync_api import expect, sync_playwright
 
 import app
 import zsad
-from zsad.testing import serving_app
+
+from app_server import serving_app
 
 APP = Path(app.__file__)
 

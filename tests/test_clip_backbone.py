@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from conftest import TEST_IMAGE_SIZE
 from zsad import ZSADError
 from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers
+
+from conftest import TEST_IMAGE_SIZE
 
 
 def test_quarter_points():

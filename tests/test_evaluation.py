@@ -15,7 +15,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import zsad
-from train_script import LOOPBACK_ENV, run_command
 from zsad.cli import main
 from zsad.data import read_mask
 from zsad.data.synthetic import generate
@@ -23,6 +22,8 @@ from zsad.evaluation import evaluate, example_rows, figure_curves, write_outputs
 from zsad.hub import load_evaluation, render_model_card
 from zsad.metrics import IMAGE_METRICS, METRICS, PIXEL_METRICS
 from zsad.visualize import evaluation_figure
+
+from train_script import LOOPBACK_ENV, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 56

@@ -9,17 +9,12 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import zsad
-from remote_code import run_without_zsad
-from conftest import TEST_IMAGE_SIZE
 from zsad import GenCLIPConfig, GenCLIPModel, ZSADError
 from zsad.modeling.class_name_filter import candidate_logits, decide_class_names, name_probability_and_rank
 from zsad.modeling.modeling_genclip import tiled_token_ids
 
-
-@pytest.fixture
-def pixels():
-    torch.manual_seed(0)
-    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+from conftest import TEST_IMAGE_SIZE
+from remote_code import run_without_zsad
 
 
 @pytest.fixture
@@ -149,7 +144,7 @@ def test_mvp_has_exactly_no_effect_at_initialisation(make_model, pixels):
         for image in range(2):
             torch.testing.assert_close(vision_text[image, layer], query_text, rtol=0, atol=1e-6)
     # With the generic name the untrained vision-enhanced branch is the query-only branch.
-    torch.testing.assert_close(output.details["vision_map"], output.details["query_map"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(output.vision_map, output.query_map, rtol=0, atol=1e-5)
 
 
 def test_mvp_makes_text_features_depend_on_the_image(make_model, pixels):
@@ -216,14 +211,14 @@ def test_cnf_decision_is_reported_and_used_by_the_vision_branch(make_model, pixe
     with torch.no_grad():
         rejected = model(pixels, class_names="screw")
         as_object = off(pixels, class_names="object")
-    details = rejected.details
-    assert details["cnf_mode"] == "hard" and details["class_names_given"] == ["screw", "screw"]
-    assert details["class_names_used"] == ["object", "object"] and details["class_name_kept"] == [False, False]
-    assert details["class_name_probability"].shape == (2,)
-    torch.testing.assert_close(details["vision_map"], as_object.details["vision_map"], rtol=0, atol=1e-5)
+    decision = rejected.class_name_decision
+    assert decision.mode == "hard" and decision.names_given == ["screw", "screw"]
+    assert decision.names_used == ["object", "object"] and decision.kept == [False, False]
+    assert decision.probabilities.shape == (2,)
+    torch.testing.assert_close(rejected.vision_map, as_object.vision_map, rtol=0, atol=1e-5)
     keeper = make_model(cnf_mode="hard", cnf_threshold=0.0)  # keeps every name
     with torch.no_grad():
-        assert keeper(pixels, class_names="screw").details["class_names_used"] == ["screw", "screw"]
+        assert keeper(pixels, class_names="screw").class_name_decision.names_used == ["screw", "screw"]
 
 
 def test_cnf_soft_weights_lie_in_unit_interval_and_interpolate_features(make_model, pixels):
@@ -238,10 +233,10 @@ def test_cnf_soft_weights_lie_in_unit_interval_and_interpolate_features(make_mod
         embeddings = model.prompt_embeddings(model.vision_prompt_tokens(features))
         with_names = model.encode_prompts(["bottle", "qq7x"], embeddings)
         with_object = model.encode_prompts(["object", "object"], embeddings)
-    weights = output.details["class_weight"]
+    weights = output.class_name_decision.class_weights
     assert ((weights >= 0) & (weights <= 1)).all()
-    torch.testing.assert_close(weights, output.details["class_name_probability"])
-    assert output.details["class_names_used"] == ["bottle", "qq7x"]
+    torch.testing.assert_close(weights, output.class_name_decision.probabilities)
+    assert output.class_name_decision.names_used == ["bottle", "qq7x"]
     torch.testing.assert_close(soft[0], F.normalize(0.25 * with_names[0] + 0.75 * with_object[0], dim=-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(soft[1], with_names[1], atol=1e-5, rtol=0)
 
@@ -255,10 +250,9 @@ def test_branch_fusion_arithmetic(make_model, pixels, branch_weight):
     randomise_mvp(model)
     with torch.no_grad():
         output = model(pixels, class_names=["bottle", "cable"])
-    details = output.details
-    fused = branch_weight * details["vision_map"] + (1 - branch_weight) * details["query_map"]
+    fused = branch_weight * output.vision_map + (1 - branch_weight) * output.query_map
     torch.testing.assert_close(output.anomaly_map, fused.clamp(0, 1), rtol=0, atol=1e-6)
-    global_score = branch_weight * details["vision_global_score"] + (1 - branch_weight) * details["query_global_score"]
+    global_score = branch_weight * output.vision_global_score + (1 - branch_weight) * output.query_global_score
     torch.testing.assert_close(output.global_score, global_score, rtol=0, atol=1e-6)
     torch.testing.assert_close(output.map_score, output.anomaly_map.flatten(1).amax(1), rtol=0, atol=1e-6)
     torch.testing.assert_close(output.image_score, (global_score + output.map_score) / 2, rtol=0, atol=1e-6)
@@ -338,4 +332,4 @@ def test_save_load_round_trip_and_remote_code_without_zsad(tmp_path, make_model,
 
     remote = run_without_zsad(checkpoint, pixels, ["bottle", "pcb1"], expected, tmp_path)
     assert remote["class"] == "GenCLIPModel"
-    assert remote["details"]["class_names_used"] == expected.details["class_names_used"]
+    assert remote["details"]["class_name"]["name_used"] == expected.class_name_decision.names_used[0]

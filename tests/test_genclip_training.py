@@ -6,21 +6,19 @@ import sys
 import pytest
 import torch
 
-from remote_code import run_without_zsad
-from train import train as train_script  # train/ is a script folder; the repository root is on sys.path
-from train_script import TRAIN_SCRIPT, run_command
 from zsad import GenCLIPModel
-from zsad.data import load_dataset
-from zsad.data.synthetic import generate
+
+from conftest import whole_dataset_batch
+from remote_code import run_without_zsad
+from train_script import TRAIN_SCRIPT, run_command
 
 IMAGE_SIZE = 56
 CATEGORIES = ["wood", "disk"]
 
 
 @pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synthetic"), categories=CATEGORIES, num_good=2, num_defective=6,
-                    image_size=64, seed=0)
+def dataset_root(synthetic_root):
+    return synthetic_root(CATEGORIES, num_defective=6)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,7 @@ def run_dir(tmp_path_factory, tiny_clip_path, dataset_root):
 @pytest.fixture(scope="module")
 def training_batch(dataset_root, tiny_backbone):
     """The whole training set as one batch, preprocessed as train.py does."""
-    samples = load_dataset("mvtec", dataset_root)
-    dataset = train_script.TrainingSet(samples, IMAGE_SIZE, tiny_backbone.image_mean, tiny_backbone.image_std)
-    return train_script.collate([dataset[i] for i in range(len(dataset))])
+    return whole_dataset_batch(dataset_root, IMAGE_SIZE, tiny_backbone)
 
 
 def _training_loss(model, batch) -> float:

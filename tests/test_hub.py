@@ -131,7 +131,10 @@ def test_card_lists_every_config_setting_with_its_value(trained_genclip):
     assert len(own_fields) > 20
     for name in own_fields:
         assert f"| `{name}` |" in card, name
-    assert "| `cnf_threshold` | `0.2` | keep the name when its zero-shot probability" in card
+    assert "| `cnf_threshold` | `0.2` | CNF keeps the name when its zero-shot probability" in card
+    # Every method setting carries its description as data next to the field (no docstring parsing).
+    described = {f.name for f in dataclasses.fields(trained_genclip.config) if f.metadata.get("description")}
+    assert set(own_fields) - described <= {name for name in own_fields if name.startswith("training_")}
     assert "| `branch_weight` | `0.5` |" in card
     assert "| `feature_layers` | `[1, 2, 3, 4]` |" in card
     assert "Training dataset: **MVTec-AD**" in card
@@ -243,3 +246,11 @@ def test_installed_package_ships_and_renders_every_card_template(tmp_path):
     assert completed.returncode == 0, completed.stderr
     cards = json.loads(completed.stdout)
     assert cards == {model_type: str(render_model_card(config_class())) for model_type, config_class in config_classes.items()}
+
+
+def test_space_model_cards_are_current():
+    """model_cards/ holds what the packaged templates render to for the Space's default models."""
+    from model_cards.render import FOLDER, space_cards
+
+    for name, text in space_cards().items():
+        assert (FOLDER / name).read_text(encoding="utf-8") == text, f"model_cards/{name} is stale: run python model_cards/render.py"

@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 import zsad
+from zsad.errors import BackboneLoadError, ZSADError
+from zsad.images import load_image, to_pixel_values
+from zsad.inference import AnomalyDetector
+from zsad.loading import checkpoint_backbone, checkpoint_method
+
 from conftest import TEST_IMAGE_SIZE
 from image_files import HEIGHT, WIDTH, random_rgb
-from zsad.errors import ZSADError
-from zsad.images import load_image, to_pixel_values
-from zsad.inference import AnomalyDetector, BackboneLoadError, checkpoint_backbone, checkpoint_method, readable_details
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,12 @@ def test_compare_runs_every_method_on_the_same_image(detector):
 @pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
 def test_genclip_details_carry_the_class_name_filter_decision_for_that_image(detector):
     result = detector.detect(random_rgb(8), "bottle", method="genclip")
-    assert result.details["class_names_given"] == "bottle"
-    assert result.details["class_names_used"] in ("bottle", "object")
-    assert result.details["class_name_kept"] == (result.details["class_names_used"] == "bottle")
-    assert "vision_map" not in result.details  # maps are not details
+    choice = result.details.class_name
+    assert choice.name_given == "bottle" and choice.name_used in ("bottle", "object")
+    assert choice.kept == (choice.name_used == "bottle")
+    summary = result.summary()["details"]
+    assert summary["class_name"]["name_given"] == "bottle" and "vision_map" not in summary  # maps are not details
+    json.dumps(result.summary())
 
 
 @pytest.mark.parametrize(
@@ -134,7 +138,7 @@ def test_a_trained_checkpoint_is_loaded_on_the_shared_backbone(tmp_path, tiny_ba
     detector = AnomalyDetector.load(methods=["baseline"], checkpoints={"baseline": str(tmp_path / "baseline")}, clip=tiny_backbone)
     loaded = detector.model("baseline")
     assert loaded.clip is tiny_backbone and loaded.config.image_size == 56
-    assert detector.status("baseline") == "trained"
+    assert detector.status("baseline") == "training-free"  # one status rule (zsad.methods.status): nothing to train
     assert detector.detect(random_rgb(), "bottle").anomaly_map.shape == (HEIGHT, WIDTH)  # single model: method optional
     # Without a CLIP given, the backbone is the one named in the checkpoint's config.
     alone = AnomalyDetector.for_model(str(tmp_path / "baseline"))
@@ -156,20 +160,6 @@ def test_checkpoint_errors(tmp_path, tiny_backbone, tiny_clip_path):
     with pytest.raises(BackboneLoadError, match="Could not load the CLIP backbone") as caught:
         AnomalyDetector.for_model("baseline", clip=str(tmp_path / "no-clip"))
     assert caught.value.clip == str(tmp_path / "no-clip")
-
-
-def test_readable_details_pick_the_images_entry_and_drop_maps_and_nones():
-    details = {
-        "per_image": torch.tensor([0.123456, 0.5]),
-        "names": ["bottle", "object"],
-        "map": torch.zeros(2, 32, 32),
-        "unset": None,
-        "weight": 0.5,
-        "nested": {"kept": [True, False]},
-    }
-    assert readable_details(details, 1, 2) == {"per_image": 0.5, "names": "object", "weight": 0.5, "nested": {"kept": False}}
-    assert readable_details(details, 0, 2)["per_image"] == 0.1235
-    assert readable_details(None, 0, 1) == {}
 
 
 def test_load_image_is_the_preprocessing_path(detector, good_files):
@@ -218,7 +208,8 @@ def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_back
     common = ["--class-name", "bottle", str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]
     assert main(["predict", "--model", str(tmp_path / "ckpt"), *common]) == 0
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["images"][0]["score"] >= 0.0
-    assert main(["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")]) == 2
+    empty_name = ["--class-name", "", str(tmp_path / "x.png"), "--out", str(tmp_path / "o2")]
+    assert main(["predict", "--model", "baseline", "--clip", str(tiny_clip_path), *empty_name]) == 2
     assert "class name is empty" in capsys.readouterr().err
     assert main(["predict", "--model", str(tmp_path / "nothing"), *common]) == 2
     assert "Could not read the config" in capsys.readouterr().err
@@ -232,6 +223,7 @@ def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
     image = Image.new("RGB", (80, 60), (120, 90, 30))
     results = detector.compare(image, "wood")
     assert len(passes) == 1 and len(results) == len(detector.method_names) > 1
+    assert not hasattr(detector.backbone, "_reused_features")  # no shared mutable state between requests
     separate = {name: detector.detect(image, "wood", method=name) for name in detector.method_names}
     assert len(passes) == 1 + len(detector.method_names)
     for name, result in results.items():

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from conftest import TEST_IMAGE_SIZE
 from zsad import ZeroShotCLIPModel
 from zsad.modeling.anomaly_maps import (
     gaussian_blur,
@@ -17,6 +16,8 @@ from zsad.modeling.anomaly_maps import (
     upsample_patch_maps,
 )
 from zsad.modeling.losses import dice_loss, focal_loss, image_loss, segmentation_loss
+
+from conftest import TEST_IMAGE_SIZE
 
 
 @pytest.mark.parametrize("sigma, size", [(4.0, 64), (1.5, 37), (0.3, 20)])

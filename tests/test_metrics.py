@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from metrics_reference import reference_aupro, reference_pixel_metrics
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from zsad.metrics import FLOAT16_KEYS, IMAGE_METRICS, PIXEL_METRICS, ThresholdCurve, image_curves, image_metrics, pixel_metrics
+
+from metrics_reference import reference_aupro, reference_pixel_metrics
 
 
 def _random_case(seed: int, rounding: int = 2):

@@ -10,17 +10,13 @@ import torch.nn.functional as F
 from transformers import AutoModel
 from transformers.testing_utils import CaptureLogger
 
-from conftest import TEST_IMAGE_SIZE
 from zsad import StackCLIPConfig, StackCLIPModel, ZeroShotCLIPModel, ZSADError
 from zsad.modeling import stacking
-from zsad.modeling.prompting import STATE_WORDS, TEXT_TOKENS_PER_CHUNK, TEMPLATES, prompt_ensemble_features
+from zsad.modeling.prompting import STATE_WORDS, TEMPLATES, TEXT_TOKENS_PER_CHUNK, prompt_ensemble_features
+
+from conftest import TEST_IMAGE_SIZE
 
 TRAIN_NAMES = ["bottle", "cable", "capsule", "screw", "metal_nut", "pill"]
-
-
-@pytest.fixture
-def pixels():
-    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
 
 
 def untrained(tiny_clip_path, tiny_backbone, **overrides):
@@ -209,7 +205,7 @@ def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=
     values = []
     for _ in range(steps):
         output = model(pixels, ["bottle", "cable"], labels=torch.tensor([0, 1]))
-        values.append(output.details["rpl_regularizer"].item())
+        values.append(output.rpl_regularizer.item())
         optimizer.zero_grad()
         output.loss.backward()
         optimizer.step()
@@ -228,7 +224,7 @@ def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pi
         output = model(pixels, ["bottle", "cable"], labels=labels)
         learned, stacked = model.rpl_text(), model.stacked_text[0]
     expected = sum(1 - F.cosine_similarity(learned[state], stacked[state], dim=0) for state in (0, 1))
-    torch.testing.assert_close(output.details["rpl_regularizer"], expected)
+    torch.testing.assert_close(output.rpl_regularizer, expected)
 
 
 def test_image_score_is_the_mean_of_rpl_probability_and_map_max(tiny_clip_path, tiny_backbone, pixels):
@@ -252,7 +248,7 @@ def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_ba
         second = model(pixels, ["candle", "pcb"])
     assert first.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
     assert first.layer_maps.shape == (2, 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
-    assert first.image_score.shape == (2,) and first.details["cluster_weights"].shape == (2, 2)
+    assert first.image_score.shape == (2,) and first.cluster_weights.shape == (2, 2)
     assert 0 <= first.anomaly_map.min() and first.anomaly_map.max() <= 1
     assert ((0 <= first.image_score) & (first.image_score <= 1)).all()
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from remote_code import run_without_zsad
 from train import train as train_script  # train/ is a script folder; the repository root is on sys.path
-from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
-from zsad.data.synthetic import generate
+
+from conftest import whole_dataset_batch
+from remote_code import run_without_zsad
+from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command
 
 IMAGE_SIZE = 56
 BATCH_SIZE = 4
@@ -32,9 +33,8 @@ def _training_args(clip, root, output_dir, epochs, *extra):
 
 
 @pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synthetic"), categories=CATEGORIES, num_good=2, num_defective=4,
-                    image_size=64, seed=0)
+def dataset_root(synthetic_root):
+    return synthetic_root(CATEGORIES, num_defective=4)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,7 @@ def two_epoch_run(tmp_path_factory, tiny_clip_path, dataset_root):
 
 def _mean_training_loss(model, root) -> float:
     """Loss over the whole training set, in training mode (cluster routing), without updates."""
-    backbone = model.require_backbone()
-    samples = load_dataset("mvtec", root)
-    dataset = train_script.TrainingSet(samples, IMAGE_SIZE, backbone.image_mean, backbone.image_std)
-    batch = train_script.collate([dataset[i] for i in range(len(dataset))])
+    batch = whole_dataset_batch(root, IMAGE_SIZE, model.require_backbone())
     model.train()
     with torch.no_grad():
         return model(batch["pixel_values"], batch["class_names"], masks=batch["masks"], labels=batch["labels"]).loss.item()

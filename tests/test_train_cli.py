@@ -1,11 +1,10 @@
-"""train/train.py pieces that need no dataset: command-line settings and mask loading (in process)."""
+"""train/train.py pieces that need no dataset: command-line settings, mask loading for training (in process)."""
 
 import pytest
 from PIL import Image
 
-from zsad import StackCLIPModel, ZSADError
 from train import train as train_script  # train/ is a script folder; the repository root is on sys.path
-
+from zsad import StackCLIPModel, ZSADError
 
 
 def _parse(*extra):
@@ -30,15 +29,16 @@ def test_unknown_settings_are_refused():
 
 def test_masks_are_resized_with_nearest_neighbour_and_binarised(tmp_path):
     from zsad.data import Sample
+    from zsad.data.model_input import load_mask
 
     Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
     mask = Image.new("L", (8, 8), 0)
     mask.paste(1, (0, 0, 4, 8))  # VisA-style label values count as defect pixels
     mask.save(tmp_path / "mask.png")
     defective = Sample(tmp_path / "image.png", tmp_path / "mask.png", 1, "pcb", "bad")
-    assert train_script.load_mask(defective, 4).tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
+    assert load_mask(defective, 4).tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4
     normal = Sample(tmp_path / "image.png", None, 0, "pcb", "good")
-    assert train_script.load_mask(normal, 3).tolist() == [[0.0] * 3] * 3
+    assert load_mask(normal, 3).tolist() == [[0.0] * 3] * 3
 
 
 def test_backbone_precision_applies_to_the_vision_transformer_only(tiny_clip_path):

@@ -14,10 +14,10 @@ Writes to ``--output-dir``: ``epoch-N/`` (a ``save_pretrained`` checkpoint that 
 ``AutoModel.from_pretrained(..., trust_remote_code=True)``, plus ``training_state.pt`` for ``--resume``),
 ``loss.csv`` (loss per step), ``loss.png`` (loss curve) and ``training_args.json``.
 
-The method is looked up by name in ``zsad.METHODS``; every method model provides
+The method is looked up by name in ``METHODS``; every method model provides
 ``prepare_for_training(class_names)`` and returns ``.loss`` from ``model(pixel_values, class_names,
 masks=..., labels=...)``. Method settings are config fields: ``--set key=value`` (repeatable), or the
-switches a method's config declares in ``training_flags`` (e.g. StackCLIP's ``--all-data``).
+switches in ``METHOD_FLAGS`` (e.g. StackCLIP's ``--all-data``).
 """
 
 import argparse
@@ -29,28 +29,31 @@ import random
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import zsad  # noqa: E402
-from zsad.data import load_dataset, read_mask  # noqa: E402
-from zsad.distributed import process_group_closed_at_end  # noqa: E402
-from zsad.errors import ZSADError  # noqa: E402
-from zsad.images import load_image, to_pixel_values  # noqa: E402
+from zsad.data import load_dataset
+from zsad.data.model_input import TrainingSet
+from zsad.distributed import process_group_closed_at_end
+from zsad.errors import ZSADError
+from zsad.loading import load_backbone
+from zsad.methods import METHODS
+from zsad.modeling.configuration_stackclip import EFA_ALL_DATA, EFA_CLUSTER_SPECIFIC
+from zsad.visualize import loss_curve_figure
 
 STATE_FILE = "training_state.pt"
 # A method's config may name its optimizer in an ``optimizer`` field; Adam is the lineage default (METHODS.md).
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSS_FIELDS = ("epoch", "step", "global_step", "loss")
+# Switches for method settings: flag -> (config field, value, help). Any field can also be set with --set KEY=VALUE.
+METHOD_FLAGS = {
+    "--cluster-specific": ("efa_training", EFA_CLUSTER_SPECIFIC, "StackCLIP: a cluster's EFA heads see only its categories (default)"),
+    "--all-data": ("efa_training", EFA_ALL_DATA, "StackCLIP: every cluster's EFA heads see every training image"),
+}
 
 
 # ----- command line -----------------------------------------------------------------------------
@@ -58,7 +61,7 @@ LOSS_FIELDS = ("epoch", "step", "global_step", "loss")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, choices=sorted(zsad.METHODS))
+    parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--clip", help="Hub id or local path of the CLIP backbone (default: the method's, ViT-L/14@336)")
     parser.add_argument("--clip-revision", help="Hub revision of the backbone")
     parser.add_argument("--train-dataset", required=True, help="dataset name for zsad.data.load_dataset, e.g. mvtec, visa")
@@ -81,17 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from an epoch-N folder (default: the latest one in --output-dir)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field of the method (VALUE is read as JSON, else as text)")
-    for flag, (field, value, help_text) in method_flags().items():
+    for flag, (field, value, help_text) in METHOD_FLAGS.items():
         parser.add_argument(flag, dest="flag_settings", action="append_const", const=(field, value), help=help_text)
     return parser
-
-
-def method_flags() -> dict:
-    """Switches that method configs declare (``training_flags``), so this command stays method-agnostic."""
-    flags = {}
-    for model_class in zsad.METHODS.values():
-        flags.update(getattr(model_class.config_class, "training_flags", {}))
-    return flags
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -119,46 +114,6 @@ def config_overrides(args: argparse.Namespace, config_class) -> dict:
     return overrides
 
 
-# ----- data -------------------------------------------------------------------------------------
-
-
-def load_mask(sample, size: int) -> torch.Tensor:
-    """(size, size) 0/1 ground truth of a sample, resized with nearest neighbour (all zeros without a mask)."""
-    mask = Image.fromarray(read_mask(sample)).resize((size, size), Image.Resampling.NEAREST)
-    return torch.tensor(np.asarray(mask), dtype=torch.float32)
-
-
-class TrainingSet(Dataset):
-    """Samples of ``zsad.data.load_dataset`` as model input: pixel values, mask, label, class name."""
-
-    def __init__(self, samples, image_size: int, image_mean, image_std):
-        self.samples = list(samples)
-        self.image_size = image_size
-        self.image_mean, self.image_std = image_mean, image_std
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        pixels = to_pixel_values([load_image(sample.image_path)], self.image_size, self.image_mean, self.image_std)[0]
-        return {
-            "pixel_values": pixels,
-            "masks": load_mask(sample, self.image_size),
-            "labels": int(sample.label),
-            "class_names": sample.category,
-        }
-
-
-def collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "masks": torch.stack([item["masks"] for item in items]),
-        "labels": torch.tensor([item["labels"] for item in items]),
-        "class_names": [item["class_names"] for item in items],
-    }
-
-
 # ----- model, checkpoints, logs -----------------------------------------------------------------
 
 
@@ -170,13 +125,13 @@ def latest_checkpoint(output_dir: Path) -> Path:
 
 
 def build_model(args: argparse.Namespace, resume_dir: Path | None):
-    model_class = zsad.METHODS[args.method]
+    model_class = METHODS[args.method]
     overrides = config_overrides(args, model_class.config_class)
     dtype = getattr(torch, args.backbone_precision)
     if resume_dir is None:
         return model_class.from_clip(args.clip or model_class.config_class().base_model_name_or_path,
                                      revision=args.clip_revision, clip_dtype=dtype, **overrides)
-    backbone = zsad.load_backbone(args.clip, revision=args.clip_revision, dtype=dtype) if args.clip else None
+    backbone = load_backbone(args.clip, revision=args.clip_revision, dtype=dtype) if args.clip else None
     model = model_class.from_pretrained(resume_dir, clip_model=backbone, clip_dtype=dtype)
     changed = sorted(key for key, value in overrides.items() if getattr(model.config, key) != value)
     if changed:
@@ -215,23 +170,6 @@ def write_loss_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot_loss_curve(rows: list[dict], path: Path, title: str) -> None:
-    """Loss per step and its mean per epoch."""
-    steps = [int(row["global_step"]) for row in rows]
-    losses = [float(row["loss"]) for row in rows]
-    epochs = sorted({int(row["epoch"]) for row in rows})
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.plot(steps, losses, linewidth=1, alpha=0.6, label="loss per step")
-    epoch_ends = [max(s for s, row in zip(steps, rows) if int(row["epoch"]) == e) for e in epochs]
-    epoch_means = [np.mean([l for l, row in zip(losses, rows) if int(row["epoch"]) == e]) for e in epochs]
-    axis.plot(epoch_ends, epoch_means, marker="o", label="epoch mean")
-    axis.set(xlabel="step", ylabel="training loss", title=title)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 # ----- training ---------------------------------------------------------------------------------
 
 
@@ -252,7 +190,7 @@ def make_loader(args: argparse.Namespace, model) -> DataLoader:
         raise ZSADError(f"No images found for '{args.train_dataset}' in {args.train_root}.")
     backbone = model.require_backbone()
     dataset = TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                       num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
 
 
@@ -333,7 +271,7 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
         folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step)
         if accelerator.is_main_process:
             write_loss_rows(output_dir / "loss.csv", rows)
-            plot_loss_curve(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
+            loss_curve_figure(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
     return folder
 
 

@@ -7,7 +7,7 @@ from .errors import ZSADError
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
-    from .testing import save_tiny_clip
+    from .tiny_clip import save_tiny_clip
 
     print(save_tiny_clip(args.directory, seed=args.seed))
 
@@ -23,7 +23,8 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .inference import AnomalyDetector, predict_files
+    from .inference import AnomalyDetector
+    from .predict import predict_files
 
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
     summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size)
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
-    push = dataset_commands.add_parser("push", help="upload a dataset layout to the Hub as a dataset (images, masks, labels, categories, defect types)")
+    push = dataset_commands.add_parser("push", help="upload a layout to the Hub as a dataset (images, masks, labels, categories, defect types)")
     push.add_argument("layout", help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta or folder")
     push.add_argument("root", help="the dataset's root folder")
     push.add_argument("repo_id", help="Hub dataset repo, ORG/NAME")

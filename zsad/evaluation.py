@@ -27,21 +27,21 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
 from .data.hf import COLUMNS
+from .data.model_input import ImageSet
 from .distributed import process_group_closed_at_end
 from .errors import ZSADError
-from .images import load_image, to_pixel_values
-from .loading import PRECISIONS, load_backbone, resolve_precision
-from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, pixel_metrics
+from .images import load_image
+from .loading import PRECISIONS, load_backbone, load_model, resolve_precision
+from .methods import METHODS
+from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.prompting import clean_class_name
 from .visualize import evaluation_figure
 
-METRIC_TITLES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1max", "pixel_auroc": "P-AUROC",
-                 "pixel_ap": "P-AP", "pixel_f1_max": "P-F1max", "pixel_aupro": "AUPRO"}
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
 OUTPUT_NAMES = {"json": "evaluation.json", "markdown": "evaluation.md", "figure": "evaluation.png"}
 
@@ -53,18 +53,6 @@ class Record:
     sample: Sample
     score: float
     anomaly_map: np.ndarray
-
-
-class _ImageSet(Dataset):
-    def __init__(self, samples: list[Sample], image_size: int, mean, std):
-        self.samples, self.image_size, self.mean, self.std = samples, image_size, mean, std
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        image = load_image(self.samples[index].image_path)
-        return to_pixel_values([image], self.image_size, self.mean, self.std)[0], index
 
 
 def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
@@ -90,8 +78,6 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
 
 
 def _load(model, clip: str | None, image_size: int | None, dtype):
-    from . import METHODS, load_model
-
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
@@ -102,11 +88,12 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
 def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
-        dataset = _ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
+        dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():
-            for pixel_values, positions in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+            for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+                pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
                 output = model(pixel_values.to(accelerator.device), class_names=names)
                 maps = output.anomaly_map.float().cpu().numpy().astype(np.float16)
@@ -181,7 +168,7 @@ def _json_values(metrics: dict[str, float]) -> dict[str, float | None]:
 def markdown_table(report: dict) -> str:
     """Per-category and mean metrics in percent with one decimal; n/a where a category has no masks."""
     notes = report.get("notes", {})
-    header = "| Category | " + " | ".join(METRIC_TITLES[key] for key in METRICS) + " |"
+    header = "| Category | " + " | ".join(metric_name(key, short=True) for key in METRICS) + " |"
     rule = "|---|" + "---:|" * len(METRICS)
     rows = [_row(name, metrics, name in notes) for name, metrics in report["categories"].items()]
     lines = [f"## {report['dataset']} ({report.get('model', '')})", "", header, rule, *rows, _row("**mean**", report["mean"]), ""]

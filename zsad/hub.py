@@ -8,8 +8,8 @@
 
 The card template is chosen by the config's ``model_type`` (``zsad/model_cards/<model_type>.md``, package data, so
 it is found in a source checkout and in an installed package alike) and filled from the config itself, so every
-config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the description from the config
-class docstring.
+config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the description kept next to the
+field (``setting(default, description)`` in the config classes).
 
 Evaluation JSON accepted by ``load_evaluation`` (as written by ``zsad evaluate``): one report or a list of reports,
 or ``{"reports": [...]}``; a report is ::
@@ -24,7 +24,6 @@ Metric values are fractions in [0, 1] or percentages; they go into ``model-index
 """
 
 import dataclasses
-import inspect
 import json
 import math
 import re
@@ -33,7 +32,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedConfig
@@ -41,19 +40,13 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import CONFIG_NAME
 
 from .errors import ZSADError
+from .methods import config_class, model_class, status
+from .metrics import metric_name
+from .modeling.modeling_zsad_base import commit_files
 
 TEMPLATE_DIR = resources.files(__package__) / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"
 
-METRIC_NAMES = {
-    "image_auroc": "Image AUROC",
-    "image_ap": "Image AP",
-    "image_f1_max": "Image F1-max",
-    "pixel_auroc": "Pixel AUROC",
-    "pixel_ap": "Pixel AP",
-    "pixel_f1_max": "Pixel F1-max",
-    "pixel_aupro": "Pixel AUPRO",
-}
 IMAGE_TASK = {"task_type": "image-classification", "task_name": "Zero-shot anomaly detection (image level)"}
 PIXEL_TASK = {"task_type": "image-segmentation", "task_name": "Zero-shot anomaly segmentation (pixel level)"}
 
@@ -64,8 +57,6 @@ BACKBONE_FIELDS = (
 )
 # Training metadata (written by train/train.py) is shown with the training protocol.
 TRAINING_METADATA_PREFIX = "training_"
-# Methods with nothing to train: their results are valid without training.
-TRAINING_FREE_MODEL_TYPES = ("zeroshot_clip",)
 CHECKPOINT_FILE_PATTERNS = (CONFIG_NAME, "*.safetensors", "*.safetensors.index.json", "*.py")
 
 
@@ -145,10 +136,6 @@ def _mean_over_categories(categories: dict[str, dict[str, float]]) -> dict[str, 
     return {key: sum(values) / len(values) for key in keys if (values := [m[key] for m in categories.values() if key in m])}
 
 
-def metric_name(key: str) -> str:
-    return METRIC_NAMES.get(key, key.replace("_", " "))
-
-
 def model_index_results(reports: list[EvaluationReport]) -> list[EvalResult]:
     """One ``model-index`` entry per (dataset, metric), with the mean value exactly as written."""
     return [
@@ -169,22 +156,15 @@ def model_index_results(reports: list[EvaluationReport]) -> list[EvalResult]:
 # ----- settings from the config -----------------------------------------------------------------------------
 
 
-def field_descriptions(config_class: type) -> dict[str, str]:
-    """``name: description`` entries of the ``Args:`` sections of the config class and its zsad bases."""
-    descriptions: dict[str, str] = {}
-    for klass in reversed(config_class.__mro__):
-        section = inspect.cleandoc(klass.__dict__.get("__doc__") or "").partition("Args:")[2]
-        # Entries look like "    name: text" or "    name_a / name_b: text", continued on deeper-indented lines.
-        for names, text in re.findall(r"^ {4}(\w+(?: / \w+)*): (.*(?:\n {8}.*)*)", section, flags=re.MULTILINE):
-            for name in names.split(" / "):
-                descriptions[name] = " ".join(text.split())
-    return descriptions
+def field_descriptions(config: PreTrainedConfig) -> dict[str, str]:
+    """``name: description`` of every config field that carries one (``setting(default, description)``)."""
+    return {field.name: field.metadata["description"] for field in dataclasses.fields(config) if "description" in field.metadata}
 
 
 def config_settings(config: PreTrainedConfig) -> dict[str, list[dict]]:
     """The config's own fields (transformers' generic ones left out), grouped as backbone / training / method rows."""
     generic = set(PreTrainedConfig().to_dict()) | {"auto_map"}
-    descriptions = field_descriptions(type(config))
+    descriptions = field_descriptions(config)
     groups = {"backbone": [], "training": [], "method": []}
     for name, value in config.to_dict().items():
         if name in generic or name.startswith("_"):
@@ -233,14 +213,14 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
     """
     config = getattr(model_or_config, "config", model_or_config)
     reports = load_evaluation(eval_results) if eval_results is not None else []
-    status = _training_status(config)
-    if reports and status == "untrained":
+    model_status = status(config)
+    if reports and model_status == "untrained":
         raise ZSADError(
             "This model is untrained (training-free start, config.is_trained is False); its card carries no results. "
             "Publish it without evaluation results, or train it first."
         )
-    model_class = _model_class_name(config)
-    title = model_class.removesuffix("Model")
+    class_name = model_class(config.model_type).__name__
+    title = class_name.removesuffix("Model")
     trained_on = training_dataset(config)
     base_model = hub_model_id(config.base_model_name_or_path)
     card_data = ModelCardData(
@@ -257,8 +237,8 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         template_str=_template_text(config.model_type),
         title=title,
         model_name=card_data.model_name,
-        model_class=model_class,
-        status=status,
+        model_class=class_name,
+        status=model_status,
         repo_id=repo_id or "ORG/NAME",
         backbone=config.base_model_name_or_path,
         image_size=config.image_size,
@@ -271,20 +251,6 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
     )
 
 
-def _training_status(config) -> str:
-    if config.model_type in TRAINING_FREE_MODEL_TYPES:
-        return "training-free"
-    return "trained" if config.is_trained else "untrained"
-
-
-def _model_class_name(config) -> str:
-    """The zsad model class of this config's model_type (e.g. "StackCLIPModel")."""
-    from . import METHODS  # the registry lives in the package root
-
-    names = {model_class.config_class.model_type: model_class.__name__ for model_class in METHODS.values()}
-    return names.get(config.model_type, f"{config.model_type} model")
-
-
 def _template_text(model_type: str) -> str:
     """Shared Jinja macros + the method's template (``from_template`` has no loader for ``{% import %}``)."""
     return "".join((TEMPLATE_DIR / name).read_text(encoding="utf-8") for name in (MACROS_TEMPLATE, f"{model_type}.md"))
@@ -293,21 +259,21 @@ def _template_text(model_type: str) -> str:
 # ----- checkpoints and publishing ---------------------------------------------------------------------------
 
 
-def checkpoint_config(folder) -> PreTrainedConfig:
-    """The config of a zsad checkpoint folder; anything else is refused with a ZSADError."""
-    from . import METHODS  # the registry lives in the package root
-
+def publishable_config(folder) -> PreTrainedConfig:
+    """The config of a complete zsad checkpoint folder (config, weights, remote code); anything else is refused
+    with a ZSADError."""
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise ZSADError(f"{folder} is not a zsad checkpoint: it has no {CONFIG_NAME}. Pass a folder written by save_pretrained or training.")
     model_type = _read_json(config_file).get("model_type")
-    config_classes = {model_class.config_class.model_type: model_class.config_class for model_class in METHODS.values()}
-    if model_type not in config_classes:
-        raise ZSADError(f"{folder} is not a zsad checkpoint: model_type is {model_type!r}, expected one of {sorted(config_classes)}.")
+    try:
+        checkpoint_config_class = config_class(str(model_type))
+    except ZSADError as error:
+        raise ZSADError(f"{folder} is not a zsad checkpoint: model_type is {model_type!r}. {error}") from error
     if not list(folder.glob("*.safetensors")):
         raise ZSADError(f"{folder} has no weights (model.safetensors). Save the model again with save_pretrained.")
-    config = config_classes[model_type].from_pretrained(folder)
+    config = checkpoint_config_class.from_pretrained(folder)
     _check_remote_code(folder, config)
     return config
 
@@ -364,10 +330,11 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
             f"The backbone '{config.base_model_name_or_path}' is not a Hub id; users of {repo_id} must pass clip_model=.",
             stacklevel=2,
         )
-    message = f"Upload {_model_class_name(config)} ({_training_status(config)}) with zsad"
+    message = f"Upload {model_class(config.model_type).__name__} ({status(config)}) with zsad"
     try:
         if isinstance(source, Path):
-            return _commit_checkpoint_folder(source, card, repo_id, message, token, private)
+            files = {path.name: path for path in checkpoint_files(source)} | {"README.md": str(card).encode("utf-8")}
+            return commit_files(repo_id, files, message, token=token, private=private)
         return source.push_to_hub(repo_id, model_card=str(card), token=token, private=private, commit_message=message)
     except (HfHubHTTPError, OfflineModeIsEnabled) as error:
         raise ZSADError(
@@ -376,20 +343,11 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
         ) from error
 
 
-def _commit_checkpoint_folder(folder: Path, card: ModelCard, repo_id: str, message: str, token, private):
-    """The folder's config, weights and code plus the card, as one ``create_commit`` (the same as ``push_to_hub``)."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in checkpoint_files(folder)]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
-    return api.create_commit(repo_id, operations=operations, commit_message=message)
-
-
 def _card_source_config(checkpoint_or_model, eval_json, repo_id):
     """(card, source, config); source is the checkpoint folder (a Path) or the model object."""
     if isinstance(checkpoint_or_model, (str, Path)):
         folder = Path(checkpoint_or_model)
-        config = checkpoint_config(folder)
+        config = publishable_config(folder)
         return render_model_card(config, eval_json, repo_id), folder, config
     if not hasattr(checkpoint_or_model, "save_pretrained") or not hasattr(checkpoint_or_model, "config"):
         raise ZSADError(f"Expected a zsad model or a checkpoint folder, got {type(checkpoint_or_model).__name__}.")

@@ -14,6 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ZSADError
 from .modeling.clip_backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# The file suffixes zsad reads as images, everywhere (folders given to predict, dataset readers).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; larger files are refused before decoding (decompression bombs)
 MIN_IMAGE_SIDE = 16
 

@@ -1,12 +1,16 @@
-"""One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint."""
+"""One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint; and what a
+checkpoint holds (its config, method and backbone) without loading its weights."""
+
+from collections.abc import Iterable
 
 import torch
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 
-from .errors import ZSADError
+from .errors import BackboneLoadError, ZSADError
+from .methods import METHODS, method_of, method_of_model_type
 from .modeling.clip_backbone import CLIPBackbone
 from .modeling.configuration_zsad_base import DEFAULT_CLIP
-
+from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -37,8 +41,6 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
     Pass ``backbone`` to share one loaded CLIP between several models; ``dtype`` is the vision precision of a
     backbone loaded here.
     """
-    from . import METHODS  # the registry lives in the package root, which imports this module
-
     if model in METHODS:
         backbone = backbone or load_backbone(clip, dtype=dtype)
         name = clip or backbone.model.config._name_or_path or DEFAULT_CLIP
@@ -46,3 +48,53 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
     if config_overrides:
         raise ZSADError(f"Settings {sorted(config_overrides)} apply only to untrained models {sorted(METHODS)}.")
     return AutoModel.from_pretrained(model, clip_model=backbone, clip_dtype=dtype).eval()
+
+
+def load_method(method: str, checkpoint: str | None, backbone: CLIPBackbone, image_size: int | None = None) -> ZSADPreTrainedModel:
+    """``method`` on ``backbone``: from ``checkpoint`` when given (which must hold that method), else untrained."""
+    if checkpoint is None:
+        overrides = {"image_size": image_size} if image_size else {}
+        return load_model(method, backbone=backbone, **overrides)
+    model = load_model(checkpoint, backbone=backbone)
+    if method_of(model) != method:
+        raise ZSADError(f"The checkpoint '{checkpoint}' holds a {method_of(model)} model, not a {method} model.")
+    return model
+
+
+def shared_backbone(clip: str | CLIPBackbone | None, checkpoints: Iterable[str], dtype) -> CLIPBackbone:
+    """``clip`` when given, else the backbone the first checkpoint was trained on (or the default CLIP)."""
+    if isinstance(clip, CLIPBackbone):
+        return clip
+    name, revision = (clip, None) if clip else checkpoint_backbone(checkpoints)
+    try:
+        return load_backbone(name, revision=revision, dtype=dtype)
+    except ZSADError as error:
+        raise BackboneLoadError(name or DEFAULT_CLIP, str(error)) from error
+
+
+def checkpoint_config(checkpoint: str):
+    """A checkpoint's config alone (no weights, no backbone)."""
+    try:
+        return AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError) as error:
+        raise ZSADError(
+            f"Could not read the config of the checkpoint '{checkpoint}': {error}\n"
+            "Check the path or Hub id (a folder written by save_pretrained has a config.json)."
+        ) from error
+
+
+def checkpoint_method(checkpoint: str) -> str:
+    """The ``zsad.METHODS`` name of the model a checkpoint holds."""
+    model_type = checkpoint_config(checkpoint).model_type
+    try:
+        return method_of_model_type(model_type)
+    except ZSADError as error:
+        raise ZSADError(f"The checkpoint '{checkpoint}' holds a '{model_type}' model, which is not one of {sorted(METHODS)}.") from error
+
+
+def checkpoint_backbone(checkpoints: Iterable[str]) -> tuple[str | None, str | None]:
+    """(name, revision) of the CLIP the first checkpoint was trained on, (None, None) without checkpoints."""
+    for checkpoint in checkpoints:
+        config = checkpoint_config(checkpoint)
+        return config.base_model_name_or_path, config.base_model_revision
+    return None, None

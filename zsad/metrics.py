@@ -32,6 +32,22 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 METRICS = IMAGE_METRICS + PIXEL_METRICS
+# How each metric is shown: (short, for table columns; full, for model cards).
+METRIC_NAMES = {
+    "image_auroc": ("I-AUROC", "Image AUROC"),
+    "image_ap": ("I-AP", "Image AP"),
+    "image_f1_max": ("I-F1max", "Image F1-max"),
+    "pixel_auroc": ("P-AUROC", "Pixel AUROC"),
+    "pixel_ap": ("P-AP", "Pixel AP"),
+    "pixel_f1_max": ("P-F1max", "Pixel F1-max"),
+    "pixel_aupro": ("AUPRO", "Pixel AUPRO"),
+}
+
+
+def metric_name(key: str, short: bool = False) -> str:
+    """A metric's display name ("Image AUROC", or "I-AUROC" with ``short``); unknown keys read as words."""
+    names = METRIC_NAMES.get(key)
+    return names[0 if short else 1] if names else key.replace("_", " ")
 AUPRO_MAX_FPR = 0.3
 FLOAT16_KEYS = 1 << 16
 

@@ -70,3 +70,23 @@ def _plot_examples(row_axes, row_title: str, examples: list[tuple]) -> None:
         if mask.any():
             axis.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
         axis.set_title(f"{row_title}\n{title}", fontsize=8)
+
+
+def loss_curve_figure(rows: list[dict], path, title: str) -> "Figure":
+    """Training loss per step and its mean per epoch (``rows``: dicts with "epoch", "global_step", "loss")."""
+    from matplotlib.figure import Figure
+
+    steps = [int(row["global_step"]) for row in rows]
+    losses = [float(row["loss"]) for row in rows]
+    epochs = sorted({int(row["epoch"]) for row in rows})
+    figure = Figure(figsize=(7, 4))
+    axis = figure.subplots()
+    axis.plot(steps, losses, linewidth=1, alpha=0.6, label="loss per step")
+    epoch_ends = [max(s for s, row in zip(steps, rows) if int(row["epoch"]) == e) for e in epochs]
+    epoch_means = [np.mean([loss for loss, row in zip(losses, rows) if int(row["epoch"]) == e]) for e in epochs]
+    axis.plot(epoch_ends, epoch_means, marker="o", label="epoch mean")
+    axis.set(xlabel="step", ylabel="training loss", title=title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return figure

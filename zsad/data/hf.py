@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import ZSADError
-from .readers import IMAGE_EXTENSIONS, NORMAL_FOLDERS, Sample, load_dataset
+from ..images import IMAGE_SUFFIXES
+from .readers import NORMAL_FOLDERS, Sample, load_dataset
 
 HUB_PREFIX = "hf:"
 DISK_PREFIX = "hf-disk:"
@@ -192,7 +193,7 @@ def _image_file(value: dict | None, stem: Path, written: bool) -> Path | None:
             raise ZSADError(f"An image of the dataset has neither bytes nor a local file ({value.get('path')!r}).")
         return Path(value["path"])
     suffix = Path(value.get("path") or "").suffix.lower()
-    path = stem.with_suffix(suffix if suffix in IMAGE_EXTENSIONS else ".png")  # PIL reads the format from the bytes
+    path = stem.with_suffix(suffix if suffix in IMAGE_SUFFIXES else ".png")  # PIL reads the format from the bytes
     if not written:
         path.write_bytes(value["bytes"])
     return path

@@ -4,7 +4,8 @@
 >>> from zsad.data import load_dataset, read_mask
 >>> samples = load_dataset("mvtec", "/data/mvtec_anomaly_detection", categories=["bottle"])
 >>> samples[0]
-Sample(image_path=PosixPath('.../bottle/test/broken_large/000.png'), mask_path=PosixPath('.../bottle/ground_truth/broken_large/000_mask.png'), label=1, category='bottle', defect_type='broken_large')
+Sample(image_path=PosixPath('.../bottle/test/broken_large/000.png'),
+       mask_path=PosixPath('.../bottle/ground_truth/broken_large/000_mask.png'), label=1, category='bottle', defect_type='broken_large')
 >>> read_mask(samples[0]).shape   # native (H, W), bool
 (900, 900)
 ```
@@ -26,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ZSADError
+from ..images import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Mask file = image stem + one of these (MVTec "000_mask.png", BTAD/VisA "000.png", DAGM conversions "_label").
 MASK_STEM_SUFFIXES = ("_mask", "_label", "_gt", "")
 MASK_FOLDERS = ("ground_truth", "masks")  # the plain folder layout accepts either name
@@ -64,7 +65,7 @@ def read_mask(sample: Sample) -> np.ndarray:
 
 
 def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def _images_in(folder: Path) -> list[Path]:

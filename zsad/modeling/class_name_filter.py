@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 CNF_OFF, CNF_HARD, CNF_SOFT = "off", "hard", "soft"
+CNF_MODES = (CNF_HARD, CNF_SOFT, CNF_OFF)
 
 
 @dataclass
@@ -36,15 +37,22 @@ class ClassNameDecision:
     probabilities: torch.Tensor | None
     class_weights: torch.Tensor
 
-    def as_details(self) -> dict:
-        return {
-            "cnf_mode": self.mode,
-            "class_names_given": self.names_given,
-            "class_names_used": self.names_used,
-            "class_name_kept": self.kept,
-            "class_name_probability": self.probabilities,
-            "class_weight": self.class_weights,
-        }
+    def for_image(self, index: int) -> "ClassNameChoice":
+        probability = None if self.probabilities is None else float(self.probabilities[index])
+        return ClassNameChoice(self.mode, self.names_given[index], self.names_used[index], self.kept[index], probability,
+                               float(self.class_weights[index]))
+
+
+@dataclass
+class ClassNameChoice:
+    """One image's CNF decision (see ``ClassNameDecision``); ``probability`` is None when CNF is off."""
+
+    mode: str
+    name_given: str
+    name_used: str
+    kept: bool
+    probability: float | None
+    class_weight: float
 
 
 def candidate_logits(image_embeds: torch.Tensor, name_features: torch.Tensor, generic_features: torch.Tensor,

@@ -10,7 +10,6 @@ Example:
 ```
 """
 
-from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cache
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from .exceptions import ZSADError
+from .lru_cache import LRUCache
 
 
 def quarter_point_layers(num_layers: int) -> list[int]:
@@ -44,10 +44,23 @@ class ImageFeatures:
     layer_tokens: list[torch.Tensor]
     image_embeds: torch.Tensor
     grid_size: int
+    image_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_embeds.shape[0]
 
     def patch_tokens(self, index: int) -> torch.Tensor:
         """Patch tokens (B, N, D) of the ``index``-th requested layer, class token dropped."""
         return self.layer_tokens[index][:, 1:]
+
+    def select(self, layers: list[int]) -> "ImageFeatures":
+        """The same pass restricted to ``layers`` (each must have been tapped), in that order."""
+        missing = sorted(set(layers) - set(self.layers))
+        if missing:
+            raise ZSADError(f"These image features hold layers {self.layers}, not {missing}; encode them with every layer needed.")
+        tokens = dict(zip(self.layers, self.layer_tokens))
+        return ImageFeatures(list(layers), [tokens[layer] for layer in layers], self.image_embeds, self.grid_size, self.image_size)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
@@ -164,8 +177,7 @@ class CLIPBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
-        self._reused_features: list | None = None
-        self._frozen_features: OrderedDict = OrderedDict()
+        self._frozen_features = LRUCache(FROZEN_FEATURES_CACHE_SIZE)
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -193,16 +205,12 @@ class CLIPBackbone(nn.Module):
         """``compute()`` once per ``key`` for features of this frozen backbone alone (e.g. a class name's prompt
         ensemble), shared by every model on the backbone; the least recently used go beyond
         ``FROZEN_FEATURES_CACHE_SIZE`` keys. Computed outside inference mode, so training can use them too."""
-        full_key = (key, str(self.device))
-        if full_key in self._frozen_features:
-            self._frozen_features.move_to_end(full_key)
-            return self._frozen_features[full_key]
-        with torch.inference_mode(False), torch.no_grad():
-            value = compute()
-        self._frozen_features[full_key] = value
-        if len(self._frozen_features) > FROZEN_FEATURES_CACHE_SIZE:
-            self._frozen_features.popitem(last=False)
-        return value
+
+        def compute_outside_inference_mode():
+            with torch.inference_mode(False), torch.no_grad():
+                return compute()
+
+        return self._frozen_features.get((key, str(self.device)), compute_outside_inference_mode)
 
     def frozen_features_per_name(self, kind: tuple, class_names: list[str], compute) -> torch.Tensor:
         """(C, ...) ``compute(name)`` for each name, each cached by ``frozen_features`` under ``(kind, name)``."""
@@ -241,30 +249,13 @@ class CLIPBackbone(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.text_model.embeddings.token_embedding
 
-    @contextmanager
-    def reusing_image_features(self):
-        """Within this block, ``encode_image`` on equal pixels and layers runs the vision tower only once
-        (several method heads on one image share the backbone pass)."""
-        self._reused_features = []
-        try:
-            yield self
-        finally:
-            self._reused_features = None
-
     def encode_image(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
         """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers)."""
         num_layers = self.vision_config.num_hidden_layers
         if not layers or any(not 1 <= layer <= num_layers for layer in layers):
             raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
         check_pixel_values(pixel_values, self.vision_config.patch_size)
-        reused = self._reused_features
-        for pixels, features in reused or ():
-            if features.layers == list(layers) and pixels.shape == pixel_values.shape and torch.equal(pixels, pixel_values):
-                return features
-        features = self._run_vision_tower(pixel_values, layers)
-        if reused is not None:
-            reused.append((pixel_values, features))
-        return features
+        return self._run_vision_tower(pixel_values, layers)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
         captured: dict[int, torch.Tensor] = {}
@@ -278,8 +269,9 @@ class CLIPBackbone(nn.Module):
             for handle in handles:
                 handle.remove()
         image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(output.last_hidden_state[:, 0])), dim=-1)
-        grid_size = pixel_values.shape[-1] // self.vision_config.patch_size
-        return ImageFeatures(list(layers), [captured[k] for k in layers], image_embeds, grid_size)
+        image_size = pixel_values.shape[-1]
+        grid_size = image_size // self.vision_config.patch_size
+        return ImageFeatures(list(layers), [captured[k] for k in layers], image_embeds, grid_size, image_size)
 
     def post_layernorm(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's final vision LayerNorm, computed in float32 whatever the vision dtype."""

@@ -1,6 +1,7 @@
 """Configuration of GenCLIP (METHODS.md, "GenCLIP"): every [choice]/[lineage] number is a field here."""
 
-from .configuration_zsad_base import ZSADBaseConfig
+from .class_name_filter import CNF_HARD, CNF_MODES, CNF_OFF, CNF_SOFT
+from .configuration_zsad_base import ZSADBaseConfig, setting
 from .exceptions import ZSADError
 
 # Category-level nouns that compete with the user's class name in Class Name Filtering: a name the frozen
@@ -27,7 +28,6 @@ DEFAULT_CNF_GENERIC_NOUNS = (
     "pattern",
     "structure",
 )
-CNF_MODES = ("hard", "soft", "off")
 
 
 class GenCLIPConfig(ZSADBaseConfig):
@@ -35,48 +35,41 @@ class GenCLIPConfig(ZSADBaseConfig):
 
     Prompts are ``[N_p x num_state_tokens][Q_p x num_query_tokens (+ V_i)][class name]`` for the normal
     state and the same with ``A_p`` for the abnormal state.
-
-    Args:
-        num_state_tokens: length of the state-specific learnable tokens N_p and A_p (4).
-        num_query_tokens: length of the shared General Query Prompt Q_p (4).
-        query_prompt_init: text whose word embeddings start Q_p ("a photo of a").
-        normal_prompt_init / abnormal_prompt_init: text whose word embeddings start N_p / A_p. They must
-            differ, or the untrained normal and abnormal prompts are identical and every map is 0.5.
-            Each text's tokens are repeated (or cut) to fill the token count.
-        class_name_template: how the class name ends the prompt ("{}.").
-        generic_name: the class-independent word of the query-only branch and of CNF ("object").
-        cnf_mode: Class Name Filtering mode: "hard" (keep or replace the name), "soft" (interpolate the
-            class-aware and the generic text features by the name's probability) or "off".
-        cnf_threshold: keep the name when its zero-shot probability is at least this (0.2) ...
-        cnf_top_k: ... or when it ranks among the top k candidates (3).
-        cnf_template: zero-shot prompt of CNF candidates ("a photo of a {}."); the generic candidate is
-            written ``cnf_generic_prompt`` ("a photo of an object.").
-        cnf_generic_nouns: the fixed competing candidates (DEFAULT_CNF_GENERIC_NOUNS).
-        branch_weight: b in map = b * M_vision + (1 - b) * M_query (0.5).
-        train_query_branch: add the query-only branch's focal + Dice losses during training (the brief's
-            "per layer per branch"); the paper trains the vision-enhanced branch only.
-        optimizer: the optimizer train/train.py builds for this method ("adamw"; its learning rate 1e-3 and
-            the 5 epochs are the training command's defaults).
     """
 
     model_type = "genclip"
 
-    num_state_tokens: int = 4
-    num_query_tokens: int = 4
-    query_prompt_init: str = "a photo of a"
-    normal_prompt_init: str = "flawless"
-    abnormal_prompt_init: str = "damaged"
-    class_name_template: str = "{}."
-    generic_name: str = "object"
-    cnf_mode: str = "hard"
-    cnf_threshold: float = 0.2
-    cnf_top_k: int = 3
-    cnf_template: str = "a photo of a {}."
-    cnf_generic_prompt: str = "a photo of an object."
-    cnf_generic_nouns: list[str] | None = None
-    branch_weight: float = 0.5
-    train_query_branch: bool = True
-    optimizer: str = "adamw"
+    num_state_tokens: int = setting(4, "Length of the state-specific learnable tokens N_p and A_p.")
+    num_query_tokens: int = setting(4, "Length of the shared General Query Prompt Q_p.")
+    query_prompt_init: str = setting("a photo of a", "Text whose word embeddings start Q_p.")
+    normal_prompt_init: str = setting(
+        "flawless",
+        "Text whose word embeddings start N_p (tokens repeated or cut to fill the count). It must differ from "
+        "abnormal_prompt_init, or the untrained normal and abnormal prompts are identical and every map is 0.5.",
+    )
+    abnormal_prompt_init: str = setting("damaged", "Text whose word embeddings start A_p (see normal_prompt_init).")
+    class_name_template: str = setting("{}.", "How the class name ends the prompt.")
+    generic_name: str = setting("object", "The class-independent word of the query-only branch and of CNF.")
+    cnf_mode: str = setting(
+        CNF_HARD,
+        f"Class Name Filtering mode: '{CNF_HARD}' (keep or replace the name), '{CNF_SOFT}' (interpolate the "
+        f"class-aware and the generic text features by the name's probability) or '{CNF_OFF}'.",
+    )
+    cnf_threshold: float = setting(0.2, "CNF keeps the name when its zero-shot probability is at least this ...")
+    cnf_top_k: int = setting(3, "... or when it ranks among the top k candidates.")
+    cnf_template: str = setting("a photo of a {}.", "Zero-shot prompt of the CNF candidates.")
+    cnf_generic_prompt: str = setting("a photo of an object.", "The generic CNF candidate's prompt.")
+    cnf_generic_nouns: list[str] | None = setting(None, "The fixed competing CNF candidates (DEFAULT_CNF_GENERIC_NOUNS).")
+    branch_weight: float = setting(0.5, "b in map = b * M_vision + (1 - b) * M_query.")
+    train_query_branch: bool = setting(
+        True,
+        "Add the query-only branch's focal + Dice losses during training (the brief's 'per layer per branch'); the "
+        "paper trains the vision-enhanced branch only.",
+    )
+    optimizer: str = setting(
+        "adamw", "The optimizer train/train.py builds for this method (its learning rate 1e-3 and the 5 epochs are the "
+        "training command's defaults).",
+    )
 
     def __post_init__(self, **kwargs):
         if self.cnf_generic_nouns is None:

@@ -1,56 +1,40 @@
 """Configuration of StackCLIP (CSP, EFA, RPL; METHODS.md "StackCLIP")."""
 
-from .configuration_zsad_base import ZSADBaseConfig
+from .configuration_zsad_base import ZSADBaseConfig, setting
 from .exceptions import ZSADError
 
-EFA_TRAINING_MODES = ("cluster-specific", "all-data")
+EFA_CLUSTER_SPECIFIC, EFA_ALL_DATA = "cluster-specific", "all-data"
+EFA_TRAINING_MODES = (EFA_CLUSTER_SPECIFIC, EFA_ALL_DATA)
 
 
 class StackCLIPConfig(ZSADBaseConfig):
-    """StackCLIP settings; defaults are METHODS.md's ([paper], [lineage] or [choice] there).
-
-    Args:
-        num_clusters: force this many CSP clusters; ``None`` picks n* by the count criterion.
-        max_clusters: largest count the criterion tries (bounded by the number of categories).
-        cluster_penalty: the 0.1 in ``spread + 0.1 * e^n``.
-        kmeans_n_init: k-means restarts.
-        cluster_seed: k-means random state.
-        cluster_members: training category names of each cluster, set by ``prepare_for_training``
-            (nearest to the centroid first); ``None`` before clustering, when every category is its own
-            cluster (pure precise prompts, one set of EFA heads).
-        stacked_names: the stacked name of each cluster, cut to CLIP's token window.
-        fusion_weight: a in normalise(a * stacked + (1 - a) * precise); 1 gives pure stacking.
-        cluster_temperature: tau of the EFA weights softmax(cos(t_c, centroid_i) / tau).
-        efa_training: "cluster-specific" (a cluster's heads see only its categories' images) or
-            "all-data" (every cluster's heads see every image).
-        n_ctx: learnable RPL context vectors per state.
-        ctx_init: text whose word embeddings, repeated, start the context vectors.
-        rpl_normal_text / rpl_abnormal_text: words after the context vectors.
-        rpl_regularizer_weight: lambda of lambda * (1 - cos(learned, stacked)) per state.
-    """
+    """StackCLIP settings; defaults are METHODS.md's ([paper], [lineage] or [choice] there)."""
 
     model_type = "stackclip"
-    # Switches the training command offers for this method: flag -> (config field, value, help).
-    training_flags = {
-        "--cluster-specific": ("efa_training", "cluster-specific", "StackCLIP: a cluster's EFA heads see only its categories (default)"),
-        "--all-data": ("efa_training", "all-data", "StackCLIP: every cluster's EFA heads see every training image"),
-    }
 
-    num_clusters: int | None = None
-    max_clusters: int = 10
-    cluster_penalty: float = 0.1
-    kmeans_n_init: int = 10
-    cluster_seed: int = 111
-    cluster_members: list[list[str]] | None = None
-    stacked_names: list[str] | None = None
-    fusion_weight: float = 0.5
-    cluster_temperature: float = 0.1
-    efa_training: str = "cluster-specific"
-    n_ctx: int = 12
-    ctx_init: str = "a photo of a"
-    rpl_normal_text: str = "object"
-    rpl_abnormal_text: str = "damaged object"
-    rpl_regularizer_weight: float = 1.0
+    num_clusters: int | None = setting(None, "Force this many CSP clusters; None picks n* by the count criterion.")
+    max_clusters: int = setting(10, "Largest count the criterion tries (bounded by the number of categories).")
+    cluster_penalty: float = setting(0.1, "The 0.1 in spread + 0.1 * e^n.")
+    kmeans_n_init: int = setting(10, "k-means restarts.")
+    cluster_seed: int = setting(111, "k-means random state.")
+    cluster_members: list[list[str]] | None = setting(
+        None,
+        "Training category names of each cluster, set by prepare_for_training (nearest to the centroid first); None "
+        "before clustering, when every category is its own cluster (pure precise prompts, one set of EFA heads).",
+    )
+    stacked_names: list[str] | None = setting(None, "The stacked name of each cluster, cut to CLIP's token window.")
+    fusion_weight: float = setting(0.5, "a in normalise(a * stacked + (1 - a) * precise); 1 gives pure stacking.")
+    cluster_temperature: float = setting(0.1, "tau of the EFA weights softmax(cos(t_c, centroid_i) / tau).")
+    efa_training: str = setting(
+        EFA_CLUSTER_SPECIFIC,
+        f"'{EFA_CLUSTER_SPECIFIC}' (a cluster's heads see only its categories' images) or '{EFA_ALL_DATA}' (every "
+        "cluster's heads see every image).",
+    )
+    n_ctx: int = setting(12, "Learnable RPL context vectors per state.")
+    ctx_init: str = setting("a photo of a", "Text whose word embeddings, repeated, start the context vectors.")
+    rpl_normal_text: str = setting("object", "Words after the normal state's context vectors.")
+    rpl_abnormal_text: str = setting("damaged object", "Words after the abnormal state's context vectors.")
+    rpl_regularizer_weight: float = setting(1.0, "lambda of lambda * (1 - cos(learned, stacked)) per state.")
 
     def __post_init__(self, **kwargs):
         if self.efa_training not in EFA_TRAINING_MODES:

@@ -12,9 +12,11 @@ Map = b * M_vision + (1 - b) * M_query; image score = mean of the global probabi
 ```python
 >>> model = GenCLIPModel.from_clip("openai/clip-vit-large-patch14-336")  # untrained, training-free start
 >>> output = model(pixel_values, class_names=["bottle"])
->>> output.anomaly_map, output.image_score, output.details["class_names_used"]
+>>> output.anomaly_map, output.image_score, output.class_name_decision.names_used
 ```
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from .anomaly_maps import patch_state_probs, state_logits
 from .class_name_filter import (
     CNF_OFF,
     CNF_SOFT,
+    ClassNameChoice,
     ClassNameDecision,
     candidate_logits,
     decide_class_names,
@@ -32,10 +35,45 @@ from .class_name_filter import (
 from .clip_backbone import ImageFeatures
 from .configuration_genclip import GenCLIPConfig
 from .exceptions import ZSADError
-from .modeling_zsad_base import ZSADPreTrainedModel, ZeroShotAnomalyOutput
+from .modeling_zsad_base import ZeroShotAnomalyOutput, ZSADPreTrainedModel
 from .prompting import class_names_for_batch
 
 ABNORMAL = 1
+
+
+@dataclass
+class GenCLIPImageDetails:
+    """One image's branches: the fusion weight b, each branch's global abnormal probability, and the CNF decision."""
+
+    branch_weight: float
+    vision_global_score: float
+    query_global_score: float
+    class_name: ClassNameChoice
+
+
+@dataclass
+class GenCLIPOutput(ZeroShotAnomalyOutput):
+    """``ZeroShotAnomalyOutput`` plus GenCLIP's two branches.
+
+    Args:
+        vision_map: (B, S, S) smoothed map of the vision-enhanced branch.
+        query_map: (B, S, S) smoothed map of the query-only branch.
+        vision_global_score: (B,) abnormal probability of the vision-enhanced branch's global text features.
+        query_global_score: (B,) abnormal probability of the query-only branch's global text features.
+        branch_weight: b of ``b * vision + (1 - b) * query``.
+        class_name_decision: what class name filtering decided for each image.
+    """
+
+    vision_map: torch.Tensor | None = None
+    query_map: torch.Tensor | None = None
+    vision_global_score: torch.Tensor | None = None
+    query_global_score: torch.Tensor | None = None
+    branch_weight: float | None = None
+    class_name_decision: ClassNameDecision | None = None
+
+    def image_details(self, index: int) -> GenCLIPImageDetails:
+        return GenCLIPImageDetails(self.branch_weight, float(self.vision_global_score[index]),
+                                   float(self.query_global_score[index]), self.class_name_decision.for_image(index))
 
 
 def tiled_token_ids(token_ids: list[int], length: int) -> list[int]:
@@ -214,18 +252,20 @@ class GenCLIPModel(ZSADPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        class_names: str | list[str],
+        pixel_values: torch.Tensor | None = None,
+        class_names: str | list[str] | None = None,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> ZeroShotAnomalyOutput:
-        features = self.encode_image(pixel_values)
-        names = class_names_for_batch(class_names, pixel_values.shape[0])
+        image_features: ImageFeatures | None = None,
+    ) -> GenCLIPOutput:
+        """``image_features`` (from ``backbone.encode_image``) replace ``pixel_values`` to share one vision pass."""
+        features = self.encode_image(pixel_values, image_features)
+        names = class_names_for_batch(class_names, features.batch_size)
         decision = self.filter_class_names(names, features.image_embeds)
         vision_text = self.vision_text_features(decision, features)
         query_text = self.query_text_features()
         patches = [self.patch_features(features, i) for i in range(len(features.layers))]
-        scale, size = self.config.logit_scale, pixel_values.shape[-1]
+        scale, size = self.config.logit_scale, features.image_size
         vision_state, vision_layers, vision_map = self.maps_from_layer_probs(
             [patch_state_probs(p, vision_text[:, i], scale) for i, p in enumerate(patches)], features.grid_size, size
         )
@@ -236,14 +276,6 @@ class GenCLIPModel(ZSADPreTrainedModel):
         vision_global = self.global_state_probs(features.image_embeds, vision_text)
         query_global = self.global_state_probs(features.image_embeds, query_text)
         global_probs = b * vision_global + (1.0 - b) * query_global
-        details = {
-            "branch_weight": b,
-            "vision_map": vision_map,
-            "query_map": query_map,
-            "vision_global_score": vision_global[:, ABNORMAL],
-            "query_global_score": query_global[:, ABNORMAL],
-            **decision.as_details(),
-        }
         loss_maps = vision_state + (query_state if self.config.train_query_branch else [])
         return self.build_output(
             loss_maps,
@@ -253,7 +285,13 @@ class GenCLIPModel(ZSADPreTrainedModel):
             global_probs.clamp_min(torch.finfo(global_probs.dtype).tiny).log(),
             masks,
             labels,
-            details,
+            output_class=GenCLIPOutput,
+            vision_map=vision_map,
+            query_map=query_map,
+            vision_global_score=vision_global[:, ABNORMAL],
+            query_global_score=query_global[:, ABNORMAL],
+            branch_weight=b,
+            class_name_decision=decision,
         )
 
 

@@ -5,11 +5,11 @@ Prompt Learning (RPL), as specified in METHODS.md.
 >>> model = StackCLIPModel.from_clip("openai/clip-vit-large-patch14-336")   # training-free start
 >>> model.prepare_for_training(["bottle", "cable", "screw"])                # CSP: clusters, stacked prompts
 >>> output = model(pixel_values, class_names=["pcb1"])                      # unseen category
->>> output.anomaly_map, output.image_score, output.details["cluster_weights"]
+>>> output.anomaly_map, output.image_score, output.cluster_weights
 ```
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +17,41 @@ from torch import nn
 from transformers.utils import logging
 
 from .anomaly_maps import patch_state_probs, state_logits
-from .configuration_stackclip import StackCLIPConfig
+from .clip_backbone import ImageFeatures
+from .configuration_stackclip import EFA_ALL_DATA, StackCLIPConfig
 from .exceptions import ZSADError
 from .losses import image_loss, segmentation_loss
-from .modeling_zsad_base import ZSADPreTrainedModel, ZeroShotAnomalyOutput
+from .modeling_zsad_base import ZeroShotAnomalyOutput, ZSADPreTrainedModel
 from .prompting import class_names_for_batch, clean_class_name, prompt_ensemble_features
 from .stacking import class_prompt_features, cluster_categories, cluster_weights, fuse_text_features, stacked_name
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class StackCLIPImageDetails:
+    """One image's EFA mixing: the weight of each cluster's heads and each cluster's stacked name."""
+
+    cluster_weights: list[float]
+    stacked_names: list[str]
+
+
+@dataclass
+class StackCLIPOutput(ZeroShotAnomalyOutput):
+    """``ZeroShotAnomalyOutput`` plus StackCLIP's parts.
+
+    Args:
+        cluster_weights: (B, K) EFA weights of the K clusters' heads for each image (K = 1 before CSP).
+        stacked_names: the K clusters' stacked names (None before CSP).
+        rpl_regularizer: the RPL regulariser, when ``labels`` are given.
+    """
+
+    cluster_weights: torch.Tensor | None = None
+    stacked_names: list[str] | None = None
+    rpl_regularizer: torch.Tensor | None = None
+
+    def image_details(self, index: int) -> StackCLIPImageDetails:
+        return StackCLIPImageDetails(self.cluster_weights[index].float().tolist(), list(self.stacked_names or []))
 
 
 class StackCLIPModel(ZSADPreTrainedModel):
@@ -188,7 +215,7 @@ class StackCLIPModel(ZSADPreTrainedModel):
 
     def segmentation_loss(self, cluster_probs, weights, masks, grid_size: int, image_size: int) -> torch.Tensor:
         """Focal + Dice summed over layers; "all-data" averages it over every cluster's own maps."""
-        if self.config.efa_training == "all-data" and self.training:
+        if self.config.efa_training == EFA_ALL_DATA and self.training:
             eye = torch.eye(weights.shape[1], device=weights.device)
             routings = [eye[cluster].expand_as(weights) for cluster in range(weights.shape[1])]
         else:
@@ -203,14 +230,16 @@ class StackCLIPModel(ZSADPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        class_names: str | list[str],
+        pixel_values: torch.Tensor | None = None,
+        class_names: str | list[str] | None = None,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> ZeroShotAnomalyOutput:
-        names = class_names_for_batch(class_names, pixel_values.shape[0])
-        features = self.encode_image(pixel_values)
-        image_size = pixel_values.shape[-1]
+        image_features: ImageFeatures | None = None,
+    ) -> StackCLIPOutput:
+        """``image_features`` (from ``backbone.encode_image``) replace ``pixel_values`` to share one vision pass."""
+        features = self.encode_image(pixel_values, image_features)
+        names = class_names_for_batch(class_names, features.batch_size)
+        image_size = features.image_size
         weights = self.ensemble_weights(names)
         cluster_probs = self.cluster_layer_probs(features, self.fused_text(names))
         state_maps, layer_maps, anomaly_map = self.maps_from_layer_probs(
@@ -218,18 +247,17 @@ class StackCLIPModel(ZSADPreTrainedModel):
         )
         learned = self.rpl_text()
         global_logits = state_logits(features.image_embeds.float(), learned, self.config.logit_scale)
-        details = {"cluster_weights": weights, "stacked_names": self.config.stacked_names}
-        output = self.build_output(state_maps, layer_maps, anomaly_map, global_logits, details=details)
+        output = self.build_output(state_maps, layer_maps, anomaly_map, global_logits, output_class=StackCLIPOutput,
+                                   cluster_weights=weights, stacked_names=self.config.stacked_names)
         if masks is None and labels is None:
             return output
-        loss = 0.0
+        loss, regularizer = 0.0, None
         if masks is not None:
             loss = self.segmentation_loss(cluster_probs, weights, masks, features.grid_size, image_size)
         if labels is not None:
             regularizer = self.rpl_regularizer(learned, self.stacked_targets(weights, names))
-            details["rpl_regularizer"] = regularizer.detach()
             loss = loss + image_loss(global_logits, labels) + self.config.rpl_regularizer_weight * regularizer
-        return replace(output, loss=loss)
+        return replace(output, loss=loss, rpl_regularizer=None if regularizer is None else regularizer.detach())
 
     @staticmethod
     def rpl_regularizer(learned: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

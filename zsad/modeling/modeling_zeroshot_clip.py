@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .anomaly_maps import patch_state_probs, state_logits
+from .clip_backbone import ImageFeatures
 from .configuration_zeroshot_clip import ZeroShotCLIPConfig
-from .modeling_zsad_base import ZSADPreTrainedModel, ZeroShotAnomalyOutput
+from .modeling_zsad_base import ZeroShotAnomalyOutput, ZSADPreTrainedModel
 from .prompting import class_names_for_batch, prompt_ensemble_features
 
 
@@ -20,6 +21,7 @@ class ZeroShotCLIPModel(ZSADPreTrainedModel):
     """Reference point for the trained methods: no trainable weights at all."""
 
     config_class = ZeroShotCLIPConfig
+    has_adapters = False
 
     def __init__(self, config: ZeroShotCLIPConfig):
         super().__init__(config)
@@ -31,21 +33,23 @@ class ZeroShotCLIPModel(ZSADPreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        class_names: str | list[str],
+        pixel_values: torch.Tensor | None = None,
+        class_names: str | list[str] | None = None,
         masks: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
     ) -> ZeroShotAnomalyOutput:
+        """``image_features`` (from ``backbone.encode_image``) replace ``pixel_values`` to share one vision pass."""
         backbone = self.require_backbone()
-        features = self.encode_image(pixel_values)
-        text = self.class_text_features(class_names_for_batch(class_names, pixel_values.shape[0]))
+        features = self.encode_image(pixel_values, image_features)
+        text = self.class_text_features(class_names_for_batch(class_names, features.batch_size))
         layer_probs = [
             patch_state_probs(
                 F.normalize(backbone.project_patch_tokens(features.patch_tokens(i)), dim=-1), text, self.config.logit_scale
             )
             for i in range(len(features.layers))
         ]
-        state_maps, layer_maps, anomaly_map = self.maps_from_layer_probs(layer_probs, features.grid_size, pixel_values.shape[-1])
+        state_maps, layer_maps, anomaly_map = self.maps_from_layer_probs(layer_probs, features.grid_size, features.image_size)
         global_logits = state_logits(features.image_embeds, text, self.config.logit_scale)
         return self.build_output(state_maps, layer_maps, anomaly_map, global_logits, masks, labels)
 

@@ -3,9 +3,8 @@ loading the backbone named in the config, a text-feature cache, and the output t
 
 import os
 import tempfile
-from pathlib import Path
-from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi
@@ -19,6 +18,7 @@ from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
 from .configuration_zsad_base import ZSADBaseConfig
 from .exceptions import ZSADError
 from .losses import image_loss, segmentation_loss
+from .lru_cache import LRUCache
 
 BACKBONE_PREFIX = "clip."
 TEXT_CACHE_SIZE = 256
@@ -26,16 +26,15 @@ TEXT_CACHE_SIZE = 256
 
 @dataclass
 class ZeroShotAnomalyOutput(ModelOutput):
-    """Output of every zsad model.
+    """Output of every zsad model (the methods' outputs add their own parts).
 
     Args:
-        loss: training loss, when ``masks`` and ``labels`` are given.
-        anomaly_map: (B, S, S) smoothed abnormal probability at the model's input size, in [0, 1].
+        loss: training loss, when ``masks`` or ``labels`` are given.
+        anomaly_map: (B, S, S) smoothed abnormal probability at the model's input size S, in [0, 1].
         image_score: (B,) anomaly score in [0, 1].
         global_score: (B,) abnormal probability from the global image feature.
         map_score: (B,) maximum of ``anomaly_map``.
         layer_maps: (B, L, S, S) unsmoothed abnormal maps of each tapped layer.
-        details: method-specific parts (per-branch maps, names used, ...).
     """
 
     loss: torch.Tensor | None = None
@@ -44,7 +43,10 @@ class ZeroShotAnomalyOutput(ModelOutput):
     global_score: torch.Tensor | None = None
     map_score: torch.Tensor | None = None
     layer_maps: torch.Tensor | None = None
-    details: dict | None = None
+
+    def image_details(self, index: int):
+        """Image ``index``'s method-specific parts as a small dataclass of plain values (None: the method has none)."""
+        return None
 
 
 def _backbone_dimensions(backbone: CLIPBackbone) -> dict:
@@ -87,11 +89,13 @@ class ZSADPreTrainedModel(PreTrainedModel):
     base_model_prefix = "zsad"
     main_input_name = "pixel_values"
     _supports_sdpa = True
+    # False for a method with nothing to train (the baseline): its status is "training-free".
+    has_adapters = True
 
     def __init__(self, config: ZSADBaseConfig):
         super().__init__(config)
         self.clip = None
-        self._text_cache: OrderedDict = OrderedDict()
+        self._text_cache = LRUCache(TEXT_CACHE_SIZE)
 
     def _init_weights(self, module):
         # Adapters get their training-free start from the backbone in ``init_from_backbone``.
@@ -185,26 +189,20 @@ class ZSADPreTrainedModel(PreTrainedModel):
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(card)
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
-                    model_card: str | None = None, **_ignored):
-        """One Hub commit with weights, config, code and our model card (never transformers' blank card)."""
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str = "5GB", model_card: str | None = None):
+        """One Hub commit with weights, config, code and our model card (never transformers' blank card).
+
+        The keywords are those of transformers' ``push_to_hub`` that apply to adapter-only checkpoints; any other is a
+        ``TypeError`` rather than silently ignored.
+        """
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_card=model_card)
-            # create_commit, not upload_folder: the latter may split an upload into several commits.
-            operations = [
-                CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-                for path in sorted(Path(folder).rglob("*"))
-                if path.is_file()
-            ]
-            return api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                revision=revision,
-                create_pr=create_pr,
+            self.save_pretrained(folder, model_card=model_card, max_shard_size=max_shard_size)
+            files = {path.relative_to(folder).as_posix(): path for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+            return commit_files(
+                repo_id, files, commit_message or f"Upload {type(self).__name__}", commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr,
             )
 
     def train(self, mode: bool = True):
@@ -215,7 +213,13 @@ class ZSADPreTrainedModel(PreTrainedModel):
 
     # ----- shared forward pieces ---------------------------------------------------------------
 
-    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+    def encode_image(self, pixel_values: torch.Tensor | None, image_features: ImageFeatures | None = None) -> ImageFeatures:
+        """This model's layers of ``image_features`` when given (one vision pass shared by several models on the
+        backbone), else a vision pass over ``pixel_values``."""
+        if image_features is not None:
+            return image_features.select(self.config.feature_layers)
+        if pixel_values is None:
+            raise ZSADError("Pass pixel_values (a (batch, 3, size, size) tensor) or image_features from encode_image.")
         return self.require_backbone().encode_image(pixel_values, self.config.feature_layers)
 
     def cached_text(self, key: tuple, compute):
@@ -229,15 +233,8 @@ class ZSADPreTrainedModel(PreTrainedModel):
         if torch.is_grad_enabled() and any(p.requires_grad for p in adapters):
             return compute()
         versions = tuple(p._version for p in adapters)
-        full_key = (key, versions, self.require_backbone().dtype, str(self.require_backbone().device))
-        if full_key in self._text_cache:
-            self._text_cache.move_to_end(full_key)
-            return self._text_cache[full_key]
-        value = compute()
-        self._text_cache[full_key] = value
-        if len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return value
+        backbone = self.require_backbone()
+        return self._text_cache.get((key, versions, backbone.dtype, str(backbone.device)), compute)
 
     def maps_from_layer_probs(self, layer_probs: list[torch.Tensor], grid_size: int, image_size: int):
         """Per-layer (B, 2, N) state probabilities -> (2-channel maps per layer, smoothed abnormal map)."""
@@ -246,8 +243,10 @@ class ZSADPreTrainedModel(PreTrainedModel):
         sigma = scaled_sigma(self.config.smoothing_sigma, image_size, self.config.smoothing_reference_size)
         return state_maps, layer_maps, combine_layer_maps(layer_maps, sigma)
 
-    def build_output(self, state_maps, layer_maps, anomaly_map, global_logits, masks=None, labels=None, details=None):
-        """Scores, maps and (when targets are given) the summed segmentation + image loss."""
+    def build_output(self, state_maps, layer_maps, anomaly_map, global_logits, masks=None, labels=None,
+                     output_class=ZeroShotAnomalyOutput, **parts):
+        """Scores, maps and (when targets are given) the summed segmentation + image loss, as ``output_class`` with
+        the method's own ``parts``."""
         global_score = global_logits.float().softmax(dim=-1)[:, 1]
         image_score, map_score = image_scores(global_score, anomaly_map, self.config.image_score_map_weight)
         loss = None
@@ -255,14 +254,14 @@ class ZSADPreTrainedModel(PreTrainedModel):
             loss = sum(segmentation_loss(maps, masks) for maps in state_maps)
         if labels is not None:
             loss = image_loss(global_logits, labels) + (0.0 if loss is None else loss)
-        return ZeroShotAnomalyOutput(
+        return output_class(
             loss=loss,
             anomaly_map=anomaly_map.clamp(0.0, 1.0),
             image_score=image_score.clamp(0.0, 1.0),
             global_score=global_score,
             map_score=map_score,
             layer_maps=layer_maps,
-            details=details,
+            **parts,
         )
 
 
@@ -281,3 +280,19 @@ def _as_backbone(clip_model, fallback_name: str, revision: str | None) -> CLIPBa
             ) from error
         return CLIPBackbone(clip_model, tokenizer, *image_normalisation(source, revision))
     raise ZSADError(f"clip_model must be a transformers CLIPModel or a zsad CLIPBackbone, got {type(clip_model).__name__}.")
+
+
+def commit_files(repo_id: str, files: dict, message: str, commit_description: str | None = None, private: bool | None = None,
+                 token: str | None = None, revision: str | None = None, create_pr: bool = False):
+    """Create the repo if needed and upload ``files`` ({path in repo: local path or bytes}) as one commit.
+
+    ``create_commit``, not ``upload_folder``: the latter may split an upload into several commits.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes) else str(content))
+        for name, content in files.items()
+    ]
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=message,
+                             commit_description=commit_description, revision=revision, create_pr=create_pr)
