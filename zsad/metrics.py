@@ -118,7 +118,7 @@ class ThresholdCurve:
         return cls(*(_counted_histograms(pixels) if dtype == np.float16 else _sorted_histograms(pixels)))
 
     def curves(self) -> Curves | None:
-        """ROC and precision-recall points at every distinct score (exact); None if only one class."""
+        """ROC and precision-recall points at every curve point (exact, see the class); None if only one class."""
         if not (self.positives and self.negatives):
             return None
         fpr, tpr = self._roc()
