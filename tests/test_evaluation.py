@@ -138,8 +138,8 @@ def test_cli_names_the_columns_of_an_hf_dataset(tiny_clip_path, dataset_root, tm
     assert "no column 'photo' (--image-column); its columns are ['image', 'mask', 'label', 'category', 'defect_type']" in capsys.readouterr().err
 
 
-def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_missing(tiny_clip_path, dataset_root,
-                                                                                         tmp_path, monkeypatch):
+def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_missing(tiny_clip_path, tiny_backbone,
+                                                                                         dataset_root, tmp_path, monkeypatch):
     # "tile": normal images in Nominal/ with masks/; "capsule": normal images in pass/, defects without masks.
     for category, normal, with_masks in (("tile", "Nominal", True), ("capsule", "pass", False)):
         test = dataset_root / category / "test"
@@ -150,11 +150,10 @@ def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_
                 shutil.copytree(dataset_root / category / "ground_truth" / folder.name, tmp_path / "parts" / category / "masks" / folder.name)
     figures = []
     monkeypatch.setattr("zsad.evaluation.evaluation_figure", lambda *args, **kwargs: figures.append(evaluation_figure(*args, **kwargs)))
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(["evaluate", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(IMAGE_SIZE),
-                     "--dataset", "folder", "--root", str(tmp_path / "parts"), "--out", str(tmp_path / "out")])
-    assert code == 0
+        write_outputs(*evaluate(model, "folder", tmp_path / "parts", batch_size=4), tmp_path / "out")
     assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]  # no NaN warnings
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert report["notes"] == {"capsule": "pixel metrics not available (no masks)"}
