@@ -1,10 +1,12 @@
 """Speed and memory of zsad.metrics.pixel_metrics against the straightforward reference (tests/metrics_reference.py).
 
-    python benchmarks/bench_metrics.py [--maps 1000] [--reference-maps 100] [--visa]
+    python benchmarks/bench_metrics.py [--maps 1000] [--reference-maps 100] [--visa] [--dtype-maps 200] [--repeats 3]
 
 Maps are float16 518x518 (what zsad.evaluation stores), masks hold a few rectangular regions on 2/3 of the
-images. The reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced
-thresholds as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
+images. The dtype comparison times the same ``--dtype-maps`` 256x256 maps as float32 (full-precision noise:
+nearly every score distinct, the worst case for ranking) and rounded to float16, median of ``--repeats``. The
+reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced thresholds
+as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
 ``--maps`` (its sorts are O(N log N), so the scaled time understates it). ``--visa`` also evaluates a
 VisA-sized set (2,162 maps in 12 categories, all held in memory as zsad.evaluation does) and prints peak RSS.
 """
@@ -19,26 +21,46 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cpu_line, machine_line  # noqa: E402
+from benchmarks.common import timed as median_seconds  # noqa: E402
 from zsad.metrics import pixel_metrics  # noqa: E402
 
 from metrics_reference import reference_pixel_metrics  # noqa: E402
 
 SIZE = 518
+DTYPE_SIZE = 256
 
 
-def make_maps(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def make_maps(count: int, seed: int = 0, size: int = SIZE, dtype=np.float16) -> tuple[list[np.ndarray], list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     masks, maps = [], []
     for index in range(count):
-        mask = np.zeros((SIZE, SIZE), bool)
+        mask = np.zeros((size, size), bool)
         if index % 3:
             for _ in range(rng.integers(1, 4)):
-                top, left = rng.integers(0, SIZE - 60, size=2)
+                top, left = rng.integers(0, size - 60, size=2)
                 mask[top:top + rng.integers(5, 60), left:left + rng.integers(5, 60)] = True
-        noise = rng.random((SIZE, SIZE), dtype=np.float32)
-        maps.append((0.6 * noise + 0.4 * mask * rng.random()).astype(np.float16))
+        noise = rng.random((size, size), dtype=np.float32)
+        maps.append((0.6 * noise + 0.4 * mask * rng.random()).astype(dtype))
         masks.append(mask)
     return masks, maps
+
+
+def compare_dtypes(count: int, repeats: int) -> None:
+    """pixel_metrics on the same maps as float32 and rounded to float16, timed in this run."""
+    masks, maps32 = make_maps(count, size=DTYPE_SIZE, dtype=np.float32)
+    maps16 = [m.astype(np.float16) for m in maps32]
+    seconds16 = median_seconds(lambda: pixel_metrics(masks, maps16), repeats=repeats)
+    seconds32 = median_seconds(lambda: pixel_metrics(masks, maps32), repeats=repeats)
+    distinct = np.unique(np.concatenate([m.ravel() for m in maps32])).size
+    print(f"{count} maps of {DTYPE_SIZE}x{DTYPE_SIZE} ({distinct:,} distinct float32 scores), median of {repeats}: "
+          f"float16 {seconds16:.2f} s, float32 {seconds32:.2f} s, ratio float32 / float16 {seconds32 / seconds16:.1f}x")
+    small = [m[:64, :64] for m in masks[:20]]
+    ours, reference = pixel_metrics(small, [m[:64, :64] for m in maps32[:20]]), reference_pixel_metrics(small, [m[:64, :64] for m in maps32[:20]])
+    print("  float32 against the exact reference on 20 crops of 64x64 (every distinct score a threshold): "
+          + ", ".join(f"{k} {abs(ours[k] - reference[k]):.1e}" for k in ours))
 
 
 def timed(function, *args):
@@ -56,7 +78,11 @@ def main() -> None:
     parser.add_argument("--maps", type=int, default=1000)
     parser.add_argument("--reference-maps", type=int, default=100)
     parser.add_argument("--visa", action="store_true")
+    parser.add_argument("--dtype-maps", type=int, default=200, help="maps for the float32 / float16 comparison")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(f"{cpu_line()}; {machine_line()}; numpy {np.__version__}")
+    compare_dtypes(args.dtype_maps, args.repeats)
 
     masks, maps = make_maps(args.maps)
     ours, seconds, peak = timed(pixel_metrics, masks, maps)

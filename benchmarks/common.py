@@ -86,3 +86,12 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
 
 def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+
+
+def cpu_line() -> str:
+    """The CPU model and the instruction sets that decide kernel speed (AVX2, AVX-512, native bf16, AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    shown = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+    return f"CPU: {model} ({', '.join(shown) or 'no AVX2'})"

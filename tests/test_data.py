@@ -108,6 +108,29 @@ def test_plain_folder_with_and_without_masks(tmp_path):
     assert len(load_dataset("folder", tmp_path)) == 3  # a folder of category folders
 
 
+@pytest.mark.parametrize("normal", ["good", "OK", "Normal", "nominal", "PASS"])
+def test_plain_folder_takes_the_usual_names_of_normal_folders_in_any_case(tmp_path, normal):
+    _image(tmp_path / "part" / normal / "a.png")
+    _image(tmp_path / "part" / "dent" / "b.png")
+    assert _summary(load_dataset("folder", tmp_path)) == sorted([("part", "dent", 1, "b.png", None), ("part", normal, 0, "a.png", None)])
+
+
+def test_other_normal_folder_names_with_normal_dirs(tmp_path):
+    _image(tmp_path / "Reference" / "a.png")
+    _image(tmp_path / "dent" / "b.png")
+    with pytest.raises(ZSADError) as error:
+        load_dataset("folder", tmp_path)
+    # The message lists what is there and the names it expects.
+    assert "found Reference/, dent/" in str(error.value) and "good / nominal / normal / ok / pass" in str(error.value)
+    assert "--normal-dirs" in str(error.value)
+    samples = load_dataset("folder", tmp_path, normal_dirs=["reference"])
+    assert _summary(samples) == [(tmp_path.name, "Reference", 0, "a.png", None), (tmp_path.name, "dent", 1, "b.png", None)]
+    with pytest.raises(ZSADError, match="plain 'folder' layout; 'mvtec' has fixed names"):
+        load_dataset("mvtec", tmp_path, normal_dirs=["reference"])
+    with pytest.raises(ZSADError, match="give its root"):
+        load_dataset("folder", None)
+
+
 @pytest.mark.parametrize("name, build, message", [
     ("mvtec", lambda root: _image(root / "bottle" / "test" / "crack" / "000.png"), "No mask for defective image .*000_mask.png"),
     ("mvtec", lambda root: _image(root / "bottle" / "train" / "good" / "000.png"), "expected <category>/test/<defect>/<image>.*found bottle/"),
@@ -116,7 +139,7 @@ def test_plain_folder_with_and_without_masks(tmp_path):
     ("meta", lambda root: (root / "meta.json").write_text('{"train": {}}'), "meta.json must be"),
     ("meta", lambda root: (root / "meta.json").write_text('{"test": {"x": [{"img_path": "x.png", "mask_path": "", "anomaly": 0}]}}'),
      "do not exist"),
-    ("folder", lambda root: _image(root / "scratch" / "a.png"), "expected good/ and defect folders"),
+    ("folder", lambda root: _image(root / "scratch" / "a.png"), "expected a folder of normal images named good / nominal"),
 ])
 def test_broken_trees_raise_one_clear_error(tmp_path, name, build, message):
     build(tmp_path)

@@ -3,6 +3,8 @@ the recorded scores and maps, the three outputs are written (in process, by `zsa
 2-process `accelerate launch train/evaluate.py` that must agree with one process), and the JSON feeds the model card."""
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from zsad.data import read_mask
 from zsad.data.synthetic import generate
 from zsad.evaluation import evaluate, example_rows, figure_curves, write_outputs
 from zsad.hub import load_evaluation, render_model_card
-from zsad.metrics import METRICS
+from zsad.metrics import IMAGE_METRICS, METRICS, PIXEL_METRICS
 from zsad.visualize import evaluation_figure
 
 from train_script import LOOPBACK_ENV, run_command
@@ -112,3 +114,54 @@ def test_two_process_run_agrees_with_one_process(two_process_launcher, tiny_clip
     assert report["num_images"] == 12 and report["num_processes"] == 2
     for category, metrics in evaluated[0]["categories"].items():
         assert report["categories"][category] == pytest.approx(metrics, abs=1e-6)
+
+
+def test_a_saved_hf_dataset_gives_the_metrics_of_its_folder_layout(evaluated, tiny_clip_path, tiny_backbone, dataset_root,
+                                                                   tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    zsad.data.to_hf_dataset("mvtec", dataset_root).save_to_disk(tmp_path / "saved")
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    report, records = evaluate(model, f"hf-disk:{tmp_path / 'saved'}", batch_size=4)
+    assert len(records) == 12
+    assert report["categories"] == evaluated[0]["categories"] and report["mean"] == evaluated[0]["mean"]  # equal, not close
+    assert "notes" not in report
+
+
+def test_cli_names_the_columns_of_an_hf_dataset(tiny_clip_path, dataset_root, tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    zsad.data.to_hf_dataset("mvtec", dataset_root, categories=["tile"]).save_to_disk(tmp_path / "saved")
+    code = main(["evaluate", "--model", "baseline", "--clip", str(tiny_clip_path), "--dataset", f"hf-disk:{tmp_path / 'saved'}",
+                 "--image-column", "photo", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "no column 'photo' (--image-column); its columns are ['image', 'mask', 'label', 'category', 'defect_type']" in capsys.readouterr().err
+
+
+def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_missing(tiny_clip_path, tiny_backbone,
+                                                                                         dataset_root, tmp_path, monkeypatch):
+    # "tile": normal images in Nominal/ with masks/; "capsule": normal images in pass/, defects without masks.
+    for category, normal, with_masks in (("tile", "Nominal", True), ("capsule", "pass", False)):
+        test = dataset_root / category / "test"
+        for folder in test.iterdir():
+            target = tmp_path / "parts" / category / (normal if folder.name == "good" else folder.name)
+            shutil.copytree(folder, target)
+            if with_masks and folder.name != "good":
+                shutil.copytree(dataset_root / category / "ground_truth" / folder.name, tmp_path / "parts" / category / "masks" / folder.name)
+    figures = []
+    monkeypatch.setattr("zsad.evaluation.evaluation_figure", lambda *args, **kwargs: figures.append(evaluation_figure(*args, **kwargs)))
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_outputs(*evaluate(model, "folder", tmp_path / "parts", batch_size=4), tmp_path / "out")
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]  # no NaN warnings
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert report["notes"] == {"capsule": "pixel metrics not available (no masks)"}
+    capsule, tile = report["categories"]["capsule"], report["categories"]["tile"]
+    assert all(capsule[key] is None for key in PIXEL_METRICS) and all(capsule[key] is not None for key in IMAGE_METRICS)
+    assert all(report["mean"][key] == tile[key] for key in PIXEL_METRICS)  # the mean leaves capsule out
+    table = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "| capsule | " + " | ".join(f"{100 * capsule[key]:.1f}" for key in IMAGE_METRICS) + " | n/a | n/a | n/a | n/a |" in table
+    assert "n/a: capsule: pixel metrics not available (no masks)" in table
+    texts = [text.get_text() for axis in figures[0].axes for text in axis.texts]
+    assert texts == ["capsule: pixel metrics not available (no masks)"] * 2  # on the pixel ROC and PR panels

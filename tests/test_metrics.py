@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from zsad.metrics import FLOAT16_KEYS, IMAGE_METRICS, PIXEL_METRICS, ThresholdCurve, image_curves, image_metrics, pixel_metrics
 
@@ -89,18 +89,32 @@ def test_degenerate_inputs_give_nan_with_a_warning():
         pixel_metrics([np.zeros((4, 4), bool)], [np.ones((4, 5))])
 
 
-def test_pixel_curves_are_sklearns_curves_at_every_distinct_score():
-    masks, maps = _random_case(5)
+def _kept_points(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions, in scikit-learn's descending distinct thresholds, of the points ThresholdCurve keeps: every score a
+    defective pixel has, and the lowest score of each run of scores that only normal pixels have."""
+    values, inverse = np.unique(scores, return_inverse=True)
+    has_defect = np.bincount(inverse, weights=labels, minlength=values.size)[::-1] > 0
+    next_has_defect = np.append(has_defect[1:], True)
+    return np.flatnonzero(has_defect | next_has_defect)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_pixel_curves_are_sklearns_curves_without_the_points_inside_normal_only_runs(dtype):
+    masks, maps = _random_case(5, rounding=3)
+    maps = [m.astype(dtype) for m in maps]
     labels = np.concatenate([m.ravel() for m in masks])
-    scores = np.concatenate([m.ravel() for m in maps])
+    scores = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    kept = _kept_points(labels, scores)
+    assert kept.size < np.unique(scores).size  # some normal-only runs were merged
     curves = ThresholdCurve.from_maps(masks, maps).curves()
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)  # starts at the origin
     precision, recall, _ = precision_recall_curve(labels, scores)  # highest threshold last, then (R 0, P 1) appended
-    np.testing.assert_allclose(curves.fpr, fpr)
-    np.testing.assert_allclose(curves.tpr, tpr)
-    np.testing.assert_allclose(curves.recall, recall[-2::-1])
-    np.testing.assert_allclose(curves.precision, precision[-2::-1])
+    np.testing.assert_allclose(curves.fpr, np.append(0.0, fpr[1:][kept]))
+    np.testing.assert_allclose(curves.tpr, np.append(0.0, tpr[1:][kept]))
+    np.testing.assert_allclose(curves.recall, recall[-2::-1][kept])
+    np.testing.assert_allclose(curves.precision, precision[-2::-1][kept])
     assert np.trapezoid(curves.tpr, curves.fpr) == pytest.approx(pixel_metrics(masks, maps)["pixel_auroc"])
+    assert np.trapezoid(curves.tpr, curves.fpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
 def test_pixel_curves_of_float16_maps_have_one_point_per_float16_value_at_most():
@@ -108,9 +122,48 @@ def test_pixel_curves_of_float16_maps_have_one_point_per_float16_value_at_most()
     masks = [rng.random((400, 400)) < 0.05 for _ in range(4)]  # 640,000 pixels
     maps = [(rng.normal(size=mask.shape) + mask).astype(np.float16) for mask in masks]
     curves = ThresholdCurve.from_maps(masks, maps).curves()
-    distinct = np.unique(np.concatenate([m.ravel() for m in maps]) + np.float16(0)).size
-    assert len(curves.precision) == len(curves.recall) == distinct <= FLOAT16_KEYS
-    assert len(curves.fpr) == len(curves.tpr) == distinct + 1  # plus the origin
+    scores = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    points = _kept_points(np.concatenate([m.ravel() for m in masks]), scores).size
+    assert len(curves.precision) == len(curves.recall) == points <= np.unique(scores).size <= FLOAT16_KEYS
+    assert len(curves.fpr) == len(curves.tpr) == points + 1  # plus the origin
+
+
+def _last_bit_case(seed: int):
+    """float32 maps whose scores are few base values and their next few float32 neighbours (ties within and
+    across classes, values that differ only in the last bits), negatives, -0 and +0."""
+    rng = np.random.default_rng(seed)
+    masks, _ = _random_case(seed)
+    base = np.array([-0.75, -0.0, 0.0, 0.125, 0.5, 0.9], dtype=np.float32)
+    maps = []
+    for mask in masks:
+        scores = rng.choice(base, size=mask.shape) + 0.3 * mask.astype(np.float32)
+        for _ in range(rng.integers(0, 4)):  # step some pixels by one ulp, several times
+            scores = np.where(rng.random(mask.shape) < 0.3, np.nextafter(scores, np.float32(np.inf)), scores)
+        maps.append(scores.astype(np.float32))
+    maps[0][0, :2] = [np.float32(-0.0), np.float32(0.0)]
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_maps_are_exact_with_ties_and_last_bit_differences(seed):
+    masks, maps = _last_bit_case(seed)
+    flat = np.concatenate([m.ravel() for m in maps])
+    assert np.unique(flat).size > np.unique(np.round(flat.astype(np.float64), 6)).size  # last-bit neighbours exist
+    expected = reference_pixel_metrics(masks, maps)
+    result = pixel_metrics(masks, maps)
+    for key in PIXEL_METRICS:
+        assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+    # The same scores as float64, and rounded to float16 both ways, go through the other paths and agree with them.
+    assert pixel_metrics(masks, [m.astype(np.float64) for m in maps]) == pytest.approx(result, abs=1e-12)
+    maps16 = [m.astype(np.float16) for m in maps]
+    assert pixel_metrics(masks, [m.astype(np.float32) for m in maps16]) == pytest.approx(pixel_metrics(masks, maps16), abs=1e-12)
+
+
+def test_maps_of_mixed_dtypes_are_ranked_together():
+    masks, maps = _random_case(7, rounding=4)
+    mixed = [m.astype(np.float16 if index % 2 else np.float32) for index, m in enumerate(maps)]
+    expected = reference_pixel_metrics(masks, [m.astype(np.float64) for m in mixed])
+    assert pixel_metrics(masks, mixed) == pytest.approx(expected, abs=1e-12)
 
 
 def test_curves_need_both_classes():

@@ -1,4 +1,4 @@
-"""The ``zsad`` command: ``zsad predict | evaluate | publish | tiny-clip``."""
+"""The ``zsad`` command: ``zsad predict | evaluate | publish | dataset push | tiny-clip``."""
 
 import argparse
 import sys
@@ -40,6 +40,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _dataset_push(args: argparse.Namespace) -> None:
+    from .data import to_hf_dataset
+
+    dataset = to_hf_dataset(args.layout, args.root, categories=args.categories, split=args.split, normal_dirs=args.normal_dirs)
+    summary = f"{dataset.num_rows} images ({sum(dataset['label'])} anomalous) in {len(set(dataset['category']))} categories"
+    if args.dry_run:
+        dataset.save_to_disk(args.dry_run)
+        print(f"{summary} saved to {args.dry_run} (evaluate it with --dataset hf-disk:{args.dry_run})")
+        return
+    commit = dataset.push_to_hub(args.repo_id, split=args.split, private=args.private, token=args.token)
+    print(f"{summary} pushed to {args.repo_id}: {commit.commit_url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="Zero-shot industrial anomaly detection with CLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--private", action="store_true", default=None, help="create the repo as private")
     publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead")
     publish.set_defaults(run=_publish)
+
+    dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    push = dataset_commands.add_parser("push", help="upload a layout to the Hub as a dataset (images, masks, labels, categories, defect types)")
+    push.add_argument("layout", help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta or folder")
+    push.add_argument("root", help="the dataset's root folder")
+    push.add_argument("repo_id", help="Hub dataset repo, ORG/NAME")
+    push.add_argument("--split", default="test", help="split to read and to name on the Hub (default test)")
+    push.add_argument("--categories", nargs="+", help="only these categories (default: all)")
+    push.add_argument("--normal-dirs", nargs="+", default=(), metavar="NAME", help="folder layout: more names of normal-image folders")
+    push.add_argument("--token", help="Hub token (default: the logged-in one)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    push.add_argument("--dry-run", metavar="DIR", help="save the dataset to DIR (save_to_disk) instead of pushing it")
+    push.set_defaults(run=_dataset_push)
     return parser
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
+from .data.hf import COLUMNS
 from .data.model_input import ImageSet
 from .distributed import process_group_closed_at_end
 from .errors import ZSADError
@@ -54,14 +55,16 @@ class Record:
     anomaly_map: np.ndarray
 
 
-def evaluate(model, dataset: str, root, categories=None, clip: str | None = None, image_size: int | None = None,
+def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
-             precision: str = "float32") -> tuple[dict, list[Record]]:
-    """Score every test image of ``dataset`` with ``model`` (a loaded model, method name or checkpoint) and
+             precision: str = "float32", normal_dirs=(), columns: dict[str, str | None] | None = None) -> tuple[dict, list[Record]]:
+    """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
+    ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
     and the records (on the main process; other processes get ``({}, [])``)."""
     accelerator = accelerator or Accelerator()
-    samples = load_dataset(dataset, root, categories=categories)
+    with accelerator.main_process_first():  # a Hugging Face dataset's images are written once, by the main process
+        samples = load_dataset(dataset, root, categories=categories, normal_dirs=normal_dirs, columns=columns)
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
@@ -100,12 +103,18 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
 
 
 def category_report(records: list[Record]) -> dict:
-    """``{"categories": {cat: {metric: value}}, "mean": {metric: mean over categories}}`` (NaN -> None)."""
-    categories = {name: category_metrics(group) for name, group in by_category(records).items()}
+    """``{"categories": {cat: {metric: value}}, "mean": {metric: mean over categories}}`` (NaN -> None), and
+    ``"notes": {cat: why its pixel metrics are missing}`` when defective images lack masks."""
+    groups = by_category(records)
+    categories = {name: category_metrics(group) for name, group in groups.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of a metric NaN in every category
         mean = {key: float(np.nanmean([m[key] for m in categories.values()])) for key in METRICS}
-    return {"categories": {name: _json_values(m) for name, m in categories.items()}, "mean": _json_values(mean)}
+    report = {"categories": {name: _json_values(m) for name, m in categories.items()}, "mean": _json_values(mean)}
+    notes = {name: note for name, group in groups.items() if (note := missing_masks_note(group))}
+    if notes:
+        report["notes"] = notes
+    return report
 
 
 def by_category(records: list[Record]) -> dict[str, list[Record]]:
@@ -120,8 +129,6 @@ def category_metrics(records: list[Record]) -> dict[str, float]:
     """The seven metrics of one category; pixel metrics are NaN when a defective image has no mask."""
     metrics = image_metrics([r.sample.label for r in records], [r.score for r in records])
     if not has_masks(records):
-        warnings.warn(f"Category {records[0].sample.category}: defective images without masks; pixel metrics are NaN.",
-                      RuntimeWarning, stacklevel=2)
         return {**metrics, **dict.fromkeys(PIXEL_METRICS, float("nan"))}
     return {**metrics, **pixel_metrics(*masks_and_native_maps(records))}
 
@@ -129,6 +136,16 @@ def category_metrics(records: list[Record]) -> dict[str, float]:
 def has_masks(records: list[Record]) -> bool:
     """Whether every defective image has a ground-truth mask (the pixel metrics and curves need them)."""
     return not any(r.sample.label and r.sample.mask_path is None for r in records)
+
+
+def missing_masks_note(records: list[Record]) -> str | None:
+    """Why a category has no pixel metrics ("pixel metrics not available (no masks)"), or None if it has them."""
+    defective = [r for r in records if r.sample.label]
+    missing = sum(r.sample.mask_path is None for r in defective)
+    if not missing:
+        return None
+    which = "no masks" if missing == len(defective) else f"{missing} of {len(defective)} defective images have no mask"
+    return f"pixel metrics not available ({which})"
 
 
 def masks_and_native_maps(records: list[Record]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -149,16 +166,21 @@ def _json_values(metrics: dict[str, float]) -> dict[str, float | None]:
 
 
 def markdown_table(report: dict) -> str:
-    """Per-category and mean metrics in percent with one decimal."""
+    """Per-category and mean metrics in percent with one decimal; n/a where a category has no masks."""
+    notes = report.get("notes", {})
     header = "| Category | " + " | ".join(metric_name(key, short=True) for key in METRICS) + " |"
     rule = "|---|" + "---:|" * len(METRICS)
-    rows = [_row(name, metrics) for name, metrics in report["categories"].items()]
-    return "\n".join([f"## {report['dataset']} ({report.get('model', '')})", "", header, rule, *rows,
-                      _row("**mean**", report["mean"]), ""])
+    rows = [_row(name, metrics, name in notes) for name, metrics in report["categories"].items()]
+    lines = [f"## {report['dataset']} ({report.get('model', '')})", "", header, rule, *rows, _row("**mean**", report["mean"]), ""]
+    if notes:
+        lines += [f"n/a: {name}: {note}; the mean's pixel metrics leave it out." for name, note in notes.items()] + [""]
+    return "\n".join(lines)
 
 
-def _row(name: str, metrics: dict) -> str:
-    cells = ["—" if metrics.get(key) is None else f"{100 * metrics[key]:.1f}" for key in METRICS]
+def _row(name: str, metrics: dict, no_masks: bool = False) -> str:
+    missing = "n/a" if no_masks else "—"
+    cells = [(missing if key in PIXEL_METRICS else "—") if metrics.get(key) is None else f"{100 * metrics[key]:.1f}"
+             for key in METRICS]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -169,7 +191,9 @@ def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Pat
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(report))
-    evaluation_figure(example_rows(records), figure_curves(records), paths["figure"])
+    notes = report.get("notes", {})
+    pixel_note = "; ".join(f"{name}: {note}" for name, note in notes.items())
+    evaluation_figure(example_rows(records), figure_curves(records), paths["figure"], notes={"Pixel": pixel_note} if notes else None)
     return paths
 
 
@@ -212,8 +236,15 @@ def pixel_curves(records: list[Record]) -> Curves | None:
 def add_arguments(parser) -> None:
     """The evaluation options, shared by ``zsad evaluate`` and ``train/evaluate.py``."""
     parser.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    parser.add_argument("--dataset", required=True, help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta (meta.json) or folder")
-    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument("--dataset", required=True,
+                        help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta (meta.json), folder, "
+                             "hf:ORG/NAME[:split] (a Hub dataset) or hf-disk:PATH (a folder written by save_to_disk)")
+    parser.add_argument("--root", help="dataset root folder (not for hf: / hf-disk: datasets)")
+    parser.add_argument("--normal-dirs", nargs="+", default=(), metavar="NAME",
+                        help="folder layout: more names of normal-image folders (besides good, ok, normal, nominal, pass)")
+    for role in COLUMNS:
+        parser.add_argument(f"--{role.replace('_', '-')}-column", metavar="NAME",
+                            help=f"hf: / hf-disk: datasets: the column holding the {role.replace('_', ' ')} (default '{role}')")
     parser.add_argument("--out", "--output-dir", dest="out", required=True,
                         help="folder for evaluation.json, evaluation.md and evaluation.png")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
@@ -230,7 +261,8 @@ def run(args) -> dict[str, Path] | None:
     with process_group_closed_at_end(Accelerator()) as accelerator:
         report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
                                    image_size=args.image_size, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision)
+                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision,
+                                   normal_dirs=args.normal_dirs, columns={role: getattr(args, f"{role}_column") for role in COLUMNS})
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

@@ -8,19 +8,21 @@
 {'pixel_auroc': ..., 'pixel_ap': ..., 'pixel_f1_max': ..., 'pixel_aupro': ...}
 ```
 
-Pixel metrics are exact (every distinct score is a threshold, ties handled as scikit-learn does), computed
-from one pass over the maps: each score gets an ordinal key, and per key we count normal pixels, defect pixels
-and the PRO weight ``1 / (number of regions * region size)`` of each defect pixel (ground-truth connected
-components labelled once). Reverse cumulative sums of these histograms give TPR, FPR, precision and the
-per-region overlap (PRO) at every threshold. float16 maps get their key from the bit pattern in O(N) (65,536
-possible values), which keeps a whole benchmark's maps small and the metrics fast; other dtypes are ranked
-with ``np.unique``. Degenerate inputs (one class only, no defect region) give NaN with a warning.
-The same counts give the plotted pixel ROC and precision-recall points (``ThresholdCurve.curves``): exact, one
-point per distinct score, so at most 65,536 for float16 maps however many pixels there are.
+Pixel metrics are exact (every distinct score is a threshold, ties handled as scikit-learn does). Each score
+gets an unsigned integer key from its IEEE bit pattern, ordered like the scores; ground-truth connected components
+are labelled once, and each defective pixel carries the PRO weight ``1 / (number of regions * region size)``.
+Histograms of normal pixels, defect pixels and PRO weight over the keys, summed from the highest score down, give
+TPR, FPR, precision and the per-region overlap (PRO) at every threshold. float16 maps (what ``zsad.evaluation``
+stores) have 65,536 possible keys: one ``bincount`` per map, O(N), one map's keys at a time. Wider scores (float32
+as they are, other dtypes as float64) are ranked by one sort of all keys (values only) plus an argsort of the
+defective pixels' keys; runs of scores that only normal pixels have become one histogram bin, which changes no
+metric (see ``ThresholdCurve``). Degenerate inputs (one class only, no defect region) give NaN with a warning.
+The same counts give the plotted pixel ROC and precision-recall points (``ThresholdCurve.curves``): exact, at
+most one point per distinct score, so at most 65,536 for float16 maps however many pixels there are.
 """
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -96,38 +98,27 @@ def pixel_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_f
 
 
 class ThresholdCurve:
-    """Cumulative counts at every distinct score, from the highest score down (threshold = score >= t)."""
+    """Cumulative counts from the highest score down (threshold = score >= t): one point per distinct score that
+    a defective pixel has, and one per run of consecutive scores that only normal pixels have. Points inside such
+    a run lie on a straight segment of every curve (TPR, recall and PRO do not change along it), so leaving them
+    out changes no metric, while the curves of float32 maps keep a size of the order of the defect pixels."""
 
     def __init__(self, negative_hist: np.ndarray, positive_hist: np.ndarray, pro_hist: np.ndarray, num_regions: int):
-        used = (negative_hist + positive_hist) > 0
-        self.fp = np.cumsum(negative_hist[used][::-1])
-        self.tp = np.cumsum(positive_hist[used][::-1])
-        self.pro = np.cumsum(pro_hist[used][::-1]) / max(num_regions, 1)
+        starts = _point_starts(negative_hist, positive_hist)
+        self.fp = _reverse_cumsum(negative_hist, starts)
+        self.tp = _reverse_cumsum(positive_hist, starts)
+        self.pro = _reverse_cumsum(pro_hist, starts) / max(num_regions, 1)
         self.negatives = int(self.fp[-1]) if self.fp.size else 0
         self.positives = int(self.tp[-1]) if self.tp.size else 0
 
     @classmethod
     def from_maps(cls, masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> "ThresholdCurve":
-        keys, num_keys = _ordinal_keys(maps)
-        negative = np.zeros(num_keys, dtype=np.int64)
-        positive = np.zeros(num_keys, dtype=np.int64)
-        pro = np.zeros(num_keys, dtype=np.float64)
-        num_regions = 0
-        for mask, key in zip(masks, keys):  # image by image: temporaries stay the size of one map
-            mask = np.asarray(mask, dtype=bool)
-            regions, count = ndimage.label(mask)  # 4-connected ground-truth regions, as in the MVTec-AD code
-            mask, key = mask.ravel(), key.ravel()
-            negative += np.bincount(key[~mask], minlength=num_keys)
-            positive += np.bincount(key[mask], minlength=num_keys)
-            if count:
-                region_of_pixel = regions.ravel()[mask]
-                weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]
-                pro += np.bincount(key[mask], weights=weights, minlength=num_keys)
-                num_regions += count
-        return cls(negative, positive, pro, num_regions)
+        dtype = _score_dtype(maps)
+        pixels = _labelled_pixels(masks, maps, dtype)
+        return cls(*(_counted_histograms(pixels) if dtype == np.float16 else _sorted_histograms(pixels)))
 
     def curves(self) -> Curves | None:
-        """ROC and precision-recall points at every distinct score (exact); None if only one class."""
+        """ROC and precision-recall points at every curve point (exact, see the class); None if only one class."""
         if not (self.positives and self.negatives):
             return None
         fpr, tpr = self._roc()
@@ -163,21 +154,107 @@ class ThresholdCurve:
         return self.tp / np.maximum(self.tp + self.fp, 1)
 
 
-def _ordinal_keys(maps: Sequence[np.ndarray]) -> tuple[Iterable[np.ndarray], int]:
-    """Integer keys per map, ordered like the scores (equal scores, equal keys), and the number of keys.
-    float16 keys are made one map at a time (lazily), so only one map's keys exist at once."""
-    if all(np.asarray(m).dtype == np.float16 for m in maps):
-        return (_float16_key(np.asarray(m)) for m in maps), FLOAT16_KEYS
-    flat = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
-    values, inverse = np.unique(flat, return_inverse=True)
-    bounds = np.cumsum([np.size(m) for m in maps])[:-1]
-    return [part.reshape(np.shape(m)) for part, m in zip(np.split(inverse, bounds), maps)], values.size
+def _point_starts(negative_hist: np.ndarray, positive_hist: np.ndarray) -> np.ndarray:
+    """First histogram bin of each curve point: every bin with defective pixels, and the first bin of each run of
+    bins with normal pixels only (empty bins belong to the point before them)."""
+    used = np.flatnonzero(negative_hist + positive_hist)
+    defect = positive_hist[used] > 0
+    return used[defect | np.concatenate([[True], defect[:-1]])]
 
 
-def _float16_key(scores: np.ndarray) -> np.ndarray:
-    """Monotone map of float16 values to 0..65535 via the bit pattern (IEEE sign-magnitude order)."""
-    bits = (scores + np.float16(0)).view(np.uint16)  # + 0 turns -0 into +0, so the two zeros share a key
-    return np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.int32)
+def _reverse_cumsum(hist: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Cumulative sums per point from the highest score down."""
+    return np.cumsum(np.add.reduceat(hist, starts)[::-1]) if starts.size else np.zeros(0, hist.dtype)
+
+
+class _Pixels(NamedTuple):
+    """One map's pixels: order keys, which are defective, the PRO weight of each defective pixel, region count."""
+
+    keys: np.ndarray
+    defect: np.ndarray
+    pro_weights: np.ndarray
+    num_regions: int
+
+
+def _score_dtype(maps: Sequence[np.ndarray]) -> np.dtype:
+    """float16 or float32 when every map fits it exactly, float64 otherwise."""
+    dtype = np.result_type(*{np.asarray(m).dtype for m in maps})
+    return dtype if dtype in (np.float16, np.float32) else np.dtype(np.float64)
+
+
+def _labelled_pixels(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], dtype: np.dtype) -> Iterator[_Pixels]:
+    """Image by image (lazily, so temporaries stay the size of one map): keys and ground-truth regions."""
+    for mask, scores in zip(masks, maps):
+        mask = np.asarray(mask, dtype=bool)
+        regions, count = ndimage.label(mask)  # 4-connected ground-truth regions, as in the MVTec-AD code
+        defect = mask.ravel()
+        region_of_pixel = regions.ravel()[defect]
+        weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel] if count else np.zeros(0)
+        yield _Pixels(_order_key(np.asarray(scores, dtype=dtype)).ravel(), defect, weights, count)
+
+
+def _order_key(scores: np.ndarray) -> np.ndarray:
+    """Unsigned integers of the scores' width in the order of the scores, from the IEEE bit pattern (the radix
+    sort trick: negative values get every bit flipped, positive ones the sign bit set); -0 gets +0's key.
+    Integer operations only: float16 arithmetic in NumPy is ~50x slower."""
+    width = 8 * scores.dtype.itemsize
+    unsigned = np.dtype(f"u{scores.dtype.itemsize}").type
+    sign = unsigned(1) << unsigned(width - 1)
+    bits = scores.view(unsigned)
+    keys = bits ^ ((unsigned(0) - (bits >> unsigned(width - 1))) | sign)
+    keys += keys == sign - unsigned(1)  # -0 (the sign bit alone) lands just below +0
+    return keys
+
+
+def _counted_histograms(pixels: Iterable[_Pixels]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Histograms over all 65,536 float16 keys, one bincount per map: O(N), and only one map's keys at once."""
+    negative = np.zeros(FLOAT16_KEYS, dtype=np.int64)
+    positive = np.zeros(FLOAT16_KEYS, dtype=np.int64)
+    pro = np.zeros(FLOAT16_KEYS, dtype=np.float64)
+    num_regions = 0
+    for keys, defect, weights, count in pixels:
+        negative += np.bincount(keys[~defect], minlength=FLOAT16_KEYS)
+        positive += np.bincount(keys[defect], minlength=FLOAT16_KEYS)
+        pro += np.bincount(keys[defect], weights=weights, minlength=FLOAT16_KEYS)
+        num_regions += count
+    return negative, positive, pro, num_regions
+
+
+def _sorted_histograms(pixels: Iterable[_Pixels]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Histograms of wider scores over the distinct scores of defective pixels and the gaps between them (a gap
+    holds normal pixels only: one curve point, see ``ThresholdCurve``). All keys are sorted once (values only,
+    cheaper than an argsort); the defective pixels' keys (a few percent of the pixels) are argsorted with their
+    PRO weights, and each of their distinct scores is located among all keys by binary search."""
+    all_keys, defect_keys, defect_weights, num_regions = [], [], [], 0
+    for keys, defect, weights, count in pixels:
+        all_keys.append(keys)
+        defect_keys.append(keys[defect])
+        defect_weights.append(weights)
+        num_regions += count
+    keys = np.concatenate(all_keys)
+    del all_keys
+    keys.sort()
+    defect_keys = np.concatenate(defect_keys)
+    order = np.argsort(defect_keys)
+    defect_keys, defect_weights = defect_keys[order], np.concatenate(defect_weights)[order]
+    starts = _run_starts(defect_keys)
+    values, defect_counts = defect_keys[starts], np.diff(np.append(starts, defect_keys.size))
+    below, up_to = np.searchsorted(keys, values, side="left"), np.searchsorted(keys, values, side="right")
+    negative = np.empty(2 * values.size + 1, dtype=np.int64)  # bins: gap, value, gap, value, ..., gap
+    negative[0::2] = np.append(below, keys.size) - np.concatenate([[0], up_to])
+    negative[1::2] = up_to - below - defect_counts
+    positive, pro = np.zeros_like(negative), np.zeros(negative.size, dtype=np.float64)
+    positive[1::2] = defect_counts
+    if values.size:
+        pro[1::2] = np.add.reduceat(defect_weights, starts)
+    return negative, positive, pro, num_regions
+
+
+def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Index of the first element of each run of equal values in a sorted array."""
+    change = np.ones(sorted_keys.size, dtype=bool)
+    change[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return np.flatnonzero(change)
 
 
 def _with_origin(values: np.ndarray) -> np.ndarray:

@@ -24,12 +24,14 @@ def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, dict[str, "Curves"]], path) -> "Figure":
+def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, dict[str, "Curves"]], path,
+                      notes: dict[str, str] | None = None) -> "Figure":
     """One PNG: a row of ROC and PR curves per category for each level (image, pixel), then one row of overlays
     per example kind; returns the figure.
 
     ``example_rows``: {row title: [(title, PIL image, [0, 1] map (H, W), bool mask (H, W)), ...]};
-    ``curves``: {level: {category: Curves}}, e.g. {"Image": ..., "Pixel": ...}.
+    ``curves``: {level: {category: Curves}}, e.g. {"Image": ..., "Pixel": ...}; ``notes``: {level: text written
+    on that level's curve panels}, e.g. which categories have no pixel curves because they have no masks.
     """
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no GUI backend or global state
 
@@ -38,7 +40,7 @@ def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, di
     figure = Figure(figsize=(3.2 * columns, 3.2 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
     for row_axes, (level, level_curves) in zip(axes, curves.items()):
-        _plot_curves(row_axes[0], row_axes[1], level, level_curves)
+        _plot_curves(row_axes[0], row_axes[1], level, level_curves, (notes or {}).get(level))
         for axis in row_axes[2:]:
             axis.axis("off")
     for row_axes, (row_title, examples) in zip(axes[len(curves):], example_rows.items()):
@@ -48,7 +50,9 @@ def evaluation_figure(example_rows: dict[str, list[tuple]], curves: dict[str, di
     return figure
 
 
-def _plot_curves(roc_axis, pr_axis, level: str, curves: dict[str, "Curves"]) -> None:
+def _plot_curves(roc_axis, pr_axis, level: str, curves: dict[str, "Curves"], note: str | None = None) -> None:
+    for axis in (roc_axis, pr_axis) if note else ():
+        axis.text(0.5, 0.5, note, ha="center", va="center", fontsize=7, wrap=True, transform=axis.transAxes)
     for category, curve in curves.items():
         roc_axis.plot(curve.fpr, curve.tpr, label=category)
         pr_axis.plot(curve.recall, curve.precision, label=category)

@@ -1,5 +1,7 @@
-"""Datasets: readers for the public benchmarks and users' folders (``load_dataset``), and a synthetic generator."""
+"""Datasets: readers for the public benchmarks, users' folders and Hugging Face datasets (``load_dataset``),
+their conversion to a Hugging Face dataset (``to_hf_dataset``), and a synthetic generator."""
 
-from .readers import DATASETS, Sample, load_dataset, read_mask, write_meta
+from .hf import to_hf_dataset
+from .readers import DATASETS, NORMAL_FOLDERS, Sample, load_dataset, read_mask, write_meta
 
-__all__ = ["DATASETS", "Sample", "load_dataset", "read_mask", "write_meta"]
+__all__ = ["DATASETS", "NORMAL_FOLDERS", "Sample", "load_dataset", "read_mask", "to_hf_dataset", "write_meta"]

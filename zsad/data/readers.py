@@ -14,7 +14,7 @@ Most benchmarks share the MVTec-AD layout ``<root>/<category>/<split>/<defect>/<
 ``<root>/<category>/ground_truth/<defect>/``; one parametrised reader (``MVTecLikeLayout``) covers MVTec-AD,
 MPDD, BTAD (``ok``/``ko``), DTD-Synthetic and the MVTec-like conversions of KolektorSDD and DAGM made for
 AnomalyCLIP / AdaCLIP. VisA is read from its ``split_csv/1cls.csv``, the AnomalyCLIP / AdaCLIP / APRIL-GAN
-interchange file from ``meta.json``, and users' own data from a plain folder (``good/`` + defect folders).
+interchange file from ``meta.json``, and users' own data from a plain folder (a normal folder such as ``good/`` or ``ok/`` + defect folders).
 """
 
 import csv
@@ -32,6 +32,7 @@ from ..images import IMAGE_SUFFIXES
 # Mask file = image stem + one of these (MVTec "000_mask.png", BTAD/VisA "000.png", DAGM conversions "_label").
 MASK_STEM_SUFFIXES = ("_mask", "_label", "_gt", "")
 MASK_FOLDERS = ("ground_truth", "masks")  # the plain folder layout accepts either name
+NORMAL_FOLDERS = ("good", "ok", "normal", "nominal", "pass")  # the plain folder layout's normal images, any case
 
 
 @dataclass(frozen=True)
@@ -221,20 +222,28 @@ def _meta_entry(sample: Sample, root: Path) -> dict:
             "cls_name": sample.category, "specie_name": sample.defect_type, "anomaly": sample.label}
 
 
-def read_folder(root, categories: Sequence[str] | None = None, split: str = "test") -> list[Sample]:
-    """Users' own data: ``<root>/good/`` normal images, every other folder defective, optional masks in
-    ``<root>/masks/<defect>/`` (or ``ground_truth/``) named like the image (``<stem>.png`` or ``<stem>_mask.png``).
-    ``root`` is one category (named after the folder) or holds several such category folders. ``split`` is unused."""
+def read_folder(root, categories: Sequence[str] | None = None, split: str = "test",
+                normal_dirs: Sequence[str] = ()) -> list[Sample]:
+    """Users' own data: a folder of normal images (``good/``, ``ok/``, ``normal/``, ``nominal/`` or ``pass/``, any
+    case, or a name in ``normal_dirs``), every other folder defective, optional masks in ``<root>/masks/<defect>/``
+    (or ``ground_truth/``) named like the image (``<stem>.png`` or ``<stem>_mask.png``). ``root`` is one category
+    (named after the folder) or holds several such category folders. ``split`` is unused."""
     root = _check_root(root)
-    expected = "good/ and defect folders of images (optional masks/<defect>/), or category folders holding them"
-    if (root / "good").is_dir():
+    normal_names = {name.lower() for name in (*NORMAL_FOLDERS, *normal_dirs)}
+    expected = (f"a folder of normal images named {' / '.join(sorted(normal_names))} (any case; others with "
+                "--normal-dirs NAME) and defect folders of images (optional masks/<defect>/), or category folders holding them")
+
+    def normal_folders(folder: Path) -> tuple[str, ...]:
+        return tuple(sub.name for sub in _subfolders(folder) if sub.name.lower() in normal_names)
+
+    if normal_folders(root):
         available = {root.name: root}
     else:
-        available = {folder.name: folder for folder in _subfolders(root) if (folder / "good").is_dir()}
+        available = {folder.name: folder for folder in _subfolders(root) if normal_folders(folder)}
     samples = []
     for category, folder in _select(available, categories, root, expected).items():
         mask_root = next((folder / name for name in MASK_FOLDERS if (folder / name).is_dir()), None)
-        samples += _scan_category(category, folder, mask_root, ("good",), require_masks=False, skip=MASK_FOLDERS)
+        samples += _scan_category(category, folder, mask_root, normal_folders(folder), require_masks=False, skip=MASK_FOLDERS)
     if not samples:
         raise ZSADError(f"No images in {root}: expected {expected}; found {_listing(root)}.")
     return samples
@@ -268,9 +277,23 @@ DATASETS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 
-def load_dataset(name: str, root, categories: Sequence[str] | None = None, split: str = "test") -> list[Sample]:
-    """Samples of dataset ``name`` (a key of ``DATASETS``) under ``root``, optionally only some ``categories``."""
+def load_dataset(name: str, root=None, categories: Sequence[str] | None = None, split: str = "test",
+                 normal_dirs: Sequence[str] = (), columns: dict[str, str | None] | None = None) -> list[Sample]:
+    """Samples of dataset ``name`` (a key of ``DATASETS``) under ``root``, optionally only some ``categories``;
+    ``normal_dirs`` adds names of normal-image folders to the plain ``folder`` layout's. ``name`` can also be a
+    Hugging Face dataset, ``hf:ORG/NAME[:split]`` or ``hf-disk:PATH[:split]`` (no root; ``columns`` renames its
+    columns, see ``zsad.data.hf``)."""
+    from .hf import is_hf_dataset, load_hf_samples
+
+    if is_hf_dataset(name):
+        return load_hf_samples(name, categories, columns)
     reader = DATASETS.get(name.lower())
     if reader is None:
-        raise ZSADError(f"Unknown dataset '{name}'; choose from {sorted(DATASETS)}.")
+        raise ZSADError(f"Unknown dataset '{name}'; choose from {sorted(DATASETS)}, hf:ORG/NAME[:split] or hf-disk:PATH.")
+    if root is None:
+        raise ZSADError(f"Dataset '{name}' is read from a folder: give its root (--root DIR).")
+    if normal_dirs:
+        if reader is not read_folder:
+            raise ZSADError(f"--normal-dirs names the normal folders of the plain 'folder' layout; '{name}' has fixed names.")
+        return read_folder(root, categories, split, normal_dirs)
     return reader(root, categories, split)
