@@ -83,6 +83,15 @@ def synthetic_root(tmp_path_factory):
     return make
 
 
+TRAINING_CATEGORIES = ["wood", "capsule"]
+
+
+@pytest.fixture(scope="session")
+def training_root(synthetic_root):
+    """The training tests' synthetic dataset: TRAINING_CATEGORIES, 2 good and 4 defective images each."""
+    return synthetic_root(TRAINING_CATEGORIES, num_defective=4)
+
+
 def whole_dataset_batch(root, image_size: int, backbone) -> dict:
     """Every image of an MVTec-layout dataset as one batch, preprocessed as train.py does."""
     from torch.utils.data import default_collate

@@ -10,30 +10,22 @@ from zsad import GenCLIPModel
 
 from conftest import whole_dataset_batch
 from remote_code import run_without_zsad
-from train_script import TRAIN_SCRIPT, run_command
+from train_script import TRAIN_SCRIPT, run_command, training_arguments
 
 IMAGE_SIZE = 56
-CATEGORIES = ["wood", "disk"]
 
 
 @pytest.fixture(scope="module")
-def dataset_root(synthetic_root):
-    return synthetic_root(CATEGORIES, num_defective=6)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_clip_path, dataset_root):
+def run_dir(tmp_path_factory, tiny_clip_path, training_root):
     output_dir = tmp_path_factory.mktemp("genclip-run")
-    run_command([sys.executable, str(TRAIN_SCRIPT), "--method", "genclip", "--clip", str(tiny_clip_path),
-          "--train-dataset", "mvtec", "--train-root", str(dataset_root), "--output-dir", str(output_dir),
-          "--epochs", "2", "--batch-size", "4", "--image-size", str(IMAGE_SIZE), "--cpu"])
+    run_command([sys.executable, str(TRAIN_SCRIPT), *training_arguments("genclip", tiny_clip_path, training_root, output_dir, 2, IMAGE_SIZE, 4)])
     return output_dir
 
 
 @pytest.fixture(scope="module")
-def training_batch(dataset_root, tiny_backbone):
+def training_batch(training_root, tiny_backbone):
     """The whole training set as one batch, preprocessed as train.py does."""
-    return whole_dataset_batch(dataset_root, IMAGE_SIZE, tiny_backbone)
+    return whole_dataset_batch(training_root, IMAGE_SIZE, tiny_backbone)
 
 
 def _training_loss(model, batch) -> float:

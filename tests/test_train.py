@@ -14,33 +14,23 @@ from train import train as train_script  # train/ is a script folder; the reposi
 from zsad import StackCLIPModel
 from zsad.data import load_dataset
 
-from conftest import whole_dataset_batch
+from conftest import TRAINING_CATEGORIES, whole_dataset_batch
 from remote_code import run_without_zsad
-from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command
+from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command, training_arguments
 
 IMAGE_SIZE = 56
 BATCH_SIZE = 4
-CATEGORIES = ["wood", "capsule"]
 
 
 
 def _training_args(clip, root, output_dir, epochs, *extra):
-    return [
-        "--method", "stackclip", "--clip", str(clip), "--train-dataset", "mvtec", "--train-root", str(root),
-        "--output-dir", str(output_dir), "--epochs", str(epochs), "--batch-size", str(BATCH_SIZE),
-        "--image-size", str(IMAGE_SIZE), "--cpu", *extra,
-    ]
+    return training_arguments("stackclip", clip, root, output_dir, epochs, IMAGE_SIZE, BATCH_SIZE, *extra)
 
 
 @pytest.fixture(scope="module")
-def dataset_root(synthetic_root):
-    return synthetic_root(CATEGORIES, num_defective=4)
-
-
-@pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory, tiny_clip_path, dataset_root):
+def two_epoch_run(tmp_path_factory, tiny_clip_path, training_root):
     output_dir = tmp_path_factory.mktemp("run")
-    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, output_dir, 2)])
+    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, output_dir, 2)])
     return output_dir
 
 
@@ -52,8 +42,8 @@ def _mean_training_loss(model, root) -> float:
         return model(batch["pixel_values"], batch["class_names"], masks=batch["masks"], labels=batch["labels"]).loss.item()
 
 
-def test_training_writes_checkpoints_and_logs_and_lowers_the_loss(two_epoch_run, tiny_clip_path, tiny_backbone, dataset_root):
-    num_images = len(load_dataset("mvtec", dataset_root))
+def test_training_writes_checkpoints_and_logs_and_lowers_the_loss(two_epoch_run, tiny_clip_path, tiny_backbone, training_root):
+    num_images = len(load_dataset("mvtec", training_root))
     steps_per_epoch = math.ceil(num_images / BATCH_SIZE)
     for epoch in (1, 2):
         folder = two_epoch_run / f"epoch-{epoch}"
@@ -67,18 +57,18 @@ def test_training_writes_checkpoints_and_logs_and_lowers_the_loss(two_epoch_run,
         assert curve.format == "PNG" and curve.size[0] > 300
 
     trained = StackCLIPModel.from_pretrained(two_epoch_run / "epoch-2", clip_model=tiny_backbone)
-    assert trained.config.is_trained and sorted(sum(trained.config.cluster_members, [])) == sorted(CATEGORIES)
+    assert trained.config.is_trained and sorted(sum(trained.config.cluster_members, [])) == sorted(TRAINING_CATEGORIES)
     untrained = StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
-    untrained.prepare_for_training(CATEGORIES)
-    assert _mean_training_loss(trained, dataset_root) < _mean_training_loss(untrained, dataset_root)
+    untrained.prepare_for_training(TRAINING_CATEGORIES)
+    assert _mean_training_loss(trained, training_root) < _mean_training_loss(untrained, training_root)
 
 
-def test_resume_from_epoch_one_gives_the_same_weights_as_an_uninterrupted_run(two_epoch_run, tiny_clip_path, dataset_root, tmp_path):
+def test_resume_from_epoch_one_gives_the_same_weights_as_an_uninterrupted_run(two_epoch_run, tiny_clip_path, training_root, tmp_path):
     shutil.copytree(two_epoch_run / "epoch-1", tmp_path / "epoch-1")
     lines = (two_epoch_run / "loss.csv").read_text().splitlines()
     # A run that crashed in epoch 2 left some of its rows behind; resuming must drop them.
     (tmp_path / "loss.csv").write_text("\n".join(lines[:-1]) + "\n")
-    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 2, "--resume")])
+    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, tmp_path, 2, "--resume")])
     resumed = load_file(tmp_path / "epoch-2" / "model.safetensors")
     uninterrupted = load_file(two_epoch_run / "epoch-2" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -97,8 +87,8 @@ def test_checkpoint_loads_with_remote_code_in_a_process_without_zsad(two_epoch_r
 
 
 def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(two_process_launcher, tiny_clip_path, tiny_backbone,
-                                                                          dataset_root, tmp_path):
-    run_command([*two_process_launcher(), str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, dataset_root, tmp_path, 1)],
+                                                                          training_root, tmp_path):
+    run_command([*two_process_launcher(), str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, tmp_path, 1)],
                 extra_env=LOOPBACK_ENV)
     state = torch.load(tmp_path / "epoch-1" / "training_state.pt", weights_only=False)
     checksums = state["parameter_checksums"]
@@ -108,6 +98,6 @@ def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(two_pr
     untrained = StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
     assert not torch.equal(train_script.parameter_checksums(untrained), checksums[0])
     # Each step takes BATCH_SIZE images on each of the two processes.
-    num_images = len(load_dataset("mvtec", dataset_root))
+    num_images = len(load_dataset("mvtec", training_root))
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert len(rows) == 1 + math.ceil(num_images / (2 * BATCH_SIZE))

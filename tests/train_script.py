@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train" / "train.py"
 
 
+def training_arguments(method: str, clip, root, output_dir, epochs: int, image_size: int, batch_size: int, *extra: str) -> list[str]:
+    """train/train.py's arguments for a CPU run on an MVTec-layout dataset."""
+    return [
+        "--method", method, "--clip", str(clip), "--train-dataset", "mvtec", "--train-root", str(root),
+        "--output-dir", str(output_dir), "--epochs", str(epochs), "--batch-size", str(batch_size),
+        "--image-size", str(image_size), "--cpu", *extra,
+    ]
+
+
 class CommandHung(AssertionError):
     """A command ran past its time limit; the message holds its output and every Python process's stacks."""
 

@@ -92,14 +92,18 @@ def _check_root(root) -> Path:
 def _select(available: dict[str, Path], categories: Sequence[str] | None, root: Path, expected: str) -> dict[str, Path]:
     if not available:
         raise ZSADError(f"No categories found in {root}: expected {expected}; found {_listing(root)}.")
-    if categories is None:
-        return available
-    if isinstance(categories, str):
-        categories = [categories]
-    missing = [name for name in categories if name not in available]
+    return {name: available[name] for name in requested_names(categories, available, str(root))}
+
+
+def requested_names(requested: str | Sequence[str] | None, available, where: str) -> list[str]:
+    """``requested`` (None for all, one name or several) checked against the names ``available`` in ``where``."""
+    if requested is None:
+        return list(available)
+    names = [requested] if isinstance(requested, str) else list(requested)
+    missing = [name for name in names if name not in available]
     if missing:
-        raise ZSADError(f"Categories {missing} are not in {root}; it holds {sorted(available)}.")
-    return {name: available[name] for name in categories}
+        raise ZSADError(f"Categories {missing} are not in {where}; it holds {sorted(available)}.")
+    return names
 
 
 def _mask_index(folder: Path) -> dict[str, Path]:

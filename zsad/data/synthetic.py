@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from ..errors import ZSADError
+from .readers import requested_names
 
 TEXTURES = ("fabric", "wood", "tile", "grid")
 OBJECTS = ("disk", "plate", "capsule", "tube")
@@ -60,14 +61,7 @@ def defect_types(category: str) -> tuple[str, ...]:
 
 
 def _check_categories(categories: Sequence[str] | None) -> tuple[str, ...]:
-    if categories is None:
-        return CATEGORIES
-    if isinstance(categories, str):
-        categories = [categories]
-    unknown = [name for name in categories if name not in CATEGORIES]
-    if unknown:
-        raise ZSADError(f"Unknown synthetic categories {unknown}; choose from {list(CATEGORIES)}.")
-    return tuple(categories)
+    return tuple(requested_names(categories, CATEGORIES, "the synthetic generator"))
 
 
 def _write_category(folder: Path, category: str, num_good: int, num_defective: int, size: int, seed: int, num_train: int):
