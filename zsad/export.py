@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
+from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, ExportedDetector, require_extra
 from .errors import ZSADError
-from .inference import DEFAULT_THRESHOLD, method_name
+from .images import load_image
+from .inference import DEFAULT_THRESHOLD, Detection, method_name
 from .loading import load_model
 from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
 from .modeling.modeling_genclip import GenCLIPModel
 from .modeling.prompting import clean_class_name
+from .visualize import overlay_heatmap
 
 ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
@@ -41,16 +43,21 @@ class ExportGraph(nn.Module):
     """(1, 3, S, S) pixels -> (scores (1, C), maps (1, C, S, S)) of ``model`` for fixed ``class_names``.
 
     One vision pass serves every name: the model's ``encode_image`` is memoised for the length of a forward.
+    Text features the model caches (``cached_text``) are memoised by key across forwards, so those computed by a
+    first, eager forward are constants when the graph is traced (the model's own cache key holds parameter
+    versions, which tracing changes).
     """
 
     def __init__(self, model, class_names: list[str]):
         super().__init__()
         self.model = model.eval()
         self.class_names = list(class_names)
+        self._text_features: dict = {}
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with ExitStack() as stack:
             stack.enter_context(_one_vision_pass(self.model))
+            stack.enter_context(_memoised_text(self.model, self._text_features))
             if isinstance(self.model, GenCLIPModel) and self.model.config.cnf_mode == CNF_HARD:
                 stack.enter_context(_class_name_filter_without_branching(self.model))
             outputs = [self.model(pixel_values, class_names=[name]) for name in self.class_names]
@@ -71,6 +78,22 @@ def _one_vision_pass(model):
         yield
     finally:
         del model.encode_image  # the class's method again
+
+
+@contextmanager
+def _memoised_text(model, memo: dict):
+    cached_text = model.cached_text
+
+    def lookup(key, compute):
+        if key not in memo:
+            memo[key] = cached_text(key, compute)
+        return memo[key]
+
+    model.cached_text = lookup
+    try:
+        yield
+    finally:
+        del model.cached_text
 
 
 @contextmanager
@@ -111,40 +134,52 @@ def export_onnx(graph: ExportGraph, path: Path) -> Path:
     return path
 
 
-def quantize_onnx_int8(source: Path, target: Path) -> Path:
-    """ONNX Runtime's dynamic int8 quantisation (int8 weights, activations quantised per call) of the vision
-    transformer's MatMuls."""
-    require_extra("onnxruntime")
+def vision_linear_nodes(onnx_path: Path) -> list[str]:
+    """Names of the MatMul nodes of the vision transformer's linear layers in a graph written by ``export_onnx``."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(source))
+    model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {initializer.name for initializer in model.graph.initializer}
     nodes = [node.name for node in model.graph.node
-             if node.op_type == "MatMul" and any(INT8_NODE_SCOPE in name for name in node.input if name in weights)]
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+             if node.op_type == "MatMul" and node.input[1] in weights and INT8_NODE_SCOPE in _module_scope(node)]
+    if not nodes:
+        raise ZSADError(f"No linear layer of the vision transformer was found in {onnx_path}; int8 needs a graph written by zsad export.")
+    return nodes
+
+
+def _module_scope(node) -> str:
+    """The PyTorch module path the dynamo exporter records on each node (its optimiser renames the weights)."""
+    return next((entry.value for entry in node.metadata_props if entry.key == "pkg.torch.onnx.name_scopes"), "")
+
+
+def quantize_onnx_int8(source: Path, target: Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantisation (int8 weights, activations quantised per call) of the vision
+    transformer's linear layers."""
+    require_extra("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_quantize=vision_linear_nodes(source),
                      extra_options={"MatMulConstBOnly": True})
     return target
 
 
 def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
     """``openvino.convert_model`` of the fp32 ONNX graph; int8 = NNCF's int8 weight compression of the vision
-    linears, which OpenVINO's CPU plug-in runs with dynamically quantised activations."""
+    transformer's linear layers, whose activations OpenVINO's CPU plug-in quantises per call."""
     require_extra("openvino")
     import openvino as ov
 
     model = ov.convert_model(str(onnx_path))
     if int8:
-        model = compress_openvino_int8(model)
+        require_extra("nncf")
+        import nncf
+
+        vision = set(vision_linear_nodes(onnx_path))  # OpenVINO keeps the ONNX node names
+        others = [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() not in vision]
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                      ignored_scope=nncf.IgnoredScope(names=others, validate=False))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return xml_path
-
-
-def compress_openvino_int8(model):
-    require_extra("nncf")
-    import nncf
-
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
 
 
 def profile_thresholds(profile: str | Path | None, class_names: list[str], threshold: float) -> dict:
@@ -220,3 +255,35 @@ def export(
     config = deploy_config(model, names, format, precision, thresholds, str(source))
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return graph_path
+
+
+class ExportedGraphPredictor:
+    """An exported graph behind the interface ``zsad.inference.predict_files`` uses (``zsad predict --engine``)."""
+
+    def __init__(self, detector: ExportedDetector):
+        self.detector = detector
+
+    @classmethod
+    def load(cls, directory: str | Path, engine: str) -> "ExportedGraphPredictor":
+        return cls(ExportedDetector.load(directory, engine=engine))
+
+    @property
+    def method_names(self) -> list[str]:
+        return [self.detector.method]
+
+    def status(self, method: str) -> str:
+        return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
+
+    def detect_batch(self, images, class_names, method=None, threshold: float | None = None) -> list[Detection]:
+        names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
+        detections = []
+        for image, name in zip(images, names):
+            picture = load_image(image)
+            result = self.detector.detect(picture, name, threshold)
+            detections.append(Detection(
+                method=self.detector.method, status=self.status(self.detector.method), class_name=result.class_name,
+                score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map,
+                mask=result.anomaly_map >= result.threshold, overlay=overlay_heatmap(picture, result.anomaly_map),
+                seconds=result.seconds,
+            ))
+        return detections

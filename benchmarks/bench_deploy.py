@@ -1,0 +1,146 @@
+"""Deploy routes, end to end (image file -> score and map at the image's size), on the full-size random
+CLIP ViT-L/14@336 at 518 px, in one run: the stock float32 PyTorch forward (the baseline of the ratios),
+PyTorch int8 dynamic quantisation of the vision linears, ONNX Runtime fp32/int8, OpenVINO fp32/int8, and on
+CPUs with native bf16 also PyTorch bf16 and OpenVINO bf16. Fidelity: Pearson of the maps and score difference
+against PyTorch float32.
+
+    python benchmarks/bench_deploy.py
+    # an AVX2-only CPU, emulated on an AVX512/bf16 one (see the printed notes for what each engine honours):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_deploy.py
+
+Exported graphs are kept in outputs/bench_deploy/ and reused by later runs.
+"""
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, machine_line, timed  # noqa: E402
+from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
+from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
+from zsad.inference import AnomalyDetector  # noqa: E402
+
+WORKDIR = Path("outputs/bench_deploy")
+CLASS_NAME = "metal nut"
+FIDELITY = {"fp32": (0.9999, 1e-4), "bf16": (0.99, 0.01), "int8": (0.99, 0.01)}
+
+
+def exported_variants(clip: str, method: str) -> dict[str, Path]:
+    """{"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}: folder; one torch export, the rest
+    converted from its ONNX file (what ``zsad export`` does for each)."""
+    folders = {f"{fmt}-{precision}": WORKDIR / f"{method}-{fmt}-{precision}" for fmt in ("onnx", "openvino") for precision in ("fp32", "int8")}
+    base = folders["onnx-fp32"]
+    if not (base / CONFIG_NAME).exists():
+        started = time.perf_counter()
+        export(method, [CLASS_NAME], base, format="onnx", precision="fp32", clip=clip)
+        print(f"torch.onnx.export (dynamo) of {method} at 518 px: {time.perf_counter() - started:.0f} s", flush=True)
+    config = json.loads((base / CONFIG_NAME).read_text())
+    source = base / GRAPH_FILES["onnx"]
+    for key, folder in folders.items():
+        if (folder / CONFIG_NAME).exists() or folder == base:
+            continue
+        fmt, precision = key.split("-")
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        target = folder / GRAPH_FILES[fmt]
+        if fmt == "openvino":
+            convert_openvino(source, target, int8=precision == "int8")
+        else:
+            quantize_onnx_int8(source, target)
+        print(f"{key}: written in {time.perf_counter() - started:.0f} s", flush=True)
+        (folder / CONFIG_NAME).write_text(json.dumps({**config, "format": fmt, "precision": precision, "graph": target.name}, indent=1))
+    return folders
+
+
+def torch_route(clip: str, method: str, dtype: torch.dtype, int8: bool = False):
+    detector = AnomalyDetector.for_model(method, clip=clip, dtype=dtype)
+    if int8:
+        from torch.ao.quantization import quantize_dynamic
+
+        encoder = detector.backbone.model.vision_model.encoder
+        quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+    def run(image):
+        result = detector.detect(image, CLASS_NAME)
+        return result.score, result.anomaly_map
+
+    return run
+
+
+def graph_route(folder: Path, engine: str, **options):
+    detector = ExportedDetector.load(folder, engine=engine, **options)
+
+    def run(image):
+        result = detector.detect(image, CLASS_NAME)
+        return result.score, result.anomaly_map
+
+    return run
+
+
+def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, object]]:
+    """(name, precision class for the fidelity bounds, factory) in the order they run; the first is the baseline."""
+    graphs = exported_variants(clip, method)
+    listed = [
+        ("torch fp32 (stock)", "fp32", lambda: torch_route(clip, method, torch.float32)),
+        ("torch int8 dynamic (vision linears)", "int8", lambda: torch_route(clip, method, torch.float32, int8=True)),
+        ("onnxruntime fp32", "fp32", lambda: graph_route(graphs["onnx-fp32"], "onnx")),
+        ("onnxruntime int8", "int8", lambda: graph_route(graphs["onnx-int8"], "onnx")),
+        ("openvino fp32", "fp32", lambda: graph_route(graphs["openvino-fp32"], "openvino")),
+        ("openvino int8", "int8", lambda: graph_route(graphs["openvino-int8"], "openvino")),
+    ]
+    if native_bf16:
+        listed += [
+            ("torch bf16", "bf16", lambda: torch_route(clip, method, torch.bfloat16)),
+            ("openvino bf16 (fp32 graph)", "bf16", lambda: graph_route(graphs["openvino-fp32"], "openvino", inference_precision="bf16")),
+            ("openvino int8 + bf16", "int8", lambda: graph_route(graphs["openvino-int8"], "openvino", inference_precision="bf16")),
+        ]
+    return listed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", default="baseline", choices=["baseline", "stackclip", "genclip"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="run only routes whose name contains one of these words (plus the baseline)")
+    args = parser.parse_args()
+    print(cpu_class_line())
+    print(machine_line())
+    emulated = bool(emulated_isa())
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() and not emulated
+    if emulated:
+        print("Emulation: torch (ATen + oneDNN + MKL) honours these settings; ONNX Runtime's MLAS kernels do not (they "
+              "pick AVX512/VNNI from CPUID), so its figures here are NOT AVX2 figures; OpenVINO runs with "
+              "INFERENCE_PRECISION_HINT=f32 (no bf16) and ONEDNN_MAX_CPU_ISA is passed on to its oneDNN.")
+    clip, image = full_size_inputs(WORKDIR)
+    baseline_seconds, reference = None, None
+    listed = routes(clip, args.method, native_bf16)
+    print("\n| route | s / image | x stock fp32 | map Pearson | score diff |\n|---|---|---|---|---|")
+    for name, kind, factory in listed:
+        if reference is not None and args.only and not any(word in name for word in args.only):
+            continue
+        run = factory()
+        outputs = {}
+        seconds = timed(lambda: outputs.update(result=run(image)), repeats=args.repeats)
+        score, anomaly_map = outputs["result"]
+        if reference is None:
+            baseline_seconds, reference = seconds, (score, anomaly_map)
+        pearson = float(np.corrcoef(reference[1].ravel(), anomaly_map.ravel())[0, 1])
+        difference = abs(score - reference[0])
+        bound_pearson, bound_score = FIDELITY[kind]
+        holds = "" if pearson >= bound_pearson and difference <= bound_score else f" (outside {kind} bounds)"
+        print(f"| {name} | {seconds:.2f} | {baseline_seconds / seconds:.2f}x | {pearson:.6f} | {difference:.2e}{holds} |", flush=True)
+        del run
+        gc.collect()
+    print(f"\n{args.method}, image 900x700 -> 518 px, median of {args.repeats} after 1 warm-up; " + cpu_class_line().split("; ")[-1])
+
+
+if __name__ == "__main__":
+    main()
