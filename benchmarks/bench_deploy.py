@@ -27,6 +27,7 @@ from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, ma
 from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
 from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
+from zsad.loading import resolve_precision  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
 CLASS_NAME = "metal nut"
@@ -60,13 +61,8 @@ def exported_variants(clip: str, method: str) -> dict[str, Path]:
     return folders
 
 
-def torch_route(clip: str, method: str, dtype: torch.dtype, int8: bool = False):
-    detector = AnomalyDetector.for_model(method, clip=clip, dtype=dtype)
-    if int8:
-        from torch.ao.quantization import quantize_dynamic
-
-        encoder = detector.backbone.model.vision_model.encoder
-        quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+def torch_route(clip: str, method: str, precision: str):
+    detector = AnomalyDetector.for_model(method, clip=clip, dtype=resolve_precision(precision))
 
     def run(image):
         result = detector.detect(image, CLASS_NAME)
@@ -89,8 +85,8 @@ def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, ob
     """(name, precision class for the fidelity bounds, factory) in the order they run; the first is the baseline."""
     graphs = exported_variants(clip, method)
     listed = [
-        ("torch fp32 (stock)", "fp32", lambda: torch_route(clip, method, torch.float32)),
-        ("torch int8 dynamic (vision linears)", "int8", lambda: torch_route(clip, method, torch.float32, int8=True)),
+        ("torch fp32 (stock)", "fp32", lambda: torch_route(clip, method, "float32")),
+        ("torch int8 dynamic (vision linears, oneDNN; --precision int8)", "int8", lambda: torch_route(clip, method, "int8")),
         ("onnxruntime fp32", "fp32", lambda: graph_route(graphs["onnx-fp32"], "onnx")),
         ("onnxruntime int8", "int8", lambda: graph_route(graphs["onnx-int8"], "onnx")),
         ("openvino fp32", "fp32", lambda: graph_route(graphs["openvino-fp32"], "openvino")),
@@ -98,7 +94,7 @@ def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, ob
     ]
     if native_bf16:
         listed += [
-            ("torch bf16", "bf16", lambda: torch_route(clip, method, torch.bfloat16)),
+            ("torch bf16", "bf16", lambda: torch_route(clip, method, "bfloat16")),
             ("openvino bf16 (fp32 graph)", "bf16", lambda: graph_route(graphs["openvino-fp32"], "openvino", inference_precision="bf16")),
             ("openvino int8 + bf16", "int8", lambda: graph_route(graphs["openvino-int8"], "openvino", inference_precision="bf16")),
         ]
@@ -116,9 +112,9 @@ def main() -> None:
     emulated = bool(emulated_isa())
     native_bf16 = torch.cpu._is_avx512_bf16_supported() and not emulated
     if emulated:
-        print("Emulation: torch (ATen + oneDNN + MKL) honours these settings; ONNX Runtime's MLAS kernels do not (they "
-              "pick AVX512/VNNI from CPUID), so its figures here are NOT AVX2 figures; OpenVINO runs with "
-              "INFERENCE_PRECISION_HINT=f32 (no bf16) and ONEDNN_MAX_CPU_ISA is passed on to its oneDNN.")
+        print("Emulation: torch (ATen, oneDNN incl. its int8 kernels, MKL) honours these settings. ONNX Runtime's MLAS "
+              "kernels do not (they pick AVX512/VNNI from CPUID): its figures here are NOT AVX2 figures. OpenVINO runs "
+              "with INFERENCE_PRECISION_HINT=f32 (no bf16); whether its kernels honour ONEDNN_MAX_CPU_ISA is not verified.")
     clip, image = full_size_inputs(WORKDIR)
     baseline_seconds, reference = None, None
     listed = routes(clip, args.method, native_bf16)
@@ -132,6 +128,8 @@ def main() -> None:
         score, anomaly_map = outputs["result"]
         if reference is None:
             baseline_seconds, reference = seconds, (score, anomaly_map)
+            reference_line = (f"reference (torch fp32): score {score:.6f}, map {anomaly_map.shape} in [{anomaly_map.min():.4f}, "
+                              f"{anomaly_map.max():.4f}], std {anomaly_map.std():.4f}")
         pearson = float(np.corrcoef(reference[1].ravel(), anomaly_map.ravel())[0, 1])
         difference = abs(score - reference[0])
         bound_pearson, bound_score = FIDELITY[kind]
@@ -139,7 +137,8 @@ def main() -> None:
         print(f"| {name} | {seconds:.2f} | {baseline_seconds / seconds:.2f}x | {pearson:.6f} | {difference:.2e}{holds} |", flush=True)
         del run
         gc.collect()
-    print(f"\n{args.method}, image 900x700 -> 518 px, median of {args.repeats} after 1 warm-up; " + cpu_class_line().split("; ")[-1])
+    print(f"\n{reference_line}")
+    print(f"{args.method}, image 900x700 -> 518 px, median of {args.repeats} after 1 warm-up; " + cpu_class_line().split("; ")[-1])
 
 
 if __name__ == "__main__":

@@ -91,8 +91,7 @@ def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_
     export(model, NAMES, tmp_path, format="onnx", precision="int8")
     assert_parity(model, tmp_path, INT8_BOUNDS)
     operators = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    vision_linears = 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2 per block
-    assert operators.count("MatMulInteger") == vision_linears
+    assert operators.count("MatMulInteger") == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2
 
 
 def test_openvino_fp32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
@@ -154,6 +153,11 @@ def test_cli_export_openvino_int8_then_predict_with_openvino_engine(tiny_clip_pa
     assert main(["export", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(TEST_IMAGE_SIZE),
                  "--class-name", "bottle", "--format", "openvino", "--precision", "int8", "--out", str(out)]) == 0
     assert_parity(tiny_model("baseline", tiny_backbone), out, INT8_BOUNDS)
+    import openvino as ov
+
+    int8_weights = [op for op in ov.Core().read_model(str(out / "model.xml")).get_ops()
+                    if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert len(int8_weights) == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2 per block
     image = tmp_path / "images" / "a.png"
     image.parent.mkdir()
     Image.fromarray(np.full((64, 80, 3), 120, dtype=np.uint8)).save(image)
@@ -184,3 +188,20 @@ def test_errors_say_what_to_do(baseline_onnx, tiny_backbone, tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
     with pytest.raises(ZSADError, match=r'zsad\[deploy\]'):
         ExportedDetector.load(folder)
+
+
+def test_int8_precision_quantises_the_vision_linears_within_the_int8_bounds(tiny_clip_path):
+    from zsad.loading import load_backbone, resolve_precision
+
+    int8 = load_backbone(str(tiny_clip_path), dtype=resolve_precision("int8"))
+    float32 = load_backbone(str(tiny_clip_path))
+    quantised = [module for module in int8.model.vision_model.encoder.modules() if type(module).__name__ == "Linear"
+                 and module.__module__.startswith("torch.ao.nn.quantized")]
+    assert len(quantised) == 6 * int8.vision_config.num_hidden_layers
+    assert int8.model.text_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32  # text side untouched
+    x = pixels(5)
+    with torch.inference_mode():
+        quantised_output = tiny_model("baseline", int8)(x, class_names=["bottle"])
+        reference = tiny_model("baseline", float32)(x, class_names=["bottle"])
+    assert abs(float(quantised_output.image_score[0] - reference.image_score[0])) <= INT8_BOUNDS[1]
+    assert pearson(quantised_output.anomaly_map.numpy(), reference.anomaly_map.numpy()) >= INT8_BOUNDS[0]

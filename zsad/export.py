@@ -37,6 +37,8 @@ ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
 # similarities are multiplied by a logit scale of 100, which magnifies int8 rounding (as it does bfloat16's).
 INT8_NODE_SCOPE = "vision_model.encoder"
+# Operations NNCF compresses weights of; all but the vision linears are left in float32.
+WEIGHTED_OPENVINO_OPS = ("MatMul", "Convolution", "Gather", "Einsum")
 
 
 class ExportGraph(nn.Module):
@@ -175,7 +177,8 @@ def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
         import nncf
 
         vision = set(vision_linear_nodes(onnx_path))  # OpenVINO keeps the ONNX node names
-        others = [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() not in vision]
+        others = [op.get_friendly_name() for op in model.get_ops()
+                  if op.get_type_name() in WEIGHTED_OPENVINO_OPS and op.get_friendly_name() not in vision]
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
                                       ignored_scope=nncf.IgnoredScope(names=others, validate=False))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
