@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
 from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
 from zsad.loading import resolve_precision  # noqa: E402
+from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
 CLASS_NAME = "metal nut"
@@ -101,12 +103,67 @@ def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, ob
     return listed
 
 
+class GraphAsModel:
+    """An exported graph where benchmarks.heldout expects a model: (B, 3, S, S) pixels and names -> output."""
+
+    def __init__(self, model, detector: ExportedDetector):
+        self.model, self.detector, self.config = model, detector, model.config
+
+    def require_backbone(self):
+        return self.model.require_backbone()
+
+    def eval(self):
+        return self
+
+    def __call__(self, pixel_values: torch.Tensor, class_names: list[str]) -> ZeroShotAnomalyOutput:
+        scores, maps = [], []
+        for pixels, name in zip(pixel_values, class_names):
+            image_scores, image_maps = self.detector.scores_and_maps(np.ascontiguousarray(pixels[None].numpy()))
+            column = self.detector.class_names.index(name)
+            scores.append(image_scores[0, column])
+            maps.append(image_maps[0, column])
+        return ZeroShotAnomalyOutput(anomaly_map=torch.from_numpy(np.stack(maps)), image_score=torch.tensor(np.array(scores)))
+
+
+def int8_auroc(method: str, image_size: int = 112) -> None:
+    """What int8 costs in AUROC on the synthetic held-out categories of benchmarks/heldout.py (tiny random CLIP,
+    untrained model): PyTorch fp32 against the exported ONNX int8 graph and PyTorch --precision int8."""
+    from benchmarks.heldout import FOLD_A, FOLD_B, evaluate
+    from zsad.data.synthetic import generate
+    from zsad.loading import load_model
+    from zsad.testing import save_tiny_clip
+
+    categories = FOLD_A + FOLD_B
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        clip = str(save_tiny_clip(work / "clip"))
+        root = generate(work / "data", categories)
+        model = load_model(method, clip=clip, image_size=image_size)
+        export(model, categories, work / "int8", format="onnx", precision="int8")
+        candidates = {
+            "torch fp32": model,
+            "onnxruntime int8 (exported)": GraphAsModel(model, ExportedDetector.load(work / "int8")),
+            "torch --precision int8": load_model(method, clip=clip, image_size=image_size, dtype=resolve_precision("int8")),
+        }
+        print(f"\n{method}, untrained, tiny random CLIP at {image_size} px, synthetic held-out categories {categories}")
+        print("| route | mean pixel AUROC | mean image AUROC |\n|---|---|---|")
+        for name, candidate in candidates.items():
+            metrics = evaluate(candidate, root, categories).values()
+            pixel = np.mean([m["pixel_auroc"] for m in metrics])
+            image = np.mean([m["image_auroc"] for m in metrics])
+            print(f"| {name} | {pixel:.4f} | {image:.4f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="baseline", choices=["baseline", "stackclip", "genclip"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="run only routes whose name contains one of these words (plus the baseline)")
+    parser.add_argument("--auroc", action="store_true", help="instead: what int8 costs in AUROC on the synthetic held-out set")
     args = parser.parse_args()
+    if args.auroc:
+        int8_auroc(args.method)
+        return
     print(cpu_class_line())
     print(machine_line())
     emulated = bool(emulated_isa())
