@@ -26,7 +26,7 @@ def _predict(args: argparse.Namespace) -> None:
     from .inference import DEFAULT_THRESHOLD, AnomalyDetector, predict_files
 
     if args.engine == "torch":
-        if not args.class_name:
+        if args.class_name is None:
             raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
         detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
         class_name, threshold = args.class_name, DEFAULT_THRESHOLD if args.threshold is None else args.threshold
@@ -34,7 +34,7 @@ def _predict(args: argparse.Namespace) -> None:
         from .export import ExportedGraphPredictor
 
         detector = ExportedGraphPredictor.load(args.model, args.engine)
-        class_name = args.class_name or detector.detector.class_names[detector.detector._column(None)]
+        class_name = detector.detector.resolve_class_name(args.class_name)
         threshold = detector.detector.threshold(class_name) if args.threshold is None else args.threshold
     summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size)
     failed = [record for record in summary["images"] if "error" in record]

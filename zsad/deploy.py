@@ -126,6 +126,10 @@ class ExportedDetector:
             seconds=time.perf_counter() - started,
         )
 
+    def resolve_class_name(self, class_name: str | None) -> str:
+        """``class_name`` as the graph names it, or the only exported name when None."""
+        return self.class_names[self._column(class_name)]
+
     def _column(self, class_name: str | None) -> int:
         names = self.class_names
         if class_name is None:
