@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=os.environ.get("ZSAD_PRECISION", "auto"),
-        help="backbone precision (env ZSAD_PRECISION); auto = bfloat16 where the hardware runs it natively",
+        help="backbone precision (env ZSAD_PRECISION); auto = bfloat16 where the hardware runs it natively, int8 vision linears elsewhere",
     )
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import cpu_line, machine_line  # noqa: E402
+from benchmarks.common import cpu_class_line, machine_line  # noqa: E402
 from benchmarks.common import timed as median_seconds  # noqa: E402
 from zsad.metrics import pixel_metrics  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--dtype-maps", type=int, default=200, help="maps for the float32 / float16 comparison")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{cpu_line()}; {machine_line()}; numpy {np.__version__}")
+    print(f"{cpu_class_line()}; {machine_line()}; numpy {np.__version__}")
     compare_dtypes(args.dtype_maps, args.repeats)
 
     masks, maps = make_maps(args.maps)

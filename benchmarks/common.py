@@ -88,10 +88,29 @@ def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
 
 
-def cpu_line() -> str:
-    """The CPU model and the instruction sets that decide kernel speed (AVX2, AVX-512, native bf16, AMX)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    shown = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
-    return f"CPU: {model} ({', '.join(shown) or 'no AVX2'})"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+EMULATION_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``CPU_FLAGS`` this CPU reports in /proc/cpuinfo (what the hardware has, whatever is emulated)."""
+    words = set(Path("/proc/cpuinfo").read_text().split())
+    return [flag for flag in CPU_FLAGS if flag in words]
+
+
+def emulated_isa() -> dict[str, str]:
+    """The settings that make torch / oneDNN / MKL use fewer instructions than the CPU has, where set."""
+    return {name: os.environ[name] for name in EMULATION_SETTINGS if name in os.environ}
+
+
+def cpu_class_line() -> str:
+    """One line: model name, flags, whether bf16 is native, and the kernels torch actually dispatches to."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    flags = cpu_flags()
+    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    emulated = emulated_isa()
+    return (f"CPU: {model}; flags {' '.join(flags)}; native bf16: {'yes' if native_bf16 else 'no'}; "
+            f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
+            + (f"; EMULATED without AVX512/bf16 via {emulated}" if emulated else "")
+            + f"; load average {os.getloadavg()[0]:.1f}")

@@ -236,7 +236,7 @@ def test_precision_names(monkeypatch):
     assert resolve_precision("float32") is torch.float32 and resolve_precision("bfloat16") is torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") is torch.float32
+    assert resolve_precision("auto") is torch.qint8 is resolve_precision("int8")  # int8 vision linears
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto") is torch.bfloat16
     with pytest.raises(ZSADError, match="precision"):

@@ -1,4 +1,4 @@
-"""The ``zsad`` command: ``zsad predict | evaluate | publish | dataset push | tiny-clip``."""
+"""The ``zsad`` command: ``zsad predict | export | evaluate | publish | dataset push | tiny-clip``."""
 
 import argparse
 import sys
@@ -23,15 +23,33 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .inference import AnomalyDetector
+    from .inference import DEFAULT_THRESHOLD, AnomalyDetector
     from .predict import predict_files
 
-    detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
-    summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size)
+    if args.engine == "torch":
+        if args.class_name is None:
+            raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
+        detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
+        class_name, threshold = args.class_name, DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    else:
+        from .export import ExportedGraphPredictor
+
+        detector = ExportedGraphPredictor.load(args.model, args.engine)
+        class_name = detector.detector.resolve_class_name(args.class_name)
+        threshold = detector.detector.threshold(class_name) if args.threshold is None else args.threshold
+    summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size)
     failed = [record for record in summary["images"] if "error" in record]
     print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
+                  profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
+    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with `zsad predict --engine {args.format} --model {args.out} IMAGE`")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -64,14 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="anomaly scores, overlays and masks for image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    predict.add_argument("--class-name", required=True, help="what the product is, e.g. 'metal nut'")
+    predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained), a checkpoint folder / Hub id, "
+                         "or with --engine onnx|openvino a folder written by `zsad export`")
+    predict.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (an exported graph's only name by default)")
+    predict.add_argument("--engine", choices=["torch", "onnx", "openvino"], default="torch",
+                         help="torch (default), or run an exported graph with ONNX Runtime / OpenVINO")
     predict.add_argument("--out", required=True, help="folder for <image>_overlay.png, <image>_mask.png and scores.json")
     predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
-    predict.add_argument("--threshold", type=float, default=0.5, help="for the masks and the verdicts (default 0.5)")
+    predict.add_argument("--threshold", type=float, help="for the masks and the verdicts (default 0.5, or an exported graph's own)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     predict.set_defaults(run=_predict)
+
+    export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
+    export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
+    export.add_argument("--class-name", required=True, action="append", help="a product name the graph scores (repeat for several)")
+    export.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    export.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: the vision transformer's linear layers")
+    export.add_argument("--out", required=True, help="folder for the graph and zsad_deploy.json")
+    export.add_argument("--profile", help="a product profile folder whose thresholds the graph carries (not available yet)")
+    export.add_argument("--threshold", type=float, default=0.5, help="the verdict/mask threshold stored with the graph (default 0.5)")
+    export.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
+    export.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
+    export.set_defaults(run=_export)
 
     evaluate = commands.add_parser("evaluate", help="per-category and mean metrics of a model on a benchmark (JSON, Markdown, figure)")
     from .evaluation import add_arguments

@@ -2,17 +2,16 @@
 
 ``load_image`` accepts paths, bytes, PIL images and numpy arrays and always returns an upright 8-bit RGB
 PIL image, or raises one ``ZSADError`` saying what is wrong (unreadable, truncated, too large, too small).
+Importing this module does not import torch: ``zsad.deploy`` runs exported graphs with it in torch-free processes.
 """
 
 import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ZSADError
-from .modeling.clip_backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # The file suffixes zsad reads as images, everywhere (folders given to predict, dataset readers).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -98,10 +97,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_pixel_values(images: list[Image.Image], size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
-    """(B, 3, size, size) normalised model input: bicubic resize of the whole image (no crop), as in METHODS.md."""
+def normalised_pixels(images: list[Image.Image], size: int, mean, std) -> np.ndarray:
+    """(B, 3, size, size) float32 normalised model input: bicubic resize of the whole image (no crop), as in METHODS.md."""
     batch = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for image in images])
-    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).div_(255.0)
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    pixels = batch.transpose(0, 3, 1, 2) / np.float32(255.0)
+    return (pixels - np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def to_pixel_values(images: list[Image.Image], size: int, mean, std):
+    """``normalised_pixels`` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(normalised_pixels(images, size, mean, std)))

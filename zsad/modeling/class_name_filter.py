@@ -74,13 +74,18 @@ def name_probability_and_rank(logits: torch.Tensor) -> tuple[torch.Tensor, torch
     return probabilities, ranks
 
 
+def keeps_name(probabilities: torch.Tensor, ranks: torch.Tensor, threshold: float, top_k: int) -> torch.Tensor:
+    """(B,) bool: the name passes when its probability reaches ``threshold`` or it ranks among the top ``top_k``."""
+    return (probabilities >= threshold) | (ranks <= top_k)
+
+
 def decide_class_names(probabilities: torch.Tensor | None, ranks: torch.Tensor | None, names: list[str], mode: str,
                        threshold: float, top_k: int, generic_name: str) -> ClassNameDecision:
     """Keep a name if ``probability >= threshold`` or ``rank <= top_k``; "hard" replaces the others by
     ``generic_name``, "soft" keeps every name and weights it by its probability, "off" keeps all."""
     if mode == CNF_OFF:
         return ClassNameDecision(mode, list(names), list(names), [True] * len(names), None, torch.ones(len(names)))
-    kept = ((probabilities >= threshold) | (ranks <= top_k)).tolist()
+    kept = keeps_name(probabilities, ranks, threshold, top_k).tolist()
     if mode == CNF_SOFT:
         return ClassNameDecision(mode, list(names), list(names), kept, probabilities, probabilities.clamp(0.0, 1.0))
     names_used = [name if keep else generic_name for name, keep in zip(names, kept)]

@@ -207,6 +207,13 @@ class GenCLIPModel(ZSADPreTrainedModel):
         config = self.config
         if config.cnf_mode == CNF_OFF or self.training:
             return decide_class_names(None, None, names, CNF_OFF, config.cnf_threshold, config.cnf_top_k, config.generic_name)
+        probabilities, ranks = self.class_name_probability_and_rank(names, image_embeds)
+        return decide_class_names(probabilities, ranks, names, config.cnf_mode, config.cnf_threshold,
+                                  config.cnf_top_k, config.generic_name)
+
+    def class_name_probability_and_rank(self, names: list[str], image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) zero-shot probability of each image's name among the generic candidates, and its 1-based rank."""
+        config = self.config
         generic_features = self.cnf_generic_features()
         name_features = self.cnf_name_features(names)
         candidates = list(config.cnf_generic_nouns) + [config.generic_name]
@@ -214,9 +221,7 @@ class GenCLIPModel(ZSADPreTrainedModel):
         logit_scale = self.require_backbone().model.logit_scale.exp().item()
         logits = candidate_logits(image_embeds, name_features.to(image_embeds.dtype),
                                   generic_features.to(image_embeds.dtype), duplicate, logit_scale)
-        probabilities, ranks = name_probability_and_rank(logits)
-        return decide_class_names(probabilities, ranks, names, config.cnf_mode, config.cnf_threshold,
-                                  config.cnf_top_k, config.generic_name)
+        return name_probability_and_rank(logits)
 
     def cnf_generic_features(self) -> torch.Tensor:
         """(G + 1, P) features of the generic nouns' prompts and of ``cnf_generic_prompt``."""

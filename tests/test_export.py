@@ -1,0 +1,211 @@
+"""zsad export and the torch-free runtime: parity of the exported graphs with the PyTorch models (tiny CLIP,
+112 px), the deploy JSON, the CLI, and errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zsad import ZSADError, load_model
+from zsad.cli import main
+from zsad.deploy import CONFIG_NAME, ExportedDetector, resize_map
+from zsad.export import export
+from zsad.inference import AnomalyDetector
+
+from conftest import TEST_IMAGE_SIZE
+
+NAMES = ["bottle", "metal nut"]
+FP32_BOUNDS = (0.9999, 1e-4)
+INT8_BOUNDS = (0.99, 0.01)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def tiny_model(method: str, backbone, **overrides):
+    return load_model(method, backbone=backbone, image_size=TEST_IMAGE_SIZE, **overrides)
+
+
+def pixels(seed: int) -> torch.Tensor:
+    return torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_parity(model, folder, bounds, engine=None, seeds=(1, 2)):
+    """Every name's score and map from the graph against the model's own forward, on random inputs."""
+    detector = ExportedDetector.load(folder, engine=engine)
+    min_pearson, max_difference = bounds
+    for seed in seeds:
+        x = pixels(seed)
+        scores, maps = detector.scores_and_maps(x.numpy())
+        assert scores.shape == (1, len(detector.class_names))
+        assert maps.shape == (1, len(detector.class_names), TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+        for column, name in enumerate(detector.class_names):
+            with torch.inference_mode():
+                reference = model(x, class_names=[name])
+            assert abs(float(reference.image_score[0]) - scores[0, column]) <= max_difference
+            assert pearson(reference.anomaly_map[0].numpy(), maps[0, column]) >= min_pearson
+
+
+@pytest.fixture(scope="module")
+def baseline_onnx(tiny_backbone, tmp_path_factory):
+    model = tiny_model("baseline", tiny_backbone)
+    folder = tmp_path_factory.mktemp("baseline-onnx")
+    export(model, NAMES, folder, format="onnx", precision="fp32", threshold=0.3)
+    return model, folder
+
+
+def test_exported_stackclip_matches_the_model(tiny_backbone, tmp_path):
+    model = tiny_model("stackclip", tiny_backbone)
+    export(model, NAMES, tmp_path, format="onnx")
+    assert_parity(model, tmp_path, FP32_BOUNDS)
+
+
+def test_exported_baseline_matches_the_model_for_every_name(baseline_onnx):
+    model, folder = baseline_onnx
+    assert_parity(model, folder, FP32_BOUNDS, seeds=(1, 2, 3))
+
+
+def test_exported_genclip_matches_the_model_and_filters_class_names_inside_the_graph(tiny_backbone, tmp_path):
+    """Hard CNF keeps or replaces the name per image; the graph must follow the image, not the trace example."""
+    model = tiny_model("genclip", tiny_backbone, cnf_top_k=0, cnf_threshold=0.056)
+    decisions = {}
+    for seed in range(12):
+        with torch.inference_mode():
+            features = model.encode_image(pixels(seed))
+            decisions[seed] = model.filter_class_names(["bottle"], features.image_embeds).kept[0]
+    kept = [seed for seed, keep in decisions.items() if keep][:1]
+    replaced = [seed for seed, keep in decisions.items() if not keep][:1]
+    assert kept and replaced, f"the test needs images on both sides of the threshold: {decisions}"
+    export(model, ["bottle"], tmp_path, format="onnx")
+    assert_parity(model, tmp_path, FP32_BOUNDS, seeds=kept + replaced)
+
+
+def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_int8_bounds(tiny_backbone, tmp_path):
+    import onnx
+
+    model = tiny_model("baseline", tiny_backbone)
+    export(model, NAMES, tmp_path, format="onnx", precision="int8")
+    assert_parity(model, tmp_path, INT8_BOUNDS)
+    operators = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert operators.count("MatMulInteger") == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2
+
+
+def test_openvino_fp32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
+    model, onnx_folder = baseline_onnx
+    export(model, NAMES, tmp_path, format="openvino")
+    assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
+    assert_parity(model, tmp_path, FP32_BOUNDS)
+    assert_parity(model, onnx_folder, FP32_BOUNDS, engine="openvino")
+
+
+def test_deploy_json_holds_preprocessing_names_and_thresholds(baseline_onnx, tiny_backbone):
+    _, folder = baseline_onnx
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["method"] == "baseline" and config["format"] == "onnx" and config["precision"] == "fp32"
+    assert config["image_size"] == TEST_IMAGE_SIZE
+    assert config["image_mean"] == list(tiny_backbone.image_mean) and config["image_std"] == list(tiny_backbone.image_std)
+    assert config["class_names"] == NAMES
+    assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "--threshold"}
+    assert (folder / config["graph"]).is_file()
+
+
+# torch and transformers cannot be imported in this process, as on a deployment machine without them.
+RUN_WITHOUT_TORCH = """
+import json, sys
+sys.modules["torch"] = sys.modules["transformers"] = None
+from zsad.deploy import ExportedDetector
+result = ExportedDetector.load(sys.argv[1]).detect(sys.argv[2], "metal_nut")
+loaded = [name for name in ("torch", "transformers") if sys.modules.get(name) is not None]
+print(json.dumps({"torch": bool(loaded), "score": result.score, "verdict": result.verdict,
+                  "threshold": result.threshold, "shape": list(result.anomaly_map.shape)}))
+"""
+
+
+def test_runtime_helper_runs_without_torch_and_agrees_with_the_detector(baseline_onnx, tiny_backbone, tmp_path):
+    model, folder = baseline_onnx
+    image = tmp_path / "part.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8)).save(image)
+    completed = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, str(folder), str(image)],
+                               capture_output=True, text=True, check=True)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False
+    assert result["shape"] == [90, 130] and result["threshold"] == 0.3
+    reference = AnomalyDetector(tiny_backbone, {"baseline": model}).detect(str(image), "metal nut", threshold=0.3)
+    assert abs(result["score"] - reference.score) <= 1e-4
+    assert result["verdict"] == reference.verdict
+    in_process = ExportedDetector.load(folder).detect(str(image), "metal nut")
+    assert pearson(in_process.anomaly_map, reference.anomaly_map) >= 0.9999
+
+
+def test_map_resize_matches_the_detectors_bilinear_resize():
+    from zsad.inference import _resize_map
+
+    anomaly_map = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    ours = resize_map(anomaly_map, (50, 30))
+    reference = _resize_map(torch.from_numpy(anomaly_map), (50, 30))
+    assert ours.shape == reference.shape == (30, 50)
+    assert np.abs(ours - reference).max() < 0.02 and pearson(ours, reference) > 0.999
+
+
+def test_cli_export_openvino_int8_then_predict_with_openvino_engine(tiny_clip_path, tiny_backbone, tmp_path):
+    out = tmp_path / "exported"
+    assert main(["export", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(TEST_IMAGE_SIZE),
+                 "--class-name", "bottle", "--format", "openvino", "--precision", "int8", "--out", str(out)]) == 0
+    assert_parity(tiny_model("baseline", tiny_backbone), out, INT8_BOUNDS)
+    import openvino as ov
+
+    int8_weights = [op for op in ov.Core().read_model(str(out / "model.xml")).get_ops()
+                    if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert len(int8_weights) == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2 per block
+    image = tmp_path / "images" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.full((64, 80, 3), 120, dtype=np.uint8)).save(image)
+    assert main(["predict", str(image.parent), "--engine", "openvino", "--model", str(out), "--out", str(tmp_path / "pred")]) == 0
+    summary = json.loads((tmp_path / "pred" / "scores.json").read_text())
+    assert summary["method"] == "baseline" and summary["class_name"] == "bottle" and summary["threshold"] == 0.5
+    record = summary["images"][0]
+    expected = ExportedDetector.load(out).detect(str(image))
+    assert record["score"] == pytest.approx(expected.score) and record["verdict"] == expected.verdict
+    assert Image.open(tmp_path / "pred" / record["mask"]).size == (80, 64)
+
+
+def test_errors_say_what_to_do(baseline_onnx, tiny_backbone, tmp_path, monkeypatch, capsys):
+    _, folder = baseline_onnx
+    with pytest.raises(ZSADError, match="exported for"):
+        ExportedDetector.load(folder).detect(np.zeros((32, 32, 3), dtype=np.uint8), "screw")
+    with pytest.raises(ZSADError, match="Say which product"):
+        ExportedDetector.load(folder).detect(np.zeros((32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ZSADError, match="no zsad_deploy.json"):
+        ExportedDetector.load(tmp_path)
+    with pytest.raises(ZSADError, match="profiles are not available"):
+        export(tiny_model("baseline", tiny_backbone), ["bottle"], tmp_path / "p", profile=tmp_path)
+    with pytest.raises(ZSADError, match="at least one --class-name"):
+        export(tiny_model("baseline", tiny_backbone), [], tmp_path / "p")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    with pytest.raises(ZSADError, match=r'zsad\[deploy\]'):
+        ExportedDetector.load(folder)
+
+
+def test_int8_precision_quantises_the_vision_linears_within_the_int8_bounds(tiny_clip_path):
+    from zsad.loading import load_backbone, resolve_precision
+
+    int8 = load_backbone(str(tiny_clip_path), dtype=resolve_precision("int8"))
+    float32 = load_backbone(str(tiny_clip_path))
+    quantised = [module for module in int8.model.vision_model.encoder.modules() if type(module).__name__ == "Linear"
+                 and module.__module__.startswith("torch.ao.nn.quantized")]
+    assert len(quantised) == 6 * int8.vision_config.num_hidden_layers
+    assert int8.model.text_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.float32  # text side untouched
+    x = pixels(5)
+    with torch.inference_mode():
+        quantised_output = tiny_model("baseline", int8)(x, class_names=["bottle"])
+        reference = tiny_model("baseline", float32)(x, class_names=["bottle"])
+    assert abs(float(quantised_output.image_score[0] - reference.image_score[0])) <= INT8_BOUNDS[1]
+    assert pearson(quantised_output.anomaly_map.numpy(), reference.anomaly_map.numpy()) >= INT8_BOUNDS[0]

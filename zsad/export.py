@@ -1,0 +1,277 @@
+"""``zsad export``: one method and a fixed list of product names as a self-contained ONNX or OpenVINO graph.
+
+The graph maps a (1, 3, S, S) normalised image to ``image_score`` (1, C) and ``anomaly_map`` (1, C, S, S), one
+column per product name, at the model's input size S. It is traced from the model's own forward with the
+names' text features computed beforehand, so they are constants in the graph and the tokenizer is not needed at
+run time (GenCLIP's vision-enhanced prompts depend on the image, so its graph keeps the text transformer, with
+the names' tokens baked in). Next to the graph, ``zsad_deploy.json`` holds what ``zsad.deploy`` needs:
+pre-processing, names and thresholds.
+
+```python
+>>> from zsad.export import export
+>>> export("baseline", ["metal nut"], "exported/", format="onnx", precision="int8")
+>>> from zsad.deploy import ExportedDetector   # numpy + onnxruntime / openvino, no torch
+>>> ExportedDetector.load("exported/").detect("part.png", "metal nut").verdict
+```
+"""
+
+import json
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, ExportedDetector, require_extra
+from .errors import ZSADError
+from .images import load_image
+from .inference import DEFAULT_THRESHOLD, Detection
+from .loading import load_model
+from .methods import method_of
+from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
+from .modeling.modeling_genclip import GenCLIPModel
+from .modeling.prompting import clean_class_name
+from .visualize import overlay_heatmap
+
+ONNX_OPSET = 18
+# The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
+# similarities are multiplied by a logit scale of 100, which magnifies int8 rounding (as it does bfloat16's).
+INT8_NODE_SCOPE = "vision_model.encoder"
+# Operations NNCF compresses weights of; all but the vision linears are left in float32.
+WEIGHTED_OPENVINO_OPS = ("MatMul", "Convolution", "Gather", "Einsum")
+
+
+class ExportGraph(nn.Module):
+    """(1, 3, S, S) pixels -> (scores (1, C), maps (1, C, S, S)) of ``model`` for fixed ``class_names``.
+
+    One vision pass serves every name: the model's ``encode_image`` is memoised for the length of a forward.
+    Text features the model caches (``cached_text``) are memoised by key across forwards, so those computed by a
+    first, eager forward are constants when the graph is traced (the model's own cache key holds parameter
+    versions, which tracing changes).
+    """
+
+    def __init__(self, model, class_names: list[str]):
+        super().__init__()
+        self.model = model.eval()
+        self.class_names = list(class_names)
+        self._text_features: dict = {}
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with ExitStack() as stack:
+            stack.enter_context(_memoised_text(self.model, self._text_features))
+            if isinstance(self.model, GenCLIPModel) and self.model.config.cnf_mode == CNF_HARD:
+                stack.enter_context(_class_name_filter_without_branching(self.model))
+            features = self.model.encode_image(pixel_values)  # one vision pass for every name
+            outputs = [self.model(image_features=features, class_names=[name]) for name in self.class_names]
+        return torch.stack([output.image_score for output in outputs], dim=1), torch.stack([output.anomaly_map for output in outputs], dim=1)
+
+
+@contextmanager
+def _memoised_text(model, memo: dict):
+    cached_text = model.cached_text
+
+    def lookup(key, compute):
+        if key not in memo:
+            memo[key] = cached_text(key, compute)
+        return memo[key]
+
+    model.cached_text = lookup
+    try:
+        yield
+    finally:
+        del model.cached_text
+
+
+@contextmanager
+def _class_name_filter_without_branching(model: GenCLIPModel):
+    """GenCLIP's "hard" CNF picks each image's prompt in Python after looking at the image, which a graph cannot
+    do. A blend with weight 1 (name kept) or 0 (generic word), GenCLIP's "soft" code path, gives the same text
+    features with the choice made inside the graph; both prompts are encoded."""
+    config = model.config
+
+    def filter_class_names(names, image_embeds):
+        probabilities, ranks = model.class_name_probability_and_rank(names, image_embeds)
+        kept = keeps_name(probabilities, ranks, config.cnf_threshold, config.cnf_top_k)
+        return ClassNameDecision(CNF_SOFT, list(names), list(names), kept, probabilities, kept.to(probabilities.dtype))
+
+    model.filter_class_names = filter_class_names
+    try:
+        yield
+    finally:
+        del model.filter_class_names
+
+
+def example_pixels(model) -> torch.Tensor:
+    size = model.config.image_size
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export_onnx(graph: ExportGraph, path: Path) -> Path:
+    """The dynamo exporter (``torch.export``, then onnxscript's translation and optimiser)."""
+    pixels = example_pixels(graph.model)
+    with torch.inference_mode():
+        graph(pixels)  # fills the text-feature caches, so the features enter the graph as constants
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph, (pixels,), dynamo=True, opset_version=ONNX_OPSET, input_names=["pixel_values"],
+            output_names=["image_score", "anomaly_map"], verbose=False,
+        )
+    program.save(str(path))
+    return path
+
+
+def vision_linear_nodes(onnx_path: Path) -> list[str]:
+    """Names of the MatMul nodes of the vision transformer's linear layers in a graph written by ``export_onnx``."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {initializer.name for initializer in model.graph.initializer}
+    nodes = [node.name for node in model.graph.node
+             if node.op_type == "MatMul" and node.input[1] in weights and INT8_NODE_SCOPE in _module_scope(node)]
+    if not nodes:
+        raise ZSADError(f"No linear layer of the vision transformer was found in {onnx_path}; int8 needs a graph written by zsad export.")
+    return nodes
+
+
+def _module_scope(node) -> str:
+    """The PyTorch module path the dynamo exporter records on each node (its optimiser renames the weights)."""
+    return next((entry.value for entry in node.metadata_props if entry.key == "pkg.torch.onnx.name_scopes"), "")
+
+
+def quantize_onnx_int8(source: Path, target: Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantisation (int8 weights, activations quantised per call) of the vision
+    transformer's linear layers."""
+    require_extra("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, nodes_to_quantize=vision_linear_nodes(source),
+                     extra_options={"MatMulConstBOnly": True})
+    return target
+
+
+def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
+    """``openvino.convert_model`` of the fp32 ONNX graph; int8 = NNCF's int8 weight compression of the vision
+    transformer's linear layers, whose activations OpenVINO's CPU plug-in quantises per call."""
+    require_extra("openvino")
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    if int8:
+        require_extra("nncf")
+        import nncf
+
+        vision = set(vision_linear_nodes(onnx_path))  # OpenVINO keeps the ONNX node names
+        others = [op.get_friendly_name() for op in model.get_ops()
+                  if op.get_type_name() in WEIGHTED_OPENVINO_OPS and op.get_friendly_name() not in vision]
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                      ignored_scope=nncf.IgnoredScope(names=others, validate=False))
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    return xml_path
+
+
+def profile_thresholds(profile: str | Path | None, class_names: list[str], threshold: float) -> dict:
+    """{name: {"image": t, "pixel": t, "source": ...}}. Product profiles (calibrated per-name thresholds) are not
+    part of zsad yet; when they are, their thresholds fill this mapping and ``source`` names the profile."""
+    if profile is not None:
+        raise ZSADError(
+            f"Product profiles are not available in this zsad version, so '{profile}' cannot be read; export without "
+            "--profile and set the threshold with --threshold (it is stored in zsad_deploy.json and can be edited there)."
+        )
+    return {name: {"image": threshold, "pixel": threshold, "source": "--threshold"} for name in class_names}
+
+
+def deploy_config(model, class_names: list[str], format: str, precision: str, thresholds: dict, source: str) -> dict:
+    backbone = model.require_backbone()
+    return {
+        "zsad_deploy_version": 1,
+        "method": method_of(model),
+        "model": source,
+        "format": format,
+        "precision": precision,
+        "graph": GRAPH_FILES[format],
+        "image_size": model.config.image_size,
+        "resize": "bicubic",
+        "image_mean": list(backbone.image_mean),
+        "image_std": list(backbone.image_std),
+        "class_names": class_names,
+        "thresholds": thresholds,
+        "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
+        "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
+                                                                         model.config.image_size]},
+    }
+
+
+def export(
+    model,
+    class_names: list[str],
+    out_dir: str | Path,
+    format: str = "onnx",
+    precision: str = "fp32",
+    profile: str | Path | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    clip: str | None = None,
+    image_size: int | None = None,
+) -> Path:
+    """Write the graph and ``zsad_deploy.json`` to ``out_dir``; ``model`` is a loaded zsad model, a method name
+    or a checkpoint path / Hub id. Returns the graph's path."""
+    if format not in FORMATS:
+        raise ZSADError(f"--format must be one of {FORMATS}, got '{format}'.")
+    if precision not in PRECISIONS:
+        raise ZSADError(f"--precision must be one of {PRECISIONS}, got '{precision}'.")
+    require_extra("onnx", "onnxscript", *(["openvino"] if format == "openvino" else []))
+    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or []))
+    if not names:
+        raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
+    thresholds = profile_thresholds(profile, names, threshold)
+    source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
+    if isinstance(model, str):
+        overrides = {"image_size": image_size} if image_size else {}
+        model = load_model(model, clip=clip, dtype=torch.float32, **overrides)
+    if model.require_backbone().dtype != torch.float32:
+        model.require_backbone().set_vision_dtype(torch.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph_path = out_dir / GRAPH_FILES[format]
+    with tempfile.TemporaryDirectory() as scratch:
+        direct = format == "onnx" and precision == "fp32"
+        onnx_path = export_onnx(ExportGraph(model, names), graph_path if direct else Path(scratch) / "fp32.onnx")
+        if format == "openvino":
+            convert_openvino(onnx_path, graph_path, int8=precision == "int8")
+        elif precision == "int8":
+            quantize_onnx_int8(onnx_path, graph_path)
+    config = deploy_config(model, names, format, precision, thresholds, str(source))
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+    return graph_path
+
+
+class ExportedGraphPredictor:
+    """An exported graph behind the interface ``zsad.predict.predict_files`` uses (``zsad predict --engine``)."""
+
+    def __init__(self, detector: ExportedDetector):
+        self.detector = detector
+
+    @classmethod
+    def load(cls, directory: str | Path, engine: str) -> "ExportedGraphPredictor":
+        return cls(ExportedDetector.load(directory, engine=engine))
+
+    @property
+    def method_names(self) -> list[str]:
+        return [self.detector.method]
+
+    def status(self, method: str) -> str:
+        return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
+
+    def detect_batch(self, images, class_names, method=None, threshold: float | None = None) -> list[Detection]:
+        names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
+        detections = []
+        for image, name in zip(images, names):
+            picture = load_image(image)
+            result = self.detector.detect(picture, name, threshold)
+            detections.append(Detection(
+                method=self.detector.method, status=self.status(self.detector.method), class_name=result.class_name,
+                score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map,
+                mask=result.anomaly_map >= result.threshold, overlay=overlay_heatmap(picture, result.anomaly_map),
+                seconds=result.seconds,
+            ))
+        return detections
