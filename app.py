@@ -21,10 +21,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -262,8 +264,9 @@ def gallery(results: list[Detection]) -> list:
 
 # ----- batches --------------------------------------------------------------------------------------
 # The batch tab: many images (or zips of them) of one product, one method; a sortable table, overlays, a CSV and a
-# zip of masks. Batches have their own worker (concurrency group) so that single-image requests never wait behind
-# one, and run in chunks of BATCH_CHUNK images: memory stays that of one chunk, and progress is reported per chunk.
+# zip of masks. Batches have their own Gradio worker (concurrency group), so a single-image request is not queued
+# behind a whole batch; the model still runs one computation at a time (``ComputeTurns``), in chunks of BATCH_CHUNK
+# images for a batch, and a waiting single request goes before the batch's next chunk. Progress is reported per chunk.
 
 BATCH_CHUNK = 4
 BATCH_CONCURRENCY_ID = "batch"
@@ -271,6 +274,54 @@ BATCH_CONCURRENCY_LIMIT = 1
 BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)"]
 BATCH_CSV_COLUMNS = ["file", "score", "verdict", "anomalous_pixel_percent", "error"]
 THUMBNAIL_SIDE = 320  # gallery overlays are downscaled to this side; the masks zip keeps full size
+
+
+class ComputeTurns:
+    """One model computation at a time, single requests first.
+
+    The backbone's activations must fit the Space's memory target once, and its hidden-state hooks belong to one
+    forward pass at a time. A single request waits for the running computation only (one batch chunk at most); a
+    batch's next chunk waits while a single request waits or runs.
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._busy = False
+        self._singles_waiting = 0
+
+    @contextmanager
+    def single(self):
+        with self._condition:
+            self._singles_waiting += 1
+            self._condition.wait_for(lambda: not self._busy)
+            self._singles_waiting -= 1
+            self._busy = True
+        yield from self._release_after()
+
+    @contextmanager
+    def batch_chunk(self):
+        with self._condition:
+            self._condition.wait_for(lambda: not self._busy and self._singles_waiting == 0)
+            self._busy = True
+        yield from self._release_after()
+
+    def _release_after(self):
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
+
+
+def taking_turns(handler, turns: ComputeTurns):
+    """``handler`` (a single-image request) run in its turn."""
+
+    def detect(*inputs):
+        with turns.single():
+            return handler(*inputs)
+
+    return detect
 
 
 @dataclass(frozen=True)
@@ -370,10 +421,11 @@ def anomalous_percent(result: Detection) -> float:
     return round(100.0 * float(result.mask.mean()), 2)
 
 
-def make_batch_handler(detector: AnomalyDetector, files: ImageFiles, caps: BatchCaps = BatchCaps()):
+def make_batch_handler(detector: AnomalyDetector, files: ImageFiles, caps: BatchCaps = BatchCaps(), turns: ComputeTurns | None = None):
     """``detect_batch(files, class_name, method, threshold)`` -> (table rows, gallery, CSV path, masks zip path,
     summary). ``files`` are uploaded image files and zips of images; errors that concern the whole batch (caps,
     class name, method, threshold) come back as ``gr.Error``, an unreadable image as its row's error."""
+    turns = turns or ComputeTurns()
 
     def detect_batch(uploads, class_name, method, threshold, progress=gr.Progress()):
         started = time.perf_counter()
@@ -390,7 +442,9 @@ def make_batch_handler(detector: AnomalyDetector, files: ImageFiles, caps: Batch
             for start in range(0, len(images), BATCH_CHUNK):
                 progress((start, len(images)), desc=f"{start} of {len(images)} images", unit="images")
                 chunk = images[start:start + BATCH_CHUNK]
-                for image, outcome in zip(chunk, detect_chunk(detector, chunk, class_name, method, threshold)):
+                with turns.batch_chunk():
+                    outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
+                for image, outcome in zip(chunk, outcomes):
                     rows.append(batch_row(image.name, outcome))
                     if isinstance(outcome, Detection):
                         masks.writestr(f"{os.path.splitext(image.name)[0]}_mask.png", png_bytes(outcome.mask_image()))
@@ -444,7 +498,7 @@ def batch_summary(rows: list[list], method: str, status: str, threshold: float, 
     return "\n".join(lines)
 
 
-def batch_tab(detector: AnomalyDetector, caps: BatchCaps) -> None:
+def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
     """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
     with gr.Row():
@@ -463,7 +517,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps) -> None:
                          interactive=False, elem_id="batch-table")
     views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
     run.click(
-        make_batch_handler(detector, ImageFiles(keep=BATCH_CONCURRENCY_LIMIT + 1), caps),
+        make_batch_handler(detector, ImageFiles(keep=BATCH_CONCURRENCY_LIMIT + 1), caps, turns),
         inputs=[uploads, class_name, method, threshold],
         outputs=[table, views, csv_file, masks_zip, summary],
         api_name="detect_batch",
@@ -508,6 +562,7 @@ def banner(detector: AnomalyDetector, tiny: bool) -> str:
 def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps()) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
+    turns = ComputeTurns()
     with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
         gr.Markdown(
             "# zsad: zero-shot anomaly detection\n"
@@ -537,14 +592,14 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
                 gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
             # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
             run.click(
-                serving_files(make_handler(detector), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
+                serving_files(taking_turns(make_handler(detector), turns), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
                 inputs=[image, class_name, method, threshold],
                 outputs=[overlay, mask, score, verdict, table, views],
                 api_name="detect",
                 preprocess=False,
             )
         with gr.Tab("Batch", id="batch"):
-            batch_tab(detector, batch_caps)
+            batch_tab(detector, batch_caps, turns)
     return demo
 
 

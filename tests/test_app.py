@@ -7,6 +7,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -274,3 +276,33 @@ def test_page_has_both_endpoints_and_the_batch_group(detector):
     functions = {fn.api_name: fn for fn in demo.fns.values()}
     assert {"detect", "detect_batch"} <= set(functions)
     assert functions["detect_batch"].concurrency_id == app.BATCH_CONCURRENCY_ID != functions["detect"].concurrency_id
+
+
+def test_a_waiting_single_request_goes_before_the_next_batch_chunk():
+    turns, order = app.ComputeTurns(), []
+    chunk_running, finish_chunk = threading.Event(), threading.Event()
+
+    def batch():
+        with turns.batch_chunk():
+            chunk_running.set()
+            finish_chunk.wait(10)
+            order.append("chunk 1")
+        with turns.batch_chunk():
+            order.append("chunk 2")
+
+    def single():
+        with turns.single():
+            order.append("single")
+
+    batch_thread = threading.Thread(target=batch)
+    batch_thread.start()
+    assert chunk_running.wait(10)
+    single_thread = threading.Thread(target=single)
+    single_thread.start()
+    deadline = time.monotonic() + 10
+    while turns._singles_waiting == 0 and time.monotonic() < deadline:  # the single request is waiting for its turn
+        time.sleep(0.01)
+    finish_chunk.set()
+    batch_thread.join(10)
+    single_thread.join(10)
+    assert order == ["chunk 1", "single", "chunk 2"]
