@@ -268,7 +268,9 @@ def gallery(results: list[Detection]) -> list:
 # behind a whole batch; the model still runs one computation at a time (``ComputeTurns``), in chunks of BATCH_CHUNK
 # images for a batch, and a waiting single request goes before the batch's next chunk. Progress is reported per chunk.
 
-BATCH_CHUNK = 4
+# Images per forward pass. One: a chunk of 4 raised a batch's peak memory to +175 MB above the loaded bf16 detector,
+# against +43 MB for chunks of 1 (benchmarks/bench_batch.py), and the Space's bf16 memory target has no margin left.
+BATCH_CHUNK = 1
 BATCH_CONCURRENCY_ID = "batch"
 BATCH_CONCURRENCY_LIMIT = 1
 BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)"]
@@ -440,7 +442,7 @@ def make_batch_handler(detector: AnomalyDetector, files: ImageFiles, caps: Batch
         rows, views = [], []
         with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
             for start in range(0, len(images), BATCH_CHUNK):
-                progress((start, len(images)), desc=f"{start} of {len(images)} images", unit="images")
+                progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
                 chunk = images[start:start + BATCH_CHUNK]
                 with turns.batch_chunk():
                     outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
