@@ -13,26 +13,37 @@ Host and port follow Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`
 
 import argparse
 import base64
+import csv
+import io
 import itertools
 import json
 import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
+import zipfile
 from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
 import zsad
+import zsad.images
 from zsad.allocator import return_large_buffers_to_the_system
 from zsad.errors import BackboneLoadError, ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
 from zsad.loading import PRECISIONS, resolve_precision
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
+from zsad.modeling.prompting import clean_class_name
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")
+    parser.add_argument("--batch-max-images", type=int, default=BatchCaps.max_images, help="most images in one batch (Batch tab)")
+    parser.add_argument("--batch-max-megabytes", type=float, default=BatchCaps.max_megabytes,
+                        help="most megabytes of images in one batch, zips counted uncompressed")
     return parser
 
 
@@ -248,6 +262,272 @@ def gallery(results: list[Detection]) -> list:
     return items
 
 
+# ----- batches --------------------------------------------------------------------------------------
+# The batch tab: many images (or zips of them) of one product, one method; a sortable table, overlays, a CSV and a
+# zip of masks. Batches have their own Gradio worker (concurrency group), so a single-image request is not queued
+# behind a whole batch; the model still runs one computation at a time (``ComputeTurns``), in chunks of BATCH_CHUNK
+# images for a batch, and a waiting single request goes before the batch's next chunk. Progress is reported per chunk.
+
+# Images per forward pass. One: a chunk of 4 raised a batch's peak memory to +175 MB above the loaded bf16 detector,
+# against +43 MB for chunks of 1 (benchmarks/bench_batch.py), and the Space's bf16 memory target has no margin left.
+BATCH_CHUNK = 1
+BATCH_CONCURRENCY_ID = "batch"
+BATCH_CONCURRENCY_LIMIT = 1
+BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)"]
+BATCH_CSV_COLUMNS = ["file", "score", "verdict", "anomalous_pixel_percent", "error"]
+THUMBNAIL_SIDE = 320  # gallery overlays are downscaled to this side; the masks zip keeps full size
+
+
+class ComputeTurns:
+    """One model computation at a time, single requests first.
+
+    The backbone's activations must fit the Space's memory target once, and its hidden-state hooks belong to one
+    forward pass at a time. A single request waits for the running computation only (one batch chunk at most); a
+    batch's next chunk waits while a single request waits or runs.
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._busy = False
+        self._singles_waiting = 0
+
+    @contextmanager
+    def single(self):
+        with self._condition:
+            self._singles_waiting += 1
+            self._condition.wait_for(lambda: not self._busy)
+            self._singles_waiting -= 1
+            self._busy = True
+        yield from self._release_after()
+
+    @contextmanager
+    def batch_chunk(self):
+        with self._condition:
+            self._condition.wait_for(lambda: not self._busy and self._singles_waiting == 0)
+            self._busy = True
+        yield from self._release_after()
+
+    def _release_after(self):
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._busy = False
+                self._condition.notify_all()
+
+
+def taking_turns(handler, turns: ComputeTurns):
+    """``handler`` (a single-image request) run in its turn."""
+
+    def detect(*inputs):
+        with turns.single():
+            return handler(*inputs)
+
+    return detect
+
+
+@dataclass(frozen=True)
+class BatchCaps:
+    """Most images, and most megabytes of image files (zips counted uncompressed), in one batch; checked before
+    anything is decoded."""
+
+    max_images: int = 100
+    max_megabytes: float = 200.0
+
+
+@dataclass
+class BatchImage:
+    """One image of a batch: its display name and something ``zsad.images.load_image`` reads (a path, or a zip
+    entry's bytes read on demand)."""
+
+    name: str
+    read: Callable[[], str | bytes]
+
+
+def batch_images(paths: list[str], caps: BatchCaps) -> list[BatchImage]:
+    """The uploaded image files and the images inside uploaded zips, within the count and size caps."""
+    images, total_bytes = [], 0
+    for path in map(Path, paths):
+        if path.suffix.lower() == ".zip":
+            entries, entry_bytes = zip_images(path)
+            images += entries
+            total_bytes += entry_bytes
+        else:
+            images.append(BatchImage(path.name, partial(str, path)))
+            total_bytes += path.stat().st_size
+    check_batch_caps(len(images), total_bytes, caps)
+    return with_unique_names(images)
+
+
+def zip_images(path: Path) -> tuple[list[BatchImage], int]:
+    """The image entries of a zip (by suffix; folders and other files are skipped) and their uncompressed size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = [info for info in archive.infolist() if not info.is_dir() and is_image_entry(info.filename)]
+    except zipfile.BadZipFile as error:
+        raise ZSADError(f"{path.name} is not a readable zip archive ({error}).") from error
+    return [BatchImage(info.filename, partial(read_zip_entry, path, info.filename)) for info in entries], sum(
+        info.file_size for info in entries
+    )
+
+
+def is_image_entry(name: str) -> bool:
+    """Image files of a zip, without macOS's resource-fork copies (``__MACOSX/``, ``._name``)."""
+    return Path(name).suffix.lower() in zsad.images.IMAGE_SUFFIXES and "__MACOSX" not in name and not Path(name).name.startswith("._")
+
+
+def read_zip_entry(path: Path, name: str) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(name)
+
+
+def check_batch_caps(count: int, total_bytes: int, caps: BatchCaps) -> None:
+    advice = "Split it into smaller batches, or run `zsad predict` on a folder (no limit)."
+    if count == 0:
+        raise ZSADError("The batch holds no images: drop image files (PNG, JPEG, BMP, TIFF, WebP) or a zip of them.")
+    if count > caps.max_images:
+        raise ZSADError(f"The batch holds {count} images; the Space takes at most {caps.max_images} at a time. {advice}")
+    if total_bytes > caps.max_megabytes * 2**20:
+        raise ZSADError(
+            f"The batch holds {total_bytes / 2**20:.1f} MB of images (zips counted uncompressed); the Space takes at most "
+            f"{caps.max_megabytes:g} MB at a time. {advice}"
+        )
+
+
+def with_unique_names(images: list[BatchImage]) -> list[BatchImage]:
+    """Repeated names (the same file name in two uploads or zips) get " (2)", " (3)", ... before their suffix."""
+    seen: dict[str, int] = {}
+    for image in images:
+        seen[image.name] = seen.get(image.name, 0) + 1
+        if seen[image.name] > 1:
+            stem, suffix = os.path.splitext(image.name)
+            image.name = f"{stem} ({seen[image.name]}){suffix}"
+    return images
+
+
+def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name: str, method: str,
+                 threshold: float) -> list[Detection | ZSADError]:
+    """One forward pass over the chunk's readable images; an unreadable one gets its error instead of a result."""
+    outcomes: list[Detection | ZSADError] = []
+    for image in chunk:
+        try:
+            outcomes.append(zsad.images.load_image(image.read()))
+        except ZSADError as error:
+            outcomes.append(error)
+    pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
+    detections = iter(detector.detect_batch(pictures, class_name, method=method, threshold=threshold) if pictures else [])
+    return [outcome if isinstance(outcome, ZSADError) else next(detections) for outcome in outcomes]
+
+
+def anomalous_percent(result: Detection) -> float:
+    return round(100.0 * float(result.mask.mean()), 2)
+
+
+def make_batch_handler(detector: AnomalyDetector, files: ImageFiles, caps: BatchCaps = BatchCaps(), turns: ComputeTurns | None = None):
+    """``detect_batch(files, class_name, method, threshold)`` -> (table rows, gallery, CSV path, masks zip path,
+    summary). ``files`` are uploaded image files and zips of images; errors that concern the whole batch (caps,
+    class name, method, threshold) come back as ``gr.Error``, an unreadable image as its row's error."""
+    turns = turns or ComputeTurns()
+
+    def detect_batch(uploads, class_name, method, threshold, progress=gr.Progress()):
+        started = time.perf_counter()
+        try:
+            images = batch_images(list(uploads or []), caps)
+            class_name = clean_class_name(class_name)
+            check_threshold(threshold)
+            status = detector.status(method)
+        except ZSADError as error:
+            raise gr.Error(str(error), print_exception=False) from error
+        folder = files.new_folder()
+        rows, views = [], []
+        with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
+            for start in range(0, len(images), BATCH_CHUNK):
+                progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
+                chunk = images[start:start + BATCH_CHUNK]
+                with turns.batch_chunk():
+                    outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
+                for image, outcome in zip(chunk, outcomes):
+                    rows.append(batch_row(image.name, outcome))
+                    if isinstance(outcome, Detection):
+                        masks.writestr(f"{os.path.splitext(image.name)[0]}_mask.png", png_bytes(outcome.mask_image()))
+                        views.append((thumbnail(outcome.overlay, folder / f"{len(rows)}.webp"),
+                                      f"{image.name}: {outcome.score:.3f} {outcome.verdict}"))
+        table_path = write_batch_csv(rows, folder / "scores.csv")
+        summary = batch_summary(rows, method, status, threshold, time.perf_counter() - started)
+        table = [[name, None if score is None else round(score, 4), verdict, percent] for name, score, verdict, percent, _ in rows]
+        return table, views, str(table_path), str(folder / "masks.zip"), summary
+
+    return detect_batch
+
+
+def batch_row(name: str, outcome: Detection | ZSADError) -> list:
+    """[file, score, verdict, anomalous pixel %, error] (score and % left empty for an unreadable image)."""
+    if isinstance(outcome, ZSADError):
+        return [name, None, "unreadable", None, str(outcome)]
+    return [name, outcome.score, outcome.verdict, anomalous_percent(outcome), ""]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def thumbnail(image: Image.Image, path: Path) -> str:
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    small.save(path)
+    return str(path)
+
+
+def write_batch_csv(rows: list[list], path: Path) -> Path:
+    """Scores at full precision (the table shows them rounded)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BATCH_CSV_COLUMNS)
+        writer.writerows(["" if value is None else value for value in row] for row in rows)
+    return path
+
+
+def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float) -> str:
+    scored = [row for row in rows if row[1] is not None]
+    anomalous = sum(row[2] == "anomalous" for row in scored)
+    lines = [
+        f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
+        f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
+    ]
+    lines += [f"- {row[0]}: {row[4]}" for row in rows if row[1] is None]
+    return "\n".join(lines)
+
+
+def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
+    """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
+    choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
+    with gr.Row():
+        with gr.Column():
+            uploads = gr.File(label=f"Images or a zip of images (up to {caps.max_images} images, {caps.max_megabytes:g} MB)",
+                              file_count="multiple", file_types=["image", ".zip"], type="filepath", elem_id="batch-files")
+            class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="batch-class-name")
+            method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="batch-method")
+            threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
+            run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+        with gr.Column():
+            summary = gr.Markdown(elem_id="batch-summary")
+            csv_file = gr.File(label="Scores (CSV)", elem_id="batch-csv")
+            masks_zip = gr.File(label="Masks (zip of PNGs)", elem_id="batch-masks")
+    table = gr.Dataframe(headers=BATCH_TABLE_HEADERS, datatype=["str", "number", "str", "number"], label="Results (click a header to sort)",
+                         interactive=False, elem_id="batch-table")
+    views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
+    run.click(
+        make_batch_handler(detector, ImageFiles(keep=BATCH_CONCURRENCY_LIMIT + 1), caps, turns),
+        inputs=[uploads, class_name, method, threshold],
+        outputs=[table, views, csv_file, masks_zip, summary],
+        api_name="detect_batch",
+        concurrency_id=BATCH_CONCURRENCY_ID,
+        concurrency_limit=BATCH_CONCURRENCY_LIMIT,
+    )
+
+
 # ----- the page -------------------------------------------------------------------------------------
 
 
@@ -281,42 +561,47 @@ def banner(detector: AnomalyDetector, tiny: bool) -> str:
     return "\n\n".join(notes)
 
 
-def build_demo(detector: AnomalyDetector, tiny: bool = False) -> gr.Blocks:
+def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps()) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
+    turns = ComputeTurns()
     with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
         gr.Markdown(
             "# zsad: zero-shot anomaly detection\n"
-            "Drop an image of a product, type what the product is, pick a method and see where the defect is."
+            "Drop an image of a product, type what the product is, pick a method and see where the defect is. "
+            "The Batch tab takes many images (or a zip) at once."
         )
         notice = banner(detector, tiny)
         if notice:
             gr.Markdown(notice, elem_id="banner")
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(label="Image", sources=["upload", "clipboard"], type="filepath", elem_id="input-image")
-                class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="class-name")
-                method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="method")
-                threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
-                run = gr.Button("Detect", variant="primary", elem_id="run")
-            with gr.Column():
-                overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
-                mask = gr.Image(label="Mask", type="pil", format="png", elem_id="mask")
-                score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
-                verdict = gr.Markdown(elem_id="report")
-        table = gr.Dataframe(headers=TABLE_HEADERS, label="Per method", interactive=False)
-        views = gr.Gallery(label="Compare: every method's overlay and mask", columns=4, height=320, object_fit="contain")
-        rows = example_rows()
-        if rows:
-            gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
-        # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
-        run.click(
-            serving_files(make_handler(detector), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
-            inputs=[image, class_name, method, threshold],
-            outputs=[overlay, mask, score, verdict, table, views],
-            api_name="detect",
-            preprocess=False,
-        )
+        with gr.Tab("One image", id="single"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="input-image")
+                    class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="class-name")
+                    method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="method")
+                    threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
+                    run = gr.Button("Detect", variant="primary", elem_id="run")
+                with gr.Column():
+                    overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
+                    mask = gr.Image(label="Mask", type="pil", format="png", elem_id="mask")
+                    score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
+                    verdict = gr.Markdown(elem_id="report")
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Per method", interactive=False)
+            views = gr.Gallery(label="Compare: every method's overlay and mask", columns=4, height=320, object_fit="contain")
+            rows = example_rows()
+            if rows:
+                gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
+            # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
+            run.click(
+                serving_files(taking_turns(make_handler(detector), turns), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
+                inputs=[image, class_name, method, threshold],
+                outputs=[overlay, mask, score, verdict, table, views],
+                api_name="detect",
+                preprocess=False,
+            )
+        with gr.Tab("Batch", id="batch"):
+            batch_tab(detector, batch_caps, turns)
     return demo
 
 
@@ -332,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
-    demo = build_demo(detector, tiny=args.tiny)
+    demo = build_demo(detector, tiny=args.tiny, batch_caps=BatchCaps(args.batch_max_images, args.batch_max_megabytes))
     demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch()
 
 

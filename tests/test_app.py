@@ -1,10 +1,15 @@
 """The Space's request handler and page, in-process and offline with the tiny CLIP (no server)."""
 
 import base64
+import csv
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -182,3 +187,122 @@ def test_gradio_gets_each_requests_images_as_files_of_their_own(detect, good_fil
     np.testing.assert_array_equal(np.asarray(Image.open(mask)), np.asarray(reference_mask))  # PNG: exact
     assert Path(outputs[1][1]).is_file() and not Path(outputs[0][1]).exists()  # the oldest request's folder is gone
     assert score == outputs[0][2]
+
+
+# ----- the batch tab --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Three image files of different sizes, and a zip with two more images in a folder, a text file, a macOS
+    resource-fork copy and an image file that does not decode."""
+    folder = tmp_path_factory.mktemp("batch")
+    rng = np.random.default_rng(1)
+    arrays = {f"part{i}.png": rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8) for i in range(5)}
+    files = []
+    for name in list(arrays)[:3]:
+        Image.fromarray(arrays[name]).save(folder / name)
+        files.append(str(folder / name))
+    archive = folder / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name in list(arrays)[3:]:
+            buffer = io.BytesIO()
+            Image.fromarray(arrays[name]).save(buffer, format="PNG")
+            zipped.writestr(f"line2/{name}", buffer.getvalue())
+        zipped.writestr("line2/notes.txt", "not an image")
+        zipped.writestr("__MACOSX/line2/._part3.png", b"resource fork")
+        zipped.writestr("line2/broken.png", b"not a png at all")
+    return files + [str(archive)], arrays
+
+
+def test_batch_of_files_and_a_zip_gives_table_csv_masks_and_gallery(detector, parts):
+    uploads, arrays = parts
+    detect_batch = app.make_batch_handler(detector, app.ImageFiles())
+    table, views, csv_path, masks_path, summary = detect_batch(uploads, "metal nut", "stackclip", 0.5)
+
+    names = ["part0.png", "part1.png", "part2.png", "line2/part3.png", "line2/part4.png", "line2/broken.png"]
+    assert [row[0] for row in table] == names
+    with open(csv_path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert [record["file"] for record in records] == names
+    for record, name in zip(records[:5], names):
+        expected = detector.detect(arrays[Path(name).name], "metal nut", method="stackclip", threshold=0.5)
+        assert float(record["score"]) == pytest.approx(expected.score, abs=1e-6)
+        assert record["verdict"] == expected.verdict and record["error"] == ""
+        assert float(record["anomalous_pixel_percent"]) == pytest.approx(100 * expected.mask.mean(), abs=0.01)
+    assert records[5]["verdict"] == "unreadable" and "Not a readable image" in records[5]["error"] and records[5]["score"] == ""
+    assert table[5][1] is None and table[0][1] == round(float(records[0]["score"]), 4)
+
+    with zipfile.ZipFile(masks_path) as masks:
+        assert masks.namelist() == [f"{os.path.splitext(name)[0]}_mask.png" for name in names[:5]]
+        mask = Image.open(io.BytesIO(masks.read("line2/part4_mask.png")))
+        assert mask.mode == "L" and mask.size == (56, 72)  # the image's own size
+    assert len(views) == 5 and views[3][1].startswith("line2/part3.png: ")
+    assert all(max(Image.open(path).size) <= app.THUMBNAIL_SIDE for path, _ in views)
+    anomalous = sum(record["verdict"] == "anomalous" for record in records)
+    assert f"{anomalous} of 5 images anomalous" in summary and "line2/broken.png: Not a readable image" in summary
+
+
+def test_repeated_file_names_are_told_apart(detector, parts):
+    uploads, _ = parts
+    table = app.make_batch_handler(detector, app.ImageFiles())(uploads[:1] * 2, "screw", "baseline", 0.5)[0]
+    assert [row[0] for row in table] == ["part0.png", "part0 (2).png"]
+    assert table[0][1:] == table[1][1:]
+
+
+@pytest.mark.parametrize(
+    ("caps", "uploads", "class_name", "message"),
+    [
+        (app.BatchCaps(max_images=4), "all", "screw", r"holds 6 images; the Space takes at most 4 at a time\. Split it"),
+        (app.BatchCaps(max_megabytes=0.001), "all", "screw", r"MB of images \(zips counted uncompressed\).*at most 0\.001 MB"),
+        (app.BatchCaps(), "none", "screw", "holds no images"),
+        (app.BatchCaps(), "text zip", "screw", "holds no images"),
+        (app.BatchCaps(), "bad zip", "screw", "bad.zip is not a readable zip archive"),
+        (app.BatchCaps(), "all", " ", "class name is empty"),
+    ],
+)
+def test_batch_caps_and_errors_are_clear_messages(detector, parts, tmp_path, caps, uploads, class_name, message):
+    text_zip, bad_zip = tmp_path / "texts.zip", tmp_path / "bad.zip"
+    with zipfile.ZipFile(text_zip, "w") as zipped:
+        zipped.writestr("readme.txt", "no images here")
+    bad_zip.write_bytes(b"PK but not really")
+    choices = {"all": parts[0], "none": [], "text zip": [str(text_zip)], "bad zip": [str(bad_zip)]}
+    with pytest.raises(gr.Error, match=message):
+        app.make_batch_handler(detector, app.ImageFiles(), caps)(choices[uploads], class_name, "baseline", 0.5)
+
+
+def test_page_has_both_endpoints_and_the_batch_group(detector):
+    demo = app.build_demo(detector, tiny=True)
+    functions = {fn.api_name: fn for fn in demo.fns.values()}
+    assert {"detect", "detect_batch"} <= set(functions)
+    assert functions["detect_batch"].concurrency_id == app.BATCH_CONCURRENCY_ID != functions["detect"].concurrency_id
+
+
+def test_a_waiting_single_request_goes_before_the_next_batch_chunk():
+    turns, order = app.ComputeTurns(), []
+    chunk_running, finish_chunk = threading.Event(), threading.Event()
+
+    def batch():
+        with turns.batch_chunk():
+            chunk_running.set()
+            finish_chunk.wait(10)
+            order.append("chunk 1")
+        with turns.batch_chunk():
+            order.append("chunk 2")
+
+    def single():
+        with turns.single():
+            order.append("single")
+
+    batch_thread = threading.Thread(target=batch)
+    batch_thread.start()
+    assert chunk_running.wait(10)
+    single_thread = threading.Thread(target=single)
+    single_thread.start()
+    deadline = time.monotonic() + 10
+    while turns._singles_waiting == 0 and time.monotonic() < deadline:  # the single request is waiting for its turn
+        time.sleep(0.01)
+    finish_chunk.set()
+    batch_thread.join(10)
+    single_thread.join(10)
+    assert order == ["chunk 1", "single", "chunk 2"]

@@ -1,19 +1,26 @@
 """The app launched as users launch it (``python app.py --tiny`` on 127.0.0.1) and driven by ``gradio_client``."""
 
+import csv
+import io
 import itertools
 import json
 import threading
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 
 import app
 import zsad
+from zsad.inference import AnomalyDetector
+from zsad.loading import resolve_precision
 
 from app_server import serving_app
 
@@ -26,12 +33,13 @@ WARM_UP_REQUESTS = 15
 LARGE_SIDE = 512
 # Allocator noise after warm-up (measured: 0 to +30 MB); keeping each request's results would add ~150 MB.
 MEMORY_TOLERANCE_MB = 50
+BATCH_IMAGES = 20  # also the server's cap, so one more is refused
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
-    with serving_app(APP, "--tiny", "--queue-size", str(QUEUE_SIZE), log=log) as running:
+    with serving_app(APP, "--tiny", "--queue-size", str(QUEUE_SIZE), "--batch-max-images", str(BATCH_IMAGES), log=log) as running:
         yield running
 
 
@@ -138,3 +146,72 @@ def test_server_files_that_were_not_uploaded_are_refused(server, example):
         with urllib.request.urlopen(f"{url}gradio_api/call/detect/{event_id}", timeout=30) as response:
             events = response.read().decode()
         assert events.startswith("event: error") and "complete" not in events
+
+
+# ----- the batch endpoint ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batch_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
+    rng = np.random.default_rng(2)
+    paths = []
+    for index in range(BATCH_IMAGES + 1):
+        path = folder / f"part{index:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (48 + index, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def wait_until_processing(job, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
+        assert time.monotonic() < deadline, f"the batch did not start: {job.status()}"
+        time.sleep(0.05)
+
+
+def test_batch_of_twenty_matches_the_detector_and_single_requests_are_answered_meanwhile(server, example, batch_files,
+                                                                                          tiny_clip_path):
+    url, _ = server
+    call_detect(Client(url, verbose=False), example)  # the single request's text features are cached beforehand
+    paths = batch_files[:BATCH_IMAGES]
+    job = Client(url, verbose=False).submit([handle_file(path) for path in paths], "metal nut", "baseline", 0.5,
+                                           api_name="/detect_batch")
+    wait_until_processing(job)
+    started = time.perf_counter()
+    score = call_detect(Client(url, verbose=False), example)[2]
+    single_seconds, batch_was_done = time.perf_counter() - started, job.done()
+    table, gallery, csv_file, masks_file, summary = job.result(timeout=300)
+    batch_seconds = time.perf_counter() - started
+    print(f"\nsingle request answered in {single_seconds:.2f} s while a {BATCH_IMAGES}-image batch ran "
+          f"(batch done {batch_seconds:.2f} s after the single request started)")
+    assert 0.0 <= score <= 1.0 and not batch_was_done  # the batch has its own worker: no waiting behind it
+
+    with open(csv_file, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert [record["file"] for record in records] == [path.name for path in paths]
+    # The server's detector: the same tiny CLIP (seed 0), the same default precision.
+    detector = AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), dtype=resolve_precision("auto"))
+    for record, path in zip(records, paths):
+        expected = detector.detect(path, "metal nut", method="baseline", threshold=0.5)
+        assert float(record["score"]) == pytest.approx(expected.score, abs=1e-5), path.name
+        assert record["verdict"] == expected.verdict
+        assert float(record["anomalous_pixel_percent"]) == pytest.approx(100 * expected.mask.mean(), abs=0.05)
+    assert [row[0] for row in table["data"]] == [path.name for path in paths] and len(gallery) == BATCH_IMAGES
+    with zipfile.ZipFile(masks_file) as masks:
+        assert len(masks.namelist()) == BATCH_IMAGES
+        assert Image.open(io.BytesIO(masks.read("part05_mask.png"))).size == Image.open(paths[5]).size
+    assert f"of {BATCH_IMAGES} images anomalous" in summary
+
+
+def test_batch_zip_upload_and_the_count_cap(server, batch_files, tmp_path):
+    url, _ = server
+    client = Client(url, verbose=False)
+    archive = tmp_path / "parts.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in batch_files[:3]:
+            zipped.write(path, f"lot-7/{path.name}")
+    table = client.predict([handle_file(archive)], "metal nut", "baseline", 0.5, api_name="/detect_batch")[0]
+    assert [row[0] for row in table["data"]] == [f"lot-7/{path.name}" for path in batch_files[:3]]
+    with pytest.raises(Exception, match=f"holds {BATCH_IMAGES + 1} images; the Space takes at most {BATCH_IMAGES} at a time"):
+        client.predict([handle_file(path) for path in batch_files], "metal nut", "baseline", 0.5, api_name="/detect_batch")

@@ -1,9 +1,12 @@
 """A real browser on the app: Debian's Chromium driven by Playwright (no browser download).
 
 Uploads a shipped example image, types the class name, runs, and finds the result image and score on the
-page; the screenshot is saved under test-artifacts/ (path printed).
+page; on the Batch tab, uploads several images and finds their rows, overlays and downloads. Screenshots are saved
+under test-artifacts/ (paths printed).
 """
 
+import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -28,31 +31,68 @@ TIMEOUT_MS = 60_000
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
-def test_upload_type_run_and_see_the_result(tmp_path):
-    image_path, class_name = app.example_rows()[0]
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "browser_app_result.png"
-    with serving_app(APP, "--tiny", log=tmp_path / "app.log") as (url, _), sync_playwright() as playwright:
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    """A new page factory on one tiny-CLIP server and one browser for the module."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    expect.set_options(timeout=TIMEOUT_MS)  # a first request with a new class name encodes its prompts (seconds)
+    with serving_app(APP, "--tiny", log=log) as (url, _), sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
+
+        def new_page():
             page = browser.new_page(viewport={"width": 1280, "height": 1500})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
-            expect(page.locator("#banner")).to_contain_text("Tiny random CLIP")
-            page.locator("#input-image input[type=file]").set_input_files(image_path)
-            expect(page.locator("#input-image img")).to_be_visible()  # the upload's preview
-            page.locator("#class-name textarea").fill(class_name)
-            page.locator("#run").click()
+            return page
 
-            score = page.locator("#score input")
-            expect(score).not_to_have_value("")
-            expect(page.locator("#overlay img").first).to_be_visible()
-            expect(page.locator("#mask img")).to_be_visible()
-            default_method = app.display_name(app.ordered_methods(zsad.METHODS)[0])
-            expect(page.locator("#report")).to_contain_text(default_method)
-            assert 0.0 <= float(score.input_value()) <= 1.0
-            page.screenshot(path=str(screenshot), full_page=True)
+        try:
+            yield new_page
         finally:
             browser.close()
+
+
+def test_upload_type_run_and_see_the_result(browser_page):
+    image_path, class_name = app.example_rows()[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "browser_app_result.png"
+    page = browser_page()
+    expect(page.locator("#banner")).to_contain_text("Tiny random CLIP")
+    page.locator("#input-image input[type=file]").set_input_files(image_path)
+    expect(page.locator("#input-image img")).to_be_visible()  # the upload's preview
+    page.locator("#class-name textarea").fill(class_name)
+    page.locator("#run").click()
+
+    score = page.locator("#score input")
+    expect(score).not_to_have_value("")
+    expect(page.locator("#overlay img").first).to_be_visible()
+    expect(page.locator("#mask img")).to_be_visible()
+    default_method = app.display_name(app.ordered_methods(zsad.METHODS)[0])
+    expect(page.locator("#report")).to_contain_text(default_method)
+    assert 0.0 <= float(score.input_value()) <= 1.0
+    page.screenshot(path=str(screenshot), full_page=True)
     print(f"\nscreenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def test_batch_tab_scores_every_file_and_offers_the_downloads(browser_page):
+    images = [path for path, _ in app.example_rows()][:3]
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "browser_app_batch.png"
+    page = browser_page()
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-files input[type=file]").set_input_files(images)
+    page.locator("#batch-class-name textarea").fill("metal nut")
+    page.locator("#batch-run").click()
+
+    expect(page.locator("#batch-summary")).to_contain_text(f"of {len(images)} images anomalous")
+    table = page.locator("#batch-table")
+    for path in images:
+        expect(table).to_contain_text(Path(path).name)
+    expect(page.locator("#batch-gallery img")).to_have_count(len(images))
+    expect(page.locator("#batch-masks a")).to_have_attribute("href", re.compile(r"/masks\.zip$"))
+    with page.expect_download() as download:
+        page.locator("#batch-csv a").click()
+    rows = list(csv.reader(Path(download.value.path()).read_text().splitlines()))
+    assert rows[0][:3] == ["file", "score", "verdict"] and [row[0] for row in rows[1:]] == [Path(path).name for path in images]
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"\nscreenshot: {screenshot}")

@@ -95,8 +95,11 @@ def model_index(card_text: str) -> dict[tuple[str, str], float]:
 
 
 def code_files_needed(folder: Path) -> set[str]:
-    """The files the config's auto_map names plus their relative imports, as the remote-code loader needs them."""
-    modules = {reference.split(".")[0] for reference in json.loads((folder / "config.json").read_text())["auto_map"].values()}
+    """The files the config's auto_map and custom_pipelines name plus their relative imports, as the remote-code loader
+    needs them for ``AutoModel`` and ``pipeline``."""
+    config = json.loads((folder / "config.json").read_text())
+    references = [*config["auto_map"].values(), *(task["impl"] for task in config["custom_pipelines"].values())]
+    modules = {reference.split(".")[0] for reference in references}
     needed = set()
     for module in modules:
         needed |= {f"{module}.py"} | {Path(path).name for path in get_relative_import_files(str(folder / f"{module}.py"))}
@@ -139,7 +142,9 @@ def test_card_lists_every_config_setting_with_its_value(trained_genclip):
     assert "| `feature_layers` | `[1, 2, 3, 4]` |" in card
     assert "Training dataset: **MVTec-AD**" in card
     assert "AutoModel.from_pretrained" in card and "trust_remote_code=True" in card
-    assert "zsad.load_model" in card
+    assert 'pipeline(model="ORG/NAME", trust_remote_code=True)' in card and "AnomalyDetector.for_model" in card
+    assert ModelCard(card).data.pipeline_tag == "image-segmentation"
+    assert ModelCard(card).data.inference is False  # the Hub's widget does not run custom code; the card says so
     assert "2504.14919" in card and "2506.23577" in card  # both papers cited
 
 
@@ -228,6 +233,15 @@ def test_publish_refuses_folders_that_are_not_zsad_checkpoints(fake_hub, tmp_pat
             (broken / path.name).write_bytes(path.read_bytes())
     with pytest.raises(zsad.ZSADError, match="clip_backbone.py"):
         publish(broken, "org/name")
+    (broken / "clip_backbone.py").write_bytes((checkpoint / "clip_backbone.py").read_bytes())
+    (broken / "pipeline_zsad.py").unlink()
+    with pytest.raises(zsad.ZSADError, match="lacks pipeline_zsad.py"):
+        publish(broken, "org/name")
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["custom_pipelines"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(zsad.ZSADError, match="names no pipeline .* saved by an older zsad"):
+        publish(broken, "org/name")
     assert fake_hub["commits"] == []
 
 
@@ -236,7 +250,7 @@ def test_cli_dry_run_writes_the_upload_folder(fake_hub, checkpoint, eval_json, t
     assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--eval", str(eval_json), "--dry-run", str(out)]) == 0
     assert fake_hub["commits"] == [] and fake_hub["repos"] == []
     written = {path.name for path in out.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md"} | code_files_needed(checkpoint) <= written
+    assert {"config.json", "model.safetensors", "README.md", "pipeline_zsad.py"} | code_files_needed(checkpoint) <= written
     card = (out / "README.md").read_text()
     assert model_index(card) == {("VisA", key): value for key, value in EVALUATION["mean"].items()}
     assert 'AutoModel.from_pretrained("org/genclip-mvtec", trust_remote_code=True)' in card

@@ -40,7 +40,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import CONFIG_NAME
 
 from .errors import ZSADError
-from .methods import config_class, model_class, status
+from .methods import config_class, method_of, model_class, status
 from .metrics import metric_name
 from .modeling.modeling_zsad_base import commit_files
 
@@ -163,7 +163,7 @@ def field_descriptions(config: PreTrainedConfig) -> dict[str, str]:
 
 def config_settings(config: PreTrainedConfig) -> dict[str, list[dict]]:
     """The config's own fields (transformers' generic ones left out), grouped as backbone / training / method rows."""
-    generic = set(PreTrainedConfig().to_dict()) | {"auto_map"}
+    generic = set(PreTrainedConfig().to_dict()) | {"auto_map", "custom_pipelines"}
     descriptions = field_descriptions(config)
     groups = {"backbone": [], "training": [], "method": []}
     for name, value in config.to_dict().items():
@@ -228,6 +228,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         library_name="transformers",
         license="apache-2.0",
         pipeline_tag="image-segmentation",
+        inference=False,  # the Hub's hosted widget does not run custom code; the card shows the pipeline instead
         tags=["zsad", config.model_type, "anomaly-detection", "zero-shot", "clip", "industrial-inspection"],
         model_name=repo_id.split("/")[-1] if repo_id else title,
         eval_results=model_index_results(reports) or None,
@@ -238,6 +239,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         title=title,
         model_name=card_data.model_name,
         model_class=class_name,
+        method=method_of(config),
         status=model_status,
         repo_id=repo_id or "ORG/NAME",
         backbone=config.base_model_name_or_path,
@@ -280,14 +282,21 @@ def publishable_config(folder) -> PreTrainedConfig:
 
 
 def _check_remote_code(folder: Path, config: PreTrainedConfig) -> None:
-    """The files ``auto_map`` names, and their relative imports, must be there for ``trust_remote_code`` loading."""
+    """The files ``auto_map`` and ``custom_pipelines`` name, and their relative imports, must be there for
+    ``trust_remote_code`` loading (``AutoModel`` and ``pipeline``)."""
     auto_map = getattr(config, "auto_map", None) or {}
     if not auto_map:
         raise ZSADError(f"{folder}/{CONFIG_NAME} has no auto_map, so the checkpoint cannot load with trust_remote_code. Save it again with zsad.")
-    for reference in auto_map.values():
+    pipelines = getattr(config, "custom_pipelines", None) or {}
+    if not pipelines:
+        raise ZSADError(
+            f"{folder}/{CONFIG_NAME} names no pipeline (custom_pipelines): it was saved by an older zsad. Save it again "
+            f"with this one: zsad.load_model('{folder}').save_pretrained('{folder}')."
+        )
+    for reference in [*auto_map.values(), *(task["impl"] for task in pipelines.values())]:
         module_file = folder / f"{reference.split('.')[0]}.py"
         if not module_file.is_file():
-            raise ZSADError(f"{folder} lacks {module_file.name}, named in auto_map. Save the model again with zsad.")
+            raise ZSADError(f"{folder} lacks {module_file.name}, named in {CONFIG_NAME}. Save the model again with zsad.")
         try:
             get_relative_import_files(str(module_file))  # reads every file the module imports, recursively
         except FileNotFoundError as error:

@@ -20,21 +20,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import BackboneLoadError, ZSADError
-from .images import load_image, to_pixel_values
 from .loading import checkpoint_method, load_method, shared_backbone
 from .methods import METHODS, status
 from .modeling.clip_backbone import CLIPBackbone
+from .modeling.image_processing_zsad import (
+    DEFAULT_THRESHOLD,
+    check_threshold,
+    load_image,
+    mask_image,
+    resize_map,
+    to_pixel_values,
+    verdict,
+)
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
 from .visualize import overlay_heatmap
 
-DEFAULT_THRESHOLD = 0.5
-
-__all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection"]
+__all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_threshold"]
 
 
 @dataclass
@@ -72,11 +77,11 @@ class Detection:
 
     @property
     def verdict(self) -> str:
-        return "anomalous" if self.is_anomalous else "normal"
+        return verdict(self.score, self.threshold)
 
     def mask_image(self) -> Image.Image:
         """The binary mask as a black/white 8-bit image."""
-        return Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L")
+        return mask_image(self.mask)
 
     def summary(self) -> dict:
         """JSON-ready numbers and words (no arrays)."""
@@ -232,7 +237,7 @@ class AnomalyDetector:
         model = self.model(method)
         with torch.inference_mode():
             output = model(image_features=features, class_names=names)
-            maps = [_resize_map(output.anomaly_map[i], picture.size) for i, picture in enumerate(pictures)]
+            maps = [resize_map(output.anomaly_map[i], picture.size) for i, picture in enumerate(pictures)]
         seconds = (time.perf_counter() - started) / len(pictures)
         return [
             Detection(
@@ -257,14 +262,3 @@ class AnomalyDetector:
             raise ZSADError(f"Say which method to use; this detector holds {self.method_names}.")
         return self.method_names[0]
 
-
-def check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ZSADError(f"The threshold must be a number between 0 and 1, got {threshold!r}.")
-
-
-def _resize_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) map -> (H, W) float32 numpy map for an image of PIL ``size`` (W, H), bilinear."""
-    width, height = size
-    resized = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0.0, 1.0).cpu().numpy()

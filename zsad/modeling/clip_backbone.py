@@ -24,6 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cache
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from .exceptions import ZSADError
+from .image_processing_zsad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .lru_cache import LRUCache
 
 
@@ -85,8 +86,6 @@ def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> 
 
 
 QUICK_GELU_SCALE = 1.702
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def image_normalisation(name_or_path: str, revision: str | None) -> tuple[tuple, tuple]:

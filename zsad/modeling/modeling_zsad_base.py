@@ -11,6 +11,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPModel, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
@@ -19,6 +20,7 @@ from .configuration_zsad_base import ZSADBaseConfig
 from .exceptions import ZSADError
 from .losses import image_loss, segmentation_loss
 from .lru_cache import LRUCache
+from .pipeline_zsad import ZeroShotAnomalyDetectionPipeline, custom_pipelines
 
 BACKBONE_PREFIX = "clip."
 TEXT_CACHE_SIZE = 256
@@ -66,12 +68,12 @@ def default_model_card(config: ZSADBaseConfig, model_name: str) -> str:
     settings = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(config.to_diff_dict().items()))
     return (
         f"---\nbase_model: {config.base_model_name_or_path}\nlibrary_name: transformers\n"
-        f"pipeline_tag: image-segmentation\ntags:\n- zsad\n- anomaly-detection\n- zero-shot\n- clip\n---\n\n"
+        f"pipeline_tag: image-segmentation\ninference: false\ntags:\n- zsad\n- anomaly-detection\n- zero-shot\n- clip\n---\n\n"
         f"# {model_name} for zero-shot anomaly detection\n\n"
         f"Status: **{status}**. Backbone: `{config.base_model_name_or_path}` (frozen, not stored here).\n\n"
-        "```python\nfrom transformers import AutoModel\n"
-        "model = AutoModel.from_pretrained(REPO_OR_PATH, trust_remote_code=True)\n"
-        "output = model(pixel_values, class_names=['bottle'])  # anomaly_map, image_score\n```\n\n"
+        "```python\nfrom transformers import pipeline\n"
+        "detector = pipeline(model=REPO_OR_PATH, trust_remote_code=True)\n"
+        "result = detector('part.png', class_name='bottle')  # score, verdict, mask (PIL), anomaly_map\n```\n\n"
         f"| setting | value |\n|---|---|\n{settings}\n"
     )
 
@@ -177,11 +179,14 @@ class ZSADPreTrainedModel(PreTrainedModel):
         return [p for name, p in self.named_parameters() if not name.startswith(BACKBONE_PREFIX)]
 
     def save_pretrained(self, save_directory, *args, model_card: str | None = None, **kwargs):
-        """Adapter-only ``save_pretrained`` that also writes a model card (README.md)."""
+        """Adapter-only ``save_pretrained`` that also writes a model card (README.md) and the checkpoint's
+        transformers pipeline (``pipeline_zsad.py``, named in config.json's ``custom_pipelines``)."""
         state_dict = self.adapter_state_dict()
         has_weights = bool(state_dict)  # transformers empties the dict while writing it
         kwargs["state_dict"] = state_dict
+        self.config.custom_pipelines = custom_pipelines()
         super().save_pretrained(save_directory, *args, **kwargs)
+        custom_object_save(ZeroShotAnomalyDetectionPipeline, save_directory)
         if not has_weights:
             # transformers writes no weights file for an empty state dict, but from_pretrained needs one.
             save_file({}, os.path.join(save_directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})

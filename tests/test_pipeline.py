@@ -1,0 +1,157 @@
+"""The transformers pipeline every checkpoint carries, run as Hub users run it: ``pipeline(model=...,
+trust_remote_code=True)`` in a fresh process where zsad cannot be imported, on the folders ``zsad publish --dry-run``
+writes; its results must equal zsad's own ``AnomalyDetector`` on the same images."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zsad
+from zsad.cli import main
+from zsad.inference import AnomalyDetector
+from zsad.modeling.pipeline_zsad import TASK, ZeroShotAnomalyDetectionPipeline
+
+from conftest import TEST_IMAGE_SIZE
+
+THRESHOLD = 0.3
+CLASS_NAME = "metal nut"
+# The files the pipeline needs next to the model code (pipeline_zsad.py imports the image processing).
+PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "prompting.py", "exceptions.py"}
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["zsad"] = None  # importing zsad must fail in this process
+    import numpy as np
+    from transformers import pipeline
+    try:
+        import zsad  # noqa: F401
+        raise SystemExit("zsad was importable")
+    except ImportError:
+        pass
+    folders, images, threshold, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    arrays, facts = {}, {}
+    for method, folder in folders.items():
+        detector = pipeline(model=folder, trust_remote_code=True)
+        assert type(detector).__module__.startswith("transformers_modules"), type(detector).__module__
+        single = detector(images[0], class_name="metal_nut")  # default threshold; the name is cleaned
+        several = detector(images, class_name="metal nut", threshold=threshold)
+        assert isinstance(single, dict) and isinstance(several, list) and len(several) == len(images)
+        for key, result in [("single", single)] + [(f"list{i}", r) for i, r in enumerate(several)]:
+            arrays[f"{method}.{key}.map"] = result["anomaly_map"]
+            arrays[f"{method}.{key}.mask"] = np.asarray(result["mask"])
+            facts[f"{method}.{key}"] = {name: result[name] for name in ("score", "verdict", "threshold", "class_name")}
+            facts[f"{method}.{key}"]["mask_mode"] = result["mask"].mode
+        facts[method + ".class"] = type(detector).__name__
+    np.savez(out + ".npz", **arrays)
+    with open(out + ".json", "w") as handle:
+        json.dump(facts, handle)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_backbone):
+    """Each method on the tiny CLIP: the baseline, GenCLIP untrained, StackCLIP with changed ("trained") weights, so
+    a pipeline that ignored the checkpoint's weights would not match."""
+    made = {name: zsad.METHODS[name].from_clip("tiny", clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+            for name in ("baseline", "genclip", "stackclip")}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in made["stackclip"].adapter_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    made["stackclip"].config.is_trained = True
+    return made
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two parts of different sizes and formats."""
+    folder = tmp_path_factory.mktemp("parts")
+    rng = np.random.default_rng(0)
+    paths = [folder / "wide.png", folder / "tall.jpg"]
+    for path, (height, width) in zip(paths, [(40, 60), (70, 50)]):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return [str(path) for path in paths]
+
+
+def published_folders(models, tiny_clip_path, root) -> dict[str, str]:
+    """``zsad publish --dry-run`` of each model's checkpoint; the backbone path points at the tiny CLIP."""
+    folders = {}
+    for method, model in models.items():
+        model.config.base_model_name_or_path = str(tiny_clip_path)
+        model.save_pretrained(root / f"{method}-checkpoint")
+        upload = root / f"{method}-upload"
+        assert main(["publish", str(root / f"{method}-checkpoint"), "--repo-id", f"org/{method}", "--dry-run", str(upload)]) == 0
+        folders[method] = str(upload)
+    return folders
+
+
+def test_pipeline_runs_without_zsad_on_published_folders_and_matches_the_detector(models, images, tiny_backbone,
+                                                                                   tiny_clip_path, tmp_path):
+    folders = published_folders(models, tiny_clip_path, tmp_path)
+    for folder in folders.values():
+        config = json.loads((tmp_path / folder / "config.json").read_text())
+        assert config["custom_pipelines"][TASK]["impl"] == "pipeline_zsad.ZeroShotAnomalyDetectionPipeline"
+        assert PIPELINE_FILES <= {path.name for path in (tmp_path / folder).iterdir()}
+        assert "pipeline(model=\"org/" in (tmp_path / folder / "README.md").read_text()
+
+    out = tmp_path / "results"
+    completed = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(folders), json.dumps(images), str(THRESHOLD), str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    arrays, facts = np.load(f"{out}.npz"), json.loads((tmp_path / "results.json").read_text())
+
+    detector = AnomalyDetector(tiny_backbone, models)
+    for method in models:
+        assert facts[f"{method}.class"] == "ZeroShotAnomalyDetectionPipeline"
+        expected = {"single": detector.detect(images[0], CLASS_NAME, method=method)}
+        expected |= {f"list{i}": result for i, result in enumerate(detector.detect_batch(images, CLASS_NAME, method=method,
+                                                                                         threshold=THRESHOLD))}
+        for key, detection in expected.items():
+            got = facts[f"{method}.{key}"]
+            assert got["score"] == pytest.approx(detection.score, abs=1e-5), (method, key)
+            assert (got["verdict"], got["threshold"], got["class_name"]) == (detection.verdict, detection.threshold, CLASS_NAME)
+            anomaly_map = arrays[f"{method}.{key}.map"]
+            assert anomaly_map.shape == detection.anomaly_map.shape and anomaly_map.dtype == np.float32
+            np.testing.assert_allclose(anomaly_map, detection.anomaly_map, rtol=0, atol=1e-5)
+            assert got["mask_mode"] == "L"
+            np.testing.assert_array_equal(arrays[f"{method}.{key}.mask"], np.where(anomaly_map >= got["threshold"], 255, 0))
+    # The list run used a threshold low enough that the mask is not empty everywhere.
+    assert any(arrays[f"{method}.list0.mask"].any() for method in models)
+
+
+@pytest.fixture(scope="module")
+def local_pipeline(models):
+    return ZeroShotAnomalyDetectionPipeline(model=models["baseline"], device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "Pass the product's name"),
+        ({"class_name": "  "}, "class name is empty"),
+        ({"class_name": "screw", "threshold": 1.5}, "between 0 and 1"),
+        ({"class_name": "screw", "profile": "references/"}, r"Unknown argument\(s\) \['profile'\].*class_name, threshold"),
+    ],
+)
+def test_pipeline_errors_say_what_to_pass(local_pipeline, images, arguments, message):
+    with pytest.raises(zsad.ZSADError, match=message):
+        local_pipeline(images[0], **arguments)
+
+
+def test_pipeline_reads_images_as_zsad_does(local_pipeline, images, bad_files):
+    from_path = local_pipeline(images[1], class_name="screw")
+    from_image = local_pipeline(Image.open(images[1]), class_name="screw")
+    assert from_path["mask"].size == (50, 70) and from_path["anomaly_map"].shape == (70, 50)
+    assert from_path["score"] == from_image["score"]
+    with pytest.raises(zsad.ZSADError, match="Not a readable image"):
+        local_pipeline(str(bad_files["unreadable"]), class_name="screw")

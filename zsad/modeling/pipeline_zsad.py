@@ -1,0 +1,102 @@
+"""The transformers pipeline saved with every zsad checkpoint, so the checkpoint runs from its folder or Hub repo
+without zsad installed (``trust_remote_code=True``):
+
+```python
+>>> from transformers import pipeline
+>>> detector = pipeline(model="org/zsad-stackclip", trust_remote_code=True)
+>>> result = detector("part.png", class_name="metal nut")              # a path, URL, PIL image or array
+>>> result["score"], result["verdict"]                                  # 0.73, "anomalous"
+>>> result["mask"]                                                      # PIL "L" image at part.png's size
+>>> result["anomaly_map"]                                               # (H, W) float32 numpy map in [0, 1]
+>>> detector(["a.png", "b.png"], class_name="metal nut", threshold=0.4)  # a list gives one dict per image
+```
+
+``save_pretrained`` of every zsad model writes ``custom_pipelines`` into config.json and copies this file (and the
+files it imports) next to the model code; that is how ``pipeline()`` finds it (transformers' ``PIPELINE_REGISTRY``
+convention, the same entry ``Pipeline.save_pretrained`` writes).
+
+Images are read, resized and thresholded by ``image_processing_zsad`` (the code zsad's own ``AnomalyDetector``
+uses), so a pipeline result equals ``AnomalyDetector.detect`` on the same image.
+
+Extension point, per-call parameters: ``_sanitize_parameters`` is the one place that accepts them and routes each to
+``preprocess`` / ``_forward`` / ``postprocess``; anything else is refused with the list of accepted names. A product
+profile (zsad's reference images and calibration) will arrive as a ``profile=`` parameter routed there; the
+pipeline takes none until profiles are saved in a form this file can read without zsad.
+"""
+
+from transformers import AutoModel, Pipeline
+from transformers.image_utils import load_image as fetch_image
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .exceptions import ZSADError
+from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, resize_map, to_pixel_values, verdict
+from .prompting import clean_class_name
+
+TASK = "zero-shot-anomaly-detection"
+PARAMETERS = ("class_name", "threshold")
+
+
+class ZeroShotAnomalyDetectionPipeline(Pipeline):
+    """``pipe(images, class_name=..., threshold=0.5)`` -> per image ``{"score", "verdict", "threshold", "class_name",
+    "mask", "anomaly_map"}``: the image score in [0, 1], "anomalous" when it reaches the threshold (else "normal"),
+    the pixel mask ``anomaly_map >= threshold`` as a black/white PIL image and the map as an (H, W) float32 array,
+    both at the input image's own size. ``class_name`` (the product's name) is required."""
+
+    # The model carries its own tokenizer and image statistics (its CLIP backbone); nothing else is loaded.
+    _load_processor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, class_name=None, threshold=None, **unknown):
+        if unknown:
+            raise ZSADError(f"Unknown argument(s) {sorted(unknown)}; this pipeline takes {', '.join(PARAMETERS)}.")
+        preprocess_params, postprocess_params = {}, {}
+        if class_name is not None:
+            preprocess_params["class_name"] = clean_class_name(class_name)
+        if threshold is not None:
+            check_threshold(threshold)
+            postprocess_params["threshold"] = float(threshold)
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image, class_name=None):
+        if class_name is None:
+            raise ZSADError("Pass the product's name: pipe(image, class_name='metal nut').")
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            image = fetch_image(image)
+        picture = load_image(image)
+        backbone = self.model.clip
+        pixel_values = to_pixel_values([picture], self.model.config.image_size, backbone.image_mean, backbone.image_std)
+        return {"pixel_values": pixel_values, "class_name": class_name, "size": picture.size}
+
+    def _forward(self, inputs):
+        output = self.model(inputs["pixel_values"], class_names=[inputs["class_name"]])
+        return {"anomaly_map": output.anomaly_map[0], "score": output.image_score[0], "class_name": inputs["class_name"],
+                "size": inputs["size"]}
+
+    def postprocess(self, outputs, threshold=DEFAULT_THRESHOLD):
+        anomaly_map = resize_map(outputs["anomaly_map"], outputs["size"])
+        mask = anomaly_map >= threshold
+        score = float(outputs["score"])
+        return {
+            "score": score,
+            "verdict": verdict(score, threshold),
+            "threshold": threshold,
+            "class_name": outputs["class_name"],
+            "mask": mask_image(mask),
+            "anomaly_map": anomaly_map,
+        }
+
+
+# Remote code may import this file twice (once for the pipeline, once through the model code); the first copy registers.
+if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ZeroShotAnomalyDetectionPipeline, pt_model=AutoModel, type="image")
+
+
+def custom_pipelines() -> dict:
+    """The ``custom_pipelines`` entry of a checkpoint's config.json, as ``Pipeline.save_pretrained`` writes it from the
+    registration above (the class as "module.Class" of the file saved next to the model code)."""
+    registered = PIPELINE_REGISTRY.supported_tasks[TASK]
+    implementation = f"{__name__.split('.')[-1]}.{ZeroShotAnomalyDetectionPipeline.__name__}"
+    return {TASK: {**registered, "impl": implementation, "pt": [model.__name__ for model in registered["pt"]]}}
