@@ -18,6 +18,7 @@ from .modeling.modeling_genclip import GenCLIPModel, GenCLIPOutput
 from .modeling.modeling_stackclip import StackCLIPModel, StackCLIPOutput
 from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
 from .modeling.modeling_zsad_base import ZeroShotAnomalyOutput
+from .profile import ProductProfile
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "GenCLIPConfig",
     "GenCLIPModel",
     "GenCLIPOutput",
+    "ProductProfile",
     "StackCLIPConfig",
     "StackCLIPModel",
     "StackCLIPOutput",

@@ -5,6 +5,7 @@ PIL image, or raises one ``ZSADError`` saying what is wrong (unreadable, truncat
 """
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; larger files are refused before decoding (decompression bombs)
 MIN_IMAGE_SIDE = 16
+
+
+def image_files(sources: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(source)
+    return files
 
 
 def load_image(source) -> Image.Image:

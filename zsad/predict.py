@@ -14,20 +14,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import ZSADError
-from .images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, image_files, load_image
 from .inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
 from .modeling.prompting import clean_class_name
-
-
-def image_files(sources: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
-    files = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(source)
-    return files
 
 
 def predict_files(
