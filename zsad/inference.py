@@ -32,7 +32,6 @@ from .errors import BackboneLoadError, ZSADError
 from .images import image_files, load_image, to_pixel_values
 from .loading import checkpoint_method, load_method, shared_backbone
 from .methods import METHODS, status
-from .modeling.anomaly_maps import scaled_sigma
 from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
@@ -298,9 +297,8 @@ class AnomalyDetector:
                          anomaly_map: torch.Tensor, image_score: torch.Tensor, memory: ReferenceMemory | None = None
                          ) -> ReferenceScores:
         """Maps and scores fused with the profile's references (or with ``memory``, e.g. one left out)."""
-        memory = (memory or profile.memory).to(self.backbone.device, self.backbone.dtype)
-        sigma = scaled_sigma(model.config.smoothing_sigma, features.image_size, model.config.smoothing_reference_size)
-        return apply_references(memory, features.select(memory.layers), anomaly_map, image_score, profile.fusion_weight, sigma)
+        memory = memory or profile.memory
+        return apply_references(memory, features.select(memory.layers), anomaly_map, image_score, profile.fusion_weight, model.config)
 
     # ----- product profiles -----------------------------------------------------------------------------
 

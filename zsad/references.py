@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ZSADError
-from .modeling.anomaly_maps import combine_layer_maps, upsample_patch_maps
+from .modeling.anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .modeling.clip_backbone import ImageFeatures
 
 # Largest (query patches x reference patches) block of similarities computed at once: 2^24 values are 64 MB in
@@ -125,8 +125,11 @@ class ReferenceScores:
 
 
 def apply_references(memory: ReferenceMemory, features: ImageFeatures, anomaly_map: torch.Tensor, image_score: torch.Tensor,
-                     weight: float, sigma: float) -> ReferenceScores:
-    """Fuse a method's maps and image scores with the reference map (image score: with the reference map's maximum)."""
+                     weight: float, config) -> ReferenceScores:
+    """Fuse a method's maps and image scores with the reference map (image score: with the reference map's maximum),
+    smoothed as the model's ``config`` smooths its own maps."""
+    memory = memory.to(features.image_embeds.device, features.layer_tokens[0].dtype)
+    sigma = scaled_sigma(config.smoothing_sigma, features.image_size, config.smoothing_reference_size)
     distances = memory.patch_distances(features)
     reference = distance_map(distances, features, sigma)
     return ReferenceScores(fuse(anomaly_map, reference, weight), fuse(image_score, reference.flatten(1).amax(dim=1), weight),
