@@ -13,6 +13,7 @@ Host and port follow Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`
 
 import argparse
 import base64
+import functools
 import hashlib
 import itertools
 import json
@@ -258,6 +259,7 @@ class ImageFiles:
 def serving_files(handler, files: ImageFiles):
     """``handler`` for Gradio: the same outputs, with images as files (see ``ImageFiles``)."""
 
+    @functools.wraps(handler)  # Gradio reads the parameters (and which are optional) from the handler's signature
     def detect(*inputs):
         return files.replace_images(handler(*inputs), files.new_folder())
 

@@ -86,3 +86,13 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
 
 def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+
+
+def cpu_class() -> str:
+    """The CPU model and the instruction sets that decide bfloat16 speed (AVX512-BF16 / AMX or AVX2 only)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    sets = [name for name, flag in (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX2", "avx2")) if flag in flags]
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{model} ({', '.join(sets) or 'no AVX2'}{f'; torch limited to {capability}' if capability else ''})"

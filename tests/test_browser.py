@@ -56,3 +56,29 @@ def test_upload_type_run_and_see_the_result(tmp_path):
             browser.close()
     print(f"\nscreenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+
+def test_two_reference_images_calibrate_the_result_and_the_slider(tmp_path):
+    from zsad.data.synthetic import generate
+
+    image_path, class_name = app.example_rows()[0]
+    root = generate(tmp_path / "good", categories=[class_name], num_good=0, num_defective=0, image_size=96, num_train_good=2)
+    references = sorted(str(path) for path in (root / class_name / "train" / "good").glob("*.png"))
+    with serving_app(APP, "--tiny", log=tmp_path / "app.log") as (url, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.locator("#input-image input[type=file]").set_input_files(image_path)
+            page.locator("#class-name textarea").fill(class_name)
+            page.locator("#references input[type=file]").set_input_files(references)
+            expect(page.locator("#references tbody tr")).to_have_count(2)  # both uploaded
+            page.locator("#run").click()
+            report = page.locator("#report")
+            expect(report).to_contain_text("2 reference images of good parts; calibrated on 2 good images", timeout=TIMEOUT_MS)
+            calibrated = report.inner_text().split("image threshold ")[1].split(",")[0]
+            slider = page.locator("#threshold input[type=number]")
+            expect(slider).to_have_value(f"{float(calibrated):.2f}".rstrip("0").rstrip("."), timeout=TIMEOUT_MS)
+        finally:
+            browser.close()
