@@ -36,6 +36,7 @@ from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
+from zsad.modeling.prompting import clean_class_name
 from zsad.profile import ProductProfile
 
 COMPARE = "compare"
@@ -155,7 +156,7 @@ class ReferenceProfiles:
             raise ZSADError(f"{len(sources)} reference images were given; at most {MAX_REFERENCES} are used (each adds to memory "
                             f"and time). Pick up to {MAX_REFERENCES} typical good parts.")
         contents = [reference_bytes(source) for source in sources]
-        key = (tuple(hashlib.sha256(data).hexdigest() for data in contents), method, zsad.modeling.prompting.clean_class_name(class_name))
+        key = (tuple(hashlib.sha256(data).hexdigest() for data in contents), method, clean_class_name(class_name))
         return self._cache.get(key, lambda: self._build(contents, class_name, method))
 
     def _build(self, contents: list[bytes], class_name: str, method: str) -> dict[str, ProductProfile]:

@@ -313,9 +313,9 @@ class AnomalyDetector:
         the thresholds: ``quantile`` of the good scores plus ``margin`` with good images only, F1-max with defective
         images. ``fusion_weight`` is the reference map's share in the fused map and score.
         """
-        return self.build_profiles([self._resolve_method(method)], class_name, normal_images, defective_images, masks,
-                                   quantile=quantile, margin=margin, fusion_weight=fusion_weight, batch_size=batch_size,
-                                   progress=progress)[self._resolve_method(method)]
+        method = self._resolve_method(method)
+        return self.build_profiles([method], class_name, normal_images, defective_images, masks, quantile=quantile, margin=margin,
+                                   fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)[method]
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,

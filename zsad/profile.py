@@ -21,10 +21,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import precision_recall_curve
 
 from .errors import ZSADError
-from .metrics import ThresholdCurve
 from .references import ReferenceMemory
 
 PROFILE_JSON = "profile.json"
@@ -96,6 +94,8 @@ def good_quantile_threshold(values, quantile: float, margin: float) -> float:
 
 def image_f1_threshold(labels, scores) -> float:
     """The image threshold at which "score >= threshold" has the largest F1 against the 0/1 labels."""
+    from sklearn.metrics import precision_recall_curve  # calibration only: the serving path does without scikit-learn
+
     precision, recall, thresholds = precision_recall_curve(np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64))
     f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(np.float64).tiny)
     return float(thresholds[int(np.argmax(f1[:-1]))])  # the last point (recall 0) has no threshold
@@ -117,6 +117,8 @@ def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), ma
         image_threshold = image_f1_threshold([0] * len(good_scores) + [1] * len(defective_scores), good_scores + defective_scores)
         rule = "F1-max"
         if masks is not None:
+            from .metrics import ThresholdCurve  # imports scikit-learn, which the serving path does without
+
             empty = [np.zeros(m.shape, dtype=bool) for m in good_maps]
             maps = [np.asarray(m, dtype=np.float16) for m in [*good_maps, *defective_maps]]
             pixel_threshold = ThresholdCurve.from_maps(empty + list(masks), maps).f1_max_threshold()
