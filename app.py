@@ -50,8 +50,9 @@ TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)",
 # Reference images per request: each adds its patch features at every tapped layer to the memory (about 11 MB at
 # 518 px in bfloat16, 22 MB in float32) and to the nearest-neighbour search.
 MAX_REFERENCES = 16
-# Profiles kept for sets of references seen recently (a few visitors' products at once).
-PROFILE_CACHE_SIZE = 4
+# Profiles kept for the sets of references seen last (16 references at 518 px in bfloat16: 180 MB per set, shared by
+# the methods).
+PROFILE_CACHE_SIZE = 2
 
 
 # ----- configuration --------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ def test_without_a_profile_nothing_changes_and_one_reference_is_used_uncalibrate
 def test_compare_applies_each_methods_profile_in_one_vision_pass(detector, dataset):
     image = load_dataset("mvtec", dataset, categories=["wood"])[-1].image_path
     profiles = detector.build_profiles(detector.method_names, "wood", train_good(dataset, "wood"))
+    assert len({id(profile.memory) for profile in profiles.values()}) == 1  # same layers: one memory for all methods
     compared = detector.compare(image, "wood", profiles=profiles)
     for method, result in compared.items():
         alone = detector.detect(image, "wood", method=method, profile=profiles[method])

@@ -334,9 +334,10 @@ class AnomalyDetector:
             for size, layers in self._layers_by_image_size(methods).items():
                 encoded_normal = self._encode_batches(normal, size, layers, batch_size, bar)
                 encoded_defective = self._encode_batches(defective, size, layers, batch_size, bar)
+                memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
                 for method in (m for m in methods if self.model(m).config.image_size == size):
                     profiles[method] = self._profile(method, name, encoded_normal, encoded_defective, defective_masks,
-                                                     quantile, margin, fusion_weight)
+                                                     quantile, margin, fusion_weight, memories)
         return profiles
 
     def _encode_batches(self, pictures: list[Image.Image], size: int, layers: list[int], batch_size: int, bar) -> list[ImageFeatures]:
@@ -347,10 +348,13 @@ class AnomalyDetector:
         return batches
 
     def _profile(self, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
-                 quantile: float, margin: float, fusion_weight: float) -> ProductProfile:
+                 quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
         model = self.model(method)
         normal = [batch.select(model.config.feature_layers) for batch in normal]
-        memory = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
+        layers = tuple(model.config.feature_layers)
+        if layers not in memories:
+            memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
+        memory = memories[layers]
         profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
                                  model.config.base_model_revision, fusion_weight)
         if memory.num_images < 2:
