@@ -17,8 +17,9 @@ from zsad.data import load_dataset, read_mask
 from zsad.data.synthetic import generate
 from zsad.evaluation import add_arguments, evaluate_few_shot, run
 from zsad.inference import AnomalyDetector
-from zsad.metrics import ThresholdCurve, image_metrics, pixel_metrics
+from zsad.metrics import image_metrics, pixel_metrics
 from zsad.modeling.clip_backbone import ImageFeatures
+from zsad.profile import calibrate
 from zsad.references import ReferenceMemory, nearest_similarity
 from zsad.testing import save_tiny_clip
 
@@ -134,16 +135,18 @@ def test_labelled_calibration_reaches_f1_max_on_the_calibration_images(detector,
     assert detections[0].summary()["calibration"] == calibration.describe()
 
 
-def test_pixel_threshold_with_masks_is_the_pixel_f1_max_threshold():
+def test_the_pixel_threshold_with_masks_is_the_pixel_f1_max_threshold():
     rng = np.random.default_rng(0)
     masks = [rng.random((6, 6)) > 0.7 for _ in range(3)]
-    maps = [(m * 0.4 + rng.random((6, 6)) * 0.6).astype(np.float16) for m in masks]
-    threshold = ThresholdCurve.from_maps(masks, maps).f1_max_threshold()
-    flat_masks, flat_maps = np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps])
-    predicted = flat_maps >= threshold
+    maps = [(m * 0.4 + rng.random((6, 6)) * 0.6).astype(np.float32) for m in masks]
+    good_maps = [rng.random((6, 6)).astype(np.float32) * 0.5 for _ in range(2)]
+    calibration = calibrate([0.1, 0.2], good_maps, [0.3, 0.9, 0.8], maps, masks)
+    flat_masks = np.concatenate([np.zeros(72, bool)] + [m.ravel() for m in masks])
+    flat_maps = np.concatenate([m.ravel() for m in good_maps + maps])
+    predicted = flat_maps >= calibration.pixel_threshold
     f1 = 2 * np.sum(predicted & flat_masks) / (predicted.sum() + flat_masks.sum())
-    assert f1 == pytest.approx(pixel_metrics(masks, maps)["pixel_f1_max"], abs=1e-12)
-    assert threshold in set(flat_maps.astype(np.float64).tolist())
+    assert f1 == pytest.approx(pixel_metrics([np.zeros((6, 6), bool)] * 2 + masks, good_maps + maps)["pixel_f1_max"], abs=1e-9)
+    assert calibration.pixel_threshold in set(flat_maps.tolist()) and calibration.image_threshold == pytest.approx(0.3)  # every defective, no good
 
 
 def test_without_a_profile_nothing_changes_and_one_reference_is_used_uncalibrated(detector, dataset):

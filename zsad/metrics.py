@@ -98,11 +98,8 @@ def pixel_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_f
 class ThresholdCurve:
     """Cumulative counts at every distinct score, from the highest score down (threshold = score >= t)."""
 
-    def __init__(self, negative_hist: np.ndarray, positive_hist: np.ndarray, pro_hist: np.ndarray, num_regions: int,
-                 key_values: np.ndarray | None = None):
+    def __init__(self, negative_hist: np.ndarray, positive_hist: np.ndarray, pro_hist: np.ndarray, num_regions: int):
         used = (negative_hist + positive_hist) > 0
-        # The score of each point, when the keys' values are known (for thresholds).
-        self.thresholds = key_values[used][::-1] if key_values is not None else None
         self.fp = np.cumsum(negative_hist[used][::-1])
         self.tp = np.cumsum(positive_hist[used][::-1])
         self.pro = np.cumsum(pro_hist[used][::-1]) / max(num_regions, 1)
@@ -111,8 +108,7 @@ class ThresholdCurve:
 
     @classmethod
     def from_maps(cls, masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> "ThresholdCurve":
-        keys, key_values = _ordinal_keys(maps)
-        num_keys = key_values.size
+        keys, num_keys = _ordinal_keys(maps)
         negative = np.zeros(num_keys, dtype=np.int64)
         positive = np.zeros(num_keys, dtype=np.int64)
         pro = np.zeros(num_keys, dtype=np.float64)
@@ -128,7 +124,7 @@ class ThresholdCurve:
                 weights = 1.0 / np.bincount(region_of_pixel)[region_of_pixel]
                 pro += np.bincount(key[mask], weights=weights, minlength=num_keys)
                 num_regions += count
-        return cls(negative, positive, pro, num_regions, key_values)
+        return cls(negative, positive, pro, num_regions)
 
     def curves(self) -> Curves | None:
         """ROC and precision-recall points at every distinct score (exact); None if only one class."""
@@ -149,11 +145,6 @@ class ThresholdCurve:
     def f1_max(self) -> float:
         return _f1_max(self._precision(), self.tp / self.positives)
 
-    def f1_max_threshold(self) -> float:
-        """The score at which "map >= score" has the largest pixel F1."""
-        f1 = 2 * self.tp / np.maximum(self.tp + self.fp + self.positives, 1)  # = 2PR / (P + R)
-        return float(self.thresholds[int(np.argmax(f1))])
-
     def aupro(self, max_fpr: float = AUPRO_MAX_FPR) -> float:
         """Area under PRO(FPR) from 0 to ``max_fpr`` (PRO linearly interpolated there), divided by ``max_fpr``."""
         fpr, pro = _with_origin(self.fp / self.negatives), _with_origin(self.pro)
@@ -172,28 +163,21 @@ class ThresholdCurve:
         return self.tp / np.maximum(self.tp + self.fp, 1)
 
 
-def _ordinal_keys(maps: Sequence[np.ndarray]) -> tuple[Iterable[np.ndarray], np.ndarray]:
-    """Integer keys per map, ordered like the scores (equal scores, equal keys), and the score of each key.
+def _ordinal_keys(maps: Sequence[np.ndarray]) -> tuple[Iterable[np.ndarray], int]:
+    """Integer keys per map, ordered like the scores (equal scores, equal keys), and the number of keys.
     float16 keys are made one map at a time (lazily), so only one map's keys exist at once."""
     if all(np.asarray(m).dtype == np.float16 for m in maps):
-        return (_float16_key(np.asarray(m)) for m in maps), _float16_key_values()
+        return (_float16_key(np.asarray(m)) for m in maps), FLOAT16_KEYS
     flat = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
     values, inverse = np.unique(flat, return_inverse=True)
     bounds = np.cumsum([np.size(m) for m in maps])[:-1]
-    return [part.reshape(np.shape(m)) for part, m in zip(np.split(inverse, bounds), maps)], values
+    return [part.reshape(np.shape(m)) for part, m in zip(np.split(inverse, bounds), maps)], values.size
 
 
 def _float16_key(scores: np.ndarray) -> np.ndarray:
     """Monotone map of float16 values to 0..65535 via the bit pattern (IEEE sign-magnitude order)."""
     bits = (scores + np.float16(0)).view(np.uint16)  # + 0 turns -0 into +0, so the two zeros share a key
     return np.where(bits & 0x8000, ~bits, bits | 0x8000).astype(np.int32)
-
-
-def _float16_key_values() -> np.ndarray:
-    """The float16 value of every key of ``_float16_key`` (its inverse; NaN bit patterns included)."""
-    keys = np.arange(FLOAT16_KEYS, dtype=np.uint32)
-    bits = np.where(keys & 0x8000, keys & 0x7FFF, 0xFFFF - keys).astype(np.uint16)
-    return bits.view(np.float16).astype(np.float64)
 
 
 def _with_origin(values: np.ndarray) -> np.ndarray:

@@ -92,8 +92,9 @@ def good_quantile_threshold(values, quantile: float, margin: float) -> float:
     return float(min(1.0, np.quantile(np.asarray(values, dtype=np.float64), quantile) + margin))
 
 
-def image_f1_threshold(labels, scores) -> float:
-    """The image threshold at which "score >= threshold" has the largest F1 against the 0/1 labels."""
+def f1_max_threshold(labels, scores) -> float:
+    """The threshold at which "score >= threshold" has the largest F1 against the 0/1 labels (images, or pixels
+    flattened), from scikit-learn's exact precision-recall curve (every distinct score is a threshold)."""
     from sklearn.metrics import precision_recall_curve  # calibration only: the serving path does without scikit-learn
 
     precision, recall, thresholds = precision_recall_curve(np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64))
@@ -114,14 +115,11 @@ def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), ma
     pixel_threshold = good_quantile_threshold([float(m.max()) for m in good_maps], quantile, margin)
     rule = "good quantile"
     if defective_scores:
-        image_threshold = image_f1_threshold([0] * len(good_scores) + [1] * len(defective_scores), good_scores + defective_scores)
+        image_threshold = f1_max_threshold([0] * len(good_scores) + [1] * len(defective_scores), good_scores + defective_scores)
         rule = "F1-max"
         if masks is not None:
-            from .metrics import ThresholdCurve  # imports scikit-learn, which the serving path does without
-
-            empty = [np.zeros(m.shape, dtype=bool) for m in good_maps]
-            maps = [np.asarray(m, dtype=np.float16) for m in [*good_maps, *defective_maps]]
-            pixel_threshold = ThresholdCurve.from_maps(empty + list(masks), maps).f1_max_threshold()
+            pixels = np.concatenate([np.zeros(m.size, dtype=bool) for m in good_maps] + [np.ravel(m) for m in masks])
+            pixel_threshold = f1_max_threshold(pixels, np.concatenate([np.ravel(m) for m in [*good_maps, *defective_maps]]))
     return Calibration(image_threshold, pixel_threshold, rule, good_scores, defective_scores, quantile, margin,
                        reference_mean_distance)
 
