@@ -14,6 +14,8 @@ Host and port follow Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`
 import argparse
 import base64
 import csv
+import functools
+import hashlib
 import io
 import itertools
 import json
@@ -42,8 +44,10 @@ from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_
 from zsad.loading import PRECISIONS, resolve_precision
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
+from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.modeling.prompting import clean_class_name
+from zsad.profile import ProductProfile
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
@@ -53,6 +57,12 @@ QUEUE_SIZE = 16
 CONCURRENCY_LIMIT = 1
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)", "seconds", "details"]
+# Reference images per request: each adds its patch features at every tapped layer to the memory (about 11 MB at
+# 518 px in bfloat16, 22 MB in float32) and to the nearest-neighbour search.
+MAX_REFERENCES = 16
+# Profiles kept for the sets of references seen last (16 references at 518 px in bfloat16: 180 MB per set, shared by
+# the methods).
+PROFILE_CACHE_SIZE = 2
 
 
 # ----- configuration --------------------------------------------------------------------------------
@@ -142,30 +152,83 @@ def image_source(payload):
     return payload
 
 
-def make_handler(detector: AnomalyDetector):
-    """``detect(image, class_name, method, threshold)`` -> (before/after pair, mask, score, report, table, gallery);
-    the gallery (every method's overlay and mask) is filled in compare mode only.
+class ReferenceProfiles:
+    """Product profiles built from uploaded reference images, once per set of references: keyed on the files'
+    contents, the method (or compare) and the class name, the last ``PROFILE_CACHE_SIZE`` kept."""
 
-    Every error a user can cause comes back as ``gr.Error`` with zsad's message; the app keeps serving.
+    def __init__(self, detector: AnomalyDetector, size: int = PROFILE_CACHE_SIZE):
+        self.detector = detector
+        self._cache = LRUCache(size)
+        self.builds = 0
+
+    def get(self, payloads, class_name: str, method: str) -> dict[str, ProductProfile]:
+        """{method: profile} for the uploaded references (every method in compare mode); {} without references."""
+        sources = [image_source(payload) for payload in payloads or []]
+        if not sources:
+            return {}
+        if len(sources) > MAX_REFERENCES:
+            raise ZSADError(f"{len(sources)} reference images were given; at most {MAX_REFERENCES} are used (each adds to memory "
+                            f"and time). Pick up to {MAX_REFERENCES} typical good parts.")
+        contents = [reference_bytes(source) for source in sources]
+        key = (tuple(hashlib.sha256(data).hexdigest() for data in contents), method, clean_class_name(class_name))
+        return self._cache.get(key, lambda: self._build(contents, class_name, method))
+
+    def _build(self, contents: list[bytes], class_name: str, method: str) -> dict[str, ProductProfile]:
+        pictures = []
+        for number, data in enumerate(contents, start=1):
+            try:
+                pictures.append(zsad.images.load_image(data))
+            except ZSADError as error:
+                raise ZSADError(f"Reference image {number}: {error}") from error
+        methods = self.detector.method_names if method == COMPARE else [method]
+        self.builds += 1
+        return self.detector.build_profiles(methods, class_name, pictures)
+
+
+def reference_bytes(source) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    try:
+        return Path(source).read_bytes()
+    except (OSError, TypeError) as error:
+        raise ZSADError(f"A reference image could not be read ({error}); upload it again.") from error
+
+
+def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None):
+    """``detect(image, class_name, method, threshold, references, slider)`` -> (before/after pair, mask, score, report,
+    table, gallery, slider); the gallery (every method's overlay and mask) is filled in compare mode only.
+
+    With reference images, their profile (built once per set) adds the reference map and calibrated thresholds.
+    ``slider`` is ``{"value": what the app last put on the threshold slider, "move": whether to put it there now}``:
+    while the slider still shows that value the calibrated thresholds apply (and the slider moves to the calibrated
+    value), once the user moves it the slider's own value does. Every error a user can cause comes back as
+    ``gr.Error`` with zsad's message; the app keeps serving.
     """
+    profiles = profiles or ReferenceProfiles(detector)
 
-    def detect(image, class_name, method, threshold):
+    def detect(image, class_name, method, threshold, references=None, slider=None):
+        slider_set = (slider or {}).get("value", DEFAULT_THRESHOLD)
         try:
             picture = zsad.images.load_image(image_source(image))
+            by_method = profiles.get(references, class_name, method)
+            chosen = None if by_method and abs(threshold - slider_set) < 0.005 else threshold
             if method == COMPARE:
-                results = list(detector.compare(picture, class_name, threshold=threshold).values())
+                results = list(detector.compare(picture, class_name, threshold=chosen, profiles=by_method).values())
             else:
-                results = [detector.detect(picture, class_name, method=method, threshold=threshold)]
+                results = [detector.detect(picture, class_name, method=method, threshold=chosen, profile=by_method.get(method))]
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
         first = results[0]
+        calibration = by_method[first.method].calibration if by_method else None
         return (
             (picture, first.overlay),
             first.mask_image(),
             round(first.score, 4),
-            report(results),
+            report(results, by_method),
             [table_row(result) for result in results],
             gallery(results) if method == COMPARE else [],
+            {"value": round(calibration.image_threshold, 2), "move": True} if calibration and chosen is None
+            else {"value": slider_set, "move": False},
         )
 
     return detect
@@ -211,26 +274,43 @@ class ImageFiles:
 def serving_files(handler, files: ImageFiles):
     """``handler`` for Gradio: the same outputs, with images as files (see ``ImageFiles``)."""
 
+    @functools.wraps(handler)  # Gradio reads the parameters (and which are optional) from the handler's signature
     def detect(*inputs):
         return files.replace_images(handler(*inputs), files.new_folder())
 
     return detect
 
 
-def report(results: list[Detection]) -> str:
-    """Markdown: the verdict of each method, its status, details and time."""
+def report(results: list[Detection], profiles: dict[str, ProductProfile] | None = None) -> str:
+    """Markdown: the verdict of each method, its status, thresholds and where they come from, details and time."""
     lines = []
     for result in results:
         lines.append(
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
             f"score {result.score:.3f} (threshold {result.threshold:.2f})"
         )
+        lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
+        if result.note:
+            lines.append(f"- ⚠️ {result.note}")
         if isinstance(result.details, GenCLIPImageDetails):
             lines.append(f"- {class_name_filter_decision(result.details.class_name)}")
         lines.extend(f"- {key}: `{json.dumps(value)}`" for key, value in result.details_dict().items())
     total = sum(result.seconds for result in results)
     lines.append(f"\nClass name used: “{results[0].class_name}” · request took {total:.2f} s")
     return "\n".join(lines)
+
+
+def reference_line(result: Detection, profile: ProductProfile | None) -> str:
+    """Where the verdict's thresholds come from, e.g. "4 reference images of good parts; calibrated on 4 good images:
+    image threshold 0.63, pixel threshold 0.66"."""
+    if profile is None:
+        return f"No reference images (zero-shot); {result.calibration}"
+    line = f"{profile.num_references} reference image{'s' if profile.num_references != 1 else ''} of good parts; {result.calibration}"
+    if profile.calibration is None:
+        return line + " (calibration needs at least two reference images)"
+    calibration = profile.calibration
+    return (f"{line}: image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
+            f"(leave-one-out false-alarm rate {calibration.false_alarm_rate():.0%})")
 
 
 def class_name_filter_decision(choice: ClassNameChoice) -> str:
@@ -258,7 +338,7 @@ def gallery(results: list[Detection]) -> list:
     for result in results:
         name = display_name(result.method)
         items.append((result.overlay, f"{name}: {result.score:.3f} {result.verdict}"))
-        items.append((result.mask_image(), f"{name}: mask at {result.threshold:.2f}"))
+        items.append((result.mask_image(), f"{name}: mask at {result.mask_threshold:.2f}"))
     return items
 
 
@@ -580,7 +660,10 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
                     image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="input-image")
                     class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="class-name")
                     method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="method")
-                    threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
+                    threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)",
+                                          elem_id="threshold")
+                    references = gr.File(label=f"Reference images of good parts (optional, up to {MAX_REFERENCES}): calibrated "
+                                         "thresholds and a reference map", file_count="multiple", type="filepath", elem_id="references")
                     run = gr.Button("Detect", variant="primary", elem_id="run")
                 with gr.Column():
                     overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
@@ -592,17 +675,24 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
             rows = example_rows()
             if rows:
                 gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
+            # The threshold the app last put on the slider: while the slider shows it, calibrated thresholds apply.
+            slider = gr.State({"value": DEFAULT_THRESHOLD, "move": False})
             # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
             run.click(
                 serving_files(taking_turns(make_handler(detector), turns), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
-                inputs=[image, class_name, method, threshold],
-                outputs=[overlay, mask, score, verdict, table, views],
+                inputs=[image, class_name, method, threshold, references, slider],
+                outputs=[overlay, mask, score, verdict, table, views, slider],
                 api_name="detect",
                 preprocess=False,
-            )
+            ).then(slider_at_calibrated_value, inputs=[slider, threshold], outputs=threshold, api_name=False)
         with gr.Tab("Batch", id="batch"):
             batch_tab(detector, batch_caps, turns)
     return demo
+
+
+def slider_at_calibrated_value(slider: dict, current: float) -> float:
+    """The slider moves to the calibrated threshold after a calibrated result; otherwise it stays where it is."""
+    return slider["value"] if slider and slider.get("move") else current
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,7 +57,7 @@ def call_detect(client: Client, example, method: str = "baseline", threshold: fl
 def test_detect_returns_overlay_mask_and_score(server, example):
     url, _ = server
     client = Client(url, verbose=False)
-    before_after, mask, score, report, table, views = call_detect(client, example)
+    before_after, mask, score, report, table, views = call_detect(client, example)[:6]
     size = example[2]
     assert [Image.open(path).size for path in before_after] == [size, size]
     assert Image.open(mask).size == size and Image.open(mask).mode == "L"
@@ -215,3 +215,34 @@ def test_batch_zip_upload_and_the_count_cap(server, batch_files, tmp_path):
     assert [row[0] for row in table["data"]] == [f"lot-7/{path.name}" for path in batch_files[:3]]
     with pytest.raises(Exception, match=f"holds {BATCH_IMAGES + 1} images; the Space takes at most {BATCH_IMAGES} at a time"):
         client.predict([handle_file(path) for path in batch_files], "metal nut", "baseline", 0.5, api_name="/detect_batch")
+
+
+@pytest.fixture(scope="module")
+def good_parts(tmp_path_factory, example):
+    """Three good parts of the example's product (the synthetic generator's train/good images)."""
+    from zsad.data.synthetic import generate
+
+    category = example[1]
+    root = generate(tmp_path_factory.mktemp("good-parts"), categories=[category], num_good=0, num_defective=0, image_size=96,
+                    num_train_good=3)
+    return sorted(str(path) for path in (root / category / "train" / "good").glob("*.png"))
+
+
+def test_reference_images_calibrate_the_verdict_through_the_api(server, example, good_parts, tmp_path):
+    url, _ = server
+    client = Client(url, verbose=False)
+    path, class_name, _ = example
+    references = [handle_file(part) for part in good_parts]
+    outputs = client.predict(handle_file(path), class_name, "baseline", 0.5, references, api_name="/detect")
+    report = outputs[3]
+    assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in report
+    threshold = float(report.split("image threshold ")[1].split(",")[0])
+    assert f"(threshold {threshold:.2f})" in report  # the verdict used the calibrated threshold
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    with pytest.raises(Exception, match="Reference image 2: Not a readable image"):
+        client.predict(handle_file(path), class_name, "baseline", 0.5, [references[0], handle_file(str(not_an_image))],
+                       api_name="/detect")
+    with pytest.raises(Exception, match="at most 16 are used"):
+        client.predict(handle_file(path), class_name, "baseline", 0.5, references * 7, api_name="/detect")
+    assert "No reference images (zero-shot)" in call_detect(client, example)[3]  # still serving, references optional

@@ -96,3 +96,22 @@ def test_batch_tab_scores_every_file_and_offers_the_downloads(browser_page):
     assert rows[0][:3] == ["file", "score", "verdict"] and [row[0] for row in rows[1:]] == [Path(path).name for path in images]
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"\nscreenshot: {screenshot}")
+
+
+def test_two_reference_images_calibrate_the_result_and_the_slider(browser_page, tmp_path):
+    from zsad.data.synthetic import generate
+
+    image_path, class_name = app.example_rows()[0]
+    root = generate(tmp_path / "good", categories=[class_name], num_good=0, num_defective=0, image_size=96, num_train_good=2)
+    references = sorted(str(path) for path in (root / class_name / "train" / "good").glob("*.png"))
+    page = browser_page()
+    page.locator("#input-image input[type=file]").set_input_files(image_path)
+    page.locator("#class-name textarea").fill(class_name)
+    page.locator("#references input[type=file]").set_input_files(references)
+    expect(page.locator("#references tbody tr")).to_have_count(2)  # both uploaded
+    page.locator("#run").click()
+    report = page.locator("#report")
+    expect(report).to_contain_text("2 reference images of good parts; calibrated on 2 good images")
+    calibrated = report.inner_text().split("image threshold ")[1].split(",")[0]
+    slider = page.locator("#threshold input[type=number]")
+    expect(slider).to_have_value(f"{float(calibrated):.2f}".rstrip("0").rstrip("."))

@@ -30,6 +30,7 @@ else:
     from .modeling.modeling_stackclip import StackCLIPModel, StackCLIPOutput
     from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
     from .modeling.modeling_zsad_base import ZeroShotAnomalyOutput
+    from .profile import ProductProfile
 
 __all__ = [
     "METHODS",
@@ -37,6 +38,8 @@ __all__ = [
     "GenCLIPConfig",
     "GenCLIPModel",
     "GenCLIPOutput",
+    "ProductProfile",
+    "ProductProfile",
     "StackCLIPConfig",
     "StackCLIPModel",
     "StackCLIPOutput",

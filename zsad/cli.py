@@ -1,9 +1,10 @@
-"""The ``zsad`` command: ``zsad predict | export | evaluate | publish | dataset push | tiny-clip``."""
+"""The ``zsad`` command: ``zsad predict | calibrate | export | evaluate | publish | dataset push | tiny-clip``."""
 
 import argparse
 import sys
 
 from .errors import ZSADError
+from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
@@ -23,21 +24,31 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .inference import DEFAULT_THRESHOLD, AnomalyDetector
+    from .inference import AnomalyDetector
     from .predict import predict_files
+    from .profile import ProductProfile
 
+    if args.profile and args.reference:
+        raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
     if args.engine == "torch":
         if args.class_name is None:
             raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
         detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
-        class_name, threshold = args.class_name, DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        class_name, threshold = args.class_name, args.threshold
+        profile = ProductProfile.load(args.profile) if args.profile else None
+        if args.reference:
+            profile = detector.build_profile(None, class_name, args.reference, progress=True)
+            print(f"Profile: {profile.describe()}")
     else:
+        if args.profile or args.reference:
+            raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
         from .export import ExportedGraphPredictor
 
-        detector = ExportedGraphPredictor.load(args.model, args.engine)
+        detector, profile = ExportedGraphPredictor.load(args.model, args.engine), None
         class_name = detector.detector.resolve_class_name(args.class_name)
         threshold = detector.detector.threshold(class_name) if args.threshold is None else args.threshold
-    summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size)
+    summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size,
+                            profile=profile)
     failed = [record for record in summary["images"] if "error" in record]
     print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
     if failed:
@@ -50,6 +61,25 @@ def _export(args: argparse.Namespace) -> None:
     path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
                   profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
     print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with `zsad predict --engine {args.format} --model {args.out} IMAGE`")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from .inference import AnomalyDetector
+
+    if args.masks and not args.defective:
+        raise ZSADError("--masks needs --defective (the masks mark the defects in those images).")
+    detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
+    profile = detector.build_profile(None, args.class_name, args.normal, args.defective, args.masks, quantile=args.quantile,
+                                     margin=args.margin, fusion_weight=args.fusion_weight, progress=True)
+    profile.save(args.out)
+    print(f"Profile of '{profile.class_name}' for {profile.method}: {profile.describe()}")
+    calibration = profile.calibration
+    if calibration is None:
+        print("Thresholds: uncalibrated (0.5); give at least two good images to calibrate.")
+    else:
+        print(f"Thresholds ({calibration.rule}): image {calibration.image_threshold:.4f}, pixel {calibration.pixel_threshold:.4f}")
+        print(f"Leave-one-out false-alarm rate on the good images: {calibration.false_alarm_rate():.1%}")
+    print(f"Saved to {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -89,10 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="torch (default), or run an exported graph with ONNX Runtime / OpenVINO")
     predict.add_argument("--out", required=True, help="folder for <image>_overlay.png, <image>_mask.png and scores.json")
     predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
-    predict.add_argument("--threshold", type=float, help="for the masks and the verdicts (default 0.5, or an exported graph's own)")
+    predict.add_argument("--threshold", type=float,
+                         help="for the masks and the verdicts (default: a profile's calibrated thresholds, an exported graph's own, else 0.5)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
+    predict.add_argument("--profile", metavar="DIR", help="a product profile from `zsad calibrate` (references and thresholds)")
+    predict.add_argument("--reference", nargs="+", metavar="GOOD", help="images or folders of good parts: a profile built on the fly")
     predict.set_defaults(run=_predict)
+
+    calibrate = commands.add_parser("calibrate", help="a product profile: reference images of good parts and calibrated thresholds")
+    calibrate.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
+    calibrate.add_argument("--class-name", required=True, help="what the product is, e.g. 'metal nut'")
+    calibrate.add_argument("--normal", required=True, nargs="+", metavar="GOOD", help="images or folders of good parts (the references)")
+    calibrate.add_argument("--defective", nargs="+", metavar="BAD", help="images or folders of defective parts (F1-optimal thresholds)")
+    calibrate.add_argument("--masks", metavar="DIR", help="folder of defect masks named like the defective images (000.png or 000_mask.png)")
+    calibrate.add_argument("--out", required=True, help="folder for the profile (profile.json, memory.safetensors)")
+    calibrate.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
+                           help=f"good images only: thresholds at this quantile of the good scores (default {DEFAULT_QUANTILE}: the maximum)")
+    calibrate.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"added to that quantile (default {DEFAULT_MARGIN})")
+    calibrate.add_argument("--fusion-weight", type=float, default=DEFAULT_FUSION_WEIGHT,
+                           help=f"share of the reference map in the fused map and score (default {DEFAULT_FUSION_WEIGHT})")
+    calibrate.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
+    calibrate.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
+    calibrate.set_defaults(run=_calibrate)
 
     export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
     export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
@@ -100,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["onnx", "openvino"])
     export.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: the vision transformer's linear layers")
     export.add_argument("--out", required=True, help="folder for the graph and zsad_deploy.json")
-    export.add_argument("--profile", help="a product profile folder whose thresholds the graph carries (not available yet)")
+    export.add_argument("--profile", help="a product profile folder (refused for now: the graph does not carry its reference images)")
     export.add_argument("--threshold", type=float, default=0.5, help="the verdict/mask threshold stored with the graph (default 0.5)")
     export.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     export.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")

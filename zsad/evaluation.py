@@ -40,10 +40,13 @@ from .loading import PRECISIONS, load_backbone, load_model, resolve_precision
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.prompting import clean_class_name
-from .visualize import evaluation_figure
+from .profile import DEFAULT_FUSION_WEIGHT
+from .references import ReferenceMemory, apply_references
+from .visualize import evaluation_figure, few_shot_figure
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
 OUTPUT_NAMES = {"json": "evaluation.json", "markdown": "evaluation.md", "figure": "evaluation.png"}
+FEW_SHOT_FIGURE = "evaluation_shots.png"
 
 
 @dataclass
@@ -85,7 +88,8 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
     return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
 
 
-def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
+def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
+           fusion_weight: float = DEFAULT_FUSION_WEIGHT) -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
@@ -95,7 +99,10 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
             for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
-                output = model(pixel_values.to(accelerator.device), class_names=names)
+                features = model.encode_image(pixel_values.to(accelerator.device))
+                output = model(image_features=features, class_names=names)
+                if memory is not None:  # few-shot: fused with the reference images' map
+                    output = apply_references(memory, features, output.anomaly_map, output.image_score, fusion_weight, model.config)
                 maps = output.anomaly_map.float().cpu().numpy().astype(np.float16)
                 local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), output.image_score.float().cpu(), maps)]
     gathered = sorted(gather_object(local), key=lambda item: item[0]) if accelerator.num_processes > 1 else local
@@ -190,10 +197,13 @@ def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(report))
+    paths["markdown"].write_text(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
     notes = report.get("notes", {})
     pixel_note = "; ".join(f"{name}: {note}" for name, note in notes.items())
     evaluation_figure(example_rows(records), figure_curves(records), paths["figure"], notes={"Pixel": pixel_note} if notes else None)
+    if "few_shot" in report:
+        paths["few_shot_figure"] = out_dir / FEW_SHOT_FIGURE
+        few_shot_figure(report["mean"], report["few_shot"], paths["few_shot_figure"])
     return paths
 
 
@@ -233,6 +243,95 @@ def pixel_curves(records: list[Record]) -> Curves | None:
     return ThresholdCurve.from_maps(*masks_and_native_maps(records)).curves()
 
 
+def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, categories=None, clip: str | None = None,
+                      image_size: int | None = None, batch_size: int = 8, num_workers: int = 0,
+                      accelerator: Accelerator | None = None, precision: str = "float32") -> tuple[dict, list[Record]]:
+    """The zero-shot report of ``evaluate`` plus ``"few_shot"``: for each seed, ``shots`` reference images drawn per
+    category from its train/good split fuse their reference map with the model's (docs/METHODS.md, "Reference
+    images"); the metrics' mean and standard deviation over seeds, and each seed's report. Records are zero-shot."""
+    if shots < 1 or seeds < 1:
+        raise ZSADError(f"--shots and --seeds must be at least 1, got {shots} and {seeds}.")
+    pools = reference_pools(dataset, root, categories, shots)
+    accelerator = accelerator or Accelerator()
+    name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+    model = _load(model, clip, image_size, resolve_precision(precision)).to(accelerator.device)
+    report, records = evaluate(model, dataset, root, categories=categories, batch_size=batch_size, num_workers=num_workers,
+                               accelerator=accelerator)
+    per_seed = []
+    for seed in range(seeds):
+        seed_records = []
+        for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
+            pool = pools[category]
+            drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
+            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn))
+        if accelerator.is_main_process:
+            per_seed.append({"seed": seed, **category_report(seed_records)})
+    if not accelerator.is_main_process:
+        return {}, []
+    report["model"] = name
+    report["few_shot"] = {"shots": shots, "seeds": list(range(seeds)), **seed_statistics(per_seed), "per_seed": per_seed}
+    return report, records
+
+
+def reference_pools(dataset: str, root, categories, shots: int) -> dict[str, list[Sample]]:
+    """Each category's good training images, at least ``shots`` of them, or a ZSADError saying what is missing."""
+    try:
+        train = [sample for sample in load_dataset(dataset, root, categories=categories, split="train") if not sample.label]
+    except ZSADError as error:
+        raise ZSADError(f"Few-shot evaluation draws reference images from each category's train/good split, which this "
+                        f"'{dataset}' dataset does not have ({error}). Evaluate without --shots.") from error
+    pools = by_category_samples(train)
+    for category in by_category_samples(load_dataset(dataset, root, categories=categories)):
+        if len(pools.get(category, [])) < shots:
+            raise ZSADError(f"Category {category} has {len(pools.get(category, []))} good training images; --shots {shots} "
+                            "needs at least that many in its train/good split.")
+    return pools
+
+
+def by_category_samples(samples: list[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.category, []).append(sample)
+    return dict(sorted(groups.items()))
+
+
+def reference_memory(model, samples: list[Sample]) -> ReferenceMemory:
+    """The patch-feature memory of reference images, encoded in one batch."""
+    backbone = model.require_backbone()
+    dataset = ImageSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    pixel_values = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    with torch.inference_mode():
+        return ReferenceMemory.from_features(model.encode_image(pixel_values.to(backbone.device)))
+
+
+def seed_statistics(per_seed: list[dict]) -> dict:
+    """Mean and (population) standard deviation over seeds of the mean metrics and of each category's metrics."""
+    def stats(rows: list[dict]) -> tuple[dict, dict]:
+        values = {key: np.array([np.nan if row[key] is None else row[key] for row in rows], dtype=np.float64) for key in METRICS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return ({key: float(np.nanmean(v)) for key, v in values.items()}, {key: float(np.nanstd(v)) for key, v in values.items()})
+
+    mean, std = stats([report["mean"] for report in per_seed])
+    categories = {name: stats([report["categories"][name] for report in per_seed]) for name in per_seed[0]["categories"]}
+    return {"mean": _json_values(mean), "std": _json_values(std),
+            "categories": {name: {"mean": _json_values(m), "std": _json_values(s)} for name, (m, s) in categories.items()}}
+
+
+def few_shot_table(report: dict) -> str:
+    """Markdown: zero-shot and K-shot (mean ± std over seeds) per category and on average, in percent."""
+    few = report["few_shot"]
+    header = "| Category | setting | " + " | ".join(metric_name(key, short=True) for key in METRICS) + " |"
+    lines = [f"## {few['shots']}-shot, {len(few['seeds'])} seeds (mean ± std) against zero-shot", "", header,
+             "|---|---|" + "---:|" * len(METRICS)]
+    rows = [(name, report["categories"][name], few["categories"][name]) for name in few["categories"]]
+    for name, zero, shot in rows + [("**mean**", report["mean"], {"mean": few["mean"], "std": few["std"]})]:
+        lines.append(_row(f"{name} | zero-shot", zero))
+        cells = ["—" if shot["mean"][key] is None else f"{100 * shot['mean'][key]:.1f} ± {100 * shot['std'][key]:.1f}" for key in METRICS]
+        lines.append(f"| {name} | {few['shots']}-shot | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def add_arguments(parser) -> None:
     """The evaluation options, shared by ``zsad evaluate`` and ``train/evaluate.py``."""
     parser.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
@@ -254,18 +353,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers")
+    parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std")
 
 
 def run(args) -> dict[str, Path] | None:
     """Evaluate from parsed ``add_arguments`` options; the main process writes and returns the output paths."""
     with process_group_closed_at_end(Accelerator()) as accelerator:
-        report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
-                                   image_size=args.image_size, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision,
-                                   normal_dirs=args.normal_dirs, columns={role: getattr(args, f"{role}_column") for role in COLUMNS})
+        options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
+                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision)
+        if args.shots:
+            report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
+        else:
+            report, records = evaluate(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
+                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, **options)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)
-    print(markdown_table(report))
+    print(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
     print("Wrote " + ", ".join(str(path) for path in paths.values()))
     return paths

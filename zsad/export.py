@@ -171,12 +171,15 @@ def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
 
 
 def profile_thresholds(profile: str | Path | None, class_names: list[str], threshold: float) -> dict:
-    """{name: {"image": t, "pixel": t, "source": ...}}. Product profiles (calibrated per-name thresholds) are not
-    part of zsad yet; when they are, their thresholds fill this mapping and ``source`` names the profile."""
+    """{name: {"image": t, "pixel": t, "source": ...}}. A product profile's calibrated thresholds belong to maps fused
+    with its reference images, which the graph does not compute yet, so profiles are refused rather than exported
+    with thresholds that would not fit the graph's maps."""
     if profile is not None:
         raise ZSADError(
-            f"Product profiles are not available in this zsad version, so '{profile}' cannot be read; export without "
-            "--profile and set the threshold with --threshold (it is stored in zsad_deploy.json and can be edited there)."
+            f"Exporting the product profile '{profile}' is not supported yet: its calibrated thresholds belong to maps "
+            "fused with its reference images, and the exported graph does not carry the reference memory. Export "
+            "without --profile and set --threshold (stored in zsad_deploy.json, editable there), or run the profile "
+            "with `zsad predict --profile`."
         )
     return {name: {"image": threshold, "pixel": threshold, "source": "--threshold"} for name in class_names}
 
@@ -262,7 +265,8 @@ class ExportedGraphPredictor:
     def status(self, method: str) -> str:
         return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
 
-    def detect_batch(self, images, class_names, method=None, threshold: float | None = None) -> list[Detection]:
+    def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None) -> list[Detection]:
+        """``profile`` must be None: an exported graph carries its own thresholds."""
         names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
         detections = []
         for image, name in zip(images, names):

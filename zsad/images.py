@@ -6,9 +6,25 @@ The implementation lives in ``zsad/modeling/image_processing_zsad.py``: the pipe
 reads images with the same code. Importing it does not import torch (``zsad.deploy`` uses it without torch).
 """
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from .modeling.image_processing_zsad import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, load_image, normalised_pixels, to_pixel_values
 
 # The file suffixes zsad reads as images, everywhere (folders given to predict, dataset readers).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "load_image", "normalised_pixels", "to_pixel_values"]
+
+
+def image_files(sources: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
+    files = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(source)
+    return files
+
+
+__all__ = ["IMAGE_SUFFIXES", "image_files", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "load_image", "normalised_pixels", "to_pixel_values"]

@@ -9,6 +9,9 @@ One frozen CLIP backbone is loaded once and shared by every method model the det
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
 >>> result.overlay.save("part_overlay.png")
 >>> results = detector.compare("part.png", "metal nut")      # every method on the same image
+>>> profile = detector.build_profile("stackclip", "metal nut", "good_parts/")   # reference images, calibration
+>>> detector.detect("part.png", "metal nut", method="stackclip", profile=profile).summary()["calibration"]
+'calibrated on 8 good images'
 ```
 """
 
@@ -16,16 +19,19 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import BackboneLoadError, ZSADError
+from .images import image_files
 from .loading import checkpoint_method, load_method, shared_backbone
 from .methods import METHODS, status
-from .modeling.clip_backbone import CLIPBackbone
+from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.image_processing_zsad import (
     DEFAULT_THRESHOLD,
     check_threshold,
@@ -37,6 +43,8 @@ from .modeling.image_processing_zsad import (
 )
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
+from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, uncalibrated_description
+from .references import ReferenceMemory, ReferenceScores, apply_references, single_image
 from .visualize import overlay_heatmap
 
 __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_threshold"]
@@ -50,14 +58,19 @@ class Detection:
         method: the method name the detector holds the model under.
         status: "trained", "untrained" (a method at its training-free start) or "training-free" (the baseline).
         class_name: the cleaned class name the prompts used.
-        score: image anomaly score in [0, 1].
-        threshold: the threshold for both the pixel mask and the verdict.
+        score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
+        threshold: the verdict's threshold (and the mask's, unless ``pixel_threshold`` is set).
         anomaly_map: (H, W) float32 map in [0, 1] at the original image's size.
-        mask: (H, W) bool, ``anomaly_map >= threshold``.
+        mask: (H, W) bool, ``anomaly_map >= pixel_threshold``.
         overlay: the heat map blended over the (upright, RGB) image.
         details: the method's own parts for this image, a dataclass (``StackCLIPImageDetails``,
             ``GenCLIPImageDetails`` with its class-name-filter decision) or None (the baseline).
         seconds: wall time of this detection, preprocessing and post-processing included.
+        pixel_threshold: the mask's threshold when it differs from the verdict's (a calibrated profile); else None.
+        calibration: where the thresholds come from: "calibrated on N good (+ M defective) images" or
+            "uncalibrated (threshold 0.5)".
+        references: how many reference images of good parts were used (0: zero-shot).
+        note: a warning about this image, e.g. that it does not look like the reference images.
     """
 
     method: str
@@ -70,6 +83,10 @@ class Detection:
     overlay: Image.Image
     details: Any = None
     seconds: float = 0.0
+    pixel_threshold: float | None = None
+    calibration: str = uncalibrated_description(DEFAULT_THRESHOLD)
+    references: int = 0
+    note: str | None = None
 
     @property
     def is_anomalous(self) -> bool:
@@ -78,6 +95,10 @@ class Detection:
     @property
     def verdict(self) -> str:
         return verdict(self.score, self.threshold)
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
 
     def mask_image(self) -> Image.Image:
         """The binary mask as a black/white 8-bit image."""
@@ -92,6 +113,10 @@ class Detection:
             "score": self.score,
             "verdict": self.verdict,
             "threshold": self.threshold,
+            "pixel_threshold": self.mask_threshold,
+            "calibration": self.calibration,
+            "references": self.references,
+            "note": self.note,
             "anomalous_pixel_fraction": float(self.mask.mean()),
             "details": self.details_dict(),
             "seconds": self.seconds,
@@ -176,40 +201,49 @@ class AnomalyDetector:
             raise ZSADError(f"Unknown method '{method}'; this detector holds {self.method_names}.")
         return self.models[method]
 
-    def detect(self, image, class_name: str, method: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> Detection:
-        """Score one image (path, bytes, PIL image or array) of a product called ``class_name``."""
-        return self.detect_batch([image], class_name, method=method, threshold=threshold)[0]
+    def detect(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
+               profile: ProductProfile | None = None) -> Detection:
+        """Score one image (path, bytes, PIL image or array) of a product called ``class_name``.
 
-    def compare(self, image, class_name: str, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Detection]:
+        ``profile`` (from ``build_profile`` or ``ProductProfile.load``) adds its reference images and, unless a
+        ``threshold`` is given, its calibrated thresholds; without either the threshold is 0.5.
+        """
+        return self.detect_batch([image], class_name, method=method, threshold=threshold, profile=profile)[0]
+
+    def compare(self, image, class_name: str, threshold: float | None = None,
+                profiles: Mapping[str, ProductProfile] | None = None) -> dict[str, Detection]:
         """Every held method on the same image: read once, one vision pass per input size (with every layer any
-        of those methods taps), passed to each model as ``image_features``."""
+        of those methods taps), passed to each model as ``image_features``; ``profiles`` by method name."""
         started = time.perf_counter()
         picture = load_image(image)
-        check_threshold(threshold)
+        check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {}
-        for size, layers in self._layers_by_image_size().items():
-            pixel_values = to_pixel_values([picture], size, self.backbone.image_mean, self.backbone.image_std)
-            with torch.inference_mode():
-                shared[size] = self.backbone.encode_image(pixel_values, layers)
+        shared = {size: self._encode([picture], size, layers) for size, layers in self._layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
             results[method] = self._detect_on_features(method, shared[model.config.image_size], [picture], [name], threshold,
-                                                       time.perf_counter())[0]
+                                                       time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))
         first.seconds += shared_seconds
         return results
 
-    def _layers_by_image_size(self) -> dict[int, list[int]]:
+    def _encode(self, pictures: list[Image.Image], size: int, layers: list[int]) -> ImageFeatures:
+        pixel_values = to_pixel_values(pictures, size, self.backbone.image_mean, self.backbone.image_std)
+        with torch.inference_mode():
+            return self.backbone.encode_image(pixel_values, layers)
+
+    def _layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, list[int]]:
         layers: dict[int, set[int]] = {}
-        for model in self.models.values():
-            layers.setdefault(model.config.image_size, set()).update(model.config.feature_layers)
+        for method in methods or self.method_names:
+            config = self.model(method).config
+            layers.setdefault(config.image_size, set()).update(config.feature_layers)
         return {size: sorted(tapped) for size, tapped in layers.items()}
 
     def detect_batch(
-        self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float = DEFAULT_THRESHOLD
+        self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
+        profile: ProductProfile | None = None,
     ) -> list[Detection]:
         """One forward pass for a batch of images; ``class_names`` is one name for all or one per image.
 
@@ -218,7 +252,7 @@ class AnomalyDetector:
         started = time.perf_counter()
         method = self._resolve_method(method)
         model = self.model(method)
-        check_threshold(threshold)
+        check_optional_threshold(threshold)
         pictures = [load_image(image) for image in images]
         if not pictures:
             raise ZSADError("No images were given.")
@@ -229,31 +263,132 @@ class AnomalyDetector:
         pixel_values = to_pixel_values(pictures, model.config.image_size, self.backbone.image_mean, self.backbone.image_std)
         with torch.inference_mode():
             features = model.encode_image(pixel_values)
-        return self._detect_on_features(method, features, pictures, names, threshold, started)
+        return self._detect_on_features(method, features, pictures, names, threshold, started, profile)
 
-    def _detect_on_features(self, method: str, features, pictures: list[Image.Image], names: list[str], threshold: float,
-                            started: float) -> list[Detection]:
-        """The model's heads on an encoded batch, then maps, masks and overlays at each image's own size."""
+    def _detect_on_features(self, method: str, features, pictures: list[Image.Image], names: list[str], threshold: float | None,
+                            started: float, profile: ProductProfile | None = None) -> list[Detection]:
+        """The model's heads on an encoded batch (fused with the profile's references), then maps, masks and overlays
+        at each image's own size."""
         model = self.model(method)
+        for name in sorted(set(names)) if profile else ():
+            profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
             output = model(image_features=features, class_names=names)
-            maps = [resize_map(output.anomaly_map[i], picture.size) for i, picture in enumerate(pictures)]
+            fused = self._with_references(model, profile, features, output.anomaly_map, output.image_score) if profile else None
+            anomaly_maps, scores = (fused.anomaly_map, fused.image_score) if fused else (output.anomaly_map, output.image_score)
+            maps = [resize_map(anomaly_maps[i], picture.size) for i, picture in enumerate(pictures)]
+        image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
         seconds = (time.perf_counter() - started) / len(pictures)
         return [
             Detection(
                 method=method,
                 status=status(model),
                 class_name=names[i],
-                score=float(output.image_score[i]),
-                threshold=float(threshold),
+                score=float(scores[i]),
+                threshold=image_threshold,
                 anomaly_map=maps[i],
-                mask=maps[i] >= threshold,
+                mask=maps[i] >= pixel_threshold,
                 overlay=overlay_heatmap(pictures[i], maps[i]),
                 details=output.image_details(i),
                 seconds=seconds,
+                pixel_threshold=pixel_threshold if pixel_threshold != image_threshold else None,
+                calibration=calibration,
+                references=profile.num_references if profile else 0,
+                note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None,
             )
             for i in range(len(pictures))
         ]
+
+    def _with_references(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
+                         anomaly_map: torch.Tensor, image_score: torch.Tensor, memory: ReferenceMemory | None = None
+                         ) -> ReferenceScores:
+        """Maps and scores fused with the profile's references (or with ``memory``, e.g. one left out)."""
+        memory = memory or profile.memory
+        return apply_references(memory, features.select(memory.layers), anomaly_map, image_score, profile.fusion_weight, model.config)
+
+    # ----- product profiles -----------------------------------------------------------------------------
+
+    def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
+                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
+                      fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+        """A ``ProductProfile`` of ``method`` for the product ``class_name`` from images of good parts (paths, PIL images,
+        arrays or folders; K >= 1) and, optionally, of defective parts with their masks (a folder matched by file name,
+        ``000.png`` <- ``000.png`` or ``000_mask.png``, or one mask per defective image in order).
+
+        The good images are the references; each is scored against the others (leave-one-out, K >= 2) to calibrate
+        the thresholds: ``quantile`` of the good scores plus ``margin`` with good images only, F1-max with defective
+        images. ``fusion_weight`` is the reference map's share in the fused map and score.
+        """
+        method = self._resolve_method(method)
+        return self.build_profiles([method], class_name, normal_images, defective_images, masks, quantile=quantile, margin=margin,
+                                   fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)[method]
+
+    def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
+                       quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
+                       fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8,
+                       progress: bool = False) -> dict[str, ProductProfile]:
+        """``build_profile`` for several methods, encoding each image once per input size (as ``compare`` does)."""
+        check_quantile(quantile, margin)
+        if not 0.0 <= fusion_weight <= 1.0:
+            raise ZSADError(f"The fusion weight must be between 0 and 1, got {fusion_weight}.")
+        name = clean_class_name(class_name)
+        normal = read_images(normal_images, "good")
+        defective = read_images(defective_images, "defective") if defective_images is not None else []
+        defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
+        profiles = {}
+        with tqdm(total=len(normal) + len(defective), unit="image", desc="zsad calibrate", disable=not progress) as bar:
+            for size, layers in self._layers_by_image_size(methods).items():
+                encoded_normal = self._encode_batches(normal, size, layers, batch_size, bar)
+                encoded_defective = self._encode_batches(defective, size, layers, batch_size, bar)
+                memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
+                for method in (m for m in methods if self.model(m).config.image_size == size):
+                    profiles[method] = self._profile(method, name, encoded_normal, encoded_defective, defective_masks,
+                                                     quantile, margin, fusion_weight, memories)
+        return profiles
+
+    def _encode_batches(self, pictures: list[Image.Image], size: int, layers: list[int], batch_size: int, bar) -> list[ImageFeatures]:
+        batches = []
+        for start in range(0, len(pictures), batch_size):
+            batches.append(self._encode(pictures[start:start + batch_size], size, layers))
+            bar.update(len(batches[-1].image_embeds))
+        return batches
+
+    def _profile(self, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
+                 quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
+        model = self.model(method)
+        normal = [batch.select(model.config.feature_layers) for batch in normal]
+        layers = tuple(model.config.feature_layers)
+        if layers not in memories:
+            memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
+        memory = memories[layers]
+        profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
+                                 model.config.base_model_revision, fusion_weight)
+        if memory.num_images < 2:
+            return profile
+        good = self._leave_one_out(model, profile, normal)
+        bad = [self._fused(model, profile, batch.select(model.config.feature_layers)) for batch in defective]
+        size = model.config.image_size
+        profile.calibration = calibrate(
+            [s for scores in good for s in scores.image_score.tolist()], _maps(good), [s for scores in bad for s in scores.image_score.tolist()],
+            _maps(bad), [_mask_at(mask, size) for mask in masks] if masks else None, quantile, margin,
+            reference_mean_distance=float(max(d for scores in good for d in scores.mean_distance.tolist())),
+        )
+        return profile
+
+    def _fused(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
+               memory: ReferenceMemory | None = None) -> ReferenceScores:
+        with torch.inference_mode():
+            output = model(image_features=features, class_names=[profile.class_name] * features.batch_size)
+            return self._with_references(model, profile, features, output.anomaly_map, output.image_score, memory)
+
+    def _leave_one_out(self, model: ZSADPreTrainedModel, profile: ProductProfile, batches: list[ImageFeatures]) -> list[ReferenceScores]:
+        """Each reference scored against the others, never itself."""
+        results, index = [], 0
+        for batch in batches:
+            for i in range(batch.batch_size):
+                results.append(self._fused(model, profile, single_image(batch, i), profile.memory.leave_out(index)))
+                index += 1
+        return results
 
     def _resolve_method(self, method: str | None) -> str:
         if method is not None:
@@ -262,3 +397,55 @@ class AnomalyDetector:
             raise ZSADError(f"Say which method to use; this detector holds {self.method_names}.")
         return self.method_names[0]
 
+
+def thresholds(threshold: float | None, profile: ProductProfile | None) -> tuple[float, float, str]:
+    """(image threshold, pixel threshold, where they come from): a given threshold for both, else the profile's
+    calibrated thresholds, else 0.5."""
+    calibration = profile.calibration if profile else None
+    if threshold is None and calibration is not None:
+        return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if calibration is not None:
+        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand"
+    return threshold, threshold, uncalibrated_description(threshold)
+
+
+def read_images(sources, kind: str) -> list[Image.Image]:
+    """Images from a path, PIL image or array, a folder, or a list of them (folders searched for image files)."""
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    expanded = []
+    for item in items:
+        expanded.extend(image_files([item]) if isinstance(item, (str, Path)) else [item])
+    if not expanded:
+        raise ZSADError(f"No {kind} images were given (folders are searched for image files); pass at least one.")
+    return [load_image(item) for item in expanded]
+
+
+def read_masks(masks, defective_images, count: int) -> list[np.ndarray]:
+    """One boolean mask per defective image: from a folder (matched by file name) or a list in the same order."""
+    if isinstance(masks, (str, Path)) and Path(masks).is_dir():
+        sources = image_files(defective_images if isinstance(defective_images, (list, tuple)) else [defective_images])
+        index = {path.stem: path for path in image_files([masks])}
+        missing = [path.name for path in sources if path.stem not in index and f"{path.stem}_mask" not in index]
+        if missing:
+            raise ZSADError(f"No mask in {masks} for the defective images {missing[:5]}; name masks like the images "
+                            "(000.png or 000_mask.png).")
+        masks = [index.get(path.stem) or index[f"{path.stem}_mask"] for path in sources]
+    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    if len(masks) != count:
+        raise ZSADError(f"Got {len(masks)} masks for {count} defective images; pass one mask per defective image.")
+    return [np.asarray(load_image(mask).convert("L")) > 127 for mask in masks]
+
+
+def _mask_at(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask resized (nearest) to the model's input size, where calibration compares it with the maps."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def _maps(scores: list[ReferenceScores]) -> list[np.ndarray]:
+    return [m.cpu().numpy() for batch in scores for m in batch.anomaly_map.float()]
+
+
+def check_optional_threshold(threshold: float | None) -> None:
+    if threshold is not None:
+        check_threshold(threshold)

@@ -14,20 +14,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import ZSADError
-from .images import IMAGE_SUFFIXES, load_image
-from .inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+from .images import IMAGE_SUFFIXES, image_files, load_image
+from .inference import AnomalyDetector, Detection, check_optional_threshold, thresholds
 from .modeling.prompting import clean_class_name
-
-
-def image_files(sources: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
-    files = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(source)
-    return files
+from .profile import ProductProfile
 
 
 def predict_files(
@@ -35,16 +25,19 @@ def predict_files(
     images: Sequence[str | Path],
     class_name: str,
     out_dir: str | Path,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     batch_size: int = 8,
+    profile: ProductProfile | None = None,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
-    Unreadable images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds.
+    ``profile`` adds reference images and calibrated thresholds (a given ``threshold`` overrides those; without
+    either it is 0.5). Unreadable images are recorded with their error and skipped; the returned dict is what
+    ``scores.json`` holds.
     """
     if batch_size < 1:
         raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
-    check_threshold(threshold)
+    check_optional_threshold(threshold)
     class_name = clean_class_name(class_name)
     paths = image_files(images)
     if not paths:
@@ -56,10 +49,13 @@ def predict_files(
     with tqdm(total=len(paths), unit="image", desc="zsad predict") as progress:
         for start in range(0, len(paths), batch_size):
             chunk = list(zip(paths[start : start + batch_size], names[start : start + batch_size]))
-            records.extend(_predict_chunk(detector, chunk, class_name, out_dir, threshold))
+            records.extend(_predict_chunk(detector, chunk, class_name, out_dir, threshold, profile))
             progress.update(len(chunk))
     method = detector.method_names[0]
-    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": threshold, "images": records}
+    image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
+    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
+               "pixel_threshold": pixel_threshold, "calibration": calibration, "references": profile.num_references if profile else 0,
+               "images": records}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -75,7 +71,8 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float) -> list[dict]:
+def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float | None,
+                   profile: ProductProfile | None) -> list[dict]:
     """One batch; records in input order, unreadable images recorded with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
@@ -83,7 +80,8 @@ def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: P
             pictures[index] = load_image(path)
         except ZSADError as error:
             errors[index] = str(error)
-    results = dict(zip(pictures, detector.detect_batch(list(pictures.values()), class_name, threshold=threshold))) if pictures else {}
+    detections = detector.detect_batch(list(pictures.values()), class_name, threshold=threshold, profile=profile) if pictures else []
+    results = dict(zip(pictures, detections))
     records = []
     for index, (path, name) in enumerate(chunk):
         if index in errors:
@@ -97,4 +95,4 @@ def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: P
 
 def _image_summary(result: Detection) -> dict:
     summary = result.summary()
-    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "details", "seconds")}
+    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "note", "details", "seconds")}

@@ -72,6 +72,27 @@ def _plot_examples(row_axes, row_title: str, examples: list[tuple]) -> None:
         axis.set_title(f"{row_title}\n{title}", fontsize=8)
 
 
+def few_shot_figure(zero_shot: dict, few_shot: dict, path) -> "Figure":
+    """Bars per metric: the zero-shot mean and the few-shot mean over seeds with its standard deviation."""
+    from matplotlib.figure import Figure
+
+    from .metrics import metric_name
+
+    keys = [key for key in few_shot["mean"] if few_shot["mean"][key] is not None and zero_shot.get(key) is not None]
+    positions = np.arange(len(keys))
+    figure = Figure(figsize=(1.2 * len(keys) + 2, 3.6))
+    axis = figure.subplots()
+    axis.bar(positions - 0.2, [zero_shot[key] for key in keys], width=0.4, label="zero-shot")
+    axis.bar(positions + 0.2, [few_shot["mean"][key] for key in keys], width=0.4, yerr=[few_shot["std"][key] for key in keys],
+             capsize=3, label=f"{few_shot['shots']}-shot (mean ± std, {len(few_shot['seeds'])} seeds)")
+    axis.set_xticks(positions, [metric_name(key, short=True) for key in keys])
+    axis.set(ylim=(0, 1), ylabel="mean over categories")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return figure
+
+
 def loss_curve_figure(rows: list[dict], path, title: str) -> "Figure":
     """Training loss per step and its mean per epoch (``rows``: dicts with "epoch", "global_step", "loss")."""
     from matplotlib.figure import Figure

@@ -1,0 +1,262 @@
+"""What zsad knows about one product: reference images of good parts and calibrated thresholds.
+
+```python
+>>> profile = detector.build_profile("stackclip", "metal nut", "good_parts/", defective_images="bad_parts/")
+>>> profile.calibration.describe()                 # 'calibrated on 8 good (+ 5 defective) images'
+>>> profile.save("metal_nut_profile/")             # memory.safetensors + profile.json
+>>> detector.detect("part.png", "metal nut", method="stackclip", profile=ProductProfile.load("metal_nut_profile/"))
+```
+
+Thresholds come from leave-one-out scores of the good images (each scored against the other references, never
+itself) and, when given, the scores of defective images (docs/METHODS.md, "Calibration").
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ZSADError
+from .references import ReferenceMemory
+
+PROFILE_JSON = "profile.json"
+MEMORY_FILE = "memory.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_FUSION_WEIGHT = 0.5
+DEFAULT_QUANTILE = 1.0
+DEFAULT_MARGIN = 0.01
+# A test image whose mean patch distance to the references exceeds this many times the largest leave-one-out mean
+# distance among the references does not look like them as a whole (a defect moves only a few patches).
+MISMATCH_FACTOR = 2.0
+
+
+@dataclass
+class Calibration:
+    """Thresholds and the numbers they came from.
+
+    Args:
+        image_threshold: the verdict is "anomalous" when the image score is at least this.
+        pixel_threshold: the mask holds the pixels whose map value is at least this.
+        rule: "good quantile" (good images only) or "F1-max" (labelled defective images too).
+        good_scores: leave-one-out image scores of the good images.
+        defective_scores: image scores of the defective images.
+        quantile, margin: of the good-quantile rule (thresholds = quantile of the good values + margin).
+        reference_mean_distance: the largest leave-one-out mean patch distance among the references.
+    """
+
+    image_threshold: float
+    pixel_threshold: float
+    rule: str
+    good_scores: list[float]
+    defective_scores: list[float] = field(default_factory=list)
+    quantile: float = DEFAULT_QUANTILE
+    margin: float = DEFAULT_MARGIN
+    reference_mean_distance: float = 0.0
+
+    @property
+    def num_good(self) -> int:
+        return len(self.good_scores)
+
+    @property
+    def num_defective(self) -> int:
+        return len(self.defective_scores)
+
+    def describe(self) -> str:
+        defective = f" (+ {self.num_defective} defective)" if self.num_defective else ""
+        return f"calibrated on {self.num_good} good{defective} images"
+
+    def false_alarm_rate(self) -> float:
+        """Share of the good images whose leave-one-out score reaches the image threshold."""
+        return float(np.mean(np.asarray(self.good_scores) >= self.image_threshold))
+
+
+def uncalibrated_description(threshold: float) -> str:
+    return f"uncalibrated (threshold {threshold:g})"
+
+
+def check_quantile(quantile: float, margin: float) -> None:
+    if not 0.0 < quantile <= 1.0:
+        raise ZSADError(f"The calibration quantile must be in (0, 1], got {quantile}.")
+    if not 0.0 <= margin < 1.0:
+        raise ZSADError(f"The calibration margin must be in [0, 1), got {margin}.")
+
+
+def good_quantile_threshold(values, quantile: float, margin: float) -> float:
+    """``quantile`` of ``values`` plus ``margin``, at most 1 (quantile 1: the largest value)."""
+    return float(min(1.0, np.quantile(np.asarray(values, dtype=np.float64), quantile) + margin))
+
+
+def f1_max_threshold(labels, scores) -> float:
+    """The threshold at which "score >= threshold" has the largest F1 against the 0/1 labels (images, or pixels
+    flattened), from scikit-learn's exact precision-recall curve (every distinct score is a threshold)."""
+    from sklearn.metrics import precision_recall_curve  # calibration only: the serving path does without scikit-learn
+
+    precision, recall, thresholds = precision_recall_curve(np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64))
+    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(np.float64).tiny)
+    return float(thresholds[int(np.argmax(f1[:-1]))])  # the last point (recall 0) has no threshold
+
+
+def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), masks=None, quantile: float = DEFAULT_QUANTILE,
+              margin: float = DEFAULT_MARGIN, reference_mean_distance: float = 0.0) -> Calibration:
+    """Thresholds from leave-one-out good scores and maps (S, S) and, optionally, defective ones (with masks (S, S)).
+
+    Good images only: each threshold is ``quantile`` of the good values (image scores, map maxima) plus ``margin``.
+    With defective images, the image threshold maximises F1; with masks too, so does the pixel threshold.
+    """
+    check_quantile(quantile, margin)
+    good_scores, defective_scores = [float(s) for s in good_scores], [float(s) for s in defective_scores]
+    image_threshold = good_quantile_threshold(good_scores, quantile, margin)
+    pixel_threshold = good_quantile_threshold([float(m.max()) for m in good_maps], quantile, margin)
+    rule = "good quantile"
+    if defective_scores:
+        image_threshold = f1_max_threshold([0] * len(good_scores) + [1] * len(defective_scores), good_scores + defective_scores)
+        rule = "F1-max"
+        if masks is not None:
+            pixels = np.concatenate([np.zeros(m.size, dtype=bool) for m in good_maps] + [np.ravel(m) for m in masks])
+            pixel_threshold = f1_max_threshold(pixels, np.concatenate([np.ravel(m) for m in [*good_maps, *defective_maps]]))
+    return Calibration(image_threshold, pixel_threshold, rule, good_scores, defective_scores, quantile, margin,
+                       reference_mean_distance)
+
+
+def zsad_version() -> str:
+    try:
+        return version("zsad")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ProductProfile:
+    """Reference memory and calibration of one product for one method on one backbone.
+
+    ``calibration`` is None with a single reference (leave-one-out needs two); the references are used all the same.
+    """
+
+    method: str
+    class_name: str
+    memory: ReferenceMemory
+    calibration: Calibration | None
+    backbone: str
+    backbone_revision: str | None
+    fusion_weight: float = DEFAULT_FUSION_WEIGHT
+    zsad_version: str = field(default_factory=zsad_version)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def num_references(self) -> int:
+        return self.memory.num_images
+
+    @property
+    def image_size(self) -> int:
+        return self.memory.image_size
+
+    @property
+    def feature_layers(self) -> list[int]:
+        return list(self.memory.layers)
+
+    def describe(self) -> str:
+        """E.g. '4 reference images, calibrated on 4 good (+ 2 defective) images'."""
+        calibration = self.calibration.describe() if self.calibration else "uncalibrated (leave-one-out needs two references)"
+        return f"{self.num_references} reference image{'s' if self.num_references != 1 else ''}, {calibration}"
+
+    def check_compatible(self, method: str, class_name: str, config) -> None:
+        """Raise a ZSADError unless this profile fits ``method`` (its model's ``config``) and ``class_name``."""
+        problems = []
+        if method != self.method:
+            problems.append(f"it was built for the method '{self.method}', not '{method}'")
+        if class_name != self.class_name:
+            problems.append(f"it was built for the product '{self.class_name}', not '{class_name}'")
+        found = (config.base_model_name_or_path, config.base_model_revision)
+        if found != (self.backbone, self.backbone_revision):
+            problems.append(f"it was built on the backbone {self.backbone} (revision {self.backbone_revision}), "
+                            f"not {found[0]} (revision {found[1]})")
+        if config.image_size != self.image_size:
+            problems.append(f"it was built at {self.image_size} px, the model runs at {config.image_size} px")
+        if list(config.feature_layers) != self.feature_layers:
+            problems.append(f"it holds layers {self.feature_layers}, the model taps {list(config.feature_layers)}")
+        if problems:
+            raise ZSADError("This product profile does not fit: " + "; ".join(problems) +
+                            ". Build a new one with detector.build_profile(...) or `zsad calibrate`.")
+
+    def mismatch_note(self, mean_distance: float) -> str | None:
+        """A warning when a test image's mean patch distance says it is not the product the references show."""
+        limit = MISMATCH_FACTOR * self.calibration.reference_mean_distance if self.calibration else None
+        if not limit or mean_distance <= limit:
+            return None
+        return (f"This image does not look like the reference images as a whole (mean patch distance {mean_distance:.3f}, "
+                f"references at most {self.calibration.reference_mean_distance:.3f}): are they of the same product?")
+
+    # ----- files -----------------------------------------------------------------------------------
+
+    def save(self, directory) -> Path:
+        """Write ``memory.safetensors`` (the reference features) and ``profile.json`` (everything else)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer_{layer}": features.contiguous() for layer, features in zip(self.memory.layers, self.memory.features)}
+        save_file(tensors, directory / MEMORY_FILE, metadata={"format": "pt"})
+        (directory / PROFILE_JSON).write_text(json.dumps(self._json(), indent=1) + "\n")
+        return directory
+
+    def _json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION, "method": self.method, "class_name": self.class_name,
+            "num_references": self.num_references, "fusion_weight": self.fusion_weight,
+            "calibration": asdict(self.calibration) if self.calibration else None,
+            "backbone": self.backbone, "backbone_revision": self.backbone_revision, "dtype": str(self.memory.dtype),
+            "image_size": self.image_size, "grid_size": self.memory.grid_size, "feature_layers": self.feature_layers,
+            "zsad_version": self.zsad_version, "created": self.created,
+        }
+
+    @classmethod
+    def load(cls, directory) -> "ProductProfile":
+        """Read a profile written by ``save``; a missing, truncated or inconsistent file is a ZSADError."""
+        directory = Path(directory)
+        meta = _read_json(directory / PROFILE_JSON)
+        tensors = _read_memory(directory / MEMORY_FILE)
+        try:
+            layers = [int(layer) for layer in meta["feature_layers"]]
+            features = [tensors[f"layer_{layer}"] for layer in layers]
+            memory = ReferenceMemory(layers, features, int(meta["grid_size"]), int(meta["image_size"]))
+            _check_memory(memory, int(meta["num_references"]))
+            calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
+            return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
+                       float(meta["fusion_weight"]), meta["zsad_version"], meta["created"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
+                            "build it again with `zsad calibrate` or detector.build_profile(...).") from error
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ZSADError(f"No {PROFILE_JSON} in {path.parent}: a product profile folder holds {PROFILE_JSON} and {MEMORY_FILE} "
+                        "(written by `zsad calibrate` or ProductProfile.save).") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ZSADError(f"{path} is not valid JSON ({error}); the profile is corrupt, build it again.") from error
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ZSADError(f"{path} is not a zsad product profile of format {FORMAT_VERSION}; build it again.")
+    return meta
+
+
+def _read_memory(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ZSADError(f"No {MEMORY_FILE} in {path.parent}: the reference features are missing; build the profile again.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ZSADError(f"{path} could not be read ({error}); the file is truncated or corrupt, build the profile again.") from error
+
+
+def _check_memory(memory: ReferenceMemory, num_references: int) -> None:
+    patches = memory.grid_size ** 2
+    for layer, features in zip(memory.layers, memory.features):
+        if features.dim() != 3 or features.shape[:2] != (num_references, patches):
+            raise ValueError(f"layer {layer} holds features of shape {tuple(features.shape)}, "
+                             f"expected ({num_references}, {patches}, width)")
