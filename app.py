@@ -16,10 +16,12 @@ import base64
 import csv
 import functools
 import hashlib
+import html
 import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -281,6 +283,11 @@ def serving_files(handler, files: ImageFiles):
     return detect
 
 
+def escaped(text: str) -> str:
+    """User text shown in Markdown as typed: no HTML (``<img src=x>`` stays text), no Markdown formatting."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", html.escape(text, quote=False))
+
+
 def report(results: list[Detection], profiles: dict[str, ProductProfile] | None = None) -> str:
     """Markdown: the verdict of each method, its status, thresholds and where they come from, details and time."""
     lines = []
@@ -291,12 +298,12 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
         )
         lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
         if result.note:
-            lines.append(f"- ⚠️ {result.note}")
+            lines.append(f"- ⚠️ {escaped(result.note)}")
         if isinstance(result.details, GenCLIPImageDetails):
             lines.append(f"- {class_name_filter_decision(result.details.class_name)}")
-        lines.extend(f"- {key}: `{json.dumps(value)}`" for key, value in result.details_dict().items())
+        lines.extend(f"- {key}: {escaped(json.dumps(value))}" for key, value in result.details_dict().items())
     total = sum(result.seconds for result in results)
-    lines.append(f"\nClass name used: “{results[0].class_name}” · request took {total:.2f} s")
+    lines.append(f"\nClass name used: “{escaped(results[0].class_name)}” · request took {total:.2f} s")
     return "\n".join(lines)
 
 
@@ -316,9 +323,10 @@ def reference_line(result: Detection, profile: ProductProfile | None) -> str:
 def class_name_filter_decision(choice: ClassNameChoice) -> str:
     """GenCLIP's class name filtering (CNF) decision for one image as a sentence."""
     evidence = f" (CLIP probability {choice.probability:.2f})" if choice.probability is not None else ""
+    given, used = escaped(choice.name_given), escaped(choice.name_used)
     if choice.kept:
-        return f"Class name filter ({choice.mode}): kept “{choice.name_given}”{evidence}"
-    return f"Class name filter ({choice.mode}): “{choice.name_given}” does not fit the image{evidence}; used “{choice.name_used}”"
+        return f"Class name filter ({choice.mode}): kept “{given}”{evidence}"
+    return f"Class name filter ({choice.mode}): “{given}” does not fit the image{evidence}; used “{used}”"
 
 
 def table_row(result: Detection) -> list:
@@ -576,7 +584,7 @@ def batch_summary(rows: list[list], method: str, status: str, threshold: float, 
         f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
         f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
     ]
-    lines += [f"- {row[0]}: {row[4]}" for row in rows if row[1] is None]
+    lines += [f"- {escaped(row[0])}: {escaped(row[4])}" for row in rows if row[1] is None]
     return "\n".join(lines)
 
 

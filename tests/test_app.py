@@ -241,7 +241,7 @@ def test_batch_of_files_and_a_zip_gives_table_csv_masks_and_gallery(detector, pa
     assert len(views) == 5 and views[3][1].startswith("line2/part3.png: ")
     assert all(max(Image.open(path).size) <= app.THUMBNAIL_SIDE for path, _ in views)
     anomalous = sum(record["verdict"] == "anomalous" for record in records)
-    assert f"{anomalous} of 5 images anomalous" in summary and "line2/broken.png: Not a readable image" in summary
+    assert f"{anomalous} of 5 images anomalous" in summary and app.escaped("line2/broken.png") + ": Not a readable image" in summary
 
 
 def test_repeated_file_names_are_told_apart(detector, parts):
@@ -355,3 +355,14 @@ def test_bad_references_are_clear_messages_and_the_app_keeps_serving(detector, p
     assert "1 reference image of good parts; uncalibrated (threshold 0.5) (calibration needs at least two" in one
     other_product = detect(upload(next((product / "wood" / "test").rglob("*.png"))), "disk", "baseline", 0.5, good_parts(product))[3]
     assert "does not look like the reference images" in other_product
+
+
+def test_a_product_name_is_shown_as_typed_never_as_html(detector, good_files):
+    from markdown_it import MarkdownIt
+
+    path, _ = good_files["rgb"]
+    typed = "<img src=x onerror=alert(1)> *bold* [link](http://x)"
+    report = app.make_handler(detector)(path, typed, "genclip", 0.5)[3]
+    rendered = MarkdownIt("commonmark").render(report)
+    assert "<img" not in rendered and "<em>" not in rendered and "<a " not in rendered
+    assert "&lt;img src=x onerror=alert(1)&gt; *bold* [link](http://x)" in rendered  # the visitor's text, as text
