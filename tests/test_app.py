@@ -40,7 +40,7 @@ def upload(path: Path) -> dict:
 @pytest.mark.parametrize("kind", ["rgb", "gray16", "cmyk", "rgba", "gray", "exif_rotated"])
 def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files, kind):
     path, size = good_files[kind]
-    (original, overlay), mask, score, report, rows, views = detect(upload(path), "bottle", "baseline", 0.5)
+    (original, overlay), mask, score, report, rows, views, downloads, last = detect(upload(path), "bottle", "baseline", 0.5)
     assert original.size == overlay.size == mask.size == size  # the image's own (upright) size
     assert original.mode == overlay.mode == "RGB" and mask.mode == "L"
     assert 0.0 <= score <= 1.0
@@ -48,6 +48,7 @@ def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files
     assert f"**{verdict}**" in report and "CLIP baseline (training-free)" in report and "request took" in report
     assert rows[0][:4] == ["CLIP baseline", "training-free", score, verdict]
     assert views == []  # the gallery is for compare mode
+    assert downloads is None and last.original_size == size  # full-resolution files are made on request
 
 
 def test_mask_matches_the_threshold(detect, good_files):
@@ -61,7 +62,7 @@ def test_mask_matches_the_threshold(detect, good_files):
 
 def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
     path, _ = good_files["rgb"]
-    (_, overlay), _, score, report, rows, views = detect(upload(path), "bottle", app.COMPARE, 0.5)
+    (_, overlay), _, score, report, rows, views, *_ = detect(upload(path), "bottle", app.COMPARE, 0.5)
     names = [app.display_name(method) for method in detector.method_names]
     assert [row[0] for row in rows] == names
     assert [caption for _, caption in views[:2]] == [f"{names[0]}: {score:.3f} {rows[0][3]}", f"{names[0]}: mask at 0.50"]
@@ -173,7 +174,7 @@ def test_gradio_gets_each_requests_images_as_files_of_their_own(detect, good_fil
     files = app.ImageFiles(keep=2)
     serve = app.serving_files(detect, files)
     outputs = [serve(upload(path), "bottle", app.COMPARE, 0.5) for _ in range(3)]
-    (original, overlay), mask, score, _, _, views = outputs[-1]
+    (original, overlay), mask, score, _, _, views, *_ = outputs[-1]
     served = [original, overlay, mask, *(image for image, _ in views)]
     assert all(isinstance(file, str) and Path(file).is_file() for file in served)
     assert len(set(served)) == len(served)  # one file per image

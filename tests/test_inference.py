@@ -230,19 +230,6 @@ def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
         np.testing.assert_array_equal(result.anomaly_map, separate[name].anomaly_map)
 
 
-def test_precision_names(monkeypatch):
-    from zsad.loading import resolve_precision
-
-    assert resolve_precision("float32") is torch.float32 and resolve_precision("bfloat16") is torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") is torch.float32
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert resolve_precision("auto") is torch.bfloat16
-    with pytest.raises(ZSADError, match="precision"):
-        resolve_precision("fp8")
-
-
 def test_overlay_blends_the_colormap_half_and_half():
     from matplotlib import colormaps
 

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from .errors import ZSADError
+from .loading import PRECISIONS, add_device_argument
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
@@ -23,11 +24,22 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from .distributed import process_group_closed_at_end
     from .inference import AnomalyDetector
+    from .loading import resolve_device, resolve_precision
     from .predict import predict_files
 
-    detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
-    summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size)
+    # Under `accelerate launch` every process takes its own share of the images on its own device.
+    with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
+        device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+        detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size, device=device,
+                                             dtype=resolve_precision(args.precision, device))
+        summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                                display_side=args.display_side, tiles=args.tiles, resume=args.resume, state=accelerator)
+    if not summary:  # not the main process: the main one reports
+        return
     failed = [record for record in summary["images"] if "error" in record]
     print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
     if failed:
@@ -58,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, default=0.5, help="for the masks and the verdicts (default 0.5)")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
+    add_device_argument(predict)
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="vision backbone precision; auto = bfloat16 where the device runs it natively, float16 on GPUs without "
+                         "bfloat16, else float32")
+    predict.add_argument("--display-side", type=int, metavar="PIXELS",
+                         help="write overlays and masks with their longest side at most PIXELS (default: each image's full size)")
+    predict.add_argument("--tiles", action="store_true",
+                         help="score each image at full resolution in overlapping windows of the model's input size "
+                         "(small defects on large images; one pass per window)")
+    predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest")
     predict.set_defaults(run=_predict)
 
     evaluate = commands.add_parser("evaluate", help="per-category and mean metrics of a model on a benchmark (JSON, Markdown, figure)")

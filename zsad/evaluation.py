@@ -35,6 +35,7 @@ from .data.model_input import ImageSet
 from .distributed import process_group_closed_at_end
 from .errors import ZSADError
 from .images import load_image
+from .inference import AnomalyDetector
 from .loading import PRECISIONS, load_backbone, load_model, resolve_precision
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
@@ -56,20 +57,25 @@ class Record:
 
 def evaluate(model, dataset: str, root, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
-             precision: str = "float32") -> tuple[dict, list[Record]]:
+             precision: str = "float32", tiles: bool = False) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
-    and the records (on the main process; other processes get ``({}, [])``)."""
+    and the records (on the main process; other processes get ``({}, [])``).
+
+    ``tiles`` scores each image at full resolution in overlapping windows of the input size
+    (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
+    size like every other map."""
     accelerator = accelerator or Accelerator()
     samples = load_dataset(dataset, root, categories=categories)
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    model = _load(model, clip, image_size, resolve_precision(precision)).to(accelerator.device)
-    records = _score(model, samples, batch_size, num_workers, accelerator)
+    model = _load(model, clip, image_size, resolve_precision(precision, accelerator.device)).to(accelerator.device)
+    score = _score_tiled if tiles else _score
+    records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size,
+    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size, "tiles": tiles,
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
 
@@ -95,6 +101,22 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
                 output = model(pixel_values.to(accelerator.device), class_names=names)
                 maps = output.anomaly_map.float().cpu().numpy().astype(np.float16)
                 local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), output.image_score.float().cpu(), maps)]
+    return _gathered(local, samples, accelerator)
+
+
+def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
+    detector = AnomalyDetector(model.require_backbone(), {"model": model})
+    size = model.config.image_size
+    with accelerator.split_between_processes(list(range(len(samples)))) as shard:
+        local = []
+        for index in tqdm(shard, desc="evaluating (tiles)", disable=not accelerator.is_local_main_process):
+            result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
+            local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
+    return _gathered(local, samples, accelerator)
+
+
+def _gathered(local: list[tuple], samples: list[Sample], accelerator: Accelerator) -> list[Record]:
+    """Every process's (index, score, map) as records in sample order."""
     gathered = sorted(gather_object(local), key=lambda item: item[0]) if accelerator.num_processes > 1 else local
     return [Record(samples[index], score, anomaly_map) for index, score, anomaly_map in gathered]
 
@@ -222,7 +244,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999)")
+                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999; "
+                        "auto: bfloat16 where the device runs it natively, float16 on GPUs without it, else float32)")
+    parser.add_argument("--tiles", action="store_true",
+                        help="score each image at full resolution in overlapping windows of the input size (small defects)")
 
 
 def run(args) -> dict[str, Path] | None:
@@ -230,7 +255,8 @@ def run(args) -> dict[str, Path] | None:
     with process_group_closed_at_end(Accelerator()) as accelerator:
         report, records = evaluate(args.model, args.dataset, args.root, categories=args.categories, clip=args.clip,
                                    image_size=args.image_size, batch_size=args.batch_size,
-                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision)
+                                   num_workers=args.num_workers, accelerator=accelerator, precision=args.precision,
+                                   tiles=args.tiles)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

@@ -1,6 +1,9 @@
 """One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint; and what a
 checkpoint holds (its config, method and backbone) without loading its weights."""
 
+import functools
+import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -12,19 +15,77 @@ from .modeling.clip_backbone import CLIPBackbone
 from .modeling.configuration_zsad_base import DEFAULT_CLIP
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
+SLOW_CPU_BF16 = (
+    "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
+    "kernels there, about 100x slower than float32. Use --precision float32 (or auto, which picks float32 here)."
+)
 
 
-def resolve_precision(precision: str = "auto") -> torch.dtype:
-    """The backbone dtype for a precision name; "auto" picks bfloat16 where the hardware runs it natively
-    (a GPU, or a CPU with AVX512-BF16/AMX) and float32 elsewhere, where bfloat16 would be slower."""
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for a device name: "auto" is the first CUDA GPU when one is available, then Apple's MPS,
+    else the CPU; "cpu", "cuda", "cuda:N" and "mps" are checked against what this machine has."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.") from error
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (chosen.index or 0) >= count:
+            raise ZSADError(f"Device '{device}' was asked for, but this machine has {count} CUDA GPU(s); use --device cpu or auto.")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ZSADError(f"Device '{device}' was asked for, but MPS is not available here; use --device cpu or auto.")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.")
+    return chosen
+
+
+def add_device_argument(parser) -> None:
+    """``--device`` (env ``ZSAD_DEVICE``) on an argparse parser; resolve its value with ``resolve_device``."""
+    parser.add_argument("--device", default=os.environ.get("ZSAD_DEVICE", "auto"), help=f"where the model runs (env ZSAD_DEVICE): {DEVICE_HELP}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX)."""
+    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The vision backbone's dtype for a precision name on ``device`` (the text side stays float32 whatever this
+    says: ``CLIPBackbone.set_vision_dtype``). "auto" picks, by where the model runs:
+
+    | device | auto |
+    |---|---|
+    | CUDA GPU with bfloat16 (Ampere and newer) | bfloat16 |
+    | CUDA GPU without it (T4, V100) | float16 |
+    | MPS | float16 |
+    | CPU with AVX512-BF16/AMX | bfloat16 |
+    | other CPUs | float32 (bfloat16 is ~100x slower there, and asking for it warns) |
+    """
     if precision not in PRECISIONS:
         raise ZSADError(f"precision must be one of {PRECISIONS}, got '{precision}'.")
+    device = torch.device(device)
     if precision != "auto":
+        if precision == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+            _warn_slow_cpu_bf16()
         return getattr(torch, precision)
-    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if torch.cuda.is_available() or cpu_bf16 else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    warnings.warn(SLOW_CPU_BF16, RuntimeWarning, stacklevel=3)
 
 
 def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None = None, dtype=None) -> CLIPBackbone:

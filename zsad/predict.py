@@ -11,10 +11,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .errors import ZSADError
-from .images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, bounded, read_image
 from .inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
 from .modeling.prompting import clean_class_name
 
@@ -30,6 +31,9 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+RECORDS_GLOB = "records-*.jsonl"
+
+
 def predict_files(
     detector: AnomalyDetector,
     images: Sequence[str | Path],
@@ -37,10 +41,21 @@ def predict_files(
     out_dir: str | Path,
     threshold: float = DEFAULT_THRESHOLD,
     batch_size: int = 8,
+    display_side: int | None = None,
+    tiles: bool = False,
+    resume: bool = False,
+    state: PartialState | None = None,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
-    Unreadable images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds.
+    Each image's record is appended to ``records-<process>.jsonl`` as soon as its files are written, so an
+    interrupted run keeps what it finished; ``resume`` skips the images recorded there (unreadable images are tried
+    again) and the rest starts afresh. Under ``accelerate launch`` the images are shared between the processes
+    (``state``: the Accelerate state; default one process) and the main process merges every record, in input order,
+    into ``scores.json``. Overlays and masks are at each image's full size unless ``display_side`` bounds the longest
+    side; ``tiles`` scores each image at full resolution in model-size windows (``AnomalyDetector.detect_tiled``).
+    Unreadable images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds
+    (an empty dict on the other processes).
     """
     if batch_size < 1:
         raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
@@ -49,19 +64,47 @@ def predict_files(
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
+    state = state or PartialState()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _output_names(paths)
-    records = []
-    with tqdm(total=len(paths), unit="image", desc="zsad predict") as progress:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(zip(paths[start : start + batch_size], names[start : start + batch_size]))
-            records.extend(_predict_chunk(detector, chunk, class_name, out_dir, threshold))
-            progress.update(len(chunk))
+    jobs = list(zip(paths, _output_names(paths)))
+    finished = {record["image"] for record in read_records(out_dir) if "error" not in record} if resume else set()
+    if not resume and state.is_main_process:
+        for stale in out_dir.glob(RECORDS_GLOB):
+            stale.unlink()
+    state.wait_for_everyone()
+    todo = [job for job in jobs if str(job[0]) not in finished]
+    with state.split_between_processes(todo) as shard, open(out_dir / f"records-{state.process_index}.jsonl", "a") as stream:
+        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+            step = 1 if tiles else batch_size
+            for start in range(0, len(shard), step):
+                chunk = shard[start : start + step]
+                for record in _predict_chunk(detector, chunk, class_name, out_dir, threshold, display_side, tiles):
+                    stream.write(json.dumps(record) + "\n")
+                stream.flush()
+                progress.update(len(chunk))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
     method = detector.method_names[0]
-    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": threshold, "images": records}
+    by_image = {record["image"]: record for record in read_records(out_dir)}
+    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": threshold,
+               "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """Every record streamed to ``out_dir``'s ``records-*.jsonl`` files, later ones last; a line cut short by an
+    interruption is skipped (its image is done again)."""
+    records = []
+    for path in sorted(out_dir.glob(RECORDS_GLOB)):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -75,26 +118,38 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float) -> list[dict]:
-    """One batch; records in input order, unreadable images recorded with their error."""
+def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float,
+                   display_side: int | None, tiles: bool) -> list[dict]:
+    """One batch (one image when tiled); records in input order, unreadable images recorded with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
         try:
-            pictures[index] = load_image(path)
+            pictures[index] = read_image(path, max_side=None if tiles else display_side)
         except ZSADError as error:
             errors[index] = str(error)
-    results = dict(zip(pictures, detector.detect_batch(list(pictures.values()), class_name, threshold=threshold))) if pictures else {}
+    results = dict(zip(pictures, _detect(detector, list(pictures.values()), class_name, threshold, display_side, tiles))) if pictures else {}
     records = []
     for index, (path, name) in enumerate(chunk):
         if index in errors:
             records.append({"image": str(path), "error": errors[index]})
             continue
-        results[index].overlay.save(out_dir / f"{name}_overlay.png")
-        results[index].mask_image().save(out_dir / f"{name}_mask.png")
-        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(results[index])})
+        result = results[index]
+        overlay, mask = result.overlay, result.mask_image()
+        if tiles and display_side:
+            overlay, mask = bounded(overlay, display_side), bounded(mask, display_side)
+        overlay.save(out_dir / f"{name}_overlay.png")
+        mask.save(out_dir / f"{name}_mask.png")
+        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(result)})
     return records
+
+
+def _detect(detector: AnomalyDetector, pictures: list, class_name: str, threshold: float, display_side: int | None,
+            tiles: bool) -> list[Detection]:
+    if tiles:
+        return [detector.detect_tiled(picture, class_name, threshold=threshold) for picture in pictures]
+    return detector.detect_batch(pictures, class_name, threshold=threshold, display_side=display_side)
 
 
 def _image_summary(result: Detection) -> dict:
     summary = result.summary()
-    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "details", "seconds")}
+    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "details", "seconds", "tiles")}
