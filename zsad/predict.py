@@ -74,7 +74,7 @@ def predict_files(
             stale.unlink()
     state.wait_for_everyone()
     todo = [job for job in jobs if str(job[0]) not in finished]
-    with state.split_between_processes(todo) as shard, open(out_dir / f"records-{state.process_index}.jsonl", "a") as stream:
+    with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
         with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
             step = 1 if tiles else batch_size
             for start in range(0, len(shard), step):
@@ -92,6 +92,15 @@ def predict_files(
                "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _record_stream(path: Path):
+    """``path`` opened for appending, on a line of its own (an interrupted run may have left half a line)."""
+    cut_short = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    stream = open(path, "a")
+    if cut_short:
+        stream.write("\n")
+    return stream
 
 
 def read_records(out_dir: Path) -> list[dict]:
