@@ -86,3 +86,32 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
 
 def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of the flags that decide torch's CPU matmul kernels this CPU reports (Linux /proc/cpuinfo)."""
+    try:
+        reported = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in CPU_FLAGS if flag in reported]
+
+
+def cpu_class() -> str:
+    """The kind of CPU a run measured: model, relevant flags, torch's kernel level, whether bfloat16 is native, and
+    the measured fp32 and bf16 matmul rates (bf16 on a smaller product where it is not native: ~100x slower)."""
+    from zsad.loading import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    bf16_size = 2048 if native else 512
+    return (f"CPU: {model}; flags {' '.join(cpu_flags()) or 'none of ' + '/'.join(CPU_FLAGS)}; torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}; native bf16: {'yes' if native else 'no'}; matmul fp32 "
+            f"{matmul_gflops(torch.float32):.0f} GFLOP/s (2048^3), bf16 {matmul_gflops(torch.bfloat16, bf16_size, repeats=3):.1f} "
+            f"GFLOP/s ({bf16_size}^3)")

@@ -23,6 +23,7 @@ def machine(monkeypatch, cuda: int = 0, cuda_bf16: bool = False, mps: bool = Fal
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: cpu_bf16, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if cpu_bf16 else "AVX2")
 
 
 @pytest.mark.parametrize(

@@ -51,10 +51,12 @@ def add_device_argument(parser) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX)."""
+    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX) and torch uses its AVX512
+    kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off)."""
     # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return has_instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
