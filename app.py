@@ -51,7 +51,7 @@ TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)",
 TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
 # Longest side of the images the page shows: the model sees 518 px anyway, and a camera's 12 MP would cost seconds
 # in overlays and image encoding; the full-resolution map and mask are offered as files.
-DISPLAY_SIDE = 1600
+DISPLAY_SIDE = 1000
 
 
 # ----- configuration --------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
+
 from zsad.data import load_dataset
 from zsad.data.model_input import TrainingSet
 from zsad.distributed import process_group_closed_at_end
