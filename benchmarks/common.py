@@ -65,8 +65,8 @@ def full_size_inputs(workdir: Path) -> tuple[str, str]:
     return str(clip_path), str(photo_like_image(workdir / "part.png"))
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` after ``warmup`` calls."""
+def run_times(fn, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -74,7 +74,12 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` after ``warmup`` calls."""
+    return statistics.median(run_times(fn, repeats, warmup))
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
