@@ -177,7 +177,8 @@ def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_pa
         (tmp_path / folder).mkdir(parents=True)
         Image.fromarray(random_rgb(seed, *size)).save(tmp_path / folder / "part.png")
     missing = tmp_path / "missing.png"
-    arguments = ["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE)]
+    arguments = ["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE),
+                 "--precision", "float32"]  # as the reference detector below
     out = tmp_path / "out"
     code = main([*arguments, str(tmp_path / "a" / "part.png"), str(tmp_path / "b"), str(missing), "--out", str(out), "--batch-size", "2"])
     assert code == 2 and "1 of 4 images could not be read" in capsys.readouterr().err
