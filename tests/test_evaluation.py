@@ -112,3 +112,18 @@ def test_two_process_run_agrees_with_one_process(two_process_launcher, tiny_clip
     assert report["num_images"] == 12 and report["num_processes"] == 2
     for category, metrics in evaluated[0]["categories"].items():
         assert report["categories"][category] == pytest.approx(metrics, abs=1e-6)
+
+
+def test_tiled_evaluation_records_the_tiled_detection_of_each_image(tiny_clip_path, tiny_backbone, dataset_root):
+    from zsad.evaluation import native_map
+    from zsad.inference import AnomalyDetector
+
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    report, records = evaluate(model, "mvtec", dataset_root, categories=["tile"], batch_size=4, tiles=True)
+    assert report["tiles"] is True and len(records) == 6
+    detector = AnomalyDetector(tiny_backbone, {"baseline": model})
+    for record in records[:2]:
+        tiled = detector.detect_tiled(record.sample.image_path, "tile")
+        assert tiled.tiles == 4  # 72 px images, 56 px windows: two per side
+        assert record.score == pytest.approx(tiled.score, abs=1e-6)
+        np.testing.assert_array_equal(record.anomaly_map, native_map(tiled.anomaly_map, (IMAGE_SIZE, IMAGE_SIZE)))
