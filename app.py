@@ -50,7 +50,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)", "seconds", "details"]
 TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
 # Longest side of the images the page shows: the model sees 518 px anyway, and a camera's 12 MP would cost seconds
-# in overlays and image encoding; the full-resolution map and mask are offered as files.
+# in overlays and image encoding; the full-resolution map and mask are offered as files. At 1000, a 4000x3000 JPEG
+# decodes at 1/4 scale straight to this size (benchmarks/bench_camera.py).
 DISPLAY_SIDE = 1000
 
 
@@ -200,10 +201,12 @@ def full_resolution_files(last: FullResolution | None) -> list[Download]:
 
 def make_handler(detector: AnomalyDetector, display_side: int = DISPLAY_SIDE):
     """``detect(image, class_name, method, threshold, tiles)`` -> (before/after pair, mask, score, report, table,
-    gallery, downloads); the gallery (every method's overlay and mask) is filled in compare mode only.
+    gallery, downloads (cleared), the session's ``FullResolution``); the gallery (every method's overlay and mask) is
+    filled in compare mode only.
 
     The page shows images at most ``display_side`` pixels on their longest side (large JPEGs are decoded at reduced
-    size); the first method's map and mask at the upload's full resolution are the downloads. ``tiles`` scores the
+    size); the first method's map and mask at the upload's full resolution are made from the session's
+    ``FullResolution`` when asked for (``full_resolution_files``). ``tiles`` scores the
     full-resolution image in overlapping windows of the model's input size (one method at a time).
     Every error a user can cause comes back as ``gr.Error`` with zsad's message; the app keeps serving.
     """
