@@ -36,14 +36,16 @@ from functools import partial
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+import torch
 from PIL import Image
 
 import zsad
 import zsad.images
 from zsad.allocator import return_large_buffers_to_the_system
 from zsad.errors import BackboneLoadError, ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
-from zsad.loading import PRECISIONS, resolve_precision
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold, resize_map
+from zsad.loading import PRECISIONS, add_device_argument, resolve_device, resolve_precision
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.lru_cache import LRUCache
@@ -65,6 +67,11 @@ MAX_REFERENCES = 16
 # Profiles kept for the sets of references seen last (16 references at 518 px in bfloat16: 180 MB per set, shared by
 # the methods).
 PROFILE_CACHE_SIZE = 2
+TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
+# Longest side of the images the page shows: the model sees 518 px anyway, and a camera's 12 MP would cost seconds
+# in overlays and image encoding; the full-resolution map and mask are offered as files. At 1000, a 4000x3000 JPEG
+# decodes at 1/4 scale straight to this size (benchmarks/bench_camera.py).
+DISPLAY_SIDE = 1000
 
 
 # ----- configuration --------------------------------------------------------------------------------
@@ -94,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=os.environ.get("ZSAD_PRECISION", "auto"),
-        help="backbone precision (env ZSAD_PRECISION); auto = bfloat16 where the hardware runs it natively, int8 vision linears elsewhere",
+        help="vision backbone precision (env ZSAD_PRECISION); auto = bfloat16 where the device runs it natively, "
+        "float16 on GPUs without bfloat16, int8 vision linears on other CPUs",
     )
+    add_device_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")
     parser.add_argument("--batch-max-images", type=int, default=BatchCaps.max_images, help="most images in one batch (Batch tab)")
@@ -115,11 +124,13 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
     return checkpoints
 
 
-def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto") -> AnomalyDetector:
+def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto") -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
+    device = resolve_device(device)
     try:
         return AnomalyDetector.load(
-            methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip, dtype=resolve_precision(precision)
+            methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
+            dtype=resolve_precision(precision, device), device=device,
         )
     except BackboneLoadError as error:
         sys.exit(
@@ -196,44 +207,122 @@ def reference_bytes(source) -> bytes:
         raise ZSADError(f"A reference image could not be read ({error}); upload it again.") from error
 
 
-def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None):
-    """``detect(image, class_name, method, threshold, references, slider)`` -> (before/after pair, mask, score, report,
-    table, gallery, slider); the gallery (every method's overlay and mask) is filled in compare mode only.
+def image_name(payload) -> str | None:
+    """How errors call an upload: the user's own file name (not the server's copy of it)."""
+    if isinstance(payload, dict):
+        return payload.get("orig_name") or ("the pasted image" if not payload.get("path") else None)
+    return None
+
+
+@dataclass
+class Download:
+    """An output image offered as a file under its own name (PNG, fast compression)."""
+
+    name: str
+    image: Image.Image
+
+
+@dataclass
+class FullResolution:
+    """What the full-resolution downloads of the last detection are made from, kept in the visitor's session: the
+    map at the model's input size and the upload's size (a tiled detection keeps its full map in 8 bits, and
+    its mask)."""
+
+    stem: str
+    threshold: float
+    original_size: tuple[int, int]
+    model_map: np.ndarray | None = None
+    levels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, result: Detection, stem: str) -> "FullResolution":
+        if result.model_map is not None:
+            return cls(stem, result.threshold, result.original_size, model_map=result.model_map)
+        return cls(stem, result.threshold, result.original_size, levels=map_to_uint8(result.anomaly_map), mask=result.mask)
+
+    def downloads(self) -> list[Download]:
+        """The anomaly map (0-255 grey PNG) and the binary mask at the upload's full resolution."""
+        levels, mask = self.levels, self.mask
+        if self.model_map is not None:
+            full_map = resize_map(torch.from_numpy(self.model_map), self.original_size)
+            levels, mask = map_to_uint8(full_map), full_map >= self.threshold
+        return [Download(f"{self.stem}_anomaly_map.png", Image.fromarray(levels, mode="L")),
+                Download(f"{self.stem}_mask.png", Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))]
+
+
+def full_resolution_files(last: FullResolution | None) -> list[Download]:
+    """The full-resolution downloads of the visitor's last detection (made on request: ~1 s for 12 MP)."""
+    if last is None:
+        raise gr.Error("Run a detection first; its full-resolution map and mask are then made here.", print_exception=False)
+    return last.downloads()
+
+
+def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None, display_side: int = DISPLAY_SIDE):
+    """``detect(image, class_name, method, threshold, references, slider, tiles)`` -> (before/after pair, mask, score,
+    report, table, gallery, slider, downloads (cleared), the session's ``FullResolution``); the gallery (every method's
+    overlay and mask) is filled in compare mode only.
 
     With reference images, their profile (built once per set) adds the reference map and calibrated thresholds.
     ``slider`` is ``{"value": what the app last put on the threshold slider, "move": whether to put it there now}``:
     while the slider still shows that value the calibrated thresholds apply (and the slider moves to the calibrated
-    value), once the user moves it the slider's own value does. Every error a user can cause comes back as
-    ``gr.Error`` with zsad's message; the app keeps serving.
+    value), once the user moves it the slider's own value does.
+    The page shows images at most ``display_side`` pixels on their longest side (large JPEGs are decoded at reduced
+    size); the first method's map and mask at the upload's full resolution are made from the session's
+    ``FullResolution`` when asked for (``full_resolution_files``). ``tiles`` scores the
+    full-resolution image in overlapping windows of the model's input size (one method at a time, without references).
+    Every error a user can cause comes back as ``gr.Error`` with zsad's message; the app keeps serving.
     """
     profiles = profiles or ReferenceProfiles(detector)
 
-    def detect(image, class_name, method, threshold, references=None, slider=None):
+    def detect(image, class_name, method, threshold, references=None, slider=None, tiles=False, progress=gr.Progress()):
         slider_set = (slider or {}).get("value", DEFAULT_THRESHOLD)
         try:
-            picture = zsad.images.load_image(image_source(image))
             by_method = profiles.get(references, class_name, method)
             chosen = None if by_method and abs(threshold - slider_set) < 0.005 else threshold
-            if method == COMPARE:
-                results = list(detector.compare(picture, class_name, threshold=chosen, profiles=by_method).values())
-            else:
-                results = [detector.detect(picture, class_name, method=method, threshold=chosen, profile=by_method.get(method))]
+            results, picture = run_detection(image, class_name, method, chosen, by_method, tiles, progress)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
         first = results[0]
         calibration = by_method[first.method].calibration if by_method else None
         return (
-            (picture, first.overlay),
-            first.mask_image(),
+            (picture, zsad.images.bounded(first.overlay, display_side)),
+            zsad.images.bounded(first.mask_image(), display_side),
             round(first.score, 4),
             report(results, by_method),
             [table_row(result) for result in results],
             gallery(results) if method == COMPARE else [],
             {"value": round(calibration.image_threshold, 2), "move": True} if calibration and chosen is None
             else {"value": slider_set, "move": False},
+            None,  # the last request's downloads no longer apply
+            FullResolution.of(first, Path(image_name(image) or "image").stem),
         )
 
+    def run_detection(image, class_name, method, threshold, by_method, tiles, progress) -> tuple[list[Detection], Image.Image]:
+        if not tiles:
+            loaded = zsad.images.read_image(image_source(image), name=image_name(image), max_side=display_side)
+            if method == COMPARE:
+                results = detector.compare(loaded, class_name, threshold=threshold, profiles=by_method, display_side=display_side)
+                return list(results.values()), loaded.image
+            result = detector.detect(loaded, class_name, method=method, threshold=threshold, profile=by_method.get(method),
+                                     display_side=display_side)
+            return [result], loaded.image
+        if method == COMPARE:
+            raise ZSADError("Tiles run one method at a time: pick a method instead of 'compare all'.")
+        if by_method:
+            raise ZSADError("Tiles do not use reference images yet: clear the references or the tiles option.")
+        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+        loaded = zsad.images.read_image(image_source(image), name=image_name(image))
+        result = detector.detect_tiled(loaded, class_name, method=method, threshold=threshold,
+                                       progress=lambda done, total: progress(done / total, desc=f"{done} of {total} tiles"))
+        return [result], zsad.images.bounded(loaded.image, display_side)
+
     return detect
+
+
+def map_to_uint8(anomaly_map) -> np.ndarray:
+    """A [0, 1] map as 8-bit levels 0-255 (rounded)."""
+    return torch.as_tensor(anomaly_map).mul(255.0).round_().to(torch.uint8).numpy()
 
 
 class ImageFiles:
@@ -262,6 +351,10 @@ class ImageFiles:
         numbers = itertools.count()
 
         def replace(item):
+            if isinstance(item, Download):
+                path = folder / item.name
+                item.image.save(path, compress_level=1)
+                return str(path)
             if isinstance(item, Image.Image):
                 path = folder / f"{next(numbers)}.{'png' if item.mode == 'L' else 'webp'}"
                 item.save(path)
@@ -299,6 +392,8 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
         lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
         if result.note:
             lines.append(f"- ⚠️ {escaped(result.note)}")
+        if result.tiles:
+            lines.append(f"- scored at full resolution in {result.tiles} tiles (score: the highest tile's)")
         if isinstance(result.details, GenCLIPImageDetails):
             lines.append(f"- {class_name_filter_decision(result.details.class_name)}")
         lines.extend(f"- {key}: {escaped(json.dumps(value))}" for key, value in result.details_dict().items())
@@ -407,6 +502,7 @@ class ComputeTurns:
 def taking_turns(handler, turns: ComputeTurns):
     """``handler`` (a single-image request) run in its turn."""
 
+    @functools.wraps(handler)  # Gradio reads the parameters (optional ones, the progress tracker) from the signature
     def detect(*inputs):
         with turns.single():
             return handler(*inputs)
@@ -649,6 +745,14 @@ def banner(detector: AnomalyDetector, tiny: bool) -> str:
     return "\n\n".join(notes)
 
 
+def runtime(detector: AnomalyDetector) -> str:
+    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in float32"."""
+    device = detector.device
+    where = f"GPU {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type.upper()
+    vision = str(detector.backbone.dtype).removeprefix("torch.")
+    return f"Runs on {where} · vision tower in {vision}, text in float32"
+
+
 def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps()) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
@@ -672,13 +776,18 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
                                           elem_id="threshold")
                     references = gr.File(label=f"Reference images of good parts (optional, up to {MAX_REFERENCES}): calibrated "
                                          "thresholds and a reference map", file_count="multiple", type="filepath", elem_id="references")
+                    tiles = gr.Checkbox(False, label="Tiles: score the full-resolution image in overlapping model-size windows "
+                                        "(small defects on large images; slower, one method at a time)", elem_id="tiles")
                     run = gr.Button("Detect", variant="primary", elem_id="run")
                 with gr.Column():
                     overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
                     mask = gr.Image(label="Mask", type="pil", format="png", elem_id="mask")
                     score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
                     verdict = gr.Markdown(elem_id="report")
-            table = gr.Dataframe(headers=TABLE_HEADERS, label="Per method", interactive=False)
+                    full_resolution = gr.Button("Full-resolution map and mask (files)", elem_id="full-resolution")
+                    downloads = gr.File(label="Full-resolution anomaly map (0-255) and mask", file_count="multiple", elem_id="downloads")
+                    last = gr.State(None)
+            table = gr.Dataframe(headers=TABLE_HEADERS, datatype=TABLE_TYPES, label="Per method", interactive=False)
             views = gr.Gallery(label="Compare: every method's overlay and mask", columns=4, height=320, object_fit="contain")
             rows = example_rows()
             if rows:
@@ -686,15 +795,19 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
             # The threshold the app last put on the slider: while the slider shows it, calibrated thresholds apply.
             slider = gr.State({"value": DEFAULT_THRESHOLD, "move": False})
             # preprocess=False: the raw upload goes to zsad's own image loader (clear messages for bad files).
+            files = ImageFiles(keep=CONCURRENCY_LIMIT + 1)
             run.click(
-                serving_files(taking_turns(make_handler(detector), turns), ImageFiles(keep=CONCURRENCY_LIMIT + 1)),
-                inputs=[image, class_name, method, threshold, references, slider],
-                outputs=[overlay, mask, score, verdict, table, views, slider],
+                serving_files(taking_turns(make_handler(detector), turns), files),
+                inputs=[image, class_name, method, threshold, references, slider, tiles],
+                outputs=[overlay, mask, score, verdict, table, views, slider, downloads, last],
                 api_name="detect",
                 preprocess=False,
             ).then(slider_at_calibrated_value, inputs=[slider, threshold], outputs=threshold, api_name=False)
+            full_resolution.click(serving_files(full_resolution_files, files), inputs=[last], outputs=[downloads],
+                                  api_name="full_resolution")
         with gr.Tab("Batch", id="batch"):
             batch_tab(detector, batch_caps, turns)
+        gr.Markdown(runtime(detector), elem_id="runtime")
     return demo
 
 
@@ -712,7 +825,7 @@ def main(argv: list[str] | None = None) -> None:
 
         clip = str(save_tiny_clip(tempfile.mkdtemp(prefix="zsad-tiny-clip-")))
     try:
-        detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision)
+        detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision, args.device)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
     demo = build_demo(detector, tiny=args.tiny, batch_caps=BatchCaps(args.batch_max_images, args.batch_max_megabytes))

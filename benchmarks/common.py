@@ -65,8 +65,8 @@ def full_size_inputs(workdir: Path) -> tuple[str, str]:
     return str(clip_path), str(photo_like_image(workdir / "part.png"))
 
 
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` after ``warmup`` calls."""
+def run_times(fn, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -74,7 +74,12 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` after ``warmup`` calls."""
+    return statistics.median(run_times(fn, repeats, warmup))
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -88,7 +93,7 @@ def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
 
 
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 EMULATION_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -107,10 +112,20 @@ def cpu_class_line() -> str:
     """One line: model name, flags, whether bf16 is native, and the kernels torch actually dispatches to."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
-    flags = cpu_flags()
-    native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    from zsad.loading import cpu_has_native_bf16
+
     emulated = emulated_isa()
-    return (f"CPU: {model}; flags {' '.join(flags)}; native bf16: {'yes' if native_bf16 else 'no'}; "
+    return (f"CPU: {model}; flags {' '.join(cpu_flags())}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; "
             f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
             + (f"; EMULATED without AVX512/bf16 via {emulated}" if emulated else "")
             + f"; load average {os.getloadavg()[0]:.1f}")
+
+
+def cpu_class() -> str:
+    """``cpu_class_line`` plus the measured fp32 and bf16 matmul rates (bf16 on a smaller product where it is not
+    native: ~100x slower there)."""
+    from zsad.loading import cpu_has_native_bf16
+
+    bf16_size = 2048 if cpu_has_native_bf16() else 512
+    return (f"{cpu_class_line()}; matmul fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s (2048^3), "
+            f"bf16 {matmul_gflops(torch.bfloat16, bf16_size, repeats=3):.1f} GFLOP/s ({bf16_size}^3)")

@@ -45,7 +45,7 @@ def upload(path: Path) -> dict:
 @pytest.mark.parametrize("kind", ["rgb", "gray16", "cmyk", "rgba", "gray", "exif_rotated"])
 def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files, kind):
     path, size = good_files[kind]
-    (original, overlay), mask, score, report, rows, views, slider = detect(upload(path), "bottle", "baseline", 0.5)
+    (original, overlay), mask, score, report, rows, views, slider, downloads, last = detect(upload(path), "bottle", "baseline", 0.5)
     assert original.size == overlay.size == mask.size == size  # the image's own (upright) size
     assert original.mode == overlay.mode == "RGB" and mask.mode == "L"
     assert 0.0 <= score <= 1.0
@@ -54,6 +54,7 @@ def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files
     assert rows[0][:4] == ["CLIP baseline", "training-free", score, verdict]
     assert views == []  # the gallery is for compare mode
     assert "No reference images (zero-shot); uncalibrated (threshold 0.5)" in report and slider["move"] is False
+    assert downloads is None and last.original_size == size  # full-resolution files are made on request
 
 
 def test_mask_matches_the_threshold(detect, good_files):
@@ -67,7 +68,7 @@ def test_mask_matches_the_threshold(detect, good_files):
 
 def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
     path, _ = good_files["rgb"]
-    (_, overlay), _, score, report, rows, views, _ = detect(upload(path), "bottle", app.COMPARE, 0.5)
+    (_, overlay), _, score, report, rows, views, *_ = detect(upload(path), "bottle", app.COMPARE, 0.5)
     names = [app.display_name(method) for method in detector.method_names]
     assert [row[0] for row in rows] == names
     assert [caption for _, caption in views[:2]] == [f"{names[0]}: {score:.3f} {rows[0][3]}", f"{names[0]}: mask at 0.50"]
@@ -179,7 +180,7 @@ def test_gradio_gets_each_requests_images_as_files_of_their_own(detect, good_fil
     files = app.ImageFiles(keep=2)
     serve = app.serving_files(detect, files)
     outputs = [serve(upload(path), "bottle", app.COMPARE, 0.5) for _ in range(3)]
-    (original, overlay), mask, score, _, _, views, _ = outputs[-1]
+    (original, overlay), mask, score, _, _, views, *_ = outputs[-1]
     served = [original, overlay, mask, *(image for image, _ in views)]
     assert all(isinstance(file, str) and Path(file).is_file() for file in served)
     assert len(set(served)) == len(served)  # one file per image
@@ -325,17 +326,17 @@ def test_references_calibrate_the_verdict_and_move_the_slider_once_per_set(detec
     profiles = app.ReferenceProfiles(detector)
     detect = app.make_handler(detector, profiles)
     image = upload(next((product / "disk" / "test").rglob("*.png")))
-    *_, report, rows, _, slider = detect(image, "disk", "baseline", 0.5, good_parts(product))
+    _, _, _, report, rows, _, slider, *_ = detect(image, "disk", "baseline", 0.5, good_parts(product))
     calibration = profiles.get(good_parts(product), "disk", "baseline")["baseline"].calibration
     assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in report
     assert f"image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f}" in report
     assert slider == {"value": round(calibration.image_threshold, 2), "move": True}
     assert app.slider_at_calibrated_value(slider, 0.5) == slider["value"]
     # The same references again (the slider now at the calibrated value): the profile is reused, still calibrated.
-    *_, report, _, _, again = detect(image, "disk", "baseline", slider["value"], good_parts(product), slider)
+    _, _, _, report, _, _, again, *_ = detect(image, "disk", "baseline", slider["value"], good_parts(product), slider)
     assert profiles.builds == 1 and "calibrated on 3 good images:" in report and again["value"] == slider["value"]
     # The user moves the slider: their threshold applies to mask and verdict.
-    *_, report, _, _, moved = detect(image, "disk", "baseline", 0.3, good_parts(product), slider)
+    _, _, _, report, _, _, moved, *_ = detect(image, "disk", "baseline", 0.3, good_parts(product), slider)
     assert "threshold 0.3 set by hand" in report and moved == {"value": slider["value"], "move": False}
     assert app.slider_at_calibrated_value(moved, 0.3) == 0.3
     detect(image, "disk", app.COMPARE, 0.5, good_parts(product))

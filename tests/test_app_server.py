@@ -57,13 +57,15 @@ def call_detect(client: Client, example, method: str = "baseline", threshold: fl
 def test_detect_returns_overlay_mask_and_score(server, example):
     url, _ = server
     client = Client(url, verbose=False)
-    before_after, mask, score, report, table, views = call_detect(client, example)[:6]
+    before_after, mask, score, report, table, views, downloads = call_detect(client, example)
     size = example[2]
     assert [Image.open(path).size for path in before_after] == [size, size]
     assert Image.open(mask).size == size and Image.open(mask).mode == "L"
     assert 0.0 <= score <= 1.0
     assert "Tiny" not in report and "CLIP baseline (training-free)" in report
-    assert table["data"][0][2] == score and views == []
+    assert table["data"][0][2] == score and views == [] and downloads is None
+    full_map, full_mask = client.predict(api_name="/full_resolution")
+    assert [Image.open(file["value"] if isinstance(file, dict) else file).size for file in (full_map, full_mask)] == [size, size]
 
 
 def test_tiny_banner_is_on_the_page(server):

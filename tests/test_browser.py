@@ -69,9 +69,18 @@ def test_upload_type_run_and_see_the_result(browser_page):
     default_method = app.display_name(app.ordered_methods(zsad.METHODS)[0])
     expect(page.locator("#report")).to_contain_text(default_method)
     assert 0.0 <= float(score.input_value()) <= 1.0
+    expect(page.locator("#runtime")).to_contain_text("Runs on CPU")
+    page.locator("#full-resolution").click()
+    expect(page.locator("#downloads")).to_contain_text(f"{Path(image_path).stem}_anomaly_map")  # the upload's own name
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"\nscreenshot: {screenshot}")
     assert screenshot.stat().st_size > 10_000
+
+    typed = "<img src=x onerror=alert(1)>"  # a product name that must stay text
+    page.locator("#class-name textarea").fill(typed)
+    page.locator("#run").click()
+    expect(page.locator("#report")).to_contain_text(typed)  # a new name: its text features first
+    expect(page.locator("#report img")).to_have_count(0)
 
 
 def test_batch_tab_scores_every_file_and_offers_the_downloads(browser_page):

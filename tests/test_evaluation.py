@@ -165,3 +165,18 @@ def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_
     assert "n/a: capsule: pixel metrics not available (no masks)" in table
     texts = [text.get_text() for axis in figures[0].axes for text in axis.texts]
     assert texts == ["capsule: pixel metrics not available (no masks)"] * 2  # on the pixel ROC and PR panels
+
+
+def test_tiled_evaluation_records_the_tiled_detection_of_each_image(tiny_clip_path, tiny_backbone, dataset_root):
+    from zsad.evaluation import native_map
+    from zsad.inference import AnomalyDetector
+
+    model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
+    report, records = evaluate(model, "mvtec", dataset_root, categories=["tile"], batch_size=4, tiles=True)
+    assert report["tiles"] is True and len(records) == 6
+    detector = AnomalyDetector(tiny_backbone, {"baseline": model})
+    for record in records[:2]:
+        tiled = detector.detect_tiled(record.sample.image_path, "tile")
+        assert tiled.tiles == 4  # 72 px images, 56 px windows: two per side
+        assert record.score == pytest.approx(tiled.score, abs=1e-6)
+        np.testing.assert_array_equal(record.anomaly_map, native_map(tiled.anomaly_map, (IMAGE_SIZE, IMAGE_SIZE)))

@@ -177,7 +177,8 @@ def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_pa
         (tmp_path / folder).mkdir(parents=True)
         Image.fromarray(random_rgb(seed, *size)).save(tmp_path / folder / "part.png")
     missing = tmp_path / "missing.png"
-    arguments = ["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE)]
+    arguments = ["predict", "--model", "baseline", "--clip", str(tiny_clip_path), "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE),
+                 "--precision", "float32"]  # as the reference detector below
     out = tmp_path / "out"
     code = main([*arguments, str(tmp_path / "a" / "part.png"), str(tmp_path / "b"), str(missing), "--out", str(out), "--batch-size", "2"])
     assert code == 2 and "1 of 4 images could not be read" in capsys.readouterr().err
@@ -228,19 +229,6 @@ def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
     assert len(passes) == 1 + len(detector.method_names)
     for name, result in results.items():
         np.testing.assert_array_equal(result.anomaly_map, separate[name].anomaly_map)
-
-
-def test_precision_names(monkeypatch):
-    from zsad.loading import resolve_precision
-
-    assert resolve_precision("float32") is torch.float32 and resolve_precision("bfloat16") is torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") is torch.qint8 is resolve_precision("int8")  # int8 vision linears
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert resolve_precision("auto") is torch.bfloat16
-    with pytest.raises(ZSADError, match="precision"):
-        resolve_precision("fp8")
 
 
 def test_overlay_blends_the_colormap_half_and_half():

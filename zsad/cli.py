@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from .errors import ZSADError
+from .loading import PRECISIONS, add_device_argument
 from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
 
 
@@ -24,31 +25,44 @@ def _publish(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from .distributed import process_group_closed_at_end
     from .inference import AnomalyDetector
+    from .loading import resolve_device, resolve_precision
     from .predict import predict_files
     from .profile import ProductProfile
 
     if args.profile and args.reference:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
-    if args.engine == "torch":
-        if args.class_name is None:
-            raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
-        detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size)
-        class_name, threshold = args.class_name, args.threshold
-        profile = ProductProfile.load(args.profile) if args.profile else None
-        if args.reference:
-            profile = detector.build_profile(None, class_name, args.reference, progress=True)
-            print(f"Profile: {profile.describe()}")
-    else:
+    if args.engine != "torch":
         if args.profile or args.reference:
             raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
         from .export import ExportedGraphPredictor
 
-        detector, profile = ExportedGraphPredictor.load(args.model, args.engine), None
+        detector = ExportedGraphPredictor.load(args.model, args.engine)
         class_name = detector.detector.resolve_class_name(args.class_name)
         threshold = detector.detector.threshold(class_name) if args.threshold is None else args.threshold
-    summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size,
-                            profile=profile)
+        summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size,
+                                display_side=args.display_side, resume=args.resume)
+    else:
+        if args.class_name is None:
+            raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
+        # Under `accelerate launch` every process takes its own share of the images on its own device.
+        with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
+            device = accelerator.device if accelerator.num_processes > 1 else resolve_device(args.device)
+            detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size, device=device,
+                                                 dtype=resolve_precision(args.precision, device))
+            profile = ProductProfile.load(args.profile) if args.profile else None
+            if args.reference:
+                profile = detector.build_profile(None, args.class_name, args.reference, progress=accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    print(f"Profile: {profile.describe()}")
+            summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold,
+                                    batch_size=args.batch_size, profile=profile, display_side=args.display_side, tiles=args.tiles,
+                                    resume=args.resume, state=accelerator)
+    if not summary:  # not the main process: the main one reports
+        return
     failed = [record for record in summary["images"] if "error" in record]
     print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
     if failed:
@@ -125,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     predict.add_argument("--profile", metavar="DIR", help="a product profile from `zsad calibrate` (references and thresholds)")
     predict.add_argument("--reference", nargs="+", metavar="GOOD", help="images or folders of good parts: a profile built on the fly")
+    add_device_argument(predict)
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="vision backbone precision; auto = bfloat16 where the device runs it natively, float16 on GPUs without "
+                         "bfloat16, int8 vision linears on other CPUs")
+    predict.add_argument("--display-side", type=int, metavar="PIXELS",
+                         help="write overlays and masks with their longest side at most PIXELS (default: each image's full size)")
+    predict.add_argument("--tiles", action="store_true",
+                         help="score each image at full resolution in overlapping windows of the model's input size "
+                         "(small defects on large images; one pass per window)")
+    predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest")
     predict.set_defaults(run=_predict)
 
     calibrate = commands.add_parser("calibrate", help="a product profile: reference images of good parts and calibrated thresholds")

@@ -36,6 +36,7 @@ from .data.model_input import ImageSet
 from .distributed import process_group_closed_at_end
 from .errors import ZSADError
 from .images import load_image
+from .inference import AnomalyDetector
 from .loading import PRECISIONS, load_backbone, load_model, resolve_precision
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
@@ -60,22 +61,28 @@ class Record:
 
 def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
-             precision: str = "float32", normal_dirs=(), columns: dict[str, str | None] | None = None) -> tuple[dict, list[Record]]:
+             precision: str = "float32", normal_dirs=(), columns: dict[str, str | None] | None = None,
+             tiles: bool = False) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
-    and the records (on the main process; other processes get ``({}, [])``)."""
+    and the records (on the main process; other processes get ``({}, [])``).
+
+    ``tiles`` scores each image at full resolution in overlapping windows of the input size
+    (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
+    size like every other map."""
     accelerator = accelerator or Accelerator()
     with accelerator.main_process_first():  # a Hugging Face dataset's images are written once, by the main process
         samples = load_dataset(dataset, root, categories=categories, normal_dirs=normal_dirs, columns=columns)
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    model = _load(model, clip, image_size, resolve_precision(precision)).to(accelerator.device)
-    records = _score(model, samples, batch_size, num_workers, accelerator)
+    model = _load(model, clip, image_size, resolve_precision(precision, accelerator.device)).to(accelerator.device)
+    score = _score_tiled if tiles else _score
+    records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size,
+    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size, "tiles": tiles,
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
 
@@ -105,6 +112,22 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
                     output = apply_references(memory, features, output.anomaly_map, output.image_score, fusion_weight, model.config)
                 maps = output.anomaly_map.float().cpu().numpy().astype(np.float16)
                 local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), output.image_score.float().cpu(), maps)]
+    return _gathered(local, samples, accelerator)
+
+
+def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
+    detector = AnomalyDetector(model.require_backbone(), {"model": model})
+    size = model.config.image_size
+    with accelerator.split_between_processes(list(range(len(samples)))) as shard:
+        local = []
+        for index in tqdm(shard, desc="evaluating (tiles)", disable=not accelerator.is_local_main_process):
+            result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
+            local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
+    return _gathered(local, samples, accelerator)
+
+
+def _gathered(local: list[tuple], samples: list[Sample], accelerator: Accelerator) -> list[Record]:
+    """Every process's (index, score, map) as records in sample order."""
     gathered = sorted(gather_object(local), key=lambda item: item[0]) if accelerator.num_processes > 1 else local
     return [Record(samples[index], score, anomaly_map) for index, score, anomaly_map in gathered]
 
@@ -352,10 +375,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999)")
+                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999; "
+                        "auto: bfloat16 where the device runs it natively, float16 on GPUs without it, int8 vision linears on other CPUs)")
     parser.add_argument("--shots", type=int, default=0,
                         help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers")
     parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std")
+    parser.add_argument("--tiles", action="store_true",
+                        help="score each image at full resolution in overlapping windows of the input size (small defects)")
 
 
 def run(args) -> dict[str, Path] | None:
@@ -367,7 +393,7 @@ def run(args) -> dict[str, Path] | None:
             report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
         else:
             report, records = evaluate(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
-                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, **options)
+                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, tiles=args.tiles, **options)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

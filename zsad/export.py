@@ -265,8 +265,10 @@ class ExportedGraphPredictor:
     def status(self, method: str) -> str:
         return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
 
-    def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None) -> list[Detection]:
-        """``profile`` must be None: an exported graph carries its own thresholds."""
+    def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
+                     display_side: int | None = None) -> list[Detection]:
+        """``profile`` must be None: an exported graph carries its own thresholds; ``display_side`` bounds are applied
+        when the images are read (``zsad.predict``)."""
         names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
         detections = []
         for image, name in zip(images, names):

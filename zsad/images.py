@@ -3,13 +3,24 @@
 ``load_image`` accepts paths, bytes, PIL images and numpy arrays and always returns an upright 8-bit RGB
 PIL image, or raises one ``ZSADError`` saying what is wrong (unreadable, truncated, too large, too small).
 The implementation lives in ``zsad/modeling/image_processing_zsad.py``: the pipeline saved with every checkpoint
-reads images with the same code. Importing it does not import torch (``zsad.deploy`` uses it without torch).
+reads images with the same code; ``read_image`` also bounds the longest side (decoding large JPEGs at reduced
+size) and tells the original size. Importing it does not import torch (``zsad.deploy`` uses it without torch).
 """
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from .modeling.image_processing_zsad import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, load_image, normalised_pixels, to_pixel_values
+from .modeling.image_processing_zsad import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    LoadedImage,
+    bounded,
+    bounded_size,
+    load_image,
+    normalised_pixels,
+    read_image,
+    to_pixel_values,
+)
 
 # The file suffixes zsad reads as images, everywhere (folders given to predict, dataset readers).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -27,4 +38,7 @@ def image_files(sources: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-__all__ = ["IMAGE_SUFFIXES", "image_files", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "load_image", "normalised_pixels", "to_pixel_values"]
+__all__ = [
+    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "LoadedImage", "bounded", "bounded_size", "image_files", "load_image",
+    "normalised_pixels", "read_image", "to_pixel_values",
+]

@@ -16,8 +16,9 @@ One frozen CLIP backbone is loaded once and shared by every method model the det
 """
 
 import dataclasses
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import BackboneLoadError, ZSADError
-from .images import image_files
-from .loading import checkpoint_method, load_method, shared_backbone
+from .images import LoadedImage, image_files, read_image
+from .loading import checkpoint_method, load_method, resolve_device, shared_backbone
 from .methods import METHODS, status
 from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.image_processing_zsad import (
@@ -60,9 +61,11 @@ class Detection:
         class_name: the cleaned class name the prompts used.
         score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
         threshold: the verdict's threshold (and the mask's, unless ``pixel_threshold`` is set).
-        anomaly_map: (H, W) float32 map in [0, 1] at the original image's size.
+        anomaly_map: (H, W) float32 map in [0, 1] at the size of the image as read: the original image's size,
+            or, when ``display_side`` was passed to ``detect``, that image scaled so that its longest side is at
+            most ``display_side`` (``full_resolution_map()`` gives the map at the original size then).
         mask: (H, W) bool, ``anomaly_map >= pixel_threshold``.
-        overlay: the heat map blended over the (upright, RGB) image.
+        overlay: the heat map blended over the (upright, RGB) image, at the size of ``anomaly_map``.
         details: the method's own parts for this image, a dataclass (``StackCLIPImageDetails``,
             ``GenCLIPImageDetails`` with its class-name-filter decision) or None (the baseline).
         seconds: wall time of this detection, preprocessing and post-processing included.
@@ -71,6 +74,10 @@ class Detection:
             "uncalibrated (threshold 0.5)".
         references: how many reference images of good parts were used (0: zero-shot).
         note: a warning about this image, e.g. that it does not look like the reference images.
+        original_size: (width, height) of the upright original image.
+        model_map: (S, S) float32 map at the model's input size (None for tiled detections, whose
+            ``anomaly_map`` is already at the original size).
+        tiles: how many windows a tiled detection (``detect_tiled``) scored; 0 for a whole-image detection.
     """
 
     method: str
@@ -87,6 +94,9 @@ class Detection:
     calibration: str = uncalibrated_description(DEFAULT_THRESHOLD)
     references: int = 0
     note: str | None = None
+    original_size: tuple[int, int] | None = None
+    model_map: np.ndarray | None = None
+    tiles: int = 0
 
     @property
     def is_anomalous(self) -> bool:
@@ -104,6 +114,13 @@ class Detection:
         """The binary mask as a black/white 8-bit image."""
         return mask_image(self.mask)
 
+    def full_resolution_map(self) -> np.ndarray:
+        """(H, W) map at the original image's size (``anomaly_map`` itself when it already is)."""
+        width, height = self.original_size or (self.anomaly_map.shape[1], self.anomaly_map.shape[0])
+        if self.anomaly_map.shape == (height, width) or self.model_map is None:
+            return self.anomaly_map
+        return resize_map(torch.from_numpy(self.model_map), (width, height))
+
     def summary(self) -> dict:
         """JSON-ready numbers and words (no arrays)."""
         return {
@@ -120,6 +137,7 @@ class Detection:
             "anomalous_pixel_fraction": float(self.mask.mean()),
             "details": self.details_dict(),
             "seconds": self.seconds,
+            "tiles": self.tiles,
         }
 
     def details_dict(self) -> dict:
@@ -154,18 +172,23 @@ class AnomalyDetector:
         clip: str | CLIPBackbone | None = None,
         dtype: torch.dtype | None = None,
         image_size: int | None = None,
+        device: str | torch.device | None = "auto",
     ) -> "AnomalyDetector":
         """Load the backbone once, then every method: from its checkpoint (path or Hub id) where one is
         given, else untrained on the backbone. ``methods`` defaults to all of ``zsad.METHODS``.
 
         Without ``clip``, the backbone is the one the first checkpoint was trained on (or the default CLIP).
         ``image_size`` overrides the input size of untrained models only (checkpoints keep theirs).
+        ``device`` ("auto": CUDA when available, see ``zsad.loading.resolve_device``) is where the backbone and
+        every model run; ``dtype`` is the vision tower's precision (``zsad.loading.resolve_precision`` picks one
+        for a device).
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
         if unknown:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
-        backbone = shared_backbone(clip, checkpoints.values(), dtype)
+        device = resolve_device(device)
+        backbone = shared_backbone(clip, checkpoints.values(), dtype).to(device)
         detector = cls(backbone)
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
@@ -173,21 +196,26 @@ class AnomalyDetector:
 
     @classmethod
     def for_model(
-        cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None
+        cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None,
+        device: str | torch.device | None = "auto",
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size)
+            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size, device=device)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype, device=device)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
         if model.clip is not self.backbone:
             model.attach_backbone(self.backbone)
         self.models[name] = model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
 
     @property
     def method_names(self) -> list[str]:
@@ -202,27 +230,66 @@ class AnomalyDetector:
         return self.models[method]
 
     def detect(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
-               profile: ProductProfile | None = None) -> Detection:
+               profile: ProductProfile | None = None, display_side: int | None = None) -> Detection:
         """Score one image (path, bytes, PIL image or array) of a product called ``class_name``.
 
         ``profile`` (from ``build_profile`` or ``ProductProfile.load``) adds its reference images and, unless a
-        ``threshold`` is given, its calibrated thresholds; without either the threshold is 0.5.
+        ``threshold`` is given, its calibrated thresholds; without either the threshold is 0.5. With ``display_side``,
+        the image is read with its longest side at most that many pixels (large JPEGs are decoded at reduced size) and
+        the map, mask and overlay come at that size: the model sees its input size either way, and camera-size images
+        cost about what small ones do.
         """
-        return self.detect_batch([image], class_name, method=method, threshold=threshold, profile=profile)[0]
+        return self.detect_batch([image], class_name, method=method, threshold=threshold, profile=profile,
+                                 display_side=display_side)[0]
+
+    def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float = DEFAULT_THRESHOLD,
+                     overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
+        """Score ``image`` at full resolution in overlapping windows of the model's input size (small defects on
+        large images): the windows run in batches of ``batch_size``, their maps are averaged where they overlap,
+        and the image score is the highest window score. ``progress(done, total)`` is called after each batch."""
+        started = time.perf_counter()
+        method = self._resolve_method(method)
+        model = self.model(method)
+        check_threshold(threshold)
+        loaded = read_image(image)
+        picture, name, size = loaded.image, clean_class_name(class_name), model.config.image_size
+        boxes = tile_boxes(picture.size, size, overlap)
+        total = np.zeros((picture.height, picture.width), dtype=np.float32)
+        counts = np.zeros_like(total)
+        best_score, best_details = -1.0, None
+        for start in range(0, len(boxes), batch_size):
+            chunk = boxes[start : start + batch_size]
+            pixel_values = to_pixel_values([picture.crop(box) for box in chunk], size, self.backbone.image_mean, self.backbone.image_std)
+            with torch.inference_mode():
+                output = model(pixel_values, class_names=[name] * len(chunk))
+            for i, (left, top, right, bottom) in enumerate(chunk):
+                total[top:bottom, left:right] += resize_map(output.anomaly_map[i], (right - left, bottom - top))
+                counts[top:bottom, left:right] += 1.0
+                if float(output.image_score[i]) > best_score:
+                    best_score, best_details = float(output.image_score[i]), output.image_details(i)
+            if progress is not None:
+                progress(min(start + batch_size, len(boxes)), len(boxes))
+        anomaly_map = total / counts
+        return Detection(method=method, status=status(model), class_name=name, score=best_score, threshold=float(threshold),
+                         anomaly_map=anomaly_map, mask=anomaly_map >= threshold, overlay=overlay_heatmap(picture, anomaly_map),
+                         details=best_details, seconds=time.perf_counter() - started, original_size=loaded.original_size,
+                         tiles=len(boxes))
 
     def compare(self, image, class_name: str, threshold: float | None = None,
-                profiles: Mapping[str, ProductProfile] | None = None) -> dict[str, Detection]:
+                profiles: Mapping[str, ProductProfile] | None = None, display_side: int | None = None) -> dict[str, Detection]:
         """Every held method on the same image: read once, one vision pass per input size (with every layer any
-        of those methods taps), passed to each model as ``image_features``; ``profiles`` by method name."""
+        of those methods taps), passed to each model as ``image_features``; ``profiles`` by method name,
+        ``display_side`` as in ``detect``."""
         started = time.perf_counter()
-        picture = load_image(image)
+        loaded = read_image(image, max_side=display_side)
+        picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
         shared = {size: self._encode([picture], size, layers) for size, layers in self._layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            results[method] = self._detect_on_features(method, shared[model.config.image_size], [picture], [name], threshold,
+            results[method] = self._detect_on_features(method, shared[model.config.image_size], [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))
@@ -243,17 +310,18 @@ class AnomalyDetector:
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
-        profile: ProductProfile | None = None,
+        profile: ProductProfile | None = None, display_side: int | None = None,
     ) -> list[Detection]:
         """One forward pass for a batch of images; ``class_names`` is one name for all or one per image.
 
-        ``method`` may be left out when the detector holds a single model.
+        ``method`` may be left out when the detector holds a single model; ``display_side`` as in ``detect``.
         """
         started = time.perf_counter()
         method = self._resolve_method(method)
         model = self.model(method)
         check_optional_threshold(threshold)
-        pictures = [load_image(image) for image in images]
+        loaded = [read_image(image, max_side=display_side) for image in images]
+        pictures = [item.image for item in loaded]
         if not pictures:
             raise ZSADError("No images were given.")
         names = list(class_names) if isinstance(class_names, (list, tuple)) else [class_names] * len(pictures)
@@ -263,13 +331,14 @@ class AnomalyDetector:
         pixel_values = to_pixel_values(pictures, model.config.image_size, self.backbone.image_mean, self.backbone.image_std)
         with torch.inference_mode():
             features = model.encode_image(pixel_values)
-        return self._detect_on_features(method, features, pictures, names, threshold, started, profile)
+        return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
-    def _detect_on_features(self, method: str, features, pictures: list[Image.Image], names: list[str], threshold: float | None,
+    def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
                             started: float, profile: ProductProfile | None = None) -> list[Detection]:
         """The model's heads on an encoded batch (fused with the profile's references), then maps, masks and overlays
         at each image's own size."""
         model = self.model(method)
+        pictures = [item.image for item in loaded]
         for name in sorted(set(names)) if profile else ():
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
@@ -277,6 +346,7 @@ class AnomalyDetector:
             fused = self._with_references(model, profile, features, output.anomaly_map, output.image_score) if profile else None
             anomaly_maps, scores = (fused.anomaly_map, fused.image_score) if fused else (output.anomaly_map, output.image_score)
             maps = [resize_map(anomaly_maps[i], picture.size) for i, picture in enumerate(pictures)]
+            model_maps = anomaly_maps.float().cpu().numpy()
         image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
         seconds = (time.perf_counter() - started) / len(pictures)
         return [
@@ -295,6 +365,8 @@ class AnomalyDetector:
                 calibration=calibration,
                 references=profile.num_references if profile else 0,
                 note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None,
+                original_size=loaded[i].original_size,
+                model_map=model_maps[i],
             )
             for i in range(len(pictures))
         ]
@@ -449,3 +521,20 @@ def _maps(scores: list[ReferenceScores]) -> list[np.ndarray]:
 def check_optional_threshold(threshold: float | None) -> None:
     if threshold is not None:
         check_threshold(threshold)
+
+
+def tile_boxes(size: tuple[int, int], tile: int, overlap: float = 0.25) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of ``tile`` x ``tile`` windows covering an image of PIL ``size`` (W, H), spread
+    evenly with neighbours overlapping by at least ``overlap`` of a window; a side shorter than a window gets one
+    window of its whole length."""
+    if not 0.0 <= overlap < 1.0:
+        raise ZSADError(f"The tile overlap must be in [0, 1), got {overlap}.")
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        count = math.ceil((length - tile) / (tile * (1.0 - overlap))) + 1
+        return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+    width, height = size
+    return [(left, top, min(left + tile, width), min(top + tile, height)) for top in starts(height) for left in starts(width)]

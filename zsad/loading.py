@@ -1,6 +1,9 @@
 """One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint; and what a
 checkpoint holds (its config, method and backbone) without loading its weights."""
 
+import functools
+import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -12,24 +15,86 @@ from .modeling.clip_backbone import CLIPBackbone
 from .modeling.configuration_zsad_base import DEFAULT_CLIP
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
-PRECISIONS = ("auto", "float32", "bfloat16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8
+DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
+SLOW_CPU_BF16 = (
+    "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
+    "kernels there, about 100x slower than float32. Use --precision float32, or auto (int8 vision linears here)."
+)
 
 
-def resolve_precision(precision: str = "auto") -> torch.dtype:
-    """The backbone dtype for a precision name; "auto" picks bfloat16 where the hardware runs it natively
-    (a GPU, or a CPU with AVX512-BF16/AMX), and elsewhere, where bfloat16 would be slower, int8 vision linears
-    (``INT8``): 2.1x faster than float32 on AVX2 kernels, maps within Pearson 0.99998 (benchmarks/bench_deploy.py)."""
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for a device name: "auto" is the first CUDA GPU when one is available, then Apple's MPS,
+    else the CPU; "cpu", "cuda", "cuda:N" and "mps" are checked against what this machine has."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.") from error
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (chosen.index or 0) >= count:
+            raise ZSADError(f"Device '{device}' was asked for, but this machine has {count} CUDA GPU(s); use --device cpu or auto.")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ZSADError(f"Device '{device}' was asked for, but MPS is not available here; use --device cpu or auto.")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.")
+    return chosen
+
+
+def add_device_argument(parser) -> None:
+    """``--device`` (env ``ZSAD_DEVICE``) on an argparse parser; resolve its value with ``resolve_device``."""
+    parser.add_argument("--device", default=os.environ.get("ZSAD_DEVICE", "auto"), help=f"where the model runs (env ZSAD_DEVICE): {DEVICE_HELP}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX) and torch uses its AVX512
+    kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off)."""
+    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return has_instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The vision backbone's dtype for a precision name on ``device`` (the text side stays float32 whatever this
+    says: ``CLIPBackbone.set_vision_dtype``). "auto" picks, by where the model runs:
+
+    | device | auto |
+    |---|---|
+    | CUDA GPU with bfloat16 (Ampere and newer) | bfloat16 |
+    | CUDA GPU without it (T4, V100) | float16 |
+    | MPS | float16 |
+    | CPU with AVX512-BF16/AMX | bfloat16 |
+    | other CPUs | int8 vision linears (``INT8``): 2.1x float32 on AVX2 kernels, maps within Pearson 0.99998 on random
+    weights (benchmarks/bench_deploy.py); bfloat16 is ~100x slower there, and asking for it warns |
+    """
     if precision not in PRECISIONS:
         raise ZSADError(f"precision must be one of {PRECISIONS}, got '{precision}'.")
+    device = torch.device(device)
     if precision == "int8":
+        if device.type != "cpu":
+            raise ZSADError(f"int8 (dynamic int8 linears) runs on the CPU only; on {device.type} use auto, bfloat16 or float16.")
         return INT8
     if precision != "auto":
+        if precision == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+            _warn_slow_cpu_bf16()
         return getattr(torch, precision)
-    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
-    cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.bfloat16 if torch.cuda.is_available() or cpu_bf16 else INT8
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else INT8
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    warnings.warn(SLOW_CPU_BF16, RuntimeWarning, stacklevel=3)
 
 
 def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None = None, dtype=None) -> CLIPBackbone:

@@ -11,13 +11,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .errors import ZSADError
-from .images import IMAGE_SUFFIXES, image_files, load_image
+from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
 from .inference import AnomalyDetector, Detection, check_optional_threshold, thresholds
 from .modeling.prompting import clean_class_name
 from .profile import ProductProfile
+
+RECORDS_GLOB = "records-*.jsonl"
 
 
 def predict_files(
@@ -28,12 +31,22 @@ def predict_files(
     threshold: float | None = None,
     batch_size: int = 8,
     profile: ProductProfile | None = None,
+    display_side: int | None = None,
+    tiles: bool = False,
+    resume: bool = False,
+    state: PartialState | None = None,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
     ``profile`` adds reference images and calibrated thresholds (a given ``threshold`` overrides those; without
-    either it is 0.5). Unreadable images are recorded with their error and skipped; the returned dict is what
-    ``scores.json`` holds.
+    either it is 0.5). Each image's record is appended to ``records-<process>.jsonl`` as soon as its files are
+    written, so an interrupted run keeps what it finished; ``resume`` skips the images recorded there (unreadable
+    images are tried again) and the rest starts afresh. Under ``accelerate launch`` the images are shared between the
+    processes (``state``: the Accelerate state; default one process) and the main process merges every record, in
+    input order, into ``scores.json``. Overlays and masks are at each image's full size unless ``display_side`` bounds
+    the longest side; ``tiles`` scores each image at full resolution in model-size windows
+    (``AnomalyDetector.detect_tiled``). Unreadable images are recorded with their error and skipped; the returned dict
+    is what ``scores.json`` holds (an empty dict on the other processes).
     """
     if batch_size < 1:
         raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
@@ -42,22 +55,58 @@ def predict_files(
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
+    state = state or PartialState()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _output_names(paths)
-    records = []
-    with tqdm(total=len(paths), unit="image", desc="zsad predict") as progress:
-        for start in range(0, len(paths), batch_size):
-            chunk = list(zip(paths[start : start + batch_size], names[start : start + batch_size]))
-            records.extend(_predict_chunk(detector, chunk, class_name, out_dir, threshold, profile))
-            progress.update(len(chunk))
+    jobs = list(zip(paths, _output_names(paths)))
+    finished = {record["image"] for record in read_records(out_dir) if "error" not in record} if resume else set()
+    if not resume and state.is_main_process:
+        for stale in out_dir.glob(RECORDS_GLOB):
+            stale.unlink()
+    state.wait_for_everyone()
+    todo = [job for job in jobs if str(job[0]) not in finished]
+    with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
+        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+            step = 1 if tiles else batch_size
+            for start in range(0, len(shard), step):
+                chunk = shard[start : start + step]
+                for record in _predict_chunk(detector, chunk, class_name, out_dir, threshold, profile, display_side, tiles):
+                    stream.write(json.dumps(record) + "\n")
+                stream.flush()
+                progress.update(len(chunk))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
     method = detector.method_names[0]
+    by_image = {record["image"]: record for record in read_records(out_dir)}
     image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
                "pixel_threshold": pixel_threshold, "calibration": calibration, "references": profile.num_references if profile else 0,
-               "images": records}
+               "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _record_stream(path: Path):
+    """``path`` opened for appending, on a line of its own (an interrupted run may have left half a line)."""
+    cut_short = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    stream = open(path, "a")
+    if cut_short:
+        stream.write("\n")
+    return stream
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """Every record streamed to ``out_dir``'s ``records-*.jsonl`` files, later ones last; a line cut short by an
+    interruption is skipped (its image is done again)."""
+    records = []
+    for path in sorted(out_dir.glob(RECORDS_GLOB)):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def _output_names(paths: list[Path]) -> list[str]:
@@ -72,27 +121,40 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float | None,
-                   profile: ProductProfile | None) -> list[dict]:
-    """One batch; records in input order, unreadable images recorded with their error."""
+                   profile: ProductProfile | None, display_side: int | None, tiles: bool) -> list[dict]:
+    """One batch (one image when tiled); records in input order, unreadable images recorded with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
         try:
-            pictures[index] = load_image(path)
+            pictures[index] = read_image(path, max_side=None if tiles else display_side)
         except ZSADError as error:
             errors[index] = str(error)
-    detections = detector.detect_batch(list(pictures.values()), class_name, threshold=threshold, profile=profile) if pictures else []
+    detections = _detect(detector, list(pictures.values()), class_name, threshold, profile, display_side, tiles) if pictures else []
     results = dict(zip(pictures, detections))
     records = []
     for index, (path, name) in enumerate(chunk):
         if index in errors:
             records.append({"image": str(path), "error": errors[index]})
             continue
-        results[index].overlay.save(out_dir / f"{name}_overlay.png")
-        results[index].mask_image().save(out_dir / f"{name}_mask.png")
-        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(results[index])})
+        result = results[index]
+        overlay, mask = result.overlay, result.mask_image()
+        if tiles and display_side:
+            overlay, mask = bounded(overlay, display_side), bounded(mask, display_side)
+        overlay.save(out_dir / f"{name}_overlay.png")
+        mask.save(out_dir / f"{name}_mask.png")
+        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(result)})
     return records
+
+
+def _detect(detector: AnomalyDetector, pictures: list, class_name: str, threshold: float | None, profile: ProductProfile | None,
+            display_side: int | None, tiles: bool) -> list[Detection]:
+    if tiles:
+        if profile is not None:
+            raise ZSADError("Tiled detection does not use product profiles yet; run --tiles without --profile/--reference.")
+        return [detector.detect_tiled(picture, class_name, threshold=0.5 if threshold is None else threshold) for picture in pictures]
+    return detector.detect_batch(pictures, class_name, threshold=threshold, profile=profile, display_side=display_side)
 
 
 def _image_summary(result: Detection) -> dict:
     summary = result.summary()
-    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "note", "details", "seconds")}
+    return {key: summary[key] for key in ("score", "verdict", "anomalous_pixel_fraction", "note", "details", "seconds", "tiles")}

@@ -11,6 +11,7 @@ Importing this module does not import torch (the two functions that return or ta
 """
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +27,72 @@ MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; larger files are refused before de
 MIN_IMAGE_SIDE = 16
 
 
-def load_image(source) -> Image.Image:
-    """An upright (EXIF orientation applied) 8-bit RGB image from a path, bytes, PIL image or array."""
-    image = _open(source)
+@dataclass
+class LoadedImage:
+    """``image``: upright 8-bit RGB, its longest side bounded when asked; ``original_size``: the upright (width,
+    height) of the file itself."""
+
+    image: Image.Image
+    original_size: tuple[int, int]
+
+
+def load_image(source, name: str | None = None) -> Image.Image:
+    """An upright (EXIF orientation applied) 8-bit RGB image from a path, bytes, PIL image or array.
+
+    ``name`` is how errors call the image (e.g. the file name a user uploaded, not the server's copy of it)."""
+    return read_image(source, name=name).image
+
+
+def read_image(source, name: str | None = None, max_side: int | None = None) -> LoadedImage:
+    """``load_image`` (a ``LoadedImage`` is taken as it is), with the longest side at most ``max_side`` pixels when
+    given: JPEGs are decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's ``draft``) where that stays above the
+    bound, then resized (antialiased)."""
+    if isinstance(source, LoadedImage):
+        return LoadedImage(read_image(source.image, name, max_side).image, source.original_size)
+    name = name or (str(source) if isinstance(source, (str, Path)) else None)
+    image = _open(source, name)
     width, height = image.size
+    called = f"The image '{name}' " if name else "The image "
     if width * height > MAX_IMAGE_PIXELS:
         raise ZSADError(
-            f"The image is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; "
+            f"{called}is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; "
             "downscale it (anomaly maps are computed at 518 px anyway)."
         )
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise ZSADError(f"The image is only {width}x{height} pixels; use an image at least {MIN_IMAGE_SIDE} px on each side.")
+        raise ZSADError(f"{called}is only {width}x{height} pixels; use an image at least {MIN_IMAGE_SIDE} px on each side.")
+    turned = _exif_orientation(image) in (5, 6, 7, 8)  # stored sideways: upright width and height swap
+    original_size = (height, width) if turned else (width, height)
     try:
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        if max_side and max(width, height) > max_side and image.format == "JPEG":
+            image.draft("RGB", bounded_size((width, height), max_side))
+        image = _to_rgb(ImageOps.exif_transpose(image))
+        return LoadedImage(bounded(image, max_side) if max_side else image, original_size)
     except (OSError, ValueError, SyntaxError) as error:
-        raise ZSADError(f"The image could not be decoded ({error}); the file may be truncated or corrupt.") from error
+        raise ZSADError(f"{called}could not be decoded ({error}); the file may be truncated or corrupt.") from error
 
 
-def _open(source) -> Image.Image:
+def bounded(image: Image.Image, side: int) -> Image.Image:
+    """``image`` with its longest side at most ``side`` pixels (one-channel masks resized nearest, staying binary)."""
+    if max(image.size) <= side:
+        return image
+    resample = Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.BICUBIC
+    return image.resize(bounded_size(image.size, side), resample, reducing_gap=2.0)
+
+
+def bounded_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled down so that its longest side is ``max_side`` (aspect kept, each side at least 1)."""
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
+
+
+def _open(source, name: str | None) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -54,13 +102,15 @@ def _open(source) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     elif isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise ZSADError(f"Image file not found: {source}")
+        raise ZSADError(f"Image file not found: {name}")
     try:
         # Pillow's own bomb check raises past 2x its limit; ours (above) is stricter and reads only the header.
         with _pillow_limit_disabled():
             return Image.open(source)
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ZSADError(f"Not a readable image ({error}); use a PNG, JPEG, BMP or TIFF file.") from error
+        reason = str(error).replace(str(source), name) if name and isinstance(source, (str, Path)) else str(error)
+        called = f" '{name}'" if name else ""
+        raise ZSADError(f"Not a readable image{called} ({reason}); use a PNG, JPEG, BMP or TIFF file.") from error
 
 
 class _pillow_limit_disabled:
