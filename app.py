@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from zsad.loading import PRECISIONS, resolve_precision
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
+from zsad.modeling.prompting import clean_class_name, prompt_ensemble_features
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
@@ -40,6 +42,8 @@ DISPLAY_NAMES = {"stackclip": "StackCLIP", "genclip": "GenCLIP", "baseline": "CL
 # One request at a time uses both cores of a CPU Space; a bounded queue tells the rest it is full.
 QUEUE_SIZE = 16
 CONCURRENCY_LIMIT = 1
+# One model computation at a time: requests (one at a time from Gradio's queue) and the start-up warm-up take turns.
+MODEL_LOCK = threading.Lock()
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)", "seconds", "details"]
 
@@ -138,10 +142,11 @@ def make_handler(detector: AnomalyDetector):
     def detect(image, class_name, method, threshold):
         try:
             picture = zsad.images.load_image(image_source(image))
-            if method == COMPARE:
-                results = list(detector.compare(picture, class_name, threshold=threshold).values())
-            else:
-                results = [detector.detect(picture, class_name, method=method, threshold=threshold)]
+            with MODEL_LOCK:
+                if method == COMPARE:
+                    results = list(detector.compare(picture, class_name, threshold=threshold).values())
+                else:
+                    results = [detector.detect(picture, class_name, method=method, threshold=threshold)]
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
         first = results[0]
@@ -259,6 +264,20 @@ def example_rows() -> list[list]:
     return [[str(EXAMPLES_DIR / row["image"]), row["class_name"]] for row in json.loads(manifest.read_text())]
 
 
+def warm_example_names(detector: AnomalyDetector, names: list[str]) -> threading.Thread:
+    """Encode the example names' prompt ensembles (baseline, StackCLIP) in the background, so a first click on an
+    example does not wait for them; one name at a time under ``MODEL_LOCK``, so a request waits for one name at most."""
+
+    def warm():
+        for name in dict.fromkeys(names):
+            with MODEL_LOCK:
+                prompt_ensemble_features(detector.backbone, [clean_class_name(name)])
+
+    thread = threading.Thread(target=warm, name="zsad-warm-examples", daemon=True)
+    thread.start()
+    return thread
+
+
 def method_choices(detector: AnomalyDetector) -> list[tuple[str, str]]:
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
     return choices + [("compare all", COMPARE)] if len(choices) > 1 else choices
@@ -332,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
+    warm_example_names(detector, [name for _, name in example_rows()])
     demo = build_demo(detector, tiny=args.tiny)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch()
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
 import zsad
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector
+from zsad.modeling.prompting import prompt_ensemble_features
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -182,3 +184,16 @@ def test_gradio_gets_each_requests_images_as_files_of_their_own(detect, good_fil
     np.testing.assert_array_equal(np.asarray(Image.open(mask)), np.asarray(reference_mask))  # PNG: exact
     assert Path(outputs[1][1]).is_file() and not Path(outputs[0][1]).exists()  # the oldest request's folder is gone
     assert score == outputs[0][2]
+
+
+def test_example_names_warm_in_the_background_taking_turns_with_requests(fresh_backbone, monkeypatch):
+    detector = AnomalyDetector.load(methods=["baseline"], clip=fresh_backbone, image_size=TEST_IMAGE_SIZE)
+    with app.MODEL_LOCK:  # a request in progress: the warm-up waits for it
+        thread = app.warm_example_names(detector, ["metal_nut", "capsule", "metal nut"])
+        thread.join(timeout=0.5)
+        assert thread.is_alive() and len(fresh_backbone._frozen_features) == 0
+    thread.join(timeout=60)
+    assert not thread.is_alive() and len(fresh_backbone._frozen_features) == 2  # "metal_nut" is "metal nut"
+    warmed = prompt_ensemble_features(fresh_backbone, ["capsule", "metal nut"])
+    monkeypatch.setattr(fresh_backbone, "encode_prompts", lambda *args: pytest.fail("a warmed name was encoded again"))
+    torch.testing.assert_close(detector.model("baseline").class_text_features(["metal nut", "capsule"]), warmed.flip(0))
