@@ -57,7 +57,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     print(cpu_class_line())
     print(machine_line())
@@ -66,7 +66,8 @@ def main() -> None:
     native_bf16 = resolve_precision("auto") == torch.bfloat16 and not emulated_isa()
 
     def measure(fn):
-        return timed(fn, repeats=args.repeats, warmup=0), fn()
+        results = []
+        return timed(lambda: results.append(fn()), repeats=args.repeats, warmup=0), results[-1]
 
     today_seconds, today_prompts = measure(lambda: todays_prompt_features(backbone))
     today = ensemble(today_prompts, len(TEMPLATES))

@@ -187,3 +187,22 @@ def test_length_bucketed_prompts_equal_the_padded_batch(tiny_backbone):
     budget = 2 * max(lengths)  # several chunks, each cut to its own longest prompt
     assert len(length_buckets(sorted(lengths), budget)) > 1
     torch.testing.assert_close(tiny_backbone.encode_prompts(texts, budget), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_serving_puts_the_text_tower_on_the_precision_fast_route_training_keeps_float32(tiny_clip_path, tiny_backbone, precision):
+    from zsad.loading import load_backbone, resolve_precision, shared_backbone
+    from zsad.modeling.prompting import prompt_ensemble_features
+
+    dtype = resolve_precision(precision)
+    served = shared_backbone(str(tiny_clip_path), [], dtype)
+    text = served.model.text_model
+    quantised = [module for module in text.encoder.modules()
+                 if type(module).__name__ == "Linear" and module.__module__.startswith("torch.ao.nn.quantized")]
+    assert len(quantised) == (6 * served.text_config.num_hidden_layers if precision == "int8" else 0)
+    assert served.text_dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    assert text.embeddings.token_embedding.weight.dtype == served.model.text_projection.weight.dtype == torch.float32
+    assert load_backbone(str(tiny_clip_path), dtype=dtype).text_dtype == torch.float32  # what train.py loads
+    names = ["metal nut", "bottle"]
+    similarity = F.cosine_similarity(prompt_ensemble_features(served, names), prompt_ensemble_features(tiny_backbone, names), dim=-1)
+    assert similarity.min() >= 0.999

@@ -100,9 +100,18 @@ def shared_backbone(clip: str | CLIPBackbone | None, checkpoints: Iterable[str],
         return clip
     name, revision = (clip, None) if clip else checkpoint_backbone(checkpoints)
     try:
-        return load_backbone(name, revision=revision, dtype=dtype)
+        return text_on_the_fast_route(load_backbone(name, revision=revision, dtype=dtype), dtype)
     except ZSADError as error:
         raise BackboneLoadError(name or DEFAULT_CLIP, str(error)) from error
+
+
+def text_on_the_fast_route(backbone: CLIPBackbone, dtype) -> CLIPBackbone:
+    """For serving only (training keeps float32 text): the text transformer in bfloat16 next to a bfloat16 vision
+    tower, int8 linears next to int8 ones, so a new product name's 420-prompt ensemble does not keep a request
+    waiting; its features stay within cosine 0.999 of float32 (benchmarks/bench_new_name.py)."""
+    if dtype == INT8:
+        return quantize_text_linears(backbone)
+    return backbone.set_text_dtype(torch.bfloat16) if dtype == torch.bfloat16 else backbone
 
 
 def checkpoint_config(checkpoint: str):
