@@ -67,7 +67,7 @@ def main() -> None:
 
     def measure(fn):
         results = []
-        return timed(lambda: results.append(fn()), repeats=args.repeats, warmup=0), results[-1]
+        return timed(lambda: results.append(fn()), repeats=args.repeats, warmup=1), results[-1]
 
     today_seconds, today_prompts = measure(lambda: todays_prompt_features(backbone))
     today = ensemble(today_prompts, len(TEMPLATES))
@@ -87,7 +87,7 @@ def main() -> None:
     seconds, features = measure(lambda: new_name_features(fast, TEMPLATES[:needed]))
     rows.append((f"combined, {needed} of {len(TEMPLATES)} templates (opt-in only)", seconds, cosine(features, today)))
 
-    print(f"\nfirst request with a new name ('{NAME}', {len(all_prompts())} prompts), median of {args.repeats}")
+    print(f"\nfirst request with a new name ('{NAME}', {len(all_prompts())} prompts), median of {args.repeats} after 1 warm-up")
     print(f"{'route':<62} {'seconds':>8} {'x today':>8} {'cosine':>9}")
     for label, seconds, similarity in rows:
         print(f"{label:<62} {seconds:8.2f} {today_seconds / seconds:8.1f} {similarity:9.5f}")
