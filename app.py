@@ -50,7 +50,7 @@ from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
-from zsad.modeling.prompting import clean_class_name
+from zsad.modeling.prompting import clean_class_name, prompt_ensemble_features
 from zsad.profile import ProductProfile
 
 COMPARE = "compare"
@@ -723,6 +723,21 @@ def example_rows() -> list[list]:
     return [[str(EXAMPLES_DIR / row["image"]), row["class_name"]] for row in json.loads(manifest.read_text())]
 
 
+def warm_example_names(detector: AnomalyDetector, names: list[str], turns: ComputeTurns) -> threading.Thread:
+    """Encode the example names' prompt ensembles (baseline, StackCLIP) in the background, so a first click on an
+    example does not wait for them; one name per turn, at a batch chunk's priority, so a request waits for one name at
+    most."""
+
+    def warm():
+        for name in dict.fromkeys(names):
+            with turns.batch_chunk():
+                prompt_ensemble_features(detector.backbone, [clean_class_name(name)])
+
+    thread = threading.Thread(target=warm, name="zsad-warm-examples", daemon=True)
+    thread.start()
+    return thread
+
+
 def method_choices(detector: AnomalyDetector) -> list[tuple[str, str]]:
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
     return choices + [("compare all", COMPARE)] if len(choices) > 1 else choices
@@ -746,17 +761,18 @@ def banner(detector: AnomalyDetector, tiny: bool) -> str:
 
 
 def runtime(detector: AnomalyDetector) -> str:
-    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in float32"."""
+    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16"."""
     device = detector.device
     where = f"GPU {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type.upper()
-    vision = str(detector.backbone.dtype).removeprefix("torch.")
-    return f"Runs on {where} · vision tower in {vision}, text in float32"
+    vision, text = (str(dtype).removeprefix("torch.") for dtype in (detector.backbone.dtype, detector.backbone.text_dtype))
+    return f"Runs on {where} · vision tower in {vision}, text in {text}"
 
 
-def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps()) -> gr.Blocks:
+def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps(),
+               turns: ComputeTurns | None = None) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
-    turns = ComputeTurns()
+    turns = turns or ComputeTurns()
     with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
         gr.Markdown(
             "# zsad: zero-shot anomaly detection\n"
@@ -828,7 +844,9 @@ def main(argv: list[str] | None = None) -> None:
         detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision, args.device)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
-    demo = build_demo(detector, tiny=args.tiny, batch_caps=BatchCaps(args.batch_max_images, args.batch_max_megabytes))
+    turns = ComputeTurns()
+    warm_example_names(detector, [name for _, name in example_rows()], turns)
+    demo = build_demo(detector, tiny=args.tiny, batch_caps=BatchCaps(args.batch_max_images, args.batch_max_megabytes), turns=turns)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch()
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
 import zsad
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector
+from zsad.modeling.prompting import prompt_ensemble_features
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -367,3 +369,17 @@ def test_a_product_name_is_shown_as_typed_never_as_html(detector, good_files):
     rendered = MarkdownIt("commonmark").render(report)
     assert "<img" not in rendered and "<em>" not in rendered and "<a " not in rendered
     assert "&lt;img src=x onerror=alert(1)&gt; *bold* [link](http://x)" in rendered  # the visitor's text, as text
+
+
+def test_example_names_warm_in_the_background_taking_turns_with_requests(fresh_backbone, monkeypatch):
+    detector = AnomalyDetector.load(methods=["baseline"], clip=fresh_backbone, image_size=TEST_IMAGE_SIZE)
+    turns = app.ComputeTurns()
+    with turns.single():  # a request in progress: the warm-up waits for it
+        thread = app.warm_example_names(detector, ["metal_nut", "capsule", "metal nut"], turns)
+        thread.join(timeout=0.5)
+        assert thread.is_alive() and len(fresh_backbone._frozen_features) == 0
+    thread.join(timeout=60)
+    assert not thread.is_alive() and len(fresh_backbone._frozen_features) == 2  # "metal_nut" is "metal nut"
+    warmed = prompt_ensemble_features(fresh_backbone, ["capsule", "metal nut"])
+    monkeypatch.setattr(fresh_backbone, "encode_prompts", lambda *args: pytest.fail("a warmed name was encoded again"))
+    torch.testing.assert_close(detector.model("baseline").class_text_features(["metal nut", "capsule"]), warmed.flip(0))

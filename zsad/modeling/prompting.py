@@ -107,8 +107,6 @@ def prompt_ensemble_features(backbone, class_names: list[str], templates: tuple[
 
 def _ensemble_pair(backbone, name: str, templates: tuple[str, ...]) -> torch.Tensor:
     prompts = [state_prompts(name, states, templates) for states in STATE_WORDS]
-    ids = backbone.tokenize(prompts[0] + prompts[1])
-    rows_per_chunk = max(1, TEXT_TOKENS_PER_CHUNK // ids.shape[1])
-    features = torch.cat([backbone.encode_text(chunk) for chunk in ids.split(rows_per_chunk)])
+    features = backbone.encode_prompts(prompts[0] + prompts[1], TEXT_TOKENS_PER_CHUNK)
     normal, abnormal = features.split([len(prompts[0]), len(prompts[1])])
     return F.normalize(torch.stack([normal.mean(dim=0), abnormal.mean(dim=0)]), dim=-1)
