@@ -8,18 +8,24 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = textwrap.dedent(
+# The first lines of a script that must run where zsad cannot be imported (as on a machine without it).
+WITHOUT_ZSAD = textwrap.dedent(
     """
     import sys
     sys.modules["zsad"] = None  # importing zsad must fail in this process
-    import dataclasses
-    import torch
-    from transformers import AutoModel
     try:
         import zsad  # noqa: F401
         raise SystemExit("zsad was importable")
     except ImportError:
         pass
+    """
+)
+
+SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
+    """
+    import dataclasses
+    import torch
+    from transformers import AutoModel
     case = torch.load(sys.argv[2])
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__

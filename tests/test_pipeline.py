@@ -18,23 +18,18 @@ from zsad.inference import AnomalyDetector
 from zsad.modeling.pipeline_zsad import TASK, ZeroShotAnomalyDetectionPipeline
 
 from conftest import TEST_IMAGE_SIZE
+from remote_code import WITHOUT_ZSAD
 
 THRESHOLD = 0.3
 CLASS_NAME = "metal nut"
 # The files the pipeline needs next to the model code (pipeline_zsad.py imports the image processing).
 PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "prompting.py", "exceptions.py"}
 
-SCRIPT = textwrap.dedent(
+SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
     """
-    import json, sys
-    sys.modules["zsad"] = None  # importing zsad must fail in this process
+    import json
     import numpy as np
     from transformers import pipeline
-    try:
-        import zsad  # noqa: F401
-        raise SystemExit("zsad was importable")
-    except ImportError:
-        pass
     folders, images, threshold, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     arrays, facts = {}, {}
     for method, folder in folders.items():
