@@ -28,7 +28,7 @@ from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, ma
 from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
 from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import resolve_precision  # noqa: E402
+from zsad.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
@@ -167,7 +167,7 @@ def main() -> None:
     print(cpu_class_line())
     print(machine_line())
     emulated = bool(emulated_isa())
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() and not emulated
+    native_bf16 = cpu_has_native_bf16() and not emulated
     if emulated:
         print("Emulation: torch (ATen, oneDNN incl. its int8 kernels, MKL) honours these settings. ONNX Runtime's MLAS "
               "kernels do not (they pick AVX512/VNNI from CPUID): its figures here are NOT AVX2 figures. OpenVINO runs "

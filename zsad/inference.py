@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data.model_input import resized_mask
 from .errors import BackboneLoadError, ZSADError
 from .images import LoadedImage, image_files, read_image
 from .loading import checkpoint_method, load_method, resolve_device, shared_backbone
@@ -442,7 +443,7 @@ class AnomalyDetector:
         size = model.config.image_size
         profile.calibration = calibrate(
             [s for scores in good for s in scores.image_score.tolist()], _maps(good), [s for scores in bad for s in scores.image_score.tolist()],
-            _maps(bad), [_mask_at(mask, size) for mask in masks] if masks else None, quantile, margin,
+            _maps(bad), [resized_mask(mask, size) for mask in masks] if masks else None, quantile, margin,
             reference_mean_distance=float(max(d for scores in good for d in scores.mean_distance.tolist())),
         )
         return profile
@@ -507,11 +508,6 @@ def read_masks(masks, defective_images, count: int) -> list[np.ndarray]:
     if len(masks) != count:
         raise ZSADError(f"Got {len(masks)} masks for {count} defective images; pass one mask per defective image.")
     return [np.asarray(load_image(mask).convert("L")) > 127 for mask in masks]
-
-
-def _mask_at(mask: np.ndarray, size: int) -> np.ndarray:
-    """A mask resized (nearest) to the model's input size, where calibration compares it with the maps."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
 
 
 def _maps(scores: list[ReferenceScores]) -> list[np.ndarray]:

@@ -43,5 +43,9 @@ class TrainingSet(ImageSet):
 
 def load_mask(sample: Sample, size: int) -> torch.Tensor:
     """(size, size) 0/1 ground truth of a sample, resized with nearest neighbour (all zeros without a mask)."""
-    mask = Image.fromarray(read_mask(sample)).resize((size, size), Image.Resampling.NEAREST)
-    return torch.tensor(np.asarray(mask), dtype=torch.float32)
+    return torch.tensor(resized_mask(read_mask(sample), size), dtype=torch.float32)
+
+
+def resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A boolean (H, W) mask at (size, size), nearest neighbour (it stays binary)."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
