@@ -3,8 +3,9 @@
     python benchmarks/bench_metrics.py [--maps 1000] [--reference-maps 100] [--visa] [--dtype-maps 200] [--repeats 3]
 
 Maps are float16 518x518 (what zsad.evaluation stores), masks hold a few rectangular regions on 2/3 of the
-images. The dtype comparison times the same ``--dtype-maps`` 256x256 maps as float32 (full-precision noise:
-nearly every score distinct, the worst case for ranking) and rounded to float16, median of ``--repeats``. The
+images. The dtype comparison times the same ``--dtype-maps`` 256x256 maps as float32 and rounded to float16,
+median of ``--repeats``, for two kinds of maps: full-precision noise (nearly every score distinct, the worst case
+for ranking) and model-like smooth maps with a large tie at 0. The
 reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced thresholds
 as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
 ``--maps`` (its sorts are O(N log N), so the scaled time understates it). ``--visa`` also evaluates a
@@ -19,6 +20,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,15 +50,28 @@ def make_maps(count: int, seed: int = 0, size: int = SIZE, dtype=np.float16) -> 
     return masks, maps
 
 
+def make_smooth_maps(count: int, seed: int = 0, size: int = DTYPE_SIZE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Model-like float32 maps: bilinear upsampling of a 37x37 patch grid, a third of the pixels clipped to 0
+    (one huge tie far below the rest), defects raised by a per-image amount."""
+    masks, _ = make_maps(count, seed, size)
+    rng = np.random.default_rng(seed + 1)
+    maps = []
+    for mask in masks:
+        patches = rng.random((37, 37), dtype=np.float32)
+        smooth = ndimage.zoom(patches, size / 37, order=1)[:size, :size]
+        maps.append(np.maximum(smooth - 0.33, 0).astype(np.float32) + np.float32(0.3 * rng.random()) * mask)
+    return masks, maps
+
+
 def compare_dtypes(count: int, repeats: int) -> None:
     """pixel_metrics on the same maps as float32 and rounded to float16, timed in this run."""
-    masks, maps32 = make_maps(count, size=DTYPE_SIZE, dtype=np.float32)
-    maps16 = [m.astype(np.float16) for m in maps32]
-    seconds16 = median_seconds(lambda: pixel_metrics(masks, maps16), repeats=repeats)
-    seconds32 = median_seconds(lambda: pixel_metrics(masks, maps32), repeats=repeats)
-    distinct = np.unique(np.concatenate([m.ravel() for m in maps32])).size
-    print(f"{count} maps of {DTYPE_SIZE}x{DTYPE_SIZE} ({distinct:,} distinct float32 scores), median of {repeats}: "
-          f"float16 {seconds16:.2f} s, float32 {seconds32:.2f} s, ratio float32 / float16 {seconds32 / seconds16:.1f}x")
+    for kind, (masks, maps32) in (("noise", make_maps(count, size=DTYPE_SIZE, dtype=np.float32)), ("smooth", make_smooth_maps(count))):
+        maps16 = [m.astype(np.float16) for m in maps32]
+        seconds16 = median_seconds(lambda: pixel_metrics(masks, maps16), repeats=repeats)
+        seconds32 = median_seconds(lambda: pixel_metrics(masks, maps32), repeats=repeats)
+        distinct = np.unique(np.concatenate([m.ravel() for m in maps32])).size
+        print(f"{count} {kind} maps of {DTYPE_SIZE}x{DTYPE_SIZE} ({distinct:,} distinct float32 scores), median of {repeats}: "
+              f"float16 {seconds16:.3f} s, float32 {seconds32:.3f} s, ratio float32 / float16 {seconds32 / seconds16:.2f}x")
     small = [m[:64, :64] for m in masks[:20]]
     ours, reference = pixel_metrics(small, [m[:64, :64] for m in maps32[:20]]), reference_pixel_metrics(small, [m[:64, :64] for m in maps32[:20]])
     print("  float32 against the exact reference on 20 crops of 64x64 (every distinct score a threshold): "

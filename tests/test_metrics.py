@@ -171,3 +171,65 @@ def test_curves_need_both_classes():
     assert image_curves([1, 1], [0.2, 0.3]) is None
     curves = image_curves([0, 1, 1], [0.2, 0.7, 0.9])
     assert (curves.fpr[-1], curves.tpr[-1]) == (1.0, 1.0) and curves.precision.max() == 1.0
+
+
+def _ranks(maps):
+    """Each score replaced by its rank among all scores: every metric depends on the order only."""
+    flat = np.concatenate([m.ravel() for m in maps])
+    ranks = np.unique(flat, return_inverse=True)[1].astype(np.float64)
+    return [r.reshape(m.shape) for r, m in zip(np.split(ranks, np.cumsum([m.size for m in maps])[:-1]), maps)]
+
+
+def _crowded_case(seed: int, dtype):
+    """Scores the bucketed ranking finds hard: infinities, values near the dtype's limits, and a dense cluster of
+    defect scores far from the rest (buckets holding one, a few and very many defect values)."""
+    rng = np.random.default_rng(seed)
+    masks, _ = _random_case(seed)
+    info = np.finfo(dtype)
+    specials = np.array([np.inf, -np.inf, info.max, -info.max, info.tiny, info.smallest_subnormal, 0.0, -0.0], dtype)
+    maps = []
+    for mask in masks:
+        cluster = np.nextafter(dtype(0.5), dtype(1), dtype=dtype) + rng.integers(0, 40, mask.shape) * np.spacing(dtype(0.5))
+        scores = np.where(rng.random(mask.shape) < 0.5, cluster, rng.normal(size=mask.shape).astype(dtype))
+        scores = np.where(rng.random(mask.shape) < 0.1, rng.choice(specials, mask.shape), scores)
+        maps.append(scores.astype(dtype))
+    return masks, maps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wide_scores_with_infinities_extremes_and_dense_clusters_are_ranked_exactly(seed, dtype):
+    masks, maps = _crowded_case(seed, dtype)
+    ranks = _ranks(maps)
+    result = pixel_metrics(masks, maps)
+    assert result == pytest.approx(reference_pixel_metrics(masks, ranks), abs=1e-12)
+    curves, rank_curves = ThresholdCurve.from_maps(masks, maps), ThresholdCurve.from_maps(masks, ranks)
+    np.testing.assert_array_equal(curves.fp, rank_curves.fp)
+    np.testing.assert_array_equal(curves.tp, rank_curves.tp)
+
+
+def test_many_scores_land_exactly_whatever_the_bucket_sizes():
+    """A large set against a sorted-count reference: gap and value counts per distinct defect score."""
+    rng = np.random.default_rng(8)
+    masks = [rng.random((300, 300)) < 0.03 for _ in range(6)]
+    maps = [(rng.random(m.shape, dtype=np.float32) * 0.7 + 0.3 * m) for m in masks]
+    maps[0][:50] = np.float32(0.25)  # one tie shared by thousands of pixels of both classes
+    curves = ThresholdCurve.from_maps(masks, maps)
+    scores = np.concatenate([m.ravel() for m in maps])
+    labels = np.concatenate([m.ravel() for m in masks])
+    thresholds = np.unique(scores[labels])[::-1]
+    tp = np.cumsum(np.unique(-scores[labels], return_counts=True)[1])
+    fp = np.array([(scores[~labels] >= t).sum() for t in thresholds[::97]])
+    tp_points, first = np.unique(curves.tp, return_index=True)  # a defect score's point comes before its gap's
+    fp_at = dict(zip(tp_points, curves.fp[first]))
+    np.testing.assert_array_equal([fp_at[t] for t in tp[::97]], fp)
+    assert pixel_metrics(masks, maps)["pixel_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_nan_scores_are_refused_with_a_clear_error():
+    masks, maps = _random_case(9, rounding=4)
+    for dtype in (np.float16, np.float32, np.float64):
+        broken = [m.astype(dtype) for m in maps]
+        broken[1][2, 3] = np.nan
+        with pytest.raises(ValueError, match="contains NaN"):
+            pixel_metrics(masks, broken)
