@@ -73,14 +73,14 @@ def main() -> None:
     today = ensemble(today_prompts, len(TEMPLATES))
     rows = [("today: 420 prompts padded to the longest, float32", today_seconds, 1.0)]
     seconds, features = measure(lambda: new_name_features(backbone))
-    rows.append(("length buckets, float32 (the default text precision before)", seconds, cosine(features, today)))
+    rows.append(("prefix trees, float32 (the default text precision before)", seconds, cosine(features, today)))
     if native_bf16:
         bf16 = CLIPBackbone.from_pretrained(clip_path, dtype=torch.bfloat16).set_text_dtype(torch.bfloat16)
         seconds, features = measure(lambda: new_name_features(bf16))
-        rows.append(("length buckets + bfloat16 text tower", seconds, cosine(features, today)))
+        rows.append(("prefix trees + bfloat16 text tower", seconds, cosine(features, today)))
     int8 = quantize_text_linears(CLIPBackbone.from_pretrained(clip_path))
     seconds, features = measure(lambda: new_name_features(int8))
-    rows.append(("length buckets + int8 text linears", seconds, cosine(features, today)))
+    rows.append(("prefix trees + int8 text linears", seconds, cosine(features, today)))
 
     needed = next(k for k in range(1, len(TEMPLATES) + 1) if cosine(ensemble(today_prompts, k), today) >= FIDELITY)
     fast = bf16 if native_bf16 else int8

@@ -110,7 +110,7 @@ def test_push_to_hub_makes_one_commit_with_our_card(monkeypatch, baseline):
     assert commits[0]["repo_id"] == "org/tiny-baseline"
     assert (commits[0]["commit_description"], commits[0]["revision"], commits[0]["create_pr"]) == ("why", "dev", True)
     for name in ["model.safetensors", "config.json", "README.md", "modeling_zeroshot_clip.py",
-                 "configuration_zeroshot_clip.py", "modeling_zsad_base.py", "clip_backbone.py", "lru_cache.py"]:
+                 "configuration_zeroshot_clip.py", "modeling_zsad_base.py", "clip_backbone.py", "lru_cache.py", "prefix_tree.py"]:
         assert name in files, sorted(files)
     card = files["README.md"].decode() if isinstance(files["README.md"], bytes) else files["README.md"].read().decode()
     assert "ZeroShotCLIPModel for zero-shot anomaly detection" in card
@@ -165,9 +165,9 @@ def test_model_without_backbone_says_how_to_attach():
 
 def test_class_text_features_are_computed_once(monkeypatch, tiny_clip_path, fresh_backbone, pixels):
     baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
-    encoded_rows = []  # prompts per text-encoder call
-    original = baseline.clip.encode_text
-    monkeypatch.setattr(baseline.clip, "encode_text", lambda ids, *a, **k: encoded_rows.append(len(ids)) or original(ids, *a, **k))
+    encoded_rows = []  # prompts per prompt-encoding call
+    original = baseline.clip.encode_prompts
+    monkeypatch.setattr(baseline.clip, "encode_prompts", lambda texts, *a: encoded_rows.append(len(texts)) or original(texts, *a))
     with torch.no_grad():
         first = baseline(pixels, class_names=["bottle", "bottle"])
         prompts_per_name = sum(encoded_rows)

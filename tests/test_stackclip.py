@@ -390,10 +390,21 @@ def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_ba
 
 
 def _count_text_calls(backbone, monkeypatch) -> list:
-    """The (rows, length) of every text-encoder call on ``backbone`` from now on."""
+    """(prompts encoded, tokens in the batch) of every text-transformer call on ``backbone`` from now on: single
+    prompts (``encode_text``) and packed prompt trees (``encode_prompts``)."""
     calls = []
-    original = backbone.encode_text
-    monkeypatch.setattr(backbone, "encode_text", lambda ids, *args, **kwargs: calls.append(ids.shape) or original(ids, *args, **kwargs))
+    encode_text, encode_trees = backbone.encode_text, backbone._encode_prefix_trees
+
+    def counted_text(ids, *args, **kwargs):
+        calls.append((ids.shape[0], ids.numel()))
+        return encode_text(ids, *args, **kwargs)
+
+    def counted_trees(rows):
+        calls.append((sum(len(row.last_node) for row in rows), len(rows) * max(len(row) for row in rows)))
+        return encode_trees(rows)
+
+    monkeypatch.setattr(backbone, "encode_text", counted_text)
+    monkeypatch.setattr(backbone, "_encode_prefix_trees", counted_trees)
     return calls
 
 
@@ -408,8 +419,8 @@ def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step
         model(pixels, ["cable", "wood"])  # only the new name's prompt ensemble is encoded (in bounded chunks)
         prompts_per_name = sum(len(states) for states in STATE_WORDS) * len(TEMPLATES)
         new_calls = calls[first_calls:]
-        assert sum(rows for rows, _ in new_calls) == prompts_per_name
-        assert len(new_calls) > 1 and all(rows * length <= TEXT_TOKENS_PER_CHUNK for rows, length in new_calls)
+        assert sum(prompts for prompts, _ in new_calls) == prompts_per_name
+        assert len(new_calls) > 1 and all(tokens <= TEXT_TOKENS_PER_CHUNK for _, tokens in new_calls)
         first_calls = len(calls)
         before = model.rpl_text()
         model.rpl_context.add_(torch.randn(model.rpl_context.shape, generator=torch.Generator().manual_seed(0)))
@@ -426,10 +437,10 @@ def test_baseline_and_stackclip_on_one_backbone_encode_a_names_prompt_ensemble_o
     prompts_per_name = sum(len(states) for states in STATE_WORDS) * len(TEMPLATES)
     with torch.no_grad():
         baseline(pixels, "bottle")
-        assert sum(rows for rows, _ in calls) == prompts_per_name
+        assert sum(prompts for prompts, _ in calls) == prompts_per_name
         calls.clear()
         stackclip(pixels, "bottle")
-    assert sum(rows for rows, _ in calls) < prompts_per_name  # its own RPL prompts only
+    assert sum(prompts for prompts, _ in calls) < prompts_per_name  # its own RPL prompts only
 
 
 def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_backbone, pixels, tmp_path):

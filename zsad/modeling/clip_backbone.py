@@ -26,6 +26,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from .exceptions import ZSADError
 from .image_processing_zsad import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .lru_cache import LRUCache
+from .prefix_tree import PrefixTreeRow, pack_prefix_trees
 
 
 def quarter_point_layers(num_layers: int) -> list[int]:
@@ -115,6 +116,9 @@ def safetensors_files(name_or_path: str, revision: str | None) -> list[str] | No
 
 # Keys (a class name's prompts, a list of prompts) whose frozen text features a backbone keeps (a few KB each).
 FROZEN_FEATURES_CACHE_SIZE = 1024
+# Nodes per packed row of prompts (``encode_prompts``): enough for a few templates' state prompts to share their
+# start, few enough that attention (row length squared) stays a few percent of the row's compute.
+PROMPT_TREE_NODES = 128
 # Prompts read a few dozen rows of this table. Memory-mapped (privately, so copy-on-write), it costs the pages
 # of those rows instead of its full size (146 MiB for CLIP's 49,408 x 768 float32 table).
 SPARSELY_READ_WEIGHTS = ("text_model.embeddings.token_embedding.weight",)
@@ -320,23 +324,49 @@ class CLIPBackbone(nn.Module):
         return ids.to(self.device)
 
     def encode_prompts(self, texts: list[str], tokens_per_chunk: int) -> torch.Tensor:
-        """(len(texts), P) ``encode_text`` features of frozen prompts, encoded in chunks of similar length.
+        """(len(texts), P) ``encode_text`` features of frozen prompts, each shared start computed once.
 
-        ``tokenize`` pads a batch to its longest prompt; sorted by length, each chunk is cut to its own longest
-        prompt, so no compute goes to padding. Exact: the causal mask keeps tokens after a prompt's end token
-        out of its feature. A chunk holds at most ``tokens_per_chunk`` tokens (one prompt if it is longer).
+        Prompts are packed as prefix trees (``prefix_tree``; exact: under the causal mask a token depends only
+        on the tokens before it) in rows of ``PROMPT_TREE_NODES`` nodes, and the rows go through the text
+        transformer in chunks of at most ``tokens_per_chunk`` nodes, each padded to its own longest row.
         """
-        ids = self.tokenize(texts)
-        lengths = (ids == self.tokenizer.eos_token_id).int().argmax(dim=-1) + 1
-        order = lengths.argsort(stable=True)
+        max_length = self.text_config.max_position_embeddings
+        sequences = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        rows = pack_prefix_trees(sequences, PROMPT_TREE_NODES)
+        rows.sort(key=len)
         features = None
-        for rows in length_buckets(lengths[order].tolist(), tokens_per_chunk):
-            chosen = order[rows]
-            chunk = self.encode_text(ids[chosen, : int(lengths[chosen].max())])
+        for chunk in length_buckets([len(row) for row in rows], tokens_per_chunk):
+            prompts, chunk_features = self._encode_prefix_trees(rows[chunk])
             if features is None:
-                features = chunk.new_empty((len(texts), chunk.shape[1]))
-            features[chosen] = chunk
+                features = chunk_features.new_empty((len(texts), chunk_features.shape[1]))
+            features[prompts] = chunk_features
         return features
+
+    def _encode_prefix_trees(self, rows: list[PrefixTreeRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt indices, their features) of one batch of packed rows."""
+        size = max(len(row) for row in rows)
+        tokens = torch.zeros((len(rows), size), dtype=torch.long)
+        positions = torch.zeros((len(rows), size), dtype=torch.long)
+        allowed = torch.stack([row.ancestry(size) for row in rows])
+        batch_rows, last_nodes, prompts = [], [], []
+        for index, row in enumerate(rows):
+            tokens[index, : len(row)] = torch.tensor(row.tokens)
+            positions[index, : len(row)] = torch.tensor(row.depths())
+            prompts += row.last_node.keys()
+            last_nodes += row.last_node.values()
+            batch_rows += [index] * len(row.last_node)
+        text_model = self.model.text_model
+        embeddings = text_model.embeddings
+        hidden = (embeddings.token_embedding(tokens.to(self.device)) + embeddings.position_embedding(positions.to(self.device)))
+        hidden = hidden.to(self.text_dtype)
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+        hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=mask[:, None].to(self.device)).last_hidden_state
+        return torch.tensor(prompts, device=self.device), self._end_token_features(hidden[batch_rows, last_nodes])
+
+    def _end_token_features(self, end_tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm, projection and L2 normalisation of end-token hidden states (N, D), in float32."""
+        end_tokens = self.model.text_model.final_layer_norm(end_tokens.float())
+        return F.normalize(self.model.text_projection(end_tokens), dim=-1)
 
     def encode_text(
         self,
@@ -359,8 +389,6 @@ class CLIPBackbone(nn.Module):
         # past_key_values to cache (the old keyword warns, and goes in 5.40), so keywords would pin one side.
         causal_mask = create_causal_mask(text_model.config, hidden, None, None)
         hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=causal_mask, is_causal=True).last_hidden_state
-        hidden = text_model.final_layer_norm(hidden.float())
         # The first end token ends the prompt (the pad token may be the same id).
         end_positions = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), end_positions]
-        return F.normalize(self.model.text_projection(pooled), dim=-1)
+        return self._end_token_features(hidden[torch.arange(hidden.shape[0], device=hidden.device), end_positions])
