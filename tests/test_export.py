@@ -110,7 +110,8 @@ def test_deploy_json_holds_preprocessing_names_and_thresholds(baseline_onnx, tin
     assert config["image_size"] == TEST_IMAGE_SIZE
     assert config["image_mean"] == list(tiny_backbone.image_mean) and config["image_std"] == list(tiny_backbone.image_std)
     assert config["class_names"] == NAMES
-    assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "--threshold"}
+    assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "uncalibrated (threshold 0.3)"}
+    assert config["references"] is None
     assert (folder / config["graph"]).is_file()
 
 
@@ -182,7 +183,7 @@ def test_errors_say_what_to_do(baseline_onnx, tiny_backbone, tmp_path, monkeypat
         ExportedDetector.load(folder).detect(np.zeros((32, 32, 3), dtype=np.uint8))
     with pytest.raises(ZSADError, match="no zsad_deploy.json"):
         ExportedDetector.load(tmp_path)
-    with pytest.raises(ZSADError, match="Exporting the product profile .* is not supported yet"):
+    with pytest.raises(ZSADError, match="no profile.json|product profile"):
         export(tiny_model("baseline", tiny_backbone), ["bottle"], tmp_path / "p", profile=tmp_path)
     with pytest.raises(ZSADError, match="at least one --class-name"):
         export(tiny_model("baseline", tiny_backbone), [], tmp_path / "p")
@@ -209,3 +210,63 @@ def test_int8_precision_quantises_the_vision_linears_within_the_int8_bounds(tiny
         reference = tiny_model("baseline", float32)(x, class_names=["bottle"])
     assert abs(float(quantised_output.image_score[0] - reference.image_score[0])) <= INT8_BOUNDS[1]
     assert pearson(quantised_output.anomaly_map.numpy(), reference.anomaly_map.numpy()) >= INT8_BOUNDS[0]
+
+
+@pytest.fixture(scope="module")
+def disk_profile(tiny_backbone, tmp_path_factory):
+    """A calibrated baseline profile of the synthetic 'disk' (4 good references, 3 defective images with masks)."""
+    from zsad.data import load_dataset
+    from zsad.data.synthetic import generate
+
+    root = generate(tmp_path_factory.mktemp("synthetic"), categories=["disk"], num_good=4, num_defective=3, image_size=64,
+                    seed=0, num_train_good=4)
+    detector = AnomalyDetector.load(clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, methods=["baseline"])
+    defective = [sample for sample in load_dataset("mvtec", root, categories=["disk"]) if sample.label]
+    profile = detector.build_profile("baseline", "disk", root / "disk" / "train" / "good",
+                                     [str(sample.image_path) for sample in defective], [str(sample.mask_path) for sample in defective])
+    return detector, profile, defective
+
+
+def test_a_profile_exports_its_references_and_calibrated_thresholds(disk_profile, tmp_path):
+    detector, profile, defective = disk_profile
+    model = detector.model("baseline")
+    folder = profile.save(tmp_path / "profile")
+    export(model, ["disk", "bottle"], tmp_path / "graph", format="onnx", profile=folder)
+    config = json.loads((tmp_path / "graph" / CONFIG_NAME).read_text())
+    calibration = profile.calibration
+    assert config["thresholds"]["disk"] == {"image": calibration.image_threshold, "pixel": calibration.pixel_threshold,
+                                            "source": calibration.describe()}
+    assert config["thresholds"]["bottle"]["image"] == 0.5  # other names: no references, the default threshold
+    assert config["references"]["class_name"] == "disk" and config["references"]["num_references"] == 4
+    graph = ExportedDetector.load(tmp_path / "graph")
+    for sample in defective:
+        ours = detector.detect(sample.image_path, "disk", method="baseline", profile=profile)
+        exported = graph.detect(sample.image_path, "disk")
+        assert abs(exported.score - ours.score) <= 1e-4
+        assert pearson(exported.anomaly_map, ours.anomaly_map) >= 0.9999
+        assert (exported.threshold, exported.pixel_threshold) == (ours.threshold, ours.pixel_threshold)
+        assert exported.verdict == ours.verdict
+        assert np.mean(exported.mask != ours.mask) < 0.01  # masks differ only where the map sits on the threshold
+    plain = detector.detect(defective[0].image_path, "bottle", method="baseline")
+    assert abs(graph.detect(defective[0].image_path, "bottle").score - plain.score) <= 1e-4  # unfused column
+
+
+def test_cli_exports_a_profile_without_naming_the_product_and_predict_reports_its_thresholds(disk_profile, tiny_clip_path, tmp_path):
+    _, profile, defective = disk_profile
+    folder = profile.save(tmp_path / "profile")
+    assert main(["export", "--model", "baseline", "--clip", str(tiny_clip_path), "--image-size", str(TEST_IMAGE_SIZE),
+                 "--profile", str(folder), "--format", "onnx", "--out", str(tmp_path / "graph")]) == 0
+    assert main(["predict", str(defective[0].image_path), "--engine", "onnx", "--model", str(tmp_path / "graph"),
+                 "--out", str(tmp_path / "pred")]) == 0
+    summary = json.loads((tmp_path / "pred" / "scores.json").read_text())
+    calibration = profile.calibration
+    assert summary["class_name"] == "disk" and summary["calibration"] == calibration.describe()
+    assert (summary["threshold"], summary["pixel_threshold"]) == (calibration.image_threshold, calibration.pixel_threshold)
+
+
+def test_a_profile_for_another_product_or_method_is_refused(disk_profile, tiny_backbone, tmp_path):
+    _, profile, _ = disk_profile
+    with pytest.raises(ZSADError, match="add --class-name 'disk'"):
+        export(tiny_model("baseline", tiny_backbone), ["bottle"], tmp_path / "a", profile=profile)
+    with pytest.raises(ZSADError, match="built for the method 'baseline', not 'stackclip'"):
+        export(tiny_model("stackclip", tiny_backbone), ["disk"], tmp_path / "b", profile=profile)

@@ -42,8 +42,7 @@ def _predict(args: argparse.Namespace) -> None:
 
         detector = ExportedGraphPredictor.load(args.model, args.engine)
         class_name = detector.detector.resolve_class_name(args.class_name)
-        threshold = detector.detector.threshold(class_name) if args.threshold is None else args.threshold
-        summary = predict_files(detector, args.images, class_name, args.out, threshold=threshold, batch_size=args.batch_size,
+        summary = predict_files(detector, args.images, class_name, args.out, threshold=args.threshold, batch_size=args.batch_size,
                                 display_side=args.display_side, resume=args.resume)
     else:
         if args.class_name is None:
@@ -169,12 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
     export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    export.add_argument("--class-name", required=True, action="append", help="a product name the graph scores (repeat for several)")
+    export.add_argument("--class-name", action="append", help="a product name the graph scores (repeat for several; default: the profile's product)")
     export.add_argument("--format", required=True, choices=["onnx", "openvino"])
     export.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: the vision transformer's linear layers")
     export.add_argument("--out", required=True, help="folder for the graph and zsad_deploy.json")
-    export.add_argument("--profile", help="a product profile folder (refused for now: the graph does not carry its reference images)")
-    export.add_argument("--threshold", type=float, default=0.5, help="the verdict/mask threshold stored with the graph (default 0.5)")
+    export.add_argument("--profile", help="a product profile folder (`zsad calibrate`): its reference images go into the graph for its product, "
+                                          "with its calibrated thresholds")
+    export.add_argument("--threshold", type=float, help="the verdict/mask threshold stored with the graph (default: a profile's calibrated "
+                                                        "thresholds for its product, else 0.5)")
     export.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     export.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     export.set_defaults(run=_export)

@@ -50,10 +50,16 @@ class ExportedDetection:
     anomaly_map: np.ndarray
     model_map: np.ndarray
     seconds: float
+    pixel_threshold: float | None = None  # the mask's threshold where it differs from the verdict's (a calibrated profile)
 
     @property
     def is_anomalous(self) -> bool:
         return self.score >= self.threshold
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: the anomaly map at or above the pixel threshold."""
+        return self.anomaly_map >= (self.threshold if self.pixel_threshold is None else self.pixel_threshold)
 
     @property
     def verdict(self) -> str:
@@ -98,7 +104,13 @@ class ExportedDetector:
         return self.config["method"]
 
     def threshold(self, class_name: str) -> float:
+        """The verdict's threshold stored for ``class_name`` (a profile's calibrated one, or --threshold)."""
         return float(self.config["thresholds"][class_name]["image"])
+
+    def pixel_threshold(self, class_name: str) -> float:
+        """The mask's threshold stored for ``class_name``."""
+        entry = self.config["thresholds"][class_name]
+        return float(entry.get("pixel", entry["image"]))
 
     def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
         config = self.config
@@ -113,6 +125,7 @@ class ExportedDetector:
         started = time.perf_counter()
         column = self._column(class_name)
         name = self.class_names[column]
+        pixel_threshold = self.pixel_threshold(name) if threshold is None else float(threshold)
         threshold = self.threshold(name) if threshold is None else float(threshold)
         picture = load_image(image)
         scores, maps = self.scores_and_maps(self.pixel_values([picture]))
@@ -124,6 +137,7 @@ class ExportedDetector:
             anomaly_map=resize_map(model_map, picture.size),
             model_map=model_map,
             seconds=time.perf_counter() - started,
+            pixel_threshold=None if pixel_threshold == threshold else pixel_threshold,
         )
 
     def resolve_class_name(self, class_name: str | None) -> str:

@@ -26,12 +26,14 @@ from torch import nn
 from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, ExportedDetector, require_extra
 from .errors import ZSADError
 from .images import load_image
-from .inference import DEFAULT_THRESHOLD, Detection
+from .inference import Detection, check_optional_threshold, thresholds
 from .loading import load_model
 from .methods import method_of
 from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
 from .modeling.modeling_genclip import GenCLIPModel
 from .modeling.prompting import clean_class_name
+from .profile import ProductProfile, uncalibrated_description
+from .references import apply_references
 from .visualize import overlay_heatmap
 
 ONNX_OPSET = 18
@@ -51,10 +53,11 @@ class ExportGraph(nn.Module):
     versions, which tracing changes).
     """
 
-    def __init__(self, model, class_names: list[str]):
+    def __init__(self, model, class_names: list[str], profile: ProductProfile | None = None):
         super().__init__()
         self.model = model.eval()
         self.class_names = list(class_names)
+        self.profile = profile
         self._text_features: dict = {}
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +66,18 @@ class ExportGraph(nn.Module):
             if isinstance(self.model, GenCLIPModel) and self.model.config.cnf_mode == CNF_HARD:
                 stack.enter_context(_class_name_filter_without_branching(self.model))
             features = self.model.encode_image(pixel_values)  # one vision pass for every name
-            outputs = [self.model(image_features=features, class_names=[name]) for name in self.class_names]
-        return torch.stack([output.image_score for output in outputs], dim=1), torch.stack([output.anomaly_map for output in outputs], dim=1)
+            outputs = [self._scored(features, name) for name in self.class_names]
+        return torch.stack([score for score, _ in outputs], dim=1), torch.stack([anomaly_map for _, anomaly_map in outputs], dim=1)
+
+    def _scored(self, features, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One name's (image score, map), fused with the profile's reference images (constants) for its product."""
+        output = self.model(image_features=features, class_names=[name])
+        if self.profile is None or name != self.profile.class_name:
+            return output.image_score, output.anomaly_map
+        memory = self.profile.memory
+        fused = apply_references(memory, features.select(memory.layers), output.anomaly_map, output.image_score,
+                                 self.profile.fusion_weight, self.model.config)
+        return fused.image_score, fused.anomaly_map
 
 
 @contextmanager
@@ -170,22 +183,30 @@ def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
     return xml_path
 
 
-def profile_thresholds(profile: str | Path | None, class_names: list[str], threshold: float) -> dict:
-    """{name: {"image": t, "pixel": t, "source": ...}}. A product profile's calibrated thresholds belong to maps fused
-    with its reference images, which the graph does not compute yet, so profiles are refused rather than exported
-    with thresholds that would not fit the graph's maps."""
-    if profile is not None:
-        raise ZSADError(
-            f"Exporting the product profile '{profile}' is not supported yet: its calibrated thresholds belong to maps "
-            "fused with its reference images, and the exported graph does not carry the reference memory. Export "
-            "without --profile and set --threshold (stored in zsad_deploy.json, editable there), or run the profile "
-            "with `zsad predict --profile`."
-        )
-    return {name: {"image": threshold, "pixel": threshold, "source": "--threshold"} for name in class_names}
+def check_profile(profile: ProductProfile, model, class_names: list[str]) -> None:
+    """A ZSADError unless ``profile`` fits ``model`` and its product is among the exported names."""
+    if profile.class_name not in class_names:
+        raise ZSADError(f"The product profile is for '{profile.class_name}', which is not among the exported names "
+                        f"{class_names}; add --class-name '{profile.class_name}'.")
+    profile.check_compatible(method_of(model), profile.class_name, model.config)
 
 
-def deploy_config(model, class_names: list[str], format: str, precision: str, thresholds: dict, source: str) -> dict:
+def graph_thresholds(profile: ProductProfile | None, class_names: list[str], threshold: float | None) -> dict:
+    """{name: {"image": t, "pixel": t, "source": ...}}: the profile's calibrated thresholds for its product (unless
+    ``threshold`` is given), ``threshold`` (default 0.5) for the other names."""
+    entries = {}
+    for name in class_names:
+        image, pixel, source = thresholds(threshold, profile if profile and name == profile.class_name else None)
+        entries[name] = {"image": image, "pixel": pixel, "source": source}
+    return entries
+
+
+def deploy_config(model, class_names: list[str], format: str, precision: str, thresholds: dict, source: str,
+                  profile: ProductProfile | None = None) -> dict:
     backbone = model.require_backbone()
+    references = None if profile is None else {
+        "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion_weight,
+        "calibration": profile.calibration.describe() if profile.calibration else "uncalibrated", "created": profile.created}
     return {
         "zsad_deploy_version": 1,
         "method": method_of(model),
@@ -199,6 +220,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
         "image_std": list(backbone.image_std),
         "class_names": class_names,
         "thresholds": thresholds,
+        "references": references,
         "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
         "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
                                                                          model.config.image_size]},
@@ -211,26 +233,31 @@ def export(
     out_dir: str | Path,
     format: str = "onnx",
     precision: str = "fp32",
-    profile: str | Path | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    profile: str | Path | ProductProfile | None = None,
+    threshold: float | None = None,
     clip: str | None = None,
     image_size: int | None = None,
 ) -> Path:
     """Write the graph and ``zsad_deploy.json`` to ``out_dir``; ``model`` is a loaded zsad model, a method name
-    or a checkpoint path / Hub id. Returns the graph's path."""
+    or a checkpoint path / Hub id. A product ``profile`` (or its folder) puts its reference images in the graph,
+    as constants, for its product's column, with its calibrated thresholds. Returns the graph's path."""
     if format not in FORMATS:
         raise ZSADError(f"--format must be one of {FORMATS}, got '{format}'.")
     if precision not in PRECISIONS:
         raise ZSADError(f"--precision must be one of {PRECISIONS}, got '{precision}'.")
     require_extra("onnx", "onnxscript", *(["openvino"] if format == "openvino" else []))
-    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or []))
+    check_optional_threshold(threshold)
+    if isinstance(profile, (str, Path)):
+        profile = ProductProfile.load(profile)
+    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
     if not names:
         raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
-    thresholds = profile_thresholds(profile, names, threshold)
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
         model = load_model(model, clip=clip, dtype=torch.float32, **overrides)
+    if profile is not None:
+        check_profile(profile, model, names)
     if model.require_backbone().dtype != torch.float32:
         model.require_backbone().set_vision_dtype(torch.float32)
     out_dir = Path(out_dir)
@@ -238,12 +265,12 @@ def export(
     graph_path = out_dir / GRAPH_FILES[format]
     with tempfile.TemporaryDirectory() as scratch:
         direct = format == "onnx" and precision == "fp32"
-        onnx_path = export_onnx(ExportGraph(model, names), graph_path if direct else Path(scratch) / "fp32.onnx")
+        onnx_path = export_onnx(ExportGraph(model, names, profile), graph_path if direct else Path(scratch) / "fp32.onnx")
         if format == "openvino":
             convert_openvino(onnx_path, graph_path, int8=precision == "int8")
         elif precision == "int8":
             quantize_onnx_int8(onnx_path, graph_path)
-    config = deploy_config(model, names, format, precision, thresholds, str(source))
+    config = deploy_config(model, names, format, precision, graph_thresholds(profile, names, threshold), str(source), profile)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
     return graph_path
 
@@ -265,19 +292,29 @@ class ExportedGraphPredictor:
     def status(self, method: str) -> str:
         return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
 
+    def thresholds(self, class_name: str, threshold: float | None = None) -> tuple[float, float, str]:
+        """(image threshold, pixel threshold, where they come from) for ``class_name``: ``threshold`` for both, else
+        the graph's own."""
+        if threshold is not None:
+            return threshold, threshold, uncalibrated_description(threshold)
+        entry = self.detector.config["thresholds"][self.detector.resolve_class_name(class_name)]
+        return self.detector.threshold(class_name), self.detector.pixel_threshold(class_name), entry.get("source", "")
+
     def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
                      display_side: int | None = None) -> list[Detection]:
-        """``profile`` must be None: an exported graph carries its own thresholds; ``display_side`` bounds are applied
-        when the images are read (``zsad.predict``)."""
+        """``profile`` must be None: an exported graph carries its own reference images and thresholds;
+        ``display_side`` bounds are applied when the images are read (``zsad.predict``)."""
         names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
+        references = self.detector.config.get("references") or {}
         detections = []
         for image, name in zip(images, names):
             picture = load_image(image)
             result = self.detector.detect(picture, name, threshold)
             detections.append(Detection(
                 method=self.detector.method, status=self.status(self.detector.method), class_name=result.class_name,
-                score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map,
-                mask=result.anomaly_map >= result.threshold, overlay=overlay_heatmap(picture, result.anomaly_map),
-                seconds=result.seconds,
+                score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map, mask=result.mask,
+                overlay=overlay_heatmap(picture, result.anomaly_map), seconds=result.seconds,
+                pixel_threshold=result.pixel_threshold, calibration=self.thresholds(result.class_name, threshold)[2],
+                references=references.get("num_references", 0) if references.get("class_name") == result.class_name else 0,
             ))
         return detections

@@ -79,7 +79,9 @@ def predict_files(
         return {}
     method = detector.method_names[0]
     by_image = {record["image"]: record for record in read_records(out_dir)}
-    image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
+    # An exported graph (zsad predict --engine) knows its own thresholds.
+    image_threshold, pixel_threshold, calibration = (detector.thresholds(class_name, threshold) if hasattr(detector, "thresholds")
+                                                     else thresholds(threshold, profile))
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
                "pixel_threshold": pixel_threshold, "calibration": calibration, "references": profile.num_references if profile else 0,
                "images": [by_image[str(path)] for path, _ in jobs]}
