@@ -317,9 +317,9 @@ class _BucketTable:
 
 
 class _AffineBuckets:
-    """bucket(x) = clip(floor((x - lo) * scale) + 1, 0, size - 1) in the values' float type, lo and scale from
-    their finite range: every rounding step is monotone, so the map is too; scores below the values land in bucket
-    0. ``lo`` is finite and ``scale`` finite and positive, so no step makes a NaN (an overflow gives an infinity)."""
+    """bucket(x) = int(clip((x - lo) * scale + 1, 0, size - 1)) in the values' float type, lo and scale from their
+    finite range: every rounding step is monotone, so the map is too; scores below the values land in bucket 0.
+    ``lo`` is finite and ``scale`` finite and positive, so no step makes a NaN (an overflow gives an infinity)."""
 
     def __init__(self, values: np.ndarray, inner: int):
         self.dtype = values.dtype
