@@ -233,3 +233,21 @@ def test_nan_scores_are_refused_with_a_clear_error():
         broken[1][2, 3] = np.nan
         with pytest.raises(ValueError, match="contains NaN"):
             pixel_metrics(masks, broken)
+
+
+@pytest.mark.parametrize("shape", ["uniform", "heavy tail", "power", "outlier"])
+def test_both_bucket_maps_rank_exactly_and_each_serves_its_kind_of_scores(shape):
+    """Evenly spread scores take the affine map; heavy tails, power laws and a far outlier take the key map, which
+    follows the values' distribution. Either way the counts equal a binary-search count."""
+    from zsad.metrics import _AffineBuckets, _bucket_map, _interleaved_counts, _KeyBuckets
+
+    rng = np.random.default_rng(10)
+    scores = rng.random(200_000, dtype=np.float32)
+    scores = {"uniform": scores, "heavy tail": np.exp(8 * scores), "power": scores**8,
+              "outlier": np.append(scores, np.float32(1e6))}[shape]
+    values = np.unique(rng.choice(scores, 5_000))
+    values = np.append(values[:-1], scores.max()) if shape == "outlier" else values
+    assert isinstance(_bucket_map(values), _AffineBuckets if shape == "uniform" else _KeyBuckets)
+    below, up_to = np.searchsorted(values, scores, "left"), np.searchsorted(values, scores, "right")
+    expected = np.bincount(2 * below + (up_to > below), minlength=2 * values.size + 1)
+    np.testing.assert_array_equal(_interleaved_counts(scores, values), expected)
