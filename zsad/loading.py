@@ -123,10 +123,12 @@ def quantize_text_linears(backbone: CLIPBackbone) -> CLIPBackbone:
 
 def _quantize_linears(module: torch.nn.Module) -> None:
     """Run by oneDNN's int8 kernels, which use what the CPU has (VNNI, AVX2) and honour ONEDNN_MAX_CPU_ISA."""
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     torch.backends.quantized.engine = "onednn"
-    quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    # Per-channel weight scales: as fast as one scale per matrix, and closer to float32 (full-size random CLIP on
+    # AVX2: image-score difference 0.0083 vs 0.0104 for StackCLIP, 0.014 vs 0.020 for GenCLIP).
+    quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, dtype=None, **config_overrides):
