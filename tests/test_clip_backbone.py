@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from zsad import ZSADError
-from zsad.modeling.clip_backbone import CLIPBackbone, length_buckets, quarter_point_layers
+from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -173,20 +173,11 @@ def test_token_embedding_table_stays_a_copy_on_write_mapping_of_the_checkpoint(t
     assert checkpoint.read_bytes() == original_bytes
 
 
-def test_length_buckets_keep_count_times_longest_within_the_budget():
-    assert length_buckets([3, 3, 4, 5, 9], 12) == [slice(0, 3), slice(3, 4), slice(4, 5)]
-    assert length_buckets([20], 12) == [slice(0, 1)]  # a prompt longer than the budget still gets a chunk
-    assert length_buckets([], 12) == []
-
-
-def test_length_bucketed_prompts_equal_the_padded_batch(tiny_backbone):
+def test_packed_prompts_equal_the_padded_batch(tiny_backbone):
     texts = ["a bottle.", "a photo of a damaged metal nut with a long scratch on it.", "a photo of the cable.",
              "there is a broken screw in the scene.", "a pill.", "a close-up photo of a flawless pill."]
     reference = tiny_backbone.encode_text(tiny_backbone.tokenize(texts))
-    lengths = [len(tiny_backbone.tokenizer(text)["input_ids"]) for text in texts]
-    budget = 2 * max(lengths)  # several chunks, each cut to its own longest prompt
-    assert len(length_buckets(sorted(lengths), budget)) > 1
-    torch.testing.assert_close(tiny_backbone.encode_prompts(texts, budget), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny_backbone.encode_prompts(texts, 128), reference, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])

@@ -171,16 +171,6 @@ def fold_quick_gelu(vision_model: nn.Module) -> None:
         mlp.activation_fn = nn.SiLU(inplace=True)  # on fc1's output, which nothing else reads
 
 
-def length_buckets(sorted_lengths: list[int], tokens_per_chunk: int) -> list[slice]:
-    """Consecutive slices of ascending ``sorted_lengths`` whose count x longest stays within ``tokens_per_chunk``."""
-    buckets, start = [], 0
-    for end, length in enumerate(sorted_lengths):
-        if end > start and (end - start + 1) * length > tokens_per_chunk:
-            buckets.append(slice(start, end))
-            start = end
-    return buckets + [slice(start, len(sorted_lengths))] if sorted_lengths else buckets
-
-
 class CLIPBackbone(nn.Module):
     """Frozen CLIP (always in eval mode, no gradients) plus its tokenizer and pixel normalisation."""
 
@@ -327,24 +317,25 @@ class CLIPBackbone(nn.Module):
         """(len(texts), P) ``encode_text`` features of frozen prompts, each shared start computed once.
 
         Prompts are packed as prefix trees (``prefix_tree``; exact: under the causal mask a token depends only
-        on the tokens before it) in rows of ``PROMPT_TREE_NODES`` nodes, and the rows go through the text
-        transformer in chunks of at most ``tokens_per_chunk`` nodes, each padded to its own longest row.
+        on the tokens before it) in rows of ``PROMPT_TREE_NODES`` nodes, every row padded to that size so that a
+        new name meets the tensor shapes the kernels have already prepared, and the rows go through the text
+        transformer ``tokens_per_chunk // PROMPT_TREE_NODES`` at a time.
         """
-        max_length = self.text_config.max_position_embeddings
+        max_length = self.text_config.max_position_embeddings  # under PROMPT_TREE_NODES: a prompt always fits a row
         sequences = self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         rows = pack_prefix_trees(sequences, PROMPT_TREE_NODES)
-        rows.sort(key=len)
+        rows_per_chunk = max(1, tokens_per_chunk // PROMPT_TREE_NODES)
         features = None
-        for chunk in length_buckets([len(row) for row in rows], tokens_per_chunk):
-            prompts, chunk_features = self._encode_prefix_trees(rows[chunk])
+        for start in range(0, len(rows), rows_per_chunk):
+            prompts, chunk_features = self._encode_prefix_trees(rows[start:start + rows_per_chunk])
             if features is None:
                 features = chunk_features.new_empty((len(texts), chunk_features.shape[1]))
             features[prompts] = chunk_features
         return features
 
     def _encode_prefix_trees(self, rows: list[PrefixTreeRow]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt indices, their features) of one batch of packed rows."""
-        size = max(len(row) for row in rows)
+        """(prompt indices, their features) of one batch of packed rows, each padded to ``PROMPT_TREE_NODES``."""
+        size = max(PROMPT_TREE_NODES, *(len(row) for row in rows))
         tokens = torch.zeros((len(rows), size), dtype=torch.long)
         positions = torch.zeros((len(rows), size), dtype=torch.long)
         allowed = torch.stack([row.ancestry(size) for row in rows])
