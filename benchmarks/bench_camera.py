@@ -48,7 +48,8 @@ def camera_jpeg(path: Path) -> Path:
 
 def request_seconds(client: Client, image: Path, repeats: int, tiles: bool = False) -> list[float]:
     """Wall time of each request (after one warm-up request), outputs downloaded as the page would."""
-    return run_times(lambda: client.predict(handle_file(str(image)), CLASS_NAME, "baseline", 0.5, tiles, api_name="/detect"), repeats)
+    # /detect takes (image, class name, method, threshold, reference images, tiles); no references here.
+    return run_times(lambda: client.predict(handle_file(str(image)), CLASS_NAME, "baseline", 0.5, None, tiles, api_name="/detect"), repeats)
 
 
 def main(workdir: Path, repeats: int, clip: str | None, full_size: bool, tiles: bool) -> None:
