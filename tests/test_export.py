@@ -239,14 +239,18 @@ def test_a_profile_exports_its_references_and_calibrated_thresholds(disk_profile
     assert config["thresholds"]["bottle"]["image"] == 0.5  # other names: no references, the default threshold
     assert config["references"]["class_name"] == "disk" and config["references"]["num_references"] == 4
     graph = ExportedDetector.load(tmp_path / "graph")
+    verdicts_compared = 0
     for sample in defective:
         ours = detector.detect(sample.image_path, "disk", method="baseline", profile=profile)
         exported = graph.detect(sample.image_path, "disk")
         assert abs(exported.score - ours.score) <= 1e-4
         assert pearson(exported.anomaly_map, ours.anomaly_map) >= 0.9999
         assert (exported.threshold, exported.pixel_threshold) == (ours.threshold, ours.pixel_threshold)
-        assert exported.verdict == ours.verdict
+        if abs(ours.score - ours.threshold) > 1e-4:  # calibration puts thresholds at calibration images' own scores
+            assert exported.verdict == ours.verdict
+            verdicts_compared += 1
         assert np.mean(exported.mask != ours.mask) < 0.01  # masks differ only where the map sits on the threshold
+    assert verdicts_compared >= 1
     plain = detector.detect(defective[0].image_path, "bottle", method="baseline")
     assert abs(graph.detect(defective[0].image_path, "bottle").score - plain.score) <= 1e-4  # unfused column
 
