@@ -292,9 +292,9 @@ class ExportedGraphPredictor:
     def status(self, method: str) -> str:
         return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
 
-    def thresholds(self, class_name: str, threshold: float | None = None) -> tuple[float, float, str]:
+    def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile=None) -> tuple[float, float, str]:
         """(image threshold, pixel threshold, where they come from) for ``class_name``: ``threshold`` for both, else
-        the graph's own."""
+        the graph's own (``profile`` must be None, as in ``detect_batch``)."""
         if threshold is not None:
             return threshold, threshold, uncalibrated_description(threshold)
         entry = self.detector.config["thresholds"][self.detector.resolve_class_name(class_name)]
@@ -314,7 +314,7 @@ class ExportedGraphPredictor:
                 method=self.detector.method, status=self.status(self.detector.method), class_name=result.class_name,
                 score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map, mask=result.mask,
                 overlay=overlay_heatmap(picture, result.anomaly_map), seconds=result.seconds,
-                pixel_threshold=result.pixel_threshold, calibration=self.thresholds(result.class_name, threshold)[2],
+                pixel_threshold=result.pixel_threshold, calibration=self.verdict_thresholds(result.class_name, threshold)[2],
                 references=references.get("num_references", 0) if references.get("class_name") == result.class_name else 0,
             ))
         return detections

@@ -225,6 +225,10 @@ class AnomalyDetector:
     def status(self, method: str) -> str:
         return status(self.model(method))
 
+    def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile: ProductProfile | None = None) -> tuple[float, float, str]:
+        """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
+        return thresholds(threshold, profile)
+
     def model(self, method: str) -> ZSADPreTrainedModel:
         if method not in self.models:
             raise ZSADError(f"Unknown method '{method}'; this detector holds {self.method_names}.")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
-from .inference import AnomalyDetector, Detection, check_optional_threshold, thresholds
+from .inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_optional_threshold
 from .modeling.prompting import clean_class_name
 from .profile import ProductProfile
 
@@ -79,9 +79,7 @@ def predict_files(
         return {}
     method = detector.method_names[0]
     by_image = {record["image"]: record for record in read_records(out_dir)}
-    # An exported graph (zsad predict --engine) knows its own thresholds.
-    image_threshold, pixel_threshold, calibration = (detector.thresholds(class_name, threshold) if hasattr(detector, "thresholds")
-                                                     else thresholds(threshold, profile))
+    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
                "pixel_threshold": pixel_threshold, "calibration": calibration, "references": profile.num_references if profile else 0,
                "images": [by_image[str(path)] for path, _ in jobs]}
@@ -153,7 +151,7 @@ def _detect(detector: AnomalyDetector, pictures: list, class_name: str, threshol
     if tiles:
         if profile is not None:
             raise ZSADError("Tiled detection does not use product profiles yet; run --tiles without --profile/--reference.")
-        return [detector.detect_tiled(picture, class_name, threshold=0.5 if threshold is None else threshold) for picture in pictures]
+        return [detector.detect_tiled(picture, class_name, threshold=DEFAULT_THRESHOLD if threshold is None else threshold) for picture in pictures]
     return detector.detect_batch(pictures, class_name, threshold=threshold, profile=profile, display_side=display_side)
 
 
