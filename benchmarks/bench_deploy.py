@@ -39,11 +39,11 @@ FIDELITY = {"fp32": (0.9999, 1e-4), "bf16": (0.99, 0.01), "int8": (0.99, 0.01)}
 def exported_variants(clip: str, method: str) -> dict[str, Path]:
     """{"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}: folder; one torch export, the rest
     converted from its ONNX file (what ``zsad export`` does for each)."""
-    folders = {f"{fmt}-{precision}": WORKDIR / f"{method}-{fmt}-{precision}" for fmt in ("onnx", "openvino") for precision in ("fp32", "int8")}
-    base = folders["onnx-fp32"]
+    folders = {f"{fmt}-{precision}": WORKDIR / f"{method}-{fmt}-{precision}" for fmt in ("onnx", "openvino") for precision in ("float32", "int8")}
+    base = folders["onnx-float32"]
     if not (base / CONFIG_NAME).exists():
         started = time.perf_counter()
-        export(method, [CLASS_NAME], base, format="onnx", precision="fp32", clip=clip)
+        export(method, [CLASS_NAME], base, format="onnx", precision="float32", clip=clip)
         print(f"torch.onnx.export (dynamo) of {method} at 518 px: {time.perf_counter() - started:.0f} s", flush=True)
     config = json.loads((base / CONFIG_NAME).read_text())
     source = base / GRAPH_FILES["onnx"]
@@ -89,15 +89,15 @@ def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, ob
     listed = [
         ("torch fp32 (stock)", "fp32", lambda: torch_route(clip, method, "float32")),
         ("torch int8 dynamic (vision linears, oneDNN; --precision int8)", "int8", lambda: torch_route(clip, method, "int8")),
-        ("onnxruntime fp32", "fp32", lambda: graph_route(graphs["onnx-fp32"], "onnx")),
+        ("onnxruntime fp32", "fp32", lambda: graph_route(graphs["onnx-float32"], "onnx")),
         ("onnxruntime int8", "int8", lambda: graph_route(graphs["onnx-int8"], "onnx")),
-        ("openvino fp32", "fp32", lambda: graph_route(graphs["openvino-fp32"], "openvino")),
+        ("openvino fp32", "fp32", lambda: graph_route(graphs["openvino-float32"], "openvino")),
         ("openvino int8", "int8", lambda: graph_route(graphs["openvino-int8"], "openvino")),
     ]
     if native_bf16:
         listed += [
             ("torch bf16", "bf16", lambda: torch_route(clip, method, "bfloat16")),
-            ("openvino bf16 (fp32 graph)", "bf16", lambda: graph_route(graphs["openvino-fp32"], "openvino", inference_precision="bf16")),
+            ("openvino bf16 (fp32 graph)", "bf16", lambda: graph_route(graphs["openvino-float32"], "openvino", inference_precision="bf16")),
             ("openvino int8 + bf16", "int8", lambda: graph_route(graphs["openvino-int8"], "openvino", inference_precision="bf16")),
         ]
     return listed

@@ -109,7 +109,7 @@ def test_cli_evaluate_names_a_broken_dataset(tiny_clip_path, tmp_path, capsys):
 def test_two_process_run_agrees_with_one_process(two_process_launcher, tiny_clip_path, dataset_root, evaluated, tmp_path):
     run_command([*two_process_launcher(), str(REPO / "train" / "evaluate.py"), "--model", "baseline", "--clip", str(tiny_clip_path),
                  "--image-size", str(IMAGE_SIZE), "--dataset", "mvtec", "--root", str(dataset_root), "--batch-size", "4",
-                 "--out", str(tmp_path)], extra_env={**LOOPBACK_ENV, "ACCELERATE_USE_CPU": "true"})
+                 "--precision", "float32", "--out", str(tmp_path)], extra_env={**LOOPBACK_ENV, "ACCELERATE_USE_CPU": "true"})
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["num_images"] == 12 and report["num_processes"] == 2
     for category, metrics in evaluated[0]["categories"].items():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from zsad import ZSADError, load_model
 from zsad.cli import main
-from zsad.deploy import CONFIG_NAME, ExportedDetector, resize_map
+from zsad.deploy import CONFIG_NAME, ExportedDetector
 from zsad.export import export
 from zsad.inference import AnomalyDetector
 
@@ -55,7 +55,7 @@ def assert_parity(model, folder, bounds, engine=None, seeds=(1, 2)):
 def baseline_onnx(tiny_backbone, tmp_path_factory):
     model = tiny_model("baseline", tiny_backbone)
     folder = tmp_path_factory.mktemp("baseline-onnx")
-    export(model, NAMES, folder, format="onnx", precision="fp32", threshold=0.3)
+    export(model, NAMES, folder, format="onnx", precision="float32", threshold=0.3)
     return model, folder
 
 
@@ -95,7 +95,7 @@ def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_
     assert operators.count("MatMulInteger") == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2
 
 
-def test_openvino_fp32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
+def test_openvino_float32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
     model, onnx_folder = baseline_onnx
     export(model, NAMES, tmp_path, format="openvino")
     assert (tmp_path / "model.xml").is_file() and (tmp_path / "model.bin").is_file()
@@ -106,7 +106,7 @@ def test_openvino_fp32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, 
 def test_deploy_json_holds_preprocessing_names_and_thresholds(baseline_onnx, tiny_backbone):
     _, folder = baseline_onnx
     config = json.loads((folder / CONFIG_NAME).read_text())
-    assert config["method"] == "baseline" and config["format"] == "onnx" and config["precision"] == "fp32"
+    assert config["method"] == "baseline" and config["format"] == "onnx" and config["precision"] == "float32"
     assert config["image_size"] == TEST_IMAGE_SIZE
     assert config["image_mean"] == list(tiny_backbone.image_mean) and config["image_std"] == list(tiny_backbone.image_std)
     assert config["class_names"] == NAMES
@@ -143,14 +143,40 @@ def test_runtime_helper_runs_without_torch_and_agrees_with_the_detector(baseline
     assert pearson(in_process.anomaly_map, reference.anomaly_map) >= 0.9999
 
 
-def test_map_resize_matches_the_detectors_bilinear_resize():
-    from zsad.modeling.image_processing_zsad import resize_map as torch_resize_map
+TORCH_NOT_INSTALLED = """import sys
 
-    anomaly_map = np.random.default_rng(0).random((16, 16)).astype(np.float32)
-    ours = resize_map(anomaly_map, (50, 30))
-    reference = torch_resize_map(torch.from_numpy(anomaly_map), (50, 30))
-    assert ours.shape == reference.shape == (30, 50)
-    assert np.abs(ours - reference).max() < 0.02 and pearson(ours, reference) > 0.999
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "accelerate"):
+            raise ImportError(f"No module named '{name}' (hidden by the test)")
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+from zsad_cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_predict_with_an_exported_graph_runs_where_torch_is_not_installed(baseline_onnx, tmp_path):
+    _, folder = baseline_onnx
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, shade in enumerate((40, 200)):
+        Image.fromarray(np.full((48, 72, 3), shade, dtype=np.uint8)).save(images / f"{index}.png")
+    out = tmp_path / "pred"
+    completed = subprocess.run([sys.executable, "-c", TORCH_NOT_INSTALLED, "predict", str(images), "--engine", "onnx",
+                                "--model", str(folder), "--class-name", "metal nut", "--out", str(out)], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["class_name"] == "metal nut" and summary["threshold"] == 0.3 and len(summary["images"]) == 2
+    for record in summary["images"]:
+        expected = ExportedDetector.load(folder).detect(record["image"], "metal nut")
+        assert record["score"] == pytest.approx(expected.score) and record["verdict"] == expected.verdict
+        mask = np.asarray(Image.open(out / record["mask"])) > 127
+        np.testing.assert_array_equal(mask, expected.mask)
 
 
 def test_cli_export_openvino_int8_then_predict_with_openvino_engine(tiny_clip_path, tiny_backbone, tmp_path):
@@ -191,8 +217,12 @@ def test_errors_say_what_to_do(baseline_onnx, tiny_backbone, tmp_path, monkeypat
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
-    with pytest.raises(ZSADError, match=r'zsad\[deploy\]'):
+    with pytest.raises(ZSADError, match=r"pip install -e '\.\[deploy\]'"):
         ExportedDetector.load(folder)
+    existing_file = tmp_path / "not-a-folder"
+    existing_file.write_text("")
+    with pytest.raises(ZSADError, match="is a file; give a folder"):
+        export(tiny_model("baseline", tiny_backbone), ["bottle"], existing_file)
 
 
 def test_int8_precision_quantises_the_vision_linears_within_the_int8_bounds(tiny_clip_path):

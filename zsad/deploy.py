@@ -7,29 +7,32 @@
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
 ```
 
-Install the runtimes with ``pip install "zsad[deploy]"`` (or ``requirements-deploy.txt``).
+Install the runtimes with ``pip install -e '.[deploy]'`` in a checkout of zsad (or ``requirements-deploy.txt``).
 """
 
 import importlib.util
 import json
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .detection import Detection, build_detection, thresholds
 from .errors import ZSADError
-from .images import load_image, normalised_pixels
+from .images import load_image
+from .modeling.class_names import clean_class_name
+from .modeling.image_processing_zsad import PROCESSOR_FILE, ZSADImageProcessor
 
 CONFIG_NAME = "zsad_deploy.json"
 FORMATS = ("onnx", "openvino")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("float32", "int8")  # the names zsad.loading uses for the same precisions
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # Which runtime runs which graph file: OpenVINO reads ONNX graphs too.
 ENGINES = {"onnx": ("onnx",), "openvino": ("onnx", "openvino")}
-EXTRA_HINT = 'pip install "zsad[deploy]" (or pip install -r requirements-deploy.txt)'
+EXTRA_HINT = "pip install -e '.[deploy]' in a checkout of zsad (or pip install -r requirements-deploy.txt)"
 
 
 def require_extra(*modules: str) -> None:
@@ -39,45 +42,13 @@ def require_extra(*modules: str) -> None:
         raise ZSADError(f"Exporting and running exported models needs {', '.join(missing)}; install them with {EXTRA_HINT}.")
 
 
-@dataclass
-class ExportedDetection:
-    """One image's result: ``anomaly_map`` (H, W) float32 in [0, 1] at the image's own size; ``model_map`` at the
-    graph's input size."""
-
-    class_name: str
-    score: float
-    threshold: float
-    anomaly_map: np.ndarray
-    model_map: np.ndarray
-    seconds: float
-    pixel_threshold: float | None = None  # the mask's threshold where it differs from the verdict's (a calibrated profile)
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.score >= self.threshold
-
-    @property
-    def mask(self) -> np.ndarray:
-        """(H, W) bool: the anomaly map at or above the pixel threshold."""
-        return self.anomaly_map >= (self.threshold if self.pixel_threshold is None else self.pixel_threshold)
-
-    @property
-    def verdict(self) -> str:
-        return "anomalous" if self.is_anomalous else "normal"
-
-
-def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) map -> (H, W) float32 map for an image of PIL ``size`` (W, H), bilinear, clipped to [0, 1]."""
-    resized = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-
-
 class ExportedDetector:
     """An exported graph with its pre-processing, names and thresholds."""
 
-    def __init__(self, config: dict, run_graph, engine: str):
+    def __init__(self, config: dict, run_graph, engine: str, processor: ZSADImageProcessor):
         self.config = config
         self.engine = engine
+        self.processor = processor
         self._run_graph = run_graph
 
     @classmethod
@@ -93,7 +64,7 @@ class ExportedDetector:
             )
         graph = Path(directory) / config["graph"]
         runner = onnxruntime_runner if engine == "onnx" else openvino_runner
-        return cls(config, runner(graph, threads, **engine_options), engine)
+        return cls(config, runner(graph, threads, **engine_options), engine, read_processor(directory, config))
 
     @property
     def class_names(self) -> list[str]:
@@ -103,41 +74,38 @@ class ExportedDetector:
     def method(self) -> str:
         return self.config["method"]
 
-    def threshold(self, class_name: str) -> float:
-        """The verdict's threshold stored for ``class_name`` (a profile's calibrated one, or --threshold)."""
-        return float(self.config["thresholds"][class_name]["image"])
-
-    def pixel_threshold(self, class_name: str) -> float:
-        """The mask's threshold stored for ``class_name``."""
-        entry = self.config["thresholds"][class_name]
-        return float(entry.get("pixel", entry["image"]))
+    @property
+    def status(self) -> str:
+        return f"exported ({self.config['format']} {self.config['precision']}, run by {self.engine})"
 
     def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
-        config = self.config
-        return np.ascontiguousarray(normalised_pixels(images, config["image_size"], config["image_mean"], config["image_std"]))
+        return np.ascontiguousarray(self.processor.preprocess(images))
 
     def scores_and_maps(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw graph outputs for one (1, 3, S, S) image: scores (1, C) and maps (1, C, S, S), one column per name."""
         return self._run_graph(pixel_values)
 
-    def detect(self, image, class_name: str | None = None, threshold: float | None = None) -> ExportedDetection:
+    def verdict_thresholds(self, class_name: str | None, threshold: float | None = None) -> tuple[float, float, str]:
+        """(image threshold, pixel threshold, where they come from) for ``class_name``: ``threshold`` for both, else the
+        ones stored with the graph (a profile's calibrated ones, or those given to ``zsad export``)."""
+        if threshold is not None:
+            return thresholds(threshold)
+        entry = self.config["thresholds"][self.resolve_class_name(class_name)]
+        return float(entry["image"]), float(entry.get("pixel", entry["image"])), entry.get("source", "")
+
+    def detect(self, image, class_name: str | None = None, threshold: float | None = None) -> Detection:
         """Score one image (path, bytes, PIL image or array) for one of the exported names (default: the only one)."""
         started = time.perf_counter()
         column = self._column(class_name)
         name = self.class_names[column]
-        pixel_threshold = self.pixel_threshold(name) if threshold is None else float(threshold)
-        threshold = self.threshold(name) if threshold is None else float(threshold)
         picture = load_image(image)
         scores, maps = self.scores_and_maps(self.pixel_values([picture]))
-        model_map = np.clip(maps[0, column], 0.0, 1.0)
-        return ExportedDetection(
-            class_name=name,
-            score=float(scores[0, column]),
-            threshold=threshold,
-            anomaly_map=resize_map(model_map, picture.size),
-            model_map=model_map,
-            seconds=time.perf_counter() - started,
-            pixel_threshold=None if pixel_threshold == threshold else pixel_threshold,
+        references = self.config.get("references") or {}
+        return build_detection(
+            method=self.method, status=self.status, class_name=name, score=float(scores[0, column]), picture=picture,
+            thresholds=self.verdict_thresholds(name, threshold), model_map=np.clip(maps[0, column], 0.0, 1.0),
+            seconds=time.perf_counter() - started, original_size=picture.size,
+            references=references.get("num_references", 0) if references.get("class_name") == name else 0,
         )
 
     def resolve_class_name(self, class_name: str | None) -> str:
@@ -150,7 +118,7 @@ class ExportedDetector:
             if len(names) != 1:
                 raise ZSADError(f"Say which product this is; the graph was exported for {names}.")
             return 0
-        cleaned = " ".join(class_name.replace("_", " ").split())
+        cleaned = clean_class_name(class_name)
         if cleaned not in names:
             raise ZSADError(f"The graph was exported for {names}, not '{class_name}'; export again with that --class-name.")
         return names.index(cleaned)
@@ -161,6 +129,43 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise ZSADError(f"{directory} is not an exported model: it has no {CONFIG_NAME}. Write one with `zsad export`.")
     return json.loads(path.read_text())
+
+
+def read_processor(directory: str | Path, config: dict) -> ZSADImageProcessor:
+    """The graph's image processor: its ``preprocessor_config.json``, or for older exports the settings in
+    ``zsad_deploy.json``."""
+    if (Path(directory) / PROCESSOR_FILE).is_file():
+        return ZSADImageProcessor.from_pretrained(directory)
+    return ZSADImageProcessor(config["image_size"], config["image_mean"], config["image_std"], config.get("resize", "bicubic"))
+
+
+class ExportedGraphPredictor:
+    """An exported graph behind the interface ``zsad.predict.predict_files`` uses (``zsad predict --engine``)."""
+
+    def __init__(self, detector: ExportedDetector):
+        self.detector = detector
+
+    @classmethod
+    def load(cls, directory: str | Path, engine: str) -> "ExportedGraphPredictor":
+        return cls(ExportedDetector.load(directory, engine=engine))
+
+    @property
+    def method_names(self) -> list[str]:
+        return [self.detector.method]
+
+    def status(self, method: str) -> str:
+        return self.detector.status
+
+    def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile=None) -> tuple[float, float, str]:
+        """The graph's ``verdict_thresholds`` (``profile`` must be None, as in ``detect_batch``)."""
+        return self.detector.verdict_thresholds(class_name, threshold)
+
+    def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
+                     display_side: int | None = None) -> list[Detection]:
+        """``profile`` must be None: an exported graph carries its own reference images and thresholds;
+        ``display_side`` bounds are applied when the images are read (``zsad.predict``)."""
+        names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
+        return [self.detector.detect(image, name, threshold) for image, name in zip(images, names)]
 
 
 def _threads(threads: int | None) -> int:
@@ -199,3 +204,17 @@ def openvino_runner(graph: Path, threads: int | None = None, inference_precision
         return outputs[compiled.output("image_score")], outputs[compiled.output("anomaly_map")]
 
     return run
+
+
+class OneProcess:
+    """What ``zsad.predict.predict_files`` asks of Accelerate's ``PartialState``, for one process and no torch."""
+
+    is_main_process = is_local_main_process = True
+    process_index = 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextmanager
+    def split_between_processes(self, items):
+        yield items

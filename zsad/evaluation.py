@@ -24,25 +24,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from zsad_cli import add_evaluation_arguments as add_arguments  # noqa: F401  (train/evaluate.py takes the options from here)
 
 from .data import Sample, load_dataset, read_mask
 from .data.hf import COLUMNS
 from .data.model_input import ImageSet
 from .distributed import process_group_closed_at_end
 from .errors import ZSADError
+from .fusion import scored
 from .images import load_image
 from .inference import AnomalyDetector
-from .loading import PRECISIONS, load_backbone, load_model, resolve_precision
+from .loading import Runtime, load_backbone, load_model
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
+from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_FUSION_WEIGHT
-from .references import ReferenceMemory, apply_references
+from .references import ReferenceMemory
 from .visualize import evaluation_figure, few_shot_figure
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
@@ -61,12 +64,13 @@ class Record:
 
 def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
-             precision: str = "float32", normal_dirs=(), columns: dict[str, str | None] | None = None,
-             tiles: bool = False) -> tuple[dict, list[Record]]:
+             precision: str = "auto", normal_dirs=(), columns: dict[str, str | None] | None = None,
+             tiles: bool = False, device: str | None = None) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
-    and the records (on the main process; other processes get ``({}, [])``).
+    and the records (on the main process; other processes get ``({}, [])``). ``device`` and ``precision`` are
+    as ``zsad.loading.Runtime.resolve`` takes them (default: the accelerator's device, auto precision).
 
     ``tiles`` scores each image at full resolution in overlapping windows of the input size
     (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
@@ -77,7 +81,8 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    model = _load(model, clip, image_size, resolve_precision(precision, accelerator.device)).to(accelerator.device)
+    runtime = _runtime(accelerator, device, precision)
+    model = _load(model, clip, image_size, runtime.dtype).to(runtime.device)
     score = _score_tiled if tiles else _score
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
@@ -85,6 +90,11 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size, "tiles": tiles,
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
+
+
+def _runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:
+    """Under ``accelerate launch`` each process runs on its own device; else ``device`` (default the accelerator's)."""
+    return Runtime.resolve(accelerator.device if device is None or accelerator.num_processes > 1 else device, precision)
 
 
 def _load(model, clip: str | None, image_size: int | None, dtype):
@@ -96,22 +106,21 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
 
 
 def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
-           fusion_weight: float = DEFAULT_FUSION_WEIGHT) -> list[Record]:
+           fusion_weight: float = DEFAULT_FUSION_WEIGHT, label: str = "evaluating zero-shot") -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():
-            for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+            for batch in tqdm(loader, desc=label, disable=not accelerator.is_local_main_process):
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
-                features = model.encode_image(pixel_values.to(accelerator.device))
-                output = model(image_features=features, class_names=names)
-                if memory is not None:  # few-shot: fused with the reference images' map
-                    output = apply_references(memory, features, output.anomaly_map, output.image_score, fusion_weight, model.config)
-                maps = output.anomaly_map.float().cpu().numpy().astype(np.float16)
-                local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), output.image_score.float().cpu(), maps)]
+                features = model.encode_image(pixel_values.to(backbone.device))
+                output, fused = scored(model, features, names, memory, fusion_weight)  # few-shot: fused with the references
+                result = fused or output
+                maps = result.anomaly_map.float().cpu().numpy().astype(np.float16)
+                local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), result.image_score.float().cpu(), maps)]
     return _gathered(local, samples, accelerator)
 
 
@@ -120,7 +129,7 @@ def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int
     size = model.config.image_size
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         local = []
-        for index in tqdm(shard, desc="evaluating (tiles)", disable=not accelerator.is_local_main_process):
+        for index in tqdm(shard, desc="evaluating in tiles", disable=not accelerator.is_local_main_process):
             result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
             local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
     return _gathered(local, samples, accelerator)
@@ -185,10 +194,8 @@ def masks_and_native_maps(records: list[Record]) -> tuple[list[np.ndarray], list
 
 
 def native_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(S, S) map resized (bilinear) to a mask's (H, W), as float16."""
-    tensor = torch.from_numpy(anomaly_map.astype(np.float32))[None, None]
-    resized = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[0, 0]
-    return resized.numpy().astype(np.float16)
+    """(S, S) map resized (bilinear, as every map in zsad) to a mask's (H, W), as float16."""
+    return resize_map(anomaly_map, (shape[1], shape[0])).astype(np.float16)
 
 
 def _json_values(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -268,7 +275,8 @@ def pixel_curves(records: list[Record]) -> Curves | None:
 
 def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, categories=None, clip: str | None = None,
                       image_size: int | None = None, batch_size: int = 8, num_workers: int = 0,
-                      accelerator: Accelerator | None = None, precision: str = "float32") -> tuple[dict, list[Record]]:
+                      accelerator: Accelerator | None = None, precision: str = "auto", device: str | None = None
+                      ) -> tuple[dict, list[Record]]:
     """The zero-shot report of ``evaluate`` plus ``"few_shot"``: for each seed, ``shots`` reference images drawn per
     category from its train/good split fuse their reference map with the model's (docs/METHODS.md, "Reference
     images"); the metrics' mean and standard deviation over seeds, and each seed's report. Records are zero-shot."""
@@ -277,7 +285,8 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
     pools = reference_pools(dataset, root, categories, shots)
     accelerator = accelerator or Accelerator()
     name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    model = _load(model, clip, image_size, resolve_precision(precision)).to(accelerator.device)
+    runtime = _runtime(accelerator, device, precision)
+    model = _load(model, clip, image_size, runtime.dtype).to(runtime.device)
     report, records = evaluate(model, dataset, root, categories=categories, batch_size=batch_size, num_workers=num_workers,
                                accelerator=accelerator)
     per_seed = []
@@ -286,7 +295,8 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
         for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
             pool = pools[category]
             drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
-            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn))
+            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn),
+                                   label=f"evaluating {category}, {shots}-shot, seed {seed}")
         if accelerator.is_main_process:
             per_seed.append({"seed": seed, **category_report(seed_records)})
     if not accelerator.is_main_process:
@@ -355,40 +365,11 @@ def few_shot_table(report: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def add_arguments(parser) -> None:
-    """The evaluation options, shared by ``zsad evaluate`` and ``train/evaluate.py``."""
-    parser.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    parser.add_argument("--dataset", required=True,
-                        help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta (meta.json), folder, "
-                             "hf:ORG/NAME[:split] (a Hub dataset) or hf-disk:PATH (a folder written by save_to_disk)")
-    parser.add_argument("--root", help="dataset root folder (not for hf: / hf-disk: datasets)")
-    parser.add_argument("--normal-dirs", nargs="+", default=(), metavar="NAME",
-                        help="folder layout: more names of normal-image folders (besides good, ok, normal, nominal, pass)")
-    for role in COLUMNS:
-        parser.add_argument(f"--{role.replace('_', '-')}-column", metavar="NAME",
-                            help=f"hf: / hf-disk: datasets: the column holding the {role.replace('_', ' ')} (default '{role}')")
-    parser.add_argument("--out", "--output-dir", dest="out", required=True,
-                        help="folder for evaluation.json, evaluation.md and evaluation.png")
-    parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
-    parser.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
-    parser.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999; "
-                        "auto: bfloat16 where the device runs it natively, float16 on GPUs without it, int8 vision linears on other CPUs)")
-    parser.add_argument("--shots", type=int, default=0,
-                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers")
-    parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std")
-    parser.add_argument("--tiles", action="store_true",
-                        help="score each image at full resolution in overlapping windows of the input size (small defects)")
-
-
 def run(args) -> dict[str, Path] | None:
     """Evaluate from parsed ``add_arguments`` options; the main process writes and returns the output paths."""
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision)
+                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
         if args.shots:
             report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
         else:

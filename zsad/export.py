@@ -17,24 +17,23 @@ pre-processing, names and thresholds.
 
 import json
 import tempfile
+import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, ExportedDetector, require_extra
+from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
+from .detection import check_optional_threshold, thresholds
 from .errors import ZSADError
-from .images import load_image
-from .inference import Detection, check_optional_threshold, thresholds
+from .fusion import scored
 from .loading import load_model
 from .methods import method_of
 from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
 from .modeling.modeling_genclip import GenCLIPModel
 from .modeling.prompting import clean_class_name
-from .profile import ProductProfile, uncalibrated_description
-from .references import apply_references
-from .visualize import overlay_heatmap
+from .profile import ProductProfile
 
 ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
@@ -55,10 +54,11 @@ class ExportGraph(nn.Module):
 
     def __init__(self, model, class_names: list[str], profile: ProductProfile | None = None):
         super().__init__()
-        self.model = model.eval()
+        self.model = model
         self.class_names = list(class_names)
         self.profile = profile
         self._text_features: dict = {}
+        self.eval()  # the wrapper and the model: a module in training mode exports with a warning (and dropout)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with ExitStack() as stack:
@@ -71,13 +71,10 @@ class ExportGraph(nn.Module):
 
     def _scored(self, features, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One name's (image score, map), fused with the profile's reference images (constants) for its product."""
-        output = self.model(image_features=features, class_names=[name])
-        if self.profile is None or name != self.profile.class_name:
-            return output.image_score, output.anomaly_map
-        memory = self.profile.memory
-        fused = apply_references(memory, features.select(memory.layers), output.anomaly_map, output.image_score,
-                                 self.profile.fusion_weight, self.model.config)
-        return fused.image_score, fused.anomaly_map
+        profile = self.profile if self.profile is not None and name == self.profile.class_name else None
+        output, fused = scored(self.model, features, [name], profile.memory if profile else None, profile.fusion_weight if profile else 0.0)
+        result = fused or output
+        return result.image_score, result.anomaly_map
 
 
 @contextmanager
@@ -125,7 +122,9 @@ def export_onnx(graph: ExportGraph, path: Path) -> Path:
     pixels = example_pixels(graph.model)
     with torch.inference_mode():
         graph(pixels)  # fills the text-feature caches, so the features enter the graph as constants
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.export's own pytree code calls its deprecated LeafSpec check; nothing zsad passes causes it.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(
             graph, (pixels,), dynamo=True, opset_version=ONNX_OPSET, input_names=["pixel_values"],
             output_names=["image_score", "anomaly_map"], verbose=False,
@@ -196,7 +195,7 @@ def graph_thresholds(profile: ProductProfile | None, class_names: list[str], thr
     ``threshold`` is given), ``threshold`` (default 0.5) for the other names."""
     entries = {}
     for name in class_names:
-        image, pixel, source = thresholds(threshold, profile if profile and name == profile.class_name else None)
+        image, pixel, source = thresholds(threshold, profile.calibration if profile and name == profile.class_name else None)
         entries[name] = {"image": image, "pixel": pixel, "source": source}
     return entries
 
@@ -232,7 +231,7 @@ def export(
     class_names: list[str],
     out_dir: str | Path,
     format: str = "onnx",
-    precision: str = "fp32",
+    precision: str = "float32",
     profile: str | Path | ProductProfile | None = None,
     threshold: float | None = None,
     clip: str | None = None,
@@ -261,10 +260,12 @@ def export(
     if model.require_backbone().dtype != torch.float32:
         model.require_backbone().set_vision_dtype(torch.float32)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ZSADError(f"--out {out_dir} is a file; give a folder (new or existing) for the graph and {CONFIG_NAME}.")
     out_dir.mkdir(parents=True, exist_ok=True)
     graph_path = out_dir / GRAPH_FILES[format]
     with tempfile.TemporaryDirectory() as scratch:
-        direct = format == "onnx" and precision == "fp32"
+        direct = format == "onnx" and precision == "float32"
         onnx_path = export_onnx(ExportGraph(model, names, profile), graph_path if direct else Path(scratch) / "fp32.onnx")
         if format == "openvino":
             convert_openvino(onnx_path, graph_path, int8=precision == "int8")
@@ -272,49 +273,5 @@ def export(
             quantize_onnx_int8(onnx_path, graph_path)
     config = deploy_config(model, names, format, precision, graph_thresholds(profile, names, threshold), str(source), profile)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+    model.image_processor.save_pretrained(out_dir)
     return graph_path
-
-
-class ExportedGraphPredictor:
-    """An exported graph behind the interface ``zsad.predict.predict_files`` uses (``zsad predict --engine``)."""
-
-    def __init__(self, detector: ExportedDetector):
-        self.detector = detector
-
-    @classmethod
-    def load(cls, directory: str | Path, engine: str) -> "ExportedGraphPredictor":
-        return cls(ExportedDetector.load(directory, engine=engine))
-
-    @property
-    def method_names(self) -> list[str]:
-        return [self.detector.method]
-
-    def status(self, method: str) -> str:
-        return f"exported ({self.detector.config['format']} {self.detector.config['precision']}, run by {self.detector.engine})"
-
-    def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile=None) -> tuple[float, float, str]:
-        """(image threshold, pixel threshold, where they come from) for ``class_name``: ``threshold`` for both, else
-        the graph's own (``profile`` must be None, as in ``detect_batch``)."""
-        if threshold is not None:
-            return threshold, threshold, uncalibrated_description(threshold)
-        entry = self.detector.config["thresholds"][self.detector.resolve_class_name(class_name)]
-        return self.detector.threshold(class_name), self.detector.pixel_threshold(class_name), entry.get("source", "")
-
-    def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
-                     display_side: int | None = None) -> list[Detection]:
-        """``profile`` must be None: an exported graph carries its own reference images and thresholds;
-        ``display_side`` bounds are applied when the images are read (``zsad.predict``)."""
-        names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
-        references = self.detector.config.get("references") or {}
-        detections = []
-        for image, name in zip(images, names):
-            picture = load_image(image)
-            result = self.detector.detect(picture, name, threshold)
-            detections.append(Detection(
-                method=self.detector.method, status=self.status(self.detector.method), class_name=result.class_name,
-                score=result.score, threshold=result.threshold, anomaly_map=result.anomaly_map, mask=result.mask,
-                overlay=overlay_heatmap(picture, result.anomaly_map), seconds=result.seconds,
-                pixel_threshold=result.pixel_threshold, calibration=self.verdict_thresholds(result.class_name, threshold)[2],
-                references=references.get("num_references", 0) if references.get("class_name") == result.class_name else 0,
-            ))
-        return detections

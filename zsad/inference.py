@@ -15,145 +15,29 @@ One frozen CLIP backbone is loaded once and shared by every method model the det
 ```
 """
 
-import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .data.model_input import resized_mask
+from . import calibration, tiling
+from .detection import Detection, build_detection, check_optional_threshold, thresholds
 from .errors import BackboneLoadError, ZSADError
-from .images import LoadedImage, image_files, read_image
-from .loading import checkpoint_method, load_method, resolve_device, shared_backbone
+from .fusion import scored
+from .images import LoadedImage, read_image
+from .loading import Runtime, checkpoint_method, load_method, shared_backbone
 from .methods import METHODS, status
 from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
-from .modeling.image_processing_zsad import (
-    DEFAULT_THRESHOLD,
-    check_threshold,
-    load_image,
-    mask_image,
-    resize_map,
-    to_pixel_values,
-    verdict,
-)
+from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
-from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, uncalibrated_description
-from .references import ReferenceMemory, ReferenceScores, apply_references, single_image
-from .visualize import overlay_heatmap
+from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
+from .tiling import tile_boxes
 
-__all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_threshold"]
-
-
-@dataclass
-class Detection:
-    """What ``AnomalyDetector.detect`` returns for one image and one method.
-
-    Args:
-        method: the method name the detector holds the model under.
-        status: "trained", "untrained" (a method at its training-free start) or "training-free" (the baseline).
-        class_name: the cleaned class name the prompts used.
-        score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
-        threshold: the verdict's threshold (and the mask's, unless ``pixel_threshold`` is set).
-        anomaly_map: (H, W) float32 map in [0, 1] at the size of the image as read: the original image's size,
-            or, when ``display_side`` was passed to ``detect``, that image scaled so that its longest side is at
-            most ``display_side`` (``full_resolution_map()`` gives the map at the original size then).
-        mask: (H, W) bool, ``anomaly_map >= pixel_threshold``.
-        overlay: the heat map blended over the (upright, RGB) image, at the size of ``anomaly_map``.
-        details: the method's own parts for this image, a dataclass (``StackCLIPImageDetails``,
-            ``GenCLIPImageDetails`` with its class-name-filter decision) or None (the baseline).
-        seconds: wall time of this detection, preprocessing and post-processing included.
-        pixel_threshold: the mask's threshold when it differs from the verdict's (a calibrated profile); else None.
-        calibration: where the thresholds come from: "calibrated on N good (+ M defective) images" or
-            "uncalibrated (threshold 0.5)".
-        references: how many reference images of good parts were used (0: zero-shot).
-        note: a warning about this image, e.g. that it does not look like the reference images.
-        original_size: (width, height) of the upright original image.
-        model_map: (S, S) float32 map at the model's input size (None for tiled detections, whose
-            ``anomaly_map`` is already at the original size).
-        tiles: how many windows a tiled detection (``detect_tiled``) scored; 0 for a whole-image detection.
-    """
-
-    method: str
-    status: str
-    class_name: str
-    score: float
-    threshold: float
-    anomaly_map: np.ndarray
-    mask: np.ndarray
-    overlay: Image.Image
-    details: Any = None
-    seconds: float = 0.0
-    pixel_threshold: float | None = None
-    calibration: str = uncalibrated_description(DEFAULT_THRESHOLD)
-    references: int = 0
-    note: str | None = None
-    original_size: tuple[int, int] | None = None
-    model_map: np.ndarray | None = None
-    tiles: int = 0
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.score >= self.threshold
-
-    @property
-    def verdict(self) -> str:
-        return verdict(self.score, self.threshold)
-
-    @property
-    def mask_threshold(self) -> float:
-        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
-
-    def mask_image(self) -> Image.Image:
-        """The binary mask as a black/white 8-bit image."""
-        return mask_image(self.mask)
-
-    def full_resolution_map(self) -> np.ndarray:
-        """(H, W) map at the original image's size (``anomaly_map`` itself when it already is)."""
-        width, height = self.original_size or (self.anomaly_map.shape[1], self.anomaly_map.shape[0])
-        if self.anomaly_map.shape == (height, width) or self.model_map is None:
-            return self.anomaly_map
-        return resize_map(torch.from_numpy(self.model_map), (width, height))
-
-    def summary(self) -> dict:
-        """JSON-ready numbers and words (no arrays)."""
-        return {
-            "method": self.method,
-            "status": self.status,
-            "class_name": self.class_name,
-            "score": self.score,
-            "verdict": self.verdict,
-            "threshold": self.threshold,
-            "pixel_threshold": self.mask_threshold,
-            "calibration": self.calibration,
-            "references": self.references,
-            "note": self.note,
-            "anomalous_pixel_fraction": float(self.mask.mean()),
-            "details": self.details_dict(),
-            "seconds": self.seconds,
-            "tiles": self.tiles,
-        }
-
-    def details_dict(self) -> dict:
-        """``details`` as plain JSON values, floats rounded to 4 decimals ({} for a method without details)."""
-        return _rounded(dataclasses.asdict(self.details)) if self.details is not None else {}
-
-
-def _rounded(value):
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, list):
-        return [_rounded(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
-    return value
+# Detection, the threshold helpers and tile_boxes are public here too (``from zsad.inference import Detection``).
+__all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_optional_threshold", "check_threshold",
+           "resize_map", "thresholds", "tile_boxes"]
 
 
 class AnomalyDetector:
@@ -174,22 +58,23 @@ class AnomalyDetector:
         dtype: torch.dtype | None = None,
         image_size: int | None = None,
         device: str | torch.device | None = "auto",
+        runtime: Runtime | None = None,
     ) -> "AnomalyDetector":
         """Load the backbone once, then every method: from its checkpoint (path or Hub id) where one is
         given, else untrained on the backbone. ``methods`` defaults to all of ``zsad.METHODS``.
 
         Without ``clip``, the backbone is the one the first checkpoint was trained on (or the default CLIP).
         ``image_size`` overrides the input size of untrained models only (checkpoints keep theirs).
-        ``device`` ("auto": CUDA when available, see ``zsad.loading.resolve_device``) is where the backbone and
-        every model run; ``dtype`` is the vision tower's precision (``zsad.loading.resolve_precision`` picks one
-        for a device).
+        ``runtime`` (``zsad.loading.Runtime.resolve(device, precision)``) says where the backbone and every model run
+        and in which precision; without it, ``device`` ("auto": CUDA when available) and ``dtype`` (the vision
+        tower's, default float32) say so.
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
         if unknown:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
-        device = resolve_device(device)
-        backbone = shared_backbone(clip, checkpoints.values(), dtype).to(device)
+        runtime = runtime or Runtime.of(device, dtype)
+        backbone = shared_backbone(clip, checkpoints.values(), runtime.dtype).to(runtime.device)
         detector = cls(backbone)
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
@@ -198,15 +83,15 @@ class AnomalyDetector:
     @classmethod
     def for_model(
         cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None,
-        device: str | torch.device | None = "auto",
+        device: str | torch.device | None = "auto", runtime: Runtime | None = None,
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size, device=device)
+            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size, device=device, runtime=runtime)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype, device=device)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype, device=device, runtime=runtime)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -227,7 +112,7 @@ class AnomalyDetector:
 
     def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile: ProductProfile | None = None) -> tuple[float, float, str]:
         """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
-        return thresholds(threshold, profile)
+        return thresholds(threshold, profile.calibration if profile else None)
 
     def model(self, method: str) -> ZSADPreTrainedModel:
         if method not in self.models:
@@ -247,38 +132,10 @@ class AnomalyDetector:
         return self.detect_batch([image], class_name, method=method, threshold=threshold, profile=profile,
                                  display_side=display_side)[0]
 
-    def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float = DEFAULT_THRESHOLD,
+    def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
                      overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
-        """Score ``image`` at full resolution in overlapping windows of the model's input size (small defects on
-        large images): the windows run in batches of ``batch_size``, their maps are averaged where they overlap,
-        and the image score is the highest window score. ``progress(done, total)`` is called after each batch."""
-        started = time.perf_counter()
-        method = self._resolve_method(method)
-        model = self.model(method)
-        check_threshold(threshold)
-        loaded = read_image(image)
-        picture, name, size = loaded.image, clean_class_name(class_name), model.config.image_size
-        boxes = tile_boxes(picture.size, size, overlap)
-        total = np.zeros((picture.height, picture.width), dtype=np.float32)
-        counts = np.zeros_like(total)
-        best_score, best_details = -1.0, None
-        for start in range(0, len(boxes), batch_size):
-            chunk = boxes[start : start + batch_size]
-            pixel_values = to_pixel_values([picture.crop(box) for box in chunk], size, self.backbone.image_mean, self.backbone.image_std)
-            with torch.inference_mode():
-                output = model(pixel_values, class_names=[name] * len(chunk))
-            for i, (left, top, right, bottom) in enumerate(chunk):
-                total[top:bottom, left:right] += resize_map(output.anomaly_map[i], (right - left, bottom - top))
-                counts[top:bottom, left:right] += 1.0
-                if float(output.image_score[i]) > best_score:
-                    best_score, best_details = float(output.image_score[i]), output.image_details(i)
-            if progress is not None:
-                progress(min(start + batch_size, len(boxes)), len(boxes))
-        anomaly_map = total / counts
-        return Detection(method=method, status=status(model), class_name=name, score=best_score, threshold=float(threshold),
-                         anomaly_map=anomaly_map, mask=anomaly_map >= threshold, overlay=overlay_heatmap(picture, anomaly_map),
-                         details=best_details, seconds=time.perf_counter() - started, original_size=loaded.original_size,
-                         tiles=len(boxes))
+        """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.tiling.detect_tiled``."""
+        return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress)
 
     def compare(self, image, class_name: str, threshold: float | None = None,
                 profiles: Mapping[str, ProductProfile] | None = None, display_side: int | None = None) -> dict[str, Detection]:
@@ -290,7 +147,7 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self._encode([picture], size, layers) for size, layers in self._layers_by_image_size().items()}
+        shared = {size: self.encode([picture], size, layers) for size, layers in self.layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
@@ -301,12 +158,18 @@ class AnomalyDetector:
         first.seconds += shared_seconds
         return results
 
-    def _encode(self, pictures: list[Image.Image], size: int, layers: list[int]) -> ImageFeatures:
-        pixel_values = to_pixel_values(pictures, size, self.backbone.image_mean, self.backbone.image_std)
+    def encode(self, pictures: list[Image.Image], size: int, layers: list[int]) -> ImageFeatures:
+        """One vision pass over ``pictures`` at input ``size``, tapping ``layers``."""
+        pixel_values = self.image_processor(size).pixel_values(pictures)
         with torch.inference_mode():
-            return self.backbone.encode_image(pixel_values, layers)
+            return self.backbone.encode_image(pixel_values.to(self.device), layers)
 
-    def _layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, list[int]]:
+    def image_processor(self, size: int) -> ZSADImageProcessor:
+        """The pre- and post-processing of this detector's models at input ``size``."""
+        return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
+
+    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, list[int]]:
+        """{input size: every layer the ``methods`` (default: all held) of that size tap}."""
         layers: dict[int, set[int]] = {}
         for method in methods or self.method_names:
             config = self.model(method).config
@@ -322,7 +185,7 @@ class AnomalyDetector:
         ``method`` may be left out when the detector holds a single model; ``display_side`` as in ``detect``.
         """
         started = time.perf_counter()
-        method = self._resolve_method(method)
+        method = self.resolve_method(method)
         model = self.model(method)
         check_optional_threshold(threshold)
         loaded = [read_image(image, max_side=display_side) for image in images]
@@ -333,141 +196,50 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        pixel_values = to_pixel_values(pictures, model.config.image_size, self.backbone.image_mean, self.backbone.image_std)
-        with torch.inference_mode():
-            features = model.encode_image(pixel_values)
+        features = self.encode(pictures, model.config.image_size, model.config.feature_layers)
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
     def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
                             started: float, profile: ProductProfile | None = None) -> list[Detection]:
-        """The model's heads on an encoded batch (fused with the profile's references), then maps, masks and overlays
-        at each image's own size."""
+        """The model's heads on an encoded batch (fused with the profile's references), then one Detection per image."""
         model = self.model(method)
-        pictures = [item.image for item in loaded]
         for name in sorted(set(names)) if profile else ():
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
-            output = model(image_features=features, class_names=names)
-            fused = self._with_references(model, profile, features, output.anomaly_map, output.image_score) if profile else None
-            anomaly_maps, scores = (fused.anomaly_map, fused.image_score) if fused else (output.anomaly_map, output.image_score)
-            maps = [resize_map(anomaly_maps[i], picture.size) for i, picture in enumerate(pictures)]
-            model_maps = anomaly_maps.float().cpu().numpy()
-        image_threshold, pixel_threshold, calibration = thresholds(threshold, profile)
-        seconds = (time.perf_counter() - started) / len(pictures)
+            output, fused = scored(model, features, names, profile.memory if profile else None, profile.fusion_weight if profile else 0.0)
+            result = fused or output
+            model_maps = result.anomaly_map.float().cpu().numpy()
+            scores = result.image_score.float().cpu().tolist()
+        chosen = self.verdict_thresholds(names[0], threshold, profile)
+        seconds = (time.perf_counter() - started) / len(loaded)
         return [
-            Detection(
-                method=method,
-                status=status(model),
-                class_name=names[i],
-                score=float(scores[i]),
-                threshold=image_threshold,
-                anomaly_map=maps[i],
-                mask=maps[i] >= pixel_threshold,
-                overlay=overlay_heatmap(pictures[i], maps[i]),
-                details=output.image_details(i),
-                seconds=seconds,
-                pixel_threshold=pixel_threshold if pixel_threshold != image_threshold else None,
-                calibration=calibration,
+            build_detection(
+                method=method, status=status(model), class_name=names[i], score=scores[i], picture=loaded[i].image,
+                thresholds=chosen, model_map=model_maps[i], details=output.image_details(i), seconds=seconds,
                 references=profile.num_references if profile else 0,
-                note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None,
-                original_size=loaded[i].original_size,
-                model_map=model_maps[i],
+                note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None, original_size=loaded[i].original_size,
             )
-            for i in range(len(pictures))
+            for i in range(len(loaded))
         ]
 
-    def _with_references(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
-                         anomaly_map: torch.Tensor, image_score: torch.Tensor, memory: ReferenceMemory | None = None
-                         ) -> ReferenceScores:
-        """Maps and scores fused with the profile's references (or with ``memory``, e.g. one left out)."""
-        memory = memory or profile.memory
-        return apply_references(memory, features.select(memory.layers), anomaly_map, image_score, profile.fusion_weight, model.config)
-
-    # ----- product profiles -----------------------------------------------------------------------------
+    # ----- product profiles: zsad.calibration -------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
                       quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
                       fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8, progress: bool = False) -> ProductProfile:
-        """A ``ProductProfile`` of ``method`` for the product ``class_name`` from images of good parts (paths, PIL images,
-        arrays or folders; K >= 1) and, optionally, of defective parts with their masks (a folder matched by file name,
-        ``000.png`` <- ``000.png`` or ``000_mask.png``, or one mask per defective image in order).
-
-        The good images are the references; each is scored against the others (leave-one-out, K >= 2) to calibrate
-        the thresholds: ``quantile`` of the good scores plus ``margin`` with good images only, F1-max with defective
-        images. ``fusion_weight`` is the reference map's share in the fused map and score.
-        """
-        method = self._resolve_method(method)
-        return self.build_profiles([method], class_name, normal_images, defective_images, masks, quantile=quantile, margin=margin,
-                                   fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)[method]
+        """A product profile (reference images and calibrated thresholds): ``zsad.calibration.build_profile``."""
+        return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
+                                         margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
                        fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8,
                        progress: bool = False) -> dict[str, ProductProfile]:
-        """``build_profile`` for several methods, encoding each image once per input size (as ``compare`` does)."""
-        check_quantile(quantile, margin)
-        if not 0.0 <= fusion_weight <= 1.0:
-            raise ZSADError(f"The fusion weight must be between 0 and 1, got {fusion_weight}.")
-        name = clean_class_name(class_name)
-        normal = read_images(normal_images, "good")
-        defective = read_images(defective_images, "defective") if defective_images is not None else []
-        defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
-        profiles = {}
-        with tqdm(total=len(normal) + len(defective), unit="image", desc="zsad calibrate", disable=not progress) as bar:
-            for size, layers in self._layers_by_image_size(methods).items():
-                encoded_normal = self._encode_batches(normal, size, layers, batch_size, bar)
-                encoded_defective = self._encode_batches(defective, size, layers, batch_size, bar)
-                memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
-                for method in (m for m in methods if self.model(m).config.image_size == size):
-                    profiles[method] = self._profile(method, name, encoded_normal, encoded_defective, defective_masks,
-                                                     quantile, margin, fusion_weight, memories)
-        return profiles
+        """Profiles of several methods, each image encoded once per input size: ``zsad.calibration.build_profiles``."""
+        return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,
+                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
 
-    def _encode_batches(self, pictures: list[Image.Image], size: int, layers: list[int], batch_size: int, bar) -> list[ImageFeatures]:
-        batches = []
-        for start in range(0, len(pictures), batch_size):
-            batches.append(self._encode(pictures[start:start + batch_size], size, layers))
-            bar.update(len(batches[-1].image_embeds))
-        return batches
-
-    def _profile(self, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
-                 quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
-        model = self.model(method)
-        normal = [batch.select(model.config.feature_layers) for batch in normal]
-        layers = tuple(model.config.feature_layers)
-        if layers not in memories:
-            memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
-        memory = memories[layers]
-        profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
-                                 model.config.base_model_revision, fusion_weight)
-        if memory.num_images < 2:
-            return profile
-        good = self._leave_one_out(model, profile, normal)
-        bad = [self._fused(model, profile, batch.select(model.config.feature_layers)) for batch in defective]
-        size = model.config.image_size
-        profile.calibration = calibrate(
-            [s for scores in good for s in scores.image_score.tolist()], _maps(good), [s for scores in bad for s in scores.image_score.tolist()],
-            _maps(bad), [resized_mask(mask, size) for mask in masks] if masks else None, quantile, margin,
-            reference_mean_distance=float(max(d for scores in good for d in scores.mean_distance.tolist())),
-        )
-        return profile
-
-    def _fused(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
-               memory: ReferenceMemory | None = None) -> ReferenceScores:
-        with torch.inference_mode():
-            output = model(image_features=features, class_names=[profile.class_name] * features.batch_size)
-            return self._with_references(model, profile, features, output.anomaly_map, output.image_score, memory)
-
-    def _leave_one_out(self, model: ZSADPreTrainedModel, profile: ProductProfile, batches: list[ImageFeatures]) -> list[ReferenceScores]:
-        """Each reference scored against the others, never itself."""
-        results, index = [], 0
-        for batch in batches:
-            for i in range(batch.batch_size):
-                results.append(self._fused(model, profile, single_image(batch, i), profile.memory.leave_out(index)))
-                index += 1
-        return results
-
-    def _resolve_method(self, method: str | None) -> str:
+    def resolve_method(self, method: str | None) -> str:
         if method is not None:
             return method
         if len(self.models) != 1:
@@ -475,66 +247,3 @@ class AnomalyDetector:
         return self.method_names[0]
 
 
-def thresholds(threshold: float | None, profile: ProductProfile | None) -> tuple[float, float, str]:
-    """(image threshold, pixel threshold, where they come from): a given threshold for both, else the profile's
-    calibrated thresholds, else 0.5."""
-    calibration = profile.calibration if profile else None
-    if threshold is None and calibration is not None:
-        return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    if calibration is not None:
-        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand"
-    return threshold, threshold, uncalibrated_description(threshold)
-
-
-def read_images(sources, kind: str) -> list[Image.Image]:
-    """Images from a path, PIL image or array, a folder, or a list of them (folders searched for image files)."""
-    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
-    expanded = []
-    for item in items:
-        expanded.extend(image_files([item]) if isinstance(item, (str, Path)) else [item])
-    if not expanded:
-        raise ZSADError(f"No {kind} images were given (folders are searched for image files); pass at least one.")
-    return [load_image(item) for item in expanded]
-
-
-def read_masks(masks, defective_images, count: int) -> list[np.ndarray]:
-    """One boolean mask per defective image: from a folder (matched by file name) or a list in the same order."""
-    if isinstance(masks, (str, Path)) and Path(masks).is_dir():
-        sources = image_files(defective_images if isinstance(defective_images, (list, tuple)) else [defective_images])
-        index = {path.stem: path for path in image_files([masks])}
-        missing = [path.name for path in sources if path.stem not in index and f"{path.stem}_mask" not in index]
-        if missing:
-            raise ZSADError(f"No mask in {masks} for the defective images {missing[:5]}; name masks like the images "
-                            "(000.png or 000_mask.png).")
-        masks = [index.get(path.stem) or index[f"{path.stem}_mask"] for path in sources]
-    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
-    if len(masks) != count:
-        raise ZSADError(f"Got {len(masks)} masks for {count} defective images; pass one mask per defective image.")
-    return [np.asarray(load_image(mask).convert("L")) > 127 for mask in masks]
-
-
-def _maps(scores: list[ReferenceScores]) -> list[np.ndarray]:
-    return [m.cpu().numpy() for batch in scores for m in batch.anomaly_map.float()]
-
-
-def check_optional_threshold(threshold: float | None) -> None:
-    if threshold is not None:
-        check_threshold(threshold)
-
-
-def tile_boxes(size: tuple[int, int], tile: int, overlap: float = 0.25) -> list[tuple[int, int, int, int]]:
-    """(left, top, right, bottom) of ``tile`` x ``tile`` windows covering an image of PIL ``size`` (W, H), spread
-    evenly with neighbours overlapping by at least ``overlap`` of a window; a side shorter than a window gets one
-    window of its whole length."""
-    if not 0.0 <= overlap < 1.0:
-        raise ZSADError(f"The tile overlap must be in [0, 1), got {overlap}.")
-
-    def starts(length: int) -> list[int]:
-        if length <= tile:
-            return [0]
-        count = math.ceil((length - tile) / (tile * (1.0 - overlap))) + 1
-        return [round(i * (length - tile) / (count - 1)) for i in range(count)]
-
-    width, height = size
-    return [(left, top, min(left + tile, width), min(top + tile, height)) for top in starts(height) for left in starts(width)]

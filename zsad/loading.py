@@ -2,12 +2,14 @@
 checkpoint holds (its config, method and backbone) without loading its weights."""
 
 import functools
-import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModel
+
+from zsad_cli import DEVICE_HELP, PRECISIONS, add_device_argument  # noqa: F401  (the parser's vocabulary, public here too)
 
 from .errors import BackboneLoadError, ZSADError
 from .methods import METHODS, method_of, method_of_model_type
@@ -15,10 +17,8 @@ from .modeling.clip_backbone import CLIPBackbone
 from .modeling.configuration_zsad_base import DEFAULT_CLIP
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8
-DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
 SLOW_CPU_BF16 = (
     "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
     "kernels there, about 100x slower than float32. Use --precision float32, or auto (int8 vision linears here)."
@@ -45,11 +45,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     elif chosen.type not in ("cpu", "cuda", "mps"):
         raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.")
     return chosen
-
-
-def add_device_argument(parser) -> None:
-    """``--device`` (env ``ZSAD_DEVICE``) on an argparse parser; resolve its value with ``resolve_device``."""
-    parser.add_argument("--device", default=os.environ.get("ZSAD_DEVICE", "auto"), help=f"where the model runs (env ZSAD_DEVICE): {DEVICE_HELP}")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -95,6 +90,35 @@ def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu
 @functools.cache
 def _warn_slow_cpu_bf16() -> None:
     warnings.warn(SLOW_CPU_BF16, RuntimeWarning, stacklevel=3)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", INT8: "int8"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where models run and in which precision, resolved once (``Runtime.resolve``) and passed along.
+
+    ``precision`` is a name from ``PRECISIONS`` other than "auto" (the one vocabulary of zsad: the CLI, the Space,
+    exports); ``dtype`` is the vision tower's torch dtype for it (``INT8``: int8 vision linears)."""
+
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def resolve(cls, device: str | torch.device | None = "auto", precision: str = "auto") -> "Runtime":
+        """``resolve_device`` then ``resolve_precision`` on that device."""
+        chosen = resolve_device(device)
+        return cls(chosen, DTYPE_NAMES[resolve_precision(precision, chosen)])
+
+    @classmethod
+    def of(cls, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None) -> "Runtime":
+        """From a device name and a vision dtype (None: float32), as ``AnomalyDetector.load`` takes them."""
+        return cls(resolve_device(device), DTYPE_NAMES[dtype or torch.float32])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return INT8 if self.precision == "int8" else getattr(torch, self.precision)
 
 
 def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None = None, dtype=None) -> CLIPBackbone:

@@ -10,31 +10,36 @@
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from .detection import DEFAULT_THRESHOLD, Detection, check_optional_threshold
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
-from .inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_optional_threshold
-from .modeling.prompting import clean_class_name
-from .profile import ProductProfile
+from .modeling.class_names import clean_class_name
+
+if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here without it
+    from accelerate import PartialState
+
+    from .inference import AnomalyDetector
+    from .profile import ProductProfile
 
 RECORDS_GLOB = "records-*.jsonl"
 
 
 def predict_files(
-    detector: AnomalyDetector,
+    detector: "AnomalyDetector",
     images: Sequence[str | Path],
     class_name: str,
     out_dir: str | Path,
     threshold: float | None = None,
     batch_size: int = 8,
-    profile: ProductProfile | None = None,
+    profile: "ProductProfile | None" = None,
     display_side: int | None = None,
     tiles: bool = False,
     resume: bool = False,
-    state: PartialState | None = None,
+    state: "PartialState | None" = None,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
@@ -55,7 +60,10 @@ def predict_files(
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
-    state = state or PartialState()
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(zip(paths, _output_names(paths)))
@@ -120,8 +128,8 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: Path, threshold: float | None,
-                   profile: ProductProfile | None, display_side: int | None, tiles: bool) -> list[dict]:
+def _predict_chunk(detector: "AnomalyDetector", chunk, class_name: str, out_dir: Path, threshold: float | None,
+                   profile: "ProductProfile | None", display_side: int | None, tiles: bool) -> list[dict]:
     """One batch (one image when tiled); records in input order, unreadable images recorded with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
@@ -146,7 +154,7 @@ def _predict_chunk(detector: AnomalyDetector, chunk, class_name: str, out_dir: P
     return records
 
 
-def _detect(detector: AnomalyDetector, pictures: list, class_name: str, threshold: float | None, profile: ProductProfile | None,
+def _detect(detector: "AnomalyDetector", pictures: list, class_name: str, threshold: float | None, profile: "ProductProfile | None",
             display_side: int | None, tiles: bool) -> list[Detection]:
     if tiles:
         if profile is not None:

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .detection import uncalibrated_description  # noqa: F401  (its name here is public)
 from .errors import ZSADError
 from .references import ReferenceMemory
 
@@ -74,10 +75,6 @@ class Calibration:
     def false_alarm_rate(self) -> float:
         """Share of the good images whose leave-one-out score reaches the image threshold."""
         return float(np.mean(np.asarray(self.good_scores) >= self.image_threshold))
-
-
-def uncalibrated_description(threshold: float) -> str:
-    return f"uncalibrated (threshold {threshold:g})"
 
 
 def check_quantile(quantile: float, margin: float) -> None:

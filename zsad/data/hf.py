@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ZSADError
 from ..images import IMAGE_SUFFIXES
-from .readers import NORMAL_FOLDERS, Sample, load_dataset
+from .readers import NORMAL_FOLDERS, Sample, read_layout
 
 HUB_PREFIX = "hf:"
 DISK_PREFIX = "hf-disk:"
@@ -52,7 +52,7 @@ def to_hf_dataset(layout: str, root, categories: Sequence[str] | None = None, sp
     image, mask (None for normal images and unannotated defects), label (``ClassLabel`` normal / anomalous),
     category and defect_type. Images and masks hold the files' own bytes, so the dataset stands on its own."""
     datasets = _datasets()
-    samples = load_dataset(layout, root, categories, split, normal_dirs)
+    samples = read_layout(layout, root, categories, split, normal_dirs)
     features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
                                   "label": datasets.ClassLabel(names=LABEL_NAMES), "category": datasets.Value("string"),
                                   "defect_type": datasets.Value("string")})

@@ -281,16 +281,11 @@ DATASETS: dict[str, Callable[..., list[Sample]]] = {
 }
 
 
-def load_dataset(name: str, root=None, categories: Sequence[str] | None = None, split: str = "test",
-                 normal_dirs: Sequence[str] = (), columns: dict[str, str | None] | None = None) -> list[Sample]:
-    """Samples of dataset ``name`` (a key of ``DATASETS``) under ``root``, optionally only some ``categories``;
-    ``normal_dirs`` adds names of normal-image folders to the plain ``folder`` layout's. ``name`` can also be a
-    Hugging Face dataset, ``hf:ORG/NAME[:split]`` or ``hf-disk:PATH[:split]`` (no root; ``columns`` renames its
-    columns, see ``zsad.data.hf``)."""
-    from .hf import is_hf_dataset, load_hf_samples
-
-    if is_hf_dataset(name):
-        return load_hf_samples(name, categories, columns)
+def read_layout(name: str, root=None, categories: Sequence[str] | None = None, split: str = "test",
+                normal_dirs: Sequence[str] = ()) -> list[Sample]:
+    """Samples of the folder layout ``name`` (a key of ``DATASETS``) under ``root``, optionally only some
+    ``categories``; ``normal_dirs`` adds names of normal-image folders to the plain ``folder`` layout's. Hugging Face
+    datasets are read by ``zsad.data.load_dataset``."""
     reader = DATASETS.get(name.lower())
     if reader is None:
         raise ZSADError(f"Unknown dataset '{name}'; choose from {sorted(DATASETS)}, hf:ORG/NAME[:split] or hf-disk:PATH.")

@@ -11,6 +11,7 @@ Importing this module does not import torch (the two functions that return or ta
 """
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,27 +154,99 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def normalised_pixels(images: list[Image.Image], size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> np.ndarray:
-    """(B, 3, size, size) float32 normalised model input: bicubic resize of the whole image (no crop), as in METHODS.md."""
-    batch = np.stack([np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for image in images])
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def normalised_pixels(images: list[Image.Image], size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                      resample: str = "bicubic") -> np.ndarray:
+    """(B, 3, size, size) float32 normalised model input: resize of the whole image (no crop), as in METHODS.md."""
+    batch = np.stack([np.asarray(image.resize((size, size), RESAMPLING[resample]), dtype=np.float32) for image in images])
     pixels = batch.transpose(0, 3, 1, 2) / np.float32(255.0)
     return (pixels - np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
 
 
-def to_pixel_values(images: list[Image.Image], size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+def to_pixel_values(images: list[Image.Image], size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resample: str = "bicubic"):
     """``normalised_pixels`` as a torch tensor (the models' input)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(normalised_pixels(images, size, mean, std)))
+    return torch.from_numpy(np.ascontiguousarray(normalised_pixels(images, size, mean, std, resample)))
 
 
 def resize_map(anomaly_map, size: tuple[int, int]) -> np.ndarray:
-    """(S, S) map tensor -> (H, W) float32 numpy map for an image of PIL ``size`` (W, H), bilinear."""
-    import torch.nn.functional as F
+    """(S, S) map (array or CPU tensor) -> (H, W) float32 map in [0, 1] for an image of PIL ``size`` (W, H).
 
+    Bilinear with half-pixel centres and edge clamping, the result of torch's ``interpolate(mode="bilinear",
+    align_corners=False)``, in numpy so the torch-free runtime resizes as the detector does. Pillow's bilinear
+    differs: it averages over the source pixels when shrinking."""
     width, height = size
-    resized = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0.0, 1.0).cpu().numpy()
+    source = np.asarray(anomaly_map, dtype=np.float32)
+    low, high, weight = _bilinear_taps(width, source.shape[1])
+    columns = source[:, low] * (1.0 - weight) + source[:, high] * weight  # the small map first: rows are gathered whole
+    low, high, weight = _bilinear_taps(height, source.shape[0])
+    resized = columns[low] * (1.0 - weight)[:, None]
+    resized += columns[high] * weight[:, None]
+    return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+def _bilinear_taps(length: int, source_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position along one axis: the two source indices and the second one's weight."""
+    position = np.maximum((np.arange(length) + 0.5) * (source_length / length) - 0.5, 0.0)
+    low = np.minimum(position.astype(np.int64), source_length - 1)
+    return low, np.minimum(low + 1, source_length - 1), (position - low).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ZSADImageProcessor:
+    """A model's pre-processing (images to normalised input) and post-processing (its map to the image's size, a
+    mask, a verdict), as transformers' image processors pair them; saved as ``preprocessor_config.json`` next to
+    checkpoints and exported graphs and read back from there. Needs no torch except for ``pixel_values``.
+
+    Args:
+        size: the model's square input side.
+        image_mean, image_std: the backbone's normalisation (per RGB channel).
+        resample: how images are resized to ``size``: "bicubic" (the methods') or "bilinear".
+    """
+
+    size: int
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: str = "bicubic"
+
+    def __post_init__(self):
+        if self.resample not in RESAMPLING:
+            raise ZSADError(f"Unknown resample '{self.resample}'; use one of {sorted(RESAMPLING)}.")
+        object.__setattr__(self, "image_mean", tuple(float(value) for value in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(value) for value in self.image_std))
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        """(B, 3, size, size) float32 normalised input (numpy)."""
+        return normalised_pixels(images, self.size, self.image_mean, self.image_std, self.resample)
+
+    def pixel_values(self, images: list[Image.Image]):
+        """``preprocess`` as a torch tensor."""
+        return to_pixel_values(images, self.size, self.image_mean, self.image_std, self.resample)
+
+    @staticmethod
+    def postprocess(anomaly_map, size: tuple[int, int], pixel_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """(the map resized to PIL ``size``, its mask at ``pixel_threshold``); the map may be an array or a CPU tensor."""
+        resized = resize_map(anomaly_map, size)
+        return resized, resized >= pixel_threshold
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "image_mean": list(self.image_mean), "image_std": list(self.image_std), "resample": self.resample}
+
+    def save_pretrained(self, directory) -> Path:
+        path = Path(directory) / PROCESSOR_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "ZSADImageProcessor":
+        path = Path(directory) / PROCESSOR_FILE
+        if not path.is_file():
+            raise ZSADError(f"{directory} has no {PROCESSOR_FILE}; save the model or export it again with this zsad version.")
+        return cls(**json.loads(path.read_text()))
 
 
 def check_threshold(threshold: float) -> None:

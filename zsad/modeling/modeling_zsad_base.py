@@ -18,6 +18,7 @@ from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsamp
 from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
 from .configuration_zsad_base import ZSADBaseConfig
 from .exceptions import ZSADError
+from .image_processing_zsad import ZSADImageProcessor
 from .losses import image_loss, segmentation_loss
 from .lru_cache import LRUCache
 from .pipeline_zsad import ZeroShotAnomalyDetectionPipeline, custom_pipelines
@@ -175,6 +176,12 @@ class ZSADPreTrainedModel(PreTrainedModel):
         """All weights except the frozen backbone's."""
         return {key: value for key, value in self.state_dict().items() if not key.startswith(BACKBONE_PREFIX)}
 
+    @property
+    def image_processor(self) -> ZSADImageProcessor:
+        """This model's pre- and post-processing: its input size and its backbone's normalisation."""
+        backbone = self.require_backbone()
+        return ZSADImageProcessor(self.config.image_size, backbone.image_mean, backbone.image_std)
+
     def adapter_parameters(self) -> list[torch.nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith(BACKBONE_PREFIX)]
 
@@ -187,6 +194,8 @@ class ZSADPreTrainedModel(PreTrainedModel):
         self.config.custom_pipelines = custom_pipelines()
         super().save_pretrained(save_directory, *args, **kwargs)
         custom_object_save(ZeroShotAnomalyDetectionPipeline, save_directory)
+        if self.clip is not None:
+            self.image_processor.save_pretrained(save_directory)
         if not has_weights:
             # transformers writes no weights file for an empty state dict, but from_pretrained needs one.
             save_file({}, os.path.join(save_directory, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})

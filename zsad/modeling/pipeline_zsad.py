@@ -29,7 +29,7 @@ from transformers.image_utils import load_image as fetch_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .exceptions import ZSADError
-from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, resize_map, to_pixel_values, verdict
+from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, verdict
 from .prompting import clean_class_name
 
 TASK = "zero-shot-anomaly-detection"
@@ -66,8 +66,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             image = fetch_image(image)
         picture = load_image(image)
-        backbone = self.model.clip
-        pixel_values = to_pixel_values([picture], self.model.config.image_size, backbone.image_mean, backbone.image_std)
+        pixel_values = self.model.image_processor.pixel_values([picture])
         return {"pixel_values": pixel_values, "class_name": class_name, "size": picture.size}
 
     def _forward(self, inputs):
@@ -76,8 +75,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
                 "size": inputs["size"]}
 
     def postprocess(self, outputs, threshold=DEFAULT_THRESHOLD):
-        anomaly_map = resize_map(outputs["anomaly_map"], outputs["size"])
-        mask = anomaly_map >= threshold
+        anomaly_map, mask = self.model.image_processor.postprocess(outputs["anomaly_map"].float().cpu(), outputs["size"], threshold)
         score = float(outputs["score"])
         return {
             "score": score,

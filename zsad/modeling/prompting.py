@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from .class_names import MAX_CLASS_NAME_CHARS, clean_class_name  # noqa: F401  (public here too)
 from .exceptions import ZSADError
 
 NORMAL_STATES = (
@@ -59,24 +60,8 @@ TEMPLATES = (
     "this is one {} in the scene.",
 )
 STATE_WORDS = (NORMAL_STATES, ABNORMAL_STATES)
-MAX_CLASS_NAME_CHARS = 200
 # Tokens per text-encoder call when encoding many prompts; see prompt_ensemble_features.
 TEXT_TOKENS_PER_CHUNK = 512
-
-
-def clean_class_name(name: str) -> str:
-    """Dataset folder names to words ("metal_nut" -> "metal nut"); rejects empty and over-long names."""
-    if not isinstance(name, str):
-        raise ZSADError(f"A class name must be a string, got {type(name).__name__}.")
-    cleaned = " ".join(name.replace("_", " ").split())
-    if not cleaned:
-        raise ZSADError("The class name is empty: type what the product is, e.g. 'bottle' or 'metal nut'.")
-    if len(cleaned) > MAX_CLASS_NAME_CHARS:
-        raise ZSADError(
-            f"The class name has {len(cleaned)} characters; keep it under {MAX_CLASS_NAME_CHARS} "
-            "(a short product name such as 'screw' works best)."
-        )
-    return cleaned
 
 
 def class_names_for_batch(class_names: str | list[str], batch_size: int) -> list[str]:

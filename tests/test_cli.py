@@ -1,0 +1,82 @@
+"""The zsad command's start: the parser answers before torch is imported; its defaults are zsad's own."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+import zsad_cli
+
+MODULES = "('torch', 'transformers', 'gradio', 'zsad')"
+AFTER_PARSING = f"""import json, sys, zsad_cli
+try:
+    zsad_cli.main(sys.argv[1:])
+except SystemExit as stop:
+    print(json.dumps({{"code": stop.code, "loaded": [m for m in {MODULES} if m in sys.modules]}}))
+"""
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["predict", "--help"], ["calibrate", "--help"], ["evaluate", "--help"],
+                                       ["predict", "a.png"], ["export", "--model", "baseline"]])
+def test_help_and_argument_errors_answer_without_torch(arguments):
+    started = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-c", AFTER_PARSING, *arguments], capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - started
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0 if "--help" in arguments else 2, "loaded": []}
+    assert "the following arguments are required" in completed.stderr or "--help" in arguments
+    assert seconds < 5.0  # a loose bound for a loaded machine; benchmarks/bench_startup.py measures it
+
+
+def test_import_zsad_still_registers_the_models(tiny_backbone, tmp_path):
+    from zsad.loading import load_model
+
+    from conftest import TEST_IMAGE_SIZE
+
+    load_model("stackclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE).save_pretrained(tmp_path / "checkpoint")
+    script = "import sys, zsad\nfrom transformers import AutoModel\nprint(type(AutoModel.from_pretrained(sys.argv[1])).__name__)"
+    completed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "checkpoint")], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().splitlines()[-1] == "StackCLIPModel"
+
+
+def test_the_parsers_defaults_are_zsads_own():
+    from zsad.data.hf import COLUMNS
+    from zsad.loading import DTYPE_NAMES, PRECISIONS
+    from zsad.profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
+
+    assert (zsad_cli.DEFAULT_QUANTILE, zsad_cli.DEFAULT_MARGIN, zsad_cli.DEFAULT_FUSION_WEIGHT) == (
+        DEFAULT_QUANTILE, DEFAULT_MARGIN, DEFAULT_FUSION_WEIGHT)
+    assert zsad_cli.DATASET_COLUMNS == COLUMNS
+    assert set(PRECISIONS) - {"auto"} == set(DTYPE_NAMES.values())
+    calibrate = zsad_cli.build_parser().parse_args(["calibrate", "--model", "baseline", "--class-name", "x", "--normal", "g",
+                                                    "--out", "o"])
+    assert (calibrate.quantile, calibrate.margin, calibrate.fusion_weight) == (DEFAULT_QUANTILE, DEFAULT_MARGIN, DEFAULT_FUSION_WEIGHT)
+
+
+@pytest.mark.parametrize("command", [["predict", "a.png", "--model", "baseline", "--out", "o"],
+                                     ["calibrate", "--model", "baseline", "--class-name", "x", "--normal", "g", "--out", "o"],
+                                     ["evaluate", "--model", "baseline", "--dataset", "mvtec", "--out", "o"]])
+def test_every_model_command_takes_the_same_device_and_precision(command, monkeypatch):
+    monkeypatch.delenv("ZSAD_DEVICE", raising=False)
+    parser = zsad_cli.build_parser()
+    assert (parser.parse_args(command).device, parser.parse_args(command).precision) == ("auto", "auto")
+    chosen = parser.parse_args([*command, "--device", "cpu", "--precision", "int8"])
+    assert (chosen.device, chosen.precision) == ("cpu", "int8")
+
+
+def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
+    import torch
+
+    from zsad.errors import ZSADError
+    from zsad.loading import INT8, Runtime, cpu_has_native_bf16
+
+    assert Runtime.resolve("cpu", "float32") == Runtime(torch.device("cpu"), "float32")
+    assert Runtime.resolve("cpu", "int8").dtype == INT8
+    assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if cpu_has_native_bf16() else "int8")
+    assert Runtime.of("cpu", None) == Runtime(torch.device("cpu"), "float32")
+    assert Runtime.of("cpu", torch.bfloat16).precision == "bfloat16"
+    with pytest.raises(ZSADError, match="precision must be one of"):
+        Runtime.resolve("cpu", "fp32")

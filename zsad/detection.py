@@ -1,0 +1,175 @@
+"""The one result type of zsad: what a detection returns for one image and one method, and the one threshold rule.
+
+Built by ``build_detection`` from the map at the model's input size, whatever ran the model (``AnomalyDetector``,
+tiled detection, an exported graph in ``zsad.deploy``). numpy and Pillow only: importing this module does not
+import torch, so the torch-free runtime returns the same type.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
+from .visualize import overlay_heatmap
+
+
+class CalibratedThresholds(Protocol):
+    """What the threshold rule reads of a product profile's calibration (``zsad.profile.Calibration``)."""
+
+    image_threshold: float
+    pixel_threshold: float
+
+    def describe(self) -> str: ...
+
+
+def uncalibrated_description(threshold: float) -> str:
+    return f"uncalibrated (threshold {threshold:g})"
+
+
+def thresholds(threshold: float | None, calibration: CalibratedThresholds | None = None) -> tuple[float, float, str]:
+    """(image threshold, pixel threshold, where they come from): a given ``threshold`` for both, else the
+    calibration's thresholds, else 0.5."""
+    if threshold is None and calibration is not None:
+        return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if calibration is not None:
+        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand"
+    return threshold, threshold, uncalibrated_description(threshold)
+
+
+def check_optional_threshold(threshold: float | None) -> None:
+    if threshold is not None:
+        check_threshold(threshold)
+
+
+@dataclass
+class Detection:
+    """The result for one image and one method.
+
+    Args:
+        method: the method name the detector holds the model under.
+        status: "trained", "untrained" (a method at its training-free start), "training-free" (the baseline) or
+            "exported (...)" (a graph run by ``zsad.deploy``).
+        class_name: the cleaned class name the prompts used.
+        score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
+        threshold: the verdict's threshold.
+        anomaly_map: (H, W) float32 map in [0, 1] at the size of the image as read: the original image's size,
+            or, when ``display_side`` was passed to ``detect``, that image scaled so that its longest side is at
+            most ``display_side`` (``full_resolution_map()`` gives the map at the original size then).
+        mask: (H, W) bool, ``anomaly_map >= mask_threshold``.
+        overlay: the heat map blended over the (upright, RGB) image, at the size of ``anomaly_map``.
+        details: the method's own parts for this image, a dataclass (``StackCLIPImageDetails``,
+            ``GenCLIPImageDetails`` with its class-name-filter decision) or None (the baseline, exported graphs).
+        seconds: wall time of this detection, preprocessing and post-processing included.
+        pixel_threshold: the mask's threshold when it differs from the verdict's (a calibrated profile); else None.
+        calibration: where the thresholds come from: "calibrated on N good (+ M defective) images" or
+            "uncalibrated (threshold 0.5)".
+        references: how many reference images of good parts were used (0: zero-shot).
+        note: a warning about this image, e.g. that it does not look like the reference images.
+        original_size: (width, height) of the upright original image.
+        model_map: (S, S) float32 map at the model's input size (None for tiled detections, whose
+            ``anomaly_map`` is already at the original size).
+        tiles: how many windows a tiled detection scored; 0 for a whole-image detection.
+    """
+
+    method: str
+    status: str
+    class_name: str
+    score: float
+    threshold: float
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    overlay: Image.Image
+    details: Any = None
+    seconds: float = 0.0
+    pixel_threshold: float | None = None
+    calibration: str = uncalibrated_description(DEFAULT_THRESHOLD)
+    references: int = 0
+    note: str | None = None
+    original_size: tuple[int, int] | None = None
+    model_map: np.ndarray | None = None
+    tiles: int = 0
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.score >= self.threshold
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.score, self.threshold)
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.threshold if self.pixel_threshold is None else self.pixel_threshold
+
+    def mask_image(self) -> Image.Image:
+        """The binary mask as a black/white 8-bit image."""
+        return mask_image(self.mask)
+
+    def full_resolution_map(self) -> np.ndarray:
+        """(H, W) map at the original image's size (``anomaly_map`` itself when it already is)."""
+        width, height = self.original_size or (self.anomaly_map.shape[1], self.anomaly_map.shape[0])
+        if self.anomaly_map.shape == (height, width) or self.model_map is None:
+            return self.anomaly_map
+        return resize_map(self.model_map, (width, height))
+
+    def full_resolution_mask(self) -> np.ndarray:
+        """(H, W) bool mask at the original image's size, at the mask's (pixel) threshold, as ``mask`` is."""
+        return self.full_resolution_map() >= self.mask_threshold
+
+    def summary(self) -> dict:
+        """JSON-ready numbers and words (no arrays)."""
+        return {
+            "method": self.method,
+            "status": self.status,
+            "class_name": self.class_name,
+            "score": self.score,
+            "verdict": self.verdict,
+            "threshold": self.threshold,
+            "pixel_threshold": self.mask_threshold,
+            "calibration": self.calibration,
+            "references": self.references,
+            "note": self.note,
+            "anomalous_pixel_fraction": float(self.mask.mean()),
+            "details": self.details_dict(),
+            "seconds": self.seconds,
+            "tiles": self.tiles,
+        }
+
+    def details_dict(self) -> dict:
+        """``details`` as plain JSON values, floats rounded to 4 decimals ({} for a method without details)."""
+        return _rounded(dataclasses.asdict(self.details)) if self.details is not None else {}
+
+
+def build_detection(*, method: str, status: str, class_name: str, score: float, picture: Image.Image,
+                    thresholds: tuple[float, float, str], model_map: np.ndarray | None = None,
+                    anomaly_map: np.ndarray | None = None, **fields) -> Detection:
+    """The one place a ``Detection`` is made: the map at ``picture``'s size (``model_map`` resized, or an
+    ``anomaly_map`` already at that size: tiles), its mask at the pixel threshold and the overlay.
+
+    ``thresholds`` is ``thresholds(...)``'s (image, pixel, calibration); ``fields`` are the remaining Detection
+    fields (details, seconds, references, note, original_size, tiles)."""
+    image_threshold, pixel_threshold, calibration = thresholds
+    if anomaly_map is None:
+        anomaly_map, mask = ZSADImageProcessor.postprocess(model_map, picture.size, pixel_threshold)
+    else:
+        mask = anomaly_map >= pixel_threshold
+    return Detection(
+        method=method, status=status, class_name=class_name, score=float(score), threshold=image_threshold,
+        anomaly_map=anomaly_map, mask=mask, overlay=overlay_heatmap(picture, anomaly_map),
+        pixel_threshold=pixel_threshold if pixel_threshold != image_threshold else None, calibration=calibration,
+        model_map=model_map, **fields,
+    )
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
