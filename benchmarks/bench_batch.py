@@ -3,7 +3,7 @@ for chunk sizes (images per forward pass).
 
 For each chunk size a fresh process with the Space's malloc settings (``zsad.allocator``) loads StackCLIP on a bf16
 full-size CLIP ViT-L/14@336 (random weights), answers one single-image request (the serving peak the memory target
-is sized for), then runs the batch handler of app.py on IMAGES copies of a 900x700 image.
+is sized for), then runs the batch handler of zsad/space/handlers.py on IMAGES copies of a 900x700 image.
 
     python benchmarks/bench_batch.py [--chunks 1 2 4] [--images 8] [--workdir /tmp/zsad-bench]
 """
@@ -23,10 +23,12 @@ sys.path.insert(0, str(REPO))
 MEASURE = """
 import json, os, sys, time
 import torch
-import app
+import zsad.space.handlers as handlers
 from benchmarks.common import proc_status_mb as status_mb
 from zsad.allocator import return_large_buffers_to_the_system
 from zsad.inference import AnomalyDetector
+from zsad.space.files import OutputFolders
+from zsad.space.testing import upload
 
 return_large_buffers_to_the_system()
 clip, image, chunk, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -37,11 +39,12 @@ open(f"/proc/{os.getpid()}/clear_refs", "w").write("5")
 started = time.perf_counter()
 detector.detect(image, "metal nut", method="stackclip")
 single_seconds, single_peak = time.perf_counter() - started, status_mb("VmHWM")
-app.BATCH_CHUNK = chunk
-handler = app.make_batch_handler(detector, app.ImageFiles())
+handlers.BATCH_CHUNK = chunk
+folders = OutputFolders()
+handler = handlers.make_batch_handler(detector, folders)
 open(f"/proc/{os.getpid()}/clear_refs", "w").write("5")
 started = time.perf_counter()
-table = handler([image] * count, "metal nut", "stackclip", 0.5)[0]
+table = handler([upload(image) for _ in range(count)], "metal nut", "stackclip", 0.5).table
 batch_seconds, batch_peak = time.perf_counter() - started, status_mb("VmHWM")
 assert len(table) == count
 print(json.dumps({"loaded": loaded, "single_peak": single_peak, "single_seconds": single_seconds,

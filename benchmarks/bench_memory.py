@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import full_size_inputs, proc_status_mb  # noqa: E402
-from tests.app_server import serving_app  # noqa: E402
+from zsad.space.testing import serving_app  # noqa: E402
 
 MB = 1024 * 1024
 CLASS_NAME = "metal nut"

@@ -17,14 +17,15 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from PIL import Image
 
-import app
 import zsad
 from zsad.inference import AnomalyDetector
 from zsad.loading import resolve_precision
+from zsad.space.config import ordered_methods
+from zsad.space.layout import example_rows
+from zsad.space.testing import serving_app
 
-from app_server import serving_app
-
-APP = Path(app.__file__)
+APP = Path(__file__).resolve().parent.parent / "app.py"
+pytestmark = pytest.mark.integration
 
 QUEUE_SIZE = 8
 CLIENTS = 20
@@ -45,7 +46,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def example():
-    path, class_name = app.example_rows()[0]
+    path, class_name = example_rows()[0]
     return path, class_name, Image.open(path).size
 
 
@@ -118,7 +119,7 @@ def test_memory_does_not_grow_across_fifty_requests(server, example, tmp_path):
     large = tmp_path / "large.png"
     Image.open(path).resize((LARGE_SIDE, LARGE_SIDE)).save(large)
     client = Client(url, verbose=False)
-    methods = itertools.cycle(app.ordered_methods(zsad.METHODS))
+    methods = itertools.cycle(ordered_methods(zsad.METHODS))
     call = lambda: client.predict(handle_file(large), class_name, next(methods), 0.5, api_name="/detect")  # noqa: E731
     for _ in range(WARM_UP_REQUESTS):
         call()
@@ -136,18 +137,71 @@ def test_memory_does_not_grow_across_fifty_requests(server, example, tmp_path):
     assert rss_after - rss_before < MEMORY_TOLERANCE_MB
 
 
-def test_server_files_that_were_not_uploaded_are_refused(server, example):
-    """The handler reads raw payloads (preprocess=False); Gradio's check that a path was uploaded still applies."""
+def call_raw(url: str, endpoint: str, data: list) -> str:
+    """The server-sent events of one raw HTTP call of ``endpoint`` (no gradio_client: payloads as an attacker sends them)."""
+    body = json.dumps({"data": data}).encode()
+    request = urllib.request.Request(f"{url}gradio_api/call/{endpoint}", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as response:
+        return response.read().decode()
+
+
+def test_forged_paths_are_refused_on_every_file_input_without_telling_whether_they_exist(server, example):
+    """A payload naming a server file (an example image that exists, a path that does not), with and without Gradio's
+    file marker, on /detect's image and references and on /detect_batch's uploads: refused, and the answer for an
+    existing file is the answer for a missing one."""
     url, _ = server
-    not_uploaded = {"path": str(Path(example[0]).resolve()), "meta": {"_type": "gradio.FileData"}}
-    for image in (not_uploaded, str(Path(example[0]).resolve())):
-        body = json.dumps({"data": [image, example[1], "baseline", 0.5]}).encode()
-        request = urllib.request.Request(url + "gradio_api/call/detect", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            event_id = json.load(response)["event_id"]
-        with urllib.request.urlopen(f"{url}gradio_api/call/detect/{event_id}", timeout=30) as response:
-            events = response.read().decode()
-        assert events.startswith("event: error") and "complete" not in events
+    existing, class_name = str(Path(example[0]).resolve()), example[1]
+    calls = {
+        "image": lambda file: ("detect", [file, class_name, "baseline", 0.5, None, False, "calibrated"]),
+        "references": lambda file: ("detect", [{"path": existing, "meta": {"_type": "gradio.FileData"}}, class_name, "baseline",
+                                               0.5, [file], False, "calibrated"]),
+        "batch": lambda file: ("detect_batch", [[file], class_name, "baseline", 0.5]),
+    }
+    for name, call in calls.items():
+        for marked in (False, True):
+            answers = []
+            for path in (existing, "/etc/passwd", "/no/such/file.png"):
+                file = {"path": path, **({"meta": {"_type": "gradio.FileData"}} if marked else {})}
+                events = call_raw(url, *call(file))
+                assert events.startswith("event: error") and "event: complete" not in events, (name, path, events)
+                answers.append(events.replace(path, "PATH"))
+            assert answers[0] == answers[1] == answers[2], (name, marked, answers)
+            assert "PATH" not in answers[0]  # the path is not even echoed
+
+
+def test_concurrent_visitors_get_their_own_results_and_full_resolution_files(server, tmp_path):
+    """Visitors with images of different sizes detect and download at the same time; each gets files of its own
+    image's size, and none finds its files removed by another's request."""
+    url, _ = server
+    visitors, rounds = 4, 3
+    paths = []
+    for index in range(visitors):
+        path = tmp_path / f"visitor{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (60 + 10 * index, 90, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    start, failures = threading.Barrier(visitors), []
+
+    def visit(index: int) -> None:
+        client = Client(url, verbose=False)
+        start.wait()
+        try:
+            for _ in range(rounds):
+                mask = client.predict(handle_file(paths[index]), "screw", "baseline", 0.5, api_name="/detect")[1]
+                full_map, full_mask = client.predict(api_name="/full_resolution")
+                sizes = {Image.open(mask).size, *(Image.open(file["value"] if isinstance(file, dict) else file).size
+                                                  for file in (full_map, full_mask))}
+                assert sizes == {Image.open(paths[index]).size}, sizes
+        except Exception as error:  # noqa: BLE001 - every visitor's failure is reported below
+            failures.append(f"visitor {index}: {error!r}")
+
+    threads = [threading.Thread(target=visit, args=(index,)) for index in range(visitors)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert failures == []
 
 
 # ----- the batch endpoint ---------------------------------------------------------------------------
@@ -240,6 +294,10 @@ def test_reference_images_calibrate_the_verdict_through_the_api(server, example,
     assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in report
     threshold = float(report.split("image threshold ")[1].split(",")[0])
     assert f"(threshold {threshold:.2f})" in report  # the verdict used the calibrated threshold
+    again = client.predict(handle_file(path), class_name, "baseline", 0.5, references, api_name="/detect")[3]
+    assert again.split("request took")[0] == report.split("request took")[0]  # the same call, the same answer
+    by_hand = client.predict(handle_file(path), class_name, "baseline", 0.5, references, False, "slider", api_name="/detect")[3]
+    assert "threshold 0.5 set by hand" in by_hand
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
     with pytest.raises(Exception, match="Reference image 2: Not a readable image"):

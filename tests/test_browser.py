@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-import app
 import zsad
+from zsad.space.config import display_name, ordered_methods
+from zsad.space.layout import example_rows
+from zsad.space.testing import serving_app
 
-from app_server import serving_app
-
-APP = Path(app.__file__)
+APP = Path(__file__).resolve().parent.parent / "app.py"
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -28,7 +28,8 @@ CHROMIUM_ARGS = [
 ARTIFACTS = APP.parent / "test-artifacts"
 TIMEOUT_MS = 60_000
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def browser_page(tmp_path_factory):
 
 
 def test_upload_type_run_and_see_the_result(browser_page):
-    image_path, class_name = app.example_rows()[0]
+    image_path, class_name = example_rows()[0]
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "browser_app_result.png"
     page = browser_page()
@@ -66,7 +67,7 @@ def test_upload_type_run_and_see_the_result(browser_page):
     expect(score).not_to_have_value("")
     expect(page.locator("#overlay img").first).to_be_visible()
     expect(page.locator("#mask img")).to_be_visible()
-    default_method = app.display_name(app.ordered_methods(zsad.METHODS)[0])
+    default_method = display_name(ordered_methods(zsad.METHODS)[0])
     expect(page.locator("#report")).to_contain_text(default_method)
     assert 0.0 <= float(score.input_value()) <= 1.0
     expect(page.locator("#runtime")).to_contain_text("Runs on CPU")
@@ -84,7 +85,7 @@ def test_upload_type_run_and_see_the_result(browser_page):
 
 
 def test_batch_tab_scores_every_file_and_offers_the_downloads(browser_page):
-    images = [path for path, _ in app.example_rows()][:3]
+    images = [path for path, _ in example_rows()][:3]
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "browser_app_batch.png"
     page = browser_page()
@@ -107,10 +108,10 @@ def test_batch_tab_scores_every_file_and_offers_the_downloads(browser_page):
     print(f"\nscreenshot: {screenshot}")
 
 
-def test_two_reference_images_calibrate_the_result_and_the_slider(browser_page, tmp_path):
+def test_two_reference_images_calibrate_the_result_unless_the_slider_is_chosen(browser_page, tmp_path):
     from zsad.data.synthetic import generate
 
-    image_path, class_name = app.example_rows()[0]
+    image_path, class_name = example_rows()[0]
     root = generate(tmp_path / "good", categories=[class_name], num_good=0, num_defective=0, image_size=96, num_train_good=2)
     references = sorted(str(path) for path in (root / class_name / "train" / "good").glob("*.png"))
     page = browser_page()
@@ -121,8 +122,10 @@ def test_two_reference_images_calibrate_the_result_and_the_slider(browser_page, 
     page.locator("#run").click()
     report = page.locator("#report")
     expect(report).to_contain_text("2 reference images of good parts; calibrated on 2 good images")
-    calibrated = report.inner_text().split("image threshold ")[1].split(",")[0]
-    slider = page.locator("#threshold input[type=number]")
-    expect(slider).not_to_have_value("0.5")  # moved to the calibrated value, rounded to the slider's 0.01 step
-    # The report shows 3 decimals of the threshold, the slider its own rounding of the exact value: within a step.
-    assert abs(float(slider.input_value()) - float(calibrated)) <= 0.0051
+    calibrated = float(report.inner_text().split("image threshold ")[1].split(",")[0])
+    expect(report).to_contain_text(f"(threshold {calibrated:.2f})")  # the verdict used the calibrated threshold
+    page.locator("#run").click()  # the same request again: the same threshold
+    expect(report).to_contain_text(f"(threshold {calibrated:.2f})")
+    page.locator("#threshold-mode").get_by_text("the slider", exact=True).click()
+    page.locator("#run").click()
+    expect(report).to_contain_text("threshold 0.5 set by hand")

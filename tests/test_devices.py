@@ -6,11 +6,14 @@ import warnings
 import pytest
 import torch
 
-import app
 from zsad import loading
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector
 from zsad.loading import resolve_device, resolve_precision
+from zsad.space.config import build_parser as app_parser
+from zsad.space.config import load_detector
+from zsad.space.layout import build_demo
+from zsad.space.render import runtime
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -120,7 +123,7 @@ def detector_tensors(detector: AnomalyDetector) -> list[tuple[str, torch.Tensor]
 
 def test_every_tensor_of_a_loaded_detector_is_on_the_chosen_device(tiny_clip_path, monkeypatch):
     monkeypatch.setenv("ZSAD_DEVICE", "cpu")
-    device = app.build_parser().parse_args([]).device
+    device = app_parser().parse_args([]).device
     detector = AnomalyDetector.load(clip=str(tiny_clip_path), image_size=TEST_IMAGE_SIZE, device=device)
     detector.compare(torch.rand(40, 50, 3).numpy(), "bottle")  # fills the text caches
     tensors = detector_tensors(detector)
@@ -143,8 +146,8 @@ def test_the_space_picks_device_and_precision_together(monkeypatch):
     machine(monkeypatch, cuda=1, cuda_bf16=False)  # a T4
     calls = []
     monkeypatch.setattr(AnomalyDetector, "load", classmethod(lambda cls, **options: calls.append(options)))
-    app.load_detector(None, {}, precision="auto", device="auto")
-    app.load_detector(None, {}, precision="auto", device="cpu")
+    load_detector(None, {}, precision="auto", device="auto")
+    load_detector(None, {}, precision="auto", device="cpu")
     assert [(call["device"], call["dtype"]) for call in calls] == [(torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.qint8)]
 
 
@@ -153,11 +156,11 @@ def test_device_option_reads_zsad_device(monkeypatch):
 
     monkeypatch.setenv("ZSAD_DEVICE", "cuda:1")
     arguments = ["predict", "x.png", "--model", "baseline", "--class-name", "bottle", "--out", "o"]
-    assert build_parser().parse_args(arguments).device == "cuda:1" == app.build_parser().parse_args([]).device
+    assert build_parser().parse_args(arguments).device == "cuda:1" == app_parser().parse_args([]).device
     assert build_parser().parse_args([*arguments, "--device", "cpu"]).device == "cpu"
 
 
 def test_the_space_shows_where_it_runs(tiny_backbone):
     detector = AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, device="cpu")
-    assert app.runtime(detector) == "Runs on CPU · vision tower in float32, text in float32"
-    assert app.runtime(detector) in app.build_demo(detector).config["components"].__repr__()
+    assert runtime(detector) == "Runs on CPU · vision tower in float32, text in float32"
+    assert runtime(detector) in build_demo(detector).config["components"].__repr__()

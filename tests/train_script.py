@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app_server import free_port
+from zsad.space.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train" / "train.py"

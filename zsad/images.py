@@ -10,6 +10,9 @@ size) and tells the original size. Importing it does not import torch (``zsad.de
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ZSADError
 from .modeling.image_processing_zsad import (
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
@@ -26,19 +29,35 @@ from .modeling.image_processing_zsad import (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-
 def image_files(sources: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and the image files (by suffix, sorted) inside any folder among them."""
+    """Files as given, and the image files (by suffix, sorted; files only, so a folder named ``x.png`` is not one)
+    inside any folder among them."""
     files = []
     for source in map(Path, sources):
         if source.is_dir():
-            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()))
         else:
             files.append(source)
     return files
 
 
+def header_size(source, name: str) -> tuple[int, int]:
+    """(width, height) as an image file's header states them, read without decoding the pixels; ``source`` is a
+    path or a binary file object. A file that is not an image raises ``ZSADError`` naming ``name``."""
+    try:
+        with Image.open(source) as image:
+            return image.size
+    except Image.DecompressionBombError:
+        # Pillow refuses to open it at all; read_image reads the size past Pillow's limit and refuses it by name.
+        if hasattr(source, "seek"):
+            source.seek(0)
+        read_image(source, name=name)
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ZSADError(f"Not a readable image '{name}'; use a PNG, JPEG, BMP or TIFF file.") from error
+
+
 __all__ = [
-    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "LoadedImage", "bounded", "bounded_size", "image_files", "load_image",
+    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "LoadedImage", "bounded", "bounded_size", "header_size", "image_files", "load_image",
     "normalised_pixels", "read_image", "to_pixel_values",
 ]

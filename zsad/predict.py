@@ -8,6 +8,8 @@
 """
 
 import json
+import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,8 @@ if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here 
     from .profile import ProductProfile
 
 RECORDS_GLOB = "records-*.jsonl"
+# What a scored image's record holds (an unreadable image's record holds "image" and "error").
+RECORD_KEYS = ("image", "overlay", "mask", "score", "verdict")
 
 
 def predict_files(
@@ -65,9 +69,11 @@ def predict_files(
 
         state = PartialState()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ZSADError(f"The output folder '{out_dir}' is a file; give --out a folder (it is made if it does not exist).")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(zip(paths, _output_names(paths)))
-    finished = {record["image"] for record in read_records(out_dir) if "error" not in record} if resume else set()
+    finished = {record["image"] for record in read_records(out_dir) if "score" in record} if resume else set()
     if not resume and state.is_main_process:
         for stale in out_dir.glob(RECORDS_GLOB):
             stale.unlink()
@@ -105,16 +111,43 @@ def _record_stream(path: Path):
 
 
 def read_records(out_dir: Path) -> list[dict]:
-    """Every record streamed to ``out_dir``'s ``records-*.jsonl`` files, later ones last; a line cut short by an
-    interruption is skipped (its image is done again)."""
+    """Every valid record streamed to ``out_dir``'s ``records-*.jsonl`` files, later ones last. A line that is not a
+    valid record (cut short by an interruption, not UTF-8, not a JSON object, keys or a numeric score missing) is
+    ignored with a warning naming it: its image is done again."""
     records = []
     for path in sorted(out_dir.glob(RECORDS_GLOB)):
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            if not line.strip():
                 continue
+            record, problem = _parsed_record(line)
+            if problem:
+                warnings.warn(f"{path.name} line {number} ignored ({problem}); its image is done again.", stacklevel=2)
+            else:
+                records.append(record)
     return records
+
+
+def _parsed_record(line: bytes) -> tuple[dict | None, str | None]:
+    """(record, None) for a valid record, else (None, what is wrong with it)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError:
+        return None, "not JSON; cut short?"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if not isinstance(record.get("image"), str):
+        return None, "no image path"
+    if "error" in record:
+        return (record, None) if isinstance(record["error"], str) else (None, "an error that is not text")
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    score = record["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return None, "no numeric score"
+    return record, None
 
 
 def _output_names(paths: list[Path]) -> list[str]:

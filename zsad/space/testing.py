@@ -1,14 +1,19 @@
-"""A Gradio app (such as the Space's ``app.py``) run in a subprocess, for end-to-end tests and benchmarks."""
+"""Testing the Space without the tests: a Gradio app (such as ``app.py``) run in a subprocess for end-to-end tests and
+benchmarks, and the payload Gradio hands a handler for an upload."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from gradio.utils import get_upload_folder
 
 
 class AppServerError(RuntimeError):
@@ -62,3 +67,13 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log: Path | None, t
 
 def _tail(log: Path | None) -> str:
     return log.read_text()[-4000:] if log else "(no log kept)"
+
+
+def upload(path: str | Path, name: str | None = None) -> dict:
+    """``path`` copied into Gradio's upload cache, as the unprocessed payload of a file input after an upload
+    (``name``: the visitor's own file name, by default the file's)."""
+    folder = Path(get_upload_folder())
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = Path(tempfile.mkdtemp(prefix="zsad-upload-", dir=folder)) / Path(path).name
+    shutil.copyfile(path, copy)
+    return {"path": str(copy), "url": None, "orig_name": name or Path(path).name, "meta": {"_type": "gradio.FileData"}}

@@ -1,0 +1,258 @@
+"""The Space's requests: one image (``make_handler``) and a batch (``make_batch_handler``), each returning a typed
+result that ``as_gradio()`` turns into the outputs' tuple. Every error a user can cause comes back as ``gr.Error``
+with zsad's message; the app keeps serving."""
+
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+import zsad.images
+from zsad.errors import ZSADError
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+from zsad.modeling.lru_cache import LRUCache
+from zsad.modeling.prompting import clean_class_name
+from zsad.profile import ProductProfile
+
+from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
+from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv
+from .render import anomalous_percent, batch_summary, gallery, report, table_row
+from .scheduling import BATCH_CHUNK, ComputeTurns
+from .uploads import BatchImage, Upload, batch_images, content_hash, mask_names, read_upload, received_file, received_files, upload_size
+
+CALIBRATED = "calibrated"  # the calibrated thresholds when the references give them, else the slider's
+SLIDER = "slider"  # the slider's threshold, references or not
+THRESHOLD_MODES = (CALIBRATED, SLIDER)
+
+
+@dataclass
+class ReferenceSet:
+    """The profiles built from a request's reference images ({} without references) and the names of the references
+    left out as duplicates (the same content as an earlier one)."""
+
+    profiles: dict[str, ProductProfile] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> bool:
+        return any(profile.calibration is not None for profile in self.profiles.values())
+
+
+class ReferenceProfiles:
+    """Product profiles built from uploaded reference images, once per set of distinct references: keyed on the
+    files' contents, the method (or compare) and the class name, the last ``PROFILE_CACHE_SIZE`` kept. Each
+    reference is decoded on its own at ``DISPLAY_SIDE`` (the model sees 518 px), within ``ReferenceCaps``."""
+
+    def __init__(self, detector: AnomalyDetector, size: int = PROFILE_CACHE_SIZE, caps: ReferenceCaps = ReferenceCaps()):
+        self.detector = detector
+        self.caps = caps
+        self._cache = LRUCache(size)
+        self.builds = 0
+
+    def get(self, payloads, class_name: str, method: str) -> ReferenceSet:
+        uploads = received_files(payloads)
+        if not uploads:
+            return ReferenceSet()
+        if len(uploads) > self.caps.max_images:
+            raise ZSADError(f"{len(uploads)} reference images were given; at most {self.caps.max_images} are used (each adds to "
+                            f"memory and time). Pick up to {self.caps.max_images} typical good parts.")
+        distinct: dict[str, Upload] = {}
+        duplicates = []
+        for upload in uploads:
+            digest = content_hash(upload)
+            if digest in distinct:
+                duplicates.append(upload.name)
+            else:
+                distinct[digest] = upload
+        self._check_pixels(list(distinct.values()))
+        key = (tuple(distinct), method, clean_class_name(class_name))
+        profiles = self._cache.get(key, lambda: self._build(list(distinct.values()), class_name, method))
+        return ReferenceSet(profiles, duplicates)
+
+    def _check_pixels(self, uploads: list[Upload]) -> None:
+        total = 0
+        for number, upload in enumerate(uploads, start=1):
+            try:
+                width, height = upload_size(upload)
+            except ZSADError as error:
+                raise ZSADError(f"Reference image {number}: {error}") from error
+            total += width * height
+        if total > self.caps.max_megapixels * 1e6:
+            raise ZSADError(f"The reference images hold {total / 1e6:.0f} megapixels; the Space takes at most "
+                            f"{self.caps.max_megapixels:g} megapixels per set. Use fewer or smaller images, or build the profile "
+                            "with `zsad calibrate` and run `zsad predict --profile DIR` (no limit).")
+
+    def _build(self, uploads: list[Upload], class_name: str, method: str) -> dict[str, ProductProfile]:
+        pictures = []
+        for number, upload in enumerate(uploads, start=1):
+            try:
+                pictures.append(read_upload(upload, max_side=DISPLAY_SIDE).image)
+            except ZSADError as error:
+                raise ZSADError(f"Reference image {number}: {error}") from error
+        methods = self.detector.method_names if method == COMPARE else [method]
+        self.builds += 1
+        return self.detector.build_profiles(methods, class_name, pictures)
+
+
+@dataclass
+class DetectOutput:
+    """One image's answer: the (original, overlay) pair, the mask, the first method's score, the Markdown report, the
+    per-method table, the compare gallery, and what the full-resolution downloads are made from."""
+
+    pair: tuple[Image.Image, Image.Image]
+    mask: Image.Image
+    score: float
+    report: str
+    table: list[list]
+    gallery: list
+    full_resolution: FullResolution
+
+    def as_gradio(self) -> tuple:
+        """The outputs of /detect in order: overlay pair, mask, score, report, table, gallery, downloads (cleared: the
+        last request's no longer apply), the session's full-resolution state."""
+        return self.pair, self.mask, self.score, self.report, self.table, self.gallery, None, self.full_resolution
+
+
+def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None, display_side: int = DISPLAY_SIDE):
+    """``detect(image, class_name, method, threshold, references, tiles, threshold_mode)`` -> ``DetectOutput``.
+
+    ``threshold_mode`` says which threshold decides mask and verdict: ``"calibrated"`` (the default) uses the
+    calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
+    otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
+    images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
+    overlapping windows of the model's input size (one method at a time, without references).
+    """
+    profiles = profiles or ReferenceProfiles(detector)
+
+    def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED, progress=gr.Progress()):
+        try:
+            if threshold_mode not in THRESHOLD_MODES:
+                raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
+            upload = received_file(image)
+            if upload is None:
+                raise ZSADError("No image was given; upload or pass an image.")
+            check_threshold(threshold)
+            reference_set = profiles.get(references, class_name, method)
+            chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
+            results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
+        except ZSADError as error:
+            raise gr.Error(str(error), print_exception=False) from error
+        first = results[0]
+        return DetectOutput(
+            (picture, zsad.images.bounded(first.overlay, display_side)),
+            zsad.images.bounded(first.mask_image(), display_side),
+            round(first.score, 4),
+            report(results, reference_set.profiles, reference_set.duplicates),
+            [table_row(result) for result in results],
+            gallery(results) if method == COMPARE else [],
+            FullResolution.of(first, Path(upload.name).stem),
+        )
+
+    def run_detection(upload: Upload, class_name, method, threshold, by_method, tiles, progress) -> tuple[list[Detection], Image.Image]:
+        if not tiles:
+            loaded = read_upload(upload, max_side=display_side)
+            if method == COMPARE:
+                results = detector.compare(loaded, class_name, threshold=threshold, profiles=by_method, display_side=display_side)
+                return list(results.values()), loaded.image
+            result = detector.detect(loaded, class_name, method=method, threshold=threshold, profile=by_method.get(method),
+                                     display_side=display_side)
+            return [result], loaded.image
+        if method == COMPARE:
+            raise ZSADError("Tiles run one method at a time: pick a method instead of 'compare all'.")
+        if by_method:
+            raise ZSADError("Tiles do not use reference images yet: clear the references or the tiles option.")
+        loaded = read_upload(upload)
+        result = detector.detect_tiled(loaded, class_name, method=method, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                                       progress=lambda done, total: progress(done / total, desc=f"{done} of {total} tiles"))
+        return [result], zsad.images.bounded(loaded.image, display_side)
+
+    return detect
+
+
+@dataclass
+class BatchOutput:
+    """A batch's answer: table rows ([file, score, verdict, anomalous %, mask file]), gallery, the CSV and masks zip
+    paths, and the Markdown summary."""
+
+    table: list[list]
+    gallery: list
+    csv_path: Path
+    masks_path: Path
+    summary: str
+
+    def as_gradio(self) -> tuple:
+        return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
+
+
+def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name: str, method: str,
+                 threshold: float) -> list[Detection | ZSADError]:
+    """One forward pass over the chunk's readable images; an unreadable one (or a row already refused) gets its error."""
+    outcomes: list[Detection | ZSADError] = []
+    for image in chunk:
+        try:
+            if image.error is not None:
+                raise ZSADError(image.error)
+            outcomes.append(zsad.images.load_image(image.read(), name=image.name))
+        except ZSADError as error:
+            outcomes.append(error)
+    pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
+    detections = iter(detector.detect_batch(pictures, class_name, method=method, threshold=threshold) if pictures else [])
+    return [outcome if isinstance(outcome, ZSADError) else next(detections) for outcome in outcomes]
+
+
+def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str) -> list:
+    """[file, score, verdict, anomalous pixel %, mask file, error] (score, % and mask empty for a row not scored)."""
+    if isinstance(outcome, ZSADError):
+        return [image.name, None, "skipped" if image.skipped else "unreadable", None, "", str(outcome)]
+    return [image.name, outcome.score, outcome.verdict, anomalous_percent(outcome), mask_name, ""]
+
+
+def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: BatchCaps = BatchCaps(), turns: ComputeTurns | None = None):
+    """``detect_batch(files, class_name, method, threshold)`` -> ``BatchOutput``. ``files`` are uploaded image files
+    and zips of images; errors that concern the whole batch (caps, class name, method, threshold) come back as
+    ``gr.Error``, a file or zip member that cannot be scored as its row's error."""
+    turns = turns or ComputeTurns()
+
+    def detect_batch(uploads, class_name, method, threshold, progress=gr.Progress()):
+        started = time.perf_counter()
+        try:
+            images = batch_images(list(uploads or []), caps)
+            class_name = clean_class_name(class_name)
+            check_threshold(threshold)
+            status = detector.status(method)
+        except ZSADError as error:
+            raise gr.Error(str(error), print_exception=False) from error
+        folder = folders.new_folder()
+        try:
+            rows, views = run_batch(images, class_name, method, threshold, folder, progress)
+            table_path = write_batch_csv(rows, folder / "scores.csv")
+        finally:
+            folders.done(folder)
+        summary = batch_summary(rows, method, status, threshold, time.perf_counter() - started)
+        table = [[name, None if score is None else round(score, 4), verdict, percent, mask] for name, score, verdict, percent, mask, _ in rows]
+        return BatchOutput(table, views, table_path, folder / "masks.zip", summary)
+
+    def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, folder: Path, progress):
+        rows, views = [], []
+        names = mask_names([image.name for image in images])
+        with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
+            for start in range(0, len(images), BATCH_CHUNK):
+                progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
+                chunk = images[start:start + BATCH_CHUNK]
+                with turns.batch_chunk():
+                    outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
+                for image, outcome, mask_name in zip(chunk, outcomes, names[start:start + BATCH_CHUNK]):
+                    rows.append(batch_row(image, outcome, mask_name))
+                    if isinstance(outcome, Detection):
+                        masks.writestr(mask_name, png_bytes(outcome.mask_image()))
+                        views.append((thumbnail(outcome.overlay, folder / f"{len(rows)}.webp"),
+                                      f"{image.name}: {outcome.score:.3f} {outcome.verdict}"))
+        return rows, views
+
+    return detect_batch
+
+
+__all__ = ["CALIBRATED", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles", "make_batch_handler", "make_handler"]

@@ -1,0 +1,128 @@
+"""The page: the single-image tab (public API ``/detect`` and ``/full_resolution``), the batch tab
+(``/detect_batch``) and the examples."""
+
+import functools
+import json
+
+import gradio as gr
+
+from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector
+
+from .config import EXAMPLES_DIR, MAX_REFERENCES, BatchCaps, display_name
+from .files import OutputFolders, full_resolution_files, serving_files
+from .handlers import CALIBRATED, SLIDER, make_batch_handler, make_handler
+from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, runtime
+from .scheduling import ComputeTurns, taking_turns
+
+BATCH_CONCURRENCY_ID = "batch"
+BATCH_CONCURRENCY_LIMIT = 1
+# A visitor's last detection (what the full-resolution files are made from) is dropped this long after it was set,
+# and when the visitor's tab closes (Gradio's own session end).
+LAST_RESULT_SECONDS = 1800
+THRESHOLD_MODE_CHOICES = [("calibrated when reference images give it, else the slider", CALIBRATED), ("the slider", SLIDER)]
+
+
+def example_rows() -> list[list]:
+    """[image path, class name] rows from examples/examples.json (written by examples/make_examples.py)."""
+    manifest = EXAMPLES_DIR / "examples.json"
+    if not manifest.is_file():
+        return []
+    return [[str(EXAMPLES_DIR / row["image"]), row["class_name"]] for row in json.loads(manifest.read_text())]
+
+
+def gradio_tuple(handler):
+    """``handler`` returning a typed result, as Gradio calls it (the outputs' tuple)."""
+
+    @functools.wraps(handler)  # Gradio reads the parameters (the progress tracker) from the handler's signature
+    def call(*inputs):
+        return handler(*inputs).as_gradio()
+
+    return call
+
+
+def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
+    """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
+    choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
+    with gr.Row():
+        with gr.Column():
+            uploads = gr.File(label=f"Images or a zip of images (up to {caps.max_images} images, {caps.max_megabytes:g} MB, "
+                              f"{caps.max_megapixels:g} megapixels)", file_count="multiple", file_types=["image", ".zip"],
+                              type="filepath", elem_id="batch-files")
+            class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="batch-class-name")
+            method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="batch-method")
+            threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
+            run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
+        with gr.Column():
+            summary = gr.Markdown(elem_id="batch-summary")
+            csv_file = gr.File(label="Scores (CSV)", elem_id="batch-csv")
+            masks_zip = gr.File(label="Masks (zip of PNGs)", elem_id="batch-masks")
+    table = gr.Dataframe(headers=BATCH_TABLE_HEADERS, datatype=BATCH_TABLE_TYPES, label="Results (click a header to sort)",
+                         interactive=False, elem_id="batch-table")
+    views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
+    run.click(
+        gradio_tuple(make_batch_handler(detector, OutputFolders(), caps, turns)),
+        inputs=[uploads, class_name, method, threshold],
+        outputs=[table, views, csv_file, masks_zip, summary],
+        api_name="detect_batch",
+        preprocess=False,  # every upload goes through zsad.space.uploads.received_file
+        concurrency_id=BATCH_CONCURRENCY_ID,
+        concurrency_limit=BATCH_CONCURRENCY_LIMIT,
+    )
+
+
+def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps(),
+               turns: ComputeTurns | None = None) -> gr.Blocks:
+    """The Blocks page around ``detector`` (not launched)."""
+    choices = method_choices(detector)
+    turns = turns or ComputeTurns()
+    with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
+        gr.Markdown(
+            "# zsad: zero-shot anomaly detection\n"
+            "Drop an image of a product, type what the product is, pick a method and see where the defect is. "
+            "The Batch tab takes many images (or a zip) at once."
+        )
+        notice = banner(detector, tiny)
+        if notice:
+            gr.Markdown(notice, elem_id="banner")
+        with gr.Tab("One image", id="single"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="input-image")
+                    class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="class-name")
+                    method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="method")
+                    threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)",
+                                          elem_id="threshold")
+                    references = gr.File(label=f"Reference images of good parts (optional, up to {MAX_REFERENCES}): calibrated "
+                                         "thresholds and a reference map", file_count="multiple", type="filepath", elem_id="references")
+                    threshold_mode = gr.Radio(choices=THRESHOLD_MODE_CHOICES, value=CALIBRATED, label="Threshold used",
+                                              elem_id="threshold-mode")
+                    tiles = gr.Checkbox(False, label="Tiles: score the full-resolution image in overlapping model-size windows "
+                                        "(small defects on large images; slower, one method at a time)", elem_id="tiles")
+                    run = gr.Button("Detect", variant="primary", elem_id="run")
+                with gr.Column():
+                    overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
+                    mask = gr.Image(label="Mask", type="pil", format="png", elem_id="mask")
+                    score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
+                    verdict = gr.Markdown(elem_id="report")
+                    full_resolution = gr.Button("Full-resolution map and mask (files)", elem_id="full-resolution")
+                    downloads = gr.File(label="Full-resolution anomaly map (0-255) and mask", file_count="multiple", elem_id="downloads")
+                    last = gr.State(None, time_to_live=LAST_RESULT_SECONDS)
+            table = gr.Dataframe(headers=TABLE_HEADERS, datatype=TABLE_TYPES, label="Per method", interactive=False)
+            views = gr.Gallery(label="Compare: every method's overlay and mask", columns=4, height=320, object_fit="contain")
+            rows = example_rows()
+            if rows:
+                gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
+            folders = OutputFolders()
+            run.click(
+                serving_files(taking_turns(make_handler(detector), turns), folders),
+                inputs=[image, class_name, method, threshold, references, tiles, threshold_mode],
+                outputs=[overlay, mask, score, verdict, table, views, downloads, last],
+                api_name="detect",
+                preprocess=False,  # every upload goes through zsad.space.uploads.received_file (zsad's own messages)
+            )
+            full_resolution.click(serving_files(full_resolution_files, folders), inputs=[last], outputs=[downloads],
+                                  api_name="full_resolution")
+        with gr.Tab("Batch", id="batch"):
+            batch_tab(detector, batch_caps, turns)
+        gr.Markdown(runtime(detector), elem_id="runtime")
+    return demo

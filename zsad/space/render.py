@@ -1,0 +1,138 @@
+"""What the page shows, as text: the report (Markdown, the visitor's text escaped), table rows, gallery captions,
+the batch summary, the banner and the runtime line."""
+
+import html
+import json
+import re
+
+import torch
+
+from zsad.inference import AnomalyDetector, Detection
+from zsad.modeling.class_name_filter import ClassNameChoice
+from zsad.modeling.modeling_genclip import GenCLIPImageDetails
+from zsad.profile import ProductProfile
+
+from .config import COMPARE, checkpoint_variable, display_name
+
+TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)", "seconds", "details"]
+TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
+BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)", "mask file"]
+BATCH_TABLE_TYPES = ["str", "number", "str", "number", "str"]
+
+
+def escaped(text: str) -> str:
+    """User text shown in Markdown as typed: no HTML (``<img src=x>`` stays text), no Markdown formatting."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", html.escape(text, quote=False))
+
+
+def report(results: list[Detection], profiles: dict[str, ProductProfile] | None = None, duplicates: list[str] = ()) -> str:
+    """Markdown: the verdict of each method, its status, thresholds and where they come from, details and time."""
+    lines = []
+    for result in results:
+        lines.append(
+            f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
+            f"score {result.score:.3f} (threshold {result.threshold:.2f})"
+        )
+        lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
+        if result.note:
+            lines.append(f"- ⚠️ {escaped(result.note)}")
+        if result.tiles:
+            lines.append(f"- scored at full resolution in {result.tiles} tiles (score: the highest tile's)")
+        if isinstance(result.details, GenCLIPImageDetails):
+            lines.append(f"- {class_name_filter_decision(result.details.class_name)}")
+        lines.extend(f"- {key}: {escaped(json.dumps(value))}" for key, value in result.details_dict().items())
+    if duplicates:
+        lines.append(f"\n⚠️ {len(duplicates)} reference image{'s' if len(duplicates) != 1 else ''} left out: the same content as "
+                     f"another reference ({', '.join(escaped(name) for name in duplicates)}); calibration used distinct images only.")
+    total = sum(result.seconds for result in results)
+    lines.append(f"\nClass name used: “{escaped(results[0].class_name)}” · request took {total:.2f} s")
+    return "\n".join(lines)
+
+
+def reference_line(result: Detection, profile: ProductProfile | None) -> str:
+    """Where the verdict's thresholds come from, e.g. "4 reference images of good parts; calibrated on 4 good images:
+    image threshold 0.63, pixel threshold 0.66"."""
+    if profile is None:
+        return f"No reference images (zero-shot); {result.calibration}"
+    line = f"{profile.num_references} reference image{'s' if profile.num_references != 1 else ''} of good parts; {result.calibration}"
+    if profile.calibration is None:
+        return line + " (calibration needs at least two distinct reference images)"
+    calibration = profile.calibration
+    return (f"{line}: image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
+            f"(leave-one-out false-alarm rate {calibration.false_alarm_rate():.0%})")
+
+
+def class_name_filter_decision(choice: ClassNameChoice) -> str:
+    """GenCLIP's class name filtering (CNF) decision for one image as a sentence."""
+    evidence = f" (CLIP probability {choice.probability:.2f})" if choice.probability is not None else ""
+    given, used = escaped(choice.name_given), escaped(choice.name_used)
+    if choice.kept:
+        return f"Class name filter ({choice.mode}): kept “{given}”{evidence}"
+    return f"Class name filter ({choice.mode}): “{given}” does not fit the image{evidence}; used “{used}”"
+
+
+def anomalous_percent(result: Detection) -> float:
+    return round(100.0 * float(result.mask.mean()), 2)
+
+
+def table_row(result: Detection) -> list:
+    return [
+        display_name(result.method),
+        result.status,
+        round(result.score, 4),
+        result.verdict,
+        anomalous_percent(result),
+        round(result.seconds, 3),
+        json.dumps(result.details_dict()) if result.details is not None else "",
+    ]
+
+
+def gallery(results: list[Detection]) -> list:
+    items = []
+    for result in results:
+        name = display_name(result.method)
+        items.append((result.overlay, f"{name}: {result.score:.3f} {result.verdict}"))
+        items.append((result.mask_image(), f"{name}: mask at {result.mask_threshold:.2f}"))
+    return items
+
+
+def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float) -> str:
+    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored)."""
+    scored = [row for row in rows if row[1] is not None]
+    anomalous = sum(row[2] == "anomalous" for row in scored)
+    lines = [
+        f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
+        f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
+    ]
+    lines += [f"- {escaped(row[0])}: {row[2]}: {escaped(row[5])}" for row in rows if row[1] is None]
+    return "\n".join(lines)
+
+
+def method_choices(detector: AnomalyDetector) -> list[tuple[str, str]]:
+    choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
+    return choices + [("compare all", COMPARE)] if len(choices) > 1 else choices
+
+
+def banner(detector: AnomalyDetector, tiny: bool) -> str:
+    notes = []
+    if tiny:
+        notes.append(
+            "⚠️ **Tiny random CLIP** (`--tiny`): scores and maps are noise. This mode is for UI work only; "
+            "start without `--tiny` (or with `--clip PATH`) for real results."
+        )
+    untrained = [name for name in detector.method_names if detector.status(name) == "untrained"]
+    if untrained:
+        variables = " / ".join(f"`{checkpoint_variable(name)}`" for name in untrained)
+        notes.append(
+            f"ℹ️ **{', '.join(map(display_name, untrained))}: untrained** (no checkpoint configured; training-free "
+            f"start from CLIP). Set {variables} or `--checkpoint METHOD=PATH` to use trained weights."
+        )
+    return "\n\n".join(notes)
+
+
+def runtime(detector: AnomalyDetector) -> str:
+    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16"."""
+    device = detector.device
+    where = f"GPU {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type.upper()
+    vision, text = (str(dtype).removeprefix("torch.") for dtype in (detector.backbone.dtype, detector.backbone.text_dtype))
+    return f"Runs on {where} · vision tower in {vision}, text in {text}"
