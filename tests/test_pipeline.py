@@ -88,6 +88,7 @@ def published_folders(models, tiny_clip_path, root) -> dict[str, str]:
     return folders
 
 
+@pytest.mark.integration
 def test_pipeline_runs_without_zsad_on_published_folders_and_matches_the_detector(models, images, tiny_backbone,
                                                                                    tiny_clip_path, tmp_path):
     folders = published_folders(models, tiny_clip_path, tmp_path)
