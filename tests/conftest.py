@@ -72,6 +72,13 @@ def two_process_launcher(tmp_path_factory):
     return two_process_launcher
 
 
+def tiny_model(method: str, backbone, **config_overrides):
+    """An untrained model of a ``zsad.METHODS`` method on a tiny backbone, at the test image size unless given."""
+    import zsad
+
+    return zsad.load_model(method, backbone=backbone, **{"image_size": TEST_IMAGE_SIZE, **config_overrides})
+
+
 def random_pixels(count: int = 2, seed: int = 3) -> torch.Tensor:
     """``count`` random (3, S, S) model inputs at the test size."""
     return torch.randn(count, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))

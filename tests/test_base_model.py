@@ -11,7 +11,7 @@ from zsad import ZeroShotCLIPModel, ZSADError
 from zsad.modeling.configuration_zsad_base import ZSADBaseConfig
 from zsad.modeling.modeling_zsad_base import ZSADPreTrainedModel
 
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, tiny_model
 
 
 class ToyAdapterConfig(ZSADBaseConfig):
@@ -37,8 +37,8 @@ class ToyAdapterModel(ZSADPreTrainedModel):
 
 
 @pytest.fixture
-def baseline(tiny_clip_path, tiny_backbone):
-    return ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+def baseline(tiny_backbone):
+    return tiny_model("baseline", tiny_backbone)
 
 
 def test_config_defaults_follow_the_backbone(baseline):
@@ -138,8 +138,8 @@ def test_model_without_backbone_says_how_to_attach():
         model(torch.randn(1, 3, 56, 56), class_names="bottle")
 
 
-def test_class_text_features_are_computed_once(monkeypatch, tiny_clip_path, fresh_backbone, pixels):
-    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
+def test_class_text_features_are_computed_once(monkeypatch, fresh_backbone, pixels):
+    baseline = tiny_model("baseline", fresh_backbone)
     encoded_rows = []  # prompts per prompt-encoding call
     original = baseline.clip.encode_prompts
     monkeypatch.setattr(baseline.clip, "encode_prompts", lambda texts, *a: encoded_rows.append(len(texts)) or original(texts, *a))

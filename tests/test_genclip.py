@@ -11,13 +11,13 @@ from zsad import GenCLIPConfig, GenCLIPModel, ZSADError
 from zsad.modeling.class_name_filter import candidate_logits, decide_class_names, name_probability_and_rank
 from zsad.modeling.modeling_genclip import tiled_token_ids
 
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, tiny_model
 
 
 @pytest.fixture
-def make_model(tiny_clip_path, tiny_backbone):
+def make_model(tiny_backbone):
     def make(**overrides):
-        return GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE, **overrides)
+        return tiny_model("genclip", tiny_backbone, **overrides)
 
     return make
 
@@ -261,8 +261,8 @@ def test_branch_fusion_arithmetic(make_model, pixels, branch_weight):
     assert output.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
 
 
-def test_text_cache_hits_on_the_second_call(tiny_clip_path, fresh_backbone, pixels, monkeypatch):
-    model = GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
+def test_text_cache_hits_on_the_second_call(fresh_backbone, pixels, monkeypatch):
+    model = tiny_model("genclip", fresh_backbone)
     calls = []
     encode_text = fresh_backbone.encode_text
     monkeypatch.setattr(fresh_backbone, "encode_text", lambda ids, *a, **k: calls.append(ids.shape[0]) or encode_text(ids, *a, **k))

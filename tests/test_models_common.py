@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
-import zsad
 from zsad import GenCLIPOutput, StackCLIPOutput, ZeroShotAnomalyOutput, ZSADError
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.modeling.modeling_stackclip import StackCLIPImageDetails
 
-from conftest import TEST_IMAGE_SIZE, random_pixels
+from conftest import TEST_IMAGE_SIZE, random_pixels, tiny_model
 from remote_code import run_without_zsad
 
 CLASS_NAMES = ["bottle", "metal_nut"]
@@ -60,7 +59,7 @@ class ModelTesterMixin:
     common_code_files = {"modeling_zsad_base.py", "clip_backbone.py", "prompting.py", "pipeline_zsad.py"}
 
     def build(self, backbone):
-        return zsad.load_model(self.method, backbone=backbone, image_size=TEST_IMAGE_SIZE)
+        return tiny_model(self.method, backbone)
 
     @pytest.fixture(scope="class")
     def model(self, tiny_backbone):
@@ -167,7 +166,7 @@ class TestStackCLIPModel(ModelTesterMixin):
     code_files = {"stacking.py"}
 
     def build(self, backbone):
-        model = zsad.load_model(self.method, backbone=backbone, image_size=TEST_IMAGE_SIZE, num_clusters=2)
+        model = tiny_model(self.method, backbone, num_clusters=2)
         model.prepare_for_training(["bottle", "cable", "capsule", "screw", "metal_nut", "pill"])  # two sets of heads
         return model
 
@@ -180,4 +179,4 @@ class TestGenCLIPModel(ModelTesterMixin):
 
     def build(self, backbone):
         # Non-default settings, so a load that fell back to the config defaults would differ.
-        return zsad.load_model(self.method, backbone=backbone, image_size=TEST_IMAGE_SIZE, cnf_mode="soft", branch_weight=0.4)
+        return tiny_model(self.method, backbone, cnf_mode="soft", branch_weight=0.4)
