@@ -19,7 +19,9 @@ from image_files import random_rgb
 
 pytestmark = pytest.mark.cuda
 
-HALF_BOUNDS = {torch.bfloat16: (0.99, 0.03), torch.float16: (0.999, 0.01)}  # (min map Pearson, max score difference)
+# Half precision against float32: at least this map Pearson, at most this score difference (the CPU's bf16 path keeps
+# Pearson >= 0.99997 and differences <= 0.0043 on the tiny model).
+MIN_PEARSON, MAX_SCORE_DIFFERENCE = 0.999, 0.01
 
 
 @pytest.fixture
@@ -85,13 +87,12 @@ def test_half_precision_forward_on_cuda_stays_close_to_float32(tiny_clip_path, d
         pytest.skip("this GPU has no native bfloat16")
     half, exact = detector_on("cuda", tiny_clip_path, dtype), detector_on("cuda", tiny_clip_path)
     assert half.backbone.dtype == dtype
-    min_pearson, max_difference = HALF_BOUNDS[dtype]
     image = parts()[1]
     for method in half.method_names:
         got, expected = half.detect(image, "screw", method=method), exact.detect(image, "screw", method=method)
         assert np.isfinite(got.anomaly_map).all() and got.anomaly_map.dtype == np.float32, method
-        assert abs(got.score - expected.score) <= max_difference, method
-        assert pearson(got.anomaly_map, expected.anomaly_map) >= min_pearson, method
+        assert abs(got.score - expected.score) <= MAX_SCORE_DIFFERENCE, method
+        assert pearson(got.anomaly_map, expected.anomaly_map) >= MIN_PEARSON, method
 
 
 def test_predict_command_on_cuda_writes_the_scores_the_cpu_writes(tiny_clip_path, tmp_path, exact_float32):
