@@ -11,6 +11,19 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 TEST_IMAGE_SIZE = 112  # 8x8 patch grid on the tiny CLIP's 14-px patches
 
+# Fixtures whose tests are integration tests wherever they are written (see pyproject's markers).
+INTEGRATION_FIXTURES = {"two_process_launcher"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh where one is)")
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory):
@@ -59,10 +72,22 @@ def two_process_launcher(tmp_path_factory):
     return two_process_launcher
 
 
+def tiny_model(method: str, backbone, **config_overrides):
+    """An untrained model of a ``zsad.METHODS`` method on a tiny backbone, at the test image size unless given."""
+    import zsad
+
+    return zsad.load_model(method, backbone=backbone, **{"image_size": TEST_IMAGE_SIZE, **config_overrides})
+
+
+def random_pixels(count: int = 2, seed: int = 3) -> torch.Tensor:
+    """``count`` random (3, S, S) model inputs at the test size."""
+    return torch.randn(count, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture
 def pixels():
-    """Two random (3, S, S) model inputs at the test size."""
-    return torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    """Two random (3, S, S) model inputs at the test size (a new tensor per test: tests may change it)."""
+    return random_pixels()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from PIL import Image
 
 import zsad
 from zsad.errors import BackboneLoadError, ZSADError
-from zsad.images import load_image, to_pixel_values
+from zsad.images import to_pixel_values
 from zsad.inference import AnomalyDetector
 from zsad.loading import checkpoint_backbone, checkpoint_method
 
@@ -162,12 +162,28 @@ def test_checkpoint_errors(tmp_path, tiny_backbone, tiny_clip_path):
     assert caught.value.clip == str(tmp_path / "no-clip")
 
 
-def test_load_image_is_the_preprocessing_path(detector, good_files):
-    """The detector reads files through zsad.images.load_image: same pixels, same result."""
+def test_the_model_input_is_the_upright_bicubic_resized_normalised_image(detector, tiny_backbone, good_files):
+    """Computed here independently for an EXIF-rotated JPEG: decoded pixels turned upright by hand, Pillow's bicubic
+    resize to the model size (no crop), then the backbone's mean and std; compared with what the vision tower gets."""
     path, _ = good_files["exif_rotated"]
-    from_file = detector.detect(path, "bottle", method="baseline")
-    from_image = detector.detect(load_image(path), "bottle", method="baseline")
-    np.testing.assert_array_equal(from_file.anomaly_map, from_image.anomaly_map)
+    upright = np.ascontiguousarray(np.rot90(np.asarray(Image.open(path).convert("RGB")), k=-1))  # EXIF 6: 90 deg clockwise
+    resized = Image.fromarray(upright).resize((TEST_IMAGE_SIZE, TEST_IMAGE_SIZE), Image.Resampling.BICUBIC)
+    normalised = (np.asarray(resized) / 255.0 - np.array(tiny_backbone.image_mean)) / np.array(tiny_backbone.image_std)
+    expected = torch.from_numpy(normalised.transpose(2, 0, 1)[None].astype(np.float32))
+    inputs = []
+    embeddings = tiny_backbone.model.vision_model.embeddings
+    handle = embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["pixel_values"]), with_kwargs=True
+    )
+    try:
+        result = detector.detect(path, "bottle", method="baseline")
+    finally:
+        handle.remove()
+    assert len(inputs) == 1
+    torch.testing.assert_close(inputs[0].float(), expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        reference = detector.model("baseline")(expected, class_names=["bottle"])
+    assert result.score == pytest.approx(float(reference.image_score[0]), abs=1e-6)
 
 
 def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_path, detector, capsys):

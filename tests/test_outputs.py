@@ -6,18 +6,17 @@ import json
 import pytest
 import torch
 
-from zsad import GenCLIPModel, GenCLIPOutput, StackCLIPModel, StackCLIPOutput, ZeroShotAnomalyOutput, ZeroShotCLIPModel
+from zsad import GenCLIPOutput, StackCLIPModel, StackCLIPOutput
 from zsad.inference import AnomalyDetector
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.modeling.modeling_stackclip import StackCLIPImageDetails
 
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, tiny_model
 
 
 def stackclip(backbone, clusters: int) -> StackCLIPModel:
-    model = StackCLIPModel.from_clip(backbone.model.config._name_or_path, clip_model=backbone, image_size=TEST_IMAGE_SIZE,
-                                     num_clusters=clusters)
+    model = tiny_model("stackclip", backbone, num_clusters=clusters)
     model.prepare_for_training(["bottle", "cable", "screw", "pill"])
     return model.eval()
 
@@ -45,7 +44,7 @@ def test_stackclip_one_cluster_one_image_keeps_a_list(tiny_backbone, pixels):
 
 
 def test_genclip_details_are_each_images_own_decision(tiny_backbone, pixels):
-    model = GenCLIPModel.from_clip(tiny_backbone.model.config._name_or_path, clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    model = tiny_model("genclip", tiny_backbone)
     with torch.no_grad():
         output = model(pixels, class_names=["bottle", "qq7x"])
     assert isinstance(output, GenCLIPOutput) and output.vision_map.shape == output.query_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
@@ -57,22 +56,6 @@ def test_genclip_details_are_each_images_own_decision(tiny_backbone, pixels):
         assert details.class_name.probability == pytest.approx(float(decision.probabilities[index]))
         assert details.vision_global_score == pytest.approx(float(output.vision_global_score[index]))
         assert details.branch_weight == model.config.branch_weight
-
-
-def test_baseline_has_no_details_and_shares_the_base_output(tiny_backbone, pixels):
-    model = ZeroShotCLIPModel.from_clip(tiny_backbone.model.config._name_or_path, clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
-    with torch.no_grad():
-        output = model(pixels, class_names="bottle")
-    assert type(output) is ZeroShotAnomalyOutput and output.image_details(1) is None
-
-
-def test_image_features_replace_pixels(tiny_backbone, pixels):
-    model = GenCLIPModel.from_clip(tiny_backbone.model.config._name_or_path, clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
-    with torch.no_grad():
-        features = tiny_backbone.encode_image(pixels, [1, 2, 3, 4])
-        from_features = model(image_features=features, class_names="bottle")
-        from_pixels = model(pixels, class_names="bottle")
-    torch.testing.assert_close(from_features.anomaly_map, from_pixels.anomaly_map, rtol=0, atol=0)
 
 
 def test_detection_summary_is_json_of_the_typed_details(tiny_backbone):
@@ -89,8 +72,8 @@ def test_detection_summary_is_json_of_the_typed_details(tiny_backbone):
 def test_one_status_rule_for_models_and_configs(tiny_backbone):
     from zsad.methods import method_of, status
 
-    baseline = ZeroShotCLIPModel.from_clip(tiny_backbone.model.config._name_or_path, clip_model=tiny_backbone)
-    genclip = GenCLIPModel.from_clip(tiny_backbone.model.config._name_or_path, clip_model=tiny_backbone)
+    baseline = tiny_model("baseline", tiny_backbone)
+    genclip = tiny_model("genclip", tiny_backbone)
     assert (status(baseline), status(genclip)) == ("training-free", "untrained")
     genclip.config.is_trained = baseline.config.is_trained = True
     assert (status(baseline.config), status(genclip.config)) == ("training-free", "trained")

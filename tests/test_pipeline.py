@@ -17,7 +17,7 @@ from zsad.cli import main
 from zsad.inference import AnomalyDetector
 from zsad.modeling.pipeline_zsad import TASK, ZeroShotAnomalyDetectionPipeline
 
-from conftest import TEST_IMAGE_SIZE
+from conftest import tiny_model
 from remote_code import WITHOUT_ZSAD
 
 THRESHOLD = 0.3
@@ -55,8 +55,7 @@ SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
 def models(tiny_backbone):
     """Each method on the tiny CLIP: the baseline, GenCLIP untrained, StackCLIP with changed ("trained") weights, so
     a pipeline that ignored the checkpoint's weights would not match."""
-    made = {name: zsad.METHODS[name].from_clip("tiny", clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
-            for name in ("baseline", "genclip", "stackclip")}
+    made = {name: tiny_model(name, tiny_backbone) for name in ("baseline", "genclip", "stackclip")}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in made["stackclip"].adapter_parameters():
@@ -88,6 +87,7 @@ def published_folders(models, tiny_clip_path, root) -> dict[str, str]:
     return folders
 
 
+@pytest.mark.integration
 def test_pipeline_runs_without_zsad_on_published_folders_and_matches_the_detector(models, images, tiny_backbone,
                                                                                    tiny_clip_path, tmp_path):
     folders = published_folders(models, tiny_clip_path, tmp_path)

@@ -40,6 +40,7 @@ def run(command: list[str], venv: Path, cwd: Path, timeout: float = 300) -> subp
     return result
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_every_documented_command_works_after_the_readme_setup_in_a_fresh_venv(tmp_path):
     """About 1-2.5 minutes: pip installs the pinned torch and the rest from its local wheel cache (byte-compiling

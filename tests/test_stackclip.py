@@ -1,4 +1,5 @@
-"""StackCLIP: CSP clustering and stacking, EFA weights and heads, RPL, saving and loading (tiny CLIP, offline)."""
+"""StackCLIP: CSP clustering and stacking, EFA weights and heads, RPL, text caching (tiny CLIP, offline); the checks
+every model passes (saving, loading, remote code, bad names, outputs) are in test_models_common.py."""
 
 import copy
 import logging
@@ -8,26 +9,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel
 from transformers.testing_utils import CaptureLogger
 
-from zsad import StackCLIPConfig, StackCLIPModel, ZeroShotCLIPModel, ZSADError
+from zsad import StackCLIPConfig, ZSADError
 from zsad.modeling import modeling_stackclip, stacking
 from zsad.modeling.prompting import STATE_WORDS, TEMPLATES, TEXT_TOKENS_PER_CHUNK, prompt_ensemble_features
 
-from conftest import TEST_IMAGE_SIZE
+from conftest import TEST_IMAGE_SIZE, tiny_model
 
 TRAIN_NAMES = ["bottle", "cable", "capsule", "screw", "metal_nut", "pill"]
 
 
-def untrained(tiny_clip_path, tiny_backbone, **overrides):
-    return StackCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE, **overrides)
+def untrained(backbone, **overrides):
+    return tiny_model("stackclip", backbone, **overrides)
 
 
 @pytest.fixture(scope="module")
-def two_cluster_model(tiny_clip_path, tiny_backbone):
+def two_cluster_model(tiny_backbone):
     """Untrained, clustered into two on TRAIN_NAMES; copy it (``prepared``) before changing it."""
-    model = untrained(tiny_clip_path, tiny_backbone, num_clusters=2)
+    model = untrained(tiny_backbone, num_clusters=2)
     model.prepare_for_training(TRAIN_NAMES)
     return model.eval()
 
@@ -226,10 +226,10 @@ def test_untrained_heads_equal_clips_projected_patch_tokens(two_cluster_model, t
 
 
 @pytest.mark.parametrize("fusion_weight", [0.5, 0.9])
-def test_with_one_training_category_the_untrained_map_is_the_baselines(tiny_clip_path, tiny_backbone, pixels, fusion_weight):
-    model = untrained(tiny_clip_path, tiny_backbone, fusion_weight=fusion_weight).eval()
+def test_with_one_training_category_the_untrained_map_is_the_baselines(tiny_backbone, pixels, fusion_weight):
+    model = untrained(tiny_backbone, fusion_weight=fusion_weight).eval()
     model.prepare_for_training(["bottle"])
-    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    baseline = tiny_model("baseline", tiny_backbone)
     with torch.no_grad():
         ours, reference = model(pixels, "bottle"), baseline(pixels, "bottle")
     torch.testing.assert_close(ours.anomaly_map, reference.anomaly_map)
@@ -262,13 +262,13 @@ def two_group_class_features(dim: int) -> dict[str, torch.Tensor]:
 
 
 def test_two_name_groups_get_two_head_sets_routed_in_training_and_mixed_by_softmax_weights(
-    tiny_clip_path, tiny_backbone, pixels, monkeypatch
+    tiny_backbone, pixels, monkeypatch
 ):
     features = two_group_class_features(tiny_backbone.model.config.projection_dim)
     monkeypatch.setattr(
         modeling_stackclip, "class_prompt_features", lambda backbone, names: torch.stack([features[n] for n in names])
     )
-    model = untrained(tiny_clip_path, tiny_backbone, max_clusters=3, kmeans_n_init=4)  # the criterion chooses
+    model = untrained(tiny_backbone, max_clusters=3, kmeans_n_init=4)  # the criterion chooses
     model.prepare_for_training(GROUP_A + GROUP_B)
     assert sorted(map(sorted, model.config.cluster_members)) == [sorted(GROUP_A), sorted(GROUP_B)]
     assert len(model.efa_heads) == 2
@@ -319,8 +319,8 @@ def test_efa_training_mode_decides_which_heads_learn(prepared, pixels, mode, oth
 # ----- RPL ----------------------------------------------------------------------------------
 
 
-def test_context_starts_from_the_repeated_init_phrase(tiny_clip_path, tiny_backbone):
-    model = untrained(tiny_clip_path, tiny_backbone, n_ctx=6, ctx_init="a photo of a")
+def test_context_starts_from_the_repeated_init_phrase(tiny_backbone):
+    model = untrained(tiny_backbone, n_ctx=6, ctx_init="a photo of a")
     ids = tiny_backbone.tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
     expected_ids = (ids * 6)[-6:]
     expected = tiny_backbone.word_embeddings(torch.tensor(expected_ids))
@@ -328,9 +328,9 @@ def test_context_starts_from_the_repeated_init_phrase(tiny_clip_path, tiny_backb
     torch.testing.assert_close(model.rpl_context[1], expected)
 
 
-def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=20):
+def _train_rpl(tiny_backbone, pixels, regularizer_weight, steps=20):
     """Adam with the METHODS.md defaults on the RPL context alone; returns the model and the regulariser per step."""
-    model = untrained(tiny_clip_path, tiny_backbone, num_clusters=1, rpl_regularizer_weight=regularizer_weight).train()
+    model = untrained(tiny_backbone, num_clusters=1, rpl_regularizer_weight=regularizer_weight).train()
     model.prepare_for_training(TRAIN_NAMES)
     optimizer = torch.optim.Adam([model.rpl_context], lr=1e-3, betas=(0.5, 0.999))
     values = []
@@ -343,11 +343,11 @@ def _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight, steps=
     return model, values
 
 
-def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pixels):
+def test_rpl_regulariser_falls_during_training(tiny_backbone, pixels):
     # A weight of 10 makes the term's effect clear whatever the tiny random CLIP's weights; the image
     # cross-entropy on noise images pulls the prompts the other way.
-    model, values = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=10.0)
-    _, unregulated = _train_rpl(tiny_clip_path, tiny_backbone, pixels, regularizer_weight=0.0)
+    model, values = _train_rpl(tiny_backbone, pixels, regularizer_weight=10.0)
+    _, unregulated = _train_rpl(tiny_backbone, pixels, regularizer_weight=0.0)
     assert values[-1] < 0.8 * values[0]
     assert values[-1] < 0.8 * unregulated[-1]  # without the term the prompts drift away from the stacked features
     labels = torch.tensor([0, 1])
@@ -358,8 +358,8 @@ def test_rpl_regulariser_falls_during_training(tiny_clip_path, tiny_backbone, pi
     torch.testing.assert_close(output.rpl_regularizer, expected)
 
 
-def test_image_score_is_the_mean_of_rpl_probability_and_map_max(tiny_clip_path, tiny_backbone, pixels):
-    model = untrained(tiny_clip_path, tiny_backbone).eval()
+def test_image_score_is_the_mean_of_rpl_probability_and_map_max(tiny_backbone, pixels):
+    model = untrained(tiny_backbone).eval()
     with torch.no_grad():
         output = model(pixels, ["bottle", "wood"])
         learned = model.rpl_text()
@@ -369,24 +369,16 @@ def test_image_score_is_the_mean_of_rpl_probability_and_map_max(tiny_clip_path, 
     torch.testing.assert_close(output.image_score, (rpl_prob + output.map_score) / 2)
 
 
-# ----- outputs, caching, persistence --------------------------------------------------------
+# ----- caching -----------------------------------------------------------------------------
 
 
-def test_shapes_range_and_determinism(two_cluster_model, tiny_clip_path, tiny_backbone, pixels):
-    model = two_cluster_model
-    with torch.no_grad():
-        first = model(pixels, ["candle", "pcb"])
-        second = model(pixels, ["candle", "pcb"])
-    assert first.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
-    assert first.layer_maps.shape == (2, 4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
-    assert first.image_score.shape == (2,) and first.cluster_weights.shape == (2, 2)
-    assert 0 <= first.anomaly_map.min() and first.anomaly_map.max() <= 1
-    assert ((0 <= first.image_score) & (first.image_score <= 1)).all()
-    torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
-    twin = untrained(tiny_clip_path, tiny_backbone, num_clusters=2).eval()
+def test_the_order_of_the_training_names_does_not_change_the_clusters_or_the_map(two_cluster_model, tiny_backbone, pixels):
+    twin = untrained(tiny_backbone, num_clusters=2).eval()
     twin.prepare_for_training(list(reversed(TRAIN_NAMES)))
     with torch.no_grad():
+        first = two_cluster_model(pixels, ["candle", "pcb"])
         torch.testing.assert_close(twin(pixels, ["candle", "pcb"]).anomaly_map, first.anomaly_map, rtol=0, atol=0)
+    assert first.cluster_weights.shape == (2, 2)
 
 
 def _count_text_calls(backbone, monkeypatch) -> list:
@@ -408,8 +400,8 @@ def _count_text_calls(backbone, monkeypatch) -> list:
     return calls
 
 
-def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step(tiny_clip_path, fresh_backbone, pixels, monkeypatch):
-    model = untrained(tiny_clip_path, fresh_backbone).eval()
+def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step(fresh_backbone, pixels, monkeypatch):
+    model = untrained(fresh_backbone).eval()
     calls = _count_text_calls(fresh_backbone, monkeypatch)
     with torch.no_grad():
         model(pixels, ["bottle", "cable"])
@@ -429,10 +421,10 @@ def test_class_text_is_encoded_once_per_name_and_rpl_text_refreshes_after_a_step
     assert not torch.allclose(before, after)
 
 
-def test_baseline_and_stackclip_on_one_backbone_encode_a_names_prompt_ensemble_once(tiny_clip_path, fresh_backbone, pixels,
+def test_baseline_and_stackclip_on_one_backbone_encode_a_names_prompt_ensemble_once(fresh_backbone, pixels,
                                                                                     monkeypatch):
-    baseline = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=fresh_backbone, image_size=TEST_IMAGE_SIZE)
-    stackclip = untrained(tiny_clip_path, fresh_backbone).eval()
+    baseline = tiny_model("baseline", fresh_backbone)
+    stackclip = untrained(fresh_backbone).eval()
     calls = _count_text_calls(fresh_backbone, monkeypatch)
     prompts_per_name = sum(len(states) for states in STATE_WORDS) * len(TEMPLATES)
     with torch.no_grad():
@@ -441,22 +433,6 @@ def test_baseline_and_stackclip_on_one_backbone_encode_a_names_prompt_ensemble_o
         calls.clear()
         stackclip(pixels, "bottle")
     assert sum(prompts for prompts, _ in calls) < prompts_per_name  # its own RPL prompts only
-
-
-def test_saved_model_reloads_its_clusters_without_training_data(prepared, tiny_backbone, pixels, tmp_path):
-    model = prepared
-    with torch.no_grad():
-        model.efa_heads[1][0].bias.add_(0.1)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModel.from_pretrained(tmp_path, clip_model=tiny_backbone)
-    assert isinstance(loaded, StackCLIPModel)
-    assert loaded.config.cluster_members == model.config.cluster_members
-    assert list(loaded.config.cluster_count_scores) == ["2"]  # forced count: its score only
-    assert loaded.config.cluster_count_scores == model.config.cluster_count_scores
-    torch.testing.assert_close(loaded.stacked_text, model.stacked_text)
-    torch.testing.assert_close(loaded.cluster_centroids, model.cluster_centroids)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(pixels, "candle").anomaly_map, model(pixels, "candle").anomaly_map)
 
 
 def test_prepare_is_idempotent_and_refuses_to_recluster_a_trained_model(prepared):
