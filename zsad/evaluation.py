@@ -42,6 +42,7 @@ from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_FUSION_WEIGHT
+from .provenance import model_record
 from .references import ReferenceMemory, apply_references
 from .visualize import evaluation_figure, few_shot_figure
 
@@ -78,11 +79,14 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
     model = _load(model, clip, image_size, resolve_precision(precision, accelerator.device)).to(accelerator.device)
-    score = _score_tiled if tiles else _score
-    records = score(model, samples, batch_size, num_workers, accelerator)
+    if tiles:
+        records = _score_tiled(model, samples, batch_size, num_workers, accelerator)
+    else:
+        records = _score(model, samples, batch_size, num_workers, accelerator, desc=f"scoring {dataset} (zero-shot)")
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size, "tiles": tiles,
+    report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
+              "image_size": model.config.image_size, "tiles": tiles,
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
 
@@ -96,14 +100,14 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
 
 
 def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
-           fusion_weight: float = DEFAULT_FUSION_WEIGHT) -> list[Record]:
+           fusion_weight: float = DEFAULT_FUSION_WEIGHT, desc: str = "scoring") -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():
-            for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process):
+            for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
                 features = model.encode_image(pixel_values.to(accelerator.device))
@@ -286,12 +290,14 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
         for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
             pool = pools[category]
             drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
-            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn))
+            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn),
+                                   desc=f"{category}, {shots}-shot draw {seed + 1}/{seeds}")
         if accelerator.is_main_process:
             per_seed.append({"seed": seed, **category_report(seed_records)})
     if not accelerator.is_main_process:
         return {}, []
     report["model"] = name
+    report["evaluated_model"] = model_record(model, name)
     report["few_shot"] = {"shots": shots, "seeds": list(range(seeds)), **seed_statistics(per_seed), "per_seed": per_seed}
     return report, records
 
@@ -372,14 +378,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--categories", nargs="+", help="only these categories (default: all)")
     parser.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     parser.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass and process (default 8)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0: load in the main process)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="vision backbone precision (bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999; "
+                        help="vision backbone precision (default float32; bfloat16: ~3x faster on CPUs with AMX, maps within Pearson 0.999; "
                         "auto: bfloat16 where the device runs it natively, float16 on GPUs without it, int8 vision linears on other CPUs)")
     parser.add_argument("--shots", type=int, default=0,
-                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers")
-    parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std")
+                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers "
+                             "(default 0: zero-shot only)")
+    parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std (default 3)")
     parser.add_argument("--tiles", action="store_true",
                         help="score each image at full resolution in overlapping windows of the input size (small defects)")
 
