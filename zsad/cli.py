@@ -1,6 +1,7 @@
 """The ``zsad`` command: ``zsad predict | calibrate | export | evaluate | publish | dataset push | tiny-clip``."""
 
 import argparse
+import shlex
 import sys
 
 from .errors import ZSADError
@@ -9,19 +10,25 @@ from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
+    from .summaries import tiny_clip_summary
     from .tiny_clip import save_tiny_clip
 
-    print(save_tiny_clip(args.directory, seed=args.seed))
+    print(tiny_clip_summary(save_tiny_clip(args.directory, seed=args.seed)))
 
 
 def _publish(args: argparse.Namespace) -> None:
     from .hub import export, publish
+    from .summaries import dry_run_summary
 
     if args.dry_run:
-        print(export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id))
+        folder = export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id, base_model=args.base_model)
+        print(dry_run_summary(folder, args.repo_id))
         return
-    commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private)
-    print(commit.commit_url)
+    commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private,
+                     base_model=args.base_model)
+    print(f"Published to https://huggingface.co/{args.repo_id}: {commit.commit_url}")
+    print(f"Load it with AutoModel.from_pretrained('{args.repo_id}', trust_remote_code=True) or zsad predict IMAGE "
+          f"--model {args.repo_id} --class-name NAME --out predictions")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -62,8 +69,10 @@ def _predict(args: argparse.Namespace) -> None:
                                     resume=args.resume, state=accelerator)
     if not summary:  # not the main process: the main one reports
         return
+    from .summaries import predict_summary
+
     failed = [record for record in summary["images"] if "error" in record]
-    print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
+    print(predict_summary(summary, args.out))
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
 
@@ -73,7 +82,9 @@ def _export(args: argparse.Namespace) -> None:
 
     path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
                   profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
-    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with `zsad predict --engine {args.format} --model {args.out} IMAGE`")
+    names = "" if args.class_name is None or len(args.class_name) == 1 else f" --class-name {shlex.quote(args.class_name[0])}"
+    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with "
+          f"`zsad predict IMAGE --engine {args.format} --model {shlex.quote(str(args.out))}{names} --out predictions`")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -119,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-clip", help="write a tiny random CLIP for offline tests and UI work")
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("directory", help="folder to write the model, tokenizer and image processor to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(run=_tiny_clip)
 
     predict = commands.add_parser("predict", help="anomaly scores, overlays and masks for image files")
@@ -134,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     predict.add_argument("--threshold", type=float,
                          help="for the masks and the verdicts (default: a profile's calibrated thresholds, an exported graph's own, else 0.5)")
-    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     predict.add_argument("--profile", metavar="DIR", help="a product profile from `zsad calibrate` (references and thresholds)")
     predict.add_argument("--reference", nargs="+", metavar="GOOD", help="images or folders of good parts: a profile built on the fly")
     add_device_argument(predict)
     predict.add_argument("--precision", choices=PRECISIONS, default="auto",
-                         help="vision backbone precision; auto = bfloat16 where the device runs it natively, float16 on GPUs without "
-                         "bfloat16, int8 vision linears on other CPUs")
+                         help="vision backbone precision (default auto: bfloat16 where the device runs it natively, float16 on GPUs "
+                         "without bfloat16, int8 vision linears on other CPUs)")
     predict.add_argument("--display-side", type=int, metavar="PIXELS",
                          help="write overlays and masks with their longest side at most PIXELS (default: each image's full size)")
     predict.add_argument("--tiles", action="store_true",
@@ -169,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
     export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
     export.add_argument("--class-name", action="append", help="a product name the graph scores (repeat for several; default: the profile's product)")
-    export.add_argument("--format", required=True, choices=["onnx", "openvino"])
-    export.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="int8: the vision transformer's linear layers")
+    export.add_argument("--format", required=True, choices=["onnx", "openvino"], help="the graph format: ONNX (ONNX Runtime) or OpenVINO IR")
+    export.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                        help="fp32 (default) or int8 weights for the vision transformer's linear layers")
     export.add_argument("--out", required=True, help="folder for the graph and zsad_deploy.json")
     export.add_argument("--profile", help="a product profile folder (`zsad calibrate`): its reference images go into the graph for its product, "
                                           "with its calibrated thresholds")
@@ -192,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--eval", help="evaluation JSON from `zsad evaluate`; fills the card's model-index")
     publish.add_argument("--token", help="Hub token (default: the logged-in one)")
     publish.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-    publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead")
+    publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead, and list it")
+    publish.add_argument("--base-model", metavar="HUB_ID",
+                         help="the Hub id the checkpoint's local backbone copy was downloaded from (needed when its config "
+                         "knows the backbone only as a local path)")
     publish.set_defaults(run=_publish)
 
     dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")

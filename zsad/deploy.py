@@ -7,7 +7,7 @@
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
 ```
 
-Install the runtimes with ``pip install "zsad[deploy]"`` (or ``requirements-deploy.txt``).
+Install the runtimes with ``pip install -e '.[deploy]'`` in a zsad checkout (or ``pip install -r requirements-deploy.txt``).
 """
 
 import importlib.util
@@ -29,7 +29,7 @@ PRECISIONS = ("fp32", "int8")
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # Which runtime runs which graph file: OpenVINO reads ONNX graphs too.
 ENGINES = {"onnx": ("onnx",), "openvino": ("onnx", "openvino")}
-EXTRA_HINT = 'pip install "zsad[deploy]" (or pip install -r requirements-deploy.txt)'
+EXTRA_HINT = "pip install -e '.[deploy]' in a zsad checkout (or pip install -r requirements-deploy.txt)"
 
 
 def require_extra(*modules: str) -> None:
