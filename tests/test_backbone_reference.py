@@ -88,3 +88,15 @@ def test_a_missing_backbone_says_how_to_go_on_offline(tmp_path, tiny_clip_path, 
     with pytest.raises(BackboneLoadError, match="zsad tiny-clip") as caught:
         zsad.load_model(str(tmp_path / "checkpoint"))
     assert caught.value.clip == str(tmp_path / "gone")
+
+
+def test_a_profile_built_on_a_relative_clip_names_it_absolute(tiny_clip_path, tmp_path, monkeypatch):
+    from PIL import Image
+
+    for index, colour in enumerate(["grey", "silver"]):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"good{index}.png")
+    monkeypatch.chdir(tiny_clip_path.parent)
+    detector = AnomalyDetector.for_model("baseline", clip=tiny_clip_path.name, image_size=112)
+    profile = detector.build_profile("baseline", "disk", [str(tmp_path / "good0.png"), str(tmp_path / "good1.png")])
+    saved = json.loads((profile.save(tmp_path / "profile") / "profile.json").read_text())
+    assert saved["backbone"] == str(tiny_clip_path.resolve()) and saved["backbone_hub_id"] is None
