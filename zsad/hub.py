@@ -206,11 +206,6 @@ def training_dataset(config: PreTrainedConfig) -> str | None:
     return getattr(config, "training_dataset", None)
 
 
-def hub_backbone(config: PreTrainedConfig) -> str | None:
-    """The backbone's Hub id (a local copy's origin, or the name itself), None when it is known only as a local path."""
-    return config.backbone_hub_id
-
-
 # ----- the card -----------------------------------------------------------------------------------------
 
 
@@ -233,7 +228,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         check_evaluation(report, config)
     class_name = model_class(config.model_type).__name__
     title = class_name.removesuffix("Model")
-    base_model = hub_backbone(config)
+    base_model = config.backbone_hub_id  # None for a backbone known only as a local path
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
@@ -436,7 +431,7 @@ def _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model: str
 
 def _require_hub_backbone(config: PreTrainedConfig, source, repo_id: str | None) -> None:
     """A published model loads its backbone from the Hub: a backbone known only as a local path is refused."""
-    if hub_backbone(config) is not None:
+    if config.backbone_hub_id is not None:
         return
     checkpoint = source if isinstance(source, Path) else "CHECKPOINT"
     raise ZSADError(
