@@ -88,6 +88,8 @@ def test_a_missing_backbone_says_how_to_go_on_offline(tmp_path, tiny_clip_path, 
     with pytest.raises(BackboneLoadError, match="zsad tiny-clip") as caught:
         zsad.load_model(str(tmp_path / "checkpoint"))
     assert caught.value.clip == str(tmp_path / "gone")
+    with pytest.raises(zsad.ZSADError, match="holds a 'clip' model"):
+        zsad.load_model(str(tiny_clip_path))
 
 
 def test_a_profile_built_on_a_relative_clip_names_it_absolute(tiny_clip_path, tmp_path, monkeypatch):

@@ -156,7 +156,7 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
     if config_overrides:
         raise ZSADError(f"Settings {sorted(config_overrides)} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
-        backbone = load_backbone(*checkpoint_config(model).backbone_source(), dtype=dtype)
+        backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
     return AutoModel.from_pretrained(model, clip_model=backbone).eval()
 
 
@@ -210,7 +210,8 @@ def checkpoint_method(checkpoint: str) -> str:
 
 def checkpoint_backbone(checkpoints: Iterable[str]) -> tuple[str | None, str | None]:
     """(name, revision) of the CLIP the first checkpoint was trained on (its local copy when present, else its Hub
-    id), (None, None) without checkpoints."""
+    id), (None, None) without checkpoints; a ZSADError for a checkpoint that holds no zsad model."""
     for checkpoint in checkpoints:
+        checkpoint_method(checkpoint)
         return checkpoint_config(checkpoint).backbone_source()
     return None, None
