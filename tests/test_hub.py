@@ -17,7 +17,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import zsad
 from zsad.cli import main
-from zsad.hub import load_evaluation, publish, render_model_card
+from zsad.hub import export, load_evaluation, publish, render_model_card
+from zsad.provenance import model_record
 
 HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
 REPO = Path(__file__).resolve().parent.parent
@@ -82,10 +83,15 @@ def checkpoint(trained_genclip, tmp_path_factory):
     return folder
 
 
+def evaluation_of(model, name_or_path, **changes) -> dict:
+    """EVALUATION as ``zsad evaluate`` writes it for ``model`` (its record of the evaluated model)."""
+    return {**EVALUATION, "evaluated_model": model_record(model, str(name_or_path)), **changes}
+
+
 @pytest.fixture
-def eval_json(tmp_path):
+def eval_json(tmp_path, trained_genclip, checkpoint):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(EVALUATION))
+    path.write_text(json.dumps(evaluation_of(trained_genclip, checkpoint)))
     return path
 
 
@@ -203,9 +209,67 @@ def test_results_table_in_percent_and_means_computed_when_missing():
     assert "| candle | 62.5 | 70.0 | 85.0 | 60.0 |" in card
 
 
-def test_evaluating_on_the_training_dataset_is_flagged(trained_genclip):
-    card = str(render_model_card(trained_genclip, {**EVALUATION, "dataset": "MVTec-AD"}))
-    assert "not zero-shot results" in card
+def test_an_evaluation_on_the_training_data_is_refused(fake_hub, trained_genclip, checkpoint, tmp_path):
+    on_training_data = tmp_path / "mvtec.json"
+    on_training_data.write_text(json.dumps(evaluation_of(trained_genclip, checkpoint, dataset="MVTec-AD")))
+    with pytest.raises(zsad.ZSADError, match=r"made on the model's own training data \(MVTec-AD: candle, pcb1\)"):
+        publish(checkpoint, "org/genclip-mvtec", eval_json=on_training_data)
+    assert fake_hub["commits"] == []
+
+
+def test_unseen_categories_of_the_training_dataset_are_accepted_seen_ones_refused(trained_genclip):
+    config = zsad.GenCLIPConfig(**{**trained_genclip.config.to_dict(), "training_categories": ["bottle", "pcb1"]})
+    config.training_dataset = "mvtec"
+    unseen = {**EVALUATION, "dataset": "mvtec", "categories": {"candle": EVALUATION["categories"]["candle"]}}
+    assert "| candle | 62.5 |" in str(render_model_card(config, unseen))
+    with pytest.raises(zsad.ZSADError, match=r"own training data \(mvtec: pcb1\)"):
+        render_model_card(config, {**EVALUATION, "dataset": "mvtec"})
+
+
+def test_an_evaluation_of_the_untrained_method_or_of_another_model_is_refused(fake_hub, trained_genclip, checkpoint,
+                                                                               tiny_backbone, tmp_path):
+    untrained = zsad.GenCLIPModel.from_clip("tiny", clip_model=tiny_backbone, image_size=112)
+    other_method = zsad.StackCLIPModel.from_clip("tiny", clip_model=tiny_backbone, image_size=112)
+    retrained = zsad.GenCLIPModel.from_clip("tiny", clip_model=tiny_backbone, image_size=112)
+    retrained.load_state_dict(trained_genclip.state_dict())
+    retrained.adapter_parameters()[0].data.add_(0.01)  # the same model type and status, other weights
+    retrained.config.is_trained = True
+    refusals = {
+        "untrained": (untrained, "genclip", r"is of the untrained genclip \(training-free start\)"),
+        "other method": (other_method, "stackclip", r"is of a stackclip model \(stackclip\), not of this genclip model"),
+        "other weights": (retrained, "runs/other", r"is of another model: runs/other with weights sha256:"),
+    }
+    for case, (model, name, message) in refusals.items():
+        path = tmp_path / f"{case}.json"
+        path.write_text(json.dumps(evaluation_of(model, name)))
+        with pytest.raises(zsad.ZSADError, match=message):
+            publish(checkpoint, "org/genclip-mvtec", eval_json=path)
+        with pytest.raises(zsad.ZSADError, match=message):
+            export(checkpoint, tmp_path / "dry-run", eval_json=path)
+    unrecorded = tmp_path / "unrecorded.json"
+    unrecorded.write_text(json.dumps(EVALUATION))
+    with pytest.raises(zsad.ZSADError, match="does not say which model it evaluated"):
+        publish(checkpoint, "org/genclip-mvtec", eval_json=unrecorded)
+    assert fake_hub["commits"] == []
+
+
+def test_a_backbone_known_only_as_a_local_path_is_refused_until_its_hub_id_is_named(fake_hub, tiny_backbone, tiny_clip_path,
+                                                                                    tmp_path, capsys):
+    local = zsad.GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=112)
+    local.config.is_trained = True
+    local.save_pretrained(tmp_path / "local")
+    assert main(["publish", str(tmp_path / "local"), "--repo-id", "org/genclip"]) == 2
+    error = capsys.readouterr().err
+    assert f"known only as the local path {tiny_clip_path}" in error
+    assert f"zsad publish {tmp_path / 'local'} --repo-id org/genclip --base-model ORG/NAME" in error
+    assert fake_hub["commits"] == []
+
+    assert main(["publish", str(tmp_path / "local"), "--repo-id", "org/genclip", "--base-model", HUB_BACKBONE]) == 0
+    files = fake_hub["commits"][0]["files"]
+    uploaded = json.loads(files["config.json"])
+    assert uploaded["base_model_hub_id"] == HUB_BACKBONE and uploaded["base_model_name_or_path"] == str(tiny_clip_path)
+    assert ModelCard(files["README.md"].decode()).data.base_model == HUB_BACKBONE
+    assert "Published to https://huggingface.co/org/genclip" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -250,6 +314,11 @@ def test_cli_dry_run_writes_the_upload_folder(fake_hub, checkpoint, eval_json, t
     assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--eval", str(eval_json), "--dry-run", str(out)]) == 0
     assert fake_hub["commits"] == [] and fake_hub["repos"] == []
     written = {path.name for path in out.iterdir()}
+    printed = capsys.readouterr().out
+    assert "would create the model repo https://huggingface.co/org/genclip-mvtec" in printed
+    assert f"these {len(written)} files" in printed
+    for name in written:
+        assert f"  {name} ({(out / name).stat().st_size:,} bytes)" in printed
     assert {"config.json", "model.safetensors", "README.md", "pipeline_zsad.py"} | code_files_needed(checkpoint) <= written
     card = (out / "README.md").read_text()
     assert model_index(card) == {("VisA", key): value for key, value in EVALUATION["mean"].items()}

@@ -1,7 +1,9 @@
 """train/train.py end to end on a tiny CLIP and a synthetic MVTec-layout dataset: checkpoints, logs, loss,
 resume, remote-code loading, and a 2-process Accelerate run (gloo on CPU)."""
 
+import json
 import math
+import os
 import shutil
 import sys
 
@@ -16,7 +18,7 @@ from zsad.data import load_dataset
 
 from conftest import TRAINING_CATEGORIES, whole_dataset_batch
 from remote_code import run_without_zsad
-from train_script import LOOPBACK_ENV, TRAIN_SCRIPT, run_command, training_arguments
+from train_script import LOOPBACK_ENV, REPO, TRAIN_SCRIPT, run_command, training_arguments
 
 IMAGE_SIZE = 56
 BATCH_SIZE = 4
@@ -29,9 +31,42 @@ def _training_args(clip, root, output_dir, epochs, *extra):
 
 @pytest.fixture(scope="module")
 def two_epoch_run(tmp_path_factory, tiny_clip_path, training_root):
+    """Two epochs with --clip given relative to the working directory of the run (the repository root)."""
     output_dir = tmp_path_factory.mktemp("run")
-    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, output_dir, 2)])
+    relative_clip = os.path.relpath(tiny_clip_path, REPO)
+    run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(relative_clip, training_root, output_dir, 2)])
     return output_dir
+
+
+def test_a_relative_clip_is_stored_absolute_and_the_checkpoint_loads_from_another_directory(two_epoch_run, tiny_clip_path,
+                                                                                            tiny_backbone, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    checkpoint = two_epoch_run / "epoch-2"
+    monkeypatch.chdir(tmp_path)  # the relative path given to train.py names nothing from here
+    loaded = AutoModel.from_pretrained(checkpoint)  # the backbone named in its config, no clip_model
+    assert loaded.config.base_model_name_or_path == str(tiny_clip_path.resolve())
+    shared = StackCLIPModel.from_pretrained(checkpoint, clip_model=tiny_backbone)
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels, class_names="plate").anomaly_map, shared(pixels, class_names="plate").anomaly_map)
+
+
+def test_the_checkpoint_records_what_it_was_trained_on_and_its_card_says_so(two_epoch_run, training_root):
+    import zsad
+    from zsad.hub import render_model_card
+
+    config = json.loads((two_epoch_run / "epoch-2" / "config.json").read_text())
+    assert {key: config[key] for key in config if key.startswith("training_")} == {
+        "training_dataset": "mvtec", "training_categories": sorted(TRAINING_CATEGORIES), "training_epochs": 2,
+        "training_image_size": IMAGE_SIZE, "training_batch_size": BATCH_SIZE, "training_learning_rate": 1e-3,
+        "training_seed": 111, "training_zsad_version": zsad.__version__,
+    }
+    assert json.loads((two_epoch_run / "epoch-1" / "config.json").read_text())["training_epochs"] == 1
+    card = str(render_model_card(zsad.StackCLIPConfig.from_pretrained(two_epoch_run / "epoch-2")))
+    assert "**Status: trained** on the auxiliary dataset **mvtec**" in card
+    assert "- Training dataset: **mvtec** (categories: capsule, wood)" in card
+    assert "| `training_seed` | `111` | Seed of the run. |" in card and "| `training_epochs` | `2` | Epochs trained. |" in card
 
 
 def _mean_training_loss(model, root) -> float:

@@ -11,12 +11,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
 from zsad.errors import ZSADError  # noqa: E402
-from zsad.evaluation import add_arguments, run  # noqa: E402
+from zsad.evaluation import run  # noqa: E402
+from zsad_cli import add_evaluation_arguments  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_evaluation_arguments(parser)
     try:
         run(parser.parse_args())
     except ZSADError as error:

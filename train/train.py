@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
+from zsad import __version__ as zsad_version
 from zsad.data import load_dataset
 from zsad.data.model_input import TrainingSet
 from zsad.distributed import process_group_closed_at_end
@@ -45,6 +47,7 @@ from zsad.errors import ZSADError
 from zsad.loading import load_backbone
 from zsad.methods import METHODS
 from zsad.modeling.configuration_stackclip import EFA_ALL_DATA, EFA_CLUSTER_SPECIFIC
+from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.visualize import loss_curve_figure
 
 STATE_FILE = "training_state.pt"
@@ -61,29 +64,42 @@ METHOD_FLAGS = {
 # ----- command line -----------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """An option with a default value ends its help with it; the description keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        shown = default is not None and default is not False and default != [] and default != argparse.SUPPRESS
+        shown = shown and "default" not in action.help
+        return f"{action.help} (default: %(default)s)" if shown else action.help
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, choices=sorted(METHODS))
-    parser.add_argument("--clip", help="Hub id or local path of the CLIP backbone (default: the method's, ViT-L/14@336)")
-    parser.add_argument("--clip-revision", help="Hub revision of the backbone")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--method", required=True, choices=sorted(METHODS), help="the method to train")
+    parser.add_argument("--clip", help=f"Hub id or local path of the CLIP backbone (default: {DEFAULT_CLIP})")
+    parser.add_argument("--clip-revision", help="Hub revision (branch, tag or commit) of the backbone")
+    parser.add_argument("--base-model", metavar="HUB_ID",
+                        help="the Hub id a local --clip copy was downloaded from, recorded so that the checkpoint loads "
+                             "(and can be published) where that path does not exist")
     parser.add_argument("--train-dataset", required=True, help="dataset name for zsad.data.load_dataset, e.g. mvtec, visa")
     parser.add_argument("--train-root", required=True, help="folder of the training dataset")
     parser.add_argument("--train-categories", nargs="+", help="train on these categories only (default: all)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--output-dir", required=True, help="folder for epoch-N/ checkpoints, loss.csv, loss.png, training_args.json")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapters' optimizer")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam betas")
     parser.add_argument("--image-size", type=int, help="model input size (default: the config's, 518)")
     parser.add_argument("--feature-layers", type=int, nargs="+", help="tapped vision blocks (default: quarter points)")
-    parser.add_argument("--seed", type=int, default=111)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--seed", type=int, default=111, help="seed of the shuffling, initialisation and every random draw")
+    parser.add_argument("--bf16", action="store_true", help="run the steps under bfloat16 autocast (mixed precision)")
     parser.add_argument("--backbone-precision", choices=("float32", "bfloat16"), default="float32",
                         help="precision of the frozen vision transformer (text encoder and heads stay float32)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--resume", nargs="?", const="latest",
-                        help="continue from an epoch-N folder (default: the latest one in --output-dir)")
+                        help="continue from an epoch-N folder (without a value: the latest one in --output-dir)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field of the method (VALUE is read as JSON, else as text)")
     for flag, (field, value, help_text) in METHOD_FLAGS.items():
@@ -131,7 +147,9 @@ def build_model(args: argparse.Namespace, resume_dir: Path | None):
     overrides = config_overrides(args, model_class.config_class)
     dtype = getattr(torch, args.backbone_precision)
     if resume_dir is None:
-        return model_class.from_clip(args.clip or model_class.config_class().base_model_name_or_path,
+        if args.base_model:
+            overrides["base_model_hub_id"] = checked_hub_id(args.base_model)
+        return model_class.from_clip(args.clip or DEFAULT_CLIP,
                                      revision=args.clip_revision, clip_dtype=dtype, **overrides)
     backbone = load_backbone(args.clip, revision=args.clip_revision, dtype=dtype) if args.clip else None
     model = model_class.from_pretrained(resume_dir, clip_model=backbone, clip_dtype=dtype)
@@ -139,6 +157,25 @@ def build_model(args: argparse.Namespace, resume_dir: Path | None):
     if changed:
         raise ZSADError(f"Settings {changed} differ from the checkpoint {resume_dir}; they cannot change when resuming.")
     return model
+
+
+def checked_hub_id(name: str) -> str:
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise ZSADError(f"--base-model must be a Hub id such as openai/clip-vit-large-patch14-336, got '{name}'.") from error
+    return name
+
+
+def record_training(config, args: argparse.Namespace, categories: list[str]) -> None:
+    """What the adapters were trained on, in the config (``training_*`` fields; the model card shows them)."""
+    config.training_dataset = args.train_dataset
+    config.training_categories = categories
+    config.training_image_size = config.image_size
+    config.training_batch_size = args.batch_size
+    config.training_learning_rate = args.lr
+    config.training_seed = args.seed
+    config.training_zsad_version = zsad_version
 
 
 def parameter_checksums(model) -> torch.Tensor:
@@ -213,6 +250,7 @@ def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, glob
     folder = output_dir / f"epoch-{epoch}"
     if accelerator.is_main_process:
         unwrapped.config.is_trained = True
+        unwrapped.config.training_epochs = epoch
         unwrapped.save_pretrained(folder)
         state = {"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
                  "rng": rng_state(), "parameter_checksums": checksums}
@@ -240,7 +278,9 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
 
     model = build_model(args, resume_dir)
     loader = make_loader(args, model)
-    model.prepare_for_training(sorted({sample.category for sample in loader.dataset.samples}))
+    categories = sorted({sample.category for sample in loader.dataset.samples})
+    model.prepare_for_training(categories)
+    record_training(model.config, args, categories)
     model.train()
     optimizer = make_optimizer(model, args)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -284,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except ZSADError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {folder}")
+    print(f"Trained {args.method} on {args.train_dataset} for {args.epochs} epochs; checkpoint: {folder.resolve()}")
+    print(f"Loss per step: {Path(args.output_dir).resolve() / 'loss.csv'} (curve: loss.png)")
     return 0
 
 

@@ -84,7 +84,7 @@ def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[Im
         memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
     memory = memories[layers]
     profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
-                             model.config.base_model_revision, fusion_weight)
+                             model.config.base_model_revision, fusion_weight, backbone_hub_id=model.config.backbone_hub_id)
     if memory.num_images < 2:
         return profile
     good = _leave_one_out(model, profile, normal)

@@ -5,6 +5,7 @@ here imports what it needs when it runs, so ``zsad predict --engine onnx|openvin
 """
 
 import argparse
+import shlex
 import sys
 
 from zsad_cli import build_parser, main
@@ -15,19 +16,25 @@ __all__ = ["build_parser", "main", "run"]
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
+    from .summaries import tiny_clip_summary
     from .tiny_clip import save_tiny_clip
 
-    print(save_tiny_clip(args.directory, seed=args.seed))
+    print(tiny_clip_summary(save_tiny_clip(args.directory, seed=args.seed)))
 
 
 def _publish(args: argparse.Namespace) -> None:
     from .hub import export, publish
+    from .summaries import dry_run_summary
 
     if args.dry_run:
-        print(export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id))
+        folder = export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id, base_model=args.base_model)
+        print(dry_run_summary(folder, args.repo_id))
         return
-    commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private)
-    print(commit.commit_url)
+    commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private,
+                     base_model=args.base_model)
+    print(f"Published to https://huggingface.co/{args.repo_id}: {commit.commit_url}")
+    print(f"Load it with AutoModel.from_pretrained('{args.repo_id}', trust_remote_code=True) or zsad predict IMAGE "
+          f"--model {args.repo_id} --class-name NAME --out predictions")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -69,8 +76,10 @@ def _predict(args: argparse.Namespace) -> None:
                                     resume=args.resume, state=accelerator)
     if not summary:  # not the main process: the main one reports
         return
+    from .summaries import predict_summary
+
     failed = [record for record in summary["images"] if "error" in record]
-    print(f"{len(summary['images']) - len(failed)} images scored; overlays, masks and scores.json in {args.out}")
+    print(predict_summary(summary, args.out))
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
 
@@ -80,7 +89,9 @@ def _export(args: argparse.Namespace) -> None:
 
     path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
                   profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
-    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with `zsad predict --engine {args.format} --model {args.out} IMAGE`")
+    names = "" if args.class_name is None or len(args.class_name) == 1 else f" --class-name {shlex.quote(args.class_name[0])}"
+    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with "
+          f"`zsad predict IMAGE --engine {args.format} --model {shlex.quote(str(args.out))}{names} --out predictions`")
 
 
 def _calibrate(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curve
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_FUSION_WEIGHT
+from .provenance import model_record
 from .references import ReferenceMemory
 from .visualize import evaluation_figure, few_shot_figure
 
@@ -87,7 +88,8 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "image_size": model.config.image_size, "tiles": tiles,
+    report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
+              "image_size": model.config.image_size, "tiles": tiles,
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
 
@@ -302,6 +304,7 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
     if not accelerator.is_main_process:
         return {}, []
     report["model"] = name
+    report["evaluated_model"] = model_record(model, name)
     report["few_shot"] = {"shots": shots, "seeds": list(range(seeds)), **seed_statistics(per_seed), "per_seed": per_seed}
     return report, records
 

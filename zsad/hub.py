@@ -17,7 +17,11 @@ or ``{"reports": [...]}``; a report is ::
     {"dataset": "VisA",                      # required (also accepted: "dataset_name")
      "dataset_id": "visa", "split": "test",  # optional
      "categories": {"pcb1": {"image_auroc": 0.91, "pixel_aupro": 0.85, ...}, ...},
-     "mean": {"image_auroc": 0.88, ...}}     # optional: computed from "categories" when missing
+     "mean": {"image_auroc": 0.88, ...},     # optional: computed from "categories" when missing
+     "evaluated_model": {...}}               # which model was evaluated (zsad.provenance.model_record)
+
+``publish`` and ``export`` take results only for the checkpoint they publish (same adapter digest), never for the
+untrained method, and never measured on the model's own training categories (``check_evaluation``).
 
 Metric values are fractions in [0, 1] or percentages; they go into ``model-index`` exactly as written.
 ``null``/NaN values (e.g. pixel metrics of an image-level-only dataset) are left out.
@@ -28,7 +32,6 @@ import json
 import math
 import re
 import shutil
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from .errors import ZSADError
 from .methods import config_class, method_of, model_class, status
 from .metrics import metric_name
 from .modeling.modeling_zsad_base import commit_files
+from .provenance import checkpoint_digest, model_digest
 
 TEMPLATE_DIR = resources.files(__package__) / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"
@@ -52,11 +56,21 @@ PIXEL_TASK = {"task_type": "image-segmentation", "task_name": "Zero-shot anomaly
 
 # Read from the backbone by ``from_clip``: facts about the CLIP, not method settings.
 BACKBONE_FIELDS = (
-    "base_model_name_or_path", "base_model_revision", "num_vision_layers", "patch_size",
+    "base_model_name_or_path", "base_model_revision", "base_model_hub_id", "num_vision_layers", "patch_size",
     "vision_hidden_size", "text_hidden_size", "projection_dim",
 )
 # Training metadata (written by train/train.py) is shown with the training protocol.
 TRAINING_METADATA_PREFIX = "training_"
+TRAINING_DESCRIPTIONS = {
+    "training_dataset": "Auxiliary dataset the adapters were trained on (its test split: the zero-shot protocol).",
+    "training_categories": "Categories of that dataset seen in training; results on them are not zero-shot.",
+    "training_epochs": "Epochs trained.",
+    "training_image_size": "Input size during training.",
+    "training_batch_size": "Images per step and process.",
+    "training_learning_rate": "Learning rate of the adapters' optimizer.",
+    "training_seed": "Seed of the run.",
+    "training_zsad_version": "zsad version that trained the model.",
+}
 CHECKPOINT_FILE_PATTERNS = (CONFIG_NAME, "*.safetensors", "*.safetensors.index.json", "*.py")
 
 
@@ -72,6 +86,7 @@ class EvaluationReport:
     split: str
     mean: dict[str, float]
     categories: dict[str, dict[str, float]]
+    evaluated_model: dict | None = None
 
     @property
     def is_percent(self) -> bool:
@@ -113,7 +128,7 @@ def _parse_report(raw: dict) -> EvaluationReport:
     if not mean:
         raise ZSADError(f"The evaluation report for {dataset} holds no metric values ('mean' or 'categories').")
     dataset_id = raw.get("dataset_id") or re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
-    return EvaluationReport(dataset, dataset_id, raw.get("split") or "test", mean, categories)
+    return EvaluationReport(dataset, dataset_id, raw.get("split") or "test", mean, categories, raw.get("evaluated_model"))
 
 
 def _clean_metrics(metrics, where: str) -> dict[str, float]:
@@ -164,7 +179,7 @@ def field_descriptions(config: PreTrainedConfig) -> dict[str, str]:
 def config_settings(config: PreTrainedConfig) -> dict[str, list[dict]]:
     """The config's own fields (transformers' generic ones left out), grouped as backbone / training / method rows."""
     generic = set(PreTrainedConfig().to_dict()) | {"auto_map", "custom_pipelines"}
-    descriptions = field_descriptions(config)
+    descriptions = TRAINING_DESCRIPTIONS | field_descriptions(config)
     groups = {"backbone": [], "training": [], "method": []}
     for name, value in config.to_dict().items():
         if name in generic or name.startswith("_"):
@@ -186,20 +201,9 @@ def _format_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def training_dataset(config: PreTrainedConfig) -> str:
-    """The auxiliary training dataset's name from the training metadata, or "unknown"."""
-    return str(getattr(config, "training_dataset", None) or "unknown")
-
-
-def hub_model_id(name_or_path: str | None) -> str | None:
-    """``name_or_path`` when it is a Hub repo id (not a local folder), else None."""
-    if not name_or_path or Path(name_or_path).exists():
-        return None
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return None
-    return name_or_path
+def training_dataset(config: PreTrainedConfig) -> str | None:
+    """The auxiliary training dataset's name from the training metadata (None when the config does not record it)."""
+    return getattr(config, "training_dataset", None)
 
 
 # ----- the card -----------------------------------------------------------------------------------------
@@ -209,7 +213,8 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
     """The full model card of a zsad model (or its config), optionally with evaluation results.
 
     ``eval_results`` is anything ``load_evaluation`` accepts. An untrained model (``is_trained`` False) gets no
-    results: its card says it is untrained, and passing results for it is refused.
+    results: its card says it is untrained, and passing results for it is refused; so are results of another
+    method or of the untrained one, and results on the model's own training categories (``check_evaluation``).
     """
     config = getattr(model_or_config, "config", model_or_config)
     reports = load_evaluation(eval_results) if eval_results is not None else []
@@ -219,10 +224,11 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
             "This model is untrained (training-free start, config.is_trained is False); its card carries no results. "
             "Publish it without evaluation results, or train it first."
         )
+    for report in reports:
+        check_evaluation(report, config)
     class_name = model_class(config.model_type).__name__
     title = class_name.removesuffix("Model")
-    trained_on = training_dataset(config)
-    base_model = hub_model_id(config.base_model_name_or_path)
+    base_model = config.backbone_hub_id  # None for a backbone known only as a local path
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
@@ -242,16 +248,60 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         method=method_of(config),
         status=model_status,
         repo_id=repo_id or "ORG/NAME",
-        backbone=config.base_model_name_or_path,
+        backbone=base_model or config.base_model_name_or_path,
+        backbone_revision=config.base_model_revision,
         image_size=config.image_size,
         backbone_on_hub=base_model is not None,
-        training_dataset=trained_on,
+        training_dataset=training_dataset(config),
+        training_categories=getattr(config, "training_categories", None),
         settings=config_settings(config),
         config=config,  # for method-specific sections (StackCLIP's clusters, GenCLIP's training losses)
         reports=reports,
         metric_name=metric_name,
-        evaluated_on_training_data=[r.dataset for r in reports if r.dataset.lower() == trained_on.lower()],
     )
+
+
+def check_evaluation(report: EvaluationReport, config: PreTrainedConfig, digest: str | None = None) -> None:
+    """Refuse (ZSADError, with the reason) results that do not belong on this model's card: those of another method
+    or of the untrained one, those measured on its own training categories, and, when ``digest`` (the published
+    adapters' ``zsad.provenance`` digest) is given, those of other weights or of an unrecorded model."""
+    where = f"The evaluation on {report.dataset}"
+    evaluated = report.evaluated_model
+    if evaluated is not None and evaluated.get("model_type") != config.model_type:
+        raise ZSADError(f"{where} is of a {evaluated.get('model_type')} model ({evaluated.get('name_or_path')}), not of "
+                        f"this {config.model_type} model. Evaluate this checkpoint: zsad evaluate --model CHECKPOINT ...")
+    if evaluated is not None and evaluated.get("status") == "untrained" and status(config) == "trained":
+        raise ZSADError(f"{where} is of the untrained {evaluated.get('name_or_path')} (training-free start), not of this "
+                        "trained checkpoint. Evaluate the checkpoint itself: zsad evaluate --model CHECKPOINT ...")
+    seen = _training_categories_in(report, config)
+    if seen:
+        raise ZSADError(f"{where} was made on the model's own training data ({training_dataset(config)}: {', '.join(seen)}), "
+                        "so its numbers are not zero-shot results. Publish results on datasets (or categories) it was "
+                        "not trained on.")
+    if digest is None:
+        return
+    if evaluated is None:
+        raise ZSADError(f"{where} does not say which model it evaluated (written by an older zsad evaluate, or by "
+                        "hand). Evaluate the checkpoint with `zsad evaluate --model CHECKPOINT ...` and publish that.")
+    if evaluated.get("adapter_digest") != digest:
+        raise ZSADError(f"{where} is of another model: {evaluated.get('name_or_path')} with weights "
+                        f"{str(evaluated.get('adapter_digest'))[:19]}..., while the published weights are {digest[:19]}... "
+                        "Evaluate the checkpoint you publish: zsad evaluate --model CHECKPOINT ...")
+
+
+def _training_categories_in(report: EvaluationReport, config: PreTrainedConfig) -> list[str]:
+    """The report's categories the model was trained on: all of them when the dataset is the training dataset and
+    the config does not list the training categories."""
+    trained_on = training_dataset(config)
+    if not trained_on or _dataset_key(trained_on) not in {_dataset_key(report.dataset), _dataset_key(report.dataset_id)}:
+        return []
+    categories = getattr(config, "training_categories", None)
+    evaluated = sorted(report.categories) or [report.dataset]
+    return evaluated if categories is None else [name for name in evaluated if name in categories]
+
+
+def _dataset_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", name.lower())
 
 
 def _template_text(model_type: str) -> str:
@@ -311,39 +361,39 @@ def checkpoint_files(folder) -> list[Path]:
     return sorted({path for pattern in CHECKPOINT_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()})
 
 
-def export(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None) -> Path:
-    """Write the folder ``publish`` would upload (dry run): weights, config, code and the full card."""
+def export(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None, base_model: str | None = None) -> Path:
+    """Write the folder ``publish`` would upload (dry run): weights, config, code and the full card; refused for the
+    same reasons as ``publish``."""
     directory = Path(directory)
-    card, source, _ = _card_source_config(checkpoint_or_model, eval_json, repo_id)
+    card, source, config = _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model)
     if isinstance(source, Path):
         directory.mkdir(parents=True, exist_ok=True)
         for path in checkpoint_files(source):
             shutil.copy2(path, directory / path.name)
         card.save(directory / "README.md")
+        if base_model:
+            config.to_json_file(directory / CONFIG_NAME)
     else:
         source.save_pretrained(directory, model_card=str(card))
     return directory
 
 
-def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | None = None, private: bool | None = None):
+def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | None = None, private: bool | None = None,
+            base_model: str | None = None):
     """One Hub commit with weights, config, code and the full model card; returns the ``CommitInfo``.
 
     ``checkpoint_dir_or_model`` is a zsad model or a checkpoint folder (published as is, without loading the CLIP).
+    Its backbone must be known by a Hub id (``base_model`` names it for a local copy that does not record it), and
+    evaluation results must be of these very weights (``check_evaluation``).
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ZSADError(f"--repo-id must look like ORG/NAME: {error}") from error
-    card, source, config = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id)
-    if hub_model_id(config.base_model_name_or_path) is None:
-        warnings.warn(
-            f"The backbone '{config.base_model_name_or_path}' is not a Hub id; users of {repo_id} must pass clip_model=.",
-            stacklevel=2,
-        )
+    _checked_repo_id(repo_id, "--repo-id")
+    card, source, config = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id, base_model)
     message = f"Upload {model_class(config.model_type).__name__} ({status(config)}) with zsad"
     try:
         if isinstance(source, Path):
             files = {path.name: path for path in checkpoint_files(source)} | {"README.md": str(card).encode("utf-8")}
+            if base_model:
+                files[CONFIG_NAME] = config.to_json_string().encode("utf-8")
             return commit_files(repo_id, files, message, token=token, private=private)
         return source.push_to_hub(repo_id, model_card=str(card), token=token, private=private, commit_message=message)
     except (HfHubHTTPError, OfflineModeIsEnabled) as error:
@@ -353,15 +403,43 @@ def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | 
         ) from error
 
 
-def _card_source_config(checkpoint_or_model, eval_json, repo_id):
-    """(card, source, config); source is the checkpoint folder (a Path) or the model object."""
+def _checked_repo_id(repo_id: str, option: str) -> str:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ZSADError(f"{option} must look like ORG/NAME: {error}") from error
+    return repo_id
+
+
+def _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model: str | None):
+    """(card, source, config) after every check; source is the checkpoint folder (a Path) or the model object."""
     if isinstance(checkpoint_or_model, (str, Path)):
-        folder = Path(checkpoint_or_model)
-        config = publishable_config(folder)
-        return render_model_card(config, eval_json, repo_id), folder, config
-    if not hasattr(checkpoint_or_model, "save_pretrained") or not hasattr(checkpoint_or_model, "config"):
+        source = Path(checkpoint_or_model)
+        config = publishable_config(source)
+        digest = checkpoint_digest(source)
+    elif hasattr(checkpoint_or_model, "save_pretrained") and hasattr(checkpoint_or_model, "config"):
+        source, config, digest = checkpoint_or_model, checkpoint_or_model.config, model_digest(checkpoint_or_model)
+    else:
         raise ZSADError(f"Expected a zsad model or a checkpoint folder, got {type(checkpoint_or_model).__name__}.")
-    return render_model_card(checkpoint_or_model, eval_json, repo_id), checkpoint_or_model, checkpoint_or_model.config
+    if base_model:
+        config.base_model_hub_id = _checked_repo_id(base_model, "--base-model")
+    _require_hub_backbone(config, source, repo_id)
+    for report in load_evaluation(eval_json) if eval_json is not None else []:
+        check_evaluation(report, config, digest)
+    return render_model_card(config, eval_json, repo_id), source, config
 
 
-__all__ = ["EvaluationReport", "export", "load_evaluation", "publish", "render_model_card"]
+def _require_hub_backbone(config: PreTrainedConfig, source, repo_id: str | None) -> None:
+    """A published model loads its backbone from the Hub: a backbone known only as a local path is refused."""
+    if config.backbone_hub_id is not None:
+        return
+    checkpoint = source if isinstance(source, Path) else "CHECKPOINT"
+    raise ZSADError(
+        f"The backbone of this model is known only as the local path {config.base_model_name_or_path}, which other "
+        f"machines do not have, so the published model would not load there. Name the Hub id that copy was "
+        f"downloaded from: zsad publish {checkpoint} --repo-id {repo_id or 'ORG/NAME'} --base-model ORG/NAME "
+        "(e.g. openai/clip-vit-large-patch14-336), or train with --base-model ORG/NAME."
+    )
+
+
+__all__ = ["EvaluationReport", "check_evaluation", "export", "load_evaluation", "publish", "render_model_card"]

@@ -19,6 +19,11 @@ from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8
+MISSING_BACKBONE_HINT = (
+    "Without the Hub the backbone must be on disk: pass --clip PATH with a local copy of the CLIP (the app also reads "
+    "ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with `zsad tiny-clip tiny-clip` "
+    "and pass --clip tiny-clip."
+)
 SLOW_CPU_BF16 = (
     "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
     "kernels there, about 100x slower than float32. Use --precision float32, or auto (int8 vision linears here)."
@@ -122,10 +127,15 @@ class Runtime:
 
 
 def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None = None, dtype=None) -> CLIPBackbone:
-    """A ready backbone from a Hub id or local path (default: the papers' ViT-L/14@336)."""
+    """A ready backbone from a Hub id or local path (default: the papers' ViT-L/14@336); a ``BackboneLoadError``
+    that says how to go on without the Hub when it cannot be loaded."""
     if isinstance(clip, CLIPBackbone):
         return clip
-    backbone = CLIPBackbone.from_pretrained(clip or DEFAULT_CLIP, revision=revision, dtype=_weights_dtype(dtype))
+    name = clip or DEFAULT_CLIP
+    try:
+        backbone = CLIPBackbone.from_pretrained(name, revision=revision, dtype=_weights_dtype(dtype))
+    except ZSADError as error:
+        raise BackboneLoadError(name, f"{error}\n{MISSING_BACKBONE_HINT}") from error
     return quantize_vision_linears(backbone) if dtype == INT8 else backbone
 
 
@@ -168,10 +178,9 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
         return METHODS[model].from_clip(name, clip_model=backbone, **config_overrides)
     if config_overrides:
         raise ZSADError(f"Settings {sorted(config_overrides)} apply only to untrained models {sorted(METHODS)}.")
-    loaded = AutoModel.from_pretrained(model, clip_model=backbone, clip_dtype=_weights_dtype(dtype)).eval()
-    if backbone is None and dtype == INT8:
-        quantize_vision_linears(loaded.clip)
-    return loaded
+    if backbone is None:
+        backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
+    return AutoModel.from_pretrained(model, clip_model=backbone).eval()
 
 
 def load_method(method: str, checkpoint: str | None, backbone: CLIPBackbone, image_size: int | None = None) -> ZSADPreTrainedModel:
@@ -190,10 +199,7 @@ def shared_backbone(clip: str | CLIPBackbone | None, checkpoints: Iterable[str],
     if isinstance(clip, CLIPBackbone):
         return clip
     name, revision = (clip, None) if clip else checkpoint_backbone(checkpoints)
-    try:
-        return text_on_the_fast_route(load_backbone(name, revision=revision, dtype=dtype), dtype)
-    except ZSADError as error:
-        raise BackboneLoadError(name or DEFAULT_CLIP, str(error)) from error
+    return text_on_the_fast_route(load_backbone(name, revision=revision, dtype=dtype), dtype)
 
 
 def text_on_the_fast_route(backbone: CLIPBackbone, dtype) -> CLIPBackbone:
@@ -226,8 +232,9 @@ def checkpoint_method(checkpoint: str) -> str:
 
 
 def checkpoint_backbone(checkpoints: Iterable[str]) -> tuple[str | None, str | None]:
-    """(name, revision) of the CLIP the first checkpoint was trained on, (None, None) without checkpoints."""
+    """(name, revision) of the CLIP the first checkpoint was trained on (its local copy when present, else its Hub
+    id), (None, None) without checkpoints; a ZSADError for a checkpoint that holds no zsad model."""
     for checkpoint in checkpoints:
-        config = checkpoint_config(checkpoint)
-        return config.base_model_name_or_path, config.base_model_revision
+        checkpoint_method(checkpoint)
+        return checkpoint_config(checkpoint).backbone_source()
     return None, None

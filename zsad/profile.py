@@ -133,6 +133,8 @@ class ProductProfile:
     """Reference memory and calibration of one product for one method on one backbone.
 
     ``calibration`` is None with a single reference (leave-one-out needs two); the references are used all the same.
+    ``backbone`` is the model config's backbone (a Hub id or an absolute path) and ``backbone_hub_id`` its Hub id, so
+    the profile also fits the same backbone loaded from another copy.
     """
 
     method: str
@@ -144,6 +146,7 @@ class ProductProfile:
     fusion_weight: float = DEFAULT_FUSION_WEIGHT
     zsad_version: str = field(default_factory=zsad_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    backbone_hub_id: str | None = None
 
     @property
     def num_references(self) -> int:
@@ -170,7 +173,7 @@ class ProductProfile:
         if class_name != self.class_name:
             problems.append(f"it was built for the product '{self.class_name}', not '{class_name}'")
         found = (config.base_model_name_or_path, config.base_model_revision)
-        if found != (self.backbone, self.backbone_revision):
+        if not self._built_on(config):
             problems.append(f"it was built on the backbone {self.backbone} (revision {self.backbone_revision}), "
                             f"not {found[0]} (revision {found[1]})")
         if config.image_size != self.image_size:
@@ -180,6 +183,13 @@ class ProductProfile:
         if problems:
             raise ZSADError("This product profile does not fit: " + "; ".join(problems) +
                             ". Build a new one with detector.build_profile(...) or `zsad calibrate`.")
+
+    def _built_on(self, config) -> bool:
+        """Whether the model's backbone is this profile's: the same path or Hub id, or copies of the same Hub id."""
+        if (config.base_model_name_or_path, config.base_model_revision) == (self.backbone, self.backbone_revision):
+            return True
+        return self.backbone_hub_id is not None and (config.backbone_hub_id, config.base_model_revision) == (
+            self.backbone_hub_id, self.backbone_revision)
 
     def mismatch_note(self, mean_distance: float) -> str | None:
         """A warning when a test image's mean patch distance says it is not the product the references show."""
@@ -205,7 +215,8 @@ class ProductProfile:
             "format_version": FORMAT_VERSION, "method": self.method, "class_name": self.class_name,
             "num_references": self.num_references, "fusion_weight": self.fusion_weight,
             "calibration": asdict(self.calibration) if self.calibration else None,
-            "backbone": self.backbone, "backbone_revision": self.backbone_revision, "dtype": str(self.memory.dtype),
+            "backbone": self.backbone, "backbone_revision": self.backbone_revision, "backbone_hub_id": self.backbone_hub_id,
+            "dtype": str(self.memory.dtype),
             "image_size": self.image_size, "grid_size": self.memory.grid_size, "feature_layers": self.feature_layers,
             "zsad_version": self.zsad_version, "created": self.created,
         }
@@ -223,7 +234,7 @@ class ProductProfile:
             _check_memory(memory, int(meta["num_references"]))
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
             return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
-                       float(meta["fusion_weight"]), meta["zsad_version"], meta["created"])
+                       float(meta["fusion_weight"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"))
         except (KeyError, TypeError, ValueError) as error:
             raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
                             "build it again with `zsad calibrate` or detector.build_profile(...).") from error

@@ -56,8 +56,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     add_runtime_arguments(parser)
     parser.add_argument("--shots", type=int, default=0,
-                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers")
-    parser.add_argument("--seeds", type=int, default=3, help="with --shots: draws of the K references (seeds 0..N-1); mean and std")
+                        help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers "
+                             "(default 0: zero-shot only)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="with --shots: draws of the K references (seeds 0..N-1); mean and std (default 3)")
     parser.add_argument("--tiles", action="store_true",
                         help="score each image at full resolution in overlapping windows of the input size (small defects)")
 
@@ -67,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-clip", help="write a tiny random CLIP for offline tests and UI work")
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("directory", help="folder to write the model, tokenizer and image processor to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(command_name="tiny_clip")
 
     predict = commands.add_parser("predict", help="anomaly scores, overlays and masks for image files")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     predict.add_argument("--threshold", type=float,
                          help="for the masks and the verdicts (default: a profile's calibrated thresholds, an exported graph's own, else 0.5)")
-    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     predict.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     predict.add_argument("--profile", metavar="DIR", help="a product profile from `zsad calibrate` (references and thresholds)")
     predict.add_argument("--reference", nargs="+", metavar="GOOD", help="images or folders of good parts: a profile built on the fly")
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
     export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
     export.add_argument("--class-name", action="append", help="a product name the graph scores (repeat for several; default: the profile's product)")
-    export.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    export.add_argument("--format", required=True, choices=["onnx", "openvino"], help="the graph format: ONNX (ONNX Runtime) or OpenVINO IR")
     export.add_argument("--precision", default="float32", choices=EXPORT_PRECISIONS,
                         help="float32 (default), or int8: the vision transformer's linear layers with int8 weights")
     export.add_argument("--out", required=True, help="folder for the graph and zsad_deploy.json")
@@ -137,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--eval", help="evaluation JSON from `zsad evaluate`; fills the card's model-index")
     publish.add_argument("--token", help="Hub token (default: the logged-in one)")
     publish.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-    publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead")
+    publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead, and list it")
+    publish.add_argument("--base-model", metavar="HUB_ID",
+                         help="the Hub id the checkpoint's local backbone copy was downloaded from (needed when its config "
+                         "knows the backbone only as a local path)")
     publish.set_defaults(command_name="publish")
 
     dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")

@@ -4,13 +4,19 @@ Each field carries its description as data (``setting(default, description)``): 
 its value and this text (``zsad.hub.config_settings``).
 """
 
+import json
+import re
 from dataclasses import field
+from pathlib import Path
 
 from transformers import PreTrainedConfig
 
 from .clip_backbone import quarter_point_layers
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+# A file of the Hugging Face cache lives at .../models--ORG--NAME/snapshots/COMMIT/...
+HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def setting(default, description: str):
@@ -21,8 +27,13 @@ def setting(default, description: str):
 class ZSADBaseConfig(PreTrainedConfig):
     """Base of the method configs. Backbone dimensions are read from the backbone by ``from_clip``."""
 
-    base_model_name_or_path: str = setting(DEFAULT_CLIP, "Hub id or local path of the frozen CLIP the adapters were trained on.")
+    base_model_name_or_path: str = setting(
+        DEFAULT_CLIP, "Hub id, or absolute path of a local copy, of the frozen CLIP the adapters were trained on."
+    )
     base_model_revision: str | None = setting(None, "Hub revision (branch, tag or commit) of that backbone.")
+    base_model_hub_id: str | None = setting(
+        None, "Hub id a local copy of the backbone came from; loaded from the Hub when that path is absent."
+    )
     image_size: int = setting(518, "Square input side in pixels; position embeddings are interpolated to it.")
     feature_layers: list[int] | None = setting(
         None, "1-based vision blocks whose outputs are tapped (default: the quarter points of the depth)."
@@ -45,3 +56,46 @@ class ZSADBaseConfig(PreTrainedConfig):
             self.feature_layers = quarter_point_layers(self.num_vision_layers)
         self.feature_layers = [int(layer) for layer in self.feature_layers]
         super().__post_init__(**kwargs)
+
+    @property
+    def backbone_hub_id(self) -> str | None:
+        """The backbone's Hub id: the one a local copy came from, else the name when it is not a local path."""
+        if self.base_model_hub_id:
+            return self.base_model_hub_id
+        name = self.base_model_name_or_path
+        return name if HUB_ID.match(name) and not Path(name).exists() else None
+
+    def backbone_source(self) -> tuple[str, str | None]:
+        """(name or path, revision) to load the backbone from: the local copy when it is there, else its Hub id."""
+        name = self.base_model_name_or_path
+        if self.base_model_hub_id and not Path(name).exists():
+            return self.base_model_hub_id, self.base_model_revision
+        return name, self.base_model_revision
+
+
+def backbone_reference(clip_name_or_path, revision: str | None = None, hub_id: str | None = None) -> dict:
+    """The config's backbone fields for a CLIP given as a Hub id or a local path.
+
+    A local path is stored absolute, so the checkpoint loads from any working directory. Its Hub id is ``hub_id``
+    when given, else read from the copy itself: a Hugging Face cache snapshot (``models--ORG--NAME/snapshots/COMMIT``,
+    which also gives the revision) or the ``_name_or_path`` its config.json recorded when it was saved.
+    """
+    path = Path(clip_name_or_path)
+    if not path.exists():
+        return {"base_model_name_or_path": str(clip_name_or_path), "base_model_revision": revision, "base_model_hub_id": hub_id}
+    path = path.resolve()
+    snapshot = HUB_CACHE_SNAPSHOT.search(str(path))
+    if snapshot:
+        hub_id = hub_id or f"{snapshot['org']}/{snapshot['name']}"
+        revision = revision or snapshot["commit"]
+    return {"base_model_name_or_path": str(path), "base_model_revision": revision,
+            "base_model_hub_id": hub_id or _recorded_hub_id(path)}
+
+
+def _recorded_hub_id(path: Path) -> str | None:
+    """The Hub id a saved CLIP's config.json names as its origin (``_name_or_path``), if any."""
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and HUB_ID.match(recorded) else None

@@ -16,7 +16,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
 from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
-from .configuration_zsad_base import ZSADBaseConfig
+from .configuration_zsad_base import ZSADBaseConfig, backbone_reference
 from .exceptions import ZSADError
 from .image_processing_zsad import ZSADImageProcessor
 from .losses import image_loss, segmentation_loss
@@ -112,8 +112,8 @@ class ZSADPreTrainedModel(PreTrainedModel):
         backbone = _as_backbone(clip_model, clip_name_or_path, revision) if clip_model is not None else (
             CLIPBackbone.from_pretrained(clip_name_or_path, revision=revision, dtype=clip_dtype)
         )
-        settings = {**_backbone_dimensions(backbone), **config_overrides}
-        config = cls.config_class(base_model_name_or_path=str(clip_name_or_path), base_model_revision=revision, **settings)
+        settings = {**_backbone_dimensions(backbone), **backbone_reference(clip_name_or_path, revision), **config_overrides}
+        config = cls.config_class(**settings)
         model = cls(config)
         model.attach_backbone(backbone)
         model.init_from_backbone()
@@ -135,7 +135,7 @@ class ZSADPreTrainedModel(PreTrainedModel):
         backbone = (
             _as_backbone(clip_model, config.base_model_name_or_path, config.base_model_revision)
             if clip_model is not None
-            else CLIPBackbone.from_pretrained(config.base_model_name_or_path, config.base_model_revision, dtype=clip_dtype)
+            else CLIPBackbone.from_pretrained(*config.backbone_source(), dtype=clip_dtype)
         )
         model.attach_backbone(backbone)
         return model.eval()
