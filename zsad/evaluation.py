@@ -44,6 +44,7 @@ from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
+from .mutual import detect_mutual
 from .profile import DEFAULT_FUSION_WEIGHT
 from .provenance import model_record
 from .references import ReferenceMemory
@@ -52,6 +53,7 @@ from .visualize import evaluation_figure, few_shot_figure
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
 OUTPUT_NAMES = {"json": "evaluation.json", "markdown": "evaluation.md", "figure": "evaluation.png"}
 FEW_SHOT_FIGURE = "evaluation_shots.png"
+MUTUAL_MARK = ", mutual: each category's test images scored against each other"
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Record:
 def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
              precision: str = "auto", normal_dirs=(), columns: dict[str, str | None] | None = None,
-             tiles: bool = False, device: str | None = None) -> tuple[dict, list[Record]]:
+             tiles: bool = False, device: str | None = None, mutual: bool = False) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
@@ -75,21 +77,24 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
 
     ``tiles`` scores each image at full resolution in overlapping windows of the input size
     (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
-    size like every other map."""
+    size like every other map. ``mutual`` scores each category's test images against each other as one unlabeled
+    batch (``zsad.mutual.detect_mutual``, no labels used); the report says ``"mutual": true``."""
     accelerator = accelerator or Accelerator()
     with accelerator.main_process_first():  # a Hugging Face dataset's images are written once, by the main process
         samples = load_dataset(dataset, root, categories=categories, normal_dirs=normal_dirs, columns=columns)
     if not samples:
         raise ZSADError(f"No test images found for '{dataset}' in {root}.")
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+    if mutual and tiles:
+        raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     runtime = _runtime(accelerator, device, precision)
     model = _load(model, clip, image_size, runtime.dtype).to(runtime.device)
-    score = _score_tiled if tiles else _score
+    score = _score_mutual if mutual else _score_tiled if tiles else _score
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
     report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
-              "image_size": model.config.image_size, "tiles": tiles,
+              "image_size": model.config.image_size, "tiles": tiles, **({"mutual": True} if mutual else {}),
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
 
@@ -134,6 +139,19 @@ def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int
         for index in tqdm(shard, desc="evaluating in tiles", disable=not accelerator.is_local_main_process):
             result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
             local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
+    return _gathered(local, samples, accelerator)
+
+
+def _score_mutual(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
+    """Each category's test images scored against each other as one unlabeled batch; categories are shared out
+    between processes."""
+    detector = AnomalyDetector(model.require_backbone(), {"model": model})
+    with accelerator.split_between_processes(list(by_category_samples(samples))) as categories:
+        local = []
+        for category in tqdm(categories, desc="evaluating (mutual)", disable=not accelerator.is_local_main_process):
+            indices = [i for i, sample in enumerate(samples) if sample.category == category]
+            results = detect_mutual(detector, [samples[i].image_path for i in indices], category, method="model", batch_size=batch_size)
+            local += [(i, result.score, result.model_map.astype(np.float16)) for i, result in zip(indices, results)]
     return _gathered(local, samples, accelerator)
 
 
@@ -210,7 +228,8 @@ def markdown_table(report: dict) -> str:
     header = "| Category | " + " | ".join(metric_name(key, short=True) for key in METRICS) + " |"
     rule = "|---|" + "---:|" * len(METRICS)
     rows = [_row(name, metrics, name in notes) for name, metrics in report["categories"].items()]
-    lines = [f"## {report['dataset']} ({report.get('model', '')})", "", header, rule, *rows, _row("**mean**", report["mean"]), ""]
+    mark = MUTUAL_MARK if report.get("mutual") else ""
+    lines = [f"## {report['dataset']} ({report.get('model', '')}{mark})", "", header, rule, *rows, _row("**mean**", report["mean"]), ""]
     if notes:
         lines += [f"n/a: {name}: {note}; the mean's pixel metrics leave it out." for name, note in notes.items()] + [""]
     return "\n".join(lines)
@@ -231,8 +250,10 @@ def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Pat
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
     notes = report.get("notes", {})
-    pixel_note = "; ".join(f"{name}: {note}" for name, note in notes.items())
-    evaluation_figure(example_rows(records), figure_curves(records), paths["figure"], notes={"Pixel": pixel_note} if notes else None)
+    level_notes = {"Pixel": "; ".join(f"{name}: {note}" for name, note in notes.items())} if notes else {}
+    if report.get("mutual"):
+        level_notes = {level: "; ".join(filter(None, [MUTUAL_MARK.strip(", "), level_notes.get(level)])) for level in ("Image", "Pixel")}
+    evaluation_figure(example_rows(records), figure_curves(records), paths["figure"], notes=level_notes or None)
     if "few_shot" in report:
         paths["few_shot_figure"] = out_dir / FEW_SHOT_FIGURE
         few_shot_figure(report["mean"], report["few_shot"], paths["few_shot_figure"])
@@ -373,11 +394,14 @@ def run(args) -> dict[str, Path] | None:
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
+        if args.shots and args.mutual:
+            raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
         if args.shots:
             report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
         else:
             report, records = evaluate(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
-                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, tiles=args.tiles, **options)
+                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, tiles=args.tiles,
+                                       mutual=args.mutual, **options)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

@@ -62,6 +62,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --shots: draws of the K references (seeds 0..N-1); mean and std (default 3)")
     parser.add_argument("--tiles", action="store_true",
                         help="score each image at full resolution in overlapping windows of the input size (small defects)")
+    parser.add_argument("--mutual", action="store_true",
+                        help="score each category's test images against each other as one unlabeled batch (zsad.mutual; a trained "
+                             "method's text map is fused in, an untrained one's is left out)")
 
 
 def build_parser() -> argparse.ArgumentParser:
