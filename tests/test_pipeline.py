@@ -76,13 +76,15 @@ def images(tmp_path_factory):
 
 
 def published_folders(models, tiny_clip_path, root) -> dict[str, str]:
-    """``zsad publish --dry-run`` of each model's checkpoint; the backbone path points at the tiny CLIP."""
+    """``zsad publish --dry-run`` of each model's checkpoint; the backbone path points at the tiny CLIP (loaded from
+    there, since it exists) and ``--base-model`` names a Hub id for it, as publishing requires."""
     folders = {}
     for method, model in models.items():
         model.config.base_model_name_or_path = str(tiny_clip_path)
         model.save_pretrained(root / f"{method}-checkpoint")
         upload = root / f"{method}-upload"
-        assert main(["publish", str(root / f"{method}-checkpoint"), "--repo-id", f"org/{method}", "--dry-run", str(upload)]) == 0
+        assert main(["publish", str(root / f"{method}-checkpoint"), "--repo-id", f"org/{method}", "--dry-run", str(upload),
+                     "--base-model", "openai/clip-vit-base-patch32"]) == 0
         folders[method] = str(upload)
     return folders
 
