@@ -80,7 +80,8 @@ def _export(args: argparse.Namespace) -> None:
 
     path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
                   profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
-    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with `zsad predict --engine {args.format} --model {args.out} IMAGE`")
+    print(f"{path} and {path.parent / 'zsad_deploy.json'} written; run them with "
+          f"`zsad predict IMAGE --engine {args.format} --model {args.out} --out predictions`")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
