@@ -65,18 +65,3 @@ def test_every_model_command_takes_the_same_device_and_precision(command, monkey
     assert (parser.parse_args(command).device, parser.parse_args(command).precision) == ("auto", "auto")
     chosen = parser.parse_args([*command, "--device", "cpu", "--precision", "int8"])
     assert (chosen.device, chosen.precision) == ("cpu", "int8")
-
-
-def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
-    import torch
-
-    from zsad.errors import ZSADError
-    from zsad.loading import INT8, Runtime, cpu_has_native_bf16
-
-    assert Runtime.resolve("cpu", "float32") == Runtime(torch.device("cpu"), "float32")
-    assert Runtime.resolve("cpu", "int8").dtype == INT8
-    assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if cpu_has_native_bf16() else "int8")
-    assert Runtime.of("cpu", None) == Runtime(torch.device("cpu"), "float32")
-    assert Runtime.of("cpu", torch.bfloat16).precision == "bfloat16"
-    with pytest.raises(ZSADError, match="precision must be one of"):
-        Runtime.resolve("cpu", "fp32")

@@ -13,7 +13,7 @@ from PIL import Image
 from zsad import ZSADError, load_model
 from zsad.cli import main
 from zsad.deploy import CONFIG_NAME, ExportedDetector
-from zsad.export import export
+from zsad.export import ExportGraph, export
 from zsad.inference import AnomalyDetector
 
 from conftest import TEST_IMAGE_SIZE
@@ -57,6 +57,12 @@ def baseline_onnx(tiny_backbone, tmp_path_factory):
     folder = tmp_path_factory.mktemp("baseline-onnx")
     export(model, NAMES, folder, format="onnx", precision="float32", threshold=0.3)
     return model, folder
+
+
+def test_the_graph_is_traced_in_eval_mode(tiny_backbone):
+    model = tiny_model("stackclip", tiny_backbone).train()
+    graph = ExportGraph(model, NAMES)
+    assert not graph.training and not any(module.training for module in graph.modules())
 
 
 def test_exported_stackclip_matches_the_model(tiny_backbone, tmp_path):

@@ -6,9 +6,10 @@
 >>> output = model(pixel_values, class_names=["bottle"])  # anomaly_map (B, S, S), image_score (B,)
 ```
 
-Importing zsad registers its configs and models with ``AutoConfig`` / ``AutoModel`` (through ``zsad.methods``).
+Importing zsad registers its configs and models with ``AutoConfig`` / ``AutoModel`` (through ``zsad.methods``),
+which imports torch and transformers; the ``zsad`` command therefore parses its arguments in ``zsad_cli`` first.
 On a machine without PyTorch (a deployment running exported graphs with ``zsad.deploy``) only the torch-free
-modules load: ``zsad.deploy``, ``zsad.images`` and ``zsad.errors``.
+modules load: ``zsad.deploy``, ``zsad.detection``, ``zsad.predict``, ``zsad.images`` and ``zsad.errors``.
 """
 
 from .errors import ZSADError

@@ -1,0 +1,29 @@
+"""zsad.loading: the runtime value object and int8 loading."""
+
+import warnings
+
+import pytest
+import torch
+
+from zsad.errors import ZSADError
+from zsad.loading import INT8, Runtime, cpu_has_native_bf16, load_backbone
+
+
+def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
+    assert Runtime.resolve("cpu", "float32") == Runtime(torch.device("cpu"), "float32")
+    assert Runtime.resolve("cpu", "int8").dtype == INT8
+    assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if cpu_has_native_bf16() else "int8")
+    assert Runtime.of("cpu", None) == Runtime(torch.device("cpu"), "float32")
+    assert Runtime.of("cpu", torch.bfloat16).precision == "bfloat16"
+    with pytest.raises(ZSADError, match="precision must be one of"):
+        Runtime.resolve("cpu", "fp32")
+
+
+def test_int8_loading_quantises_every_vision_linear_and_warns_nothing(tiny_clip_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch's quantised-tensor deprecation is a UserWarning
+        backbone = load_backbone(str(tiny_clip_path), dtype=INT8)
+    blocks = backbone.model.vision_model.encoder.layers
+    linears = [module for block in blocks for module in block.modules() if isinstance(module, torch.nn.Linear)]
+    quantised = [module for block in blocks for module in block.modules() if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)]
+    assert not linears and len(quantised) == 6 * len(blocks)  # q, k, v, out, fc1, fc2 per block
