@@ -152,6 +152,7 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio"]  # new inputs only at the end
     assert functions["detect"].inputs[-1].value == handlers.CALIBRATED
     assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider"]
+    assert [value for _, value in functions["detect_batch"].inputs[2].choices] == detector.method_names  # no compare in batches
     assert not functions["detect"].preprocess and not functions["detect_batch"].preprocess  # uploads go through received_file
     methods = [value for _, value in render.method_choices(detector)]
     assert methods == detector.method_names + [COMPARE]

@@ -8,7 +8,7 @@ import gradio as gr
 
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector
 
-from .config import EXAMPLES_DIR, MAX_REFERENCES, BatchCaps, display_name
+from .config import EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import OutputFolders, full_resolution_files, serving_files
 from .handlers import CALIBRATED, SLIDER, make_batch_handler, make_handler
 from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, runtime
@@ -42,7 +42,7 @@ def gradio_tuple(handler):
 
 def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
     """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
-    choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
+    choices = method_choices(detector, compare=False)
     with gr.Row():
         with gr.Column():
             uploads = gr.File(label=f"Images or a zip of images (up to {caps.max_images} images, {caps.max_megabytes:g} MB, "

@@ -108,9 +108,10 @@ def batch_summary(rows: list[list], method: str, status: str, threshold: float, 
     return "\n".join(lines)
 
 
-def method_choices(detector: AnomalyDetector) -> list[tuple[str, str]]:
+def method_choices(detector: AnomalyDetector, compare: bool = True) -> list[tuple[str, str]]:
+    """(label, value) of every method, and "compare all" when asked for and there are several."""
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
-    return choices + [("compare all", COMPARE)] if len(choices) > 1 else choices
+    return choices + [("compare all", COMPARE)] if compare and len(choices) > 1 else choices
 
 
 def banner(detector: AnomalyDetector, tiny: bool) -> str:
