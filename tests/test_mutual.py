@@ -22,6 +22,7 @@ from zsad.mutual import (
     comparison_groups,
     detect_mutual,
     far_notes,
+    fused,
     mutual_scores,
     rescore,
     standardise,
@@ -170,6 +171,14 @@ def test_standardised_values_are_robust_z_scores_over_the_batch():
     torch.testing.assert_close(z, (values - 3.0) / 1.4826)
 
 
+def test_fusion_is_the_weighted_mean_of_standardised_sources_without_those_of_weight_0():
+    mutual = torch.tensor([[0.2, 0.3, 0.4, 0.9]])
+    text = torch.tensor([[0.5, 0.1, 0.7, 0.6]])
+    expected = (standardise(mutual) + 0.5 * standardise(text)) / 1.5
+    torch.testing.assert_close(fused([(mutual, 1.0), (text, 0.5)], 0.0), expected)
+    torch.testing.assert_close(fused([(mutual, 1.0), (text, 0.0)], 0.0), standardise(mutual))
+
+
 def test_far_images_get_notes():
     assert far_notes(torch.tensor([0.2, 0.3, 0.25]), 1.0) == [None, None, None]
     one_off = far_notes(torch.tensor([0.2, 1.3, 0.25]), 1.0)
@@ -219,6 +228,16 @@ def test_detect_mutual_scores_are_those_of_mutual_scores_on_the_encoded_images(d
     direct = mutual_scores(tokens, MutualSettings(max_compared=2), keys=[content_key(image) for image in images])
     torch.testing.assert_close(torch.tensor([r.details.median_distance for r in results]),
                                direct.patch_maps.median(dim=1).values, atol=1e-4, rtol=0)
+
+
+def test_text_and_reference_maps_are_fused_when_asked(detector):
+    images = part_images(4)
+    alone = detect_mutual(detector, images, "striped plate")
+    profile = detector.build_profile("baseline", "striped plate", part_images(3)[:2])
+    settings = MutualSettings(text_weight=0.5)
+    both = detect_mutual(detector, images, "striped plate", profile=profile, settings=settings)
+    assert [(r.details.text_weight, r.details.reference_weight, r.references) for r in both] == [(0.5, 1.0, 2)] * 4
+    assert not np.allclose(both[-1].anomaly_map, alone[-1].anomaly_map)
 
 
 def test_detect_mutual_refuses_one_image_and_identical_copies(detector):

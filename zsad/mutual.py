@@ -55,7 +55,8 @@ class MutualSettings:
         degrees: LNAMD aggregation degrees r: patch features averaged over r x r neighbourhoods [paper, code: 1, 3, 5].
         interval: the (low, high) fractions of the compared images, closest first, whose nearest-patch distances are
             averaged [code: MSM's topmin_min 0, topmin_max 0.3]; at least one image is always used.
-        max_compared: at most this many other images per image [choice: 31, a batch of 32 in one group].
+        max_compared: at most this many other images per image [choice: 15; a batch of 32 is scored as two groups of 16,
+            which keeps mutual scoring near half the vision passes' time (docs/PERFORMANCE.md); 31 scores it whole].
         image_score: "max" of the image's map [code] or "top_k_mean" of its highest ``top_fraction`` pixels [choice].
         top_fraction: share of pixels averaged by "top_k_mean" [choice: 1%].
         rescore: MuSc's RsCIN image re-scoring over the global embeddings' k nearest images [code; choice: off].
@@ -76,7 +77,7 @@ class MutualSettings:
 
     degrees: tuple[int, ...] = (1, 3, 5)
     interval: tuple[float, float] = (0.0, 0.3)
-    max_compared: int = 31
+    max_compared: int = 15
     image_score: str = "max"
     top_fraction: float = 0.01
     rescore: bool = False
@@ -133,8 +134,9 @@ def aggregate(tokens: torch.Tensor, degree: int) -> torch.Tensor:
     grid = math.isqrt(patches)
     x = tokens.float().transpose(1, 2).reshape(batch, width, grid, grid)
     x = F.layer_norm(x, x.shape[1:])
-    if degree > 1:
-        x = F.avg_pool2d(x, degree, stride=1, padding=degree // 2, count_include_pad=True)
+    if degree > 1:  # separable: an r x r mean with zeros counted is a mean over r rows of means over r columns
+        x = F.avg_pool2d(x, (degree, 1), stride=1, padding=(degree // 2, 0), count_include_pad=True)
+        x = F.avg_pool2d(x, (1, degree), stride=1, padding=(0, degree // 2), count_include_pad=True)
     return F.normalize(x.flatten(2).transpose(1, 2), dim=-1).to(tokens.dtype)
 
 
