@@ -139,4 +139,5 @@ def apply_references(memory: ReferenceMemory, features: ImageFeatures, anomaly_m
 def single_image(features: ImageFeatures, index: int) -> ImageFeatures:
     """Image ``index`` of an encoded batch, as a batch of one."""
     return ImageFeatures(features.layers, [tokens[index:index + 1] for tokens in features.layer_tokens],
-                         features.image_embeds[index:index + 1], features.grid_size, features.image_size)
+                         features.image_embeds[index:index + 1], features.grid_size, features.image_size,
+                         features.vv_attention_from)
