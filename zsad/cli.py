@@ -5,7 +5,7 @@ import sys
 
 from .errors import ZSADError
 from .loading import PRECISIONS, add_device_argument
-from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
+from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                            help=f"good images only: thresholds at this quantile of the good scores (default {DEFAULT_QUANTILE}: the maximum)")
     calibrate.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"added to that quantile (default {DEFAULT_MARGIN})")
-    calibrate.add_argument("--fusion-weight", type=float, default=DEFAULT_FUSION_WEIGHT,
-                           help=f"share of the reference map in the fused map and score (default {DEFAULT_FUSION_WEIGHT})")
+    calibrate.add_argument("--fusion-weight", type=float, default=None,
+                           help="share of the reference map in the fused map (both on the good images' scale); default: "
+                                "chosen on the defective images when given, else 1 untrained, 0.5 trained")
     calibrate.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     calibrate.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     calibrate.set_defaults(run=_calibrate)

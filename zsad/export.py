@@ -75,8 +75,8 @@ class ExportGraph(nn.Module):
         if self.profile is None or name != self.profile.class_name:
             return output.image_score, output.anomaly_map
         memory = self.profile.memory
-        fused = apply_references(memory, features.select(memory.layers), output.anomaly_map, output.image_score,
-                                 self.profile.fusion_weight, self.model.config)
+        fused = apply_references(memory, features.select(memory.layers, memory.vv_attention_from), output.anomaly_map,
+                                 output.global_score, self.profile.fusion, self.model.config)
         return fused.image_score, fused.anomaly_map
 
 
@@ -205,7 +205,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
                   profile: ProductProfile | None = None) -> dict:
     backbone = model.require_backbone()
     references = None if profile is None else {
-        "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion_weight,
+        "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion.weight,
         "calibration": profile.calibration.describe() if profile.calibration else "uncalibrated", "created": profile.created}
     return {
         "zsad_deploy_version": 1,

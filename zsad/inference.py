@@ -45,8 +45,17 @@ from .modeling.image_processing_zsad import (
 )
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
-from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, uncalibrated_description
-from .references import ReferenceMemory, ReferenceScores, apply_references, single_image
+from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, choose_weight, uncalibrated_description
+from .references import (
+    FusionScale,
+    ReferenceMemory,
+    ReferenceScores,
+    SourceMaps,
+    apply_references,
+    default_weight,
+    leave_one_out_sources,
+    reference_sources,
+)
 from .visualize import overlay_heatmap
 
 __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_threshold"]
@@ -290,28 +299,30 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self._encode([picture], size, layers) for size, layers in self._layers_by_image_size().items()}
+        shared = {size: self._encode([picture], size, streams) for size, streams in self._layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            results[method] = self._detect_on_features(method, shared[model.config.image_size], [loaded], [name], threshold,
+            features = shared[model.config.image_size][model.config.vv_attention_from]
+            results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))
         first.seconds += shared_seconds
         return results
 
-    def _encode(self, pictures: list[Image.Image], size: int, layers: list[int]) -> ImageFeatures:
+    def _encode(self, pictures: list[Image.Image], size: int, streams: dict) -> dict:
         pixel_values = to_pixel_values(pictures, size, self.backbone.image_mean, self.backbone.image_std)
         with torch.inference_mode():
-            return self.backbone.encode_image(pixel_values, layers)
+            return self.backbone.encode_image_streams(pixel_values, streams)
 
-    def _layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, list[int]]:
-        layers: dict[int, set[int]] = {}
+    def _layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, dict]:
+        """{input size: {vv_attention_from: layers}}: one vision pass per size, one stream per value-value start."""
+        layers: dict[int, dict] = {}
         for method in methods or self.method_names:
             config = self.model(method).config
-            layers.setdefault(config.image_size, set()).update(config.feature_layers)
-        return {size: sorted(tapped) for size, tapped in layers.items()}
+            layers.setdefault(config.image_size, {}).setdefault(config.vv_attention_from, set()).update(config.feature_layers)
+        return {size: {start: sorted(tapped) for start, tapped in streams.items()} for size, streams in layers.items()}
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
@@ -348,7 +359,7 @@ class AnomalyDetector:
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
             output = model(image_features=features, class_names=names)
-            fused = self._with_references(model, profile, features, output.anomaly_map, output.image_score) if profile else None
+            fused = self._with_references(model, profile, features, output.anomaly_map, output.global_score) if profile else None
             anomaly_maps, scores = (fused.anomaly_map, fused.image_score) if fused else (output.anomaly_map, output.image_score)
             maps = [resize_map(anomaly_maps[i], picture.size) for i, picture in enumerate(pictures)]
             model_maps = anomaly_maps.float().cpu().numpy()
@@ -377,24 +388,26 @@ class AnomalyDetector:
         ]
 
     def _with_references(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
-                         anomaly_map: torch.Tensor, image_score: torch.Tensor, memory: ReferenceMemory | None = None
-                         ) -> ReferenceScores:
-        """Maps and scores fused with the profile's references (or with ``memory``, e.g. one left out)."""
-        memory = memory or profile.memory
-        return apply_references(memory, features.select(memory.layers), anomaly_map, image_score, profile.fusion_weight, model.config)
+                         anomaly_map: torch.Tensor, global_score: torch.Tensor) -> ReferenceScores:
+        """Maps and scores fused with the profile's references on the profile's scale."""
+        memory = profile.memory
+        return apply_references(memory, features.select(memory.layers, memory.vv_attention_from), anomaly_map, global_score,
+                                profile.fusion, model.config)
 
     # ----- product profiles -----------------------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
                       quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                      fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+                      fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
         """A ``ProductProfile`` of ``method`` for the product ``class_name`` from images of good parts (paths, PIL images,
         arrays or folders; K >= 1) and, optionally, of defective parts with their masks (a folder matched by file name,
         ``000.png`` <- ``000.png`` or ``000_mask.png``, or one mask per defective image in order).
 
         The good images are the references; each is scored against the others (leave-one-out, K >= 2) to calibrate
         the thresholds: ``quantile`` of the good scores plus ``margin`` with good images only, F1-max with defective
-        images. ``fusion_weight`` is the reference map's share in the fused map and score.
+        images. Both maps are put on the good images' leave-one-out scale before fusing (``FusionScale``);
+        ``fusion_weight`` is the reference map's share, by default chosen on the defective images (pixel F1-max with
+        masks, image F1-max without), else 1 for an untrained model and 0.5 for a trained one.
         """
         method = self._resolve_method(method)
         return self.build_profiles([method], class_name, normal_images, defective_images, masks, quantile=quantile, margin=margin,
@@ -402,11 +415,11 @@ class AnomalyDetector:
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                       fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8,
+                       fusion_weight: float | None = None, batch_size: int = 8,
                        progress: bool = False) -> dict[str, ProductProfile]:
         """``build_profile`` for several methods, encoding each image once per input size (as ``compare`` does)."""
         check_quantile(quantile, margin)
-        if not 0.0 <= fusion_weight <= 1.0:
+        if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
             raise ZSADError(f"The fusion weight must be between 0 and 1, got {fusion_weight}.")
         name = clean_class_name(class_name)
         normal = read_images(normal_images, "good")
@@ -414,58 +427,59 @@ class AnomalyDetector:
         defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
         profiles = {}
         with tqdm(total=len(normal) + len(defective), unit="image", desc="zsad calibrate", disable=not progress) as bar:
-            for size, layers in self._layers_by_image_size(methods).items():
-                encoded_normal = self._encode_batches(normal, size, layers, batch_size, bar)
-                encoded_defective = self._encode_batches(defective, size, layers, batch_size, bar)
+            for size, streams in self._layers_by_image_size(methods).items():
+                encoded_normal = self._encode_batches(normal, size, streams, batch_size, bar)
+                encoded_defective = self._encode_batches(defective, size, streams, batch_size, bar)
                 memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
                 for method in (m for m in methods if self.model(m).config.image_size == size):
                     profiles[method] = self._profile(method, name, encoded_normal, encoded_defective, defective_masks,
                                                      quantile, margin, fusion_weight, memories)
         return profiles
 
-    def _encode_batches(self, pictures: list[Image.Image], size: int, layers: list[int], batch_size: int, bar) -> list[ImageFeatures]:
+    def _encode_batches(self, pictures: list[Image.Image], size: int, streams: dict, batch_size: int, bar) -> list[dict]:
         batches = []
         for start in range(0, len(pictures), batch_size):
-            batches.append(self._encode(pictures[start:start + batch_size], size, layers))
-            bar.update(len(batches[-1].image_embeds))
+            batches.append(self._encode(pictures[start:start + batch_size], size, streams))
+            bar.update(len(pictures[start:start + batch_size]))
         return batches
 
-    def _profile(self, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
-                 quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
+    def _profile(self, method: str, name: str, normal: list[dict], defective: list[dict], masks,
+                 quantile: float, margin: float, fusion_weight: float | None, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
         model = self.model(method)
-        normal = [batch.select(model.config.feature_layers) for batch in normal]
-        layers = tuple(model.config.feature_layers)
+        start = model.config.vv_attention_from
+        normal = [batch[start].select(model.config.feature_layers, start) for batch in normal]
+        defective = [batch[start] for batch in defective]
+        layers = (tuple(model.config.feature_layers), start)
         if layers not in memories:
             memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
         memory = memories[layers]
+        weight = default_weight(model.config.is_trained) if fusion_weight is None else fusion_weight
         profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
-                                 model.config.base_model_revision, fusion_weight)
+                                 model.config.base_model_revision, FusionScale(weight))
         if memory.num_images < 2:
             return profile
-        good = self._leave_one_out(model, profile, normal)
-        bad = [self._fused(model, profile, batch.select(model.config.feature_layers)) for batch in defective]
+        good = leave_one_out_sources(model, memory, normal, name)
+        bad = [self._sources(model, profile, batch.select(model.config.feature_layers, start), memory) for batch in defective]
         size = model.config.image_size
+        masks = [resized_mask(mask, size) for mask in masks] if masks else None
+        map_weight = model.config.image_score_map_weight
+        profile.fusion = FusionScale.from_good(good, weight)
+        if fusion_weight is None and bad:
+            profile.fusion = profile.fusion.with_weight(choose_weight(profile.fusion, good, bad, masks, map_weight))
+        good = [profile.fusion.fuse(sources, map_weight) for sources in good]
+        bad = [profile.fusion.fuse(sources, map_weight) for sources in bad]
         profile.calibration = calibrate(
             [s for scores in good for s in scores.image_score.tolist()], _maps(good), [s for scores in bad for s in scores.image_score.tolist()],
-            _maps(bad), [resized_mask(mask, size) for mask in masks] if masks else None, quantile, margin,
+            _maps(bad), masks, quantile, margin,
             reference_mean_distance=float(max(d for scores in good for d in scores.mean_distance.tolist())),
         )
         return profile
 
-    def _fused(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
-               memory: ReferenceMemory | None = None) -> ReferenceScores:
+    def _sources(self, model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures,
+                 memory: ReferenceMemory) -> SourceMaps:
         with torch.inference_mode():
             output = model(image_features=features, class_names=[profile.class_name] * features.batch_size)
-            return self._with_references(model, profile, features, output.anomaly_map, output.image_score, memory)
-
-    def _leave_one_out(self, model: ZSADPreTrainedModel, profile: ProductProfile, batches: list[ImageFeatures]) -> list[ReferenceScores]:
-        """Each reference scored against the others, never itself."""
-        results, index = [], 0
-        for batch in batches:
-            for i in range(batch.batch_size):
-                results.append(self._fused(model, profile, single_image(batch, i), profile.memory.leave_out(index)))
-                index += 1
-        return results
+            return reference_sources(memory, features, output.anomaly_map, output.global_score, model.config)
 
     def _resolve_method(self, method: str | None) -> str:
         if method is not None:
