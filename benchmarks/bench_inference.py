@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPModel
+from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_class, cpu_class_line, full_size_inputs, machine_line, timed  # noqa: E402
+from benchmarks.common import VIT_L14_336, cpu_class, cpu_class_line, full_size_inputs, machine_line, timed  # noqa: E402
 from zsad.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
 from zsad.loading import INT8, load_model, resolve_precision  # noqa: E402
+from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers  # noqa: E402
+from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from  # noqa: E402
 from zsad.tiny_clip import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
@@ -94,6 +96,25 @@ def straightforward_path(detector: AnomalyDetector):
         backbone._run_vision_tower, backbone.frozen_features = original_tower, original_frozen_features
         for name, model in detector.models.items():
             model.cached_text = originals[name]
+
+
+def vv_flops() -> None:
+    """GFLOP of the full-size vision pass at IMAGE_SIZE with and without the value-value stream from the lineage start,
+    counted on meta tensors (no compute, so it does not depend on the machine)."""
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig(**VIT_L14_336)).eval()
+    backbone = CLIPBackbone(clip, tokenizer=None)
+    layers = quarter_point_layers(backbone.vision_config.num_hidden_layers)
+    pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta")
+    start = lineage_vv_attention_from(backbone.vision_config.num_hidden_layers)
+    gflop = []
+    for vv_attention_from in (None, start):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            backbone.encode_image(pixels, layers, vv_attention_from=vv_attention_from)
+        gflop.append(counter.get_total_flops() / 1e9)
+    stock, dense = gflop
+    print(f"vision pass at {IMAGE_SIZE}px: {stock:.0f} GFLOP on CLIP's own tokens, {dense:.0f} GFLOP with the value-value stream "
+          f"from block {start} ({dense / stock - 1:+.1%})")
 
 
 def vv_cost(clip_path: str, image: str, repeats: int) -> None:
@@ -204,6 +225,7 @@ def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool) -> None:
     print(cpu_class_line() if vv_only else cpu_class())
     print(f"fast path precision (--precision auto on this CPU): {FAST_NAME}")
     print(f"malloc: {'the Space settings (zsad.allocator)' if space_malloc else 'glibc defaults'}")
+    vv_flops()
     vv_cost(clip_path, image, repeats)
     if vv_only:
         return
