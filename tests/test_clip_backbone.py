@@ -260,3 +260,21 @@ def test_one_pass_serves_several_value_value_starts(tiny_backbone):
 def test_value_value_start_outside_the_depth_is_refused(tiny_backbone):
     with pytest.raises(ZSADError, match="vv_attention_from must be a block number in 1..4"):
         tiny_backbone.encode_image(torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE), [1], vv_attention_from=5)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_value_value_stream_runs_on_the_routes_precision(tiny_clip_path, tiny_backbone, precision):
+    """The extra attention reads the V of the block's own v_proj, so bfloat16 blocks give a bfloat16 stream and int8
+    linears an int8-projected one; both stay close to float32."""
+    from zsad.loading import quantize_vision_linears
+
+    backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
+    backbone = backbone.set_vision_dtype(torch.bfloat16) if precision == "bfloat16" else quantize_vision_linears(backbone)
+    pixels = torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast = backbone.encode_image(pixels, [2, 4], vv_attention_from=2)
+        exact = tiny_backbone.encode_image(pixels, [2, 4], vv_attention_from=2)
+    assert fast.layer_tokens[0].dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    for got, expected in zip(fast.layer_tokens, exact.layer_tokens):
+        assert F.cosine_similarity(got.float().flatten(), expected.flatten(), dim=0) > 0.99
+        assert not torch.equal(got.float(), expected)  # the route's own arithmetic, not a float32 detour
