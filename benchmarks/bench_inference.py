@@ -1,6 +1,8 @@
 """Inference speed and fidelity on the full-size CLIP ViT-L/14@336 architecture (random weights), 518 px, batch 1.
 
 Prints, all measured in this run:
+- the value-value attention's cost: end-to-end baseline detection with its default V-V stream against CLIP's own
+  tokens (``--vv-only`` prints this alone);
 - the plain matmul rate (fp32, bf16) and the floor: the backbone's vision forward in bf16 (transformers' CLIP
   vision tower with quick-GELU folded into one SiLU), its GFLOP/s, and the stock transformers forward;
 - end-to-end latency per method (file decode -> score and map at the original size) in the Space's fast
@@ -27,15 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPModel
+from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_class, full_size_inputs, machine_line, timed  # noqa: E402
+from benchmarks.common import VIT_L14_336, cpu_class, cpu_class_line, full_size_inputs, machine_line, timed  # noqa: E402
 from zsad.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import INT8, resolve_precision  # noqa: E402
-from zsad.modeling.clip_backbone import ImageFeatures  # noqa: E402
+from zsad.loading import INT8, load_model, resolve_precision  # noqa: E402
+from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers  # noqa: E402
+from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from  # noqa: E402
 from zsad.tiny_clip import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
@@ -69,21 +72,20 @@ def stock_vision_seconds(clip_path: str, repeats: int) -> float:
 
 @contextmanager
 def straightforward_path(detector: AnomalyDetector):
-    """The unoptimised path: every hidden state kept (output_hidden_states=True), text never cached."""
+    """The unoptimised path: every block's tokens kept (in float32), text never cached."""
     backbone = detector.backbone
+    original_tower = backbone._run_vision_tower
 
-    def all_hidden_states(pixel_values, layers):
-        output = backbone.model.vision_model(
-            pixel_values=pixel_values.to(backbone.dtype), interpolate_pos_encoding=True, output_hidden_states=True
-        )
-        embeds = torch.nn.functional.normalize(backbone.model.visual_projection(output.pooler_output), dim=-1)
-        grid = pixel_values.shape[-1] // backbone.vision_config.patch_size
-        return ImageFeatures(list(layers), [output.hidden_states[k] for k in layers], embeds, grid, pixel_values.shape[-1])
+    every_layer = list(range(1, backbone.vision_config.num_hidden_layers + 1))
+
+    def all_hidden_states(pixel_values, layers_by_start):
+        streams = original_tower(pixel_values.float(), {start: every_layer for start in layers_by_start})
+        return {start: streams[start].select(layers, start) for start, layers in layers_by_start.items()}
 
     def uncached(key, compute):
         return compute()
 
-    original_tower, original_frozen_features = backbone._run_vision_tower, backbone.frozen_features
+    original_frozen_features = backbone.frozen_features
     originals = {name: model.cached_text for name, model in detector.models.items()}
     backbone._run_vision_tower, backbone.frozen_features = all_hidden_states, uncached
     for model in detector.models.values():
@@ -94,6 +96,48 @@ def straightforward_path(detector: AnomalyDetector):
         backbone._run_vision_tower, backbone.frozen_features = original_tower, original_frozen_features
         for name, model in detector.models.items():
             model.cached_text = originals[name]
+
+
+def vv_flops() -> None:
+    """GFLOP of the full-size vision pass at IMAGE_SIZE with and without the value-value stream from the lineage start,
+    counted on meta tensors (no compute, so it does not depend on the machine)."""
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig(**VIT_L14_336)).eval()
+    backbone = CLIPBackbone(clip, tokenizer=None)
+    layers = quarter_point_layers(backbone.vision_config.num_hidden_layers)
+    pixels = torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta")
+    start = lineage_vv_attention_from(backbone.vision_config.num_hidden_layers)
+    gflop = []
+    for vv_attention_from in (None, start):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            backbone.encode_image(pixels, layers, vv_attention_from=vv_attention_from)
+        gflop.append(counter.get_total_flops() / 1e9)
+    stock, dense = gflop
+    print(f"vision pass at {IMAGE_SIZE}px: {stock:.0f} GFLOP on CLIP's own tokens, {dense:.0f} GFLOP with the value-value stream "
+          f"from block {start} ({dense / stock - 1:+.1%})")
+
+
+def vv_cost(clip_path: str, image: str, repeats: int) -> None:
+    """End-to-end detection (file to map) of the baseline with its default value-value stream against the same model
+    on CLIP's own tokens, on one backbone in the fast precision, runs interleaved; wall and CPU seconds (medians)."""
+    detector = AnomalyDetector.load(methods=["baseline"], clip=clip_path, dtype=FAST, image_size=IMAGE_SIZE, device="cpu")
+    start = detector.model("baseline").config.vv_attention_from
+    stock = load_model("baseline", backbone=detector.backbone, image_size=IMAGE_SIZE, vv_attention_from=None)
+    detectors = {f"value-value from block {start}": detector, "CLIP's own tokens": AnomalyDetector(detector.backbone, {"baseline": stock})}
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in detectors}
+    for name, candidate in detectors.items():
+        candidate.detect(image, CLASS_NAME)  # text features, first-call allocations
+    for _ in range(repeats):
+        for name, candidate in detectors.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            candidate.detect(image, CLASS_NAME)
+            seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    medians = {name: np.median(np.array(values), axis=0) for name, values in seconds.items()}
+    base_wall, base_cpu = medians["CLIP's own tokens"]
+    print(f"\nvalue-value cost, baseline end to end, {FAST_NAME}, {IMAGE_SIZE}px, median of {repeats} interleaved runs")
+    print("| tokens | wall s | CPU s | wall vs own tokens | CPU vs own tokens |\n|---|---|---|---|---|")
+    for name, (wall, cpu) in medians.items():
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {wall / base_wall - 1:+.1%} | {cpu / base_cpu - 1:+.1%} |")
 
 
 def text_seconds_per_call(detector: AnomalyDetector, method: str, image: str) -> float:
@@ -173,14 +217,18 @@ def latency_tables(clip_path: str, image: str, repeats: int) -> None:
           f"first request with a new class name {compare_new_name_seconds:.2f} s")
 
 
-def main(workdir: str, repeats: int, space_malloc: bool) -> None:
+def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool) -> None:
     if space_malloc:
         return_large_buffers_to_the_system()
     clip_path, image = full_size_inputs(Path(workdir))
     print(machine_line())
-    print(cpu_class())
+    print(cpu_class_line() if vv_only else cpu_class())
     print(f"fast path precision (--precision auto on this CPU): {FAST_NAME}")
     print(f"malloc: {'the Space settings (zsad.allocator)' if space_malloc else 'glibc defaults'}")
+    vv_flops()
+    vv_cost(clip_path, image, repeats)
+    if vv_only:
+        return
 
     latency_tables(clip_path, image, repeats)
 
@@ -196,5 +244,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
+    parser.add_argument("--vv-only", action="store_true", help="only the value-value attention cost")
     args = parser.parse_args()
-    main(args.workdir, args.repeats, space_malloc=not args.default_malloc)
+    main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only)

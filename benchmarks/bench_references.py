@@ -23,7 +23,7 @@ from PIL import Image
 from zsad.images import load_image, to_pixel_values
 from zsad.inference import AnomalyDetector
 from zsad.loading import PRECISIONS, resolve_precision
-from zsad.references import ReferenceMemory, apply_references
+from zsad.references import FusionScale, ReferenceMemory, apply_references
 
 METHOD = "baseline"
 CLASS_NAME = "metal nut"
@@ -60,8 +60,9 @@ def cpu_share(detector: AnomalyDetector, image: str, repeats: int) -> None:
         patches, width = features.grid_size ** 2, features.layer_tokens[0].shape[-1]
         for shots in SHOTS:
             layers = [F.normalize(torch.randn(shots, patches, width), dim=-1).to(detector.backbone.dtype) for _ in features.layers]
-            memory = ReferenceMemory(features.layers, layers, features.grid_size, features.image_size)
-            seconds = cpu_seconds(lambda: apply_references(memory, features, output.anomaly_map, output.image_score, 0.5, model.config),
+            memory = ReferenceMemory(features.layers, layers, features.grid_size, features.image_size, features.vv_attention_from)
+            scale = FusionScale(0.5, 0.5, 0.1, 0.5, 0.1)
+            seconds = cpu_seconds(lambda: apply_references(memory, features, output.anomaly_map, output.global_score, scale, model.config),
                                   repeats)
             print(f"| {shots} | {seconds[0]:.2f} ({seconds[1]:.2f}) | {seconds[0] / (vision[0] + heads[0]):+.1%} |")
 

@@ -11,13 +11,19 @@ from pathlib import Path
 
 from zsad.hub import render_model_card
 from zsad.methods import METHODS
+from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from
 
 FOLDER = Path(__file__).resolve().parent
 
 
 def space_cards() -> dict[str, str]:
     """{file name: card text} for every registered method at its training-free start on the default CLIP."""
-    return {f"{method}.md": str(render_model_card(model_class.config_class())) for method, model_class in METHODS.items()}
+    cards = {}
+    for method, model_class in METHODS.items():
+        config = model_class.config_class()
+        config.vv_attention_from = lineage_vv_attention_from(config.num_vision_layers)  # what from_clip sets
+        cards[f"{method}.md"] = str(render_model_card(config))
+    return cards
 
 
 def main() -> int:

@@ -1,6 +1,8 @@
 """The base class every method builds on (adapter-only saving, one Hub commit, loading errors, the frozen backbone)
 and the training-free baseline's own behaviour; the checks every model passes are in test_models_common.py."""
 
+import json
+
 import pytest
 import torch
 from huggingface_hub import HfApi
@@ -153,3 +155,23 @@ def test_class_text_features_are_computed_once(monkeypatch, fresh_backbone, pixe
         assert sum(encoded_rows) == 2 * prompts_per_name
     torch.testing.assert_close(first.anomaly_map, second.anomaly_map, rtol=0, atol=0)
 
+
+
+def test_vv_attention_from_defaults_to_the_lineage_is_saved_and_can_be_set_at_load_time(tiny_clip_path, tiny_backbone, tmp_path):
+    model = ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    assert model.config.vv_attention_from == 1  # the first quarter point of the tiny CLIP's 4 blocks
+    model.save_pretrained(tmp_path / "with")
+    assert json.loads((tmp_path / "with" / "config.json").read_text())["vv_attention_from"] == 1
+    assert zsad.load_model(str(tmp_path / "with"), backbone=tiny_backbone).config.vv_attention_from == 1
+    changed = zsad.load_model(str(tmp_path / "with"), backbone=tiny_backbone, vv_attention_from=3)
+    pixels = torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert changed.config.vv_attention_from == 3 and changed.encode_image(pixels).vv_attention_from == 3
+    # A checkpoint saved before the field existed was trained on CLIP's own tokens and loads so.
+    config = json.loads((tmp_path / "with" / "config.json").read_text())
+    del config["vv_attention_from"]
+    (tmp_path / "with" / "config.json").write_text(json.dumps(config))
+    assert zsad.load_model(str(tmp_path / "with"), backbone=tiny_backbone).config.vv_attention_from is None
+    with pytest.raises(ZSADError, match="only to untrained models"):
+        zsad.load_model(str(tmp_path / "with"), backbone=tiny_backbone, image_size=56)
+    with pytest.raises(ZSADError, match="vv_attention_from must be a vision block in 1..4"):
+        ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, vv_attention_from=5)

@@ -45,15 +45,15 @@ def test_import_zsad_still_registers_the_models(tiny_backbone, tmp_path):
 def test_the_parsers_defaults_are_zsads_own():
     from zsad.data.hf import COLUMNS
     from zsad.loading import DTYPE_NAMES, PRECISIONS
-    from zsad.profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE
+    from zsad.profile import DEFAULT_MARGIN, DEFAULT_QUANTILE
 
-    assert (zsad_cli.DEFAULT_QUANTILE, zsad_cli.DEFAULT_MARGIN, zsad_cli.DEFAULT_FUSION_WEIGHT) == (
-        DEFAULT_QUANTILE, DEFAULT_MARGIN, DEFAULT_FUSION_WEIGHT)
+    assert (zsad_cli.DEFAULT_QUANTILE, zsad_cli.DEFAULT_MARGIN) == (DEFAULT_QUANTILE, DEFAULT_MARGIN)
     assert zsad_cli.DATASET_COLUMNS == COLUMNS
     assert set(PRECISIONS) - {"auto"} == set(DTYPE_NAMES.values())
     calibrate = zsad_cli.build_parser().parse_args(["calibrate", "--model", "baseline", "--class-name", "x", "--normal", "g",
                                                     "--out", "o"])
-    assert (calibrate.quantile, calibrate.margin, calibrate.fusion_weight) == (DEFAULT_QUANTILE, DEFAULT_MARGIN, DEFAULT_FUSION_WEIGHT)
+    # No fusion weight: the profile chooses it (docs/METHODS.md, "References on a common scale").
+    assert (calibrate.quantile, calibrate.margin, calibrate.fusion_weight) == (DEFAULT_QUANTILE, DEFAULT_MARGIN, None)
 
 
 @pytest.mark.parametrize("command", [["predict", "a.png", "--model", "baseline", "--out", "o"],

@@ -197,3 +197,84 @@ def test_serving_puts_the_text_tower_on_the_precision_fast_route_training_keeps_
     names = ["metal nut", "bottle"]
     similarity = F.cosine_similarity(prompt_ensemble_features(served, names), prompt_ensemble_features(tiny_backbone, names), dim=-1)
     assert similarity.min() >= 0.999
+
+
+def loop_value_value_layers(backbone, pixels, start):
+    """AnomalyCLIP's dual path written out block by block (eager attention, explicit heads): {block: stream tokens}."""
+    vision = backbone.model.vision_model
+    hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
+    stream, outputs = None, {}
+    for number, block in enumerate(vision.encoder.layers, start=1):
+        if number == start:
+            stream = hidden.clone()
+        if stream is not None:
+            attention = block.self_attn
+            normed = block.layer_norm1(hidden)
+            values = attention.v_proj(normed)
+            mixed = torch.zeros_like(values)
+            width = attention.head_dim
+            for head in range(attention.num_heads):
+                v = values[..., head * width:(head + 1) * width]
+                weights = torch.softmax(v @ v.transpose(-1, -2) * width ** -0.5, dim=-1)
+                mixed[..., head * width:(head + 1) * width] = weights @ v
+            stream = stream + attention.out_proj(mixed)
+            outputs[number] = stream
+        hidden = block(hidden, None)
+    return outputs
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_value_value_stream_equals_a_loop_implementation(tiny_backbone, start):
+    pixels = torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    layers = [1, 2, 3, 4]
+    stock = tiny_backbone.encode_image(pixels, layers)
+    dense = tiny_backbone.encode_image(pixels, layers, vv_attention_from=start)
+    expected = loop_value_value_layers(tiny_backbone, pixels, start)
+    assert dense.vv_attention_from == start
+    for index, layer in enumerate(layers):
+        if layer >= start:
+            torch.testing.assert_close(dense.layer_tokens[index], expected[layer], rtol=0, atol=1e-5)
+            assert not torch.allclose(dense.layer_tokens[index], stock.layer_tokens[index], atol=1e-3)
+        else:
+            torch.testing.assert_close(dense.layer_tokens[index], stock.layer_tokens[index], rtol=0, atol=0)
+    torch.testing.assert_close(dense.image_embeds, stock.image_embeds, rtol=0, atol=0)
+
+
+def test_one_pass_serves_several_value_value_starts(tiny_backbone):
+    pixels = torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    calls = []
+    handle = tiny_backbone.model.vision_model.embeddings.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        streams = tiny_backbone.encode_image_streams(pixels, {None: [2, 4], 2: [2, 4], 3: [4]})
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for start, layers in ((None, [2, 4]), (2, [2, 4]), (3, [4])):
+        alone = tiny_backbone.encode_image(pixels, layers, vv_attention_from=start)
+        for got, expected in zip(streams[start].layer_tokens, alone.layer_tokens):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ZSADError, match="vv_attention_from=3, the model asks for 2"):
+        streams[3].select([4], 2)
+
+
+def test_value_value_start_outside_the_depth_is_refused(tiny_backbone):
+    with pytest.raises(ZSADError, match="vv_attention_from must be a block number in 1..4"):
+        tiny_backbone.encode_image(torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE), [1], vv_attention_from=5)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_value_value_stream_runs_on_the_routes_precision(tiny_clip_path, tiny_backbone, precision):
+    """The extra attention reads the V of the block's own v_proj, so bfloat16 blocks give a bfloat16 stream and int8
+    linears an int8-projected one; both stay close to float32."""
+    from zsad.loading import quantize_vision_linears
+
+    backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
+    backbone = backbone.set_vision_dtype(torch.bfloat16) if precision == "bfloat16" else quantize_vision_linears(backbone)
+    pixels = torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast = backbone.encode_image(pixels, [2, 4], vv_attention_from=2)
+        exact = tiny_backbone.encode_image(pixels, [2, 4], vv_attention_from=2)
+    assert fast.layer_tokens[0].dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+    for got, expected in zip(fast.layer_tokens, exact.layer_tokens):
+        assert F.cosine_similarity(got.float().flatten(), expected.flatten(), dim=0) > 0.99
+        assert not torch.equal(got.float(), expected)  # the route's own arithmetic, not a float32 detour

@@ -305,14 +305,43 @@ def test_training_loss_reaches_every_adapter_through_the_vision_branch_alone(mak
     assert both_loss > loss + 0.1  # the query-only branch's four layer losses are added
 
 
-def test_image_loss_weight_scales_the_cross_entropy_of_the_fused_global_probabilities(make_model, pixels, targets):
+@pytest.mark.parametrize("branch", ["vision", "fused"])
+def test_image_loss_weight_scales_the_cross_entropy_of_the_chosen_branchs_global_probabilities(make_model, pixels, targets, branch):
     losses = {}
     for weight in (0.0, 1.0, 2.5):
         with torch.no_grad():
-            output = make_model(image_loss_weight=weight).train()(pixels, class_names=["bottle", "bottle"], **targets)
+            output = make_model(image_loss_weight=weight, image_loss_branch=branch).train()(
+                pixels, class_names=["bottle", "bottle"], **targets)
         losses[weight] = output.loss
-    abnormal = output.global_score.double()  # fused b * vision + (1 - b) * query probability; labels (1, 0)
+    # vision: the vision-enhanced branch's probability; fused: b * vision + (1 - b) * query. Labels (1, 0).
+    abnormal = (output.vision_global_score if branch == "vision" else output.global_score).double()
     cross_entropy = (-(abnormal[0].log() + (1.0 - abnormal[1]).log()) / 2).float()
     assert cross_entropy > 0.01
     torch.testing.assert_close(losses[1.0], losses[0.0] + cross_entropy)
     torch.testing.assert_close(losses[2.5], losses[0.0] + 2.5 * cross_entropy)
+
+
+def query_features_gradient(model, pixels, targets):
+    """The gradient the training loss sends to the query-only branch's text features F_Q (None: none reaches them)."""
+    captured = []
+    compute = model.query_text_features
+
+    def kept():
+        features = compute()
+        features.retain_grad()
+        captured.append(features)
+        return features
+
+    model.query_text_features = kept
+    model(pixels, class_names=["bottle", "bottle"], **targets).loss.backward()
+    return captured[0].grad
+
+
+def test_f_q_gets_no_gradient_by_default_and_does_with_the_fused_image_loss(make_model, pixels, targets):
+    assert GenCLIPConfig().image_loss_branch == "vision"
+    assert query_features_gradient(make_model().train(), pixels, targets) is None
+    fused = query_features_gradient(make_model(image_loss_branch="fused").train(), pixels, targets)
+    assert fused is not None and fused.abs().sum() > 0
+    with pytest.raises(ZSADError, match="image_loss_branch"):
+        GenCLIPConfig(image_loss_branch="query")
+

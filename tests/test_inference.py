@@ -267,3 +267,31 @@ def test_the_serving_path_leaves_scikit_learn_unimported():
     code = "import sys, zsad.inference; print('sklearn' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "False"
+
+
+def test_compare_serves_different_value_value_starts_from_one_pass(monkeypatch, tiny_backbone):
+    """baseline on K = 1 (the lineage default), stackclip on CLIP's own tokens, genclip on K = 3: one vision pass with
+    three streams, each method's result as when it runs alone; a profile refuses a model with another K."""
+    models = {"baseline": zsad.load_model("baseline", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE),
+              "stackclip": zsad.load_model("stackclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, vv_attention_from=None),
+              "genclip": zsad.load_model("genclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, vv_attention_from=3)}
+    assert [model.config.vv_attention_from for model in models.values()] == [1, None, 3]
+    detector = AnomalyDetector(tiny_backbone, models)
+    stock = AnomalyDetector(tiny_backbone, {"baseline": zsad.load_model(
+        "baseline", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, vv_attention_from=None)})
+    streams = []
+    original = tiny_backbone._run_vision_tower
+    monkeypatch.setattr(tiny_backbone, "_run_vision_tower", lambda pixels, layers: streams.append(dict(layers)) or original(pixels, layers))
+    image = Image.new("RGB", (80, 60), (120, 90, 30))
+    image.putpixel((40, 30), (255, 255, 255))
+    results = detector.compare(image, "wood")
+    assert streams == [{1: [1, 2, 3, 4], None: [1, 2, 3, 4], 3: [1, 2, 3, 4]}]
+    for name, result in results.items():
+        alone = detector.detect(image, "wood", method=name)
+        np.testing.assert_allclose(result.anomaly_map, alone.anomaly_map, rtol=0, atol=1e-6)
+    assert not np.allclose(results["baseline"].model_map, stock.detect(image, "wood").model_map, atol=1e-4)
+    goods = [Image.new("RGB", (80, 60), (120 + i, 90, 30)) for i in range(2)]
+    profile = detector.build_profile("baseline", "wood", goods)
+    assert profile.memory.vv_attention_from == 1
+    with pytest.raises(ZSADError, match="vv_attention_from=1, the model uses None"):
+        stock.detect(image, "wood", profile=profile)

@@ -85,7 +85,8 @@ def test_baseline_map_by_hand(tiny_clip_path, tiny_backbone):
     with torch.no_grad():
         output = model(pixels, class_names="bottle", masks=torch.zeros(1, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE), labels=torch.tensor([0]))
         text = model.class_text_features(["bottle"])[0]
-        features = tiny_backbone.encode_image(pixels, [1, 2, 3, 4])
+        assert model.config.vv_attention_from == 1  # the lineage default: the first quarter point of 4 blocks
+        features = tiny_backbone.encode_image(pixels, [1, 2, 3, 4], vv_attention_from=1)
         layer_maps = []
         for index in range(4):
             patches = F.normalize(tiny_backbone.project_patch_tokens(features.patch_tokens(index)), dim=-1)

@@ -18,17 +18,24 @@ from tqdm.auto import tqdm
 
 from .data.model_input import resized_mask
 from .errors import ZSADError
-from .fusion import scored
 from .images import image_files, load_image
 from .modeling.clip_backbone import ImageFeatures
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
-from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile
-from .references import ReferenceMemory, ReferenceScores, single_image
+from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, choose_weight
+from .references import (
+    FusionScale,
+    ReferenceMemory,
+    ReferenceScores,
+    SourceMaps,
+    default_weight,
+    leave_one_out_sources,
+    reference_sources,
+)
 
 
 def build_profile(detector, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
-                  quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float = DEFAULT_FUSION_WEIGHT,
+                  quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float | None = None,
                   batch_size: int = 8, progress: bool = False) -> ProductProfile:
     """A ``ProductProfile`` of ``detector``'s ``method`` for the product ``class_name`` from images of good parts
     (paths, PIL images, arrays or folders; K >= 1) and, optionally, of defective parts with their masks (a folder
@@ -36,7 +43,9 @@ def build_profile(detector, method: str | None, class_name: str, normal_images, 
 
     The good images are the references; each is scored against the others (leave-one-out, K >= 2) to calibrate
     the thresholds: ``quantile`` of the good scores plus ``margin`` with good images only, F1-max with defective
-    images. ``fusion_weight`` is the reference map's share in the fused map and score.
+    images. Both maps are put on the good images' leave-one-out scale before fusing (``FusionScale``);
+    ``fusion_weight`` is the reference map's share, by default chosen on the defective images (pixel F1-max with
+    masks, image F1-max without), else 1 for an untrained model and 0.5 for a trained one.
     """
     method = detector.resolve_method(method)
     return build_profiles(detector, [method], class_name, normal_images, defective_images, masks, quantile=quantile, margin=margin,
@@ -44,11 +53,11 @@ def build_profile(detector, method: str | None, class_name: str, normal_images, 
 
 
 def build_profiles(detector, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
-                   quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float = DEFAULT_FUSION_WEIGHT,
+                   quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float | None = None,
                    batch_size: int = 8, progress: bool = False) -> dict[str, ProductProfile]:
     """``build_profile`` for several methods, encoding each image once per input size (as ``compare`` does)."""
     check_quantile(quantile, margin)
-    if not 0.0 <= fusion_weight <= 1.0:
+    if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
         raise ZSADError(f"The fusion weight must be between 0 and 1, got {fusion_weight}.")
     name = clean_class_name(class_name)
     normal = read_images(normal_images, "good")
@@ -58,59 +67,59 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     profiles = {}
     with tqdm(total=(len(normal) + len(defective)) * len(by_size), unit="image", desc="encoding reference images",
               disable=not progress) as bar:
-        for size, layers in by_size.items():
-            encoded_normal = _encode_batches(detector, normal, size, layers, batch_size, bar)
-            encoded_defective = _encode_batches(detector, defective, size, layers, batch_size, bar)
-            memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
+        for size, streams in by_size.items():
+            encoded_normal = _encode_batches(detector, normal, size, streams, batch_size, bar)
+            encoded_defective = _encode_batches(detector, defective, size, streams, batch_size, bar)
+            memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers and stream share one memory
             for method in (m for m in methods if detector.model(m).config.image_size == size):
                 profiles[method] = _profile(detector.model(method), method, name, encoded_normal, encoded_defective, defective_masks,
                                             quantile, margin, fusion_weight, memories)
     return profiles
 
 
-def _encode_batches(detector, pictures: list[Image.Image], size: int, layers: list[int], batch_size: int, bar) -> list[ImageFeatures]:
+def _encode_batches(detector, pictures: list[Image.Image], size: int, streams: dict, batch_size: int, bar) -> list[dict]:
     batches = []
     for start in range(0, len(pictures), batch_size):
-        batches.append(detector.encode(pictures[start:start + batch_size], size, layers))
-        bar.update(len(batches[-1].image_embeds))
+        batches.append(detector.encode(pictures[start:start + batch_size], size, streams))
+        bar.update(len(pictures[start:start + batch_size]))
     return batches
 
 
-def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
-             quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
-    normal = [batch.select(model.config.feature_layers) for batch in normal]
-    layers = tuple(model.config.feature_layers)
-    if layers not in memories:
-        memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
-    memory = memories[layers]
-    profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
-                             model.config.base_model_revision, fusion_weight, backbone_hub_id=model.config.backbone_hub_id)
+def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[dict], defective: list[dict], masks,
+             quantile: float, margin: float, fusion_weight: float | None, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
+    start, layers = model.config.vv_attention_from, model.config.feature_layers
+    normal = [batch[start].select(layers, start) for batch in normal]
+    defective = [batch[start].select(layers, start) for batch in defective]
+    key = (tuple(layers), start)
+    if key not in memories:
+        memories[key] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
+    memory = memories[key]
+    weight = default_weight(model.config.is_trained) if fusion_weight is None else fusion_weight
+    profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path, model.config.base_model_revision,
+                             FusionScale(weight), backbone_hub_id=model.config.backbone_hub_id)
     if memory.num_images < 2:
         return profile
-    good = _leave_one_out(model, profile, normal)
-    bad = [_fused(model, profile, batch.select(model.config.feature_layers), memory) for batch in defective]
-    size = model.config.image_size
+    good = leave_one_out_sources(model, memory, normal, name)
+    bad = [_sources(model, name, batch, memory) for batch in defective]
+    masks = [resized_mask(mask, model.config.image_size) for mask in masks] if masks else None
+    map_weight = model.config.image_score_map_weight
+    profile.fusion = FusionScale.from_good(good, weight)
+    if fusion_weight is None and bad:
+        profile.fusion = profile.fusion.with_weight(choose_weight(profile.fusion, good, bad, masks, map_weight))
+    good = [profile.fusion.fuse(sources, map_weight) for sources in good]
+    bad = [profile.fusion.fuse(sources, map_weight) for sources in bad]
     profile.calibration = calibrate(
         [s for scores in good for s in scores.image_score.tolist()], _maps(good), [s for scores in bad for s in scores.image_score.tolist()],
-        _maps(bad), [resized_mask(mask, size) for mask in masks] if masks else None, quantile, margin,
+        _maps(bad), masks, quantile, margin,
         reference_mean_distance=float(max(d for scores in good for d in scores.mean_distance.tolist())),
     )
     return profile
 
 
-def _fused(model: ZSADPreTrainedModel, profile: ProductProfile, features: ImageFeatures, memory: ReferenceMemory) -> ReferenceScores:
+def _sources(model: ZSADPreTrainedModel, class_name: str, features: ImageFeatures, memory: ReferenceMemory) -> SourceMaps:
     with torch.inference_mode():
-        return scored(model, features, [profile.class_name] * features.batch_size, memory, profile.fusion_weight)[1]
-
-
-def _leave_one_out(model: ZSADPreTrainedModel, profile: ProductProfile, batches: list[ImageFeatures]) -> list[ReferenceScores]:
-    """Each reference scored against the others, never itself."""
-    results, index = [], 0
-    for batch in batches:
-        for i in range(batch.batch_size):
-            results.append(_fused(model, profile, single_image(batch, i), profile.memory.leave_out(index)))
-            index += 1
-    return results
+        output = model(image_features=features, class_names=[class_name] * features.batch_size)
+        return reference_sources(memory, features, output.anomaly_map, output.global_score, model.config)
 
 
 def read_images(sources, kind: str) -> list[Image.Image]:

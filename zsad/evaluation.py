@@ -45,9 +45,8 @@ from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curve
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .mutual import detect_mutual
-from .profile import DEFAULT_FUSION_WEIGHT
 from .provenance import model_record
-from .references import ReferenceMemory
+from .references import FusionScale, ReferenceMemory, default_weight, leave_one_out_sources
 from .visualize import evaluation_figure, few_shot_figure
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
@@ -113,7 +112,7 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
 
 
 def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
-           fusion_weight: float = DEFAULT_FUSION_WEIGHT, label: str = "evaluating zero-shot") -> list[Record]:
+           scale: FusionScale | None = None, label: str = "evaluating zero-shot") -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
@@ -124,7 +123,7 @@ def _score(model, samples: list[Sample], batch_size: int, num_workers: int, acce
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
                 features = model.encode_image(pixel_values.to(backbone.device))
-                output, fused = scored(model, features, names, memory, fusion_weight)  # few-shot: fused with the references
+                output, fused = scored(model, features, names, memory, scale)  # few-shot: fused with the references
                 result = fused or output
                 maps = result.anomaly_map.float().cpu().numpy().astype(np.float16)
                 local += [(shard[p], float(s), m) for p, s, m in zip(positions.tolist(), result.image_score.float().cpu(), maps)]
@@ -318,7 +317,8 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
         for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
             pool = pools[category]
             drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
-            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=reference_memory(model, drawn),
+            memory, scale = reference_memory(model, drawn, category)
+            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=memory, scale=scale,
                                    label=f"evaluating {category}, {shots}-shot, seed {seed}")
         if accelerator.is_main_process:
             per_seed.append({"seed": seed, **category_report(seed_records)})
@@ -352,13 +352,19 @@ def by_category_samples(samples: list[Sample]) -> dict[str, list[Sample]]:
     return dict(sorted(groups.items()))
 
 
-def reference_memory(model, samples: list[Sample]) -> ReferenceMemory:
-    """The patch-feature memory of reference images, encoded in one batch."""
+def reference_memory(model, samples: list[Sample], category: str) -> tuple[ReferenceMemory, FusionScale]:
+    """The patch-feature memory of reference images, encoded in one batch, and the fusion scale of their leave-one-out
+    maps with the model's default weight (as a profile built from them without defective images)."""
     backbone = model.require_backbone()
     dataset = ImageSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
     pixel_values = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     with torch.inference_mode():
-        return ReferenceMemory.from_features(model.encode_image(pixel_values.to(backbone.device)))
+        features = model.encode_image(pixel_values.to(backbone.device))
+    memory, scale = ReferenceMemory.from_features(features), FusionScale(default_weight(model.config.is_trained))
+    if memory.num_images < 2:
+        return memory, scale
+    good = leave_one_out_sources(model, memory, [features], clean_class_name(category))
+    return memory, FusionScale.from_good(good, scale.weight)
 
 
 def seed_statistics(per_seed: list[dict]) -> dict:

@@ -72,7 +72,7 @@ class ExportGraph(nn.Module):
     def _scored(self, features, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One name's (image score, map), fused with the profile's reference images (constants) for its product."""
         profile = self.profile if self.profile is not None and name == self.profile.class_name else None
-        output, fused = scored(self.model, features, [name], profile.memory if profile else None, profile.fusion_weight if profile else 0.0)
+        output, fused = scored(self.model, features, [name], profile.memory if profile else None, profile.fusion if profile else None)
         result = fused or output
         return result.image_score, result.anomaly_map
 
@@ -204,7 +204,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
                   profile: ProductProfile | None = None) -> dict:
     backbone = model.require_backbone()
     references = None if profile is None else {
-        "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion_weight,
+        "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion.weight,
         "calibration": profile.calibration.describe() if profile.calibration else "uncalibrated", "created": profile.created}
     return {
         "zsad_deploy_version": 1,

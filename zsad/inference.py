@@ -32,7 +32,7 @@ from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
-from .profile import DEFAULT_FUSION_WEIGHT, DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
+from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
 from .tiling import tile_boxes
 
 # Detection, the threshold helpers and tile_boxes are public here too (``from zsad.inference import Detection``).
@@ -147,34 +147,37 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self.encode([picture], size, layers) for size, layers in self.layers_by_image_size().items()}
+        shared = {size: self.encode([picture], size, streams) for size, streams in self.layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            results[method] = self._detect_on_features(method, shared[model.config.image_size], [loaded], [name], threshold,
+            features = shared[model.config.image_size][model.config.vv_attention_from]
+            results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))
         first.seconds += shared_seconds
         return results
 
-    def encode(self, pictures: list[Image.Image], size: int, layers: list[int]) -> ImageFeatures:
-        """One vision pass over ``pictures`` at input ``size``, tapping ``layers``."""
+    def encode(self, pictures: list[Image.Image], size: int, streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
+        """One vision pass over ``pictures`` at input ``size``: {value-value start (None: the stock tokens): features
+        at the layers ``streams`` names for it}."""
         pixel_values = self.image_processor(size).pixel_values(pictures)
         with torch.inference_mode():
-            return self.backbone.encode_image(pixel_values.to(self.device), layers)
+            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
         return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
 
-    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, list[int]]:
-        """{input size: every layer the ``methods`` (default: all held) of that size tap}."""
-        layers: dict[int, set[int]] = {}
+    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, dict[int | None, list[int]]]:
+        """{input size: {vv_attention_from: every layer the ``methods`` (default: all held) of that size and start tap}}:
+        one vision pass per size, one stream per value-value start."""
+        layers: dict[int, dict] = {}
         for method in methods or self.method_names:
             config = self.model(method).config
-            layers.setdefault(config.image_size, set()).update(config.feature_layers)
-        return {size: sorted(tapped) for size, tapped in layers.items()}
+            layers.setdefault(config.image_size, {}).setdefault(config.vv_attention_from, set()).update(config.feature_layers)
+        return {size: {start: sorted(tapped) for start, tapped in streams.items()} for size, streams in layers.items()}
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
@@ -196,7 +199,8 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        features = self.encode(pictures, model.config.image_size, model.config.feature_layers)
+        start = model.config.vv_attention_from
+        features = self.encode(pictures, model.config.image_size, {start: model.config.feature_layers})[start]
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
     def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
@@ -206,7 +210,7 @@ class AnomalyDetector:
         for name in sorted(set(names)) if profile else ():
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
-            output, fused = scored(model, features, names, profile.memory if profile else None, profile.fusion_weight if profile else 0.0)
+            output, fused = scored(model, features, names, profile.memory if profile else None, profile.fusion if profile else None)
             result = fused or output
             model_maps = result.anomaly_map.float().cpu().numpy()
             scores = result.image_score.float().cpu().tolist()
@@ -226,14 +230,14 @@ class AnomalyDetector:
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
                       quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                      fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+                      fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
         """A product profile (reference images and calibrated thresholds): ``zsad.calibration.build_profile``."""
         return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                       fusion_weight: float = DEFAULT_FUSION_WEIGHT, batch_size: int = 8,
+                       fusion_weight: float | None = None, batch_size: int = 8,
                        progress: bool = False) -> dict[str, ProductProfile]:
         """Profiles of several methods, each image encoded once per input size: ``zsad.calibration.build_profiles``."""
         return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,

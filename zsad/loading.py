@@ -177,17 +177,22 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
     training-free start on ``clip``) or the path / Hub id of a saved checkpoint.
 
     Pass ``backbone`` to share one loaded CLIP between several models; ``dtype`` is the vision precision of a
-    backbone loaded here.
+    backbone loaded here. ``config_overrides`` set config fields of untrained models; of a checkpoint, only
+    ``vv_attention_from`` (an int, or None for CLIP's own tokens) can be changed.
     """
     if model in METHODS:
         backbone = backbone or load_backbone(clip, dtype=dtype)
         name = clip or backbone.model.config._name_or_path or DEFAULT_CLIP
         return METHODS[model].from_clip(name, clip_model=backbone, **config_overrides)
-    if config_overrides:
-        raise ZSADError(f"Settings {sorted(config_overrides)} apply only to untrained models {sorted(METHODS)}.")
+    fixed = sorted(set(config_overrides) - {"vv_attention_from"})
+    if fixed:
+        raise ZSADError(f"Settings {fixed} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
         backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
-    return AutoModel.from_pretrained(model, clip_model=backbone).eval()
+    loaded = AutoModel.from_pretrained(model, clip_model=backbone).eval()
+    for key, value in config_overrides.items():
+        setattr(loaded.config, key, value)  # checked where it is used: CLIPBackbone.encode_image
+    return loaded
 
 
 def load_method(method: str, checkpoint: str | None, backbone: CLIPBackbone, image_size: int | None = None) -> ZSADPreTrainedModel:

@@ -24,12 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from .detection import uncalibrated_description  # noqa: F401  (its name here is public)
 from .errors import ZSADError
-from .references import ReferenceMemory
+from .references import FusionScale, ReferenceMemory, SourceMaps
 
 PROFILE_JSON = "profile.json"
 MEMORY_FILE = "memory.safetensors"
-FORMAT_VERSION = 1
-DEFAULT_FUSION_WEIGHT = 0.5
+# 2: the fused maps' scale (FusionScale) and the value-value stream's start; format 1 fused raw maps.
+FORMAT_VERSION = 2
+# Reference-map shares tried when defective images are given to calibration (references first: ties keep them).
+WEIGHT_GRID = (1.0, 0.75, 0.5, 0.25, 0.0)
 DEFAULT_QUANTILE = 1.0
 DEFAULT_MARGIN = 0.01
 # A test image whose mean patch distance to the references exceeds this many times the largest leave-one-out mean
@@ -92,11 +94,42 @@ def good_quantile_threshold(values, quantile: float, margin: float) -> float:
 def f1_max_threshold(labels, scores) -> float:
     """The threshold at which "score >= threshold" has the largest F1 against the 0/1 labels (images, or pixels
     flattened), from scikit-learn's exact precision-recall curve (every distinct score is a threshold)."""
+    f1, thresholds = _f1_curve(labels, scores)
+    return float(thresholds[int(np.argmax(f1[:-1]))])  # the last point (recall 0) has no threshold
+
+
+def f1_max_score(labels, scores) -> float:
+    """The largest F1 of "score >= threshold" over every threshold."""
+    return float(_f1_curve(labels, scores)[0].max())
+
+
+def _f1_curve(labels, scores):
     from sklearn.metrics import precision_recall_curve  # calibration only: the serving path does without scikit-learn
 
     precision, recall, thresholds = precision_recall_curve(np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64))
-    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(np.float64).tiny)
-    return float(thresholds[int(np.argmax(f1[:-1]))])  # the last point (recall 0) has no threshold
+    return 2 * precision * recall / np.maximum(precision + recall, np.finfo(np.float64).tiny), thresholds
+
+
+def choose_weight(scale: FusionScale, good: list[SourceMaps], defective: list[SourceMaps], masks=None,
+                  map_weight: float = 0.5) -> float:
+    """The WEIGHT_GRID value whose fusion has the largest F1-max on the calibration images: over pixels with
+    ``masks`` ((S, S) bool, one per defective image), else over image scores."""
+    best, best_f1 = WEIGHT_GRID[0], -1.0
+    for weight in WEIGHT_GRID:
+        candidate = scale.with_weight(weight)
+        good_fused = [candidate.fuse(batch, map_weight) for batch in good]
+        bad_fused = [candidate.fuse(batch, map_weight) for batch in defective]
+        if masks is not None:
+            maps = torch.cat([batch.anomaly_map for batch in good_fused + bad_fused]).numpy()
+            labels = np.concatenate([np.zeros((sum(len(b.anomaly_map) for b in good_fused),) + maps.shape[1:], bool), np.stack(masks)])
+            f1 = f1_max_score(labels.ravel(), maps.ravel())
+        else:
+            scores = torch.cat([batch.image_score for batch in good_fused + bad_fused]).numpy()
+            labels = [0] * sum(len(b.image_score) for b in good_fused) + [1] * sum(len(b.image_score) for b in bad_fused)
+            f1 = f1_max_score(labels, scores)
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = weight, f1
+    return best
 
 
 def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), masks=None, quantile: float = DEFAULT_QUANTILE,
@@ -143,7 +176,7 @@ class ProductProfile:
     calibration: Calibration | None
     backbone: str
     backbone_revision: str | None
-    fusion_weight: float = DEFAULT_FUSION_WEIGHT
+    fusion: FusionScale
     zsad_version: str = field(default_factory=zsad_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     backbone_hub_id: str | None = None
@@ -180,6 +213,9 @@ class ProductProfile:
             problems.append(f"it was built at {self.image_size} px, the model runs at {config.image_size} px")
         if list(config.feature_layers) != self.feature_layers:
             problems.append(f"it holds layers {self.feature_layers}, the model taps {list(config.feature_layers)}")
+        if config.vv_attention_from != self.memory.vv_attention_from:
+            problems.append(f"it holds features of vv_attention_from={self.memory.vv_attention_from}, the model uses "
+                            f"{config.vv_attention_from}")
         if problems:
             raise ZSADError("This product profile does not fit: " + "; ".join(problems) +
                             ". Build a new one with detector.build_profile(...) or `zsad calibrate`.")
@@ -213,7 +249,8 @@ class ProductProfile:
     def _json(self) -> dict:
         return {
             "format_version": FORMAT_VERSION, "method": self.method, "class_name": self.class_name,
-            "num_references": self.num_references, "fusion_weight": self.fusion_weight,
+            "num_references": self.num_references, "fusion": asdict(self.fusion),
+            "vv_attention_from": self.memory.vv_attention_from,
             "calibration": asdict(self.calibration) if self.calibration else None,
             "backbone": self.backbone, "backbone_revision": self.backbone_revision, "backbone_hub_id": self.backbone_hub_id,
             "dtype": str(self.memory.dtype),
@@ -230,11 +267,11 @@ class ProductProfile:
         try:
             layers = [int(layer) for layer in meta["feature_layers"]]
             features = [tensors[f"layer_{layer}"] for layer in layers]
-            memory = ReferenceMemory(layers, features, int(meta["grid_size"]), int(meta["image_size"]))
+            memory = ReferenceMemory(layers, features, int(meta["grid_size"]), int(meta["image_size"]), meta["vv_attention_from"])
             _check_memory(memory, int(meta["num_references"]))
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
             return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
-                       float(meta["fusion_weight"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"))
+                       FusionScale(**meta["fusion"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"))
         except (KeyError, TypeError, ValueError) as error:
             raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
                             "build it again with `zsad calibrate` or detector.build_profile(...).") from error
@@ -248,6 +285,10 @@ def _read_json(path: Path) -> dict:
                         "(written by `zsad calibrate` or ProductProfile.save).") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ZSADError(f"{path} is not valid JSON ({error}); the profile is corrupt, build it again.") from error
+    if isinstance(meta, dict) and meta.get("format_version") == 1:
+        raise ZSADError(f"{path} is a product profile of format 1, which fused raw maps (the method's map could drown the "
+                        "reference map); this zsad puts both on the good images' scale. Build it again from the same good "
+                        "images with `zsad calibrate` or detector.build_profile(...).")
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ZSADError(f"{path} is not a zsad product profile of format {FORMAT_VERSION}; build it again.")
     return meta

@@ -4,15 +4,21 @@ each patch of a test image is from its nearest reference patch (docs/METHODS.md,
 ```python
 >>> memory = ReferenceMemory.from_features(model.encode_image(reference_pixels))   # K good images, one pass
 >>> distances = reference_map(memory, model.encode_image(test_pixels), sigma=4.0)   # (B, S, S) in [0, 1]
->>> fused = fuse(output.anomaly_map, distances, weight=0.5)
+>>> fused = apply_references(memory, features, output.anomaly_map, output.global_score, scale, model.config)
 ```
+
+Both maps are put on the good images' scale before they are fused (``FusionScale``): a softmax map saturates near 0
+and 1 while nearest-patch distances sit in a narrow band, so fusing raw values lets the method's map drown the
+reference map.
 
 The memory holds the L2-normalised patch tokens of the tapped layers in the backbone's dtype: K = 8 images at
 518 px (37 x 37 patches) and four layers of width 1024 are 8 * 1369 * 4 * 1024 values, 90 MB in bfloat16.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,26 +33,28 @@ SIMILARITY_BLOCK = 1 << 24
 
 @dataclass
 class ReferenceMemory:
-    """Patch features of K good images: ``features[i]`` is (K, N, D), L2-normalised, for block ``layers[i]``."""
+    """Patch features of K good images: ``features[i]`` is (K, N, D), L2-normalised, for block ``layers[i]`` (of the
+    value-value stream from ``vv_attention_from`` on, as ``ImageFeatures``)."""
 
     layers: list[int]
     features: list[torch.Tensor]
     grid_size: int
     image_size: int
+    vv_attention_from: int | None = None
 
     @classmethod
     def from_features(cls, features: ImageFeatures) -> "ReferenceMemory":
         """The memory of an encoded batch of good images (every layer the features hold)."""
         patches = [F.normalize(features.patch_tokens(i).float(), dim=-1).to(features.layer_tokens[i].dtype)
                    for i in range(len(features.layers))]
-        return cls(list(features.layers), patches, features.grid_size, features.image_size)
+        return cls(list(features.layers), patches, features.grid_size, features.image_size, features.vv_attention_from)
 
     @classmethod
     def concatenate(cls, memories: list["ReferenceMemory"]) -> "ReferenceMemory":
         """One memory from several (batches of references encoded apart)."""
         first = memories[0]
         features = [torch.cat([memory.features[i] for memory in memories]) for i in range(len(first.layers))]
-        return cls(first.layers, features, first.grid_size, first.image_size)
+        return cls(first.layers, features, first.grid_size, first.image_size, first.vv_attention_from)
 
     @property
     def num_images(self) -> int:
@@ -65,18 +73,19 @@ class ReferenceMemory:
         if self.num_images < 2:
             raise ZSADError("Leaving a reference out needs at least two reference images.")
         keep = [i for i in range(self.num_images) if i != index]
-        return ReferenceMemory(self.layers, [layer[keep] for layer in self.features], self.grid_size, self.image_size)
+        return ReferenceMemory(self.layers, [layer[keep] for layer in self.features], self.grid_size, self.image_size,
+                               self.vv_attention_from)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "ReferenceMemory":
         return ReferenceMemory(self.layers, [layer.to(device=device, dtype=dtype) for layer in self.features],
-                               self.grid_size, self.image_size)
+                               self.grid_size, self.image_size, self.vv_attention_from)
 
     def patch_distances(self, features: ImageFeatures) -> torch.Tensor:
         """(B, L, N) float32: 1 - cosine similarity of each test patch to its nearest reference patch, per layer."""
         if features.grid_size != self.grid_size:
             raise ZSADError(f"Test images were encoded at {features.image_size} px, the references at {self.image_size} px; "
                             "encode both at the model's image_size.")
-        features = features.select(self.layers)
+        features = features.select(self.layers, self.vv_attention_from)
         distances = []
         for i, memory in enumerate(self.features):
             queries = F.normalize(features.patch_tokens(i).float(), dim=-1).to(memory.dtype)
@@ -109,9 +118,25 @@ def distance_map(distances: torch.Tensor, features: ImageFeatures, sigma: float)
     return combine_layer_maps(layer_maps, sigma).clamp_(0.0, 1.0)
 
 
-def fuse(zero_shot: torch.Tensor, reference: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 - weight) * zero-shot + weight * reference, in [0, 1] (maps or image scores)."""
-    return ((1.0 - weight) * zero_shot.float() + weight * reference.float()).clamp_(0.0, 1.0)
+# Where a standardised source value of 1 (the good images' high quantile) lands on the fused map: 0.5, with this
+# slope: the good images' median maps to sigmoid(-4) = 0.018, so the map stays a probability-like [0, 1] map.
+FUSED_SLOPE = 4.0
+# The good images' pixel quantile that is a source's spread above its median.
+SPREAD_QUANTILE = 0.99
+# Reference-map share with good images only: the method's map of an untrained model is at chance on real weights
+# (docs/METHODS.md, "Reference images"), so references only; a trained model's map keeps half (not measured here).
+UNTRAINED_WEIGHT, TRAINED_WEIGHT = 1.0, 0.5
+
+
+@dataclass
+class SourceMaps:
+    """A batch's two maps before fusion, (B, S, S) each: the method's own and the reference-distance map; the
+    method's global probability (B,) and each image's mean patch distance to the references (B,)."""
+
+    method_map: torch.Tensor
+    reference_map: torch.Tensor
+    global_score: torch.Tensor
+    mean_distance: torch.Tensor
 
 
 @dataclass
@@ -124,19 +149,93 @@ class ReferenceScores:
     mean_distance: torch.Tensor
 
 
-def apply_references(memory: ReferenceMemory, features: ImageFeatures, anomaly_map: torch.Tensor, image_score: torch.Tensor,
-                     weight: float, config) -> ReferenceScores:
-    """Fuse a method's maps and image scores with the reference map (image score: with the reference map's maximum),
-    smoothed as the model's ``config`` smooths its own maps."""
+@dataclass
+class FusionScale:
+    """How a profile fuses the two maps: each source standardised by the good images' pixel scores (location: median,
+    spread: the SPREAD_QUANTILE minus the median), then ``(1 - weight) * method + weight * reference``, then a logistic
+    that puts a standardised 1 at 0.5. Without a location (one reference: nothing to score leave-one-out) the raw
+    maps are fused with the weight."""
+
+    weight: float
+    method_location: float | None = None
+    method_spread: float | None = None
+    reference_location: float | None = None
+    reference_spread: float | None = None
+
+    @classmethod
+    def from_good(cls, good: list[SourceMaps], weight: float) -> "FusionScale":
+        """The scale of leave-one-out maps of the good images (never of test images: that would be transductive)."""
+        method = location_and_spread(torch.cat([batch.method_map for batch in good]))
+        reference = location_and_spread(torch.cat([batch.reference_map for batch in good]))
+        return cls(weight, *method, *reference)
+
+    @property
+    def is_standardised(self) -> bool:
+        return self.method_location is not None
+
+    def with_weight(self, weight: float) -> "FusionScale":
+        return dataclasses.replace(self, weight=weight)
+
+    def fuse_maps(self, sources: SourceMaps) -> torch.Tensor:
+        """(B, S, S) fused map in [0, 1]."""
+        method, reference = sources.method_map.float(), sources.reference_map.float()
+        if not self.is_standardised:
+            return ((1.0 - self.weight) * method + self.weight * reference).clamp_(0.0, 1.0)
+        method = (method - self.method_location) / self.method_spread
+        reference = (reference - self.reference_location) / self.reference_spread
+        return torch.sigmoid(FUSED_SLOPE * ((1.0 - self.weight) * method + self.weight * reference - 1.0))
+
+    def fuse(self, sources: SourceMaps, map_weight: float) -> ReferenceScores:
+        """Fused maps and image scores: ``(1 - map_weight) * global probability + map_weight * max(fused map)``, the
+        model's own image-score rule (``image_score_map_weight``) on the fused map."""
+        fused = self.fuse_maps(sources)
+        score = (1.0 - map_weight) * sources.global_score.float() + map_weight * fused.flatten(1).amax(dim=1)
+        return ReferenceScores(fused, score.clamp_(0.0, 1.0), sources.mean_distance)
+
+
+def location_and_spread(maps: torch.Tensor) -> tuple[float, float]:
+    """(median, SPREAD_QUANTILE - median) of the pixel values; the spread is at least 1e-6."""
+    values = maps.float().flatten().cpu().numpy()
+    median, high = np.quantile(values, [0.5, SPREAD_QUANTILE])
+    return float(median), float(max(high - median, 1e-6))
+
+
+def default_weight(is_trained: bool) -> float:
+    return TRAINED_WEIGHT if is_trained else UNTRAINED_WEIGHT
+
+
+def reference_sources(memory: ReferenceMemory, features: ImageFeatures, method_map: torch.Tensor, global_score: torch.Tensor,
+                      config) -> SourceMaps:
+    """The method's map and global probability next to the reference map, smoothed as the model's ``config`` smooths
+    its own maps."""
     memory = memory.to(features.image_embeds.device, features.layer_tokens[0].dtype)
     sigma = scaled_sigma(config.smoothing_sigma, features.image_size, config.smoothing_reference_size)
     distances = memory.patch_distances(features)
-    reference = distance_map(distances, features, sigma)
-    return ReferenceScores(fuse(anomaly_map, reference, weight), fuse(image_score, reference.flatten(1).amax(dim=1), weight),
-                           distances.mean(dim=(1, 2)))
+    return SourceMaps(method_map.float(), distance_map(distances, features, sigma), global_score.float(), distances.mean(dim=(1, 2)))
+
+
+def leave_one_out_sources(model, memory: ReferenceMemory, batches: list[ImageFeatures], class_name: str) -> list[SourceMaps]:
+    """Each reference image's maps (``batches`` in memory order) against the other references, never itself."""
+    results, index = [], 0
+    for batch in batches:
+        for i in range(batch.batch_size):
+            features = single_image(batch, i)
+            with torch.inference_mode():
+                output = model(image_features=features, class_names=[class_name])
+                results.append(reference_sources(memory.leave_out(index), features, output.anomaly_map, output.global_score,
+                                                 model.config))
+            index += 1
+    return results
+
+
+def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_map: torch.Tensor, global_score: torch.Tensor,
+                     scale: FusionScale, config) -> ReferenceScores:
+    """A method's maps and global probabilities fused with the reference map on ``scale``."""
+    return scale.fuse(reference_sources(memory, features, method_map, global_score, config), config.image_score_map_weight)
 
 
 def single_image(features: ImageFeatures, index: int) -> ImageFeatures:
     """Image ``index`` of an encoded batch, as a batch of one."""
     return ImageFeatures(features.layers, [tokens[index:index + 1] for tokens in features.layer_tokens],
-                         features.image_embeds[index:index + 1], features.grid_size, features.image_size)
+                         features.image_embeds[index:index + 1], features.grid_size, features.image_size,
+                         features.vv_attention_from)

@@ -16,7 +16,6 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 EXPORT_PRECISIONS = ("float32", "int8")
 DEFAULT_QUANTILE = 1.0
 DEFAULT_MARGIN = 0.01
-DEFAULT_FUSION_WEIGHT = 0.5
 DATASET_COLUMNS = ("image", "mask", "label", "category", "defect_type")  # zsad.data.hf.COLUMNS
 DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
 PRECISION_HELP = ("vision backbone precision (default auto: bfloat16 where the device runs it natively, float16 on GPUs "
@@ -110,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                            help=f"good images only: thresholds at this quantile of the good scores (default {DEFAULT_QUANTILE}: the maximum)")
     calibrate.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"added to that quantile (default {DEFAULT_MARGIN})")
-    calibrate.add_argument("--fusion-weight", type=float, default=DEFAULT_FUSION_WEIGHT,
-                           help=f"share of the reference map in the fused map and score (default {DEFAULT_FUSION_WEIGHT})")
+    calibrate.add_argument("--fusion-weight", type=float, default=None,
+                           help="share of the reference map in the fused map (both on the good images' scale); default: "
+                                "chosen on the defective images when given, else 1 untrained, 0.5 trained")
     calibrate.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     calibrate.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     add_runtime_arguments(calibrate)

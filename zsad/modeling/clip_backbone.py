@@ -5,6 +5,7 @@ Example:
 ```python
 >>> backbone = CLIPBackbone.from_pretrained("openai/clip-vit-large-patch14-336")
 >>> features = backbone.encode_image(pixel_values, layers=[6, 12, 18, 24])  # any square size
+>>> dense = backbone.encode_image(pixel_values, layers=[6, 12, 18, 24], vv_attention_from=6)  # value-value stream
 >>> ids = backbone.tokenize(["a photo of a bottle."])
 >>> text = backbone.encode_text(ids)  # (1, 768), L2-normalised
 ```
@@ -39,7 +40,9 @@ class ImageFeatures:
     """What one vision pass gives the method heads.
 
     ``layer_tokens[i]`` is ``hidden_states[layers[i]]`` of the vision tower, shape (B, 1 + N, D) with the
-    class token first; ``image_embeds`` is the projected, L2-normalised global embedding (B, P).
+    class token first, or, for ``layers[i] >= vv_attention_from``, the value-value stream's tokens after that block
+    (``CLIPBackbone.encode_image``); ``image_embeds`` is the projected, L2-normalised global embedding (B, P),
+    always the stock one.
     """
 
     layers: list[int]
@@ -47,6 +50,7 @@ class ImageFeatures:
     image_embeds: torch.Tensor
     grid_size: int
     image_size: int
+    vv_attention_from: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -56,13 +60,18 @@ class ImageFeatures:
         """Patch tokens (B, N, D) of the ``index``-th requested layer, class token dropped."""
         return self.layer_tokens[index][:, 1:]
 
-    def select(self, layers: list[int]) -> "ImageFeatures":
-        """The same pass restricted to ``layers`` (each must have been tapped), in that order."""
+    def select(self, layers: list[int], vv_attention_from: int | None = None) -> "ImageFeatures":
+        """The same pass restricted to ``layers`` (each must have been tapped), in that order; the features must
+        come from the value-value stream starting at ``vv_attention_from`` (None: the stock tokens)."""
+        if vv_attention_from != self.vv_attention_from:
+            raise ZSADError(f"These image features were encoded with vv_attention_from={self.vv_attention_from}, the model "
+                            f"asks for {vv_attention_from}; encode them with the model's vv_attention_from.")
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise ZSADError(f"These image features hold layers {self.layers}, not {missing}; encode them with every layer needed.")
         tokens = dict(zip(self.layers, self.layer_tokens))
-        return ImageFeatures(list(layers), [tokens[layer] for layer in layers], self.image_embeds, self.grid_size, self.image_size)
+        return ImageFeatures(list(layers), [tokens[layer] for layer in layers], self.image_embeds, self.grid_size,
+                             self.image_size, self.vv_attention_from)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
@@ -84,6 +93,30 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
 
 def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> None:
     store[layer_number] = output
+
+
+class ValueValueStream:
+    """AnomalyCLIP's DPAM second stream, fed by forward hooks on the stock vision pass.
+
+    It starts at the input of its first block; each block from there adds the value-value attention
+    softmax(V V^T * scale) V of the stock stream's normed tokens (the V the block's ``v_proj`` just computed, so in
+    the route's own precision: bfloat16, or int8 linears), through the block's ``out_proj``; no MLP.
+    """
+
+    def __init__(self):
+        self.tokens = None
+
+    def begin(self, module, args) -> None:
+        self.tokens = args[0]
+
+    def add(self, attention: nn.Module, module, args, values: torch.Tensor) -> None:
+        batch, length, width = values.shape
+        heads = values.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        mixed = F.scaled_dot_product_attention(heads, heads, heads, scale=attention.scale)
+        self.tokens = self.tokens + attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+
+    def keep(self, store: dict, layer_number: int, module, args, output) -> None:
+        store[layer_number] = self.tokens
 
 
 QUICK_GELU_SCALE = 1.702
@@ -264,18 +297,36 @@ class CLIPBackbone(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.text_model.embeddings.token_embedding
 
-    def encode_image(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
-        """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers)."""
-        num_layers = self.vision_config.num_hidden_layers
-        if not layers or any(not 1 <= layer <= num_layers for layer in layers):
-            raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
-        check_pixel_values(pixel_values, self.vision_config.patch_size)
-        return self._run_vision_tower(pixel_values, layers)
+    def encode_image(self, pixel_values: torch.Tensor, layers: list[int], vv_attention_from: int | None = None) -> ImageFeatures:
+        """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers).
 
-    def _run_vision_tower(self, pixel_values: torch.Tensor, layers: list[int]) -> ImageFeatures:
-        captured: dict[int, torch.Tensor] = {}
+        With ``vv_attention_from`` K, layers >= K come from the value-value stream started at block K's input
+        (``ValueValueStream``; AnomalyCLIP's ``DPAM_layer`` = num_layers - K + 2); the other layers and the global
+        embedding are the stock ones.
+        """
+        return self.encode_image_streams(pixel_values, {vv_attention_from: layers})[vv_attention_from]
+
+    def encode_image_streams(self, pixel_values: torch.Tensor, layers_by_start: dict) -> dict:
+        """``encode_image`` for several ``vv_attention_from`` values ({K or None: layers}) in one vision pass: each
+        extra K costs its own value-value stream, not another pass."""
+        num_layers = self.vision_config.num_hidden_layers
+        for start, layers in layers_by_start.items():
+            if not layers or any(not 1 <= layer <= num_layers for layer in layers):
+                raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
+            if start is not None and not 1 <= start <= num_layers:
+                raise ZSADError(f"vv_attention_from must be a block number in 1..{num_layers} or None, got {start}.")
+        check_pixel_values(pixel_values, self.vision_config.patch_size)
+        return self._run_vision_tower(pixel_values, layers_by_start)
+
+    def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict) -> dict:
+        captured: dict = {start: {} for start in layers_by_start}
         blocks = self.model.vision_model.encoder.layers
-        handles = [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured, k)) for k in set(layers)]
+        handles = []
+        for start, layers in layers_by_start.items():
+            stock = {k for k in layers if start is None or k < start}
+            handles += [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured[start], k)) for k in stock]
+            if start is not None:
+                handles += self._hook_value_value_stream(start, set(layers) - stock, captured[start])
         try:
             output = self.model.vision_model(
                 pixel_values=pixel_values.to(device=self.device, dtype=self.dtype), interpolate_pos_encoding=True
@@ -286,7 +337,16 @@ class CLIPBackbone(nn.Module):
         image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(output.last_hidden_state[:, 0])), dim=-1)
         image_size = pixel_values.shape[-1]
         grid_size = image_size // self.vision_config.patch_size
-        return ImageFeatures(list(layers), [captured[k] for k in layers], image_embeds, grid_size, image_size)
+        return {start: ImageFeatures(list(layers), [captured[start][k] for k in layers], image_embeds, grid_size, image_size, start)
+                for start, layers in layers_by_start.items()}
+
+    def _hook_value_value_stream(self, start: int, layers: set[int], store: dict) -> list:
+        stream, blocks = ValueValueStream(), self.model.vision_model.encoder.layers
+        handles = [blocks[start - 1].register_forward_pre_hook(stream.begin)]
+        for block in blocks[start - 1:]:
+            handles.append(block.self_attn.v_proj.register_forward_hook(partial(stream.add, block.self_attn)))
+        handles += [blocks[k - 1].register_forward_hook(partial(stream.keep, store, k)) for k in layers]
+        return handles
 
     def post_layernorm(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's final vision LayerNorm, computed in float32 whatever the vision dtype."""

@@ -30,6 +30,8 @@ DEFAULT_CNF_GENERIC_NOUNS = (
 )
 
 
+IMAGE_LOSS_BRANCHES = ("vision", "fused")
+
 class GenCLIPConfig(ZSADBaseConfig):
     """GenCLIP settings (defaults from METHODS.md).
 
@@ -69,8 +71,14 @@ class GenCLIPConfig(ZSADBaseConfig):
     )
     image_loss_weight: float = setting(
         1.0,
-        "Weight of the image-level cross-entropy on the fused global probabilities, added to the focal + Dice map "
-        "losses (the paper names only those; 0 leaves it out).",
+        "Weight of the image-level cross-entropy (on image_loss_branch's global probabilities), added to the focal + "
+        "Dice map losses (the paper names only those; 0 leaves it out).",
+    )
+    image_loss_branch: str = setting(
+        "vision",
+        "Global probabilities the image cross-entropy is taken on: 'vision' (the vision-enhanced branch's, so the "
+        "query-only branch's features F_Q stay out of training as in the paper's Fig. 2) or 'fused' "
+        "(b * vision + (1 - b) * query, which trains F_Q too; the behaviour before issue 19).",
     )
     optimizer: str = setting(
         "adamw", "The optimizer train/train.py builds for this method (its learning rate 1e-3 and the 5 epochs are the "
@@ -85,6 +93,8 @@ class GenCLIPConfig(ZSADBaseConfig):
             raise ZSADError(f"cnf_mode must be one of {CNF_MODES}, got {self.cnf_mode!r}.")
         if not 0.0 <= self.branch_weight <= 1.0:
             raise ZSADError(f"branch_weight must lie in [0, 1], got {self.branch_weight}.")
+        if self.image_loss_branch not in IMAGE_LOSS_BRANCHES:
+            raise ZSADError(f"image_loss_branch must be one of {IMAGE_LOSS_BRANCHES}, got {self.image_loss_branch!r}.")
         if self.image_loss_weight < 0:
             raise ZSADError(f"image_loss_weight must be at least 0 (0 trains on the maps only), got {self.image_loss_weight}.")
         super().__post_init__(**kwargs)

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import PreTrainedConfig
 
 from .clip_backbone import quarter_point_layers
+from .exceptions import ZSADError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # A file of the Hugging Face cache lives at .../models--ORG--NAME/snapshots/COMMIT/...
@@ -38,6 +39,11 @@ class ZSADBaseConfig(PreTrainedConfig):
     feature_layers: list[int] | None = setting(
         None, "1-based vision blocks whose outputs are tapped (default: the quarter points of the depth)."
     )
+    vv_attention_from: int | None = setting(
+        None, "First vision block of the value-value attention stream (AnomalyCLIP's DPAM) whose tokens the tapped layers "
+        "from there on give; None: CLIP's own tokens. from_clip sets a quarter of the depth (6 of 24, AnomalyCLIP's "
+        "DPAM_layer 20); a config.json without the field (a checkpoint saved before it existed) means None."
+    )
     num_vision_layers: int = setting(24, "Depth of the backbone's vision transformer.")
     patch_size: int = setting(14, "The backbone's patch side in pixels.")
     vision_hidden_size: int = setting(1024, "Width of the backbone's vision transformer (input of the patch adapters).")
@@ -55,6 +61,11 @@ class ZSADBaseConfig(PreTrainedConfig):
         if self.feature_layers is None:
             self.feature_layers = quarter_point_layers(self.num_vision_layers)
         self.feature_layers = [int(layer) for layer in self.feature_layers]
+        if self.vv_attention_from is not None:
+            self.vv_attention_from = int(self.vv_attention_from)
+            if not 1 <= self.vv_attention_from <= self.num_vision_layers:
+                raise ZSADError(f"vv_attention_from must be a vision block in 1..{self.num_vision_layers} or None, "
+                                f"got {self.vv_attention_from}.")
         super().__post_init__(**kwargs)
 
     @property
@@ -99,3 +110,8 @@ def _recorded_hub_id(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return recorded if isinstance(recorded, str) and HUB_ID.match(recorded) else None
+
+def lineage_vv_attention_from(num_layers: int) -> int:
+    """The value-value stream's first block for a depth: the first quarter point (6 of 24 is AnomalyCLIP's
+    DPAM_layer = 20, since K = num_layers - DPAM_layer + 2), so every tapped layer gets the dense tokens."""
+    return quarter_point_layers(num_layers)[0]

@@ -301,7 +301,9 @@ class GenCLIPModel(ZSADPreTrainedModel):
         )
         if labels is None or self.config.image_loss_weight == 0:
             return output
-        weighted = self.config.image_loss_weight * image_loss(global_logits, labels)
+        trained_probs = vision_global if self.config.image_loss_branch == "vision" else global_probs
+        trained_logits = trained_probs.clamp_min(torch.finfo(trained_probs.dtype).tiny).log()
+        weighted = self.config.image_loss_weight * image_loss(trained_logits, labels)
         return replace(output, loss=weighted if output.loss is None else output.loss + weighted)
 
 

@@ -16,7 +16,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
 from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
-from .configuration_zsad_base import ZSADBaseConfig, backbone_reference
+from .configuration_zsad_base import ZSADBaseConfig, backbone_reference, lineage_vv_attention_from
 from .exceptions import ZSADError
 from .image_processing_zsad import ZSADImageProcessor
 from .losses import image_loss, segmentation_loss
@@ -108,11 +108,14 @@ class ZSADPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_clip(cls, clip_name_or_path: str, revision: str | None = None, clip_model=None, clip_dtype=None, **config_overrides):
-        """An untrained (training-free) model on the given CLIP, in eval mode; ``config_overrides`` set config fields."""
+        """An untrained (training-free) model on the given CLIP, in eval mode; ``config_overrides`` set config fields
+        (``vv_attention_from`` defaults to ``lineage_vv_attention_from`` of the backbone's depth)."""
         backbone = _as_backbone(clip_model, clip_name_or_path, revision) if clip_model is not None else (
             CLIPBackbone.from_pretrained(clip_name_or_path, revision=revision, dtype=clip_dtype)
         )
-        settings = {**_backbone_dimensions(backbone), **backbone_reference(clip_name_or_path, revision), **config_overrides}
+        dimensions = _backbone_dimensions(backbone)
+        lineage = {"vv_attention_from": lineage_vv_attention_from(dimensions["num_vision_layers"])}
+        settings = {**dimensions, **lineage, **backbone_reference(clip_name_or_path, revision), **config_overrides}
         config = cls.config_class(**settings)
         model = cls(config)
         model.attach_backbone(backbone)
@@ -231,10 +234,10 @@ class ZSADPreTrainedModel(PreTrainedModel):
         """This model's layers of ``image_features`` when given (one vision pass shared by several models on the
         backbone), else a vision pass over ``pixel_values``."""
         if image_features is not None:
-            return image_features.select(self.config.feature_layers)
+            return image_features.select(self.config.feature_layers, self.config.vv_attention_from)
         if pixel_values is None:
             raise ZSADError("Pass pixel_values (a (batch, 3, size, size) tensor) or image_features from encode_image.")
-        return self.require_backbone().encode_image(pixel_values, self.config.feature_layers)
+        return self.require_backbone().encode_image(pixel_values, self.config.feature_layers, self.config.vv_attention_from)
 
     def cached_text(self, key: tuple, compute):
         """``compute()`` once per key while no parameter changes; training (grad enabled) bypasses the cache.
