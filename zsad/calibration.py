@@ -55,16 +55,19 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     defective = read_images(defective_images, "defective") if defective_images is not None else []
     defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
     by_size = detector.layers_by_image_size(methods)
-    profiles = {}
+    encoded = {}
     with tqdm(total=(len(normal) + len(defective)) * len(by_size), unit="image", desc="encoding reference images",
               disable=not progress) as bar:
         for size, layers in by_size.items():
-            encoded_normal = _encode_batches(detector, normal, size, layers, batch_size, bar)
-            encoded_defective = _encode_batches(detector, defective, size, layers, batch_size, bar)
-            memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers share one memory
-            for method in (m for m in methods if detector.model(m).config.image_size == size):
-                profiles[method] = _profile(detector.model(method), method, name, encoded_normal, encoded_defective, defective_masks,
-                                            quantile, margin, fusion_weight, memories)
+            encoded[size] = (_encode_batches(detector, normal, size, layers, batch_size, bar),
+                             _encode_batches(detector, defective, size, layers, batch_size, bar))
+    profiles = {}
+    memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers of one input size share one memory
+    for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
+        model = detector.model(method)
+        encoded_normal, encoded_defective = encoded[model.config.image_size]
+        profiles[method] = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, quantile, margin,
+                                    fusion_weight, memories)
     return profiles
 
 
@@ -79,10 +82,10 @@ def _encode_batches(detector, pictures: list[Image.Image], size: int, layers: li
 def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[ImageFeatures], defective: list[ImageFeatures], masks,
              quantile: float, margin: float, fusion_weight: float, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
     normal = [batch.select(model.config.feature_layers) for batch in normal]
-    layers = tuple(model.config.feature_layers)
-    if layers not in memories:
-        memories[layers] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
-    memory = memories[layers]
+    key = (model.config.image_size, tuple(model.config.feature_layers))
+    if key not in memories:
+        memories[key] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
+    memory = memories[key]
     profile = ProductProfile(method, name, memory, None, model.config.base_model_name_or_path,
                              model.config.base_model_revision, fusion_weight)
     if memory.num_images < 2:
