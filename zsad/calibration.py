@@ -64,16 +64,19 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     defective = read_images(defective_images, "defective") if defective_images is not None else []
     defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
     by_size = detector.layers_by_image_size(methods)
-    profiles = {}
+    encoded = {}
     with tqdm(total=(len(normal) + len(defective)) * len(by_size), unit="image", desc="encoding reference images",
               disable=not progress) as bar:
         for size, streams in by_size.items():
-            encoded_normal = _encode_batches(detector, normal, size, streams, batch_size, bar)
-            encoded_defective = _encode_batches(detector, defective, size, streams, batch_size, bar)
-            memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers and stream share one memory
-            for method in (m for m in methods if detector.model(m).config.image_size == size):
-                profiles[method] = _profile(detector.model(method), method, name, encoded_normal, encoded_defective, defective_masks,
-                                            quantile, margin, fusion_weight, memories)
+            encoded[size] = (_encode_batches(detector, normal, size, streams, batch_size, bar),
+                             _encode_batches(detector, defective, size, streams, batch_size, bar))
+    profiles = {}
+    memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers and stream of one input size share one memory
+    for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
+        model = detector.model(method)
+        encoded_normal, encoded_defective = encoded[model.config.image_size]
+        profiles[method] = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, quantile, margin,
+                                    fusion_weight, memories)
     return profiles
 
 
@@ -90,7 +93,7 @@ def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[di
     start, layers = model.config.vv_attention_from, model.config.feature_layers
     normal = [batch[start].select(layers, start) for batch in normal]
     defective = [batch[start].select(layers, start) for batch in defective]
-    key = (tuple(layers), start)
+    key = (model.config.image_size, tuple(layers), start)
     if key not in memories:
         memories[key] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
     memory = memories[key]
