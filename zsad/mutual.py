@@ -116,6 +116,14 @@ def content_key(image) -> str:
     return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
 
 
+def check_batch(keys: Sequence[str]) -> None:
+    """A ZSADError unless the batch has at least two different images (by content key)."""
+    if len(keys) < 2:
+        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images of the product, got {len(keys)}.")
+    if len(set(keys)) < 2:
+        raise ZSADError("All the images are identical; mutual scoring needs at least two different images of the product.")
+
+
 def comparison_groups(keys: Sequence[str], max_compared: int) -> list[list[int]]:
     """Indices split into groups of at most ``max_compared + 1`` images (at least 2 each), independent of the input
     order: sorted by content key, then dealt round-robin, so exact duplicates (equal keys) land in different groups."""
@@ -190,11 +198,8 @@ def mutual_scores(features_per_image: Sequence[torch.Tensor], settings: MutualSe
     (class token dropped, P a square grid), any float dtype (the products run in it). ``keys`` mark exact duplicates
     (equal keys are never compared) and fix the groups; by default the hash of each image's features."""
     count = len(features_per_image)
-    if count < 2:
-        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images of the product, got {count}.")
     keys = list(keys) if keys is not None else [hashlib.sha256(f.float().cpu().numpy().tobytes()).hexdigest() for f in features_per_image]
-    if len(set(keys)) < 2:
-        raise ZSADError("All the images are identical; mutual scoring needs at least two different images of the product.")
+    check_batch(keys)
     groups = comparison_groups(keys, settings.max_compared)
     layers = features_per_image[0].shape[0]
     patch_maps = torch.zeros(count, features_per_image[0].shape[1])
@@ -253,6 +258,17 @@ def to_unit(z: torch.Tensor, settings: MutualSettings) -> torch.Tensor:
     return torch.sigmoid((z - settings.offset) / settings.temperature)
 
 
+def batch_scale(sources: Sequence[tuple[torch.Tensor | None, float]], embeddings: torch.Tensor,
+                settings: MutualSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps (N, S, S), image scores (N,)) in (0, 1) on the batch's scale: the sources of positive weight fused,
+    the image scores from the fused map (re-scored with RsCIN when asked) standardised over the images."""
+    z_maps = fused([(maps, weight) for maps, weight in sources if weight > 0], settings.min_spread)
+    raw_scores = map_image_scores(z_maps, settings)
+    if settings.rescore:
+        raw_scores = rescore(raw_scores, embeddings, settings.rescore_k)
+    return to_unit(z_maps, settings), to_unit(standardise(raw_scores), settings)
+
+
 def map_image_scores(maps: torch.Tensor, settings: MutualSettings) -> torch.Tensor:
     """(N, S, S) -> (N,): each map's maximum, or the mean of its highest ``top_fraction`` of pixels."""
     flat = maps.flatten(1)
@@ -301,10 +317,7 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
     model = detector.model(method)
     loaded = [read_image(image, max_side=display_side) for image in images]
     keys = [content_key(item.image) for item in loaded]
-    if len(loaded) < 2:
-        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images of the product, got {len(loaded)}.")
-    if len(set(keys)) < 2:
-        raise ZSADError("All the images are identical; mutual scoring needs at least two different images of the product.")
+    check_batch(keys)
     name = clean_class_name(class_name)
     text_weight = settings.text_weight if settings.text_weight is not None else (0.5 if status(model) == "trained" else 0.0)
     if profile is not None:
@@ -319,16 +332,9 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
     def gathered(field: str) -> torch.Tensor:
         return torch.cat([getattr(group, field) for group in scored])[position]
 
-    sources = [(gathered("mutual"), 1.0)]
-    if text_weight > 0:
-        sources.append((gathered("text"), text_weight))
-    if profile is not None:
-        sources.append((gathered("reference"), settings.reference_weight))
-    z_maps = fused(sources, settings.min_spread)
-    raw_scores = map_image_scores(z_maps, settings)
-    if settings.rescore:
-        raw_scores = rescore(raw_scores, gathered("embeddings"), settings.rescore_k)
-    maps, scores = to_unit(z_maps, settings), to_unit(standardise(raw_scores), settings)
+    sources = [(gathered("mutual"), 1.0), (gathered("text") if text_weight > 0 else None, text_weight),
+               (gathered("reference") if profile is not None else None, settings.reference_weight if profile is not None else 0.0)]
+    maps, scores = batch_scale(sources, gathered("embeddings"), settings)
     method_details = [details for group in scored for details in group.method_details]
     method_details = [method_details[p] for p in position.tolist()]
     notes = far_notes(gathered("median_distance"), settings.far_distance)
