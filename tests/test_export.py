@@ -91,6 +91,13 @@ def test_exported_genclip_matches_the_model_and_filters_class_names_inside_the_g
     assert_parity(model, tmp_path, FP32_BOUNDS, seeds=kept + replaced)
 
 
+def vision_linears(model) -> int:
+    """Linear layers an int8 vision graph runs: six per block, plus the value-value stream's out projection of each
+    block from vv_attention_from on."""
+    layers = model.config.num_vision_layers
+    return 6 * layers + layers - model.config.vv_attention_from + 1
+
+
 def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_int8_bounds(tiny_backbone, tmp_path):
     import onnx
 
@@ -98,7 +105,8 @@ def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_
     export(model, NAMES, tmp_path, format="onnx", precision="int8")
     assert_parity(model, tmp_path, INT8_BOUNDS)
     operators = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    assert operators.count("MatMulInteger") == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2
+    # q, k, v, out, fc1, fc2 per block, and the value-value stream's out projection per block from vv_attention_from on
+    assert operators.count("MatMulInteger") == vision_linears(model)
 
 
 def test_openvino_float32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
@@ -194,7 +202,7 @@ def test_cli_export_openvino_int8_then_predict_with_openvino_engine(tiny_clip_pa
 
     int8_weights = [op for op in ov.Core().read_model(str(out / "model.xml")).get_ops()
                     if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
-    assert len(int8_weights) == 6 * tiny_backbone.vision_config.num_hidden_layers  # q, k, v, out, fc1, fc2 per block
+    assert len(int8_weights) == vision_linears(tiny_model("baseline", tiny_backbone))
     image = tmp_path / "images" / "a.png"
     image.parent.mkdir()
     Image.fromarray(np.full((64, 80, 3), 120, dtype=np.uint8)).save(image)
