@@ -11,7 +11,7 @@ import zsad
 from zsad.errors import BackboneLoadError
 from zsad.inference import AnomalyDetector
 from zsad.profile import ProductProfile
-from zsad.references import ReferenceMemory
+from zsad.references import FusionScale, ReferenceMemory
 
 HUB_ID = "openai/clip-vit-base-patch32"
 COMMIT = "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268"
@@ -54,8 +54,9 @@ def test_a_hub_id_is_kept_as_given(tiny_backbone):
 
 
 def profile_on(backbone: str, hub_id: str | None, config) -> ProductProfile:
-    memory = ReferenceMemory(list(config.feature_layers), [torch.zeros(1, 64, 24) for _ in config.feature_layers], 8, 112)
-    return ProductProfile("baseline", "disk", memory, None, backbone, None, backbone_hub_id=hub_id)
+    memory = ReferenceMemory(list(config.feature_layers), [torch.zeros(1, 64, 24) for _ in config.feature_layers], 8, 112,
+                             config.vv_attention_from)
+    return ProductProfile("baseline", "disk", memory, None, backbone, None, FusionScale(1.0), backbone_hub_id=hub_id)
 
 
 def test_a_profile_records_the_hub_id_and_fits_another_copy_of_the_same_backbone(tiny_clip_path, tiny_backbone, tmp_path):

@@ -22,7 +22,7 @@ from zsad.provenance import model_record
 
 HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
 REPO = Path(__file__).resolve().parent.parent
-BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt")  # what setuptools reads besides zsad/
+BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt")  # what setuptools reads besides the packages
 # Renders every method's card with zsad imported from the wheel archive alone (no checkout on the path).
 RENDER_FROM_WHEEL = """
 import json, sys
@@ -335,7 +335,8 @@ def test_cli_publish_prints_the_commit(fake_hub, checkpoint, capsys):
 def build_wheel(directory: Path) -> Path:
     """``pip wheel`` of a copy of the checkout (the build's build/ and egg-info stay out of the repo), offline."""
     source = directory / "source"
-    shutil.copytree(REPO / "zsad", source / "zsad", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("zsad", "zsad_cli"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in BUILD_INPUTS:
         shutil.copy2(REPO / name, source / name)
     command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(directory)]
