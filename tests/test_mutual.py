@@ -240,6 +240,17 @@ def test_text_and_reference_maps_are_fused_when_asked(detector):
     assert not np.allclose(both[-1].anomaly_map, alone[-1].anomaly_map)
 
 
+def test_the_detector_method_is_the_function(detector):
+    images = part_images(4)
+    settings = MutualSettings(degrees=(1, 3))
+    method = detector.detect_mutual(images, "striped plate", settings=settings, threshold=0.4)
+    function = detect_mutual(detector, images, "striped plate", method="baseline", settings=settings, threshold=0.4)
+    assert [(r.score, r.threshold, r.details) for r in method] == [(r.score, r.threshold, r.details) for r in function]
+    assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(method, function))
+    with pytest.raises(ZSADError, match="Unknown method 'stackclip'"):
+        detector.detect_mutual(images, "striped plate", method="stackclip")
+
+
 def test_detect_mutual_refuses_one_image_and_identical_copies(detector):
     image = part_images(1)[0]
     with pytest.raises(ZSADError, match="at least two images"):

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .detection import Detection, thresholds
 from .errors import ZSADError
 from .images import read_image, to_pixel_values
-from .inference import Detection, thresholds
 from .methods import status
 from .modeling.anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .modeling.image_processing_zsad import resize_map
