@@ -4,6 +4,7 @@ batch-scale outputs, detect_mutual on the tiny CLIP and `zsad evaluate --mutual`
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -269,3 +270,47 @@ def test_cli_evaluate_mutual_marks_its_outputs(tiny_clip_path, tmp_path, capsys)
     assert 0.0 <= report["mean"]["pixel_auroc"] <= 1.0
     assert "mutual" in (tmp_path / "out" / "evaluation.md").read_text().splitlines()[0]
     assert (tmp_path / "out" / "evaluation.png").stat().st_size > 0
+
+
+def predict_args(folder, out, *extra: str) -> list[str]:
+    return ["predict", str(folder), "--model", "baseline", "--image-size", str(IMAGE_SIZE), "--out", str(out),
+            "--device", "cpu", "--precision", "float32", *extra]
+
+
+@pytest.fixture
+def parts_folder(tmp_path):
+    folder = tmp_path / "lot"
+    folder.mkdir()
+    for i, image in enumerate(part_images(5)):
+        image.save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_cli_predict_mutual_scores_the_folder_as_one_batch(detector, tiny_clip_path, parts_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(predict_args(parts_folder, out, "--clip", str(tiny_clip_path), "--mutual")) == 0  # no --class-name: untrained
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["mutual"] is True and summary["class_name"] == "object"
+    assert summary["calibration"].startswith("mutual: scored against the batch")
+    expected = detector.detect_mutual(sorted(parts_folder.iterdir()), "object")
+    assert [record["score"] for record in summary["images"]] == pytest.approx([r.score for r in expected], abs=1e-5)
+    assert [record["details"]["compared_with"] for record in summary["images"]] == [4] * 5
+    assert Image.open(out / "004_mask.png").size == (96, 64) and (out / "004_overlay.png").is_file()
+    assert "each image was compared with 4 other images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--tiles"], "--mutual and --tiles cannot be combined"),
+    (["--engine", "onnx"], "--mutual needs --engine torch"),
+    (["--resume"], "cannot be resumed"),
+    (["--reference", "REFS"], "a profile .* belongs to a named product"),
+])
+def test_cli_predict_mutual_refuses_what_it_cannot_do(tiny_clip_path, parts_folder, tmp_path, capsys, extra, message):
+    extra = [str(parts_folder) if item == "REFS" else item for item in extra]
+    assert main(predict_args(parts_folder, tmp_path / "out", "--clip", str(tiny_clip_path), "--mutual", *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_predict_mutual_needs_two_images(tiny_clip_path, parts_folder, tmp_path, capsys):
+    code = main(predict_args(parts_folder / "000.png", tmp_path / "out", "--clip", str(tiny_clip_path), "--mutual", "--class-name", "plate"))
+    assert code == 2 and "at least two images" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .detection import Detection, thresholds
+from .detection import MUTUAL_CALIBRATION, Detection, thresholds
 from .errors import ZSADError
 from .images import read_image, to_pixel_values
 from .methods import status
@@ -343,7 +343,7 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
             anomaly_map=anomaly_map, mask=anomaly_map >= pixel_threshold, overlay=overlay_heatmap(item.image, anomaly_map),
             details=MutualDetails(int(compared[i]), round(float(median_distance[i]), 4), text_weight,
                                   settings.reference_weight if profile is not None else 0.0, method_details[i]),
-            seconds=seconds, calibration=f"mutual: scored against the batch; {calibration}",
+            seconds=seconds, calibration=f"{MUTUAL_CALIBRATION}{calibration}",
             references=profile.num_references if profile is not None else 0, note=notes[i],
             original_size=item.original_size, model_map=maps[i].numpy(),
         ))

@@ -21,6 +21,8 @@ def predict_summary(summary: dict, out_dir) -> str:
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if summary.get("mutual"):
+        lines += mutual_lines(scored)
     if all(record["anomalous_pixel_fraction"] >= 1.0 for record in scored):
         lines.append(
             f"Note: every mask is white: each pixel of each image reached the pixel threshold {summary['pixel_threshold']:.3f}, "
@@ -28,6 +30,20 @@ def predict_summary(summary: dict, out_dir) -> str:
             "zsad predict ... --profile PROFILE) or pass a higher --threshold."
         )
     return "\n".join(lines)
+
+
+def mutual_lines(records: list[dict]) -> list[str]:
+    """How many images each mutually scored image (its summary record) was compared with, and the notes on images
+    that do not look like the others (one line when the whole batch does not look like one product)."""
+    compared = sorted(record["details"]["compared_with"] for record in records)
+    counts = f"{compared[0]}" if compared[0] == compared[-1] else f"{compared[0]} to {compared[-1]}"
+    lines = [f"Scored against each other: each image was compared with {counts} other images (no text, no references needed)."]
+    notes = [record["note"] for record in records if record.get("note")]
+    if notes and len(notes) == len(records) and len(set(notes)) == 1:
+        lines.append(f"Note: {notes[0]}")
+    elif notes:
+        lines.append(f"Note: {len(notes)} image{'s look' if len(notes) != 1 else ' looks'} unlike the others; see their notes in scores.json.")
+    return lines
 
 
 def tiny_clip_summary(directory) -> str:
