@@ -22,7 +22,8 @@ grows like N * max_compared and memory like max_compared, not N.
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -289,14 +290,16 @@ class _Group:
 
 def detect_mutual(detector, images: Sequence, class_name: str, method: str = "baseline", threshold: float | None = None,
                   profile=None, settings: MutualSettings = MutualSettings(), batch_size: int = 8,
-                  display_side: int | None = None, progress: bool = False) -> list[Detection]:
+                  display_side: int | None = None, progress: bool = False,
+                  turn: Callable[[], AbstractContextManager] = nullcontext) -> list[Detection]:
     """Score ``images`` (paths, PIL images, arrays; N >= 2, one product, any sizes) against each other with
     ``detector``'s backbone, at ``method``'s input size and tapped layers; one ``Detection`` per image, maps at each
     image's size as ``detect`` returns them. The mutual map is fused with the method's text map (``text_weight``) and
     with a ``profile``'s reference map when given, each standardised over the batch first. Maps and scores are on the
     batch's scale: 0.5 is ``settings.offset`` robust standard deviations above the batch's typical pixel / image, the
     verdict threshold unless ``threshold`` is given. Each image is encoded once; groups of at most
-    ``settings.max_compared + 1`` images are encoded and scored one after another, so memory follows the cap."""
+    ``settings.max_compared + 1`` images are encoded and scored one after another, so memory follows the cap. Each
+    encoding batch and each group's scoring runs inside ``turn()`` (a server's turn on the model, e.g. the Space's)."""
     started = time.perf_counter()
     model = detector.model(method)
     loaded = [read_image(image, max_side=display_side) for image in images]
@@ -311,7 +314,7 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
         profile.check_compatible(method, name, model.config)
     groups = comparison_groups(keys, settings.max_compared)
     scored = [_score_group(detector, model, [loaded[i].image for i in group], group, [keys[i] for i in group], name,
-                           text_weight, profile, settings, batch_size, progress) for group in groups]
+                           text_weight, profile, settings, batch_size, progress, turn) for group in groups]
     order = [i for group in scored for i in group.indices]
     position = torch.empty(len(order), dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(len(order))
@@ -362,7 +365,8 @@ def far_notes(median_distances: torch.Tensor, far_distance: float) -> list[str |
 
 
 def _score_group(detector, model, pictures: list, indices: list[int], keys: list[str], name: str, text_weight: float,
-                 profile, settings: MutualSettings, batch_size: int, progress: bool) -> _Group:
+                 profile, settings: MutualSettings, batch_size: int, progress: bool,
+                 turn: Callable[[], AbstractContextManager]) -> _Group:
     """Encode one group (in batches), run the method's text map and the profile's reference map where they are
     used, and score the group's images against each other."""
     config = model.config
@@ -371,7 +375,7 @@ def _score_group(detector, model, pictures: list, indices: list[int], keys: list
     for start in range(0, len(pictures), batch_size):
         batch = pictures[start:start + batch_size]
         pixel_values = to_pixel_values(batch, config.image_size, detector.backbone.image_mean, detector.backbone.image_std)
-        with torch.inference_mode():
+        with turn(), torch.inference_mode():
             features = model.encode_image(pixel_values.to(detector.device))
             if text_weight > 0:
                 output = model(image_features=features, class_names=[name] * len(batch))
@@ -382,7 +386,7 @@ def _score_group(detector, model, pictures: list, indices: list[int], keys: list
                 reference.append(reference_map(memory, features, sigma).cpu())
         patch_tokens += list(torch.stack([features.patch_tokens(i) for i in range(len(features.layers))], dim=1))
         embeddings.append(features.image_embeds.float().cpu())
-    with torch.inference_mode():
+    with turn(), torch.inference_mode():
         scores = mutual_scores(patch_tokens, replace(settings, max_compared=len(pictures) - 1), keys, progress)
     mutual = mutual_map(scores.patch_maps, features.grid_size, config.image_size, sigma)
     return _Group(indices, mutual, scores.patch_maps.median(dim=1).values, scores.compared, torch.cat(embeddings),

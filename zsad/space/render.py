@@ -4,6 +4,7 @@ the batch summary, the banner and the runtime line."""
 import html
 import json
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -96,13 +97,15 @@ def gallery(results: list[Detection]) -> list:
     return items
 
 
-def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float) -> str:
-    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored)."""
+def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float, notes: Sequence[str] = ()) -> str:
+    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored); ``notes``: lines
+    of zsad's own (mutual scoring's) shown under the heading."""
     scored = [row for row in rows if row[1] is not None]
     anomalous = sum(row[2] == "anomalous" for row in scored)
     lines = [
         f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
         f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
+        *(f"- {note}" for note in notes),
     ]
     lines += [f"- {escaped(row[0])}: {row[2]}: {escaped(row[5])}" for row in rows if row[1] is None]
     return "\n".join(lines)
