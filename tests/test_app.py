@@ -3,6 +3,7 @@ outputs, rendering, scheduling and the page."""
 
 import base64
 import csv
+import dataclasses
 import importlib.util
 import io
 import os
@@ -80,6 +81,15 @@ def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
     assert len(output.gallery) == 2 * len(names)
     assert all(f"### {name} (" in output.report for name in names)
     assert output.score == output.table[0][2]  # the first method's score is the headline
+
+
+def test_an_untrained_result_says_what_its_map_is_worth_and_what_is_stronger(detect, detector, good_files):
+    path, _ = good_files["rgb"]
+    report = detect(upload(path), "bottle", COMPARE, 0.5).report
+    assert report.count("38.4 pixel AUROC on MVTec AD") == len(detector.method_names)  # none is trained here
+    assert "Reference images of good parts, and scoring a batch of parts against each other (Batch tab)" in report
+    trained = dataclasses.replace(detector.detect(str(path), "bottle", method="baseline"), status="trained")
+    assert render.UNTRAINED_MAP_NOTE not in render.report([trained])
 
 
 @pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")

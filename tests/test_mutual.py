@@ -2,6 +2,7 @@
 found on a hand-built batch, independence of image order, chunking and a cap of N - 1, exact duplicates, the
 batch-scale outputs, detect_mutual on the tiny CLIP and `zsad evaluate --mutual`."""
 
+import contextlib
 import json
 import math
 import re
@@ -250,6 +251,18 @@ def test_the_detector_method_is_the_function(detector):
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(method, function))
     with pytest.raises(ZSADError, match="Unknown method 'stackclip'"):
         detector.detect_mutual(images, "striped plate", method="stackclip")
+
+
+def test_every_encoding_batch_and_group_scoring_takes_a_turn(detector):
+    turns = []
+
+    @contextlib.contextmanager
+    def turn():
+        turns.append("taken")
+        yield
+
+    detect_mutual(detector, part_images(5), "plate", batch_size=2, settings=MutualSettings(max_compared=2), turn=turn)
+    assert len(turns) == (2 + 1) + (1 + 1)  # groups of 3 and 2 images: encoded in batches of 2, then scored
 
 
 def test_detect_mutual_refuses_one_image_and_identical_copies(detector):

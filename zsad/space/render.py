@@ -19,6 +19,12 @@ TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)",
 TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
 BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)", "mask file"]
 BATCH_TABLE_TYPES = ["str", "number", "str", "number", "str"]
+# Shown with every result of an untrained or training-free method (docs/METHODS.md, "Value-value attention").
+UNTRAINED_MAP_NOTE = (
+    "ℹ️ Not trained: on real CLIP weights the plain dense map (patch tokens against the prompts) is near chance for "
+    "localisation (AnomalyCLIP, Table 1: 38.4 pixel AUROC on MVTec AD); value-value attention helps. Reference images "
+    "of good parts, and scoring a batch of parts against each other (Batch tab), are the stronger training-free signals."
+)
 
 
 def escaped(text: str) -> str:
@@ -34,6 +40,8 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
             f"score {result.score:.3f} (threshold {result.threshold:.2f})"
         )
+        if result.status != "trained":
+            lines.append(f"- {UNTRAINED_MAP_NOTE}")
         lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
         if result.note:
             lines.append(f"- ⚠️ {escaped(result.note)}")
