@@ -242,6 +242,12 @@ def test_text_and_reference_maps_are_fused_when_asked(detector):
     assert not np.allclose(both[-1].anomaly_map, alone[-1].anomaly_map)
 
 
+def test_the_default_block_is_the_references_one():
+    from zsad.references import SIMILARITY_BLOCK
+
+    assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.references
+
+
 def test_the_detector_method_is_the_function(detector):
     images = part_images(4)
     settings = MutualSettings(degrees=(1, 3))
