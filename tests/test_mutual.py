@@ -248,6 +248,13 @@ def test_the_default_block_is_the_references_one():
     assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.references
 
 
+def test_the_cli_names_the_unnamed_product_as_zsad_does():
+    import zsad_cli
+    from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
+
+    assert zsad_cli.MUTUAL_CLASS_NAME == UNNAMED_PRODUCT  # zsad_cli answers --help without importing torch
+
+
 def test_the_detector_method_is_the_function(detector):
     images = part_images(4)
     settings = MutualSettings(degrees=(1, 3))

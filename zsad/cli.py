@@ -8,7 +8,7 @@ import argparse
 import shlex
 import sys
 
-from zsad_cli import MUTUAL_CLASS_NAME, build_parser, main
+from zsad_cli import build_parser, main
 
 from .errors import ZSADError
 
@@ -95,7 +95,9 @@ def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:
         raise ZSADError(f"Say what the product is with --class-name: {method} is trained, so its text map is part of the mutual scores.")
     if args.profile or args.reference:
         raise ZSADError("Say what the product is with --class-name: a profile (--profile/--reference) belongs to a named product.")
-    return MUTUAL_CLASS_NAME
+    from .modeling.mutual_scoring import UNNAMED_PRODUCT
+
+    return UNNAMED_PRODUCT
 
 
 def _export(args: argparse.Namespace) -> None:

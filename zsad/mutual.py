@@ -29,6 +29,7 @@ from .modeling.mutual_scoring import (
     check_batch,
     comparison_groups,
     content_key,
+    default_text_weight,
     far_notes,
     fused,
     map_image_scores,
@@ -78,7 +79,7 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
     keys = [content_key(item.image) for item in loaded]
     check_batch(keys)
     name = clean_class_name(class_name)
-    text_weight = settings.text_weight if settings.text_weight is not None else (0.5 if status(model) == "trained" else 0.0)
+    text_weight = default_text_weight(settings, status(model) == "trained")
     reference = None
     if profile is not None:
         profile.check_compatible(method, name, model.config)

@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 from .anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .exceptions import ZSADError
 
+# The product's name where mutual scoring uses no text and none is given (AnomalyCLIP's object-agnostic word).
+UNNAMED_PRODUCT = "object"
+
 # 1.4826 * MAD estimates a normal distribution's standard deviation.
 MAD_TO_STD = 1.4826
 # Values per map taken for the batch's median and spread (a strided sample: exact statistics of 200 maps at 518 px
@@ -99,6 +102,13 @@ class MutualScores:
 def content_key(image) -> str:
     """A hash of a PIL image's decoded pixels: images with equal keys are exact duplicates."""
     return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def default_text_weight(settings: MutualSettings, trained: bool) -> float:
+    """``settings.text_weight``, else 0.5 for a trained method and 0 for the others (their text map is near chance)."""
+    if settings.text_weight is not None:
+        return settings.text_weight
+    return 0.5 if trained else 0.0
 
 
 def check_batch(keys: Sequence[str]) -> None:

@@ -14,10 +14,10 @@ import zsad.images
 from zsad.errors import ZSADError
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
 from zsad.modeling.lru_cache import LRUCache
+from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
 from zsad.profile import ProductProfile
 from zsad.summaries import mutual_lines
-from zsad_cli import MUTUAL_CLASS_NAME
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
 from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv
@@ -233,9 +233,9 @@ def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_n
 
 def batch_class_name(class_name, mutual: bool, status: str) -> str:
     """The product's name; it may be left empty when the images are scored against each other by a method whose text
-    map mutual scoring leaves out (not trained), and is then recorded as the generic ``MUTUAL_CLASS_NAME``."""
+    map mutual scoring leaves out (not trained), and is then recorded as the generic ``UNNAMED_PRODUCT``."""
     if mutual and status != "trained" and not (class_name or "").strip():
-        return MUTUAL_CLASS_NAME
+        return UNNAMED_PRODUCT
     return clean_class_name(class_name)
 
 
