@@ -1,6 +1,7 @@
 """Mutual scoring (zsad.mutual): the scores against a brute-force MuSc-style reference (cdist, unfold), a defect patch
 found on a hand-built batch, independence of image order, chunking and a cap of N - 1, exact duplicates, the
-batch-scale outputs, detect_mutual on the tiny CLIP and `zsad evaluate --mutual`."""
+batch-scale outputs, detect_mutual on the tiny CLIP (and as the detector's method), `zsad evaluate --mutual` and
+`zsad predict --mutual`."""
 
 import contextlib
 import json
