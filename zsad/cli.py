@@ -68,7 +68,7 @@ def _predict(args: argparse.Namespace) -> None:
             device = accelerator.device if accelerator.num_processes > 1 else args.device
             detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
                                                  runtime=Runtime.resolve(device, args.precision))
-            class_name = args.class_name or _unnamed_mutual_product(detector, args)
+            class_name = _unnamed_mutual_product(detector, args) if args.class_name is None else args.class_name
             profile = ProductProfile.load(args.profile) if args.profile else None
             if args.reference:
                 profile = detector.build_profile(None, class_name, args.reference, progress=accelerator.is_main_process)
