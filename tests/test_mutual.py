@@ -341,3 +341,16 @@ def test_cli_predict_mutual_refuses_what_it_cannot_do(tiny_clip_path, parts_fold
 def test_cli_predict_mutual_needs_two_images(tiny_clip_path, parts_folder, tmp_path, capsys):
     code = main(predict_args(parts_folder / "000.png", tmp_path / "out", "--clip", str(tiny_clip_path), "--mutual", "--class-name", "plate"))
     assert code == 2 and "at least two images" in capsys.readouterr().err
+
+
+def test_the_summary_lines_give_the_comparison_counts_and_the_notes():
+    from zsad.summaries import mutual_lines
+
+    one_product = far_notes(torch.tensor([1.2, 1.3, 1.1]), 1.0)
+    lines = mutual_lines([2, 2, 2], one_product)
+    assert lines == ["Scored against each other: each image was compared with 2 other images (no text, no references needed).",
+                     f"Note: {one_product[0]}"]
+    lines = mutual_lines([15, 15, 14], [None, "This image looks unlike the others", None])
+    assert "compared with 14 to 15 other images" in lines[0]
+    assert lines[1] == "Note: 1 image looks unlike the others; see their notes."
+    assert mutual_lines([1, 1], [None, None])[1:] == []
