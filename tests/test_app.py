@@ -3,6 +3,7 @@ outputs, rendering, scheduling and the page."""
 
 import base64
 import csv
+import dataclasses
 import importlib.util
 import io
 import os
@@ -82,6 +83,15 @@ def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
     assert output.score == output.table[0][2]  # the first method's score is the headline
 
 
+def test_an_untrained_result_says_what_its_map_is_worth_and_what_is_stronger(detect, detector, good_files):
+    path, _ = good_files["rgb"]
+    report = detect(upload(path), "bottle", COMPARE, 0.5).report
+    assert report.count("38.4 pixel AUROC on MVTec AD") == len(detector.method_names)  # none is trained here
+    assert "Reference images of good parts, and scoring a batch of parts against each other (Batch tab)" in report
+    trained = dataclasses.replace(detector.detect(str(path), "bottle", method="baseline"), status="trained")
+    assert render.UNTRAINED_MAP_NOTE not in render.report([trained])
+
+
 @pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
 def test_genclip_report_states_the_class_name_filter_decision(detect, good_files):
     path, _ = good_files["rgb"]
@@ -151,7 +161,8 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     inputs = [type(block).__name__ for block in functions["detect"].inputs]
     assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio"]  # new inputs only at the end
     assert functions["detect"].inputs[-1].value == handlers.CALIBRATED
-    assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider"]
+    assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider", "Checkbox"]
+    assert functions["detect_batch"].inputs[-1].value is False  # mutual scoring: off unless asked for
     assert [value for _, value in functions["detect_batch"].inputs[2].choices] == detector.method_names  # no compare in batches
     assert not functions["detect"].preprocess and not functions["detect_batch"].preprocess  # uploads go through received_file
     methods = [value for _, value in render.method_choices(detector)]
@@ -354,6 +365,27 @@ def test_batch_of_files_and_a_zip_gives_table_csv_masks_and_gallery(detector, pa
     anomalous = sum(record["verdict"] == "anomalous" for record in records)
     assert f"{anomalous} of 5 images anomalous" in output.summary
     assert render.escaped("line2/broken.png") + ": unreadable: Not a readable image" in output.summary
+
+
+def test_a_mutual_batch_scores_the_readable_images_against_each_other(detector, parts):
+    paths, arrays = parts
+    output = handlers.make_batch_handler(detector, FOLDERS)([upload(path) for path in paths], "", "baseline", 0.5, True)
+    records = read_csv(output.csv_path)
+    expected = detector.detect_mutual([arrays[f"part{i}.png"] for i in range(5)], "object", threshold=0.5)
+    assert [float(record["score"]) for record in records[:5]] == pytest.approx([r.score for r in expected], abs=1e-6)
+    assert [record["verdict"] for record in records] == [r.verdict for r in expected] + ["unreadable"]
+    assert "each image was compared with 4 other images" in output.summary
+    assert ("do not look like one product" in output.summary) == (expected[0].note is not None and "one product" in expected[0].note)
+    with zipfile.ZipFile(output.masks_path) as masks:
+        assert Image.open(io.BytesIO(masks.read("part4_mask.png"))).size == (56, 72)
+
+
+def test_a_mutual_batch_needs_two_readable_images(detector, parts):
+    paths, _ = parts
+    with pytest.raises(gr.Error, match="needs at least two readable images of the product; 1 of 1 could be read"):
+        handlers.make_batch_handler(detector, FOLDERS)([upload(paths[0])], "", "baseline", 0.5, True)
+    with pytest.raises(gr.Error, match="class name is empty"):  # one by one, the text is what scores
+        handlers.make_batch_handler(detector, FOLDERS)([upload(path) for path in paths[:2]], "", "baseline", 0.5, False)
 
 
 def test_repeated_file_names_are_told_apart(detector, parts):

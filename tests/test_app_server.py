@@ -273,6 +273,15 @@ def test_batch_zip_upload_and_the_count_cap(server, batch_files, tmp_path):
         client.predict([handle_file(path) for path in batch_files], "metal nut", "baseline", 0.5, api_name="/detect_batch")
 
 
+def test_a_batch_scored_against_each_other_through_the_api(server, batch_files):
+    url, _ = server
+    result = Client(url, verbose=False).predict([handle_file(path) for path in batch_files[:3]], "", "baseline", 0.5, True,
+                                                api_name="/detect_batch")
+    table, summary = result[0], result[4]
+    assert [row[0] for row in table["data"]] == [path.name for path in batch_files[:3]]
+    assert "each image was compared with 2 other images" in summary
+
+
 @pytest.fixture(scope="module")
 def good_parts(tmp_path_factory, example):
     """Three good parts of the example's product (the synthetic generator's train/good images)."""

@@ -1,9 +1,12 @@
 """Mutual scoring (zsad.mutual): the scores against a brute-force MuSc-style reference (cdist, unfold), a defect patch
 found on a hand-built batch, independence of image order, chunking and a cap of N - 1, exact duplicates, the
-batch-scale outputs, detect_mutual on the tiny CLIP and `zsad evaluate --mutual`."""
+batch-scale outputs, detect_mutual on the tiny CLIP (and as the detector's method), `zsad evaluate --mutual` and
+`zsad predict --mutual`."""
 
+import contextlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -240,6 +243,42 @@ def test_text_and_reference_maps_are_fused_when_asked(detector):
     assert not np.allclose(both[-1].anomaly_map, alone[-1].anomaly_map)
 
 
+def test_the_default_block_is_the_references_one():
+    from zsad.references import SIMILARITY_BLOCK
+
+    assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.references
+
+
+def test_the_cli_names_the_unnamed_product_as_zsad_does():
+    import zsad_cli
+    from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
+
+    assert zsad_cli.MUTUAL_CLASS_NAME == UNNAMED_PRODUCT  # zsad_cli answers --help without importing torch
+
+
+def test_the_detector_method_is_the_function(detector):
+    images = part_images(4)
+    settings = MutualSettings(degrees=(1, 3))
+    method = detector.detect_mutual(images, "striped plate", settings=settings, threshold=0.4)
+    function = detect_mutual(detector, images, "striped plate", method="baseline", settings=settings, threshold=0.4)
+    assert [(r.score, r.threshold, r.details) for r in method] == [(r.score, r.threshold, r.details) for r in function]
+    assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(method, function))
+    with pytest.raises(ZSADError, match="Unknown method 'stackclip'"):
+        detector.detect_mutual(images, "striped plate", method="stackclip")
+
+
+def test_every_encoding_batch_and_group_scoring_takes_a_turn(detector):
+    turns = []
+
+    @contextlib.contextmanager
+    def turn():
+        turns.append("taken")
+        yield
+
+    detect_mutual(detector, part_images(5), "plate", batch_size=2, settings=MutualSettings(max_compared=2), turn=turn)
+    assert len(turns) == (2 + 1) + (1 + 1)  # groups of 3 and 2 images: encoded in batches of 2, then scored
+
+
 def test_detect_mutual_refuses_one_image_and_identical_copies(detector):
     image = part_images(1)[0]
     with pytest.raises(ZSADError, match="at least two images"):
@@ -258,3 +297,60 @@ def test_cli_evaluate_mutual_marks_its_outputs(tiny_clip_path, tmp_path, capsys)
     assert 0.0 <= report["mean"]["pixel_auroc"] <= 1.0
     assert "mutual" in (tmp_path / "out" / "evaluation.md").read_text().splitlines()[0]
     assert (tmp_path / "out" / "evaluation.png").stat().st_size > 0
+
+
+def predict_args(folder, out, *extra: str) -> list[str]:
+    return ["predict", str(folder), "--model", "baseline", "--image-size", str(IMAGE_SIZE), "--out", str(out),
+            "--device", "cpu", "--precision", "float32", *extra]
+
+
+@pytest.fixture
+def parts_folder(tmp_path):
+    folder = tmp_path / "lot"
+    folder.mkdir()
+    for i, image in enumerate(part_images(5)):
+        image.save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_cli_predict_mutual_scores_the_folder_as_one_batch(detector, tiny_clip_path, parts_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(predict_args(parts_folder, out, "--clip", str(tiny_clip_path), "--mutual")) == 0  # no --class-name: untrained
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["mutual"] is True and summary["class_name"] == "object"
+    assert summary["calibration"].startswith("mutual: scored against the batch")
+    expected = detector.detect_mutual(sorted(parts_folder.iterdir()), "object")
+    assert [record["score"] for record in summary["images"]] == pytest.approx([r.score for r in expected], abs=1e-5)
+    assert [record["details"]["compared_with"] for record in summary["images"]] == [4] * 5
+    assert Image.open(out / "004_mask.png").size == (96, 64) and (out / "004_overlay.png").is_file()
+    assert "each image was compared with 4 other images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--tiles"], "--mutual and --tiles cannot be combined"),
+    (["--engine", "onnx"], "--mutual needs --engine torch"),
+    (["--resume"], "cannot be resumed"),
+    (["--reference", "REFS"], "a profile .* belongs to a named product"),
+])
+def test_cli_predict_mutual_refuses_what_it_cannot_do(tiny_clip_path, parts_folder, tmp_path, capsys, extra, message):
+    extra = [str(parts_folder) if item == "REFS" else item for item in extra]
+    assert main(predict_args(parts_folder, tmp_path / "out", "--clip", str(tiny_clip_path), "--mutual", *extra)) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_predict_mutual_needs_two_images(tiny_clip_path, parts_folder, tmp_path, capsys):
+    code = main(predict_args(parts_folder / "000.png", tmp_path / "out", "--clip", str(tiny_clip_path), "--mutual", "--class-name", "plate"))
+    assert code == 2 and "at least two images" in capsys.readouterr().err
+
+
+def test_the_summary_lines_give_the_comparison_counts_and_the_notes():
+    from zsad.summaries import mutual_lines
+
+    one_product = far_notes(torch.tensor([1.2, 1.3, 1.1]), 1.0)
+    lines = mutual_lines([2, 2, 2], one_product)
+    assert lines == ["Scored against each other: each image was compared with 2 other images (no text, no references needed).",
+                     f"Note: {one_product[0]}"]
+    lines = mutual_lines([15, 15, 14], [None, "This image looks unlike the others", None])
+    assert "compared with 14 to 15 other images" in lines[0]
+    assert lines[1] == "Note: 1 image looks unlike the others; see their notes."
+    assert mutual_lines([1, 1], [None, None])[1:] == []

@@ -23,7 +23,7 @@ from remote_code import WITHOUT_ZSAD
 THRESHOLD = 0.3
 CLASS_NAME = "metal nut"
 # The files the pipeline needs next to the model code (pipeline_zsad.py imports the image processing).
-PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "prompting.py", "exceptions.py"}
+PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "prompting.py", "exceptions.py", "mutual_scoring.py", "anomaly_maps.py"}
 
 SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
     """
@@ -43,6 +43,10 @@ SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
             arrays[f"{method}.{key}.mask"] = np.asarray(result["mask"])
             facts[f"{method}.{key}"] = {name: result[name] for name in ("score", "verdict", "threshold", "class_name")}
             facts[f"{method}.{key}"]["mask_mode"] = result["mask"].mode
+        together = detector(images, class_name="metal nut", mutual=True)  # scored against each other
+        for i, result in enumerate(together):
+            arrays[f"{method}.mutual{i}.map"] = result["anomaly_map"]
+            facts[f"{method}.mutual{i}"] = {name: result[name] for name in ("score", "verdict", "compared_with")}
         facts[method + ".class"] = type(detector).__name__
     np.savez(out + ".npz", **arrays)
     with open(out + ".json", "w") as handle:
@@ -122,6 +126,11 @@ def test_pipeline_runs_without_zsad_on_published_folders_and_matches_the_detecto
             np.testing.assert_allclose(anomaly_map, detection.anomaly_map, rtol=0, atol=1e-5)
             assert got["mask_mode"] == "L"
             np.testing.assert_array_equal(arrays[f"{method}.{key}.mask"], np.where(anomaly_map >= got["threshold"], 255, 0))
+        for i, detection in enumerate(detector.detect_mutual(images, CLASS_NAME, method=method)):
+            got = facts[f"{method}.mutual{i}"]
+            assert (got["score"], got["verdict"], got["compared_with"]) == (pytest.approx(detection.score, abs=1e-5),
+                                                                           detection.verdict, 1), (method, i)
+            np.testing.assert_allclose(arrays[f"{method}.mutual{i}.map"], detection.anomaly_map, rtol=0, atol=1e-5)
     # The list run used a threshold low enough that the mask is not empty everywhere.
     assert any(arrays[f"{method}.list0.mask"].any() for method in models)
 
@@ -143,6 +152,33 @@ def local_pipeline(models):
 def test_pipeline_errors_say_what_to_pass(local_pipeline, images, arguments, message):
     with pytest.raises(zsad.ZSADError, match=message):
         local_pipeline(images[0], **arguments)
+
+
+def test_pipeline_scores_a_list_against_each_other_as_the_detector_does(local_pipeline, models, tiny_backbone, images):
+    lot = images + [Image.open(images[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    results = local_pipeline(lot, mutual=True, threshold=0.4)  # no class name: the baseline's text map is not used
+    expected = AnomalyDetector(tiny_backbone, models).detect_mutual(lot, "object", threshold=0.4)
+    assert [(r["score"], r["verdict"], r["compared_with"], r["note"], r["class_name"]) for r in results] == [
+        (pytest.approx(d.score, abs=1e-6), d.verdict, 2, d.note, "object") for d in expected]
+    for result, detection in zip(results, expected):
+        np.testing.assert_allclose(result["anomaly_map"], detection.anomaly_map, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, detection.mask)
+
+
+@pytest.mark.parametrize(
+    ("pipe", "lot", "arguments", "message"),
+    [
+        ("baseline", "one", {}, "pass a list of at least two images"),
+        ("baseline", "first", {}, "at least two images of the product, got 1"),
+        ("baseline", "copies", {}, "All the images are identical"),
+        ("stackclip", "both", {}, "this model is trained, so its text map is part of the mutual scores"),
+        ("baseline", "both", {"profile": "references/"}, r"Unknown argument\(s\) \['profile'\]"),
+    ],
+)
+def test_mutual_pipeline_errors_say_what_to_pass(models, images, pipe, lot, arguments, message):
+    choices = {"one": images[0], "first": images[:1], "copies": [images[0], images[0]], "both": images}
+    with pytest.raises(zsad.ZSADError, match=message):
+        ZeroShotAnomalyDetectionPipeline(model=models[pipe], device="cpu")(choices[lot], mutual=True, **arguments)
 
 
 def test_pipeline_reads_images_as_zsad_does(local_pipeline, images, bad_files):

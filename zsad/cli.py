@@ -43,6 +43,8 @@ def _predict(args: argparse.Namespace) -> None:
     if args.profile and args.reference:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
     if args.engine != "torch":
+        if args.mutual:
+            raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
         if args.profile or args.reference:
             raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
         from .deploy import ExportedGraphPredictor, OneProcess
@@ -59,21 +61,22 @@ def _predict(args: argparse.Namespace) -> None:
         from .loading import Runtime
         from .profile import ProductProfile
 
-        if args.class_name is None:
+        if args.class_name is None and not args.mutual:
             raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
         # Under `accelerate launch` every process takes its own share of the images on its own device.
         with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
             device = accelerator.device if accelerator.num_processes > 1 else args.device
             detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
                                                  runtime=Runtime.resolve(device, args.precision))
+            class_name = _unnamed_mutual_product(detector, args) if args.class_name is None else args.class_name
             profile = ProductProfile.load(args.profile) if args.profile else None
             if args.reference:
-                profile = detector.build_profile(None, args.class_name, args.reference, progress=accelerator.is_main_process)
+                profile = detector.build_profile(None, class_name, args.reference, progress=accelerator.is_main_process)
                 if accelerator.is_main_process:
                     print(f"Profile: {profile.describe()}")
-            summary = predict_files(detector, args.images, args.class_name, args.out, threshold=args.threshold,
+            summary = predict_files(detector, args.images, class_name, args.out, threshold=args.threshold,
                                     batch_size=args.batch_size, profile=profile, display_side=args.display_side, tiles=args.tiles,
-                                    resume=args.resume, state=accelerator)
+                                    resume=args.resume, state=accelerator, mutual=args.mutual)
     if not summary:  # not the main process: the main one reports
         return
     from .summaries import predict_summary
@@ -82,6 +85,19 @@ def _predict(args: argparse.Namespace) -> None:
     print(predict_summary(summary, args.out))
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+
+
+def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:
+    """The product's name for ``--mutual`` without ``--class-name``: allowed where no text is used (an untrained method,
+    whose text map mutual scoring leaves out, and no profile, which is tied to a product name)."""
+    method = detector.method_names[0]
+    if detector.status(method) == "trained":
+        raise ZSADError(f"Say what the product is with --class-name: {method} is trained, so its text map is part of the mutual scores.")
+    if args.profile or args.reference:
+        raise ZSADError("Say what the product is with --class-name: a profile (--profile/--reference) belongs to a named product.")
+    from .modeling.mutual_scoring import UNNAMED_PRODUCT
+
+    return UNNAMED_PRODUCT
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -15,6 +15,9 @@ from PIL import Image
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
 from .visualize import overlay_heatmap
 
+# How a mutual detection's calibration starts: its maps and scores are on the batch's own scale.
+MUTUAL_CALIBRATION = "mutual: scored against the batch; "
+
 
 class CalibratedThresholds(Protocol):
     """What the threshold rule reads of a product profile's calibration (``zsad.profile.Calibration``)."""

@@ -9,6 +9,7 @@ One frozen CLIP backbone is loaded once and shared by every method model the det
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
 >>> result.overlay.save("part_overlay.png")
 >>> results = detector.compare("part.png", "metal nut")      # every method on the same image
+>>> lot = detector.detect_mutual(["lot/001.png", "lot/002.png", "lot/003.png"], "metal nut")  # against each other
 >>> profile = detector.build_profile("stackclip", "metal nut", "good_parts/")   # reference images, calibration
 >>> detector.detect("part.png", "metal nut", method="stackclip", profile=profile).summary()["calibration"]
 'calibrated on 8 good images'
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from . import calibration, tiling
+from . import calibration, mutual, tiling
 from .detection import Detection, build_detection, check_optional_threshold, thresholds
 from .errors import BackboneLoadError, ZSADError
 from .fusion import scored
@@ -136,6 +137,12 @@ class AnomalyDetector:
                      overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
         """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.tiling.detect_tiled``."""
         return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress)
+
+    def detect_mutual(self, images: Sequence, class_name: str, method: str = "baseline", **options) -> list[Detection]:
+        """Score ``images`` (N >= 2 of one product) against each other, no text or references needed; one Detection
+        per image: ``zsad.mutual.detect_mutual`` (``options``: threshold, profile, settings, batch_size,
+        display_side, progress)."""
+        return mutual.detect_mutual(self, images, class_name, method=method, **options)
 
     def compare(self, image, class_name: str, threshold: float | None = None,
                 profiles: Mapping[str, ProductProfile] | None = None, display_side: int | None = None) -> dict[str, Detection]:

@@ -10,13 +10,14 @@
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from .detection import DEFAULT_THRESHOLD, Detection, check_optional_threshold
+from .detection import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_optional_threshold
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
 from .modeling.class_names import clean_class_name
@@ -44,6 +45,7 @@ def predict_files(
     tiles: bool = False,
     resume: bool = False,
     state: "PartialState | None" = None,
+    mutual: bool = False,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
@@ -54,11 +56,17 @@ def predict_files(
     processes (``state``: the Accelerate state; default one process) and the main process merges every record, in
     input order, into ``scores.json``. Overlays and masks are at each image's full size unless ``display_side`` bounds
     the longest side; ``tiles`` scores each image at full resolution in model-size windows
-    (``AnomalyDetector.detect_tiled``). Unreadable images are recorded with their error and skipped; the returned dict
-    is what ``scores.json`` holds (an empty dict on the other processes).
+    (``AnomalyDetector.detect_tiled``). ``mutual`` scores the images against each other
+    (``AnomalyDetector.detect_mutual``): every image to do, or each process's share of them, is one batch. Unreadable
+    images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds (an empty dict
+    on the other processes).
     """
     if batch_size < 1:
         raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
+    if mutual and tiles:
+        raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
+    if mutual and resume:
+        raise ZSADError("--mutual scores are relative to the whole batch, so a run cannot be resumed; run it again without --resume.")
     check_optional_threshold(threshold)
     class_name = clean_class_name(class_name)
     paths = image_files(images)
@@ -79,12 +87,17 @@ def predict_files(
             stale.unlink()
     state.wait_for_everyone()
     todo = [job for job in jobs if str(job[0]) not in finished]
+    if mutual and len(todo) < 2 * state.num_processes:
+        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images per process, got {len(todo)} "
+                        f"for {state.num_processes}.")
+    detect = partial(_detect, detector, class_name=class_name, threshold=threshold, profile=profile, display_side=display_side,
+                     tiles=tiles, mutual=mutual, batch_size=batch_size, progress=state.is_local_main_process)
     with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
         with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
-            step = 1 if tiles else batch_size
+            step = len(shard) if mutual else 1 if tiles else batch_size
             for start in range(0, len(shard), step):
                 chunk = shard[start : start + step]
-                for record in _predict_chunk(detector, chunk, class_name, out_dir, threshold, profile, display_side, tiles):
+                for record in _predict_chunk(detect, chunk, out_dir, display_side, tiles):
                     stream.write(json.dumps(record) + "\n")
                 stream.flush()
                 progress.update(len(chunk))
@@ -93,9 +106,11 @@ def predict_files(
         return {}
     method = detector.method_names[0]
     by_image = {record["image"]: record for record in read_records(out_dir)}
-    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, profile)
+    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
+    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": calibration, "references": profile.num_references if profile else 0,
+               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
+               "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {}),
                "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -161,16 +176,16 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _predict_chunk(detector: "AnomalyDetector", chunk, class_name: str, out_dir: Path, threshold: float | None,
-                   profile: "ProductProfile | None", display_side: int | None, tiles: bool) -> list[dict]:
-    """One batch (one image when tiled); records in input order, unreadable images recorded with their error."""
+def _predict_chunk(detect: Callable[[list], list[Detection]], chunk, out_dir: Path, display_side: int | None, tiles: bool) -> list[dict]:
+    """One batch (one image when tiled, every image when mutual); records in input order, unreadable images recorded
+    with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
         try:
             pictures[index] = read_image(path, max_side=None if tiles else display_side)
         except ZSADError as error:
             errors[index] = str(error)
-    detections = _detect(detector, list(pictures.values()), class_name, threshold, profile, display_side, tiles) if pictures else []
+    detections = detect(list(pictures.values())) if pictures else []
     results = dict(zip(pictures, detections))
     records = []
     for index, (path, name) in enumerate(chunk):
@@ -187,8 +202,11 @@ def _predict_chunk(detector: "AnomalyDetector", chunk, class_name: str, out_dir:
     return records
 
 
-def _detect(detector: "AnomalyDetector", pictures: list, class_name: str, threshold: float | None, profile: "ProductProfile | None",
-            display_side: int | None, tiles: bool) -> list[Detection]:
+def _detect(detector: "AnomalyDetector", pictures: list, *, class_name: str, threshold: float | None, profile: "ProductProfile | None",
+            display_side: int | None, tiles: bool, mutual: bool, batch_size: int, progress: bool) -> list[Detection]:
+    if mutual:
+        return detector.detect_mutual(pictures, class_name, method=detector.method_names[0], threshold=threshold, profile=profile,
+                                      batch_size=batch_size, display_side=display_side, progress=progress)
     if tiles:
         if profile is not None:
             raise ZSADError("Tiled detection does not use product profiles yet; run --tiles without --profile/--reference.")

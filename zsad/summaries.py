@@ -3,6 +3,7 @@
 Plain functions of their results (no model, no torch), so the texts are tested on their own and the commands stay thin.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -21,6 +22,8 @@ def predict_summary(summary: dict, out_dir) -> str:
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if summary.get("mutual"):
+        lines += mutual_lines([record["details"]["compared_with"] for record in scored], [record["note"] for record in scored])
     if all(record["anomalous_pixel_fraction"] >= 1.0 for record in scored):
         lines.append(
             f"Note: every mask is white: each pixel of each image reached the pixel threshold {summary['pixel_threshold']:.3f}, "
@@ -28,6 +31,20 @@ def predict_summary(summary: dict, out_dir) -> str:
             "zsad predict ... --profile PROFILE) or pass a higher --threshold."
         )
     return "\n".join(lines)
+
+
+def mutual_lines(compared: Sequence[int], notes: Sequence[str | None]) -> list[str]:
+    """How many images each mutually scored image was compared with, and the notes on images unlike the others (one
+    line when the whole batch does not look like one product)."""
+    low, high = min(compared), max(compared)
+    counts = f"{low}" if low == high else f"{low} to {high}"
+    lines = [f"Scored against each other: each image was compared with {counts} other images (no text, no references needed)."]
+    given = [note for note in notes if note]
+    if given and len(given) == len(notes) and len(set(given)) == 1:
+        lines.append(f"Note: {given[0]}")
+    elif given:
+        lines.append(f"Note: {len(given)} image{'s look' if len(given) != 1 else ' looks'} unlike the others; see their notes.")
+    return lines
 
 
 def tiny_clip_summary(directory) -> str:

@@ -16,6 +16,7 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 EXPORT_PRECISIONS = ("float32", "int8")
 DEFAULT_QUANTILE = 1.0
 DEFAULT_MARGIN = 0.01
+MUTUAL_CLASS_NAME = "object"  # zsad.modeling.mutual_scoring.UNNAMED_PRODUCT: the name in --mutual results when none is given
 DATASET_COLUMNS = ("image", "mask", "label", "category", "defect_type")  # zsad.data.hf.COLUMNS
 DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
 PRECISION_HELP = ("vision backbone precision (default auto: bfloat16 where the device runs it natively, float16 on GPUs "
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained), a checkpoint folder / Hub id, "
                          "or with --engine onnx|openvino a folder written by `zsad export`")
-    predict.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (an exported graph's only name by default)")
+    predict.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (an exported graph's only name by default; "
+                         f"optional with --mutual for an untrained method without --profile/--reference: its text map is not "
+                         f"used, and the results name the product '{MUTUAL_CLASS_NAME}')")
     predict.add_argument("--engine", choices=["torch", "onnx", "openvino"], default="torch",
                          help="torch (default), or run an exported graph with ONNX Runtime / OpenVINO")
     predict.add_argument("--out", required=True, help="folder for <image>_overlay.png, <image>_mask.png and scores.json")
@@ -96,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tiles", action="store_true",
                          help="score each image at full resolution in overlapping windows of the model's input size "
                          "(small defects on large images; one pass per window)")
+    predict.add_argument("--mutual", action="store_true",
+                         help="score the images against each other, no text or references needed (zsad.mutual): the images "
+                         "(each process's share under accelerate launch) are one batch of one product, at least 2; each is "
+                         "compared with at most 15 others; a trained method's text map is fused in; not with --tiles or --engine onnx|openvino")
     predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest")
     predict.set_defaults(command_name="predict")
 

@@ -9,6 +9,7 @@ without zsad installed (``trust_remote_code=True``):
 >>> result["mask"]                                                      # PIL "L" image at part.png's size
 >>> result["anomaly_map"]                                               # (H, W) float32 numpy map in [0, 1]
 >>> detector(["a.png", "b.png"], class_name="metal nut", threshold=0.4)  # a list gives one dict per image
+>>> detector(["lot/1.png", "lot/2.png", "lot/3.png"], mutual=True)         # scored against each other (MuSc)
 ```
 
 ``save_pretrained`` of every zsad model writes ``custom_pipelines`` into config.json and copies this file (and the
@@ -19,7 +20,8 @@ Images are read, resized and thresholded by ``image_processing_zsad`` (the code 
 uses), so a pipeline result equals ``AnomalyDetector.detect`` on the same image.
 
 Extension point, per-call parameters: ``_sanitize_parameters`` is the one place that accepts them and routes each to
-``preprocess`` / ``_forward`` / ``postprocess``; anything else is refused with the list of accepted names. A product
+``preprocess`` / ``_forward`` / ``postprocess``; anything else is refused with the list of accepted names. ``mutual``
+is taken by ``__call__``: it makes the call one batch (``score_mutually``) instead of images one by one. A product
 profile (zsad's reference images and calibration) will arrive as a ``profile=`` parameter routed there; the
 pipeline takes none until profiles are saved in a form this file can read without zsad.
 """
@@ -30,17 +32,21 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .exceptions import ZSADError
 from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, verdict
+from .mutual_scoring import UNNAMED_PRODUCT, MutualSettings, content_key, default_text_weight, score_batch
 from .prompting import clean_class_name
 
 TASK = "zero-shot-anomaly-detection"
-PARAMETERS = ("class_name", "threshold")
+PARAMETERS = ("class_name", "threshold", "mutual")
 
 
 class ZeroShotAnomalyDetectionPipeline(Pipeline):
     """``pipe(images, class_name=..., threshold=0.5)`` -> per image ``{"score", "verdict", "threshold", "class_name",
     "mask", "anomaly_map"}``: the image score in [0, 1], "anomalous" when it reaches the threshold (else "normal"),
     the pixel mask ``anomaly_map >= threshold`` as a black/white PIL image and the map as an (H, W) float32 array,
-    both at the input image's own size. ``class_name`` (the product's name) is required."""
+    both at the input image's own size. ``class_name`` (the product's name) is required, except with ``mutual=True``
+    for a model that is not trained: a list of images of one product is then scored against each other
+    (``mutual_scoring.score_batch``; no text, no references needed), each dict with ``compared_with`` (how many other
+    images it was compared with) and ``note`` (None, or why the score says little) added."""
 
     # The model carries its own tokenizer and image statistics (its CLIP backbone); nothing else is loaded.
     _load_processor = False
@@ -48,6 +54,38 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     _load_video_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
+
+    def __call__(self, inputs, *args, mutual: bool = False, **kwargs):
+        if mutual:
+            return self.score_mutually(inputs, **kwargs)
+        return super().__call__(inputs, *args, **kwargs)
+
+    def score_mutually(self, images, class_name: str | None = None, threshold: float = DEFAULT_THRESHOLD, **unknown) -> list[dict]:
+        """``images`` (a list of at least two of one product) scored against each other, one dict per image."""
+        if unknown:
+            raise ZSADError(f"Unknown argument(s) {sorted(unknown)}; this pipeline takes {', '.join(PARAMETERS)}.")
+        if not isinstance(images, (list, tuple)):
+            raise ZSADError("mutual=True scores images against each other: pass a list of at least two images of the product.")
+        check_threshold(threshold)
+        trained = bool(self.model.config.is_trained)
+        if class_name is None and trained:
+            raise ZSADError("Pass the product's name: pipe(images, class_name='metal nut', mutual=True); this model is trained, "
+                            "so its text map is part of the mutual scores.")
+        name = UNNAMED_PRODUCT if class_name is None else clean_class_name(class_name)
+        pictures = [self.read(image) for image in images]
+        settings = MutualSettings()
+        batch = score_batch(self.model, pictures, [content_key(picture) for picture in pictures], name,
+                            default_text_weight(settings, trained), settings)
+        return [{**self.postprocess({"anomaly_map": batch.maps[i], "score": batch.scores[i], "class_name": name,
+                                     "size": picture.size}, float(threshold)),
+                 "compared_with": int(batch.compared[i]), "note": batch.notes[i]} for i, picture in enumerate(pictures)]
+
+    @staticmethod
+    def read(image):
+        """A path, URL, PIL image or array as an upright RGB PIL image."""
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            image = fetch_image(image)
+        return load_image(image)
 
     def _sanitize_parameters(self, class_name=None, threshold=None, **unknown):
         if unknown:
@@ -63,9 +101,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     def preprocess(self, image, class_name=None):
         if class_name is None:
             raise ZSADError("Pass the product's name: pipe(image, class_name='metal nut').")
-        if isinstance(image, str) and image.startswith(("http://", "https://")):
-            image = fetch_image(image)
-        picture = load_image(image)
+        picture = self.read(image)
         pixel_values = self.model.image_processor.pixel_values([picture])
         return {"pixel_values": pixel_values, "class_name": class_name, "size": picture.size}
 

@@ -14,8 +14,10 @@ import zsad.images
 from zsad.errors import ZSADError
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
 from zsad.modeling.lru_cache import LRUCache
+from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
 from zsad.profile import ProductProfile
+from zsad.summaries import mutual_lines
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
 from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv
@@ -187,20 +189,54 @@ class BatchOutput:
         return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
 
 
-def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name: str, method: str,
-                 threshold: float) -> list[Detection | ZSADError]:
-    """One forward pass over the chunk's readable images; an unreadable one (or a row already refused) gets its error."""
-    outcomes: list[Detection | ZSADError] = []
+def read_chunk(chunk: list[BatchImage], max_side: int | None = None) -> list:
+    """Each image of the chunk decoded (its longest side at most ``max_side``), or its error: unreadable, or a row
+    already refused."""
+    outcomes = []
     for image in chunk:
         try:
             if image.error is not None:
                 raise ZSADError(image.error)
-            outcomes.append(zsad.images.load_image(image.read(), name=image.name))
+            outcomes.append(zsad.images.read_image(image.read(), name=image.name, max_side=max_side))
         except ZSADError as error:
             outcomes.append(error)
+    return outcomes
+
+
+def scored_outcomes(outcomes: list, detections: list[Detection]) -> list[Detection | ZSADError]:
+    """``outcomes`` with each decoded image replaced by its detection (in order), the errors kept."""
+    remaining = iter(detections)
+    return [outcome if isinstance(outcome, ZSADError) else next(remaining) for outcome in outcomes]
+
+
+def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name: str, method: str,
+                 threshold: float) -> list[Detection | ZSADError]:
+    """One forward pass over the chunk's readable images; an unreadable one (or a row already refused) gets its error."""
+    outcomes = read_chunk(chunk)
     pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
-    detections = iter(detector.detect_batch(pictures, class_name, method=method, threshold=threshold) if pictures else [])
-    return [outcome if isinstance(outcome, ZSADError) else next(detections) for outcome in outcomes]
+    return scored_outcomes(outcomes, detector.detect_batch(pictures, class_name, method=method, threshold=threshold) if pictures else [])
+
+
+def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_name: str, method: str, threshold: float,
+                    turns: ComputeTurns) -> list[Detection | ZSADError]:
+    """The batch's readable images scored against each other (``AnomalyDetector.detect_mutual``), decoded at the page's
+    ``DISPLAY_SIDE`` (all are held at once); each encoding chunk and each group's scoring in its own compute turn."""
+    outcomes = read_chunk(images, max_side=DISPLAY_SIDE)
+    pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
+    if len(pictures) < 2:
+        raise ZSADError(f"Scoring the images against each other needs at least two readable images of the product; "
+                        f"{len(pictures)} of {len(images)} could be read.")
+    detections = detector.detect_mutual(pictures, class_name, method=method, threshold=threshold, batch_size=BATCH_CHUNK,
+                                        turn=turns.batch_chunk)
+    return scored_outcomes(outcomes, detections)
+
+
+def batch_class_name(class_name, mutual: bool, status: str) -> str:
+    """The product's name; it may be left empty when the images are scored against each other by a method whose text
+    map mutual scoring leaves out (not trained), and is then recorded as the generic ``UNNAMED_PRODUCT``."""
+    if mutual and status != "trained" and not (class_name or "").strip():
+        return UNNAMED_PRODUCT
+    return clean_class_name(class_name)
 
 
 def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str) -> list:
@@ -211,46 +247,57 @@ def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str)
 
 
 def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: BatchCaps = BatchCaps(), turns: ComputeTurns | None = None):
-    """``detect_batch(files, class_name, method, threshold)`` -> ``BatchOutput``. ``files`` are uploaded image files
-    and zips of images; errors that concern the whole batch (caps, class name, method, threshold) come back as
-    ``gr.Error``, a file or zip member that cannot be scored as its row's error."""
+    """``detect_batch(files, class_name, method, threshold, mutual)`` -> ``BatchOutput``. ``files`` are uploaded image
+    files and zips of images; errors that concern the whole batch (caps, class name, method, threshold, fewer than two
+    readable images when ``mutual``) come back as ``gr.Error``, a file or zip member that cannot be scored as its row's
+    error. ``mutual`` scores the images against each other (no text, no references needed) instead of one by one."""
     turns = turns or ComputeTurns()
 
-    def detect_batch(uploads, class_name, method, threshold, progress=gr.Progress()):
+    def detect_batch(uploads, class_name, method, threshold, mutual=False, progress=gr.Progress()):
         started = time.perf_counter()
         try:
             images = batch_images(list(uploads or []), caps)
-            class_name = clean_class_name(class_name)
-            check_threshold(threshold)
             status = detector.status(method)
+            class_name = batch_class_name(class_name, mutual, status)
+            check_threshold(threshold)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
         folder = folders.new_folder()
         try:
-            rows, views = run_batch(images, class_name, method, threshold, folder, progress)
+            rows, views, notes = run_batch(images, class_name, method, threshold, mutual, folder, progress)
             table_path = write_batch_csv(rows, folder / "scores.csv")
+        except ZSADError as error:
+            raise gr.Error(str(error), print_exception=False) from error
         finally:
             folders.done(folder)
-        summary = batch_summary(rows, method, status, threshold, time.perf_counter() - started)
+        summary = batch_summary(rows, method, status, threshold, time.perf_counter() - started, notes)
         table = [[name, None if score is None else round(score, 4), verdict, percent, mask] for name, score, verdict, percent, mask, _ in rows]
         return BatchOutput(table, views, table_path, folder / "masks.zip", summary)
 
-    def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, folder: Path, progress):
-        rows, views = [], []
+    def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, mutual: bool, folder: Path, progress):
+        """Rows, gallery views and the summary's lines on mutual scoring; the masks written to the folder's masks.zip."""
+        rows, views, notes = [], [], []
         names = mask_names([image.name for image in images])
+        step = len(images) if mutual else BATCH_CHUNK
         with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
-            for start in range(0, len(images), BATCH_CHUNK):
-                progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
-                chunk = images[start:start + BATCH_CHUNK]
-                with turns.batch_chunk():
-                    outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
-                for image, outcome, mask_name in zip(chunk, outcomes, names[start:start + BATCH_CHUNK]):
+            for start in range(0, len(images), step):
+                chunk = images[start:start + step]
+                if mutual:
+                    progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")
+                    outcomes = detect_mutually(detector, chunk, class_name, method, threshold, turns)
+                    scored = [outcome for outcome in outcomes if isinstance(outcome, Detection)]
+                    notes = mutual_lines([result.details.compared_with for result in scored], [result.note for result in scored])
+                else:
+                    progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
+                    with turns.batch_chunk():
+                        outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
+                for image, outcome, mask_name in zip(chunk, outcomes, names[start:start + step]):
                     rows.append(batch_row(image, outcome, mask_name))
                     if isinstance(outcome, Detection):
                         masks.writestr(mask_name, png_bytes(outcome.mask_image()))
                         views.append((thumbnail(outcome.overlay, folder / f"{len(rows)}.webp"),
                                       f"{image.name}: {outcome.score:.3f} {outcome.verdict}"))
-        return rows, views
+        return rows, views, notes
 
     return detect_batch
 

@@ -8,7 +8,7 @@ import gradio as gr
 
 from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector
 
-from .config import EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
+from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import OutputFolders, full_resolution_files, serving_files
 from .handlers import CALIBRATED, SLIDER, make_batch_handler, make_handler
 from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, runtime
@@ -51,6 +51,9 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
             class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="batch-class-name")
             method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="batch-method")
             threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
+            mutual = gr.Checkbox(False, label="Score the images against each other (no text, no references needed)",
+                                 info="at least 2 images of one product; the product name may stay empty for an untrained "
+                                 f"method; masks at most {DISPLAY_SIDE} px", elem_id="batch-mutual")
             run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
         with gr.Column():
             summary = gr.Markdown(elem_id="batch-summary")
@@ -61,7 +64,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
     views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
     run.click(
         gradio_tuple(make_batch_handler(detector, OutputFolders(), caps, turns)),
-        inputs=[uploads, class_name, method, threshold],
+        inputs=[uploads, class_name, method, threshold, mutual],
         outputs=[table, views, csv_file, masks_zip, summary],
         api_name="detect_batch",
         preprocess=False,  # every upload goes through zsad.space.uploads.received_file

@@ -4,6 +4,7 @@ the batch summary, the banner and the runtime line."""
 import html
 import json
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +19,12 @@ TABLE_HEADERS = ["method", "status", "score", "verdict", "anomalous pixels (%)",
 TABLE_TYPES = ["str", "str", "number", "str", "number", "number", "str"]  # plain text: user text never renders as HTML
 BATCH_TABLE_HEADERS = ["file", "score", "verdict", "anomalous pixels (%)", "mask file"]
 BATCH_TABLE_TYPES = ["str", "number", "str", "number", "str"]
+# Shown with every result of an untrained or training-free method (docs/METHODS.md, "Value-value attention").
+UNTRAINED_MAP_NOTE = (
+    "ℹ️ Not trained: on real CLIP weights the plain dense map (patch tokens against the prompts) is near chance for "
+    "localisation (AnomalyCLIP, Table 1: 38.4 pixel AUROC on MVTec AD); value-value attention helps. Reference images "
+    "of good parts, and scoring a batch of parts against each other (Batch tab), are the stronger training-free signals."
+)
 
 
 def escaped(text: str) -> str:
@@ -33,6 +40,8 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
             f"score {result.score:.3f} (threshold {result.threshold:.2f})"
         )
+        if result.status != "trained":
+            lines.append(f"- {UNTRAINED_MAP_NOTE}")
         lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
         if result.note:
             lines.append(f"- ⚠️ {escaped(result.note)}")
@@ -96,13 +105,15 @@ def gallery(results: list[Detection]) -> list:
     return items
 
 
-def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float) -> str:
-    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored)."""
+def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float, notes: Sequence[str] = ()) -> str:
+    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored); ``notes``: lines
+    of zsad's own (mutual scoring's) shown under the heading."""
     scored = [row for row in rows if row[1] is not None]
     anomalous = sum(row[2] == "anomalous" for row in scored)
     lines = [
         f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
         f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
+        *(f"- {note}" for note in notes),
     ]
     lines += [f"- {escaped(row[0])}: {row[2]}: {escaped(row[5])}" for row in rows if row[1] is None]
     return "\n".join(lines)
