@@ -126,6 +126,17 @@ def test_two_reference_images_calibrate_the_result_unless_the_slider_is_chosen(b
     expect(report).to_contain_text(f"(threshold {calibrated:.2f})")  # the verdict used the calibrated threshold
     page.locator("#run").click()  # the same request again: the same threshold
     expect(report).to_contain_text(f"(threshold {calibrated:.2f})")
-    page.locator("#threshold-mode").get_by_text("the slider", exact=True).click()
+    page.locator("#threshold-mode").get_by_label("slider", exact=True).check()
     page.locator("#run").click()
     expect(report).to_contain_text("threshold 0.5 set by hand")
+
+
+def test_a_method_picked_on_the_page_is_the_one_that_runs(browser_page):
+    image_path, class_name = example_rows()[0]
+    page = browser_page()
+    page.locator("#input-image input[type=file]").set_input_files(image_path)
+    page.locator("#class-name textarea").fill(class_name)
+    picked = display_name(ordered_methods(zsad.METHODS)[-1])
+    page.locator("#method").get_by_text(picked).click()
+    page.locator("#run").click()
+    expect(page.locator("#report")).to_contain_text(f"{picked} (")

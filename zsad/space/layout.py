@@ -19,7 +19,6 @@ BATCH_CONCURRENCY_LIMIT = 1
 # A visitor's last detection (what the full-resolution files are made from) is dropped this long after it was set,
 # and when the visitor's tab closes (Gradio's own session end).
 LAST_RESULT_SECONDS = 1800
-THRESHOLD_MODE_CHOICES = [("calibrated when reference images give it, else the slider", CALIBRATED), ("the slider", SLIDER)]
 
 
 def example_rows() -> list[list]:
@@ -97,7 +96,10 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
                                           elem_id="threshold")
                     references = gr.File(label=f"Reference images of good parts (optional, up to {MAX_REFERENCES}): calibrated "
                                          "thresholds and a reference map", file_count="multiple", type="filepath", elem_id="references")
-                    threshold_mode = gr.Radio(choices=THRESHOLD_MODE_CHOICES, value=CALIBRATED, label="Threshold used",
+                    # Choices are the API's own values: with preprocess=False the page sends what it shows.
+                    threshold_mode = gr.Radio(choices=[CALIBRATED, SLIDER], value=CALIBRATED, label="Threshold used",
+                                              info="calibrated: the thresholds calibrated on the reference images when they "
+                                              "give them, else the slider; slider: always the slider",
                                               elem_id="threshold-mode")
                     tiles = gr.Checkbox(False, label="Tiles: score the full-resolution image in overlapping model-size windows "
                                         "(small defects on large images; slower, one method at a time)", elem_id="tiles")
