@@ -19,7 +19,8 @@ from zsad.cli import main
 from zsad.data import read_mask
 from zsad.data.synthetic import generate
 from zsad.evaluation import evaluate, example_rows, figure_curves, write_outputs
-from zsad.hub import load_evaluation, render_model_card
+from zsad.evaluation_reports import load_evaluation
+from zsad.hub import render_model_card
 from zsad.metrics import IMAGE_METRICS, METRICS, PIXEL_METRICS
 from zsad.visualize import evaluation_figure
 

@@ -17,7 +17,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import zsad
 from zsad.cli import main
-from zsad.hub import export, load_evaluation, publish, render_model_card
+from zsad.evaluation_reports import load_evaluation
+from zsad.hub import export, publish, render_model_card
 from zsad.provenance import model_record
 
 HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
