@@ -15,7 +15,8 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import SAFE_WEIGHTS_NAME, ModelOutput
 
 from .anomaly_maps import combine_layer_maps, image_scores, scaled_sigma, upsample_patch_maps
-from .clip_backbone import CLIPBackbone, ImageFeatures, image_normalisation
+from .clip_backbone import CLIPBackbone, ImageFeatures
+from .clip_loading import image_normalisation
 from .configuration_zsad_base import ZSADBaseConfig, backbone_reference, lineage_vv_attention_from
 from .exceptions import ZSADError
 from .image_processing_zsad import ZSADImageProcessor
