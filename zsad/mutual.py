@@ -17,10 +17,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from .detection import MUTUAL_CALIBRATION, Detection, thresholds
+from .detection import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 from .images import read_image
 from .methods import status
-from .modeling.image_processing_zsad import resize_map
 from .modeling.mutual_scoring import (
     MutualBatch,
     MutualScores,
@@ -42,7 +41,6 @@ from .modeling.mutual_scoring import (
 )
 from .modeling.prompting import clean_class_name
 from .references import reference_map
-from .visualize import overlay_heatmap
 
 __all__ = ["MutualBatch", "MutualDetails", "MutualScores", "MutualSettings", "aggregate", "check_batch", "comparison_groups",
            "content_key", "detect_mutual", "far_notes", "fused", "map_image_scores", "mutual_map", "mutual_scores", "rescore",
@@ -90,17 +88,17 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
     batch = score_batch(model, [item.image for item in loaded], keys, name, text_weight, settings, batch_size, progress, turn,
                         reference)
     image_threshold, pixel_threshold, calibration = thresholds(threshold, None)
+    chosen = (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}")
     seconds = (time.perf_counter() - started) / len(loaded)
-    detections = []
-    for i, item in enumerate(loaded):
-        anomaly_map = resize_map(batch.maps[i], item.image.size)
-        detections.append(Detection(
-            method=method, status=status(model), class_name=name, score=float(batch.scores[i]), threshold=image_threshold,
-            anomaly_map=anomaly_map, mask=anomaly_map >= pixel_threshold, overlay=overlay_heatmap(item.image, anomaly_map),
+    detections = [
+        build_detection(
+            method=method, status=status(model), class_name=name, score=float(batch.scores[i]), picture=item.image,
+            thresholds=chosen, model_map=batch.maps[i].numpy(),
             details=MutualDetails(int(batch.compared[i]), round(float(batch.median_distance[i]), 4), text_weight,
                                   settings.reference_weight if profile is not None else 0.0, batch.method_details[i]),
-            seconds=seconds, calibration=f"{MUTUAL_CALIBRATION}{calibration}",
-            references=profile.num_references if profile is not None else 0, note=batch.notes[i],
-            original_size=item.original_size, model_map=batch.maps[i].numpy(),
-        ))
+            seconds=seconds, references=profile.num_references if profile is not None else 0, note=batch.notes[i],
+            original_size=item.original_size,
+        )
+        for i, item in enumerate(loaded)
+    ]
     return detections
