@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from zsad import ProductProfile, ZeroShotCLIPModel, ZSADError
+from zsad.cli import evaluate
 from zsad.cli import main as zsad_main
 from zsad.data import load_dataset, read_mask
 from zsad.data.synthetic import generate
-from zsad.evaluation import add_arguments, evaluate_few_shot, run
+from zsad.evaluation_few_shot import evaluate_few_shot
 from zsad.images import load_image, to_pixel_values
 from zsad.inference import AnomalyDetector
 from zsad.metrics import image_metrics, pixel_metrics
@@ -24,6 +25,7 @@ from zsad.modeling.clip_backbone import ImageFeatures
 from zsad.profile import calibrate, choose_weight
 from zsad.references import FusionScale, ReferenceMemory, SourceMaps, nearest_similarity
 from zsad.testing import save_tiny_clip
+from zsad_cli import add_evaluation_arguments
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -288,10 +290,10 @@ def test_cli_calibrate_then_predict_with_the_profile_or_references(dataset, tiny
 
 def test_evaluate_with_shots_reports_mean_and_std_over_seeds_next_to_zero_shot(dataset, tiny_clip_path, tmp_path):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_evaluation_arguments(parser)
     args = parser.parse_args(["--model", "baseline", "--dataset", "mvtec", "--root", str(dataset), "--out", str(tmp_path),
                               "--clip", str(tiny_clip_path), "--image-size", str(TEST_IMAGE_SIZE), "--shots", "2", "--seeds", "2"])
-    paths = run(args)
+    paths = evaluate(args)
     report = json.loads(paths["json"].read_text())
     few = report["few_shot"]
     assert few["shots"] == 2 and few["seeds"] == [0, 1] and len(few["per_seed"]) == 2

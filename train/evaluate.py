@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
+from zsad.cli import evaluate  # noqa: E402
 from zsad.errors import ZSADError  # noqa: E402
-from zsad.evaluation import run  # noqa: E402
 from zsad_cli import add_evaluation_arguments  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_arguments(parser)
     try:
-        run(parser.parse_args())
+        evaluate(parser.parse_args())
     except ZSADError as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 2

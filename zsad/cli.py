@@ -12,7 +12,7 @@ from zsad_cli import build_parser, main
 
 from .errors import ZSADError
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["build_parser", "evaluate", "main", "run"]
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
@@ -131,10 +131,34 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(f"Saved to {args.out}")
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import run
+def evaluate(args: argparse.Namespace) -> dict | None:
+    """``zsad evaluate`` (and ``train/evaluate.py`` under ``accelerate launch``) from parsed evaluation options; the
+    main process writes the outputs and returns their paths, the other processes return None."""
+    from accelerate import Accelerator
 
-    run(args)
+    from .data.hf import COLUMNS
+    from .distributed import process_group_closed_at_end
+    from .evaluation import evaluate as evaluate_zero_shot
+    from .evaluation import few_shot_table, markdown_table, write_outputs
+    from .evaluation_few_shot import evaluate_few_shot
+
+    if args.shots and args.mutual:
+        raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
+    with process_group_closed_at_end(Accelerator()) as accelerator:
+        options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
+                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
+        if args.shots:
+            report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
+        else:
+            report, records = evaluate_zero_shot(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
+                                                 columns={role: getattr(args, f"{role}_column") for role in COLUMNS},
+                                                 tiles=args.tiles, mutual=args.mutual, **options)
+    if not accelerator.is_main_process:
+        return None
+    paths = write_outputs(report, records, args.out)
+    print(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
+    print("Wrote " + ", ".join(str(path) for path in paths.values()))
+    return paths
 
 
 def _dataset_push(args: argparse.Namespace) -> None:
@@ -150,7 +174,7 @@ def _dataset_push(args: argparse.Namespace) -> None:
     print(f"{summary} pushed to {args.repo_id}: {commit.commit_url}")
 
 
-COMMANDS = {"tiny_clip": _tiny_clip, "predict": _predict, "calibrate": _calibrate, "export": _export, "evaluate": _evaluate,
+COMMANDS = {"tiny_clip": _tiny_clip, "predict": _predict, "calibrate": _calibrate, "export": _export, "evaluate": evaluate,
             "publish": _publish, "dataset_push": _dataset_push}
 
 

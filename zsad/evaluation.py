@@ -29,12 +29,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from zsad_cli import add_evaluation_arguments as add_arguments  # noqa: F401  (train/evaluate.py takes the options from here)
-
 from .data import Sample, load_dataset, read_mask
-from .data.hf import COLUMNS
 from .data.model_input import ImageSet
-from .distributed import process_group_closed_at_end
 from .errors import ZSADError
 from .fusion import scored
 from .images import load_image
@@ -46,7 +42,7 @@ from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .mutual import detect_mutual
 from .provenance import model_record
-from .references import FusionScale, ReferenceMemory, default_weight, leave_one_out_sources
+from .references import FusionScale
 from .visualize import evaluation_figure, few_shot_figure
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
@@ -86,9 +82,9 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     model_name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
-    runtime = _runtime(accelerator, device, precision)
-    model = _load(model, clip, image_size, runtime.dtype).to(runtime.device)
-    score = _score_mutual if mutual else _score_tiled if tiles else _score
+    runtime = evaluation_runtime(accelerator, device, precision)
+    model = evaluation_model(model, clip, image_size, runtime.dtype).to(runtime.device)
+    score = _score_mutual if mutual else _score_tiled if tiles else score_samples
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
@@ -98,12 +94,12 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     return report, records
 
 
-def _runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:
+def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:
     """Under ``accelerate launch`` each process runs on its own device; else ``device`` (default the accelerator's)."""
     return Runtime.resolve(accelerator.device if device is None or accelerator.num_processes > 1 else device, precision)
 
 
-def _load(model, clip: str | None, image_size: int | None, dtype):
+def evaluation_model(model, clip: str | None, image_size: int | None, dtype):
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
@@ -111,7 +107,7 @@ def _load(model, clip: str | None, image_size: int | None, dtype):
     return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
 
 
-def _score(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
+def score_samples(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
            scale: FusionScale | None = None, label: str = "evaluating zero-shot") -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
@@ -160,6 +156,13 @@ def _gathered(local: list[tuple], samples: list[Sample], accelerator: Accelerato
     return [Record(samples[index], score, anomaly_map) for index, score, anomaly_map in gathered]
 
 
+def by_category_samples(samples: list[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.category, []).append(sample)
+    return dict(sorted(groups.items()))
+
+
 def category_report(records: list[Record]) -> dict:
     """``{"categories": {cat: {metric: value}}, "mean": {metric: mean over categories}}`` (NaN -> None), and
     ``"notes": {cat: why its pixel metrics are missing}`` when defective images lack masks."""
@@ -168,7 +171,7 @@ def category_report(records: list[Record]) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of a metric NaN in every category
         mean = {key: float(np.nanmean([m[key] for m in categories.values()])) for key in METRICS}
-    report = {"categories": {name: _json_values(m) for name, m in categories.items()}, "mean": _json_values(mean)}
+    report = {"categories": {name: json_values(m) for name, m in categories.items()}, "mean": json_values(mean)}
     notes = {name: note for name, group in groups.items() if (note := missing_masks_note(group))}
     if notes:
         report["notes"] = notes
@@ -217,7 +220,7 @@ def native_map(anomaly_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize_map(anomaly_map, (shape[1], shape[0])).astype(np.float16)
 
 
-def _json_values(metrics: dict[str, float]) -> dict[str, float | None]:
+def json_values(metrics: dict[str, float]) -> dict[str, float | None]:
     return {key: None if np.isnan(value) else value for key, value in metrics.items()}
 
 
@@ -295,92 +298,6 @@ def pixel_curves(records: list[Record]) -> Curves | None:
     return ThresholdCurve.from_maps(*masks_and_native_maps(records)).curves()
 
 
-def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, categories=None, clip: str | None = None,
-                      image_size: int | None = None, batch_size: int = 8, num_workers: int = 0,
-                      accelerator: Accelerator | None = None, precision: str = "auto", device: str | None = None
-                      ) -> tuple[dict, list[Record]]:
-    """The zero-shot report of ``evaluate`` plus ``"few_shot"``: for each seed, ``shots`` reference images drawn per
-    category from its train/good split fuse their reference map with the model's (docs/METHODS.md, "Reference
-    images"); the metrics' mean and standard deviation over seeds, and each seed's report. Records are zero-shot."""
-    if shots < 1 or seeds < 1:
-        raise ZSADError(f"--shots and --seeds must be at least 1, got {shots} and {seeds}.")
-    pools = reference_pools(dataset, root, categories, shots)
-    accelerator = accelerator or Accelerator()
-    name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-    runtime = _runtime(accelerator, device, precision)
-    model = _load(model, clip, image_size, runtime.dtype).to(runtime.device)
-    report, records = evaluate(model, dataset, root, categories=categories, batch_size=batch_size, num_workers=num_workers,
-                               accelerator=accelerator)
-    per_seed = []
-    for seed in range(seeds):
-        seed_records = []
-        for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
-            pool = pools[category]
-            drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
-            memory, scale = reference_memory(model, drawn, category)
-            seed_records += _score(model, samples, batch_size, num_workers, accelerator, memory=memory, scale=scale,
-                                   label=f"evaluating {category}, {shots}-shot, seed {seed}")
-        if accelerator.is_main_process:
-            per_seed.append({"seed": seed, **category_report(seed_records)})
-    if not accelerator.is_main_process:
-        return {}, []
-    report["model"] = name
-    report["evaluated_model"] = model_record(model, name)
-    report["few_shot"] = {"shots": shots, "seeds": list(range(seeds)), **seed_statistics(per_seed), "per_seed": per_seed}
-    return report, records
-
-
-def reference_pools(dataset: str, root, categories, shots: int) -> dict[str, list[Sample]]:
-    """Each category's good training images, at least ``shots`` of them, or a ZSADError saying what is missing."""
-    try:
-        train = [sample for sample in load_dataset(dataset, root, categories=categories, split="train") if not sample.label]
-    except ZSADError as error:
-        raise ZSADError(f"Few-shot evaluation draws reference images from each category's train/good split, which this "
-                        f"'{dataset}' dataset does not have ({error}). Evaluate without --shots.") from error
-    pools = by_category_samples(train)
-    for category in by_category_samples(load_dataset(dataset, root, categories=categories)):
-        if len(pools.get(category, [])) < shots:
-            raise ZSADError(f"Category {category} has {len(pools.get(category, []))} good training images; --shots {shots} "
-                            "needs at least that many in its train/good split.")
-    return pools
-
-
-def by_category_samples(samples: list[Sample]) -> dict[str, list[Sample]]:
-    groups: dict[str, list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault(sample.category, []).append(sample)
-    return dict(sorted(groups.items()))
-
-
-def reference_memory(model, samples: list[Sample], category: str) -> tuple[ReferenceMemory, FusionScale]:
-    """The patch-feature memory of reference images, encoded in one batch, and the fusion scale of their leave-one-out
-    maps with the model's default weight (as a profile built from them without defective images)."""
-    backbone = model.require_backbone()
-    dataset = ImageSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
-    pixel_values = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    with torch.inference_mode():
-        features = model.encode_image(pixel_values.to(backbone.device))
-    memory, scale = ReferenceMemory.from_features(features), FusionScale(default_weight(model.config.is_trained))
-    if memory.num_images < 2:
-        return memory, scale
-    good = leave_one_out_sources(model, memory, [features], clean_class_name(category))
-    return memory, FusionScale.from_good(good, scale.weight)
-
-
-def seed_statistics(per_seed: list[dict]) -> dict:
-    """Mean and (population) standard deviation over seeds of the mean metrics and of each category's metrics."""
-    def stats(rows: list[dict]) -> tuple[dict, dict]:
-        values = {key: np.array([np.nan if row[key] is None else row[key] for row in rows], dtype=np.float64) for key in METRICS}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return ({key: float(np.nanmean(v)) for key, v in values.items()}, {key: float(np.nanstd(v)) for key, v in values.items()})
-
-    mean, std = stats([report["mean"] for report in per_seed])
-    categories = {name: stats([report["categories"][name] for report in per_seed]) for name in per_seed[0]["categories"]}
-    return {"mean": _json_values(mean), "std": _json_values(std),
-            "categories": {name: {"mean": _json_values(m), "std": _json_values(s)} for name, (m, s) in categories.items()}}
-
-
 def few_shot_table(report: dict) -> str:
     """Markdown: zero-shot and K-shot (mean ± std over seeds) per category and on average, in percent."""
     few = report["few_shot"]
@@ -393,24 +310,3 @@ def few_shot_table(report: dict) -> str:
         cells = ["—" if shot["mean"][key] is None else f"{100 * shot['mean'][key]:.1f} ± {100 * shot['std'][key]:.1f}" for key in METRICS]
         lines.append(f"| {name} | {few['shots']}-shot | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
-
-
-def run(args) -> dict[str, Path] | None:
-    """Evaluate from parsed ``add_arguments`` options; the main process writes and returns the output paths."""
-    with process_group_closed_at_end(Accelerator()) as accelerator:
-        options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
-        if args.shots and args.mutual:
-            raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
-        if args.shots:
-            report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
-        else:
-            report, records = evaluate(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
-                                       columns={role: getattr(args, f"{role}_column") for role in COLUMNS}, tiles=args.tiles,
-                                       mutual=args.mutual, **options)
-    if not accelerator.is_main_process:
-        return None
-    paths = write_outputs(report, records, args.out)
-    print(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
-    print("Wrote " + ", ".join(str(path) for path in paths.values()))
-    return paths
