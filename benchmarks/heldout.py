@@ -38,8 +38,7 @@ FOLD_B = ["tile", "grid", "plate", "tube"]
 
 def category_metrics(model, samples) -> dict[str, float]:
     """Pixel AUROC of the final map and of each branch map the output reports, and the image AUROC, for one category."""
-    backbone = model.require_backbone()
-    dataset = TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    dataset = TrainingSet(samples, model.image_processor)
     batch = default_collate([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         output = model.eval()(batch["pixel_values"], batch["class_names"])

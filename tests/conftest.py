@@ -123,6 +123,7 @@ def whole_dataset_batch(root, image_size: int, backbone) -> dict:
 
     from zsad.data import load_dataset
     from zsad.data.model_input import TrainingSet
+    from zsad.modeling.image_processing_zsad import ZSADImageProcessor
 
-    dataset = TrainingSet(load_dataset("mvtec", root), image_size, backbone.image_mean, backbone.image_std)
+    dataset = TrainingSet(load_dataset("mvtec", root), ZSADImageProcessor(image_size, backbone.image_mean, backbone.image_std))
     return default_collate([dataset[i] for i in range(len(dataset))])

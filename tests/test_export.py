@@ -12,7 +12,7 @@ from PIL import Image
 
 from zsad import ZSADError, load_model
 from zsad.cli import main
-from zsad.deploy import CONFIG_NAME, ExportedDetector
+from zsad.deploy import CONFIG_NAME, ExportedDetector, read_processor
 from zsad.export import ExportGraph, export
 from zsad.inference import AnomalyDetector
 
@@ -109,6 +109,13 @@ def test_int8_onnx_graph_quantises_only_the_vision_linears_and_stays_within_the_
     assert operators.count("MatMulInteger") == vision_linears(model)
 
 
+def test_an_export_of_format_version_1_reads_its_preprocessing_from_zsad_deploy_json(tmp_path):
+    version_1 = {"zsad_deploy_version": 1, "image_size": 64, "resize": "bilinear", "image_mean": [0.5, 0.5, 0.5],
+                 "image_std": [0.25, 0.25, 0.25]}
+    processor = read_processor(tmp_path, version_1)  # no preprocessor_config.json in the folder
+    assert (processor.size, processor.resample, processor.image_mean, processor.image_std) == (64, "bilinear", (0.5,) * 3, (0.25,) * 3)
+
+
 def test_openvino_float32_graph_and_openvino_running_the_onnx_graph(baseline_onnx, tiny_backbone, tmp_path):
     model, onnx_folder = baseline_onnx
     export(model, NAMES, tmp_path, format="openvino")
@@ -117,12 +124,14 @@ def test_openvino_float32_graph_and_openvino_running_the_onnx_graph(baseline_onn
     assert_parity(model, onnx_folder, FP32_BOUNDS, engine="openvino")
 
 
-def test_deploy_json_holds_preprocessing_names_and_thresholds(baseline_onnx, tiny_backbone):
+def test_deploy_json_holds_names_and_thresholds_and_the_processor_file_the_preprocessing(baseline_onnx, tiny_backbone):
     _, folder = baseline_onnx
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["method"] == "baseline" and config["format"] == "onnx" and config["precision"] == "float32"
-    assert config["image_size"] == TEST_IMAGE_SIZE
-    assert config["image_mean"] == list(tiny_backbone.image_mean) and config["image_std"] == list(tiny_backbone.image_std)
+    assert not {"image_size", "image_mean", "image_std", "resize"} & set(config)  # said once, in preprocessor_config.json
+    processor = read_processor(folder, config)
+    assert processor.size == TEST_IMAGE_SIZE and processor.resample == "bicubic"
+    assert processor.image_mean == tuple(tiny_backbone.image_mean) and processor.image_std == tuple(tiny_backbone.image_std)
     assert config["class_names"] == NAMES
     assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "uncalibrated (threshold 0.3)"}
     assert config["references"] is None

@@ -227,8 +227,7 @@ def make_loader(args: argparse.Namespace, model) -> DataLoader:
     samples = load_dataset(args.train_dataset, args.train_root, categories=args.train_categories, split="test")
     if not samples:
         raise ZSADError(f"No images found for '{args.train_dataset}' in {args.train_root}.")
-    backbone = model.require_backbone()
-    dataset = TrainingSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    dataset = TrainingSet(samples, model.image_processor)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                       num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))
 

@@ -132,8 +132,8 @@ def read_config(directory: str | Path) -> dict:
 
 
 def read_processor(directory: str | Path, config: dict) -> ZSADImageProcessor:
-    """The graph's image processor: its ``preprocessor_config.json``, or for older exports the settings in
-    ``zsad_deploy.json``."""
+    """The graph's image processor: its ``preprocessor_config.json``, or for exports of format version 1 the
+    settings in ``zsad_deploy.json``."""
     if (Path(directory) / PROCESSOR_FILE).is_file():
         return ZSADImageProcessor.from_pretrained(directory)
     return ZSADImageProcessor(config["image_size"], config["image_mean"], config["image_std"], config.get("resize", "bicubic"))

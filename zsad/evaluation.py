@@ -111,7 +111,7 @@ def score_samples(model, samples: list[Sample], batch_size: int, num_workers: in
            scale: FusionScale | None = None, label: str = "evaluating zero-shot") -> list[Record]:
     backbone = model.require_backbone()
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
-        dataset = ImageSet([samples[i] for i in shard], model.config.image_size, backbone.image_mean, backbone.image_std)
+        dataset = ImageSet([samples[i] for i in shard], model.image_processor)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():

@@ -72,7 +72,7 @@ def reference_memory(model, samples: list[Sample], category: str) -> tuple[Refer
     """The patch-feature memory of reference images, encoded in one batch, and the fusion scale of their leave-one-out
     maps with the model's default weight (as a profile built from them without defective images)."""
     backbone = model.require_backbone()
-    dataset = ImageSet(samples, model.config.image_size, backbone.image_mean, backbone.image_std)
+    dataset = ImageSet(samples, model.image_processor)
     pixel_values = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     with torch.inference_mode():
         features = model.encode_image(pixel_values.to(backbone.device))

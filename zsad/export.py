@@ -202,21 +202,16 @@ def graph_thresholds(profile: ProductProfile | None, class_names: list[str], thr
 
 def deploy_config(model, class_names: list[str], format: str, precision: str, thresholds: dict, source: str,
                   profile: ProductProfile | None = None) -> dict:
-    backbone = model.require_backbone()
     references = None if profile is None else {
         "class_name": profile.class_name, "num_references": profile.num_references, "fusion_weight": profile.fusion.weight,
         "calibration": profile.calibration.describe() if profile.calibration else "uncalibrated", "created": profile.created}
     return {
-        "zsad_deploy_version": 1,
+        "zsad_deploy_version": 2,  # 2: the pre-processing lives in preprocessor_config.json only
         "method": method_of(model),
         "model": source,
         "format": format,
         "precision": precision,
         "graph": GRAPH_FILES[format],
-        "image_size": model.config.image_size,
-        "resize": "bicubic",
-        "image_mean": list(backbone.image_mean),
-        "image_std": list(backbone.image_std),
         "class_names": class_names,
         "thresholds": thresholds,
         "references": references,

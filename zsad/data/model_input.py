@@ -8,24 +8,25 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import load_image, to_pixel_values
+from ..images import load_image
+from ..modeling.image_processing_zsad import ZSADImageProcessor
 from .readers import Sample, read_mask
 
 
 class ImageSet(Dataset):
-    """``{"pixel_values": (3, S, S), "index": position in samples}`` per sample."""
+    """``{"pixel_values": (3, S, S), "index": position in samples}`` per sample, pre-processed by ``processor`` (the
+    model's, ``model.image_processor``)."""
 
-    def __init__(self, samples: list[Sample], image_size: int, image_mean, image_std):
+    def __init__(self, samples: list[Sample], processor: ZSADImageProcessor):
         self.samples = list(samples)
-        self.image_size = image_size
-        self.image_mean, self.image_std = image_mean, image_std
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         image = load_image(self.samples[index].image_path)
-        return {"pixel_values": to_pixel_values([image], self.image_size, self.image_mean, self.image_std)[0], "index": index}
+        return {"pixel_values": self.processor.pixel_values([image])[0], "index": index}
 
 
 class TrainingSet(ImageSet):
@@ -35,7 +36,7 @@ class TrainingSet(ImageSet):
         sample = self.samples[index]
         return {
             **super().__getitem__(index),
-            "masks": load_mask(sample, self.image_size),
+            "masks": load_mask(sample, self.processor.size),
             "labels": int(sample.label),
             "class_names": sample.category,
         }
