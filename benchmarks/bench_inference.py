@@ -17,6 +17,7 @@ linears on CPUs without native bf16, where bf16 is ~100x slower); the CPU class 
 The allocator is set up as in the Space (``zsad.allocator``) unless ``--default-malloc`` is given.
 
     python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench] [--default-malloc]
+    python benchmarks/bench_inference.py --vv-only [--vv-precision auto|float32|bfloat16|int8]
 """
 
 import argparse
@@ -117,10 +118,12 @@ def vv_flops() -> None:
           f"from block {start} ({dense / stock - 1:+.1%})")
 
 
-def vv_cost(clip_path: str, image: str, repeats: int) -> None:
+def vv_cost(clip_path: str, image: str, repeats: int, precision: str = "auto") -> None:
     """End-to-end detection (file to map) of the baseline with its default value-value stream against the same model
-    on CLIP's own tokens, on one backbone in the fast precision, runs interleaved; wall and CPU seconds (medians)."""
-    detector = AnomalyDetector.load(methods=["baseline"], clip=clip_path, dtype=FAST, image_size=IMAGE_SIZE, device="cpu")
+    on CLIP's own tokens, on one backbone in ``precision`` (auto: the fast one), runs interleaved; wall and CPU
+    seconds (medians)."""
+    dtype = resolve_precision(precision, "cpu")
+    detector = AnomalyDetector.load(methods=["baseline"], clip=clip_path, dtype=dtype, image_size=IMAGE_SIZE, device="cpu")
     start = detector.model("baseline").config.vv_attention_from
     stock = load_model("baseline", backbone=detector.backbone, image_size=IMAGE_SIZE, vv_attention_from=None)
     detectors = {f"value-value from block {start}": detector, "CLIP's own tokens": AnomalyDetector(detector.backbone, {"baseline": stock})}
@@ -134,7 +137,8 @@ def vv_cost(clip_path: str, image: str, repeats: int) -> None:
             seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     medians = {name: np.median(np.array(values), axis=0) for name, values in seconds.items()}
     base_wall, base_cpu = medians["CLIP's own tokens"]
-    print(f"\nvalue-value cost, baseline end to end, {FAST_NAME}, {IMAGE_SIZE}px, median of {repeats} interleaved runs")
+    route = "int8 vision linears" if dtype == INT8 else str(dtype).removeprefix("torch.")
+    print(f"\nvalue-value cost, baseline end to end, {route}, {IMAGE_SIZE}px, median of {repeats} interleaved runs")
     print("| tokens | wall s | CPU s | wall vs own tokens | CPU vs own tokens |\n|---|---|---|---|---|")
     for name, (wall, cpu) in medians.items():
         print(f"| {name} | {wall:.2f} | {cpu:.2f} | {wall / base_wall - 1:+.1%} | {cpu / base_cpu - 1:+.1%} |")
@@ -217,7 +221,7 @@ def latency_tables(clip_path: str, image: str, repeats: int) -> None:
           f"first request with a new class name {compare_new_name_seconds:.2f} s")
 
 
-def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool) -> None:
+def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool, vv_precision: str) -> None:
     if space_malloc:
         return_large_buffers_to_the_system()
     clip_path, image = full_size_inputs(Path(workdir))
@@ -226,7 +230,7 @@ def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool) -> None:
     print(f"fast path precision (--precision auto on this CPU): {FAST_NAME}")
     print(f"malloc: {'the Space settings (zsad.allocator)' if space_malloc else 'glibc defaults'}")
     vv_flops()
-    vv_cost(clip_path, image, repeats)
+    vv_cost(clip_path, image, repeats, vv_precision)
     if vv_only:
         return
 
@@ -245,5 +249,6 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--vv-only", action="store_true", help="only the value-value attention cost")
+    parser.add_argument("--vv-precision", default="auto", help="the route the value-value cost is measured on (default auto)")
     args = parser.parse_args()
-    main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only)
+    main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only, vv_precision=args.vv_precision)
