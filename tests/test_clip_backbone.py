@@ -237,7 +237,32 @@ def test_value_value_stream_equals_a_loop_implementation(tiny_backbone, start):
             assert not torch.allclose(dense.layer_tokens[index], stock.layer_tokens[index], atol=1e-3)
         else:
             torch.testing.assert_close(dense.layer_tokens[index], stock.layer_tokens[index], rtol=0, atol=0)
-    torch.testing.assert_close(dense.image_embeds, stock.image_embeds, rtol=0, atol=0)
+    # The stock class token, from a last block that computes that token alone (its attention sums in another order).
+    torch.testing.assert_close(dense.image_embeds, stock.image_embeds, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("layers_by_start", "class_token_only"), [
+    ({2: [2, 4]}, True),           # the stream supplies layer 4
+    ({None: [1, 3]}, True),        # nothing taps layer 4
+    ({None: [4], 2: [2, 4]}, False),  # a stock tap of layer 4 needs every token
+])
+def test_the_last_block_computes_the_class_token_alone_when_nothing_reads_its_patch_tokens(tiny_backbone, layers_by_start,
+                                                                                          class_token_only):
+    pixels = torch.randn(2, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+    shapes = []
+    last = tiny_backbone.model.vision_model.encoder.layers[-1]
+    handle = last.mlp.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    try:
+        streams = tiny_backbone.encode_image_streams(pixels, layers_by_start)
+    finally:
+        handle.remove()
+    tokens = (TEST_IMAGE_SIZE // tiny_backbone.vision_config.patch_size) ** 2 + 1
+    assert shapes == [(2, 1 if class_token_only else tokens, tiny_backbone.vision_config.hidden_size)]
+    assert "forward" not in vars(last)  # the block is itself again after the pass
+    full = tiny_backbone.model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    expected = F.normalize(tiny_backbone.model.visual_projection(tiny_backbone.post_layernorm(full)), dim=-1)
+    for features in streams.values():
+        torch.testing.assert_close(features.image_embeds, expected, rtol=0, atol=1e-6)
 
 
 def test_one_pass_serves_several_value_value_starts(tiny_backbone):

@@ -92,6 +92,24 @@ def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> 
     store[layer_number] = output
 
 
+def _class_token_block(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A vision block's output for the class token alone, (B, 1, D): the global embedding's input when no tapped layer
+    reads the last block's stock patch tokens (the value-value stream replaces them). Keys and values are computed for
+    every token (the stream reads V through ``v_proj``'s hook); the query, attention output and MLP only for the class
+    token, which saves the block's attention and most of its linears (a twenty-fourth of a ViT-L/14 pass).
+    Written by hand because transformers' CLIP blocks compute every token's output."""
+    attention = block.self_attn
+    normed = block.layer_norm1(hidden_states)
+    batch, _, width = normed.shape
+    heads = (batch, -1, attention.num_heads, attention.head_dim)
+    query = attention.q_proj(normed[:, :1]).view(heads).transpose(1, 2)
+    key = attention.k_proj(normed).view(heads).transpose(1, 2)
+    value = attention.v_proj(normed).view(heads).transpose(1, 2)
+    mixed = F.scaled_dot_product_attention(query, key, value, scale=attention.scale).transpose(1, 2).reshape(batch, 1, width)
+    token = hidden_states[:, :1] + attention.out_proj(mixed)
+    return token + block.mlp(block.layer_norm2(token))
+
+
 class ValueValueStream:
     """AnomalyCLIP's DPAM second stream, fed by forward hooks on the stock vision pass.
 
@@ -244,11 +262,15 @@ class CLIPBackbone(nn.Module):
             handles += [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured[start], k)) for k in stock]
             if start is not None:
                 handles += self._hook_value_value_stream(start, set(layers) - stock, captured[start])
+        last = blocks[-1]
+        if not any(len(blocks) in layers and (start is None or len(blocks) < start) for start, layers in layers_by_start.items()):
+            last.forward = partial(_class_token_block, last)  # nothing reads the last block's stock patch tokens
         try:
             output = self.model.vision_model(
                 pixel_values=pixel_values.to(device=self.device, dtype=self.dtype), interpolate_pos_encoding=True
             )
         finally:
+            last.__dict__.pop("forward", None)
             for handle in handles:
                 handle.remove()
         image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(output.last_hidden_state[:, 0])), dim=-1)
