@@ -256,14 +256,15 @@ class CLIPBackbone(nn.Module):
     def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict) -> dict:
         captured: dict = {start: {} for start in layers_by_start}
         blocks = self.model.vision_model.encoder.layers
-        handles = []
+        handles, stock_taps = [], set()
         for start, layers in layers_by_start.items():
             stock = {k for k in layers if start is None or k < start}
+            stock_taps |= stock
             handles += [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured[start], k)) for k in stock]
             if start is not None:
                 handles += self._hook_value_value_stream(start, set(layers) - stock, captured[start])
         last = blocks[-1]
-        if not any(len(blocks) in layers and (start is None or len(blocks) < start) for start, layers in layers_by_start.items()):
+        if len(blocks) not in stock_taps:
             last.forward = partial(_class_token_block, last)  # nothing reads the last block's stock patch tokens
         try:
             output = self.model.vision_model(
