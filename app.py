@@ -15,8 +15,8 @@ import os
 import sys
 import tempfile
 
-from zsad.allocator import return_large_buffers_to_the_system
-from zsad.errors import ZSADError
+from zsad import ZSADError
+from zsad.runtime.allocator import return_large_buffers_to_the_system
 from zsad.space.config import CONCURRENCY_LIMIT, batch_caps, build_parser, configured_checkpoints, load_detector
 from zsad.space.layout import build_demo, example_rows
 from zsad.space.scheduling import ComputeTurns, warm_example_names
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     return_large_buffers_to_the_system()  # before loading: the weights' conversion buffers go back too
     clip = args.clip or os.environ.get("ZSAD_CLIP")
     if args.tiny:
-        from zsad.tiny_clip import save_tiny_clip
+        from zsad.runtime.tiny_clip import save_tiny_clip
 
         clip = str(save_tiny_clip(tempfile.mkdtemp(prefix="zsad-tiny-clip-")))
     try:

@@ -1,7 +1,7 @@
 """The Space's Batch tab against its single-image requests: memory above the loaded detector and seconds per image,
 for chunk sizes (images per forward pass).
 
-For each chunk size a fresh process with the Space's malloc settings (``zsad.allocator``) loads StackCLIP on a bf16
+For each chunk size a fresh process with the Space's malloc settings (``zsad.runtime.allocator``) loads StackCLIP on a bf16
 full-size CLIP ViT-L/14@336 (random weights), answers one single-image request (the serving peak the memory target
 is sized for), then runs the batch handler of zsad/space/handlers.py on IMAGES copies of a 900x700 image.
 
@@ -25,8 +25,8 @@ import json, os, sys, time
 import torch
 import zsad.space.handlers as handlers
 from benchmarks.common import proc_status_mb as status_mb
-from zsad.allocator import return_large_buffers_to_the_system
-from zsad.inference import AnomalyDetector
+from zsad.runtime.allocator import return_large_buffers_to_the_system
+from zsad import AnomalyDetector
 from zsad.space.files import OutputFolders
 from zsad.space.testing import upload
 
@@ -63,7 +63,7 @@ def main(workdir: Path, chunks: list[int], images: int) -> None:
     import torch
 
     from benchmarks.common import full_size_inputs, machine_line
-    from zsad.loading import resolve_precision
+    from zsad.runtime.loading import resolve_precision
 
     clip_path, image = full_size_inputs(workdir)
     native_bf16 = resolve_precision("auto") == torch.bfloat16

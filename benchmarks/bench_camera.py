@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import cpu_class, full_size_inputs, machine_line, photo_like_image, run_times  # noqa: E402
-from zsad.inference import tile_boxes  # noqa: E402
+from zsad.detection.detector import tile_boxes  # noqa: E402
 from zsad.space.testing import serving_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import cpu_class_line, full_size_inputs, machine_line, photo_like_image, timed  # noqa: E402
-from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import resolve_precision  # noqa: E402
+from zsad import AnomalyDetector  # noqa: E402
+from zsad.runtime.loading import resolve_precision  # noqa: E402
 
 CLASS_NAME = "metal nut"
 NEW_CLASS_NAMES = iter(f"part number {index}" for index in range(1000))  # a name never seen before, per call

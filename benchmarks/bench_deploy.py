@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, machine_line, timed  # noqa: E402
-from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
-from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
-from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from zsad import AnomalyDetector  # noqa: E402
+from zsad.deploy.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
+from zsad.deploy.runtime import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
+from zsad.runtime.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
 CLASS_NAME = "metal nut"
@@ -130,7 +130,7 @@ def int8_auroc(method: str, image_size: int = 112) -> None:
     untrained model): PyTorch fp32 against the exported ONNX int8 graph and PyTorch --precision int8."""
     from benchmarks.heldout import FOLD_A, FOLD_B, evaluate
     from zsad.data.synthetic import generate
-    from zsad.loading import load_model
+    from zsad.runtime.loading import load_model
     from zsad.testing import save_tiny_clip
 
     categories = FOLD_A + FOLD_B

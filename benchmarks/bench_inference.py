@@ -14,7 +14,7 @@ Prints, all measured in this run:
 The fast path runs in the precision ``--precision auto`` picks on this CPU (bf16 where it is native, int8 vision
 linears on CPUs without native bf16, where bf16 is ~100x slower); the CPU class is printed first.
 
-The allocator is set up as in the Space (``zsad.allocator``) unless ``--default-malloc`` is given.
+The allocator is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
 
     python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench] [--default-malloc]
     python benchmarks/bench_inference.py --vv-only [--vv-precision auto|float32|bfloat16|int8]
@@ -35,12 +35,12 @@ from transformers import CLIPConfig, CLIPModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import VIT_L14_336, cpu_class, cpu_class_line, full_size_inputs, machine_line, timed  # noqa: E402
-from zsad.allocator import return_large_buffers_to_the_system  # noqa: E402
-from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import INT8, load_model, resolve_precision  # noqa: E402
+from zsad import AnomalyDetector  # noqa: E402
 from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers  # noqa: E402
 from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from  # noqa: E402
-from zsad.tiny_clip import save_tiny_clip  # noqa: E402
+from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
+from zsad.runtime.loading import INT8, load_model, resolve_precision  # noqa: E402
+from zsad.runtime.tiny_clip import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
 FAST = resolve_precision("auto", "cpu")  # what the Space runs here: bf16 where native, else int8 vision linears
@@ -228,7 +228,7 @@ def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool, vv_preci
     print(machine_line())
     print(cpu_class_line() if vv_only else cpu_class())
     print(f"fast path precision (--precision auto on this CPU): {FAST_NAME}")
-    print(f"malloc: {'the Space settings (zsad.allocator)' if space_malloc else 'glibc defaults'}")
+    print(f"malloc: {'the Space settings (zsad.runtime.allocator)' if space_malloc else 'glibc defaults'}")
     vv_flops()
     vv_cost(clip_path, image, repeats, vv_precision)
     if vv_only:

@@ -1,4 +1,4 @@
-"""glibc malloc settings against the detector's serving peak and latency (why zsad.allocator sets what it sets).
+"""glibc malloc settings against the detector's serving peak and latency (why zsad.runtime.allocator sets what it sets).
 
 For each setting a fresh process (GLIBC_TUNABLES set before it starts) loads every method on one bf16
 full-size CLIP ViT-L/14@336 (random weights), runs each method once plus "compare" on a 900x700 image, and
@@ -18,22 +18,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from zsad.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+from zsad.runtime.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
 MIB = 2**20
 SETTINGS = {
     "glibc defaults": "",
     "mmap threshold 1 MiB": f"glibc.malloc.mmap_threshold={MIB}",
     "mmap threshold 4 MiB": f"glibc.malloc.mmap_threshold={4 * MIB}",
-    f"mmap threshold {MMAP_THRESHOLD // MIB} MiB, trim threshold {TRIM_THRESHOLD // MIB} MiB (zsad.allocator)":
+    f"mmap threshold {MMAP_THRESHOLD // MIB} MiB, trim threshold {TRIM_THRESHOLD // MIB} MiB (zsad.runtime.allocator)":
         f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}",
 }
-# Run in the child: GLIBC_TUNABLES applies from the first allocation, like zsad.allocator in a starting Space.
+# Run in the child: GLIBC_TUNABLES applies from the first allocation, like zsad.runtime.allocator in a starting Space.
 MEASURE = """
 import json, os, sys, time
 import torch
 from benchmarks.common import proc_status_mb as status_mb
-from zsad.inference import AnomalyDetector
+from zsad import AnomalyDetector
 
 detector = AnomalyDetector.load(clip=sys.argv[1], dtype=torch.bfloat16, image_size=518)
 loaded, loading_peak = status_mb("VmRSS"), status_mb("VmHWM")

@@ -23,8 +23,8 @@ MEASURE = """
 import json, sys
 from pathlib import Path
 from benchmarks.common import proc_status_mb
-from zsad.inference import AnomalyDetector
-from zsad.loading import Runtime
+from zsad import AnomalyDetector
+from zsad.runtime.loading import Runtime
 
 clip, image, precision, serve = sys.argv[1:5]
 detector = AnomalyDetector.load(clip=clip, image_size=518, runtime=Runtime.resolve("cpu", precision))

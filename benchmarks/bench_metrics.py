@@ -2,14 +2,14 @@
 
     python benchmarks/bench_metrics.py [--maps 1000] [--reference-maps 100] [--visa] [--dtype-maps 200] [--repeats 3]
 
-Maps are float16 518x518 (what zsad.evaluation stores), masks hold a few rectangular regions on 2/3 of the
+Maps are float16 518x518 (what zsad.evaluation.protocol stores), masks hold a few rectangular regions on 2/3 of the
 images. The dtype comparison times the same ``--dtype-maps`` 256x256 maps as float32 and rounded to float16,
 median of ``--repeats`` alternating runs, for three kinds of maps: full-precision noise (nearly every score distinct, the worst
 case for ranking), model-like smooth maps with a large tie at 0, and a heavy tail (exp of the noise). The
 reference (scikit-learn for AUROC / AP / F1-max, a per-threshold AUPRO loop over 200 evenly spaced thresholds
 as in AnomalyCLIP / APRIL-GAN) runs on ``--reference-maps`` maps; its time is scaled linearly to
 ``--maps`` (its sorts are O(N log N), so the scaled time understates it). ``--visa`` also evaluates a
-VisA-sized set (2,162 maps in 12 categories, all held in memory as zsad.evaluation does) and prints peak RSS.
+VisA-sized set (2,162 maps in 12 categories, all held in memory as zsad.evaluation.protocol does) and prints peak RSS.
 """
 
 import argparse

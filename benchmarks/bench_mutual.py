@@ -21,10 +21,11 @@ import torch
 from common import cpu_class_line, full_size_inputs, machine_line, proc_status_mb
 from PIL import Image
 
-from zsad.images import to_pixel_values
-from zsad.inference import AnomalyDetector
-from zsad.loading import PRECISIONS, resolve_precision
-from zsad.mutual import MutualSettings, comparison_groups, mutual_scores
+from zsad import AnomalyDetector
+from zsad.detection.mutual import MutualSettings, comparison_groups, mutual_scores
+from zsad.runtime.images import to_pixel_values
+from zsad.runtime.loading import resolve_precision
+from zsad_cli.choices import PRECISIONS
 
 METHOD = "baseline"
 VISION_BATCH = 4

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from common import cpu_class_line, full_size_inputs, machine_line, timed
 from PIL import Image
 
-from zsad.images import load_image, to_pixel_values
-from zsad.inference import AnomalyDetector
-from zsad.loading import PRECISIONS, resolve_precision
-from zsad.references import FusionScale, ReferenceMemory, apply_references
+from zsad import AnomalyDetector
+from zsad.detection.references import FusionScale, ReferenceMemory, apply_references
+from zsad.runtime.images import load_image, to_pixel_values
+from zsad.runtime.loading import resolve_precision
+from zsad_cli.choices import PRECISIONS
 
 METHOD = "baseline"
 CLASS_NAME = "metal nut"

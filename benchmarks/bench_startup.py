@@ -1,7 +1,7 @@
 """Start-up time of the ``zsad`` command: ``zsad --help``, ``zsad predict --help`` and the import of the entry
 module, each in a fresh process (median of ``--repeats``), the way the console script runs them now (``zsad_cli``,
-which parses before torch is imported) against the way it ran before (the entry imported ``zsad.cli``, and with it
-torch, transformers and every model: measured by importing ``zsad.inference`` first).
+which parses before torch is imported) against the way it ran before (the entry imported ``zsad.cli.commands``, and with it
+torch, transformers and every model: measured by importing ``zsad.detection.detector`` first).
 
     python benchmarks/bench_startup.py [--repeats 3]
 """
@@ -19,11 +19,11 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import cpu_class_line  # noqa: E402
 
 ENTRY = "import sys\nfrom zsad_cli import main\nsys.exit(main(sys.argv[1:]))"
-OLD_ENTRY = "import zsad.inference\n" + ENTRY  # what the old entry imported before it parsed anything
+OLD_ENTRY = "import zsad.detection.detector\n" + ENTRY  # what the old entry imported before it parsed anything
 CASES = {
     "zsad --help": (["--help"], ENTRY, OLD_ENTRY),
     "zsad predict --help": (["predict", "--help"], ENTRY, OLD_ENTRY),
-    "import of the entry module": ([], "import zsad_cli", "import zsad.cli"),
+    "import of the entry module": ([], "import zsad_cli", "import zsad.cli.commands"),
 }
 
 

@@ -26,7 +26,7 @@ from zsad.data import load_dataset
 from zsad.data.model_input import TrainingSet
 from zsad.data.synthetic import generate
 from zsad.metrics import image_metrics, pixel_metrics
-from zsad.tiny_clip import save_tiny_clip
+from zsad.runtime.tiny_clip import save_tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import train as train_script  # noqa: E402 - train/ is a script folder beside zsad/

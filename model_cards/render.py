@@ -9,9 +9,9 @@ this folder holds what they render to for the Space's models. tests/test_hub.py 
 import sys
 from pathlib import Path
 
-from zsad.hub import render_model_card
-from zsad.methods import METHODS
+from zsad.hub.publish import render_model_card
 from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from
+from zsad.runtime.methods import METHODS
 
 FOLDER = Path(__file__).resolve().parent
 

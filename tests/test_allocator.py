@@ -1,4 +1,4 @@
-"""zsad.allocator: freed large buffers go back to the system (glibc), checked in a fresh process each time."""
+"""zsad.runtime.allocator: freed large buffers go back to the system (glibc), checked in a fresh process each time."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 FREE_TEN_MIB_THREE_TIMES = """
 import os, sys, torch
-from zsad.allocator import return_large_buffers_to_the_system
+from zsad.runtime.allocator import return_large_buffers_to_the_system
 def resident_mib():
     return int(next(l.split()[1] for l in open(f"/proc/{os.getpid()}/status") if l.startswith("VmRSS"))) / 1024
 if sys.argv[1] == "tuned":

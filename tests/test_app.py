@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 
 import zsad
-from zsad.errors import ZSADError
-from zsad.inference import AnomalyDetector
+from zsad import AnomalyDetector, ZSADError
 from zsad.modeling.prompting import prompt_ensemble_features
 from zsad.space import config, files, handlers, layout, render, scheduling, uploads
 from zsad.space.config import COMPARE, DISPLAY_SIDE, BatchCaps, ReferenceCaps, display_name
@@ -177,7 +176,7 @@ def test_examples_exist_and_are_readable():
     rows = layout.example_rows()
     assert rows, "examples/examples.json lists the shipped example images"
     for path, class_name in rows:
-        image = zsad.images.load_image(path)
+        image = zsad.runtime.images.load_image(path)
         assert min(image.size) >= 16 and class_name.strip()
 
 
@@ -272,7 +271,7 @@ def test_full_resolution_mask_uses_the_detections_pixel_threshold(detector, prod
     calibration = profile.calibration
     assert abs(calibration.pixel_threshold - calibration.image_threshold) > 0.01
     output = handlers.make_handler(detector)(upload(large), "disk", "baseline", 0.5, good_parts(product))
-    expected = detector.detect(zsad.images.read_image(str(large), max_side=DISPLAY_SIDE), "disk", method="baseline",
+    expected = detector.detect(zsad.runtime.images.read_image(str(large), max_side=DISPLAY_SIDE), "disk", method="baseline",
                                profile=profile, display_side=DISPLAY_SIDE)
     assert expected.mask_threshold == calibration.pixel_threshold
     full_map, full_mask = (np.asarray(download.image) for download in output.full_resolution.downloads())
@@ -453,7 +452,7 @@ def test_a_pixel_bomb_is_refused_from_the_headers_before_decoding(detector, tmp_
             zipped.writestr(f"huge{index}.png", buffer.getvalue())
     assert bomb.stat().st_size < 200_000  # 48 megapixels in a small zip
     decoded = []
-    monkeypatch.setattr(zsad.images, "load_image", lambda *args, **kwargs: decoded.append(args) or pytest.fail("decoded"))
+    monkeypatch.setattr(zsad.runtime.images, "load_image", lambda *args, **kwargs: decoded.append(args) or pytest.fail("decoded"))
     with pytest.raises(gr.Error, match=r"holds 48 megapixels of images; the Space takes at most 40 megapixels at a time\..*zsad predict"):
         run_batch(detector, [bomb], caps=BatchCaps(max_megapixels=40), method="baseline")
     output = run_batch(detector, [bomb], caps=BatchCaps(max_image_megapixels=10), method="baseline")

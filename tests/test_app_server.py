@@ -18,8 +18,8 @@ from gradio_client.utils import Status
 from PIL import Image
 
 import zsad
-from zsad.inference import AnomalyDetector
-from zsad.loading import resolve_precision
+from zsad import AnomalyDetector
+from zsad.runtime.loading import resolve_precision
 from zsad.space.config import ordered_methods
 from zsad.space.layout import example_rows
 from zsad.space.testing import serving_app

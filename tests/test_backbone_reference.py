@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import zsad
-from zsad.errors import BackboneLoadError
-from zsad.inference import AnomalyDetector
-from zsad.profile import ProductProfile
-from zsad.references import FusionScale, ReferenceMemory
+from zsad import AnomalyDetector
+from zsad.detection.profile import ProductProfile
+from zsad.detection.references import FusionScale, ReferenceMemory
+from zsad.runtime.errors import BackboneLoadError
 
 HUB_ID = "openai/clip-vit-base-patch32"
 COMMIT = "3d74acf9a28c67741b2f4f2ea7635f0aaf6f0268"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from zsad.errors import ZSADError
-from zsad.images import bounded_size, read_image
-from zsad.inference import AnomalyDetector, resize_map, tile_boxes
+from zsad import AnomalyDetector, ZSADError
+from zsad.detection.detector import resize_map, tile_boxes
+from zsad.runtime.images import bounded_size, read_image
 from zsad.space.config import COMPARE
 from zsad.space.files import OutputFolders, full_resolution_files, serving_files
 from zsad.space.handlers import make_handler

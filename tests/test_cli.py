@@ -8,6 +8,7 @@ import time
 import pytest
 
 import zsad_cli
+import zsad_cli.choices
 
 MODULES = "('torch', 'transformers', 'gradio', 'zsad')"
 AFTER_PARSING = f"""import json, sys, zsad_cli
@@ -31,7 +32,7 @@ def test_help_and_argument_errors_answer_without_torch(arguments):
 
 
 def test_import_zsad_still_registers_the_models(tiny_backbone, tmp_path):
-    from zsad.loading import load_model
+    from zsad.runtime.loading import load_model
 
     from conftest import TEST_IMAGE_SIZE
 
@@ -44,11 +45,12 @@ def test_import_zsad_still_registers_the_models(tiny_backbone, tmp_path):
 
 def test_the_parsers_defaults_are_zsads_own():
     from zsad.data.hf import COLUMNS
-    from zsad.loading import DTYPE_NAMES, PRECISIONS
-    from zsad.profile import DEFAULT_MARGIN, DEFAULT_QUANTILE
+    from zsad.detection.profile import DEFAULT_MARGIN, DEFAULT_QUANTILE
+    from zsad.runtime.loading import DTYPE_NAMES
+    from zsad_cli.choices import PRECISIONS
 
-    assert (zsad_cli.DEFAULT_QUANTILE, zsad_cli.DEFAULT_MARGIN) == (DEFAULT_QUANTILE, DEFAULT_MARGIN)
-    assert zsad_cli.DATASET_COLUMNS == COLUMNS
+    assert (zsad_cli.choices.DEFAULT_QUANTILE, zsad_cli.choices.DEFAULT_MARGIN) == (DEFAULT_QUANTILE, DEFAULT_MARGIN)
+    assert zsad_cli.choices.DATASET_COLUMNS == COLUMNS
     assert set(PRECISIONS) - {"auto"} == set(DTYPE_NAMES.values())
     calibrate = zsad_cli.build_parser().parse_args(["calibrate", "--model", "baseline", "--class-name", "x", "--normal", "g",
                                                     "--out", "o"])

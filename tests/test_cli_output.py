@@ -7,8 +7,8 @@ import shlex
 import pytest
 from PIL import Image
 
-from zsad.cli import build_parser, main
-from zsad.summaries import predict_summary
+from zsad.cli.summaries import predict_summary
+from zsad_cli import build_parser, main
 
 from conftest import TEST_IMAGE_SIZE
 

@@ -182,8 +182,8 @@ def test_packed_prompts_equal_the_padded_batch(tiny_backbone):
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_serving_puts_the_text_tower_on_the_precision_fast_route_training_keeps_float32(tiny_clip_path, tiny_backbone, precision):
-    from zsad.loading import load_backbone, resolve_precision, shared_backbone
     from zsad.modeling.prompting import prompt_ensemble_features
+    from zsad.runtime.loading import load_backbone, resolve_precision, shared_backbone
 
     dtype = resolve_precision(precision)
     served = shared_backbone(str(tiny_clip_path), [], dtype)
@@ -291,7 +291,7 @@ def test_value_value_start_outside_the_depth_is_refused(tiny_backbone):
 def test_value_value_stream_runs_on_the_routes_precision(tiny_clip_path, tiny_backbone, precision):
     """The extra attention reads the V of the block's own v_proj, so bfloat16 blocks give a bfloat16 stream and int8
     linears an int8-projected one; both stay close to float32."""
-    from zsad.loading import quantize_vision_linears
+    from zsad.runtime.loading import quantize_vision_linears
 
     backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
     backbone = backbone.set_vision_dtype(torch.bfloat16) if precision == "bfloat16" else quantize_vision_linears(backbone)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from zsad.cli import main
-from zsad.errors import ZSADError
-from zsad.inference import AnomalyDetector
-from zsad.loading import resolve_device, resolve_precision
+from zsad import AnomalyDetector, ZSADError
+from zsad.runtime.loading import resolve_device, resolve_precision
+from zsad_cli import main
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import random_rgb

@@ -1,4 +1,4 @@
-"""zsad.detection: the one threshold rule, the one Detection builder, full-resolution maps and masks; numpy only."""
+"""zsad.detection.results: the one threshold rule, the one Detection builder, full-resolution maps and masks; numpy only."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsad.detection import build_detection, thresholds
+from zsad.detection.results import build_detection, thresholds
 
 
 @dataclass
@@ -61,7 +61,7 @@ def test_an_uncalibrated_detection_has_one_threshold_and_its_map_at_the_image_si
 
 
 def test_detection_and_the_deploy_runtime_import_without_torch():
-    script = ("import json, sys\nsys.modules['torch'] = None\nimport zsad.detection, zsad.deploy, zsad.predict\n"
+    script = ("import json, sys\nsys.modules['torch'] = None\nimport zsad.detection.results, zsad.deploy.runtime, zsad.cli.predict\n"
               "print(json.dumps(sorted(name for name in ('torch', 'transformers', 'accelerate') if sys.modules.get(name))))")
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(completed.stdout) == []

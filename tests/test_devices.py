@@ -6,10 +6,8 @@ import warnings
 import pytest
 import torch
 
-from zsad import loading
-from zsad.errors import ZSADError
-from zsad.inference import AnomalyDetector
-from zsad.loading import resolve_device, resolve_precision
+from zsad import AnomalyDetector, ZSADError, loading
+from zsad.runtime.loading import resolve_device, resolve_precision
 from zsad.space.config import build_parser as app_parser
 from zsad.space.config import load_detector
 from zsad.space.layout import build_demo
@@ -152,7 +150,7 @@ def test_the_space_picks_device_and_precision_together(monkeypatch):
 
 
 def test_device_option_reads_zsad_device(monkeypatch):
-    from zsad.cli import build_parser
+    from zsad_cli import build_parser
 
     monkeypatch.setenv("ZSAD_DEVICE", "cuda:1")
     arguments = ["predict", "x.png", "--model", "baseline", "--class-name", "bottle", "--out", "o"]

@@ -15,14 +15,14 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import zsad
-from zsad.cli import main
 from zsad.data import read_mask
 from zsad.data.synthetic import generate
-from zsad.evaluation import evaluate, example_rows, figure_curves, write_outputs
-from zsad.evaluation_reports import load_evaluation
-from zsad.hub import render_model_card
+from zsad.detection.visualize import evaluation_figure
+from zsad.evaluation.protocol import evaluate, example_rows, figure_curves, write_outputs
+from zsad.evaluation.reports import load_evaluation
+from zsad.hub.publish import render_model_card
 from zsad.metrics import IMAGE_METRICS, METRICS, PIXEL_METRICS
-from zsad.visualize import evaluation_figure
+from zsad_cli import main
 
 from train_script import LOOPBACK_ENV, run_command
 
@@ -150,7 +150,7 @@ def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_
             if with_masks and folder.name != "good":
                 shutil.copytree(dataset_root / category / "ground_truth" / folder.name, tmp_path / "parts" / category / "masks" / folder.name)
     figures = []
-    monkeypatch.setattr("zsad.evaluation.evaluation_figure", lambda *args, **kwargs: figures.append(evaluation_figure(*args, **kwargs)))
+    monkeypatch.setattr("zsad.evaluation.protocol.evaluation_figure", lambda *args, **kwargs: figures.append(evaluation_figure(*args, **kwargs)))
     model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,8 +169,8 @@ def test_folders_without_masks_give_image_metrics_and_say_why_pixel_metrics_are_
 
 
 def test_tiled_evaluation_records_the_tiled_detection_of_each_image(tiny_clip_path, tiny_backbone, dataset_root):
-    from zsad.evaluation import native_map
-    from zsad.inference import AnomalyDetector
+    from zsad import AnomalyDetector
+    from zsad.evaluation.protocol import native_map
 
     model = zsad.ZeroShotCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=IMAGE_SIZE)
     report, records = evaluate(model, "mvtec", dataset_root, categories=["tile"], batch_size=4, tiles=True)

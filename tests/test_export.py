@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from zsad import ZSADError, load_model
-from zsad.cli import main
-from zsad.deploy import CONFIG_NAME, ExportedDetector, read_processor
-from zsad.export import ExportGraph, export
-from zsad.inference import AnomalyDetector
+from zsad import AnomalyDetector, ZSADError, load_model
+from zsad.deploy.export import ExportGraph, export
+from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector, read_processor
+from zsad_cli import main
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -142,7 +141,7 @@ def test_deploy_json_holds_names_and_thresholds_and_the_processor_file_the_prepr
 RUN_WITHOUT_TORCH = """
 import json, sys
 sys.modules["torch"] = sys.modules["transformers"] = None
-from zsad.deploy import ExportedDetector
+from zsad.deploy.runtime import ExportedDetector
 result = ExportedDetector.load(sys.argv[1]).detect(sys.argv[2], "metal_nut")
 loaded = [name for name in ("torch", "transformers") if sys.modules.get(name) is not None]
 print(json.dumps({"torch": bool(loaded), "score": result.score, "verdict": result.verdict,
@@ -249,7 +248,7 @@ def test_errors_say_what_to_do(baseline_onnx, tiny_backbone, tmp_path, monkeypat
 
 
 def test_int8_precision_quantises_the_vision_linears_within_the_int8_bounds(tiny_clip_path):
-    from zsad.loading import load_backbone, resolve_precision
+    from zsad.runtime.loading import load_backbone, resolve_precision
 
     int8 = load_backbone(str(tiny_clip_path), dtype=resolve_precision("int8"))
     float32 = load_backbone(str(tiny_clip_path))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from zsad import ZSADError
-from zsad.cli import main
 from zsad.data import load_dataset, read_mask, to_hf_dataset
 from zsad.data.synthetic import generate
+from zsad_cli import main
 
 datasets = pytest.importorskip("datasets")
 

@@ -16,10 +16,10 @@ from transformers import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
 import zsad
-from zsad.cli import main
-from zsad.evaluation_reports import load_evaluation
-from zsad.hub import export, publish, render_model_card
-from zsad.provenance import model_record
+from zsad.evaluation.reports import load_evaluation
+from zsad.hub.publish import export, publish, render_model_card
+from zsad.runtime.provenance import model_record
+from zsad_cli import main
 
 HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt")  # what setup
 RENDER_FROM_WHEEL = """
 import json, sys
 import zsad
-from zsad.hub import render_model_card
+from zsad.hub.publish import render_model_card
 assert zsad.__file__.startswith(sys.argv[1]), zsad.__file__
 print(json.dumps({m.config_class.model_type: str(render_model_card(m.config_class())) for m in zsad.METHODS.values()}))
 """

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zsad.errors import ZSADError
+from zsad import ZSADError
 from zsad.modeling.image_processing_zsad import PROCESSOR_FILE, ZSADImageProcessor, normalised_pixels, resize_map
 
 from conftest import TEST_IMAGE_SIZE
@@ -49,7 +49,7 @@ def test_processor_errors_say_what_to_do(tmp_path):
 
 
 def test_checkpoints_carry_the_processor_of_their_model(tiny_backbone, tmp_path):
-    from zsad.loading import load_model
+    from zsad.runtime.loading import load_model
 
     model = load_model("stackclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE)
     model.save_pretrained(tmp_path)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from zsad import ZSADError
-from zsad.images import load_image, to_pixel_values
+from zsad.runtime.images import load_image, to_pixel_values
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:

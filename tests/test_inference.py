@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import zsad
-from zsad.errors import BackboneLoadError, ZSADError
-from zsad.images import to_pixel_values
-from zsad.inference import AnomalyDetector
-from zsad.loading import checkpoint_backbone, checkpoint_method
+from zsad import AnomalyDetector, ZSADError
+from zsad.runtime.errors import BackboneLoadError
+from zsad.runtime.images import to_pixel_values
+from zsad.runtime.loading import checkpoint_backbone, checkpoint_method
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import HEIGHT, WIDTH, random_rgb
@@ -138,7 +138,7 @@ def test_a_trained_checkpoint_is_loaded_on_the_shared_backbone(tmp_path, tiny_ba
     detector = AnomalyDetector.load(methods=["baseline"], checkpoints={"baseline": str(tmp_path / "baseline")}, clip=tiny_backbone)
     loaded = detector.model("baseline")
     assert loaded.clip is tiny_backbone and loaded.config.image_size == 56
-    assert detector.status("baseline") == "training-free"  # one status rule (zsad.methods.status): nothing to train
+    assert detector.status("baseline") == "training-free"  # one status rule (zsad.runtime.methods.status): nothing to train
     assert detector.detect(random_rgb(), "bottle").anomaly_map.shape == (HEIGHT, WIDTH)  # single model: method optional
     # Without a CLIP given, the backbone is the one named in the checkpoint's config.
     alone = AnomalyDetector.for_model(str(tmp_path / "baseline"))
@@ -187,7 +187,7 @@ def test_the_model_input_is_the_upright_bicubic_resized_normalised_image(detecto
 
 
 def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_path, detector, capsys):
-    from zsad.cli import main
+    from zsad_cli import main
 
     for folder, seed, size in (("a", 10, (90, 60)), ("b", 11, (50, 70)), ("b/deeper", 12, (64, 64))):
         (tmp_path / folder).mkdir(parents=True)
@@ -218,7 +218,7 @@ def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_pa
 
 
 def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_backbone, tiny_clip_path, capsys):
-    from zsad.cli import main
+    from zsad_cli import main
 
     zsad.load_model("baseline", backbone=tiny_backbone, clip=str(tiny_clip_path), image_size=56).save_pretrained(tmp_path / "ckpt")
     Image.fromarray(random_rgb(13)).save(tmp_path / "x.png")
@@ -250,7 +250,7 @@ def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
 def test_overlay_blends_the_colormap_half_and_half():
     from matplotlib import colormaps
 
-    from zsad.visualize import overlay_heatmap
+    from zsad.detection.visualize import overlay_heatmap
 
     image = Image.fromarray(np.full((3, 4, 3), 200, dtype=np.uint8))
     anomaly_map = np.array([[0.0, 0.5, 1.0, 2.0]] * 3, dtype=np.float32)  # 2.0 is clipped to 1
@@ -264,7 +264,7 @@ def test_overlay_blends_the_colormap_half_and_half():
 
 def test_the_serving_path_leaves_scikit_learn_unimported():
     # scikit-learn costs the Space ~80 MB of RSS (benchmarks/bench_memory.py); only training and evaluation need it.
-    code = "import sys, zsad.inference; print('sklearn' in sys.modules)"
+    code = "import sys, zsad.detection.detector; print('sklearn' in sys.modules)"
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "False"
 

@@ -1,12 +1,12 @@
-"""zsad.loading: the runtime value object and int8 loading."""
+"""zsad.runtime.loading: the runtime value object and int8 loading."""
 
 import warnings
 
 import pytest
 import torch
 
-from zsad.errors import ZSADError
-from zsad.loading import INT8, Runtime, cpu_has_native_bf16, load_backbone
+from zsad import ZSADError
+from zsad.runtime.loading import INT8, Runtime, cpu_has_native_bf16, load_backbone
 
 
 def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
@@ -35,8 +35,8 @@ def test_int8_loading_frees_each_blocks_float32_linears_before_the_next_block(ti
     import gc
     import weakref
 
-    from zsad.loading import quantize_vision_linears
     from zsad.modeling.clip_backbone import CLIPBackbone
+    from zsad.runtime.loading import quantize_vision_linears
 
     backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
     weights = [weakref.ref(module.weight) for module in backbone.model.vision_model.encoder.modules() if isinstance(module, torch.nn.Linear)]

@@ -1,4 +1,4 @@
-"""Mutual scoring (zsad.mutual): the scores against a brute-force MuSc-style reference (cdist, unfold), a defect patch
+"""Mutual scoring (zsad.detection.mutual): the scores against a brute-force MuSc-style reference (cdist, unfold), a defect patch
 found on a hand-built batch, independence of image order, chunking and a cap of N - 1, exact duplicates, the
 batch-scale outputs, detect_mutual on the tiny CLIP (and as the detector's method), `zsad evaluate --mutual` and
 `zsad predict --mutual`."""
@@ -15,11 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import zsad
-from zsad.cli import main
+from zsad import AnomalyDetector, ZSADError
 from zsad.data.synthetic import generate
-from zsad.errors import ZSADError
-from zsad.inference import AnomalyDetector
-from zsad.mutual import (
+from zsad.detection.mutual import (
     MutualSettings,
     aggregate,
     comparison_groups,
@@ -30,6 +28,7 @@ from zsad.mutual import (
     rescore,
     standardise,
 )
+from zsad_cli import main
 
 GRID, WIDTH, LAYERS = 4, 8, 2
 IMAGE_SIZE = 56
@@ -223,11 +222,11 @@ def test_detect_mutual_scores_are_those_of_mutual_scores_on_the_encoded_images(d
     results = detect_mutual(detector, images, "striped plate", settings=MutualSettings(max_compared=2))
     assert [r.details.compared_with for r in results] == [1, 1, 1, 1]  # two groups of two
     model = detector.model("baseline")
-    pixel_values = zsad.images.to_pixel_values(images, IMAGE_SIZE, detector.backbone.image_mean, detector.backbone.image_std)
+    pixel_values = zsad.runtime.images.to_pixel_values(images, IMAGE_SIZE, detector.backbone.image_mean, detector.backbone.image_std)
     with torch.inference_mode():
         features = model.encode_image(pixel_values)
     tokens = list(torch.stack([features.patch_tokens(i) for i in range(len(features.layers))], dim=1))
-    from zsad.mutual import content_key
+    from zsad.detection.mutual import content_key
     direct = mutual_scores(tokens, MutualSettings(max_compared=2), keys=[content_key(image) for image in images])
     torch.testing.assert_close(torch.tensor([r.details.median_distance for r in results]),
                                direct.patch_maps.median(dim=1).values, atol=1e-4, rtol=0)
@@ -244,16 +243,16 @@ def test_text_and_reference_maps_are_fused_when_asked(detector):
 
 
 def test_the_default_block_is_the_references_one():
-    from zsad.references import SIMILARITY_BLOCK
+    from zsad.detection.references import SIMILARITY_BLOCK
 
-    assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.references
+    assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.detection.references
 
 
 def test_the_cli_names_the_unnamed_product_as_zsad_does():
-    import zsad_cli
+    import zsad_cli.choices
     from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 
-    assert zsad_cli.MUTUAL_CLASS_NAME == UNNAMED_PRODUCT  # zsad_cli answers --help without importing torch
+    assert zsad_cli.choices.MUTUAL_CLASS_NAME == UNNAMED_PRODUCT  # zsad_cli answers --help without importing torch
 
 
 def test_the_detector_method_is_the_function(detector):
@@ -344,7 +343,7 @@ def test_cli_predict_mutual_needs_two_images(tiny_clip_path, parts_folder, tmp_p
 
 
 def test_the_summary_lines_give_the_comparison_counts_and_the_notes():
-    from zsad.summaries import mutual_lines
+    from zsad.cli.summaries import mutual_lines
 
     one_product = far_notes(torch.tensor([1.2, 1.3, 1.1]), 1.0)
     lines = mutual_lines([2, 2, 2], one_product)

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from zsad import GenCLIPOutput, StackCLIPModel, StackCLIPOutput
-from zsad.inference import AnomalyDetector
+from zsad import AnomalyDetector, GenCLIPOutput, StackCLIPModel, StackCLIPOutput
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.modeling.modeling_stackclip import StackCLIPImageDetails
@@ -70,7 +69,7 @@ def test_detection_summary_is_json_of_the_typed_details(tiny_backbone):
 
 
 def test_one_status_rule_for_models_and_configs(tiny_backbone):
-    from zsad.methods import method_of, status
+    from zsad.runtime.methods import method_of, status
 
     baseline = tiny_model("baseline", tiny_backbone)
     genclip = tiny_model("genclip", tiny_backbone)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import zsad
-from zsad.cli import main
-from zsad.inference import AnomalyDetector
+from zsad import AnomalyDetector
 from zsad.modeling.pipeline_zsad import TASK, ZeroShotAnomalyDetectionPipeline
+from zsad_cli import main
 
 from conftest import tiny_model
 from remote_code import WITHOUT_ZSAD

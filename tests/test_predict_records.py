@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from zsad.errors import ZSADError
-from zsad.images import image_files
-from zsad.inference import AnomalyDetector
-from zsad.predict import predict_files, read_records
+from zsad import AnomalyDetector, ZSADError
+from zsad.cli.predict import predict_files, read_records
+from zsad.runtime.images import image_files
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import random_rgb

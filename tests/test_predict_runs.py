@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsad.inference import AnomalyDetector
-from zsad.predict import predict_files, read_records
+from zsad import AnomalyDetector
+from zsad.cli.predict import predict_files, read_records
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import random_rgb

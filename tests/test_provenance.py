@@ -5,8 +5,8 @@ import json
 import torch
 
 import zsad
-from zsad.cli import main
-from zsad.provenance import adapter_digest, checkpoint_digest, model_digest
+from zsad.runtime.provenance import adapter_digest, checkpoint_digest, model_digest
+from zsad_cli import main
 
 HUB_BACKBONE = "openai/clip-vit-base-patch32"
 

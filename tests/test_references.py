@@ -12,20 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from zsad import ProductProfile, ZeroShotCLIPModel, ZSADError
-from zsad.cli import evaluate
-from zsad.cli import main as zsad_main
+from zsad import AnomalyDetector, ProductProfile, ZeroShotCLIPModel, ZSADError
+from zsad.cli.commands import evaluate
 from zsad.data import load_dataset, read_mask
 from zsad.data.synthetic import generate
-from zsad.evaluation_few_shot import evaluate_few_shot
-from zsad.images import load_image, to_pixel_values
-from zsad.inference import AnomalyDetector
+from zsad.detection.profile import calibrate, choose_weight
+from zsad.detection.references import FusionScale, ReferenceMemory, SourceMaps, nearest_similarity
+from zsad.evaluation.few_shot import evaluate_few_shot
 from zsad.metrics import image_metrics, pixel_metrics
 from zsad.modeling.clip_backbone import ImageFeatures
-from zsad.profile import calibrate, choose_weight
-from zsad.references import FusionScale, ReferenceMemory, SourceMaps, nearest_similarity
+from zsad.runtime.images import load_image, to_pixel_values
 from zsad.testing import save_tiny_clip
 from zsad_cli import add_evaluation_arguments
+from zsad_cli import main as zsad_main
 
 from conftest import TEST_IMAGE_SIZE
 
@@ -204,7 +203,7 @@ def test_profile_round_trip_in_a_new_process_gives_identical_maps(detector, data
     image = load_dataset("mvtec", dataset, categories=["disk"])[-1].image_path
     here = detector.detect(image, "disk", method="baseline", profile=profile)
     script = (
-        "import sys, numpy as np\nfrom zsad import ProductProfile\nfrom zsad.inference import AnomalyDetector\n"
+        "import sys, numpy as np\nfrom zsad import AnomalyDetector, ProductProfile\n"
         "detector = AnomalyDetector.load(methods=['baseline'], clip=sys.argv[1], image_size=int(sys.argv[2]))\n"
         "result = detector.detect(sys.argv[4], 'disk', profile=ProductProfile.load(sys.argv[3]))\n"
         "np.save(sys.argv[5], result.anomaly_map)\nprint(repr(result.score), result.calibration)\n"

@@ -54,7 +54,7 @@ def test_a_relative_clip_is_stored_absolute_and_the_checkpoint_loads_from_anothe
 
 def test_the_checkpoint_records_what_it_was_trained_on_and_its_card_says_so(two_epoch_run, training_root):
     import zsad
-    from zsad.hub import render_model_card
+    from zsad.hub.publish import render_model_card
 
     config = json.loads((two_epoch_run / "epoch-2" / "config.json").read_text())
     assert {key: config[key] for key in config if key.startswith("training_")} == {

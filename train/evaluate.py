@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
-from zsad.cli import evaluate  # noqa: E402
-from zsad.errors import ZSADError  # noqa: E402
+from zsad import ZSADError  # noqa: E402
+from zsad.cli.commands import evaluate  # noqa: E402
 from zsad_cli import add_evaluation_arguments  # noqa: E402
 
 

@@ -39,16 +39,16 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
+from zsad import ZSADError
 from zsad import __version__ as zsad_version
 from zsad.data import load_dataset
 from zsad.data.model_input import TrainingSet
-from zsad.distributed import process_group_closed_at_end
-from zsad.errors import ZSADError
-from zsad.loading import load_backbone
-from zsad.methods import METHODS
+from zsad.detection.visualize import loss_curve_figure
 from zsad.modeling.configuration_stackclip import EFA_ALL_DATA, EFA_CLUSTER_SPECIFIC
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
-from zsad.visualize import loss_curve_figure
+from zsad.runtime.distributed import process_group_closed_at_end
+from zsad.runtime.loading import load_backbone
+from zsad.runtime.methods import METHODS
 
 STATE_FILE = "training_state.pt"
 # A method's config may name its optimizer in an ``optimizer`` field; Adam is the lineage default (METHODS.md).

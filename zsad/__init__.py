@@ -6,13 +6,13 @@
 >>> output = model(pixel_values, class_names=["bottle"])  # anomaly_map (B, S, S), image_score (B,)
 ```
 
-Importing zsad registers its configs and models with ``AutoConfig`` / ``AutoModel`` (through ``zsad.methods``),
+Importing zsad registers its configs and models with ``AutoConfig`` / ``AutoModel`` (through ``zsad.runtime.methods``),
 which imports torch and transformers; the ``zsad`` command therefore parses its arguments in ``zsad_cli`` first.
-On a machine without PyTorch (a deployment running exported graphs with ``zsad.deploy``) only the torch-free
-modules load: ``zsad.deploy``, ``zsad.detection``, ``zsad.predict``, ``zsad.images`` and ``zsad.errors``.
+On a machine without PyTorch (a deployment running exported graphs with ``zsad.deploy.runtime``) only the torch-free
+modules load: ``zsad.deploy.runtime``, ``zsad.detection.results``, ``zsad.cli.predict``, ``zsad.runtime.images`` and ``zsad.runtime.errors``.
 """
 
-from .errors import ZSADError
+from .modeling.exceptions import ZSADError
 
 __version__ = "0.1.0"
 
@@ -21,8 +21,8 @@ try:
 except ImportError:  # a torch-free deployment: the models and everything built on them are not available
     pass
 else:
-    from .loading import load_backbone, load_model
-    from .methods import METHODS
+    from .detection.detector import AnomalyDetector
+    from .detection.profile import ProductProfile
     from .modeling.clip_backbone import CLIPBackbone
     from .modeling.configuration_genclip import GenCLIPConfig
     from .modeling.configuration_stackclip import StackCLIPConfig
@@ -31,15 +31,16 @@ else:
     from .modeling.modeling_stackclip import StackCLIPModel, StackCLIPOutput
     from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
     from .modeling.modeling_zsad_base import ZeroShotAnomalyOutput
-    from .profile import ProductProfile
+    from .runtime.loading import load_backbone, load_model
+    from .runtime.methods import METHODS
 
 __all__ = [
     "METHODS",
+    "AnomalyDetector",
     "CLIPBackbone",
     "GenCLIPConfig",
     "GenCLIPModel",
     "GenCLIPOutput",
-    "ProductProfile",
     "ProductProfile",
     "StackCLIPConfig",
     "StackCLIPModel",

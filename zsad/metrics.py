@@ -11,7 +11,7 @@
 Pixel metrics are exact (every distinct score is a threshold, ties handled as scikit-learn does). Ground-truth
 connected components are labelled once, and each defective pixel carries the PRO weight ``1 / (number of regions *
 region size)``. Histograms of normal pixels, defect pixels and PRO weight, summed from the highest score down, give
-TPR, FPR, precision and the per-region overlap (PRO) at every threshold. float16 maps (what ``zsad.evaluation``
+TPR, FPR, precision and the per-region overlap (PRO) at every threshold. float16 maps (what ``zsad.evaluation.protocol``
 stores) have 65,536 possible scores: each gets an unsigned integer key from its IEEE bit pattern, ordered like the
 scores, and one ``bincount`` per map counts them, O(N). Wider scores (float32 as they are, other dtypes as float64)
 are counted in the bins between and at the distinct scores of defective pixels (runs of scores that only normal

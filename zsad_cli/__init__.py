@@ -4,27 +4,29 @@ This package builds and checks the command line before anything heavy is importe
 subcommand's ``--help`` and argument errors answer without torch, transformers or gradio. It sits outside the
 ``zsad`` package on purpose: ``import zsad`` registers the models with ``AutoConfig`` / ``AutoModel``, which needs
 torch and transformers (seconds), and any ``zsad.*`` import runs that first. Only a parsed command imports
-``zsad.cli``, whose commands import what they use (``--engine onnx|openvino`` runs without torch).
+``zsad.cli.commands``, whose commands import what they use (``--engine onnx|openvino`` runs without torch).
 
-The defaults shown here are zsad's own (``zsad.profile``, ``zsad.loading``); tests/test_cli.py checks they agree.
+The vocabulary zsad checks against too (precisions, defaults) is in ``zsad_cli.choices``, a leaf that imports nothing;
+the defaults repeated from ``zsad.detection.profile`` and ``zsad.data.hf`` are checked by tests/test_cli.py.
 """
 
 import argparse
 import os
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
-EXPORT_PRECISIONS = ("float32", "int8")
-DEFAULT_QUANTILE = 1.0
-DEFAULT_MARGIN = 0.01
-MUTUAL_CLASS_NAME = "object"  # zsad.modeling.mutual_scoring.UNNAMED_PRODUCT: the name in --mutual results when none is given
-DATASET_COLUMNS = ("image", "mask", "label", "category", "defect_type")  # zsad.data.hf.COLUMNS
-DEVICE_HELP = "auto (CUDA when available, then MPS, else the CPU), cpu, cuda, cuda:N or mps"
-PRECISION_HELP = ("vision backbone precision (default auto: bfloat16 where the device runs it natively, float16 on GPUs "
-                  "without bfloat16, int8 vision linears on other CPUs)")
+from .choices import (
+    DATASET_COLUMNS,
+    DEFAULT_MARGIN,
+    DEFAULT_QUANTILE,
+    DEVICE_HELP,
+    EXPORT_PRECISIONS,
+    MUTUAL_CLASS_NAME,
+    PRECISION_HELP,
+    PRECISIONS,
+)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device`` (env ``ZSAD_DEVICE``, default auto); ``zsad.loading.Runtime.resolve`` resolves it."""
+    """``--device`` (env ``ZSAD_DEVICE``, default auto); ``zsad.runtime.loading.Runtime.resolve`` resolves it."""
     parser.add_argument("--device", default=os.environ.get("ZSAD_DEVICE", "auto"),
                         help=f"where the model runs (env ZSAD_DEVICE, default auto): {DEVICE_HELP}")
 
@@ -63,7 +65,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiles", action="store_true",
                         help="score each image at full resolution in overlapping windows of the input size (small defects)")
     parser.add_argument("--mutual", action="store_true",
-                        help="score each category's test images against each other as one unlabeled batch (zsad.mutual; a trained "
+                        help="score each category's test images against each other as one unlabeled batch (zsad.detection.mutual; a trained "
                              "method's text map is fused in, an untrained one's is left out)")
 
 
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="score each image at full resolution in overlapping windows of the model's input size "
                          "(small defects on large images; one pass per window)")
     predict.add_argument("--mutual", action="store_true",
-                         help="score the images against each other, no text or references needed (zsad.mutual): the images "
+                         help="score the images against each other, no text or references needed (zsad.detection.mutual): the images "
                          "(each process's share under accelerate launch) are one batch of one product, at least 2; each is "
                          "compared with at most 15 others; a trained method's text map is fused in; not with --tiles or --engine onnx|openvino")
     predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest")
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse (fast), then run the command from ``zsad.cli``; a ``ZSADError`` is printed, exit status 2."""
+    """Parse (fast), then run the command from ``zsad.cli.commands``; a ``ZSADError`` is printed, exit status 2."""
     args = build_parser().parse_args(argv)
-    from zsad.cli import run
+    from zsad.cli.commands import run
 
     return run(args)

@@ -20,8 +20,8 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import ZSADError
-from ..images import IMAGE_SUFFIXES
+from ..modeling.exceptions import ZSADError
+from ..runtime.images import IMAGE_SUFFIXES
 from .readers import NORMAL_FOLDERS, Sample, read_layout
 
 HUB_PREFIX = "hf:"

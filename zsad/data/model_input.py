@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import load_image
 from ..modeling.image_processing_zsad import ZSADImageProcessor
+from ..runtime.images import load_image
 from .readers import Sample, read_mask
 
 

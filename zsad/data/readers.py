@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ZSADError
-from ..images import IMAGE_SUFFIXES
+from ..modeling.exceptions import ZSADError
+from ..runtime.images import IMAGE_SUFFIXES
 
 # Mask file = image stem + one of these (MVTec "000_mask.png", BTAD/VisA "000.png", DAGM conversions "_label").
 MASK_STEM_SUFFIXES = ("_mask", "_label", "_gt", "")

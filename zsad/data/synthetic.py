@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..errors import ZSADError
+from ..modeling.exceptions import ZSADError
 from .readers import requested_names
 
 TEXTURES = ("fabric", "wood", "tile", "grid")

@@ -1,7 +1,7 @@
 """Settings every zsad model shares: the backbone it runs on, input size, tapped layers, map post-processing.
 
 Each field carries its description as data (``setting(default, description)``): model cards list every field with
-its value and this text (``zsad.hub.config_settings``).
+its value and this text (``zsad.hub.publish.config_settings``).
 """
 
 import json

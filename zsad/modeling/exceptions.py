@@ -1,4 +1,4 @@
-"""The one exception type users see (re-exported as ``zsad.errors.ZSADError``).
+"""The one exception type users see (its public name is ``zsad.ZSADError``).
 
 It lives in ``zsad/modeling/`` because the Hub's remote-code loader ships only this folder
 with a checkpoint, and the modeling code must raise it too.

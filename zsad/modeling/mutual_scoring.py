@@ -1,5 +1,5 @@
 """Mutual scoring's arithmetic (MuSc, Li et al., ICLR 2024; docs/METHODS.md, "Mutual scoring"), torch only, so the
-checkpoints' pipeline (``pipeline_zsad.py``) runs it without zsad; ``zsad.mutual`` builds Detections on it.
+checkpoints' pipeline (``pipeline_zsad.py``) runs it without zsad; ``zsad.detection.mutual`` builds Detections on it.
 
 A normal patch finds close matches in most other images of the same product, a defect in few. Per tapped layer and
 aggregation degree, each patch's distance to its nearest patch in every compared image is averaged over the closest

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zsad
-from zsad.errors import BackboneLoadError, ZSADError
-from zsad.inference import AnomalyDetector
-from zsad.loading import PRECISIONS, add_device_argument, resolve_device, resolve_precision
+from zsad.detection.detector import AnomalyDetector
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
+from zsad.runtime.errors import BackboneLoadError, ZSADError
+from zsad.runtime.loading import resolve_device, resolve_precision
+from zsad_cli import add_device_argument
+from zsad_cli.choices import PRECISIONS
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zsad.images import bounded_size
-from zsad.inference import Detection, resize_map
+from zsad.detection.detector import Detection, resize_map
+from zsad.runtime.images import bounded_size
 
 BATCH_CSV_COLUMNS = ["file", "score", "verdict", "anomalous_pixel_percent", "mask", "error"]
 THUMBNAIL_SIDE = 320  # gallery overlays are downscaled to this side; the masks zip keeps full size

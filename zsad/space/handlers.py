@@ -10,14 +10,14 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-import zsad.images
-from zsad.errors import ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+import zsad.runtime.images
+from zsad.cli.summaries import mutual_lines
+from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+from zsad.detection.profile import ProductProfile
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
-from zsad.profile import ProductProfile
-from zsad.summaries import mutual_lines
+from zsad.runtime.errors import ZSADError
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
 from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv
@@ -144,8 +144,8 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             raise gr.Error(str(error), print_exception=False) from error
         first = results[0]
         return DetectOutput(
-            (picture, zsad.images.bounded(first.overlay, display_side)),
-            zsad.images.bounded(first.mask_image(), display_side),
+            (picture, zsad.runtime.images.bounded(first.overlay, display_side)),
+            zsad.runtime.images.bounded(first.mask_image(), display_side),
             round(first.score, 4),
             report(results, reference_set.profiles, reference_set.duplicates),
             [table_row(result) for result in results],
@@ -169,7 +169,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
         loaded = read_upload(upload)
         result = detector.detect_tiled(loaded, class_name, method=method, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                                        progress=lambda done, total: progress(done / total, desc=f"{done} of {total} tiles"))
-        return [result], zsad.images.bounded(loaded.image, display_side)
+        return [result], zsad.runtime.images.bounded(loaded.image, display_side)
 
     return detect
 
@@ -197,7 +197,7 @@ def read_chunk(chunk: list[BatchImage], max_side: int | None = None) -> list:
         try:
             if image.error is not None:
                 raise ZSADError(image.error)
-            outcomes.append(zsad.images.read_image(image.read(), name=image.name, max_side=max_side))
+            outcomes.append(zsad.runtime.images.read_image(image.read(), name=image.name, max_side=max_side))
         except ZSADError as error:
             outcomes.append(error)
     return outcomes

@@ -6,7 +6,7 @@ import json
 
 import gradio as gr
 
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector
+from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector
 
 from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import OutputFolders, full_resolution_files, serving_files

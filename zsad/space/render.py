@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from zsad.inference import AnomalyDetector, Detection
+from zsad.detection.detector import AnomalyDetector, Detection
+from zsad.detection.profile import ProductProfile
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
-from zsad.profile import ProductProfile
 
 from .config import COMPARE, checkpoint_variable, display_name
 

@@ -5,7 +5,7 @@ import functools
 import threading
 from contextlib import contextmanager
 
-from zsad.inference import AnomalyDetector
+from zsad.detection.detector import AnomalyDetector
 from zsad.modeling.prompting import clean_class_name, prompt_ensemble_features
 
 # Images per forward pass. One: a chunk of 4 raised a batch's peak memory to +175 MB above the loaded bf16 detector,

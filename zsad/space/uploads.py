@@ -15,8 +15,8 @@ from pathlib import Path
 
 from gradio.utils import get_upload_folder
 
-from zsad.errors import ZSADError
-from zsad.images import IMAGE_SUFFIXES, LoadedImage, header_size, read_image
+from zsad.runtime.errors import ZSADError
+from zsad.runtime.images import IMAGE_SUFFIXES, LoadedImage, header_size, read_image
 
 from .config import BatchCaps
 

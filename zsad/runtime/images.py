@@ -4,7 +4,7 @@
 PIL image, or raises one ``ZSADError`` saying what is wrong (unreadable, truncated, too large, too small).
 The implementation lives in ``zsad/modeling/image_processing_zsad.py``: the pipeline saved with every checkpoint
 reads images with the same code; ``read_image`` also bounds the longest side (decoding large JPEGs at reduced
-size) and tells the original size. Importing it does not import torch (``zsad.deploy`` uses it without torch).
+size) and tells the original size. Importing it does not import torch (``zsad.deploy.runtime`` uses it without torch).
 """
 
 from collections.abc import Sequence
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ZSADError
-from .modeling.image_processing_zsad import (
+from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import (
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
     LoadedImage,

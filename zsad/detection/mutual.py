@@ -3,7 +3,7 @@ docs/METHODS.md, "Mutual scoring"), as ``Detection``s. The arithmetic is ``zsad.
 only, shared with the checkpoints' pipeline); its names are public here too.
 
 ```python
->>> from zsad.mutual import MutualSettings, detect_mutual, mutual_scores
+>>> from zsad.detection.mutual import MutualSettings, detect_mutual, mutual_scores
 >>> results = detect_mutual(detector, ["lot/001.png", "lot/002.png", ...], "metal nut")  # one Detection per image
 >>> results[0].details.compared_with, results[0].score, results[0].anomaly_map.shape
 >>> scores = mutual_scores([tokens_1, tokens_2, ...], MutualSettings(max_compared=16))  # (L, P, D) per image
@@ -17,10 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from .detection import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
-from .images import read_image
-from .methods import status
-from .modeling.mutual_scoring import (
+from ..modeling.mutual_scoring import (
     MutualBatch,
     MutualScores,
     MutualSettings,
@@ -39,8 +36,11 @@ from .modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
-from .modeling.prompting import clean_class_name
+from ..modeling.prompting import clean_class_name
+from ..runtime.images import read_image
+from ..runtime.methods import status
 from .references import reference_map
+from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 
 __all__ = ["MutualBatch", "MutualDetails", "MutualScores", "MutualSettings", "aggregate", "check_batch", "comparison_groups",
            "content_key", "detect_mutual", "far_notes", "fused", "map_image_scores", "mutual_map", "mutual_scores", "rescore",

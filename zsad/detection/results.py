@@ -1,7 +1,7 @@
 """The one result type of zsad: what a detection returns for one image and one method, and the one threshold rule.
 
 Built by ``build_detection`` from the map at the model's input size, whatever ran the model (``AnomalyDetector``,
-tiled detection, an exported graph in ``zsad.deploy``). numpy and Pillow only: importing this module does not
+tiled detection, an exported graph in ``zsad.deploy.runtime``). numpy and Pillow only: importing this module does not
 import torch, so the torch-free runtime returns the same type.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
+from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
 from .visualize import overlay_heatmap
 
 # How a mutual detection's calibration starts: its maps and scores are on the batch's own scale.
@@ -20,7 +20,7 @@ MUTUAL_CALIBRATION = "mutual: scored against the batch; "
 
 
 class CalibratedThresholds(Protocol):
-    """What the threshold rule reads of a product profile's calibration (``zsad.profile.Calibration``)."""
+    """What the threshold rule reads of a product profile's calibration (``zsad.detection.profile.Calibration``)."""
 
     image_threshold: float
     pixel_threshold: float
@@ -55,7 +55,7 @@ class Detection:
     Args:
         method: the method name the detector holds the model under.
         status: "trained", "untrained" (a method at its training-free start), "training-free" (the baseline) or
-            "exported (...)" (a graph run by ``zsad.deploy``).
+            "exported (...)" (a graph run by ``zsad.deploy.runtime``).
         class_name: the cleaned class name the prompts used.
         score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
         threshold: the verdict's threshold.

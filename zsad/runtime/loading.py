@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModel
 
-from zsad_cli import DEVICE_HELP, PRECISIONS, add_device_argument  # noqa: F401  (the parser's vocabulary, public here too)
+from zsad_cli.choices import DEVICE_HELP, PRECISIONS
 
+from ..modeling.clip_backbone import CLIPBackbone
+from ..modeling.configuration_zsad_base import DEFAULT_CLIP
+from ..modeling.exceptions import ZSADError
+from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .allocator import release_free_memory
-from .errors import BackboneLoadError, ZSADError
+from .errors import BackboneLoadError
 from .methods import METHODS, method_of, method_of_model_type
-from .modeling.clip_backbone import CLIPBackbone
-from .modeling.configuration_zsad_base import DEFAULT_CLIP
-from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8

@@ -1,7 +1,7 @@
 """Full-resolution detection in overlapping windows of the model's input size (small defects on large images).
 
 ```python
->>> from zsad.tiling import detect_tiled
+>>> from zsad.detection.tiling import detect_tiled
 >>> result = detect_tiled(detector, "wafer.png", "wafer", method="stackclip")   # or detector.detect_tiled(...)
 >>> result.tiles, result.anomaly_map.shape                                       # windows scored, (H, W) of the file
 ```
@@ -14,12 +14,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .detection import Detection, build_detection, check_optional_threshold, thresholds
-from .errors import ZSADError
-from .images import read_image
-from .methods import status
-from .modeling.image_processing_zsad import resize_map
-from .modeling.prompting import clean_class_name
+from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import resize_map
+from ..modeling.prompting import clean_class_name
+from ..runtime.images import read_image
+from ..runtime.methods import status
+from .results import Detection, build_detection, check_optional_threshold, thresholds
 
 
 def tile_boxes(size: tuple[int, int], tile: int, overlap: float = 0.25) -> list[tuple[int, int, int, int]]:
@@ -43,7 +43,7 @@ def detect_tiled(detector, image, class_name: str, method: str | None = None, th
                  overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
     """Score ``image`` at full resolution with ``detector``'s ``method``: the windows (``tile_boxes``) run in batches
     of ``batch_size``, their maps are averaged where they overlap, and the image score is the highest window score.
-    ``threshold`` follows the one rule (``zsad.detection.thresholds``: default 0.5); ``progress(done, total)`` is
+    ``threshold`` follows the one rule (``zsad.detection.results.thresholds``: default 0.5); ``progress(done, total)`` is
     called after each batch."""
     started = time.perf_counter()
     method = detector.resolve_method(method)

@@ -2,7 +2,7 @@
 ``zsad tiny-clip``): no download needed.
 
 ```python
->>> from zsad.tiny_clip import save_tiny_clip
+>>> from zsad.runtime.tiny_clip import save_tiny_clip
 >>> path = save_tiny_clip("/tmp/tiny-clip")   # model + tokenizer + image processor
 >>> model = zsad.ZeroShotCLIPModel.from_clip(path, image_size=112)
 ```
@@ -15,7 +15,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from .modeling.prompting import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
+from ..modeling.prompting import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # Words the tests and the synthetic datasets use, so the tiny tokenizer splits them like a real one would.

@@ -1,11 +1,10 @@
 """The exception types a user can cause; each message says what to do.
 
 ``ZSADError`` is defined in ``zsad/modeling/exceptions.py`` because the Hub's remote-code loader ships only
-``zsad/modeling/`` with a checkpoint and the modeling code raises it too; code outside ``zsad/modeling/``
-imports it from here.
+``zsad/modeling/`` with a checkpoint and the modeling code raises it too; users import it as ``zsad.ZSADError``.
 """
 
-from .modeling.exceptions import ZSADError
+from ..modeling.exceptions import ZSADError
 
 
 class BackboneLoadError(ZSADError):
@@ -16,4 +15,4 @@ class BackboneLoadError(ZSADError):
         self.clip = clip
 
 
-__all__ = ["BackboneLoadError", "ZSADError"]
+__all__ = ["BackboneLoadError"]

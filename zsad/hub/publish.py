@@ -1,7 +1,7 @@
 """Model cards and publishing: adapter-only weights + remote code + a full model card, in one Hub commit.
 
 ```python
->>> from zsad.hub import publish, render_model_card
+>>> from zsad.hub.publish import publish, render_model_card
 >>> card = render_model_card(model, eval_results="results/stackclip_visa.json")  # huggingface_hub.ModelCard
 >>> publish("runs/stackclip-mvtec", "my-org/stackclip-mvtec", eval_json="results/stackclip_visa.json")
 ```
@@ -10,7 +10,7 @@ The card template is chosen by the config's ``model_type`` (``zsad/model_cards/<
 it is found in a source checkout and in an installed package alike) and filled from the config itself, so every
 config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the description kept next to the
 field (``setting(default, description)`` in the config classes). Evaluation results are read and checked by
-``zsad.evaluation_reports``.
+``zsad.evaluation.reports``.
 """
 
 import dataclasses
@@ -26,12 +26,12 @@ from transformers import PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import CONFIG_NAME
 
-from .errors import ZSADError
-from .evaluation_reports import check_evaluation, load_evaluation, model_index_results, read_json, training_dataset
-from .methods import config_class, method_of, model_class, status
-from .metrics import metric_name
-from .modeling.modeling_zsad_base import commit_files
-from .provenance import checkpoint_digest, model_digest
+from ..evaluation.reports import check_evaluation, load_evaluation, model_index_results, read_json, training_dataset
+from ..metrics import metric_name
+from ..modeling.exceptions import ZSADError
+from ..modeling.modeling_zsad_base import commit_files
+from ..runtime.methods import config_class, method_of, model_class, status
+from ..runtime.provenance import checkpoint_digest, model_digest
 
 TEMPLATE_DIR = resources.files(__package__) / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"

@@ -1,7 +1,7 @@
 """The paper protocol: per-category image and pixel metrics of a model on a benchmark, and their mean.
 
 ```python
->>> from zsad.evaluation import evaluate, write_outputs
+>>> from zsad.evaluation.protocol import evaluate, write_outputs
 >>> report, records = evaluate("baseline", "visa", "/data/visa", clip="openai/clip-vit-large-patch14-336")
 >>> report["mean"]["pixel_aupro"]
 >>> write_outputs(report, records, "results/")   # evaluation.json, evaluation.md, evaluation.png
@@ -29,21 +29,21 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import Sample, load_dataset, read_mask
-from .data.model_input import ImageSet
-from .errors import ZSADError
-from .fusion import scored
-from .images import load_image
-from .inference import AnomalyDetector
-from .loading import Runtime, load_backbone, load_model
-from .methods import METHODS
-from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
-from .modeling.image_processing_zsad import resize_map
-from .modeling.prompting import clean_class_name
-from .mutual import detect_mutual
-from .provenance import model_record
-from .references import FusionScale
-from .visualize import evaluation_figure, few_shot_figure
+from ..data import Sample, load_dataset, read_mask
+from ..data.model_input import ImageSet
+from ..detection.detector import AnomalyDetector
+from ..detection.fusion import scored
+from ..detection.mutual import detect_mutual
+from ..detection.references import FusionScale
+from ..detection.visualize import evaluation_figure, few_shot_figure
+from ..metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
+from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import resize_map
+from ..modeling.prompting import clean_class_name
+from ..runtime.images import load_image
+from ..runtime.loading import Runtime, load_backbone, load_model
+from ..runtime.methods import METHODS
+from ..runtime.provenance import model_record
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
 OUTPUT_NAMES = {"json": "evaluation.json", "markdown": "evaluation.md", "figure": "evaluation.png"}
@@ -68,12 +68,12 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
     and the records (on the main process; other processes get ``({}, [])``). ``device`` and ``precision`` are
-    as ``zsad.loading.Runtime.resolve`` takes them (default: the accelerator's device, auto precision).
+    as ``zsad.runtime.loading.Runtime.resolve`` takes them (default: the accelerator's device, auto precision).
 
     ``tiles`` scores each image at full resolution in overlapping windows of the input size
     (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
     size like every other map. ``mutual`` scores each category's test images against each other as one unlabeled
-    batch (``zsad.mutual.detect_mutual``, no labels used); the report says ``"mutual": true``."""
+    batch (``zsad.detection.mutual.detect_mutual``, no labels used); the report says ``"mutual": true``."""
     accelerator = accelerator or Accelerator()
     with accelerator.main_process_first():  # a Hugging Face dataset's images are written once, by the main process
         samples = load_dataset(dataset, root, categories=categories, normal_dirs=normal_dirs, columns=columns)

@@ -1,4 +1,4 @@
-"""Few-shot evaluation: the zero-shot protocol of ``zsad.evaluation`` plus, for each seed, K reference images drawn
+"""Few-shot evaluation: the zero-shot protocol of ``zsad.evaluation.protocol`` plus, for each seed, K reference images drawn
 per category from its train/good split and fused with the model's map on the common scale (docs/METHODS.md,
 "Reference images"); ``zsad evaluate --shots K --seeds S``."""
 
@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .data import Sample, load_dataset
-from .data.model_input import ImageSet
-from .errors import ZSADError
-from .evaluation import Record, by_category_samples, category_report, evaluate, evaluation_model, evaluation_runtime, json_values, score_samples
-from .metrics import METRICS
-from .modeling.prompting import clean_class_name
-from .provenance import model_record
-from .references import FusionScale, ReferenceMemory, default_weight, leave_one_out_sources
+from ..data import Sample, load_dataset
+from ..data.model_input import ImageSet
+from ..detection.references import FusionScale, ReferenceMemory, default_weight, leave_one_out_sources
+from ..metrics import METRICS
+from ..modeling.exceptions import ZSADError
+from ..modeling.prompting import clean_class_name
+from ..runtime.provenance import model_record
+from .protocol import Record, by_category_samples, category_report, evaluate, evaluation_model, evaluation_runtime, json_values, score_samples
 
 
 def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, categories=None, clip: str | None = None,

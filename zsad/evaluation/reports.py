@@ -8,7 +8,7 @@ or ``{"reports": [...]}``; a report is ::
      "dataset_id": "visa", "split": "test",  # optional
      "categories": {"pcb1": {"image_auroc": 0.91, "pixel_aupro": 0.85, ...}, ...},
      "mean": {"image_auroc": 0.88, ...},     # optional: computed from "categories" when missing
-     "evaluated_model": {...}}               # which model was evaluated (zsad.provenance.model_record)
+     "evaluated_model": {...}}               # which model was evaluated (zsad.runtime.provenance.model_record)
 
 ``publish`` and ``export`` take results only for the checkpoint they publish (same adapter digest), never for the
 untrained method, and never measured on the model's own training categories (``check_evaluation``).
@@ -26,9 +26,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult
 from transformers import PreTrainedConfig
 
-from .errors import ZSADError
-from .methods import status
-from .metrics import metric_name
+from ..metrics import metric_name
+from ..modeling.exceptions import ZSADError
+from ..runtime.methods import status
 
 IMAGE_TASK = {"task_type": "image-classification", "task_name": "Zero-shot anomaly detection (image level)"}
 PIXEL_TASK = {"task_type": "image-segmentation", "task_name": "Zero-shot anomaly segmentation (pixel level)"}
@@ -133,7 +133,7 @@ def training_dataset(config: PreTrainedConfig) -> str | None:
 def check_evaluation(report: EvaluationReport, config: PreTrainedConfig, digest: str | None = None) -> None:
     """Refuse (ZSADError, with the reason) results that do not belong on this model's card: those of another method
     or of the untrained one, those measured on its own training categories, and, when ``digest`` (the published
-    adapters' ``zsad.provenance`` digest) is given, those of other weights or of an unrecorded model."""
+    adapters' ``zsad.runtime.provenance`` digest) is given, those of other weights or of an unrecorded model."""
     where = f"The evaluation on {report.dataset}"
     evaluated = report.evaluated_model
     if evaluated is not None and evaluated.get("model_type") != config.model_type:

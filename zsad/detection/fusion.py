@@ -5,8 +5,8 @@ Whole-image detection, calibration, the exported graph and few-shot evaluation a
 the fusion reaches each of them.
 """
 
-from .modeling.clip_backbone import ImageFeatures
-from .modeling.modeling_zsad_base import ZSADPreTrainedModel
+from ..modeling.clip_backbone import ImageFeatures
+from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .references import FusionScale, ReferenceMemory, ReferenceScores, apply_references
 
 

@@ -2,7 +2,7 @@
 memory and thresholds calibrated by scoring each reference against the others (leave-one-out).
 
 ```python
->>> from zsad.calibration import build_profile
+>>> from zsad.detection.calibration import build_profile
 >>> profile = build_profile(detector, "stackclip", "metal nut", "good_parts/")   # or detector.build_profile(...)
 >>> profile.calibration.image_threshold, profile.describe()
 ```
@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.model_input import resized_mask
-from .errors import ZSADError
-from .images import image_files, load_image
-from .modeling.clip_backbone import ImageFeatures
-from .modeling.modeling_zsad_base import ZSADPreTrainedModel
-from .modeling.prompting import clean_class_name
+from ..data.model_input import resized_mask
+from ..modeling.clip_backbone import ImageFeatures
+from ..modeling.exceptions import ZSADError
+from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
+from ..modeling.prompting import clean_class_name
+from ..runtime.images import image_files, load_image
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, choose_weight
 from .references import (
     FusionScale,

@@ -4,13 +4,13 @@ The graph maps a (1, 3, S, S) normalised image to ``image_score`` (1, C) and ``a
 column per product name, at the model's input size S. It is traced from the model's own forward with the
 names' text features computed beforehand, so they are constants in the graph and the tokenizer is not needed at
 run time (GenCLIP's vision-enhanced prompts depend on the image, so its graph keeps the text transformer, with
-the names' tokens baked in). Next to the graph, ``zsad_deploy.json`` holds what ``zsad.deploy`` needs:
+the names' tokens baked in). Next to the graph, ``zsad_deploy.json`` holds what ``zsad.deploy.runtime`` needs:
 pre-processing, names and thresholds.
 
 ```python
->>> from zsad.export import export
+>>> from zsad.deploy.export import export
 >>> export("baseline", ["metal nut"], "exported/", format="onnx", precision="int8")
->>> from zsad.deploy import ExportedDetector   # numpy + onnxruntime / openvino, no torch
+>>> from zsad.deploy.runtime import ExportedDetector   # numpy + onnxruntime / openvino, no torch
 >>> ExportedDetector.load("exported/").detect("part.png", "metal nut").verdict
 ```
 """
@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
-from .detection import check_optional_threshold, thresholds
-from .errors import ZSADError
-from .fusion import scored
-from .loading import load_model
-from .methods import method_of
-from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
-from .modeling.modeling_genclip import GenCLIPModel
-from .modeling.prompting import clean_class_name
-from .profile import ProductProfile
+from ..detection.fusion import scored
+from ..detection.profile import ProductProfile
+from ..detection.results import check_optional_threshold, thresholds
+from ..modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
+from ..modeling.exceptions import ZSADError
+from ..modeling.modeling_genclip import GenCLIPModel
+from ..modeling.prompting import clean_class_name
+from ..runtime.loading import load_model
+from ..runtime.methods import method_of
+from .runtime import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
 
 ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..modeling.modeling_zsad_base import BACKBONE_PREFIX
 from .methods import status
-from .modeling.modeling_zsad_base import BACKBONE_PREFIX
 
 
 def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:

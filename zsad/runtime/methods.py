@@ -1,7 +1,7 @@
 """The method registry: method names (CLI, Space, training command) <-> model classes <-> config classes.
 
 ```python
->>> from zsad.methods import METHODS, method_of, status
+>>> from zsad.runtime.methods import METHODS, method_of, status
 >>> METHODS["stackclip"]                      # StackCLIPModel
 >>> method_of(model), status(model)            # "stackclip", "untrained"
 ```
@@ -11,11 +11,11 @@ Importing this module registers every method with ``AutoConfig`` / ``AutoModel``
 
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
-from .errors import ZSADError
-from .modeling.modeling_genclip import GenCLIPModel
-from .modeling.modeling_stackclip import StackCLIPModel
-from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
-from .modeling.modeling_zsad_base import ZSADPreTrainedModel
+from ..modeling.exceptions import ZSADError
+from ..modeling.modeling_genclip import GenCLIPModel
+from ..modeling.modeling_stackclip import StackCLIPModel
+from ..modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
+from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
 
 METHODS: dict[str, type[ZSADPreTrainedModel]] = {
     "baseline": ZeroShotCLIPModel,

@@ -1,8 +1,8 @@
 """Batch prediction over image files and folders: overlays, masks and ``scores.json`` in an output folder.
 
 ```python
->>> from zsad.inference import AnomalyDetector
->>> from zsad.predict import predict_files
+>>> from zsad.detection.detector import AnomalyDetector
+>>> from zsad.cli.predict import predict_files
 >>> summary = predict_files(AnomalyDetector.for_model("stackclip"), ["parts/"], "metal nut", "results/")
 ```
 """
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from .detection import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_optional_threshold
-from .errors import ZSADError
-from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
-from .modeling.class_names import clean_class_name
+from ..detection.results import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_optional_threshold
+from ..modeling.class_names import clean_class_name
+from ..modeling.exceptions import ZSADError
+from ..runtime.images import IMAGE_SUFFIXES, bounded, image_files, read_image
 
-if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here without it
+if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy.runtime) is run through here without it
     from accelerate import PartialState
 
-    from .inference import AnomalyDetector
-    from .profile import ProductProfile
+    from ..detection.detector import AnomalyDetector
+    from ..detection.profile import ProductProfile
 
 RECORDS_GLOB = "records-*.jsonl"
 # What a scored image's record holds (an unreadable image's record holds "image" and "error").

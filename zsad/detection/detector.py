@@ -3,7 +3,7 @@
 One frozen CLIP backbone is loaded once and shared by every method model the detector holds:
 
 ```python
->>> from zsad.inference import AnomalyDetector
+>>> from zsad.detection.detector import AnomalyDetector
 >>> detector = AnomalyDetector.load(checkpoints={"stackclip": "user/zsad-stackclip"})  # others untrained
 >>> result = detector.detect("part.png", "metal nut", method="stackclip", threshold=0.5)
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
@@ -22,21 +22,22 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
+from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
+from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
+from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
+from ..modeling.prompting import clean_class_name
+from ..runtime.errors import BackboneLoadError
+from ..runtime.images import LoadedImage, read_image
+from ..runtime.loading import Runtime, checkpoint_method, load_method, shared_backbone
+from ..runtime.methods import METHODS, status
 from . import calibration, mutual, tiling
-from .detection import Detection, build_detection, check_optional_threshold, thresholds
-from .errors import BackboneLoadError, ZSADError
 from .fusion import scored
-from .images import LoadedImage, read_image
-from .loading import Runtime, checkpoint_method, load_method, shared_backbone
-from .methods import METHODS, status
-from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
-from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
-from .modeling.modeling_zsad_base import ZSADPreTrainedModel
-from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
+from .results import Detection, build_detection, check_optional_threshold, thresholds
 from .tiling import tile_boxes
 
-# Detection, the threshold helpers and tile_boxes are public here too (``from zsad.inference import Detection``).
+# Detection, the threshold helpers and tile_boxes are public here too (``from zsad.detection.detector import Detection``).
 __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detection", "check_optional_threshold", "check_threshold",
            "resize_map", "thresholds", "tile_boxes"]
 
@@ -66,7 +67,7 @@ class AnomalyDetector:
 
         Without ``clip``, the backbone is the one the first checkpoint was trained on (or the default CLIP).
         ``image_size`` overrides the input size of untrained models only (checkpoints keep theirs).
-        ``runtime`` (``zsad.loading.Runtime.resolve(device, precision)``) says where the backbone and every model run
+        ``runtime`` (``zsad.runtime.loading.Runtime.resolve(device, precision)``) says where the backbone and every model run
         and in which precision; without it, ``device`` ("auto": CUDA when available) and ``dtype`` (the vision
         tower's, default float32) say so.
         """
@@ -135,12 +136,12 @@ class AnomalyDetector:
 
     def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
                      overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
-        """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.tiling.detect_tiled``."""
+        """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.detection.tiling.detect_tiled``."""
         return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress)
 
     def detect_mutual(self, images: Sequence, class_name: str, method: str = "baseline", **options) -> list[Detection]:
         """Score ``images`` (N >= 2 of one product) against each other, no text or references needed; one Detection
-        per image: ``zsad.mutual.detect_mutual`` (``options``: threshold, profile, settings, batch_size,
+        per image: ``zsad.detection.mutual.detect_mutual`` (``options``: threshold, profile, settings, batch_size,
         display_side, progress)."""
         return mutual.detect_mutual(self, images, class_name, method=method, **options)
 
@@ -233,12 +234,12 @@ class AnomalyDetector:
             for i in range(len(loaded))
         ]
 
-    # ----- product profiles: zsad.calibration -------------------------------------------------------------
+    # ----- product profiles: zsad.detection.calibration -------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
                       quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
                       fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
-        """A product profile (reference images and calibrated thresholds): ``zsad.calibration.build_profile``."""
+        """A product profile (reference images and calibrated thresholds): ``zsad.detection.calibration.build_profile``."""
         return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
 
@@ -246,7 +247,7 @@ class AnomalyDetector:
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
                        fusion_weight: float | None = None, batch_size: int = 8,
                        progress: bool = False) -> dict[str, ProductProfile]:
-        """Profiles of several methods, each image encoded once per input size: ``zsad.calibration.build_profiles``."""
+        """Profiles of several methods, each image encoded once per input size: ``zsad.detection.calibration.build_profiles``."""
         return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,
                                           margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
 

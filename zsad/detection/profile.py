@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .detection import uncalibrated_description  # noqa: F401  (its name here is public)
-from .errors import ZSADError
+from ..modeling.exceptions import ZSADError
 from .references import FusionScale, ReferenceMemory, SourceMaps
+from .results import uncalibrated_description  # noqa: F401  (its name here is public)
 
 PROFILE_JSON = "profile.json"
 MEMORY_FILE = "memory.safetensors"

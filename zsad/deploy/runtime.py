@@ -1,7 +1,7 @@
 """Run a graph written by ``zsad export`` with numpy, Pillow and ONNX Runtime or OpenVINO: no torch.
 
 ```python
->>> from zsad.deploy import ExportedDetector
+>>> from zsad.deploy.runtime import ExportedDetector
 >>> detector = ExportedDetector.load("exported/")            # zsad_deploy.json + model.onnx / model.xml
 >>> result = detector.detect("part.png", "metal nut")
 >>> result.score, result.verdict, result.anomaly_map.shape   # (H, W) of part.png
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .detection import Detection, build_detection, thresholds
-from .errors import ZSADError
-from .images import load_image
-from .modeling.class_names import clean_class_name
-from .modeling.image_processing_zsad import PROCESSOR_FILE, ZSADImageProcessor
+from ..detection.results import Detection, build_detection, thresholds
+from ..modeling.class_names import clean_class_name
+from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import PROCESSOR_FILE, ZSADImageProcessor
+from ..runtime.images import load_image
 
 CONFIG_NAME = "zsad_deploy.json"
 FORMATS = ("onnx", "openvino")
-PRECISIONS = ("float32", "int8")  # the names zsad.loading uses for the same precisions
+PRECISIONS = ("float32", "int8")  # the names zsad.runtime.loading uses for the same precisions
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # Which runtime runs which graph file: OpenVINO reads ONNX graphs too.
 ENGINES = {"onnx": ("onnx",), "openvino": ("onnx", "openvino")}
@@ -140,7 +140,7 @@ def read_processor(directory: str | Path, config: dict) -> ZSADImageProcessor:
 
 
 class ExportedGraphPredictor:
-    """An exported graph behind the interface ``zsad.predict.predict_files`` uses (``zsad predict --engine``)."""
+    """An exported graph behind the interface ``zsad.cli.predict.predict_files`` uses (``zsad predict --engine``)."""
 
     def __init__(self, detector: ExportedDetector):
         self.detector = detector
@@ -163,7 +163,7 @@ class ExportedGraphPredictor:
     def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
                      display_side: int | None = None) -> list[Detection]:
         """``profile`` must be None: an exported graph carries its own reference images and thresholds;
-        ``display_side`` bounds are applied when the images are read (``zsad.predict``)."""
+        ``display_side`` bounds are applied when the images are read (``zsad.cli.predict``)."""
         names = class_names if isinstance(class_names, (list, tuple)) else [class_names] * len(images)
         return [self.detector.detect(image, name, threshold) for image, name in zip(images, names)]
 
@@ -207,7 +207,7 @@ def openvino_runner(graph: Path, threads: int | None = None, inference_precision
 
 
 class OneProcess:
-    """What ``zsad.predict.predict_files`` asks of Accelerate's ``PartialState``, for one process and no torch."""
+    """What ``zsad.cli.predict.predict_files`` asks of Accelerate's ``PartialState``, for one process and no torch."""
 
     is_main_process = is_local_main_process = True
     process_index = 0

@@ -8,22 +8,20 @@ import argparse
 import shlex
 import sys
 
-from zsad_cli import build_parser, main
+from ..modeling.exceptions import ZSADError
 
-from .errors import ZSADError
-
-__all__ = ["build_parser", "evaluate", "main", "run"]
+__all__ = ["evaluate", "run"]
 
 
 def _tiny_clip(args: argparse.Namespace) -> None:
+    from ..runtime.tiny_clip import save_tiny_clip
     from .summaries import tiny_clip_summary
-    from .tiny_clip import save_tiny_clip
 
     print(tiny_clip_summary(save_tiny_clip(args.directory, seed=args.seed)))
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from .hub import export, publish
+    from ..hub.publish import export, publish
     from .summaries import dry_run_summary
 
     if args.dry_run:
@@ -47,7 +45,7 @@ def _predict(args: argparse.Namespace) -> None:
             raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
         if args.profile or args.reference:
             raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
-        from .deploy import ExportedGraphPredictor, OneProcess
+        from ..deploy.runtime import ExportedGraphPredictor, OneProcess
 
         detector = ExportedGraphPredictor.load(args.model, args.engine)
         class_name = detector.detector.resolve_class_name(args.class_name)
@@ -56,10 +54,10 @@ def _predict(args: argparse.Namespace) -> None:
     else:
         from accelerate import Accelerator
 
-        from .distributed import process_group_closed_at_end
-        from .inference import AnomalyDetector
-        from .loading import Runtime
-        from .profile import ProductProfile
+        from ..detection.detector import AnomalyDetector
+        from ..detection.profile import ProductProfile
+        from ..runtime.distributed import process_group_closed_at_end
+        from ..runtime.loading import Runtime
 
         if args.class_name is None and not args.mutual:
             raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
@@ -95,13 +93,13 @@ def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:
         raise ZSADError(f"Say what the product is with --class-name: {method} is trained, so its text map is part of the mutual scores.")
     if args.profile or args.reference:
         raise ZSADError("Say what the product is with --class-name: a profile (--profile/--reference) belongs to a named product.")
-    from .modeling.mutual_scoring import UNNAMED_PRODUCT
+    from ..modeling.mutual_scoring import UNNAMED_PRODUCT
 
     return UNNAMED_PRODUCT
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import export
+    from ..deploy.export import export
 
     path = export(args.model, args.class_name, args.out, format=args.format, precision=args.precision,
                   profile=args.profile, threshold=args.threshold, clip=args.clip, image_size=args.image_size)
@@ -111,8 +109,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from .inference import AnomalyDetector
-    from .loading import Runtime
+    from ..detection.detector import AnomalyDetector
+    from ..runtime.loading import Runtime
 
     if args.masks and not args.defective:
         raise ZSADError("--masks needs --defective (the masks mark the defects in those images).")
@@ -136,11 +134,11 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     main process writes the outputs and returns their paths, the other processes return None."""
     from accelerate import Accelerator
 
-    from .data.hf import COLUMNS
-    from .distributed import process_group_closed_at_end
-    from .evaluation import evaluate as evaluate_zero_shot
-    from .evaluation import few_shot_table, markdown_table, write_outputs
-    from .evaluation_few_shot import evaluate_few_shot
+    from ..data.hf import COLUMNS
+    from ..evaluation.few_shot import evaluate_few_shot
+    from ..evaluation.protocol import evaluate as evaluate_zero_shot
+    from ..evaluation.protocol import few_shot_table, markdown_table, write_outputs
+    from ..runtime.distributed import process_group_closed_at_end
 
     if args.shots and args.mutual:
         raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
@@ -162,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 
 
 def _dataset_push(args: argparse.Namespace) -> None:
-    from .data import to_hf_dataset
+    from ..data import to_hf_dataset
 
     dataset = to_hf_dataset(args.layout, args.root, categories=args.categories, split=args.split, normal_dirs=args.normal_dirs)
     summary = f"{dataset.num_rows} images ({sum(dataset['label'])} anomalous) in {len(set(dataset['category']))} categories"

@@ -9,7 +9,7 @@ from PIL import Image
 if TYPE_CHECKING:  # metrics imports scikit-learn and SciPy, which the serving path does not need
     from matplotlib.figure import Figure
 
-    from .metrics import Curves
+    from ..metrics import Curves
 
 
 def overlay_heatmap(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
@@ -76,7 +76,7 @@ def few_shot_figure(zero_shot: dict, few_shot: dict, path) -> "Figure":
     """Bars per metric: the zero-shot mean and the few-shot mean over seeds with its standard deviation."""
     from matplotlib.figure import Figure
 
-    from .metrics import metric_name
+    from ..metrics import metric_name
 
     keys = [key for key in few_shot["mean"] if few_shot["mean"][key] is not None and zero_shot.get(key) is not None]
     positions = np.arange(len(keys))

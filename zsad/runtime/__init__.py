@@ -1,0 +1,7 @@
+"""What every layer above the models stands on: the user-facing errors (``errors``), reading images (``images``),
+loading a method or checkpoint on a device and precision (``loading``), the method registry (``methods``),
+provenance of results (``provenance``), the tiny random CLIP for tests (``tiny_clip``), freeing allocator memory
+(``allocator``) and Accelerate process groups (``distributed``).
+
+``errors`` and ``images`` import without torch; the others need it.
+"""
