@@ -17,7 +17,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import zsad
 from zsad.evaluation.reports import load_evaluation
-from zsad.hub.publish import export, publish, render_model_card
+from zsad.hub.publish import publish, render_model_card, write_publish_folder
 from zsad.runtime.provenance import model_record
 from zsad_cli import main
 
@@ -246,7 +246,7 @@ def test_an_evaluation_of_the_untrained_method_or_of_another_model_is_refused(fa
         with pytest.raises(zsad.ZSADError, match=message):
             publish(checkpoint, "org/genclip-mvtec", eval_json=path)
         with pytest.raises(zsad.ZSADError, match=message):
-            export(checkpoint, tmp_path / "dry-run", eval_json=path)
+            write_publish_folder(checkpoint, tmp_path / "dry-run", eval_json=path)
     unrecorded = tmp_path / "unrecorded.json"
     unrecorded.write_text(json.dumps(EVALUATION))
     with pytest.raises(zsad.ZSADError, match="does not say which model it evaluated"):

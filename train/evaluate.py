@@ -1,4 +1,4 @@
-"""Evaluate a model on a benchmark with the paper protocol (see zsad/evaluation.py).
+"""Evaluate a model on a benchmark with the paper protocol (see zsad/evaluation/protocol.py).
 
     python train/evaluate.py --model baseline --dataset visa --root /data/visa --out results/
     accelerate launch --num_processes 2 train/evaluate.py --model ORG/stackclip --dataset mvtec --root /data/mvtec --out results/

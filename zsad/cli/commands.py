@@ -21,11 +21,11 @@ def _tiny_clip(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from ..hub.publish import export, publish
+    from ..hub.publish import publish, write_publish_folder
     from .summaries import dry_run_summary
 
     if args.dry_run:
-        folder = export(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id, base_model=args.base_model)
+        folder = write_publish_folder(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id, base_model=args.base_model)
         print(dry_run_summary(folder, args.repo_id))
         return
     commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private,

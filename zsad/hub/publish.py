@@ -6,7 +6,7 @@
 >>> publish("runs/stackclip-mvtec", "my-org/stackclip-mvtec", eval_json="results/stackclip_visa.json")
 ```
 
-The card template is chosen by the config's ``model_type`` (``zsad/model_cards/<model_type>.md``, package data, so
+The card template is chosen by the method id (``zsad/model_cards/<method>.md``, package data, so
 it is found in a source checkout and in an installed package alike) and filled from the config itself, so every
 config field (the METHODS.md [choice]/[lineage] settings) appears with its value and the description kept next to the
 field (``setting(default, description)`` in the config classes). Evaluation results are read and checked by
@@ -33,7 +33,7 @@ from ..modeling.modeling_zsad_base import commit_files
 from ..runtime.methods import config_class, method_of, model_class, status
 from ..runtime.provenance import checkpoint_digest, model_digest
 
-TEMPLATE_DIR = resources.files(__package__) / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
+TEMPLATE_DIR = resources.files("zsad") / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"
 
 
@@ -119,13 +119,13 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         license="apache-2.0",
         pipeline_tag="image-segmentation",
         inference=False,  # the Hub's hosted widget does not run custom code; the card shows the pipeline instead
-        tags=["zsad", config.model_type, "anomaly-detection", "zero-shot", "clip", "industrial-inspection"],
+        tags=["zsad", method_of(config), "anomaly-detection", "zero-shot", "clip", "industrial-inspection"],
         model_name=repo_id.split("/")[-1] if repo_id else title,
         eval_results=model_index_results(reports) or None,
     )
     return ModelCard.from_template(
         card_data,
-        template_str=_template_text(config.model_type),
+        template_str=_template_text(method_of(config)),
         title=title,
         model_name=card_data.model_name,
         model_class=class_name,
@@ -145,9 +145,9 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
     )
 
 
-def _template_text(model_type: str) -> str:
+def _template_text(method: str) -> str:
     """Shared Jinja macros + the method's template (``from_template`` has no loader for ``{% import %}``)."""
-    return "".join((TEMPLATE_DIR / name).read_text(encoding="utf-8") for name in (MACROS_TEMPLATE, f"{model_type}.md"))
+    return "".join((TEMPLATE_DIR / name).read_text(encoding="utf-8") for name in (MACROS_TEMPLATE, f"{method}.md"))
 
 
 # ----- checkpoints and publishing ---------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def checkpoint_files(folder) -> list[Path]:
     return sorted({path for pattern in CHECKPOINT_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()})
 
 
-def export(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None, base_model: str | None = None) -> Path:
+def write_publish_folder(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None, base_model: str | None = None) -> Path:
     """Write the folder ``publish`` would upload (dry run): weights, config, code and the full card; refused for the
     same reasons as ``publish``."""
     directory = Path(directory)
@@ -283,4 +283,4 @@ def _require_hub_backbone(config: PreTrainedConfig, source, repo_id: str | None)
     )
 
 
-__all__ = ["export", "publish", "render_model_card"]
+__all__ = ["publish", "render_model_card", "write_publish_folder"]

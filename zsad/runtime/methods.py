@@ -30,7 +30,8 @@ for _model_class in METHODS.values():
 
 
 def method_of_model_type(model_type: str) -> str:
-    """The method name of a config's ``model_type`` (e.g. "stackclip" -> "stackclip", "zeroshot_clip" -> "baseline")."""
+    """The method id of a config's ``model_type`` (e.g. "stackclip" -> "stackclip"; the baseline's checkpoints keep
+    the model_type "zeroshot_clip" they were saved with -> "baseline")."""
     if model_type not in _METHOD_OF_MODEL_TYPE:
         raise ZSADError(f"'{model_type}' is not a zsad model type; known: {sorted(_METHOD_OF_MODEL_TYPE)}.")
     return _METHOD_OF_MODEL_TYPE[model_type]
