@@ -23,6 +23,7 @@ from PIL import Image
 import zsad
 from zsad import AnomalyDetector, ZSADError
 from zsad.modeling.prompting import prompt_ensemble_features
+from zsad.runtime.loading import load_model
 from zsad.space import config, files, handlers, layout, render, scheduling, uploads
 from zsad.space.config import COMPARE, DISPLAY_SIDE, BatchCaps, ReferenceCaps, display_name
 from zsad.space.testing import upload
@@ -91,12 +92,20 @@ def test_an_untrained_result_says_what_its_map_is_worth_and_what_is_stronger(det
     assert render.UNTRAINED_MAP_NOTE not in render.report([trained])
 
 
-@pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
-def test_genclip_report_states_the_class_name_filter_decision(detect, good_files):
+@pytest.mark.parametrize("threshold, kept", [(0.0, True), (1.01, False)])  # every probability reaches 0.0, none 1.01
+def test_genclip_report_states_the_class_name_filter_decision(tiny_backbone, good_files, threshold, kept):
+    genclip = load_model("genclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, cnf_threshold=threshold, cnf_top_k=0)
+    detector = AnomalyDetector(tiny_backbone, {"genclip": genclip})
     path, _ = good_files["rgb"]
-    report = detect(upload(path), "bottle", "genclip", 0.5).report
-    assert "GenCLIP (untrained)" in report
-    assert "Class name filter (hard): kept “bottle”" in report or "“bottle” does not fit the image" in report
+    output = handlers.make_handler(detector)(upload(path), "bottle", "genclip", 0.5)
+    choice = detector.detect(str(path), "bottle", method="genclip", display_side=DISPLAY_SIDE).details.class_name
+    assert choice.kept is kept
+    evidence = f"(CLIP probability {choice.probability:.2f})"
+    assert "GenCLIP (untrained)" in output.report
+    if kept:
+        assert f"Class name filter (hard): kept “bottle” {evidence}" in output.report and "does not fit" not in output.report
+    else:
+        assert f"Class name filter (hard): “bottle” does not fit the image {evidence}; used “object”" in output.report
 
 
 def test_clipboard_data_url_is_read(detect, good_files):

@@ -13,7 +13,7 @@ import zsad
 from zsad import AnomalyDetector, ZSADError
 from zsad.runtime.errors import BackboneLoadError
 from zsad.runtime.images import to_pixel_values
-from zsad.runtime.loading import checkpoint_backbone, checkpoint_method
+from zsad.runtime.loading import checkpoint_backbone, checkpoint_method, load_model
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import HEIGHT, WIDTH, random_rgb
@@ -84,12 +84,14 @@ def test_compare_runs_every_method_on_the_same_image(detector):
     assert all(result.method == name and result.anomaly_map.shape == (HEIGHT, WIDTH) for name, result in results.items())
 
 
-@pytest.mark.skipif("genclip" not in zsad.METHODS, reason="GenCLIP not registered")
-def test_genclip_details_carry_the_class_name_filter_decision_for_that_image(detector):
-    result = detector.detect(random_rgb(8), "bottle", method="genclip")
+@pytest.mark.parametrize("threshold, kept", [(0.0, True), (1.01, False)])  # every probability reaches 0.0, none 1.01
+def test_genclip_details_carry_the_class_name_filter_decision_for_that_image(tiny_backbone, threshold, kept):
+    model = load_model("genclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, cnf_threshold=threshold, cnf_top_k=0)
+    result = AnomalyDetector(tiny_backbone, {"genclip": model}).detect(random_rgb(8), "bottle", method="genclip")
     choice = result.details.class_name
-    assert choice.name_given == "bottle" and choice.name_used in ("bottle", "object")
-    assert choice.kept == (choice.name_used == "bottle")
+    assert (choice.mode, choice.name_given, choice.kept) == ("hard", "bottle", kept)
+    assert (choice.name_used, choice.class_weight) == (("bottle", 1.0) if kept else ("object", 0.0))
+    assert 0.0 < choice.probability < 1.0
     summary = result.summary()["details"]
     assert summary["class_name"]["name_given"] == "bottle" and "vision_map" not in summary  # maps are not details
     json.dumps(result.summary())
@@ -232,15 +234,22 @@ def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_back
     assert "Could not read the config" in capsys.readouterr().err
 
 
+def module_state(root: torch.nn.Module) -> dict[str, tuple]:
+    """Per submodule: its instance attributes (a stored tensor or a replaced ``forward`` shows here) and its hooks."""
+    return {name: (sorted(vars(module)), len(module._forward_hooks), len(module._forward_pre_hooks))
+            for name, module in root.named_modules()}
+
+
 def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
     detector = AnomalyDetector.load(clip=str(tiny_clip_path), image_size=112)
     passes = []
     original = detector.backbone._run_vision_tower
     monkeypatch.setattr(detector.backbone, "_run_vision_tower", lambda *a: passes.append(1) or original(*a))
+    state_before = module_state(detector.backbone)
     image = Image.new("RGB", (80, 60), (120, 90, 30))
     results = detector.compare(image, "wood")
     assert len(passes) == 1 and len(results) == len(detector.method_names) > 1
-    assert not hasattr(detector.backbone, "_reused_features")  # no shared mutable state between requests
+    assert module_state(detector.backbone) == state_before  # nothing of the request is left on the shared modules
     separate = {name: detector.detect(image, "wood", method=name) for name in detector.method_names}
     assert len(passes) == 1 + len(detector.method_names)
     for name, result in results.items():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
 from zsad import GenCLIPOutput, StackCLIPOutput, ZeroShotAnomalyOutput, ZSADError
+from zsad.modeling.anomaly_maps import combine_layer_maps, scaled_sigma
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.modeling.modeling_stackclip import StackCLIPImageDetails
 
@@ -134,9 +135,14 @@ class ModelTesterMixin:
         assert expected.anomaly_map.shape == (2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
         assert expected.layer_maps.shape == (2, len(model.config.feature_layers), TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
         assert expected.image_score.shape == expected.global_score.shape == (2,)
-        assert 0 <= expected.anomaly_map.min() and expected.anomaly_map.max() <= 1
-        assert ((0 <= expected.image_score) & (expected.image_score <= 1)).all()
+        # The output clamps to [0, 1] against rounding only, so compare with unclamped values: the per-layer maps
+        # (probabilities, not clamped), the map as their smoothed mean, and the image score from its two parts.
+        assert 0 <= expected.layer_maps.min() and expected.layer_maps.max() <= 1
+        sigma = scaled_sigma(model.config.smoothing_sigma, TEST_IMAGE_SIZE, model.config.smoothing_reference_size)
+        torch.testing.assert_close(expected.anomaly_map, combine_layer_maps(expected.layer_maps, sigma), rtol=0, atol=1e-6)
         torch.testing.assert_close(expected.map_score, expected.anomaly_map.flatten(1).amax(dim=1), rtol=0, atol=0)
+        weight = model.config.image_score_map_weight  # image score = (1 - w) * global probability + w * the map's maximum
+        torch.testing.assert_close(expected.image_score, (1 - weight) * expected.global_score + weight * expected.map_score)
         assert expected.loss is None  # no masks or labels given
         for index in range(2):
             details = expected.image_details(index)
