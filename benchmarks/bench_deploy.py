@@ -13,7 +13,6 @@ Exported graphs are kept in outputs/bench_deploy/ and reused by later runs.
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, machine_line, timed  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
-from zsad.deploy.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
-from zsad.deploy.runtime import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
+from zsad.deploy.export import convert_graph_folder, export  # noqa: E402
+from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
 from zsad.runtime.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
 
@@ -36,30 +35,22 @@ CLASS_NAME = "metal nut"
 FIDELITY = {"fp32": (0.9999, 1e-4), "bf16": (0.99, 0.01), "int8": (0.99, 0.01)}
 
 
-def exported_variants(clip: str, method: str) -> dict[str, Path]:
-    """{"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}: folder; one torch export, the rest
+def exported_variants(clip: str, method: str, workdir: Path) -> dict[str, Path]:
+    """{"onnx-float32", "onnx-int8", "openvino-float32", "openvino-int8"}: folder; one torch export, the rest
     converted from its ONNX file (what ``zsad export`` does for each)."""
-    folders = {f"{fmt}-{precision}": WORKDIR / f"{method}-{fmt}-{precision}" for fmt in ("onnx", "openvino") for precision in ("float32", "int8")}
+    folders = {f"{fmt}-{precision}": workdir / f"{method}-{fmt}-{precision}" for fmt in ("onnx", "openvino") for precision in ("float32", "int8")}
     base = folders["onnx-float32"]
     if not (base / CONFIG_NAME).exists():
         started = time.perf_counter()
         export(method, [CLASS_NAME], base, format="onnx", precision="float32", clip=clip)
-        print(f"torch.onnx.export (dynamo) of {method} at 518 px: {time.perf_counter() - started:.0f} s", flush=True)
-    config = json.loads((base / CONFIG_NAME).read_text())
-    source = base / GRAPH_FILES["onnx"]
+        print(f"torch.onnx.export (dynamo) of {method}: {time.perf_counter() - started:.0f} s", flush=True)
     for key, folder in folders.items():
         if (folder / CONFIG_NAME).exists() or folder == base:
             continue
         fmt, precision = key.split("-")
-        folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        target = folder / GRAPH_FILES[fmt]
-        if fmt == "openvino":
-            convert_openvino(source, target, int8=precision == "int8")
-        else:
-            quantize_onnx_int8(source, target)
+        convert_graph_folder(base, folder, fmt, precision)
         print(f"{key}: written in {time.perf_counter() - started:.0f} s", flush=True)
-        (folder / CONFIG_NAME).write_text(json.dumps({**config, "format": fmt, "precision": precision, "graph": target.name}, indent=1))
     return folders
 
 
@@ -83,9 +74,9 @@ def graph_route(folder: Path, engine: str, **options):
     return run
 
 
-def routes(clip: str, method: str, native_bf16: bool) -> list[tuple[str, str, object]]:
+def routes(clip: str, method: str, native_bf16: bool, workdir: Path) -> list[tuple[str, str, object]]:
     """(name, precision class for the fidelity bounds, factory) in the order they run; the first is the baseline."""
-    graphs = exported_variants(clip, method)
+    graphs = exported_variants(clip, method, workdir)
     listed = [
         ("torch fp32 (stock)", "fp32", lambda: torch_route(clip, method, "float32")),
         ("torch int8 dynamic (vision linears, oneDNN; --precision int8)", "int8", lambda: torch_route(clip, method, "int8")),
@@ -160,6 +151,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="run only routes whose name contains one of these words (plus the baseline)")
     parser.add_argument("--auroc", action="store_true", help="instead: what int8 costs in AUROC on the synthetic held-out set")
+    parser.add_argument("--workdir", type=Path, default=WORKDIR, help=f"where the exported graphs are kept and reused (default {WORKDIR})")
     args = parser.parse_args()
     if args.auroc:
         int8_auroc(args.method)
@@ -172,9 +164,9 @@ def main() -> None:
         print("Emulation: torch (ATen, oneDNN incl. its int8 kernels, MKL) honours these settings. ONNX Runtime's MLAS "
               "kernels do not (they pick AVX512/VNNI from CPUID): its figures here are NOT AVX2 figures. OpenVINO runs "
               "with INFERENCE_PRECISION_HINT=f32 (no bf16); whether its kernels honour ONEDNN_MAX_CPU_ISA is not verified.")
-    clip, image = full_size_inputs(WORKDIR)
+    clip, image = full_size_inputs(args.workdir)
     baseline_seconds, reference = None, None
-    listed = routes(clip, args.method, native_bf16)
+    listed = routes(clip, args.method, native_bf16, args.workdir)
     print("\n| route | s / image | x stock fp32 | map Pearson | score diff |\n|---|---|---|---|---|")
     for name, kind, factory in listed:
         if reference is not None and args.only and not any(word in name for word in args.only):

@@ -1,5 +1,9 @@
 """Shared pieces of the benchmarks: the full-size CLIP ViT-L/14@336 architecture with random weights
-(compute does not depend on weight values, and the real weights cannot be downloaded here), timing."""
+(compute does not depend on weight values, and the real weights cannot be downloaded here), timing.
+
+``ZSAD_BENCH_TINY=1`` puts the tiny random CLIP (``zsad tiny-clip``) where the full-size one would be: the numbers
+mean nothing then, but every route runs, which is how tests/test_benchmarks.py keeps the benchmarks from rotting.
+"""
 
 import os
 import statistics
@@ -25,13 +29,20 @@ def full_size_clip(dtype: torch.dtype = torch.float32) -> CLIPModel:
     return CLIPModel(CLIPConfig(**VIT_L14_336)).to(dtype).eval().requires_grad_(False)
 
 
+def tiny_instead() -> bool:
+    """Whether ``ZSAD_BENCH_TINY=1`` asks for the tiny random CLIP in place of the full-size one."""
+    return os.environ.get("ZSAD_BENCH_TINY") == "1"
+
+
 def save_full_size_clip(directory: str | Path) -> Path:
     """A loadable full-size CLIP folder (random weights, tiny tokenizer) for end-to-end benchmarks."""
-    from zsad.runtime.tiny_clip import tiny_tokenizer
+    from zsad.runtime.tiny_clip import save_tiny_clip, tiny_tokenizer
 
     directory = Path(directory)
     if (directory / "model.safetensors").exists():
         return directory
+    if tiny_instead():
+        return save_tiny_clip(directory)
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(**VIT_L14_336)  # the real 49,408-token embedding table; the tiny tokenizer uses its first ids
     config.text_config.bos_token_id = tokenizer.bos_token_id

@@ -121,3 +121,18 @@ def test_the_checks_see_a_lazy_upward_import_and_the_circle_it_closes(tmp_path):
     assert upward_imports(graph, "zsad.runtime.loading") == ["zsad_cli"]
     circle = import_circle(graph)
     assert circle is not None and "zsad_cli" in circle and "zsad.runtime.loading" in circle
+
+
+def test_zsaderror_is_imported_from_where_it_is_defined():
+    """Inside zsad from ``zsad.modeling.exceptions``; outside it (tests, benchmarks, the Space's entry) as ``zsad.ZSADError``."""
+    sources = SOURCES + [*(REPO / "tests").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    for path in sources:
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "ZSADError" in {alias.name for alias in node.names}:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{anchor}.{node.module}".strip(".") if node.level else node.module
+                inside = name == "zsad" or name.startswith("zsad.")
+                allowed = "zsad.modeling.exceptions" if inside else "zsad"
+                assert source == allowed, f"{path.relative_to(REPO)} imports ZSADError from {source}, not {allowed}"

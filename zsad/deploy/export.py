@@ -16,6 +16,8 @@ pre-processing, names and thresholds.
 """
 
 import json
+import os
+import shutil
 import tempfile
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -29,6 +31,7 @@ from ..detection.profile import ProductProfile
 from ..detection.results import check_optional_threshold, thresholds
 from ..modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
 from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import PROCESSOR_FILE
 from ..modeling.modeling_genclip import GenCLIPModel
 from ..modeling.prompting import clean_class_name
 from ..runtime.loading import load_model
@@ -258,15 +261,42 @@ def export(
     if out_dir.exists() and not out_dir.is_dir():
         raise ZSADError(f"--out {out_dir} is a file; give a folder (new or existing) for the graph and {CONFIG_NAME}.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    graph_path = out_dir / GRAPH_FILES[format]
+    config = deploy_config(model, names, "onnx", "float32", graph_thresholds(profile, names, threshold), str(source), profile)
+    direct = format == "onnx" and precision == "float32"
     with tempfile.TemporaryDirectory() as scratch:
-        direct = format == "onnx" and precision == "float32"
-        onnx_path = export_onnx(ExportGraph(model, names, profile), graph_path if direct else Path(scratch) / "fp32.onnx")
-        if format == "openvino":
-            convert_openvino(onnx_path, graph_path, int8=precision == "int8")
-        elif precision == "int8":
-            quantize_onnx_int8(onnx_path, graph_path)
-    config = deploy_config(model, names, format, precision, graph_thresholds(profile, names, threshold), str(source), profile)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
-    model.image_processor.save_pretrained(out_dir)
+        fp32 = out_dir if direct else Path(scratch)
+        graph_path = export_onnx(ExportGraph(model, names, profile), fp32 / GRAPH_FILES["onnx"])
+        model.image_processor.save_pretrained(fp32)
+        write_text_atomically(fp32 / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
+        return graph_path if direct else convert_graph_folder(fp32, out_dir, format, precision)
+
+
+def convert_graph_folder(source: str | Path, out_dir: str | Path, format: str, precision: str) -> Path:
+    """A graph folder of another format / precision made from a float32 ONNX folder written by ``export`` (what
+    ``export`` itself ends with): the graph, ``preprocessor_config.json`` and ``zsad_deploy.json``, the config
+    written last so that a folder holding it is complete. Returns the graph's path."""
+    source, out_dir = Path(source), Path(out_dir)
+    config = json.loads((source / CONFIG_NAME).read_text())
+    if (config["format"], config["precision"]) != ("onnx", "float32"):
+        raise ZSADError(f"{source} holds a {config['format']} {config['precision']} graph; convert from a float32 ONNX export.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path, graph_path = source / GRAPH_FILES["onnx"], out_dir / GRAPH_FILES[format]
+    if format == "openvino":
+        convert_openvino(onnx_path, graph_path, int8=precision == "int8")
+    elif precision == "int8":
+        quantize_onnx_int8(onnx_path, graph_path)
+    else:
+        shutil.copyfile(onnx_path, graph_path)
+    shutil.copyfile(source / PROCESSOR_FILE, out_dir / PROCESSOR_FILE)
+    config.update(format=format, precision=precision, graph=graph_path.name)
+    write_text_atomically(out_dir / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
     return graph_path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A temporary file beside ``path``, flushed to disk, then renamed over it."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)

@@ -9,7 +9,8 @@ from pathlib import Path
 import zsad
 from zsad.detection.detector import AnomalyDetector
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
-from zsad.runtime.errors import BackboneLoadError, ZSADError
+from zsad.modeling.exceptions import ZSADError
+from zsad.runtime.errors import BackboneLoadError
 from zsad.runtime.loading import resolve_device, resolve_precision
 from zsad_cli import add_device_argument
 from zsad_cli.choices import PRECISIONS

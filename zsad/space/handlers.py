@@ -12,12 +12,14 @@ from PIL import Image
 
 import zsad.runtime.images
 from zsad.cli.summaries import mutual_lines
-from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+from zsad.detection.detector import AnomalyDetector
 from zsad.detection.profile import ProductProfile
+from zsad.detection.results import Detection
+from zsad.modeling.exceptions import ZSADError
+from zsad.modeling.image_processing_zsad import DEFAULT_THRESHOLD, check_threshold
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
-from zsad.runtime.errors import ZSADError
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
 from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gradio.utils import get_upload_folder
 
-from zsad.runtime.errors import ZSADError
+from zsad.modeling.exceptions import ZSADError
 from zsad.runtime.images import IMAGE_SUFFIXES, LoadedImage, header_size, read_image
 
 from .config import BatchCaps
