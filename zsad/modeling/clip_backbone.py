@@ -81,7 +81,7 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
     if height != width:
         raise ZSADError(
             f"pixel_values must be square, got {height}x{width}; resize images to the model's "
-            "image_size (zsad.inference.AnomalyDetector does this for you)."
+            "image_size (zsad.AnomalyDetector does this for you)."
         )
     if height < patch_size:
         raise ZSADError(f"Images of {height}px are smaller than one {patch_size}px patch; use a larger image_size.")

@@ -1,6 +1,6 @@
 """Reading a user's image, turning images into model input, and a model's map back into a mask at the image's size.
 
-The one implementation for zsad (``zsad.images``, ``zsad.inference``) and for the pipeline every checkpoint carries
+The one implementation for zsad (``zsad.runtime.images``, ``zsad.detection.detector``) and for the pipeline every checkpoint carries
 (``pipeline_zsad.py``), so both read, resize and threshold images the same way.
 
 ``load_image`` accepts paths, bytes, PIL images and numpy arrays and always returns an upright 8-bit RGB
