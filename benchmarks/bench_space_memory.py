@@ -1,13 +1,13 @@
 """Peak memory of the Space's process for the largest inputs its caps let through: a batch at the pixel cap
 (25 images of 6000x4000, 600 megapixels) and 16 reference images of 7000x7000 (784 megapixels), above the process's
-memory after one small request. The same run measures the Space as it was before its pixel budgets (``app.py`` at
-git revision ``--before``, on today's zsad) with the same inputs, for the ratio.
+memory after one small request. The same run measures the Space as it was before its pixel budgets (the tree at
+git revision ``--before``: its ``app.py`` on its own zsad) with the same inputs, for the ratio.
 
 The files are near-uniform PNGs, each with its own colour and a small random patch (distinct contents, a few KB
 each: what a pixel bomb looks like). The tiny random CLIP serves (``--tiny``): the backbone's own memory does not
 depend on the inputs' size, the decoding and the full-resolution outputs do.
 
-    python benchmarks/bench_space_memory.py [--before 9e0cb88] [--workdir /tmp/zsad-bench-space]
+    python benchmarks/bench_space_memory.py [--before 9e0cb88] [--workdir /tmp/zsad-bench-space] [--images N]
 """
 
 import argparse
@@ -64,15 +64,14 @@ def measure(app: Path, small: Path, references: list[Path], batch: list[Path], l
     return {"loaded": baseline, "references": with_references, "batch": batch_peak}
 
 
-def main(workdir: Path, before: str) -> None:
+def main(workdir: Path, before: str, images: int | None = None) -> None:
+    """``images`` (default: the caps' 25 and 16) shrinks both sets for a quick check that the script still runs."""
     workdir.mkdir(parents=True, exist_ok=True)
     small = workdir / "small.png"
     Image.new("RGB", (320, 240), (100, 110, 120)).save(small)
-    references = near_uniform_pngs(workdir / "references", REFERENCES[0], REFERENCES[1], "good")
-    batch = near_uniform_pngs(workdir / "batch", BATCH[0], BATCH[1], "part")
-    old = workdir / "before" / "app.py"
-    old.parent.mkdir(parents=True, exist_ok=True)
-    old.write_text(subprocess.run(["git", "show", f"{before}:app.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    references = near_uniform_pngs(workdir / "references", images or REFERENCES[0], REFERENCES[1], "good")
+    batch = near_uniform_pngs(workdir / "batch", images or BATCH[0], BATCH[1], "part")
+    old = checked_out(before, workdir / "before") / "app.py"
     print(machine_line())
     print(cpu_class())
     print(f"tiny random CLIP (--tiny); batch: {BATCH[0]} PNGs of {BATCH[1][0]}x{BATCH[1][1]} "
@@ -88,9 +87,18 @@ def main(workdir: Path, before: str) -> None:
         print(f"{key}: now / before = {results['now'][key] / results['before'][key]:.2f}x")
 
 
+def checked_out(revision: str, folder: Path) -> Path:
+    """The repository's tree at ``revision`` in ``folder`` (its app.py imports its own zsad, beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="9e0cb88", help="git revision of the Space before its pixel budgets")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench-space"))
+    parser.add_argument("--images", type=int, help="images per set (default: the caps, 25 and 16)")
     args = parser.parse_args()
-    main(Path(args.workdir), args.before)
+    main(Path(args.workdir), args.before, args.images)

@@ -30,7 +30,7 @@ import json, sys
 import zsad
 from zsad.hub.publish import render_model_card
 assert zsad.__file__.startswith(sys.argv[1]), zsad.__file__
-print(json.dumps({m.config_class.model_type: str(render_model_card(m.config_class())) for m in zsad.METHODS.values()}))
+print(json.dumps({method: str(render_model_card(m.config_class())) for method, m in zsad.METHODS.items()}))
 """
 
 EVALUATION = {
@@ -348,9 +348,9 @@ def build_wheel(directory: Path) -> Path:
 
 def test_installed_package_ships_and_renders_every_card_template(tmp_path):
     wheel = build_wheel(tmp_path)
-    config_classes = {model_class.config_class.model_type: model_class.config_class for model_class in zsad.METHODS.values()}
+    config_classes = {method: model_class.config_class for method, model_class in zsad.METHODS.items()}
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"zsad/model_cards/{name}.md" for name in ["_sections", *config_classes]} <= shipped
+    assert {f"zsad/model_cards/{name}.md" for name in ["_sections", *config_classes]} <= shipped  # one template per method id
 
     environment = {**os.environ, "PYTHONPATH": str(wheel)}
     completed = subprocess.run(
@@ -358,7 +358,7 @@ def test_installed_package_ships_and_renders_every_card_template(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     cards = json.loads(completed.stdout)
-    assert cards == {model_type: str(render_model_card(config_class())) for model_type, config_class in config_classes.items()}
+    assert cards == {method: str(render_model_card(config_class())) for method, config_class in config_classes.items()}
 
 
 def test_space_model_cards_are_current():
