@@ -103,7 +103,7 @@ def predict_files(
             return {}
         by_image = {record["image"]: record for record in read_records(out_dir)}
     method = detector.method_names[0]
-    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
+    # Mutual verdicts are on each group's own scale: a profile adds its reference map, not its thresholds.
     image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
                "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
