@@ -84,7 +84,7 @@ def test_groups_depend_on_the_files_not_on_their_order(lot):
 
 class ThreadProcess:
     """Accelerate's ``PartialState`` as ``predict_files`` uses it, for one of ``count`` processes run as threads that
-    share one model, so each scores its share while holding ``turn`` (the model is not for concurrent calls)."""
+    share one model; each scores its share while holding ``turn``, one after the other."""
 
     def __init__(self, index: int, count: int, barrier: threading.Barrier, turn: threading.Lock):
         self.process_index, self.num_processes, self.barrier, self.turn = index, count, barrier, turn
