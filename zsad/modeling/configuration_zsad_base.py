@@ -17,6 +17,7 @@ from .exceptions import ZSADError
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # A file of the Hugging Face cache lives at .../models--ORG--NAME/snapshots/COMMIT/...
 HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
+POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -44,6 +45,10 @@ class ZSADBaseConfig(PreTrainedConfig):
         "from there on give; None: CLIP's own tokens. from_clip sets a quarter of the depth (6 of 24, AnomalyCLIP's "
         "DPAM_layer 20); a config.json without the field (a checkpoint saved before it existed) means None."
     )
+    position_interpolation: str = setting(
+        "bicubic", "How the vision tower's 24 x 24 position embeddings are resized to other input sizes: 'bicubic' "
+        "(transformers' CLIP) or 'bilinear' (AnomalyCLIP's VisionTransformer)."
+    )
     num_vision_layers: int = setting(24, "Depth of the backbone's vision transformer.")
     patch_size: int = setting(14, "The backbone's patch side in pixels.")
     vision_hidden_size: int = setting(1024, "Width of the backbone's vision transformer (input of the patch adapters).")
@@ -61,6 +66,9 @@ class ZSADBaseConfig(PreTrainedConfig):
         if self.feature_layers is None:
             self.feature_layers = quarter_point_layers(self.num_vision_layers)
         self.feature_layers = [int(layer) for layer in self.feature_layers]
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ZSADError(f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got "
+                            f"'{self.position_interpolation}'.")
         if self.vv_attention_from is not None:
             self.vv_attention_from = int(self.vv_attention_from)
             if not 1 <= self.vv_attention_from <= self.num_vision_layers:
