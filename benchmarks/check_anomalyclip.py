@@ -34,7 +34,7 @@ from zsad.modeling.modeling_anomalyclip import AnomalyCLIPModel
 from zsad.tiny_clip import tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "anomalyclip"
-TINY = dict(text_layers=4, depth=3, deep_length=4, n_ctx=12, vv_attention_from=1, native=56, resized=84)
+TINY = dict(text_layers=4, depth=3, deep_length=4, n_ctx=12, vv_attention_from=1, native=56, resized=70)
 
 
 # ----- their code -----------------------------------------------------------------------------------------------
@@ -114,7 +114,14 @@ def load_text(model, clip: CLIPModel) -> None:
 
 
 def their_scores(module, functions, learner, clip, design, pixels, features_list, dpam_layer, sigma=4):
-    """test.py's loop body on one batch: (anomaly maps (B, S, S) as their gaussian_filter leaves them, image scores)."""
+    """test.py's loop body image by image (its batch size is 1, and its image score reads the first image only):
+    (anomaly maps (B, S, S) as their gaussian_filter leaves them, image scores (B,))."""
+    results = [their_image_scores(module, functions, learner, clip, design, image[None], features_list, dpam_layer, sigma)
+               for image in pixels]
+    return torch.cat([maps for maps, _ in results]), torch.cat([scores for _, scores in results])
+
+
+def their_image_scores(module, functions, learner, clip, design, pixels, features_list, dpam_layer, sigma):
     model = their_model(module, clip, design)  # fresh: their forward resizes the position embeddings in place
     model.visual.DAPM_replace(DPAM_layer=dpam_layer)
     with torch.no_grad():
@@ -201,8 +208,11 @@ def write_fixtures(clone: Path, out: Path, seed: int) -> None:
     dpam_layer = layers - TINY["vv_attention_from"] + 2
     generator = torch.Generator().manual_seed(seed)
     tensors, cases = {}, []
-    for size, features_list in ((TINY["native"], [layers]), (TINY["resized"], [layers]), (TINY["native"], list(range(1, layers + 1)))):
-        pixels = torch.randn(2, 3, size, size, generator=generator)
+    # (input size, their features_list, images): the authors' last layer at the CLIP's own size and at another (where
+    # their bilinear position embeddings matter), and every layer (their paper's setting).
+    for size, features_list, count in ((TINY["native"], [layers], 2), (TINY["resized"], [layers], 1),
+                                       (TINY["native"], list(range(1, layers + 1)), 1)):
+        pixels = torch.randn(count, 3, size, size, generator=generator)
         maps, scores = their_scores(module, functions, learner, clip, design, pixels, features_list, dpam_layer)
         name = f"{size}px_layers_{'_'.join(map(str, features_list))}"
         tensors.update({f"{name}.pixels": pixels, f"{name}.map": maps.float().contiguous(), f"{name}.score": scores.float()})

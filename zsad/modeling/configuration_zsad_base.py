@@ -11,13 +11,12 @@ from pathlib import Path
 
 from transformers import PreTrainedConfig
 
-from .clip_backbone import quarter_point_layers
+from .clip_backbone import POSITION_INTERPOLATIONS, quarter_point_layers
 from .exceptions import ZSADError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # A file of the Hugging Face cache lives at .../models--ORG--NAME/snapshots/COMMIT/...
 HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
-POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
