@@ -23,7 +23,6 @@ import tempfile
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter

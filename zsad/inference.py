@@ -41,6 +41,11 @@ __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detecti
            "resize_map", "thresholds", "tile_boxes"]
 
 
+def vision_pass(config) -> tuple[int, str]:
+    """What one vision pass is shared by: the input size and how position embeddings are resized to it."""
+    return config.image_size, config.position_interpolation
+
+
 class AnomalyDetector:
     """Holds one shared backbone and any number of method models by name; does pre- and post-processing."""
 
@@ -154,11 +159,11 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self.encode([picture], size, streams) for size, streams in self.layers_by_image_size().items()}
+        shared = {key: self.encode([picture], *key, streams) for key, streams in self.layers_by_image_size().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            features = shared[model.config.image_size][model.config.vv_attention_from]
+            features = model.features_from_streams(shared[vision_pass(model.config)])
             results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
@@ -166,24 +171,26 @@ class AnomalyDetector:
         first.seconds += shared_seconds
         return results
 
-    def encode(self, pictures: list[Image.Image], size: int, streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
-        """One vision pass over ``pictures`` at input ``size``: {value-value start (None: the stock tokens): features
-        at the layers ``streams`` names for it}."""
+    def encode(self, pictures: list[Image.Image], size: int, position_interpolation: str,
+               streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
+        """One vision pass over ``pictures`` at input ``size`` (position embeddings resized by ``position_interpolation``):
+        {value-value start (None: the stock tokens): features at the layers ``streams`` names for it}."""
         pixel_values = self.image_processor(size).pixel_values(pictures)
         with torch.inference_mode():
-            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams)
+            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams, position_interpolation)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
         return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
 
-    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, dict[int | None, list[int]]]:
-        """{input size: {vv_attention_from: every layer the ``methods`` (default: all held) of that size and start tap}}:
-        one vision pass per size, one stream per value-value start."""
-        layers: dict[int, dict] = {}
+    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[tuple[int, str], dict[int | None, list[int]]]:
+        """{(input size, position interpolation): {vv_attention_from: every layer the ``methods`` (default: all held) of
+        that pass read from that stream}}: one vision pass per size and interpolation, one stream per value-value start."""
+        layers: dict[tuple, dict] = {}
         for method in methods or self.method_names:
-            config = self.model(method).config
-            layers.setdefault(config.image_size, {}).setdefault(config.vv_attention_from, set()).update(config.feature_layers)
+            model = self.model(method)
+            for start, tapped in model.vision_streams().items():
+                layers.setdefault(vision_pass(model.config), {}).setdefault(start, set()).update(tapped)
         return {size: {start: sorted(tapped) for start, tapped in streams.items()} for size, streams in layers.items()}
 
     def detect_batch(
@@ -206,8 +213,8 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        start = model.config.vv_attention_from
-        features = self.encode(pictures, model.config.image_size, {start: model.config.feature_layers})[start]
+        streams = self.encode(pictures, *vision_pass(model.config), model.vision_streams())
+        features = model.features_from_streams(streams)
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
     def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
