@@ -153,3 +153,22 @@ def test_unknown_training_data_and_existing_output_are_refused(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ZSADError, match="already exists"):
         convert_anomalyclip(FIXTURES / "epoch_15.pth", tmp_path / "taken", clip=CLIP, trained_on="VisA", image_size=56)
+
+
+def test_convert_command_writes_a_checkpoint_predict_runs(tmp_path, capsys):
+    from zsad.cli import main
+
+    source = tmp_path / "9_12_4_multiscale" / "epoch_15.pth"
+    source.parent.mkdir()
+    shutil.copy(FIXTURES / "epoch_15.pth", source)
+    out = tmp_path / "converted"
+    assert main(["convert", "anomalyclip", str(source), "--out", str(out), "--clip", CLIP, "--image-size", "56"]) == 0
+    assert json.loads((out / "config.json").read_text())["trained_on"] == "VisA"
+    assert main(["convert", "anomalyclip", str(FIXTURES / "epoch_15.pth"), "--out", str(tmp_path / "x"), "--clip", CLIP]) == 2
+    assert "--trained-on" in capsys.readouterr().err
+    from PIL import Image
+
+    from zsad.inference import AnomalyDetector
+
+    result = AnomalyDetector.for_model(str(out), device="cpu").detect(Image.new("RGB", (60, 50), (90, 120, 30)), "anything")
+    assert result.method == "anomalyclip" and 0.0 <= result.score <= 1.0 and result.anomaly_map.shape == (50, 60)
