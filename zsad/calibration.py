@@ -90,11 +90,10 @@ def _encode_batches(detector, pictures: list[Image.Image], vision_pass: tuple, s
 
 def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[dict], defective: list[dict], masks,
              quantile: float, margin: float, fusion_weight: float | None, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
-    config = model.config
-    start, layers, interpolation = config.vv_attention_from, config.feature_layers, config.position_interpolation
-    normal = [batch[start].select(layers, start, interpolation) for batch in normal]
-    defective = [batch[start].select(layers, start, interpolation) for batch in defective]
-    key = (model.config.image_size, tuple(layers), start)
+    start, layers = model.config.vv_attention_from, model.config.feature_layers
+    normal = [model.features_from_streams(batch) for batch in normal]
+    defective = [model.features_from_streams(batch) for batch in defective]
+    key = (*model.config.vision_pass, tuple(layers), start)
     if key not in memories:
         memories[key] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
     memory = memories[key]

@@ -160,7 +160,7 @@ class AnomalyDetector:
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            features = shared[model.config.vision_pass][model.config.vv_attention_from]
+            features = model.features_from_streams(shared[model.config.vision_pass])
             results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
@@ -183,12 +183,12 @@ class AnomalyDetector:
 
     def vision_passes(self, methods: Sequence[str] | None = None) -> dict[tuple[int, str], dict[int | None, list[int]]]:
         """{(input size, position interpolation): {vv_attention_from: every layer the ``methods`` (default: all held)
-        of that pass and start tap}}: one vision pass per input size and interpolation, one stream per start."""
+        of that pass read from that stream}}: one vision pass per input size and interpolation, one stream per start."""
         layers: dict[tuple, dict] = {}
         for method in methods or self.method_names:
             model = self.model(method)
-            streams = layers.setdefault(model.config.vision_pass, {})
-            streams.setdefault(model.config.vv_attention_from, set()).update(model.config.feature_layers)
+            for start, tapped in model.vision_streams().items():
+                layers.setdefault(model.config.vision_pass, {}).setdefault(start, set()).update(tapped)
         return {key: {start: sorted(tapped) for start, tapped in streams.items()} for key, streams in layers.items()}
 
     def detect_batch(
@@ -211,8 +211,7 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        start = model.config.vv_attention_from
-        features = self.encode(pictures, model.config.vision_pass, {start: model.config.feature_layers})[start]
+        features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
     def run_heads(self, method: str, features: ImageFeatures, names: list[str], profile: ProductProfile | None = None):

@@ -237,7 +237,15 @@ def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_ma
 
 
 def single_image(features: ImageFeatures, index: int) -> ImageFeatures:
-    """Image ``index`` of an encoded batch, as a batch of one."""
-    return ImageFeatures(features.layers, [tokens[index:index + 1] for tokens in features.layer_tokens],
-                         features.image_embeds[index:index + 1], features.grid_size, features.image_size,
-                         features.vv_attention_from)
+    """Image ``index`` of an encoded batch, as a batch of one (of the same class: a method's features may carry more
+    per-image tensors, e.g. AnomalyCLIP's class tokens)."""
+    return dataclasses.replace(features, **{field.name: _image_of(getattr(features, field.name), index)
+                                            for field in dataclasses.fields(features)})
+
+
+def _image_of(value, index: int):
+    if isinstance(value, torch.Tensor):
+        return value[index:index + 1]
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [tensor[index:index + 1] for tensor in value]
+    return value

@@ -38,7 +38,8 @@ class ImageFeatures:
     ``layer_tokens[i]`` is ``hidden_states[layers[i]]`` of the vision tower, shape (B, 1 + N, D) with the
     class token first, or, for ``layers[i] >= vv_attention_from``, the value-value stream's tokens after that block
     (``CLIPBackbone.encode_image``); ``image_embeds`` is the projected, L2-normalised global embedding (B, P),
-    always the stock one.
+    always the stock one; ``class_token`` (B, D) is the last block's stock class token before CLIP's final LayerNorm
+    (what AnomalyCLIP projects for its image score).
     """
 
     layers: list[int]
@@ -48,6 +49,7 @@ class ImageFeatures:
     image_size: int
     vv_attention_from: int | None = None
     position_interpolation: str = "bicubic"
+    class_token: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -72,7 +74,7 @@ class ImageFeatures:
             raise ZSADError(f"These image features hold layers {self.layers}, not {missing}; encode them with every layer needed.")
         tokens = dict(zip(self.layers, self.layer_tokens))
         return ImageFeatures(list(layers), [tokens[layer] for layer in layers], self.image_embeds, self.grid_size,
-                             self.image_size, self.vv_attention_from, self.position_interpolation)
+                             self.image_size, self.vv_attention_from, self.position_interpolation, self.class_token)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
@@ -275,7 +277,7 @@ class CLIPBackbone(nn.Module):
         image_size = pixel_values.shape[-1]
         grid_size = image_size // self.vision_config.patch_size
         return {start: ImageFeatures(list(layers), [taps[start][k] for k in layers], image_embeds, grid_size, image_size, start,
-                                     position_interpolation)
+                                     position_interpolation, hidden[:, 0])
                 for start, layers in layers_by_start.items()}
 
     def embed_patches(self, pixel_values: torch.Tensor, position_interpolation: str = "bicubic") -> torch.Tensor:
