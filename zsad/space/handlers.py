@@ -125,7 +125,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
     calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
     otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
-    overlapping windows of the model's input size (one method at a time, without references).
+    overlapping windows of the model's input size (one method at a time, with its references when given).
     """
     profiles = profiles or ReferenceProfiles(detector)
 
