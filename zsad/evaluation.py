@@ -35,7 +35,7 @@ from .errors import ZSADError
 from .fusion import scored
 from .images import load_image
 from .inference import AnomalyDetector
-from .loading import Runtime, load_backbone, load_model
+from .loading import Runtime, load_model, runtime_backbone
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.image_processing_zsad import resize_map
@@ -83,7 +83,7 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     runtime = evaluation_runtime(accelerator, device, precision)
-    model = evaluation_model(model, clip, image_size, runtime.dtype).to(runtime.device)
+    model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     score = _score_mutual if mutual else _score_tiled if tiles else score_samples
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
@@ -99,12 +99,12 @@ def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: 
     return Runtime.resolve(accelerator.device if device is None or accelerator.num_processes > 1 else device, precision)
 
 
-def evaluation_model(model, clip: str | None, image_size: int | None, dtype):
+def evaluation_model(model, clip: str | None, image_size: int | None, runtime: Runtime):
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
-    backbone = load_backbone(clip, dtype=dtype) if clip else None
-    return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
+    backbone = runtime_backbone(clip, None, runtime) if clip else None
+    return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
 def score_samples(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,

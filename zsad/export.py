@@ -249,7 +249,7 @@ def export(
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
-        model = load_model(model, clip=clip, dtype=torch.float32, **overrides)
+        model = load_model(model, clip=clip, precision="float32", **overrides)
     if profile is not None:
         check_profile(profile, model, names)
     if model.require_backbone().dtype != torch.float32:
