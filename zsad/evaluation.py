@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
 from .data.model_input import ImageSet
+from .data.synthetic import is_synthetic
 from .errors import ZSADError
 from .fusion import scored
 from .images import load_image
@@ -41,7 +42,7 @@ from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curve
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .mutual import detect_mutual
-from .provenance import model_record
+from .provenance import model_record, provenance
 from .references import FusionScale
 from .visualize import evaluation_figure, few_shot_figure
 
@@ -88,10 +89,16 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
+    report = {"dataset": dataset, "root": str(Path(root).resolve()) if root is not None else None,
+              "synthetic": is_synthetic(root), "model": model_name, "evaluated_model": model_record(model, model_name),
+              "provenance": provenance(model, name_or_path=model_name, threshold_rule=EVALUATION_THRESHOLD_RULE),
               "image_size": model.config.image_size, "tiles": tiles, **({"mutual": True} if mutual else {}),
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
+
+
+# The metrics sweep every threshold: no verdict, so no threshold, is part of an evaluation.
+EVALUATION_THRESHOLD_RULE = (None, None, "none: threshold-free metrics (AUROC, AP, F1-max, AUPRO)")
 
 
 def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:

@@ -34,6 +34,7 @@ from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcesso
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
+from .provenance import provenance
 from .tiling import tile_boxes
 
 # Detection, the threshold helpers and tile_boxes are public here too (``from zsad.inference import Detection``).
@@ -115,6 +116,12 @@ class AnomalyDetector:
     def verdict_thresholds(self, class_name: str, threshold: float | None = None, profile: ProductProfile | None = None) -> tuple[float, float, str]:
         """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
         return thresholds(threshold, profile.calibration if profile else None)
+
+    def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
+                   threshold_rule: tuple[float, float, str] | None) -> dict:
+        """The provenance block (``zsad.provenance.provenance``) of results of ``method`` for that product name and rule."""
+        return provenance(self.model(method), class_name_given=class_name_given, class_name_used=class_name_used,
+                          threshold_rule=threshold_rule)
 
     def model(self, method: str) -> ZSADPreTrainedModel:
         if method not in self.models:

@@ -68,7 +68,7 @@ def predict_files(
     if mutual and resume:
         raise ZSADError("--mutual scores are relative to the whole batch, so a run cannot be resumed; run it again without --resume.")
     check_optional_threshold(threshold)
-    class_name = clean_class_name(class_name)
+    given_name, class_name = class_name, clean_class_name(class_name)
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
@@ -90,6 +90,11 @@ def predict_files(
     if mutual and len(todo) < 2 * state.num_processes:
         raise ZSADError(f"Mutual scoring compares images with each other: give at least two images per process, got {len(todo)} "
                         f"for {state.num_processes}.")
+    method = detector.method_names[0]
+    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
+    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
+    calibration = f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration
+    block = detector.provenance(method, given_name, class_name, (image_threshold, pixel_threshold, calibration))
     detect = partial(_detect, detector, class_name=class_name, threshold=threshold, profile=profile, display_side=display_side,
                      tiles=tiles, mutual=mutual, batch_size=batch_size, progress=state.is_local_main_process)
     with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
@@ -98,18 +103,15 @@ def predict_files(
             for start in range(0, len(shard), step):
                 chunk = shard[start : start + step]
                 for record in _predict_chunk(detect, chunk, out_dir, display_side, tiles):
-                    stream.write(json.dumps(record) + "\n")
+                    stream.write(json.dumps({**record, "provenance": block}) + "\n")
                 stream.flush()
                 progress.update(len(chunk))
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    method = detector.method_names[0]
     by_image = {record["image"]: record for record in read_records(out_dir)}
-    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
-    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
+               "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
                "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {}),
                "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -22,17 +22,12 @@ The block::
 which ``zsad publish --eval`` compares with the checkpoint it publishes.
 """
 
+# torch, safetensors and the model code are imported by the functions that read models: the short form and the
+# noise warning are read by the torch-free runtime's summaries too (``zsad predict --engine onnx`` without torch).
 import hashlib
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-
-from .methods import method_of, status
-from .modeling.modeling_zsad_base import BACKBONE_PREFIX
-from .tiny_clip import TINY_RANDOM_MARKER, TINY_VISION_SHAPE
 
 # What every surface says next to results of a tiny random backbone.
 TINY_NOISE_WARNING = ("the backbone is a tiny random CLIP (zsad tiny-clip / --tiny): its scores and maps are noise, for tests "
@@ -55,6 +50,8 @@ def provenance(model, *, name_or_path: str | None = None, class_name_given: str 
     (default: its config's name, else its method name), for the product name given and the one used, under the
     ``zsad.detection.thresholds`` triple ``threshold_rule``. ``precision`` and ``device`` name what ran the model when
     it was not the backbone itself (an exported graph); by default they are read from the backbone."""
+    from .methods import method_of, status
+
     config, backbone = model.config, model.require_backbone()
     image, pixel, rule = threshold_rule if threshold_rule is not None else (None, None, None)
     return {
@@ -120,6 +117,8 @@ def clip_config_shape(clip_config) -> dict:
 
 def is_tiny_random(clip_config) -> bool:
     """Whether a CLIP config is a tiny random CLIP: the marker ``zsad tiny-clip`` stores, or the tiny CLIP's shape."""
+    from .tiny_clip import TINY_RANDOM_MARKER, TINY_VISION_SHAPE
+
     vision = clip_config.vision_config
     shape = (vision.num_hidden_layers, vision.hidden_size, vision.patch_size)
     return bool(getattr(clip_config, TINY_RANDOM_MARKER, False)) or shape == TINY_VISION_SHAPE
@@ -127,6 +126,8 @@ def is_tiny_random(clip_config) -> bool:
 
 def records_tiny_backbone(config) -> bool:
     """Whether a model config records the tiny random CLIP's shape as its backbone's."""
+    from .tiny_clip import TINY_VISION_SHAPE
+
     return (config.num_vision_layers, config.vision_hidden_size, config.patch_size) == TINY_VISION_SHAPE
 
 
@@ -139,13 +140,17 @@ def text_precision(backbone) -> str:
     return _precision(backbone.model.text_model.encoder, backbone.text_dtype)
 
 
-def _precision(encoder: torch.nn.Module, dtype: torch.dtype) -> str:
+def _precision(encoder, dtype) -> str:
+    import torch
+
     quantized = any(isinstance(module, torch.ao.nn.quantized.dynamic.Linear) for module in encoder.modules())
     return "int8" if quantized else str(dtype).removeprefix("torch.")
 
 
-def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+def adapter_digest(tensors: Mapping) -> str:
     """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
@@ -156,11 +161,15 @@ def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def model_digest(model) -> str:
     """The adapter digest of a loaded model (the same as ``checkpoint_digest`` of the folder it saves to)."""
+    from .modeling.modeling_zsad_base import BACKBONE_PREFIX
+
     return adapter_digest({name: value for name, value in model.state_dict().items() if not name.startswith(BACKBONE_PREFIX)})
 
 
 def checkpoint_digest(folder) -> str:
     """The adapter digest of a checkpoint folder's safetensors weights, read without loading the model."""
+    from safetensors.torch import load_file
+
     tensors = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(path))
@@ -175,6 +184,8 @@ def model_reference(name_or_path: str) -> str:
 
 def model_record(model, name_or_path: str) -> dict:
     """What ``zsad evaluate`` writes as ``evaluated_model`` for ``model``, loaded from ``name_or_path``."""
+    from .methods import status
+
     config = model.config
     return {
         "name_or_path": model_reference(name_or_path),
