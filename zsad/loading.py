@@ -21,9 +21,9 @@ from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8
 MISSING_BACKBONE_HINT = (
-    "Without the Hub the backbone must be on disk: pass --clip PATH with a local copy of the CLIP (the app also reads "
-    "ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with `zsad tiny-clip tiny-clip` "
-    "and pass --clip tiny-clip."
+    "Without the Hub the backbone must be on disk: pass a local copy of the CLIP as --clip PATH (in Python: "
+    "clip=PATH; the app also reads ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with "
+    "`zsad tiny-clip tiny-clip` and pass --clip tiny-clip (clip='tiny-clip')."
 )
 SLOW_CPU_BF16 = (
     "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
@@ -193,7 +193,8 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
         raise ZSADError(f"Settings {fixed} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
         backbone = runtime_backbone(*checkpoint_backbone([model]), Runtime.resolve(device, precision))
-    loaded = AutoModel.from_pretrained(model, clip_model=backbone).eval()
+    # With its config given, AutoModel does not deep-copy the keywords (the backbone holds locks, which cannot be copied).
+    loaded = AutoModel.from_pretrained(model, config=checkpoint_config(model), clip_model=backbone).eval()
     for key, value in config_overrides.items():
         setattr(loaded.config, key, value)  # checked where it is used: CLIPBackbone.encode_image
     return loaded
