@@ -235,10 +235,12 @@ class ZSADPreTrainedModel(PreTrainedModel):
         """This model's layers of ``image_features`` when given (one vision pass shared by several models on the
         backbone), else a vision pass over ``pixel_values``."""
         if image_features is not None:
-            return image_features.select(self.config.feature_layers, self.config.vv_attention_from)
+            return image_features.select(self.config.feature_layers, self.config.vv_attention_from, self.config.position_interpolation)
         if pixel_values is None:
             raise ZSADError("Pass pixel_values (a (batch, 3, size, size) tensor) or image_features from encode_image.")
-        return self.require_backbone().encode_image(pixel_values, self.config.feature_layers, self.config.vv_attention_from)
+        config = self.config
+        return self.require_backbone().encode_image(pixel_values, config.feature_layers, config.vv_attention_from,
+                                                    config.position_interpolation)
 
     def cached_text(self, key: tuple, compute):
         """``compute()`` once per key while no parameter changes; training (grad enabled) bypasses the cache.
