@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data.model_input import resized_mask
+from .detection import thresholds
 from .errors import ZSADError
 from .images import image_files, load_image
 from .modeling.clip_backbone import ImageFeatures
@@ -75,8 +76,10 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
         model = detector.model(method)
         encoded_normal, encoded_defective = encoded[model.config.vision_pass]
-        profiles[method] = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, quantile, margin,
-                                    fusion_weight, memories)
+        profile = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, quantile, margin,
+                           fusion_weight, memories)
+        profile.provenance = detector.provenance(method, class_name, name, thresholds(None, profile.calibration))
+        profiles[method] = profile
     return profiles
 
 
