@@ -41,7 +41,7 @@ SETTINGS = MutualSettings(max_compared=3, degrees=(1, 3))  # the lot is three gr
 
 @pytest.fixture(scope="module")
 def detector(tiny_clip_path):
-    return AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), image_size=IMAGE_SIZE, device="cpu")
+    return AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), image_size=IMAGE_SIZE, device="cpu", precision="float32")
 
 
 def part(seed: int, defect: bool = False) -> Image.Image:
