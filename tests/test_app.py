@@ -560,7 +560,7 @@ def test_the_threshold_mode_decides_and_the_same_call_gives_the_same_answer(dete
     image = upload(next((product / "disk" / "test").rglob("*.png")))
     first = detect(image, "disk", "baseline", 0.5, good_parts(product))
     calibration = profiles.get(good_parts(product), "disk", "baseline").profiles["baseline"].calibration
-    assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in first.report
+    assert "3 reference images of good parts; calibrated on 3 good images: at most 1 in 4 good parts flagged; image threshold" in first.report
     assert f"(threshold {calibration.image_threshold:.2f})" in first.report
     again = detect(image, "disk", "baseline", 0.5, good_parts(product))
     assert again.report.split("request took")[0] == first.report.split("request took")[0] and again.table[0][:5] == first.table[0][:5]
@@ -597,8 +597,8 @@ def test_references_are_decoded_one_at_a_time_at_display_size_within_a_pixel_bud
         large.append(upload(path))
     sizes = []
     build = detector.build_profiles
-    monkeypatch.setattr(detector, "build_profiles", lambda methods, name, pictures: sizes.extend(p.size for p in pictures) or build(
-        methods, name, pictures))
+    monkeypatch.setattr(detector, "build_profiles", lambda methods, name, pictures, **options: sizes.extend(p.size for p in pictures) or build(
+        methods, name, pictures, **options))
     handlers.ReferenceProfiles(detector).get(large, "disk", "baseline")
     assert sizes == [(DISPLAY_SIDE, 667)] * 2
     with pytest.raises(ZSADError, match=r"hold 12 megapixels; the Space takes at most 10 megapixels per set.*zsad predict --profile"):
