@@ -159,8 +159,9 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     functions = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
     assert {"detect", "full_resolution", "detect_batch"} <= set(functions)
     inputs = [type(block).__name__ for block in functions["detect"].inputs]
-    assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio"]  # new inputs only at the end
-    assert functions["detect"].inputs[-1].value == handlers.CALIBRATED
+    assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio", "Radio"]  # new inputs only at the end
+    assert functions["detect"].inputs[-2].value == handlers.CALIBRATED
+    assert functions["detect"].inputs[-1].value == handlers.LOWEST_RATE  # the false-alarm rate: the default rule unless chosen
     assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider", "Checkbox"]
     assert functions["detect_batch"].inputs[-1].value is False  # mutual scoring: off unless asked for
     assert [value for _, value in functions["detect_batch"].inputs[2].choices] == detector.method_names  # no compare in batches
