@@ -50,6 +50,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.profile and args.reference:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
+    if args.rescore and not args.mutual:
+        raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     if args.engine != "torch":
         if args.mutual:
             raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
@@ -84,7 +86,8 @@ def _predict(args: argparse.Namespace) -> None:
                     print(f"Profile: {profile.describe()}")
             summary = predict_files(detector, args.images, class_name, args.out, threshold=args.threshold,
                                     batch_size=args.batch_size, profile=profile, display_side=args.display_side, tiles=args.tiles,
-                                    resume=args.resume, state=accelerator, mutual=args.mutual)
+                                    resume=args.resume, state=accelerator, mutual=args.mutual,
+                                    mutual_settings=_mutual_settings(args))
     if not summary:  # not the main process: the main one reports
         return
     from .summaries import predict_summary
@@ -93,6 +96,12 @@ def _predict(args: argparse.Namespace) -> None:
     print(predict_summary(summary, args.out))
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+
+
+def _mutual_settings(args: argparse.Namespace):
+    from .modeling.mutual_scoring import MutualSettings
+
+    return MutualSettings(rescore=args.rescore)
 
 
 def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:
@@ -160,6 +169,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 
     if args.shots and args.mutual:
         raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
+    if args.rescore and not args.mutual:
+        raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
@@ -168,7 +179,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         else:
             report, records = evaluate_zero_shot(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
                                                  columns={role: getattr(args, f"{role}_column") for role in COLUMNS},
-                                                 tiles=args.tiles, mutual=args.mutual, **options)
+                                                 tiles=args.tiles, mutual=args.mutual, mutual_settings=_mutual_settings(args),
+                                                 **options)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

@@ -15,8 +15,8 @@ from PIL import Image
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
 from .visualize import overlay_heatmap
 
-# How a mutual detection's calibration starts: its maps and scores are on the batch's own scale.
-MUTUAL_CALIBRATION = "mutual: scored against the batch; "
+# How a mutual detection's calibration starts: its maps and scores are on its group's own scale.
+MUTUAL_CALIBRATION = "mutual: scored against its group; "
 
 
 class CalibratedThresholds(Protocol):

@@ -23,12 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ZSADError
-from .modeling.anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
+from .modeling.anomaly_maps import SIMILARITY_BLOCK, combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .modeling.clip_backbone import ImageFeatures
-
-# Largest (query patches x reference patches) block of similarities computed at once: 2^24 values are 64 MB in
-# float32, whatever the number of references.
-SIMILARITY_BLOCK = 1 << 24
 
 
 @dataclass

@@ -4,6 +4,7 @@ with zsad's message; the app keeps serving."""
 
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from zsad.inference import AnomalyDetector, Detection, check_threshold
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
+from zsad.mutual import detect_mutual_groups
 from zsad.profile import ProductProfile
 from zsad.summaries import mutual_lines
 
@@ -133,9 +135,10 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
     calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
     otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
-    overlapping windows of the model's input size (one method at a time, without references). ``false_alarm_rate``
-    (a ``FALSE_ALARM_RATES`` key) is the most the calibrated thresholds may flag of good parts: "lowest" (1 in n + 1
-    for n references), "1 in 10" or "1 in 5"; a rate the references cannot reach is refused with the number needed.
+    overlapping windows of the model's input size (one method at a time, with its references when given).
+    ``false_alarm_rate`` (a ``FALSE_ALARM_RATES`` key) is the most the calibrated thresholds may flag of good parts:
+    "lowest" (1 in n + 1 for n references), "1 in 10" or "1 in 5"; a rate the references cannot reach is refused with
+    the number needed.
     """
     profiles = profiles or ReferenceProfiles(detector)
 
@@ -227,17 +230,24 @@ def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name:
 
 
 def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_name: str, method: str, threshold: float,
-                    turns: ComputeTurns) -> list[Detection | ZSADError]:
-    """The batch's readable images scored against each other (``AnomalyDetector.detect_mutual``), decoded at the page's
-    ``DISPLAY_SIDE`` (all are held at once); each encoding chunk and each group's scoring in its own compute turn."""
+                    turns: ComputeTurns) -> Iterator[tuple[int, Detection | ZSADError]]:
+    """The batch's readable images scored against each other (``zsad.mutual.detect_mutual_groups``), decoded at the
+    page's ``DISPLAY_SIDE`` (the batch caps bound them), as (position, outcome): the errors first, then each group's
+    detections as soon as it is scored; each encoding chunk and each group's scoring in its own compute turn."""
     outcomes = read_chunk(images, max_side=DISPLAY_SIDE)
-    pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
-    if len(pictures) < 2:
+    readable = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, ZSADError)]
+    if len(readable) < 2:
         raise ZSADError(f"Scoring the images against each other needs at least two readable images of the product; "
-                        f"{len(pictures)} of {len(images)} could be read.")
-    detections = detector.detect_mutual(pictures, class_name, method=method, threshold=threshold, batch_size=BATCH_CHUNK,
-                                        turn=turns.batch_chunk)
-    return scored_outcomes(outcomes, detections)
+                        f"{len(readable)} of {len(images)} could be read.")
+    groups = detect_mutual_groups(detector, [outcomes[i] for i in readable], class_name, method=method, threshold=threshold,
+                                  batch_size=BATCH_CHUNK, turn=turns.batch_chunk)
+
+    def scored() -> Iterator[tuple[int, Detection | ZSADError]]:
+        yield from ((i, outcome) for i, outcome in enumerate(outcomes) if isinstance(outcome, ZSADError))
+        for group in groups:
+            yield from ((readable[i], outcome) for i, outcome in zip(group.indices, group.outcomes))
+
+    return scored()
 
 
 def batch_class_name(class_name, mutual: bool, status: str) -> str:
@@ -285,27 +295,38 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
 
     def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, mutual: bool, folder: Path, progress):
         """Rows, gallery views and the summary's lines on mutual scoring; the masks written to the folder's masks.zip."""
-        rows, views, notes = [], [], []
+        notes: list[str] = []
         names = mask_names([image.name for image in images])
-        step = len(images) if mutual else BATCH_CHUNK
         with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
-            for start in range(0, len(images), step):
-                chunk = images[start:start + step]
-                if mutual:
-                    progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")
-                    outcomes = detect_mutually(detector, chunk, class_name, method, threshold, turns)
-                    scored = [outcome for outcome in outcomes if isinstance(outcome, Detection)]
-                    notes = mutual_lines([result.details.compared_with for result in scored], [result.note for result in scored])
-                else:
+
+            def written(position: int, outcome: Detection | ZSADError) -> tuple[list, tuple | None]:
+                """The image's row and gallery view, its mask added to masks.zip."""
+                image = images[position]
+                if not isinstance(outcome, Detection):
+                    return batch_row(image, outcome, names[position]), None
+                masks.writestr(names[position], png_bytes(outcome.mask_image()))
+                return batch_row(image, outcome, names[position]), (thumbnail(outcome.overlay, folder / f"{position + 1}.webp"),
+                                                                     f"{image.name}: {outcome.score:.3f} {outcome.verdict}")
+
+            if mutual:
+                progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")
+                done, compared, image_notes = {}, [], []
+                for position, outcome in detect_mutually(detector, images, class_name, method, threshold, turns):
+                    done[position] = written(position, outcome)  # the detection itself is freed with its group
+                    if isinstance(outcome, Detection):
+                        compared.append(outcome.details.compared_with)
+                        image_notes.append(outcome.note)
+                notes = mutual_lines(compared, image_notes)
+                finished = [done[position] for position in range(len(images))]
+            else:
+                finished = []
+                for start in range(0, len(images), BATCH_CHUNK):
                     progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
                     with turns.batch_chunk():
-                        outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
-                for image, outcome, mask_name in zip(chunk, outcomes, names[start:start + step]):
-                    rows.append(batch_row(image, outcome, mask_name))
-                    if isinstance(outcome, Detection):
-                        masks.writestr(mask_name, png_bytes(outcome.mask_image()))
-                        views.append((thumbnail(outcome.overlay, folder / f"{len(rows)}.webp"),
-                                      f"{image.name}: {outcome.score:.3f} {outcome.verdict}"))
+                        outcomes = detect_chunk(detector, images[start:start + BATCH_CHUNK], class_name, method, threshold)
+                    finished += [written(start + offset, outcome) for offset, outcome in enumerate(outcomes)]
+        rows = [row for row, _ in finished]
+        views = [view for _, view in finished if view is not None]
         return rows, views, notes
 
     return detect_batch
