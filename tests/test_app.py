@@ -155,7 +155,7 @@ def test_only_files_in_gradios_upload_cache_are_read_and_a_refusal_does_not_tell
 
 
 def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detector):
-    demo = layout.build_demo(detector, tiny=True)
+    demo = layout.build_demo(detector)
     functions = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
     assert {"detect", "full_resolution", "detect_batch"} <= set(functions)
     inputs = [type(block).__name__ for block in functions["detect"].inputs]
@@ -168,7 +168,7 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     assert not functions["detect"].preprocess and not functions["detect_batch"].preprocess  # uploads go through received_file
     methods = [value for _, value in render.method_choices(detector)]
     assert methods == detector.method_names + [COMPARE]
-    notice = render.banner(detector, tiny=True)
+    notice = render.banner(detector)
     assert "Tiny random CLIP" in notice
     untrained = [display_name(m) for m in detector.method_names if detector.status(m) == "untrained"]
     assert all(name in notice for name in untrained) and ("untrained" in notice) == bool(untrained)
@@ -517,7 +517,7 @@ def test_a_forged_batch_path_refuses_the_batch(detector, parts):
 
 
 def test_page_puts_batches_in_their_own_concurrency_group(detector):
-    demo = layout.build_demo(detector, tiny=True)
+    demo = layout.build_demo(detector)
     functions = {fn.api_name: fn for fn in demo.fns.values()}
     assert functions["detect_batch"].concurrency_id == layout.BATCH_CONCURRENCY_ID != functions["detect"].concurrency_id
 

@@ -19,7 +19,6 @@ from PIL import Image
 
 import zsad
 from zsad.inference import AnomalyDetector
-from zsad.loading import resolve_precision
 from zsad.space.config import ordered_methods
 from zsad.space.layout import example_rows
 from zsad.space.testing import serving_app
@@ -247,7 +246,7 @@ def test_batch_of_twenty_matches_the_detector_and_single_requests_are_answered_m
         records = list(csv.DictReader(handle))
     assert [record["file"] for record in records] == [path.name for path in paths]
     # The server's detector: the same tiny CLIP (seed 0), the same default precision.
-    detector = AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), dtype=resolve_precision("auto"))
+    detector = AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), precision="auto")
     for record, path in zip(records, paths):
         expected = detector.detect(path, "metal nut", method="baseline", threshold=0.5)
         assert float(record["score"]) == pytest.approx(expected.score, abs=1e-5), path.name

@@ -210,7 +210,7 @@ def test_profile_round_trip_in_a_new_process_gives_identical_maps(detector, data
     here = detector.detect(image, "disk", method="baseline", profile=profile)
     script = (
         "import sys, numpy as np\nfrom zsad import ProductProfile\nfrom zsad.inference import AnomalyDetector\n"
-        "detector = AnomalyDetector.load(methods=['baseline'], clip=sys.argv[1], image_size=int(sys.argv[2]))\n"
+        "detector = AnomalyDetector.load(methods=['baseline'], clip=sys.argv[1], image_size=int(sys.argv[2]), precision='float32')\n"
         "result = detector.detect(sys.argv[4], 'disk', profile=ProductProfile.load(sys.argv[3]))\n"
         "np.save(sys.argv[5], result.anomaly_map)\nprint(repr(result.score), result.calibration)\n"
     )

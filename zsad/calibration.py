@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .conformal import reachable_rank
 from .data.model_input import resized_mask
+from .detection import thresholds
 from .errors import ZSADError
 from .images import image_files, load_image
 from .modeling.clip_backbone import ImageFeatures
@@ -87,8 +88,9 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
         model = detector.model(method)
         encoded_normal, encoded_defective = encoded[model.config.vision_pass]
-        profiles[method] = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, rule,
-                                    fusion_weight, memories)
+        profile = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, rule, fusion_weight, memories)
+        profile.provenance = detector.provenance(method, class_name, name, thresholds(None, profile.calibration))
+        profiles[method] = profile
     return profiles
 
 
@@ -151,7 +153,9 @@ def add_references(detector, profile: ProductProfile, normal_images, *, false_al
     new_memory = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in batches])
     memory = ReferenceMemory.concatenate([profile.memory, new_memory.to(profile.memory.features[0].device, profile.memory.dtype)])
     outputs = MethodOutputs.concatenate([profile.outputs, method_outputs(model, batches, profile.class_name)])
-    return _calibrated_profile(model, profile.method, profile.class_name, memory, outputs, [], None, kept, profile.fusion.weight)
+    updated = _calibrated_profile(model, profile.method, profile.class_name, memory, outputs, [], None, kept, profile.fusion.weight)
+    updated.provenance = detector.provenance(profile.method, profile.class_name, profile.class_name, thresholds(None, updated.calibration))
+    return updated
 
 
 def _encode_batches(detector, pictures: list[Image.Image], vision_pass: tuple, streams: dict, batch_size: int, bar) -> list[dict]:

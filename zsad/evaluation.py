@@ -32,17 +32,18 @@ from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
 from .data.model_input import ImageSet
+from .data.synthetic import is_synthetic
 from .errors import ZSADError
 from .fusion import scored
 from .images import load_image
 from .inference import AnomalyDetector
-from .loading import Runtime, load_backbone, load_model
+from .loading import Runtime, load_model, runtime_backbone
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
 from .mutual import MutualSettings, detect_mutual_groups, lot_groups, lot_keys
-from .provenance import model_record
+from .provenance import model_record, provenance
 from .references import FusionScale
 from .visualize import evaluation_figure, few_shot_figure
 
@@ -86,15 +87,21 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     runtime = evaluation_runtime(accelerator, device, precision)
-    model = evaluation_model(model, clip, image_size, runtime.dtype).to(runtime.device)
+    model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     score = partial(_score_mutual, settings=mutual_settings) if mutual else _score_tiled if tiles else score_samples
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
+    report = {"dataset": dataset, "root": str(Path(root).resolve()) if root is not None else None,
+              "synthetic": is_synthetic(root), "model": model_name, "evaluated_model": model_record(model, model_name),
+              "provenance": provenance(model, name_or_path=model_name, threshold_rule=EVALUATION_THRESHOLD_RULE),
               "image_size": model.config.image_size, "tiles": tiles, **({"mutual": True} if mutual else {}),
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
+
+
+# The metrics sweep every threshold: no verdict, so no threshold, is part of an evaluation.
+EVALUATION_THRESHOLD_RULE = (None, None, "none: threshold-free metrics (AUROC, AP, F1-max, AUPRO)")
 
 
 def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:
@@ -102,12 +109,12 @@ def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: 
     return Runtime.resolve(accelerator.device if device is None or accelerator.num_processes > 1 else device, precision)
 
 
-def evaluation_model(model, clip: str | None, image_size: int | None, dtype):
+def evaluation_model(model, clip: str | None, image_size: int | None, runtime: Runtime):
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
-    backbone = load_backbone(clip, dtype=dtype) if clip else None
-    return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
+    backbone = runtime_backbone(clip, None, runtime) if clip else None
+    return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
 def score_samples(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,

@@ -70,7 +70,7 @@ def predict_files(
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     check_optional_threshold(threshold)
-    class_name = clean_class_name(class_name)
+    given_name, class_name = class_name, clean_class_name(class_name)
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
@@ -88,7 +88,13 @@ def predict_files(
         for stale in out_dir.glob(RECORDS_GLOB):
             stale.unlink()
     state.wait_for_everyone()
-    options = dict(class_name=class_name, threshold=threshold, profile=profile, display_side=display_side, batch_size=batch_size)
+    method = detector.method_names[0]
+    # Mutual verdicts are on each group's own scale: a profile adds its reference map, not its thresholds.
+    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
+    calibration = f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration
+    block = detector.provenance(method, given_name, class_name, (image_threshold, pixel_threshold, calibration))
+    options = dict(class_name=class_name, threshold=threshold, profile=profile, display_side=display_side, batch_size=batch_size,
+                   block=block)
     if mutual:
         plan = _MutualPlan.of(jobs, mutual_settings)
         _predict_mutual(detector, plan, records, out_dir, state, **options)
@@ -102,11 +108,8 @@ def predict_files(
         if not state.is_main_process:
             return {}
         by_image = {record["image"]: record for record in read_records(out_dir)}
-    method = detector.method_names[0]
-    # Mutual verdicts are on each group's own scale: a profile adds its reference map, not its thresholds.
-    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
+               "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
                "references": profile.num_references if profile else 0,
                "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),
                **({"mutual": True} if mutual else {}),
@@ -122,8 +125,9 @@ def stated_bound(profile) -> float | None:
 
 
 def _predict_each(detector: "AnomalyDetector", jobs: list[tuple[Path, str]], records: list[dict], out_dir: Path,
-                  state: "PartialState", *, tiles: bool, batch_size: int, **options) -> None:
-    """Every image not yet scored, in batches (one image at a time when tiled), each process its share."""
+                  state: "PartialState", *, tiles: bool, batch_size: int, block: dict, **options) -> None:
+    """Every image not yet scored, in batches (one image at a time when tiled), each process its share; each record
+    carries the run's provenance ``block``."""
     finished = {record["image"] for record in records if "score" in record}
     todo = [job for job in jobs if str(job[0]) not in finished]
     detect = partial(_detect, detector, tiles=tiles, batch_size=batch_size, **options)
@@ -133,7 +137,7 @@ def _predict_each(detector: "AnomalyDetector", jobs: list[tuple[Path, str]], rec
             for start in range(0, len(shard), step):
                 chunk = shard[start : start + step]
                 for record in _predict_chunk(detect, chunk, out_dir, options["display_side"], tiles):
-                    stream.write(json.dumps(record) + "\n")
+                    stream.write(json.dumps({**record, "provenance": block}) + "\n")
                 stream.flush()
                 progress.update(len(chunk))
 
@@ -175,7 +179,7 @@ class _MutualPlan:
 
 def _predict_mutual(detector: "AnomalyDetector", plan: _MutualPlan, records: list[dict], out_dir: Path, state: "PartialState", *,
                     class_name: str, threshold: float | None, profile: "ProductProfile | None", display_side: int | None,
-                    batch_size: int) -> None:
+                    batch_size: int, block: dict) -> None:
     """The groups left to do, each process its share of whole groups, each group's records written (and synced) as
     soon as its files are, so that a killed run resumes at its next group."""
     from .mutual import detect_mutual_groups
@@ -190,7 +194,7 @@ def _predict_mutual(detector: "AnomalyDetector", plan: _MutualPlan, records: lis
                 for index, outcome in zip(group.indices, group.outcomes):
                     path, name = plan.jobs[index]
                     record = _error_record(path, outcome) if isinstance(outcome, ZSADError) else _write_outputs(path, name, outcome, out_dir, None)
-                    stream.write(json.dumps({**record, "group": group.id}) + "\n")
+                    stream.write(json.dumps({**record, "group": group.id, "provenance": block}) + "\n")
                 stream.flush()
                 os.fsync(stream.fileno())
                 progress.update(len(group.indices))

@@ -14,7 +14,6 @@ itself) and, when given, the scores of defective images (docs/METHODS.md, "Calib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from .conformal import conformal_threshold, false_alarm_bound, good_images_neede
 from .detection import uncalibrated_description  # noqa: F401  (its name here is public)
 from .errors import ZSADError
 from .profile_card import CARD_FILE, profile_card
+from .provenance import zsad_version
 from .references import FusionScale, MethodOutputs, ReferenceMemory, SourceMaps
 
 PROFILE_JSON = "profile.json"
@@ -208,13 +208,6 @@ def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), ma
                        "good quantile", good_scores, rank=rank, false_alarm_bound=false_alarm_bound(len(good_scores), rank), **common)
 
 
-def zsad_version() -> str:
-    try:
-        return version("zsad")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 @dataclass
 class ProductProfile:
     """Reference memory and calibration of one product for one method on one backbone.
@@ -235,6 +228,7 @@ class ProductProfile:
     zsad_version: str = field(default_factory=zsad_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     backbone_hub_id: str | None = None
+    provenance: dict | None = None  # zsad.provenance's block of the model that built it (None: a profile saved before it)
     outputs: MethodOutputs | None = None
 
     @property
@@ -318,7 +312,7 @@ class ProductProfile:
             "backbone": self.backbone, "backbone_revision": self.backbone_revision, "backbone_hub_id": self.backbone_hub_id,
             "dtype": str(self.memory.dtype),
             "image_size": self.image_size, "grid_size": self.memory.grid_size, "feature_layers": self.feature_layers,
-            "zsad_version": self.zsad_version, "created": self.created,
+            "zsad_version": self.zsad_version, "created": self.created, "provenance": self.provenance,
         }
 
     @classmethod
@@ -336,7 +330,7 @@ class ProductProfile:
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
             return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
                        FusionScale(**meta["fusion"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"),
-                       _read_outputs(tensors, memory))
+                       meta.get("provenance"), _read_outputs(tensors, memory))
         except (KeyError, TypeError, ValueError) as error:
             raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
                             "build it again with `zsad calibrate` or detector.build_profile(...).") from error

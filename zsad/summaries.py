@@ -6,6 +6,8 @@ Plain functions of their results (no model, no torch), so the texts are tested o
 from collections.abc import Sequence
 from pathlib import Path
 
+from .provenance import noise_warning, short_form
+
 
 def predict_summary(summary: dict, out_dir) -> str:
     """``zsad predict``'s closing lines from the ``scores.json`` summary ``predict_files`` returns."""
@@ -15,13 +17,16 @@ def predict_summary(summary: dict, out_dir) -> str:
         return f"No image could be scored; the errors are in {out_dir / 'scores.json'}."
     scores = [record["score"] for record in scored]
     anomalous = sum(record["verdict"] == "anomalous" for record in scored)
+    block = summary["provenance"]
     lines = [
-        f"{len(scored)} image{'s' if len(scored) != 1 else ''} scored with {summary['method']} ({summary['status']}) as "
-        f"'{summary['class_name']}': {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
+        f"{len(scored)} image{'s' if len(scored) != 1 else ''} scored with {short_form(block)} as "
+        f"'{summary['class_name']}'{renamed(block)}: {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
         f"{summary['threshold']:.3f} ({summary['calibration']}).",
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if noise_warning(block):
+        lines.append(noise_warning(block))
     if summary.get("mutual"):
         lines += mutual_lines([record["details"]["compared_with"] for record in scored], [record["note"] for record in scored])
     if all(record["anomalous_pixel_fraction"] >= 1.0 for record in scored):
@@ -55,6 +60,12 @@ def calibrate_summary(profile, out_dir, previous=None) -> str:
                          f"({calibration.false_alarm_bound:.1%})")
     lines.append(f"Saved to {Path(out_dir)}")
     return "\n".join(lines)
+
+
+def renamed(block: dict) -> str:
+    """" (given as 'Metal-Nut')" when the product name used is not the one given."""
+    given = block["product"]["given"]
+    return f" (given as '{given}')" if given is not None and given != block["product"]["used"] else ""
 
 
 def mutual_lines(compared: Sequence[int], notes: Sequence[str | None]) -> list[str]:

@@ -161,7 +161,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             (picture, zsad.images.bounded(first.overlay, display_side)),
             zsad.images.bounded(first.mask_image(), display_side),
             round(first.score, 4),
-            report(results, reference_set.profiles, reference_set.duplicates),
+            report(results, reference_set.profiles, reference_set.duplicates, made_by(detector, results, class_name)),
             [table_row(result) for result in results],
             gallery(results) if method == COMPARE else [],
             FullResolution.of(first, Path(upload.name).stem),
@@ -199,6 +199,12 @@ class BatchOutput:
 
     def as_gradio(self) -> tuple:
         return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
+
+
+def made_by(detector: AnomalyDetector, results: list[Detection], class_name: str) -> dict[str, dict]:
+    """Each result's provenance block: the product name as typed and as used, the thresholds the result applied."""
+    return {result.method: detector.provenance(result.method, class_name, result.class_name,
+                                               (result.threshold, result.mask_threshold, result.calibration)) for result in results}
 
 
 def read_chunk(chunk: list[BatchImage], max_side: int | None = None) -> list:

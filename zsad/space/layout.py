@@ -72,7 +72,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
     )
 
 
-def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps(),
+def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
                turns: ComputeTurns | None = None) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
@@ -83,7 +83,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
             "Drop an image of a product, type what the product is, pick a method and see where the defect is. "
             "The Batch tab takes many images (or a zip) at once."
         )
-        notice = banner(detector, tiny)
+        notice = banner(detector)
         if notice:
             gr.Markdown(notice, elem_id="banner")
         with gr.Tab("One image", id="single"):
