@@ -299,7 +299,7 @@ def test_reference_images_calibrate_the_verdict_through_the_api(server, example,
     references = [handle_file(part) for part in good_parts]
     outputs = client.predict(handle_file(path), class_name, "baseline", 0.5, references, api_name="/detect")
     report = outputs[3]
-    assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in report
+    assert "3 reference images of good parts; calibrated on 3 good images: at most 1 in 4 good parts flagged; image threshold" in report
     threshold = float(report.split("image threshold ")[1].split(",")[0])
     verdict_threshold = float(report.split("(threshold ")[1].split(")")[0])
     # The verdict used the calibrated threshold (shown there with 2 decimals, in the calibration line with 3).

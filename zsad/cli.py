@@ -130,22 +130,30 @@ def _export(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from .inference import AnomalyDetector
     from .loading import Runtime
+    from .profile import ProductProfile
+    from .summaries import calibrate_summary
 
     if args.masks and not args.defective:
         raise ZSADError("--masks needs --defective (the masks mark the defects in those images).")
+    if args.normal and not args.class_name:
+        raise ZSADError("--normal needs --class-name (what the product is, e.g. 'metal nut').")
+    if args.allow_higher_rate and args.false_alarm_rate is None and not args.add:
+        raise ZSADError("--allow-higher-rate goes with --false-alarm-rate (the rate it may exceed).")
+    if args.add and args.defective:
+        raise ZSADError("--add takes good images only; to calibrate on defective images, run `zsad calibrate --normal ... "
+                        "--defective ...` with all the good images.")
+    previous = ProductProfile.load(args.out) if args.add else None
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
                                          runtime=Runtime.resolve(args.device, args.precision))
-    profile = detector.build_profile(None, args.class_name, args.normal, args.defective, args.masks, quantile=args.quantile,
-                                     margin=args.margin, fusion_weight=args.fusion_weight, progress=True)
-    profile.save(args.out)
-    print(f"Profile of '{profile.class_name}' for {profile.method}: {profile.describe()}")
-    calibration = profile.calibration
-    if calibration is None:
-        print("Thresholds: uncalibrated (0.5); give at least two good images to calibrate.")
+    if previous is not None:
+        profile = detector.add_references(previous, args.add, false_alarm_rate=args.false_alarm_rate,
+                                          allow_higher_rate=True if args.allow_higher_rate else None, progress=True)
     else:
-        print(f"Thresholds ({calibration.rule}): image {calibration.image_threshold:.4f}, pixel {calibration.pixel_threshold:.4f}")
-        print(f"Leave-one-out false-alarm rate on the good images: {calibration.false_alarm_rate():.1%}")
-    print(f"Saved to {args.out}")
+        profile = detector.build_profile(None, args.class_name, args.normal, args.defective, args.masks, quantile=args.quantile,
+                                         margin=args.margin, fusion_weight=args.fusion_weight, false_alarm_rate=args.false_alarm_rate,
+                                         allow_higher_rate=args.allow_higher_rate, progress=True)
+    profile.save(args.out)
+    print(calibrate_summary(profile, args.out, previous))
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:

@@ -39,7 +39,7 @@ def thresholds(threshold: float | None, calibration: CalibratedThresholds | None
         return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if calibration is not None:
-        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand"
+        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand (the calibrated rate does not apply)"
     return threshold, threshold, uncalibrated_description(threshold)
 
 

@@ -254,19 +254,28 @@ class AnomalyDetector:
     # ----- product profiles: zsad.calibration -------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
-                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                      fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float | None = None,
+                      false_alarm_rate: float | None = None, allow_higher_rate: bool = False, batch_size: int = 8,
+                      progress: bool = False) -> ProductProfile:
         """A product profile (reference images and calibrated thresholds): ``zsad.calibration.build_profile``."""
         return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                         margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                         margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                         allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                       fusion_weight: float | None = None, batch_size: int = 8,
-                       progress: bool = False) -> dict[str, ProductProfile]:
+                       fusion_weight: float | None = None, false_alarm_rate: float | None = None, allow_higher_rate: bool = False,
+                       batch_size: int = 8, progress: bool = False) -> dict[str, ProductProfile]:
         """Profiles of several methods, each image encoded once per input size: ``zsad.calibration.build_profiles``."""
         return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                          margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
+
+    def add_references(self, profile: ProductProfile, normal_images, *, false_alarm_rate: float | None = None,
+                       allow_higher_rate: bool | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+        """``profile`` recalibrated with more good images: ``zsad.calibration.add_references``."""
+        return calibration.add_references(self, profile, normal_images, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def resolve_method(self, method: str | None) -> str:
         if method is not None:

@@ -110,10 +110,18 @@ def predict_files(
         by_image = {record["image"]: record for record in read_records(out_dir)}
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
                "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
-               "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {}),
+               "references": profile.num_references if profile else 0,
+               "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),
+               **({"mutual": True} if mutual else {}),
                "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def stated_bound(profile) -> float | None:
+    """The false-alarm rate a profile's calibrated thresholds guarantee on good parts (None: no profile, uncalibrated,
+    or F1-max thresholds, which guarantee none)."""
+    return profile.calibration.false_alarm_bound if profile is not None and profile.calibration is not None else None
 
 
 def _predict_each(detector: "AnomalyDetector", jobs: list[tuple[Path, str]], records: list[dict], out_dir: Path,

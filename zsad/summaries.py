@@ -38,6 +38,30 @@ def predict_summary(summary: dict, out_dir) -> str:
     return "\n".join(lines)
 
 
+def calibrate_summary(profile, out_dir, previous=None) -> str:
+    """``zsad calibrate``'s closing lines: the profile, its thresholds and the false-alarm rate they promise, the
+    measured share of the good images flagged leave-one-out, and (``--add``) what the added references changed."""
+    lines = [f"Profile of '{profile.class_name}' for {profile.method}: {profile.describe()}"]
+    if previous is not None:
+        before = previous.calibration.rate_statement() if previous.calibration else "uncalibrated"
+        lines.append(f"Added {profile.num_references - previous.num_references} good images to the {previous.num_references} "
+                     f"references; before: {before}")
+    calibration = profile.calibration
+    if calibration is None:
+        lines.append("Thresholds: uncalibrated (0.5); give at least two good images to calibrate.")
+    else:
+        asked = f", false-alarm rate {calibration.false_alarm_target:g} asked" if calibration.false_alarm_target is not None else ""
+        lines.append(f"Thresholds ({calibration.rule}{asked}): image {calibration.image_threshold:.4f}, "
+                     f"pixel {calibration.pixel_threshold:.4f}")
+        lines.append(f"Measured on the good images (leave-one-out): {calibration.false_alarm_rate():.1%} flagged "
+                     f"({round(calibration.false_alarm_rate() * calibration.num_good)} of {calibration.num_good})")
+        if calibration.false_alarm_bound is not None:
+            lines.append(f"Guaranteed for new good parts from the same process: {calibration.rate_statement()} "
+                         f"({calibration.false_alarm_bound:.1%})")
+    lines.append(f"Saved to {Path(out_dir)}")
+    return "\n".join(lines)
+
+
 def renamed(block: dict) -> str:
     """" (given as 'Metal-Nut')" when the product name used is not the one given."""
     given = block["product"]["given"]

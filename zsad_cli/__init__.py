@@ -118,14 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="a product profile: reference images of good parts and calibrated thresholds")
     calibrate.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    calibrate.add_argument("--class-name", required=True, help="what the product is, e.g. 'metal nut'")
-    calibrate.add_argument("--normal", required=True, nargs="+", metavar="GOOD", help="images or folders of good parts (the references)")
+    calibrate.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (needed with --normal; --add reads the profile's)")
+    good = calibrate.add_mutually_exclusive_group(required=True)
+    good.add_argument("--normal", nargs="+", metavar="GOOD", help="images or folders of good parts (the references)")
+    good.add_argument("--add", nargs="+", metavar="MORE_GOOD",
+                      help="images or folders of more good parts for the profile at --out: memory, leave-one-out scores and "
+                           "thresholds recalibrated on all its references (the same as calibrating on all of them)")
     calibrate.add_argument("--defective", nargs="+", metavar="BAD", help="images or folders of defective parts (F1-optimal thresholds)")
     calibrate.add_argument("--masks", metavar="DIR", help="folder of defect masks named like the defective images (000.png or 000_mask.png)")
     calibrate.add_argument("--out", required=True, help="folder for the profile (profile.json, memory.safetensors)")
     calibrate.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                            help=f"good images only: thresholds at this quantile of the good scores (default {DEFAULT_QUANTILE}: the maximum)")
     calibrate.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"added to that quantile (default {DEFAULT_MARGIN})")
+    calibrate.add_argument("--false-alarm-rate", type=float, metavar="ALPHA",
+                           help="thresholds that flag at most this share of good parts (split-conformal on the leave-one-out "
+                                "scores, e.g. 0.05: at most 1 in 20; needs at least 1/ALPHA - 1 good images); with --add, "
+                                "replaces the profile's rule")
+    calibrate.add_argument("--allow-higher-rate", action="store_true",
+                           help="with too few good images for --false-alarm-rate, use the best they reach, 1 in (n + 1), and say so")
     calibrate.add_argument("--fusion-weight", type=float, default=None,
                            help="share of the reference map in the fused map (both on the good images' scale); default: "
                                 "chosen on the defective images when given, else 1 untrained, 0.5 trained")

@@ -29,6 +29,10 @@ from .uploads import BatchImage, Upload, batch_images, content_hash, mask_names,
 
 CALIBRATED = "calibrated"  # the calibrated thresholds when the references give them, else the slider's
 SLIDER = "slider"  # the slider's threshold, references or not
+# The reference box's false-alarm rates (the API's values): "lowest" is the good-quantile default, whose bound is
+# 1 in (n + 1) for n distinct references; the others are the conformal rule, reachable within MAX_REFERENCES (16).
+LOWEST_RATE = "lowest"
+FALSE_ALARM_RATES = {LOWEST_RATE: None, "1 in 10": 0.1, "1 in 5": 0.2}
 THRESHOLD_MODES = (CALIBRATED, SLIDER)
 
 
@@ -56,7 +60,9 @@ class ReferenceProfiles:
         self._cache = LRUCache(size)
         self.builds = 0
 
-    def get(self, payloads, class_name: str, method: str) -> ReferenceSet:
+    def get(self, payloads, class_name: str, method: str, false_alarm_rate: str = LOWEST_RATE) -> ReferenceSet:
+        if false_alarm_rate not in FALSE_ALARM_RATES:
+            raise ZSADError(f"The false-alarm rate must be one of {', '.join(FALSE_ALARM_RATES)}, got {false_alarm_rate!r}.")
         uploads = received_files(payloads)
         if not uploads:
             return ReferenceSet()
@@ -72,8 +78,9 @@ class ReferenceProfiles:
             else:
                 distinct[digest] = upload
         self._check_pixels(list(distinct.values()))
-        key = (tuple(distinct), method, clean_class_name(class_name))
-        profiles = self._cache.get(key, lambda: self._build(list(distinct.values()), class_name, method))
+        key = (tuple(distinct), method, clean_class_name(class_name), false_alarm_rate)
+        profiles = self._cache.get(key, lambda: self._build(list(distinct.values()), class_name, method,
+                                                            FALSE_ALARM_RATES[false_alarm_rate]))
         return ReferenceSet(profiles, duplicates)
 
     def _check_pixels(self, uploads: list[Upload]) -> None:
@@ -89,7 +96,7 @@ class ReferenceProfiles:
                             f"{self.caps.max_megapixels:g} megapixels per set. Use fewer or smaller images, or build the profile "
                             "with `zsad calibrate` and run `zsad predict --profile DIR` (no limit).")
 
-    def _build(self, uploads: list[Upload], class_name: str, method: str) -> dict[str, ProductProfile]:
+    def _build(self, uploads: list[Upload], class_name: str, method: str, rate: float | None) -> dict[str, ProductProfile]:
         pictures = []
         for number, upload in enumerate(uploads, start=1):
             try:
@@ -98,7 +105,7 @@ class ReferenceProfiles:
                 raise ZSADError(f"Reference image {number}: {error}") from error
         methods = self.detector.method_names if method == COMPARE else [method]
         self.builds += 1
-        return self.detector.build_profiles(methods, class_name, pictures)
+        return self.detector.build_profiles(methods, class_name, pictures, false_alarm_rate=rate)
 
 
 @dataclass
@@ -121,17 +128,22 @@ class DetectOutput:
 
 
 def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None, display_side: int = DISPLAY_SIDE):
-    """``detect(image, class_name, method, threshold, references, tiles, threshold_mode)`` -> ``DetectOutput``.
+    """``detect(image, class_name, method, threshold, references, tiles, threshold_mode, false_alarm_rate)`` ->
+    ``DetectOutput``.
 
     ``threshold_mode`` says which threshold decides mask and verdict: ``"calibrated"`` (the default) uses the
     calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
     otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
     overlapping windows of the model's input size (one method at a time, with its references when given).
+    ``false_alarm_rate`` (a ``FALSE_ALARM_RATES`` key) is the most the calibrated thresholds may flag of good parts:
+    "lowest" (1 in n + 1 for n references), "1 in 10" or "1 in 5"; a rate the references cannot reach is refused with
+    the number needed.
     """
     profiles = profiles or ReferenceProfiles(detector)
 
-    def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED, progress=gr.Progress()):
+    def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED,
+               false_alarm_rate=LOWEST_RATE, progress=gr.Progress()):
         try:
             if threshold_mode not in THRESHOLD_MODES:
                 raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
@@ -139,7 +151,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             if upload is None:
                 raise ZSADError("No image was given; upload or pass an image.")
             check_threshold(threshold)
-            reference_set = profiles.get(references, class_name, method)
+            reference_set = profiles.get(references, class_name, method, false_alarm_rate)
             chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
             results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
         except ZSADError as error:
@@ -326,4 +338,5 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
     return detect_batch
 
 
-__all__ = ["CALIBRATED", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles", "make_batch_handler", "make_handler"]
+__all__ = ["CALIBRATED", "FALSE_ALARM_RATES", "LOWEST_RATE", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles",
+           "make_batch_handler", "make_handler"]

@@ -67,16 +67,18 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
 
 
 def reference_line(result: Detection, profile: ProductProfile | None) -> str:
-    """Where the verdict's thresholds come from, e.g. "4 reference images of good parts; calibrated on 4 good images:
-    image threshold 0.63, pixel threshold 0.66"."""
+    """Where the verdict's thresholds come from and the false-alarm rate they promise, e.g. "4 reference images of good
+    parts; calibrated on 4 good images: at most 1 in 5 good parts flagged; image threshold 0.632, pixel threshold
+    0.661 (leave-one-out: 0 of 4 references flagged)"."""
     if profile is None:
         return f"No reference images (zero-shot); {result.calibration}"
     line = f"{profile.num_references} reference image{'s' if profile.num_references != 1 else ''} of good parts; {result.calibration}"
     if profile.calibration is None:
         return line + " (calibration needs at least two distinct reference images)"
     calibration = profile.calibration
-    return (f"{line}: image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
-            f"(leave-one-out false-alarm rate {calibration.false_alarm_rate():.0%})")
+    flagged = round(calibration.false_alarm_rate() * calibration.num_good)
+    return (f"{line}; image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
+            f"(leave-one-out: {flagged} of {calibration.num_good} references flagged)")
 
 
 def class_name_filter_decision(choice: ClassNameChoice) -> str:
