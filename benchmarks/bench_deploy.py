@@ -28,7 +28,7 @@ from zsad import AnomalyDetector  # noqa: E402
 from zsad.deploy.export import convert_graph_folder, export  # noqa: E402
 from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
-from zsad.runtime.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
 CLASS_NAME = "metal nut"
@@ -55,7 +55,7 @@ def exported_variants(clip: str, method: str, workdir: Path) -> dict[str, Path]:
 
 
 def torch_route(clip: str, method: str, precision: str):
-    detector = AnomalyDetector.for_model(method, clip=clip, dtype=resolve_precision(precision))
+    detector = AnomalyDetector.for_model(method, clip=clip, precision=precision)
 
     def run(image):
         result = detector.detect(image, CLASS_NAME)
@@ -134,7 +134,7 @@ def int8_auroc(method: str, image_size: int = 112) -> None:
         candidates = {
             "torch fp32": model,
             "onnxruntime int8 (exported)": GraphAsModel(model, ExportedDetector.load(work / "int8")),
-            "torch --precision int8": load_model(method, clip=clip, image_size=image_size, dtype=resolve_precision("int8")),
+            "torch --precision int8": load_model(method, clip=clip, image_size=image_size, precision="int8"),
         }
         print(f"\n{method}, untrained, tiny random CLIP at {image_size} px, synthetic held-out categories {categories}")
         print("| route | mean pixel AUROC | mean image AUROC |\n|---|---|---|")

@@ -23,7 +23,6 @@ from PIL import Image
 from zsad import AnomalyDetector
 from zsad.detection.references import FusionScale, ReferenceMemory, apply_references
 from zsad.runtime.images import load_image, to_pixel_values
-from zsad.runtime.loading import resolve_precision
 from zsad_cli.choices import PRECISIONS
 
 METHOD = "baseline"
@@ -72,7 +71,7 @@ def main(workdir: str, repeats: int, precision: str, cpu_share_only: bool) -> No
     clip_path, image = full_size_inputs(Path(workdir))
     print(machine_line())
     print(cpu_class_line())
-    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, dtype=resolve_precision(precision))
+    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, precision=precision)
     print(f"backbone dtype {detector.backbone.dtype}, image size {detector.model(METHOD).config.image_size}, "
           f"layers {detector.model(METHOD).config.feature_layers}")
     cpu_share(detector, image, repeats)

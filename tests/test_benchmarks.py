@@ -19,11 +19,14 @@ RUNS = {
     "bench_batch.py": (["--chunks", "1", "2", "--images", "2", "--workdir", "{work}"], "|"),
     "bench_camera.py": (["--repeats", "1", "--clip", "{tiny}", "--workdir", "{work}"], "|"),
     "bench_deploy.py": (["--repeats", "1", "--workdir", "{work}"], "onnxruntime int8"),
+    "bench_false_alarm.py": (["--categories", "disk", "--shots", "4", "--rates", "0.2", "--draws", "1", "--held-out", "4",
+                              "--defective", "2", "--train-good", "6"], "|"),
     "bench_evaluate.py": (["--images-per-category", "2", "--workdir", "{work}"], "|"),
     "bench_inference.py": (["--repeats", "1", "--workdir", "{work}"], "|"),
     "bench_malloc.py": (["--workdir", "{work}"], "|"),
     "bench_memory.py": (["--workdir", "{work}", "--precisions", "float32"], "|"),
     "bench_metrics.py": (["--maps", "4", "--reference-maps", "2", "--dtype-maps", "2", "--repeats", "1"], "speed ratio"),
+    "bench_mutual_lot.py": (["--sizes", "4", "--plain", "4", "--workdir", "{work}"], "|"),
     "bench_mutual.py": (["--sizes", "3", "--workdir", "{work}"], "|"),
     "bench_new_name.py": (["--workdir", "{work}", "--repeats", "1"], "cosine"),
     "bench_references.py": (["--repeats", "1", "--workdir", "{work}"], "|"),
@@ -35,6 +38,7 @@ RUNS = {
 ELSEWHERE = {  # scripts that cannot run here, and where they are run
     "bench_cuda.py": "needs a CUDA GPU: benchmarks/gpu_check.sh runs it",
     "check_anomalyclip_vv.py": "needs the authors' AnomalyCLIP source file, which is not vendored",
+    "check_anomalyclip.py": "needs a clone of the authors' AnomalyCLIP repository; its output is tests/fixtures/anomalyclip",
 }
 
 

@@ -31,6 +31,7 @@ from ..runtime.errors import BackboneLoadError
 from ..runtime.images import LoadedImage, read_image
 from ..runtime.loading import Runtime, checkpoint_method, load_method, shared_backbone
 from ..runtime.methods import METHODS, status
+from ..runtime.provenance import provenance
 from . import calibration, mutual, tiling
 from .fusion import scored
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
@@ -57,7 +58,7 @@ class AnomalyDetector:
         methods: Sequence[str] | None = None,
         checkpoints: Mapping[str, str | None] | None = None,
         clip: str | CLIPBackbone | None = None,
-        dtype: torch.dtype | None = None,
+        precision: str = "auto",
         image_size: int | None = None,
         device: str | torch.device | None = "auto",
         runtime: Runtime | None = None,
@@ -67,16 +68,17 @@ class AnomalyDetector:
 
         Without ``clip``, the backbone is the one the first checkpoint was trained on (or the default CLIP).
         ``image_size`` overrides the input size of untrained models only (checkpoints keep theirs).
-        ``runtime`` (``zsad.runtime.loading.Runtime.resolve(device, precision)``) says where the backbone and every model run
-        and in which precision; without it, ``device`` ("auto": CUDA when available) and ``dtype`` (the vision
-        tower's, default float32) say so.
+        ``device`` ("auto": the first CUDA GPU, then MPS, else the CPU) and ``precision`` ("auto", "float32",
+        "bfloat16", "float16", "int8") say where the backbone and every model run and in which precision, decided by
+        ``zsad.runtime.loading.Runtime.resolve`` as on every other surface (``runtime``: an already resolved one). A ready
+        ``CLIPBackbone`` passed as ``clip`` keeps its own.
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
         if unknown:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
-        runtime = runtime or Runtime.of(device, dtype)
-        backbone = shared_backbone(clip, checkpoints.values(), runtime.dtype).to(runtime.device)
+        runtime = runtime or Runtime.resolve(device, precision)
+        backbone = shared_backbone(clip, checkpoints.values(), runtime)
         detector = cls(backbone)
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
@@ -84,16 +86,16 @@ class AnomalyDetector:
 
     @classmethod
     def for_model(
-        cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None,
+        cls, model: str, clip: str | CLIPBackbone | None = None, precision: str = "auto", image_size: int | None = None,
         device: str | torch.device | None = "auto", runtime: Runtime | None = None,
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size, device=device, runtime=runtime)
+            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype, device=device, runtime=runtime)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -116,6 +118,12 @@ class AnomalyDetector:
         """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
         return thresholds(threshold, profile.calibration if profile else None)
 
+    def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
+                   threshold_rule: tuple[float, float, str] | None) -> dict:
+        """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name and rule."""
+        return provenance(self.model(method), class_name_given=class_name_given, class_name_used=class_name_used,
+                          threshold_rule=threshold_rule)
+
     def model(self, method: str) -> ZSADPreTrainedModel:
         if method not in self.models:
             raise ZSADError(f"Unknown method '{method}'; this detector holds {self.method_names}.")
@@ -135,9 +143,11 @@ class AnomalyDetector:
                                  display_side=display_side)[0]
 
     def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
-                     overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
-        """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.detection.tiling.detect_tiled``."""
-        return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress)
+                     overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                     profile: ProductProfile | None = None) -> Detection:
+        """``image`` at full resolution in overlapping windows of the model's input size, each fused with ``profile``'s
+        references when given: ``zsad.detection.tiling.detect_tiled``."""
+        return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress, profile)
 
     def detect_mutual(self, images: Sequence, class_name: str, method: str = "baseline", **options) -> list[Detection]:
         """Score ``images`` (N >= 2 of one product) against each other, no text or references needed; one Detection
@@ -155,11 +165,11 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self.encode([picture], size, streams) for size, streams in self.layers_by_image_size().items()}
+        shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            features = shared[model.config.image_size][model.config.vv_attention_from]
+            features = model.features_from_streams(shared[model.config.vision_pass])
             results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
@@ -167,25 +177,28 @@ class AnomalyDetector:
         first.seconds += shared_seconds
         return results
 
-    def encode(self, pictures: list[Image.Image], size: int, streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
-        """One vision pass over ``pictures`` at input ``size``: {value-value start (None: the stock tokens): features
-        at the layers ``streams`` names for it}."""
+    def encode(self, pictures: list[Image.Image], vision_pass: tuple[int, str],
+               streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
+        """One vision pass over ``pictures`` at ``vision_pass`` (input size, position interpolation): {value-value
+        start (None: the stock tokens): features at the layers ``streams`` names for it}."""
+        size, position_interpolation = vision_pass
         pixel_values = self.image_processor(size).pixel_values(pictures)
         with torch.inference_mode():
-            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams)
+            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams, position_interpolation)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
         return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
 
-    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, dict[int | None, list[int]]]:
-        """{input size: {vv_attention_from: every layer the ``methods`` (default: all held) of that size and start tap}}:
-        one vision pass per size, one stream per value-value start."""
-        layers: dict[int, dict] = {}
+    def vision_passes(self, methods: Sequence[str] | None = None) -> dict[tuple[int, str], dict[int | None, list[int]]]:
+        """{(input size, position interpolation): {vv_attention_from: every layer the ``methods`` (default: all held)
+        of that pass read from that stream}}: one vision pass per input size and interpolation, one stream per start."""
+        layers: dict[tuple, dict] = {}
         for method in methods or self.method_names:
-            config = self.model(method).config
-            layers.setdefault(config.image_size, {}).setdefault(config.vv_attention_from, set()).update(config.feature_layers)
-        return {size: {start: sorted(tapped) for start, tapped in streams.items()} for size, streams in layers.items()}
+            model = self.model(method)
+            for start, tapped in model.vision_streams().items():
+                layers.setdefault(model.config.vision_pass, {}).setdefault(start, set()).update(tapped)
+        return {key: {start: sorted(tapped) for start, tapped in streams.items()} for key, streams in layers.items()}
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
@@ -207,29 +220,34 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        start = model.config.vv_attention_from
-        features = self.encode(pictures, model.config.image_size, {start: model.config.feature_layers})[start]
+        features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
-    def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
-                            started: float, profile: ProductProfile | None = None) -> list[Detection]:
-        """The model's heads on an encoded batch (fused with the profile's references), then one Detection per image."""
+    def run_heads(self, method: str, features: ImageFeatures, names: list[str], profile: ProductProfile | None = None):
+        """The model's heads on an encoded batch, fused with the profile's references when one is given: (the model's
+        output, what the verdict reads: the fused scores or that output)."""
         model = self.model(method)
         for name in sorted(set(names)) if profile else ():
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
             output, fused = scored(model, features, names, profile.memory if profile else None, profile.fusion if profile else None)
-            result = fused or output
-            model_maps = result.anomaly_map.float().cpu().numpy()
-            scores = result.image_score.float().cpu().tolist()
+        return output, fused or output
+
+    def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
+                            started: float, profile: ProductProfile | None = None) -> list[Detection]:
+        """``run_heads`` on an encoded batch, then one Detection per image."""
+        output, result = self.run_heads(method, features, names, profile)
+        model_maps = result.anomaly_map.float().cpu().numpy()
+        scores = result.image_score.float().cpu().tolist()
         chosen = self.verdict_thresholds(names[0], threshold, profile)
         seconds = (time.perf_counter() - started) / len(loaded)
         return [
             build_detection(
-                method=method, status=status(model), class_name=names[i], score=scores[i], picture=loaded[i].image,
+                method=method, status=status(self.model(method)), class_name=names[i], score=scores[i], picture=loaded[i].image,
                 thresholds=chosen, model_map=model_maps[i], details=output.image_details(i), seconds=seconds,
                 references=profile.num_references if profile else 0,
-                note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None, original_size=loaded[i].original_size,
+                note=profile.mismatch_note(float(result.mean_distance[i])) if result is not output else None,
+                original_size=loaded[i].original_size,
             )
             for i in range(len(loaded))
         ]
@@ -237,19 +255,28 @@ class AnomalyDetector:
     # ----- product profiles: zsad.detection.calibration -------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
-                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                      fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float | None = None,
+                      false_alarm_rate: float | None = None, allow_higher_rate: bool = False, batch_size: int = 8,
+                      progress: bool = False) -> ProductProfile:
         """A product profile (reference images and calibrated thresholds): ``zsad.detection.calibration.build_profile``."""
         return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                         margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                         margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                         allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                       fusion_weight: float | None = None, batch_size: int = 8,
-                       progress: bool = False) -> dict[str, ProductProfile]:
+                       fusion_weight: float | None = None, false_alarm_rate: float | None = None, allow_higher_rate: bool = False,
+                       batch_size: int = 8, progress: bool = False) -> dict[str, ProductProfile]:
         """Profiles of several methods, each image encoded once per input size: ``zsad.detection.calibration.build_profiles``."""
         return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                          margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
+
+    def add_references(self, profile: ProductProfile, normal_images, *, false_alarm_rate: float | None = None,
+                       allow_higher_rate: bool | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+        """``profile`` recalibrated with more good images: ``zsad.detection.calibration.add_references``."""
+        return calibration.add_references(self, profile, normal_images, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def resolve_method(self, method: str | None) -> str:
         if method is not None:

@@ -22,13 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..modeling.anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
+from ..modeling.anomaly_maps import SIMILARITY_BLOCK, combine_layer_maps, scaled_sigma, upsample_patch_maps
 from ..modeling.clip_backbone import ImageFeatures
 from ..modeling.exceptions import ZSADError
-
-# Largest (query patches x reference patches) block of similarities computed at once: 2^24 values are 64 MB in
-# float32, whatever the number of references.
-SIMILARITY_BLOCK = 1 << 24
 
 
 @dataclass
@@ -41,20 +37,22 @@ class ReferenceMemory:
     grid_size: int
     image_size: int
     vv_attention_from: int | None = None
+    position_interpolation: str = "bicubic"
 
     @classmethod
     def from_features(cls, features: ImageFeatures) -> "ReferenceMemory":
         """The memory of an encoded batch of good images (every layer the features hold)."""
         patches = [F.normalize(features.patch_tokens(i).float(), dim=-1).to(features.layer_tokens[i].dtype)
                    for i in range(len(features.layers))]
-        return cls(list(features.layers), patches, features.grid_size, features.image_size, features.vv_attention_from)
+        return cls(list(features.layers), patches, features.grid_size, features.image_size, features.vv_attention_from,
+                   features.position_interpolation)
 
     @classmethod
     def concatenate(cls, memories: list["ReferenceMemory"]) -> "ReferenceMemory":
         """One memory from several (batches of references encoded apart)."""
         first = memories[0]
         features = [torch.cat([memory.features[i] for memory in memories]) for i in range(len(first.layers))]
-        return cls(first.layers, features, first.grid_size, first.image_size, first.vv_attention_from)
+        return cls(first.layers, features, first.grid_size, first.image_size, first.vv_attention_from, first.position_interpolation)
 
     @property
     def num_images(self) -> int:
@@ -74,18 +72,18 @@ class ReferenceMemory:
             raise ZSADError("Leaving a reference out needs at least two reference images.")
         keep = [i for i in range(self.num_images) if i != index]
         return ReferenceMemory(self.layers, [layer[keep] for layer in self.features], self.grid_size, self.image_size,
-                               self.vv_attention_from)
+                               self.vv_attention_from, self.position_interpolation)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "ReferenceMemory":
         return ReferenceMemory(self.layers, [layer.to(device=device, dtype=dtype) for layer in self.features],
-                               self.grid_size, self.image_size, self.vv_attention_from)
+                               self.grid_size, self.image_size, self.vv_attention_from, self.position_interpolation)
 
     def patch_distances(self, features: ImageFeatures) -> torch.Tensor:
         """(B, L, N) float32: 1 - cosine similarity of each test patch to its nearest reference patch, per layer."""
         if features.grid_size != self.grid_size:
             raise ZSADError(f"Test images were encoded at {features.image_size} px, the references at {self.image_size} px; "
                             "encode both at the model's image_size.")
-        features = features.select(self.layers, self.vv_attention_from)
+        features = features.select(self.layers, self.vv_attention_from, self.position_interpolation)
         distances = []
         for i, memory in enumerate(self.features):
             queries = F.normalize(features.patch_tokens(i).float(), dim=-1).to(memory.dtype)
@@ -110,11 +108,11 @@ def nearest_similarity(queries: torch.Tensor, memory: torch.Tensor, block: int =
 def reference_map(memory: ReferenceMemory, features: ImageFeatures, sigma: float) -> torch.Tensor:
     """(B, S, S) reference-distance map in [0, 1]: per-layer distances upsampled like the zero-shot maps, averaged
     over layers and smoothed with ``sigma`` pixels."""
-    return distance_map(memory.patch_distances(features), features, sigma)
+    return distance_map(memory.patch_distances(features), features.grid_size, features.image_size, sigma)
 
 
-def distance_map(distances: torch.Tensor, features: ImageFeatures, sigma: float) -> torch.Tensor:
-    layer_maps = upsample_patch_maps(distances, features.grid_size, features.image_size)
+def distance_map(distances: torch.Tensor, grid_size: int, image_size: int, sigma: float) -> torch.Tensor:
+    layer_maps = upsample_patch_maps(distances, grid_size, image_size)
     return combine_layer_maps(layer_maps, sigma).clamp_(0.0, 1.0)
 
 
@@ -211,21 +209,59 @@ def reference_sources(memory: ReferenceMemory, features: ImageFeatures, method_m
     memory = memory.to(features.image_embeds.device, features.layer_tokens[0].dtype)
     sigma = scaled_sigma(config.smoothing_sigma, features.image_size, config.smoothing_reference_size)
     distances = memory.patch_distances(features)
-    return SourceMaps(method_map.float(), distance_map(distances, features, sigma), global_score.float(), distances.mean(dim=(1, 2)))
+    return SourceMaps(method_map.float(), distance_map(distances, features.grid_size, features.image_size, sigma), global_score.float(),
+                      distances.mean(dim=(1, 2)))
+
+
+@dataclass
+class MethodOutputs:
+    """Each reference image's own map from the method (K, S, S) and global probability (K,), float32: what fusing a
+    reference's leave-one-out scores needs besides the memory. Neither depends on the other references, so a profile
+    keeps them and more references can be added without the first images (``zsad.detection.calibration.add_references``)."""
+
+    maps: torch.Tensor
+    global_scores: torch.Tensor
+
+    @classmethod
+    def concatenate(cls, parts: list["MethodOutputs"]) -> "MethodOutputs":
+        return cls(torch.cat([part.maps.cpu() for part in parts]), torch.cat([part.global_scores.cpu() for part in parts]))
+
+    @property
+    def num_images(self) -> int:
+        return self.maps.shape[0]
+
+
+def method_outputs(model, batches: list[ImageFeatures], class_name: str) -> MethodOutputs:
+    """The method's map and global probability of every image of ``batches``, one image at a time (as detection
+    scores it)."""
+    maps, scores = [], []
+    for batch in batches:
+        for i in range(batch.batch_size):
+            with torch.inference_mode():
+                output = model(image_features=single_image(batch, i), class_names=[class_name])
+            maps.append(output.anomaly_map.float())
+            scores.append(output.global_score.float())
+    return MethodOutputs(torch.cat(maps), torch.cat(scores))
+
+
+def memory_leave_one_out(memory: ReferenceMemory, outputs: MethodOutputs, config) -> list[SourceMaps]:
+    """Each reference's maps against the other references, never itself, from the memory alone: its stored patch
+    features are the normalised tokens ``patch_distances`` would compute from the image."""
+    sigma = scaled_sigma(config.smoothing_sigma, memory.image_size, config.smoothing_reference_size)
+    results = []
+    for index in range(memory.num_images):
+        others = memory.leave_out(index)
+        distances = torch.stack([1.0 - nearest_similarity(features[index:index + 1], rest.flatten(0, 1))
+                                 for features, rest in zip(memory.features, others.features)], dim=1)
+        device = distances.device
+        results.append(SourceMaps(outputs.maps[index:index + 1].to(device), distance_map(distances, memory.grid_size, memory.image_size, sigma),
+                                  outputs.global_scores[index:index + 1].to(device), distances.mean(dim=(1, 2))))
+    return results
 
 
 def leave_one_out_sources(model, memory: ReferenceMemory, batches: list[ImageFeatures], class_name: str) -> list[SourceMaps]:
     """Each reference image's maps (``batches`` in memory order) against the other references, never itself."""
-    results, index = [], 0
-    for batch in batches:
-        for i in range(batch.batch_size):
-            features = single_image(batch, i)
-            with torch.inference_mode():
-                output = model(image_features=features, class_names=[class_name])
-                results.append(reference_sources(memory.leave_out(index), features, output.anomaly_map, output.global_score,
-                                                 model.config))
-            index += 1
-    return results
+    return memory_leave_one_out(memory, method_outputs(model, batches, class_name), model.config)
 
 
 def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_map: torch.Tensor, global_score: torch.Tensor,
@@ -235,7 +271,15 @@ def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_ma
 
 
 def single_image(features: ImageFeatures, index: int) -> ImageFeatures:
-    """Image ``index`` of an encoded batch, as a batch of one."""
-    return ImageFeatures(features.layers, [tokens[index:index + 1] for tokens in features.layer_tokens],
-                         features.image_embeds[index:index + 1], features.grid_size, features.image_size,
-                         features.vv_attention_from)
+    """Image ``index`` of an encoded batch, as a batch of one (of the same class: a method's features may carry more
+    per-image tensors, e.g. AnomalyCLIP's class tokens)."""
+    return dataclasses.replace(features, **{field.name: _image_of(getattr(features, field.name), index)
+                                            for field in dataclasses.fields(features)})
+
+
+def _image_of(value, index: int):
+    if isinstance(value, torch.Tensor):
+        return value[index:index + 1]
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [tensor[index:index + 1] for tensor in value]
+    return value

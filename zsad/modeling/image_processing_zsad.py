@@ -7,7 +7,7 @@ The one implementation for zsad (``zsad.runtime.images``, ``zsad.detection.detec
 PIL image, or raises one ``ZSADError`` saying what is wrong (unreadable, truncated, too large, too small).
 
 Importing this module does not import torch (the two functions that return or take tensors import it when called):
-``zsad.deploy`` reads and normalises images with it in processes without torch.
+``zsad.deploy.runtime`` reads and normalises images with it in processes without torch.
 """
 
 import io
@@ -110,7 +110,7 @@ def _open(source, name: str | None) -> Image.Image:
         return Image.open(source)
     except Image.DecompressionBombError as error:
         called = f"The image '{name}'" if name else "The image"
-        raise ZSADError(f"{called} is too large to decode safely ({error}); downscale it to at most "
+        raise ZSADError(f"{called} is too large to decode safely ({error}); downscale it to no more than "
                         f"{MAX_IMAGE_PIXELS:,} pixels.") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         reason = str(error).replace(str(source), name) if name and isinstance(source, (str, Path)) else str(error)

@@ -11,7 +11,7 @@ from zsad.detection.detector import AnomalyDetector
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.exceptions import ZSADError
 from zsad.runtime.errors import BackboneLoadError
-from zsad.runtime.loading import resolve_device, resolve_precision
+from zsad.runtime.loading import Runtime
 from zsad_cli import add_device_argument
 from zsad_cli.choices import PRECISIONS
 
@@ -109,12 +109,9 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
 
 def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto") -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
-    device = resolve_device(device)
     try:
-        return AnomalyDetector.load(
-            methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
-            dtype=resolve_precision(precision, device), device=device,
-        )
+        return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
+                                    runtime=Runtime.resolve(device, precision))
     except BackboneLoadError as error:
         sys.exit(
             f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"
