@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from zsad import AnomalyDetector, ZSADError, loading
+from zsad import AnomalyDetector, ZSADError
+from zsad.runtime import loading
 from zsad.runtime.loading import resolve_device, resolve_precision
 from zsad.space.config import build_parser as app_parser
 from zsad.space.config import load_detector
