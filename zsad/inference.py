@@ -24,6 +24,8 @@ from PIL import Image
 
 from . import calibration, mutual, tiling
 from .detection import Detection, build_detection, check_optional_threshold, thresholds
+from .engine import TorchEngine
+from .engine_choice import vision_engine
 from .errors import BackboneLoadError, ZSADError
 from .fusion import scored
 from .images import LoadedImage, read_image
@@ -45,8 +47,10 @@ __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detecti
 class AnomalyDetector:
     """Holds one shared backbone and any number of method models by name; does pre- and post-processing."""
 
-    def __init__(self, backbone: CLIPBackbone, models: Mapping[str, ZSADPreTrainedModel] | None = None):
+    def __init__(self, backbone: CLIPBackbone, models: Mapping[str, ZSADPreTrainedModel] | None = None, engine=None):
         self.backbone = backbone
+        # What runs the vision pass (``zsad.engine``): torch unless an engine is given (``load`` picks one by name).
+        self.engine = engine or TorchEngine(backbone)
         self.models: dict[str, ZSADPreTrainedModel] = {}
         for name, model in (models or {}).items():
             self.add(name, model)
@@ -61,6 +65,7 @@ class AnomalyDetector:
         image_size: int | None = None,
         device: str | torch.device | None = "auto",
         runtime: Runtime | None = None,
+        engine: str | None = None,
     ) -> "AnomalyDetector":
         """Load the backbone once, then every method: from its checkpoint (path or Hub id) where one is
         given, else untrained on the backbone. ``methods`` defaults to all of ``zsad.METHODS``.
@@ -70,7 +75,9 @@ class AnomalyDetector:
         ``device`` ("auto": the first CUDA GPU, then MPS, else the CPU) and ``precision`` ("auto", "float32",
         "bfloat16", "float16", "int8") say where the backbone and every model run and in which precision, decided by
         ``zsad.loading.Runtime.resolve`` as on every other surface (``runtime``: an already resolved one). A ready
-        ``CLIPBackbone`` passed as ``clip`` keeps its own.
+        ``CLIPBackbone`` passed as ``clip`` keeps its own. ``engine`` runs the vision pass: "torch", "openvino" (a graph
+        cached on disk, ``zsad.engine``) or "auto" (the faster of them here, measured on first use:
+        ``zsad.engine_choice``); default ``$ZSAD_ENGINE``, else "auto".
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
@@ -78,7 +85,7 @@ class AnomalyDetector:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
         runtime = runtime or Runtime.resolve(device, precision)
         backbone = shared_backbone(clip, checkpoints.values(), runtime)
-        detector = cls(backbone)
+        detector = cls(backbone, engine=vision_engine(backbone, engine))
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
         return detector
@@ -86,15 +93,17 @@ class AnomalyDetector:
     @classmethod
     def for_model(
         cls, model: str, clip: str | CLIPBackbone | None = None, precision: str = "auto", image_size: int | None = None,
-        device: str | torch.device | None = "auto", runtime: Runtime | None = None,
+        device: str | torch.device | None = "auto", runtime: Runtime | None = None, engine: str | None = None,
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime)
+            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime,
+                            engine=engine)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime,
+                        engine=engine)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -181,9 +190,7 @@ class AnomalyDetector:
         """One vision pass over ``pictures`` at ``vision_pass`` (input size, position interpolation): {value-value
         start (None: the stock tokens): features at the layers ``streams`` names for it}."""
         size, position_interpolation = vision_pass
-        pixel_values = self.image_processor(size).pixel_values(pictures)
-        with torch.inference_mode():
-            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams, position_interpolation)
+        return self.engine.encode_streams(self.image_processor(size).pixel_values(pictures), streams, position_interpolation)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
