@@ -162,5 +162,5 @@ def test_device_option_reads_zsad_device(monkeypatch):
 
 def test_the_space_shows_where_it_runs(tiny_backbone):
     detector = AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, device="cpu")
-    assert runtime(detector) == "Runs on CPU · vision tower in float32, text in float32"
+    assert runtime(detector) == "Runs on CPU · vision tower in float32, text in float32 · vision pass: torch float32"
     assert runtime(detector) in build_demo(detector).config["components"].__repr__()

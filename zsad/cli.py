@@ -52,11 +52,11 @@ def _predict(args: argparse.Namespace) -> None:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
     if args.rescore and not args.mutual:
         raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
-    if args.engine != "torch":
+    if _runs_exported_graph(args):
         if args.mutual:
-            raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
+            raise ZSADError("--mutual runs a model, not an exported graph (which scores one image at a time).")
         if args.profile or args.reference:
-            raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
+            raise ZSADError("--profile and --reference run a model, not an exported graph (which carries its own thresholds).")
         from .deploy import ExportedGraphPredictor, OneProcess
 
         detector = ExportedGraphPredictor.load(args.model, args.engine)
@@ -77,7 +77,7 @@ def _predict(args: argparse.Namespace) -> None:
         with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
             device = accelerator.device if accelerator.num_processes > 1 else args.device
             detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
-                                                 runtime=Runtime.resolve(device, args.precision))
+                                                 runtime=Runtime.resolve(device, args.precision), engine=args.engine)
             class_name = _unnamed_mutual_product(detector, args) if args.class_name is None else args.class_name
             profile = ProductProfile.load(args.profile) if args.profile else None
             if args.reference:
@@ -92,10 +92,24 @@ def _predict(args: argparse.Namespace) -> None:
         return
     from .summaries import predict_summary
 
+    if not _runs_exported_graph(args):
+        summary["vision_engine"] = detector.engine.describe()
+
     failed = [record for record in summary["images"] if "error" in record]
     print(predict_summary(summary, args.out))
     if failed:
         raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+
+
+def _runs_exported_graph(args: argparse.Namespace) -> bool:
+    """``--engine onnx``, or ``--engine openvino`` with ``--model`` a folder written by ``zsad export``; otherwise the
+    engine runs the vision pass of a model."""
+    from pathlib import Path
+
+    exported = (Path(args.model) / "zsad_deploy.json").is_file()
+    if args.engine == "onnx" and not exported:
+        raise ZSADError(f"--engine onnx runs a folder written by `zsad export`; {args.model} is not one (no zsad_deploy.json).")
+    return args.engine == "onnx" or (args.engine == "openvino" and exported)
 
 
 def _mutual_settings(args: argparse.Namespace):
@@ -144,7 +158,7 @@ def _calibrate(args: argparse.Namespace) -> None:
                         "--defective ...` with all the good images.")
     previous = ProductProfile.load(args.out) if args.add else None
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
-                                         runtime=Runtime.resolve(args.device, args.precision))
+                                         runtime=Runtime.resolve(args.device, args.precision), engine=args.engine)
     if previous is not None:
         profile = detector.add_references(previous, args.add, false_alarm_rate=args.false_alarm_rate,
                                           allow_higher_rate=True if args.allow_higher_rate else None, progress=True)
@@ -154,6 +168,7 @@ def _calibrate(args: argparse.Namespace) -> None:
                                          allow_higher_rate=args.allow_higher_rate, progress=True)
     profile.save(args.out)
     print(calibrate_summary(profile, args.out, previous))
+    print(f"Vision pass: {detector.engine.describe()}")
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:

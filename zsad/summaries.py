@@ -25,6 +25,8 @@ def predict_summary(summary: dict, out_dir) -> str:
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if summary.get("vision_engine"):
+        lines.append(f"Vision pass: {summary['vision_engine']}")
     if noise_warning(block):
         lines.append(noise_warning(block))
     if summary.get("mutual"):

@@ -11,6 +11,7 @@ from zsad.errors import BackboneLoadError, ZSADError
 from zsad.inference import AnomalyDetector
 from zsad.loading import PRECISIONS, Runtime, add_device_argument
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
+from zsad_cli import add_engine_argument
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "float16 on GPUs without bfloat16, int8 vision linears on other CPUs",
     )
     add_device_argument(parser)
+    add_engine_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")
     parser.add_argument("--batch-max-images", type=int, default=BatchCaps.max_images, help="most images in one batch (Batch tab)")
@@ -104,11 +106,12 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
     return checkpoints
 
 
-def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto") -> AnomalyDetector:
+def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto",
+                  engine: str | None = None) -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
     try:
         return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
-                                    runtime=Runtime.resolve(device, precision))
+                                    runtime=Runtime.resolve(device, precision), engine=engine)
     except BackboneLoadError as error:
         sys.exit(
             f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"

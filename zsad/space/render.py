@@ -155,8 +155,9 @@ def banner(detector: AnomalyDetector) -> str:
 
 
 def runtime(detector: AnomalyDetector) -> str:
-    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16"."""
+    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16 · vision
+    pass: torch bfloat16"."""
     device = detector.device
     where = f"GPU {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type.upper()
     vision, text = (str(dtype).removeprefix("torch.") for dtype in (detector.backbone.dtype, detector.backbone.text_dtype))
-    return f"Runs on {where} · vision tower in {vision}, text in {text}"
+    return f"Runs on {where} · vision tower in {vision}, text in {text} · vision pass: {detector.engine.describe()}"
