@@ -197,11 +197,10 @@ def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers
 def float32_copy(backbone: CLIPBackbone) -> CLIPBackbone:
     """A float32 copy of ``backbone``'s CLIP (int8 linears dequantised), for export only; ``backbone`` is left as it is."""
     clip = copy.deepcopy(backbone.model).float()
-    for block in clip.vision_model.encoder.layers:
-        for parent in block.modules():
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
-                    setattr(parent, child_name, dequantized_linear(child))
+    for parent in list(clip.modules()):  # the text linears too: torch.export reads every module the graph holds
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
+                setattr(parent, child_name, dequantized_linear(child))
     return CLIPBackbone(clip, backbone.tokenizer, backbone.image_mean, backbone.image_std)
 
 
