@@ -148,7 +148,8 @@ def test_the_space_picks_device_and_precision_together(monkeypatch):
     monkeypatch.setattr(AnomalyDetector, "load", classmethod(lambda cls, **options: calls.append(options)))
     load_detector(None, {}, precision="auto", device="auto")
     load_detector(None, {}, precision="auto", device="cpu")
-    assert [(call["device"], call["dtype"]) for call in calls] == [(torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.qint8)]
+    chosen = [(call["runtime"].device, call["runtime"].dtype) for call in calls]
+    assert chosen == [(torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.qint8)]
 
 
 def test_device_option_reads_zsad_device(monkeypatch):
