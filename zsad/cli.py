@@ -84,7 +84,8 @@ def _predict(args: argparse.Namespace) -> None:
     failed = [record for record in summary["images"] if "error" in record]
     print(predict_summary(summary, args.out))
     if failed:
-        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read or scored (their errors are in "
+                        "scores.json).")
 
 
 def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:

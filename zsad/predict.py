@@ -21,6 +21,7 @@ from .detection import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_o
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
 from .modeling.class_names import clean_class_name
+from .modeling.image_processing_zsad import is_finite_score, non_finite_message
 
 if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here without it
     from accelerate import PartialState
@@ -193,6 +194,9 @@ def _predict_chunk(detect: Callable[[list], list[Detection]], chunk, out_dir: Pa
             records.append({"image": str(path), "error": errors[index]})
             continue
         result = results[index]
+        if not is_finite_score(result.score):
+            records.append({"image": str(path), "error": non_finite_message(result.score)})
+            continue
         overlay, mask = result.overlay, result.mask_image()
         if tiles and display_side:
             overlay, mask = bounded(overlay, display_side), bounded(mask, display_side)
