@@ -7,9 +7,11 @@
 ```
 """
 
+import contextlib
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -17,11 +19,13 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from .atomic import write_text_atomic
 from .detection import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_optional_threshold
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
 from .modeling.class_names import clean_class_name
 from .modeling.image_processing_zsad import is_finite_score, non_finite_message
+from .runs import claim_folder, folder_lock, run_record
 
 if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here without it
     from accelerate import PartialState
@@ -30,6 +34,7 @@ if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here 
     from .profile import ProductProfile
 
 RECORDS_GLOB = "records-*.jsonl"
+SCORES_JSON = "scores.json"
 # What a scored image's record holds (an unreadable image's record holds "image" and "error").
 RECORD_KEYS = ("image", "overlay", "mask", "score", "verdict")
 
@@ -81,18 +86,42 @@ def predict_files(
     if out_dir.exists() and not out_dir.is_dir():
         raise ZSADError(f"The output folder '{out_dir}' is a file; give --out a folder (it is made if it does not exist).")
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = list(zip(paths, _output_names(paths)))
-    finished = {record["image"] for record in read_records(out_dir) if "score" in record} if resume else set()
-    if not resume and state.is_main_process:
-        for stale in out_dir.glob(RECORDS_GLOB):
-            stale.unlink()
-    state.wait_for_everyone()
-    todo = [job for job in jobs if str(job[0]) not in finished]
-    if mutual and len(todo) < 2 * state.num_processes:
-        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images per process, got {len(todo)} "
-                        f"for {state.num_processes}.")
-    detect = partial(_detect, detector, class_name=class_name, threshold=threshold, profile=profile, display_side=display_side,
-                     tiles=tiles, mutual=mutual, batch_size=batch_size, progress=state.is_local_main_process)
+    method = detector.method_names[0]
+    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
+    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
+    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
+               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
+               "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {})}
+    settings = {**summary, "profile": _profile_identity(profile), "tiles": tiles, "display_side": display_side}
+    record = run_record(detector, method, settings)
+    with folder_lock(out_dir) if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            claim_folder(out_dir, record, resume, clear=[RECORDS_GLOB, SCORES_JSON])
+        state.wait_for_everyone()
+        jobs = list(zip(paths, _output_names(paths)))
+        finished = {record["image"] for record in read_records(out_dir) if "score" in record} if resume else set()
+        todo = [job for job in jobs if str(job[0]) not in finished]
+        if mutual and len(todo) < 2 * state.num_processes:
+            raise ZSADError(f"Mutual scoring compares images with each other: give at least two images per process, got {len(todo)} "
+                            f"for {state.num_processes}.")
+        detect = partial(_detect, detector, class_name=class_name, threshold=threshold, profile=profile, display_side=display_side,
+                         tiles=tiles, mutual=mutual, batch_size=batch_size, progress=state.is_local_main_process)
+        _score_shard(detect, state, todo, out_dir, batch_size, display_side, tiles, mutual)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return {}
+        by_image = {record["image"]: record for record in read_records(out_dir)}
+        summary["images"] = [by_image[str(path)] for path, _ in jobs]
+        reused = len(jobs) - len(todo)
+        if reused:
+            summary["reused"] = reused
+        write_text_atomic(out_dir / SCORES_JSON, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _score_shard(detect, state: "PartialState", todo: list, out_dir: Path, batch_size: int, display_side: int | None, tiles: bool,
+                 mutual: bool) -> None:
+    """This process's share of ``todo``, each chunk's records appended to its own records file as soon as they are made."""
     with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
         with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
             step = len(shard) if mutual else 1 if tiles else batch_size
@@ -102,19 +131,17 @@ def predict_files(
                     stream.write(json.dumps(record) + "\n")
                 stream.flush()
                 progress.update(len(chunk))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {}
-    method = detector.method_names[0]
-    by_image = {record["image"]: record for record in read_records(out_dir)}
-    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
-    image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
-    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
-               "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {}),
-               "images": [by_image[str(path)] for path, _ in jobs]}
-    (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+
+
+def _profile_identity(profile: "ProductProfile | None") -> dict | None:
+    """What tells one profile from another in a run record: its product, method, references and calibration (not the time
+    it was made: ``--reference DIR`` builds the same profile afresh on every run)."""
+    if profile is None:
+        return None
+    calibration = profile.calibration
+    return {"class_name": profile.class_name, "method": profile.method, "references": profile.num_references,
+            "fusion_weight": profile.fusion.weight,
+            "thresholds": [calibration.image_threshold, calibration.pixel_threshold] if calibration else None}
 
 
 def _record_stream(path: Path):
@@ -167,13 +194,20 @@ def _parsed_record(line: bytes) -> tuple[dict | None, str | None]:
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a counter where two inputs share one (``a/x.png``, ``b/x.png``)."""
-    seen: dict[str, int] = {}
+    """One name per input for its overlay and mask, unique case-insensitively (as the Space's ``masks.zip``): the file's
+    stem where no other input shares it, else its full name (``x.jpg``, ``x.png``), numbered where even that repeats
+    (``a/x.png``, ``b/x.png``: ``x.png``, ``x.png (2)``)."""
+    stems = Counter(path.stem.casefold() for path in paths)
+    taken: set[str] = set()
     names = []
     for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+        base = path.stem if stems[path.stem.casefold()] == 1 else path.name
+        candidate, number = base, 1
+        while candidate.casefold() in taken:
+            number += 1
+            candidate = f"{base} ({number})"
+        taken.add(candidate.casefold())
+        names.append(candidate)
     return names
 
 
