@@ -126,3 +126,26 @@ def test_each_record_points_at_its_own_files(detectors, tmp_path):
         original = np.asarray(Image.open(record["image"]).convert("RGB"), dtype=float)
         overlay = np.asarray(Image.open(tmp_path / "out" / record["overlay"]).convert("RGB"), dtype=float)
         assert np.corrcoef(original.ravel(), overlay.ravel())[0, 1] > 0.3  # the overlay is of this image
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_predict_ends_with_one_line_saying_what_was_kept(tiny_clip_path, tmp_path):
+    for index in range(40):
+        Image.fromarray(random_rgb(index, 64, 64)).save(tmp_path / f"part{index:02d}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "zsad", "predict", str(tmp_path), "--model", "baseline", "--clip", str(tiny_clip_path),
+               "--class-name", "bottle", "--image-size", str(TEST_IMAGE_SIZE), "--batch-size", "1", "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd(), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
+    records = out / "records-0.jsonl"
+    while process.poll() is None and (not records.is_file() or records.read_text().count("\n") < 2):
+        pass
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]  # not the progress bar
+    kept = len(read_records(out))
+    assert lines == [f"zsad predict: interrupted; the results of {kept} images are kept in {out.resolve()}. "
+                     "Run the same command with --resume to score the rest."]
+    assert 2 <= kept < 40

@@ -186,4 +186,21 @@ def run(args: argparse.Namespace) -> int:
     except ZSADError as error:
         print(f"zsad {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"zsad {args.command}: {interrupted_line(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """The one line Ctrl-C ends a command with: what was kept and how to go on."""
+    if args.command_name == "predict":
+        from pathlib import Path
+
+        from .predict import read_records
+
+        out = Path(args.out)
+        kept = sum("score" in record for record in read_records(out)) if out.is_dir() else 0
+        return (f"interrupted; the results of {kept} image{'s' if kept != 1 else ''} are kept in {out.resolve()}. "
+                "Run the same command with --resume to score the rest.")
+    return "interrupted; nothing was written that a later run could mistake for a finished one. Run the command again."
