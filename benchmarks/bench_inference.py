@@ -79,8 +79,8 @@ def straightforward_path(detector: AnomalyDetector):
 
     every_layer = list(range(1, backbone.vision_config.num_hidden_layers + 1))
 
-    def all_hidden_states(pixel_values, layers_by_start):
-        streams = original_tower(pixel_values.float(), {start: every_layer for start in layers_by_start})
+    def all_hidden_states(pixel_values, layers_by_start, position_interpolation):
+        streams = original_tower(pixel_values.float(), {start: every_layer for start in layers_by_start}, position_interpolation)
         return {start: streams[start].select(layers, start) for start, layers in layers_by_start.items()}
 
     def uncached(key, compute):

@@ -268,7 +268,7 @@ def test_the_last_block_computes_the_class_token_alone_when_nothing_reads_its_pa
 def test_one_pass_serves_several_value_value_starts(tiny_backbone):
     pixels = torch.randn(1, 3, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
     calls = []
-    handle = tiny_backbone.model.vision_model.embeddings.register_forward_hook(lambda *args: calls.append(1))
+    handle = tiny_backbone.model.vision_model.embeddings.patch_embedding.register_forward_hook(lambda *args: calls.append(1))
     try:
         streams = tiny_backbone.encode_image_streams(pixels, {None: [2, 4], 2: [2, 4], 3: [4]})
     finally:

@@ -171,10 +171,8 @@ def test_the_model_input_is_the_upright_bicubic_resized_normalised_image(detecto
     normalised = (np.asarray(resized) / 255.0 - np.array(tiny_backbone.image_mean)) / np.array(tiny_backbone.image_std)
     expected = torch.from_numpy(normalised.transpose(2, 0, 1)[None].astype(np.float32))
     inputs = []
-    embeddings = tiny_backbone.model.vision_model.embeddings
-    handle = embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: inputs.append(args[0] if args else kwargs["pixel_values"]), with_kwargs=True
-    )
+    patch_embedding = tiny_backbone.model.vision_model.embeddings.patch_embedding
+    handle = patch_embedding.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     try:
         result = detector.detect(path, "bottle", method="baseline")
     finally:
@@ -282,7 +280,8 @@ def test_compare_serves_different_value_value_starts_from_one_pass(monkeypatch, 
         "baseline", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE, vv_attention_from=None)})
     streams = []
     original = tiny_backbone._run_vision_tower
-    monkeypatch.setattr(tiny_backbone, "_run_vision_tower", lambda pixels, layers: streams.append(dict(layers)) or original(pixels, layers))
+    monkeypatch.setattr(tiny_backbone, "_run_vision_tower",
+                        lambda pixels, layers, *rest: streams.append(dict(layers)) or original(pixels, layers, *rest))
     image = Image.new("RGB", (80, 60), (120, 90, 30))
     image.putpixel((40, 30), (255, 255, 255))
     results = detector.compare(image, "wood")

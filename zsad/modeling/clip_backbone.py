@@ -1,4 +1,4 @@
-"""A frozen ``transformers.CLIPModel`` with hidden-state hooks and a prompt-embedding text encoder.
+"""A frozen ``transformers.CLIPModel`` run as one explicit loop over its vision blocks, and a prompt-embedding text encoder.
 
 Example:
 
@@ -12,7 +12,6 @@ Example:
 """
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -88,50 +87,41 @@ def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
         raise ZSADError(f"Images of {height}px are smaller than one {patch_size}px patch; use a larger image_size.")
 
 
-def _keep_layer_output(store: dict, layer_number: int, module, args, output) -> None:
-    store[layer_number] = output
+POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
 
 
-def _class_token_block(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A vision block's output for the class token alone, (B, 1, D): the global embedding's input when no tapped layer
-    reads the last block's stock patch tokens (the value-value stream replaces them). Keys and values are computed for
-    every token (the stream reads V through ``v_proj``'s hook); the query, attention output and MLP only for the class
-    token, which saves the block's attention and most of its linears (a twenty-fourth of a ViT-L/14 pass).
-    Written by hand because transformers' CLIP blocks compute every token's output."""
+def vision_block(block: nn.Module, hidden_states: torch.Tensor, class_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One transformers CLIP encoder block, written out: (its output, the values V its attention computed, (B, L, D)).
+
+    The values feed the value-value stream; with ``class_token_only`` the output is the class token's alone (B, 1, D)
+    (keys and values are still computed for every token): the global embedding's input when nothing reads the last
+    block's patch tokens, which saves the block's attention and most of its linears. Written by hand because
+    transformers' block returns neither V nor a class-token-only output; the arithmetic is the stock block's
+    (pre-norm attention through ``scaled_dot_product_attention``, then the pre-norm MLP), so its numbers are too.
+    """
     attention = block.self_attn
     normed = block.layer_norm1(hidden_states)
-    batch, _, width = normed.shape
+    batch, length, width = normed.shape
     heads = (batch, -1, attention.num_heads, attention.head_dim)
-    query = attention.q_proj(normed[:, :1]).view(heads).transpose(1, 2)
+    queries = normed[:, :1] if class_token_only else normed
+    query = attention.q_proj(queries).view(heads).transpose(1, 2)
     key = attention.k_proj(normed).view(heads).transpose(1, 2)
-    value = attention.v_proj(normed).view(heads).transpose(1, 2)
-    mixed = F.scaled_dot_product_attention(query, key, value, scale=attention.scale).transpose(1, 2).reshape(batch, 1, width)
-    token = hidden_states[:, :1] + attention.out_proj(mixed)
-    return token + block.mlp(block.layer_norm2(token))
+    values = attention.v_proj(normed)
+    mixed = F.scaled_dot_product_attention(query, key, values.view(heads).transpose(1, 2), scale=attention.scale)
+    residual = hidden_states[:, :1] if class_token_only else hidden_states
+    hidden_states = residual + attention.out_proj(mixed.transpose(1, 2).reshape(batch, -1, width))
+    return hidden_states + block.mlp(block.layer_norm2(hidden_states)), values
 
 
-class ValueValueStream:
-    """AnomalyCLIP's DPAM second stream, fed by forward hooks on the stock vision pass.
+def value_value_attention(attention: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """AnomalyCLIP's DPAM step: softmax(V V^T * scale) V per head, through the block's ``out_proj`` (no MLP).
 
-    It starts at the input of its first block; each block from there adds the value-value attention
-    softmax(V V^T * scale) V of the stock stream's normed tokens (the V the block's ``v_proj`` just computed, so in
-    the route's own precision: bfloat16, or int8 linears), through the block's ``out_proj``; no MLP.
-    """
-
-    def __init__(self):
-        self.tokens = None
-
-    def begin(self, module, args) -> None:
-        self.tokens = args[0]
-
-    def add(self, attention: nn.Module, module, args, values: torch.Tensor) -> None:
-        batch, length, width = values.shape
-        heads = values.view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        mixed = F.scaled_dot_product_attention(heads, heads, heads, scale=attention.scale)
-        self.tokens = self.tokens + attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
-
-    def keep(self, store: dict, layer_number: int, module, args, output) -> None:
-        store[layer_number] = self.tokens
+    ``values`` are the (B, L, D) V that the block computed from the stock stream's normed tokens, so the step runs in
+    the route's own precision (bfloat16, or int8 linears)."""
+    batch, length, width = values.shape
+    heads = values.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    mixed = F.scaled_dot_product_attention(heads, heads, heads, scale=attention.scale)
+    return attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
 
 
 # Keys (a class name's prompts, a list of prompts) whose frozen text features a backbone keeps (a few KB each).
@@ -232,16 +222,19 @@ class CLIPBackbone(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.model.text_model.embeddings.token_embedding
 
-    def encode_image(self, pixel_values: torch.Tensor, layers: list[int], vv_attention_from: int | None = None) -> ImageFeatures:
+    def encode_image(self, pixel_values: torch.Tensor, layers: list[int], vv_attention_from: int | None = None,
+                     position_interpolation: str = "bicubic") -> ImageFeatures:
         """Run the vision tower once, keeping only the requested layers' outputs (1-based block numbers).
 
         With ``vv_attention_from`` K, layers >= K come from the value-value stream started at block K's input
-        (``ValueValueStream``; AnomalyCLIP's ``DPAM_layer`` = num_layers - K + 2); the other layers and the global
-        embedding are the stock ones.
+        (``value_value_attention``; AnomalyCLIP's ``DPAM_layer`` = num_layers - K + 2); the other layers and the global
+        embedding are the stock ones. ``position_interpolation`` resizes the positional grid for other sizes:
+        "bicubic" as transformers does, "bilinear" as AnomalyCLIP's VisionTransformer does.
         """
-        return self.encode_image_streams(pixel_values, {vv_attention_from: layers})[vv_attention_from]
+        return self.encode_image_streams(pixel_values, {vv_attention_from: layers}, position_interpolation)[vv_attention_from]
 
-    def encode_image_streams(self, pixel_values: torch.Tensor, layers_by_start: dict) -> dict:
+    def encode_image_streams(self, pixel_values: torch.Tensor, layers_by_start: dict,
+                             position_interpolation: str = "bicubic") -> dict:
         """``encode_image`` for several ``vv_attention_from`` values ({K or None: layers}) in one vision pass: each
         extra K costs its own value-value stream, not another pass."""
         num_layers = self.vision_config.num_hidden_layers
@@ -250,43 +243,56 @@ class CLIPBackbone(nn.Module):
                 raise ZSADError(f"feature_layers must be block numbers in 1..{num_layers}, got {list(layers)}.")
             if start is not None and not 1 <= start <= num_layers:
                 raise ZSADError(f"vv_attention_from must be a block number in 1..{num_layers} or None, got {start}.")
+        if position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ZSADError(f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got {position_interpolation!r}.")
         check_pixel_values(pixel_values, self.vision_config.patch_size)
-        return self._run_vision_tower(pixel_values, layers_by_start)
+        return self._run_vision_tower(pixel_values.to(device=self.device, dtype=self.dtype), layers_by_start, position_interpolation)
 
-    def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict) -> dict:
-        captured: dict = {start: {} for start in layers_by_start}
+    def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
+        """The vision tower as one loop over its blocks; every intermediate is a local, so concurrent calls share
+        nothing but the (read-only) weights."""
         blocks = self.model.vision_model.encoder.layers
-        handles, stock_taps = [], set()
-        for start, layers in layers_by_start.items():
-            stock = {k for k in layers if start is None or k < start}
-            stock_taps |= stock
-            handles += [blocks[k - 1].register_forward_hook(partial(_keep_layer_output, captured[start], k)) for k in stock]
-            if start is not None:
-                handles += self._hook_value_value_stream(start, set(layers) - stock, captured[start])
-        last = blocks[-1]
-        if len(blocks) not in stock_taps:
-            last.forward = partial(_class_token_block, last)  # nothing reads the last block's stock patch tokens
-        try:
-            output = self.model.vision_model(
-                pixel_values=pixel_values.to(device=self.device, dtype=self.dtype), interpolate_pos_encoding=True
-            )
-        finally:
-            last.__dict__.pop("forward", None)
-            for handle in handles:
-                handle.remove()
-        image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(output.last_hidden_state[:, 0])), dim=-1)
+        stock_taps = {layer for start, layers in layers_by_start.items() for layer in layers if start is None or layer < start}
+        taps: dict = {start: {} for start in layers_by_start}
+        streams: dict = {}  # value-value stream tokens, by start
+        hidden = self.embed_patches(pixel_values, position_interpolation)
+        for number, block in enumerate(blocks, start=1):
+            streams.update({start: hidden for start in layers_by_start if start == number})
+            class_token_only = number == len(blocks) and number not in stock_taps
+            hidden, values = vision_block(block, hidden, class_token_only)
+            if streams:
+                added = value_value_attention(block.self_attn, values)
+                streams = {start: tokens + added for start, tokens in streams.items()}
+            for start, layers in layers_by_start.items():
+                if number in layers:
+                    taps[start][number] = streams[start] if start is not None and number >= start else hidden
+        image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(hidden[:, 0])), dim=-1)
         image_size = pixel_values.shape[-1]
         grid_size = image_size // self.vision_config.patch_size
-        return {start: ImageFeatures(list(layers), [captured[start][k] for k in layers], image_embeds, grid_size, image_size, start)
+        return {start: ImageFeatures(list(layers), [taps[start][k] for k in layers], image_embeds, grid_size, image_size, start)
                 for start, layers in layers_by_start.items()}
 
-    def _hook_value_value_stream(self, start: int, layers: set[int], store: dict) -> list:
-        stream, blocks = ValueValueStream(), self.model.vision_model.encoder.layers
-        handles = [blocks[start - 1].register_forward_pre_hook(stream.begin)]
-        for block in blocks[start - 1:]:
-            handles.append(block.self_attn.v_proj.register_forward_hook(partial(stream.add, block.self_attn)))
-        handles += [blocks[k - 1].register_forward_hook(partial(stream.keep, store, k)) for k in layers]
-        return handles
+    def embed_patches(self, pixel_values: torch.Tensor, position_interpolation: str = "bicubic") -> torch.Tensor:
+        """The tokens entering the first block (B, 1 + G*G, D): class token and patch embeddings, plus positional
+        embeddings resized to the G x G grid, through CLIP's pre-block LayerNorm."""
+        vision = self.model.vision_model
+        embeddings = vision.embeddings
+        patches = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        grid = pixel_values.shape[-1] // self.vision_config.patch_size
+        tokens = torch.cat([class_token, patches], dim=1) + self.position_embeddings(grid, position_interpolation)
+        return vision.pre_layrnorm(tokens)
+
+    def position_embeddings(self, grid: int, position_interpolation: str = "bicubic") -> torch.Tensor:
+        """(1, 1 + grid*grid, D) positional embeddings, the patch part resized from CLIP's native grid (corners
+        not aligned, as transformers and AnomalyCLIP both do)."""
+        table = self.model.vision_model.embeddings.position_embedding.weight
+        native = round((table.shape[0] - 1) ** 0.5)
+        if grid == native:
+            return table[None]
+        patch_table = table[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(patch_table, size=(grid, grid), mode=position_interpolation, align_corners=False)
+        return torch.cat([table[None, :1], resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
     def post_layernorm(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's final vision LayerNorm, computed in float32 whatever the vision dtype."""

@@ -106,21 +106,17 @@ def _open(source, name: str | None) -> Image.Image:
     elif isinstance(source, (str, Path)) and not Path(source).is_file():
         raise ZSADError(f"Image file not found: {name}")
     try:
-        # Pillow's own bomb check raises past 2x its limit; ours (above) is stricter and reads only the header.
-        with _pillow_limit_disabled():
-            return Image.open(source)
+        # Pillow's own bomb check (process-wide Image.MAX_IMAGE_PIXELS, left as the user set it) may refuse first;
+        # ours, stricter by default, follows in read_image from the header alone.
+        return Image.open(source)
+    except Image.DecompressionBombError as error:
+        called = f"The image '{name}'" if name else "The image"
+        raise ZSADError(f"{called} is too large to decode safely ({error}); downscale it to at most "
+                        f"{MAX_IMAGE_PIXELS:,} pixels.") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         reason = str(error).replace(str(source), name) if name and isinstance(source, (str, Path)) else str(error)
         called = f" '{name}'" if name else ""
         raise ZSADError(f"Not a readable image{called} ({reason}); use a PNG, JPEG, BMP or TIFF file.") from error
-
-
-class _pillow_limit_disabled:
-    def __enter__(self):
-        self.saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-
-    def __exit__(self, *exc):
-        Image.MAX_IMAGE_PIXELS = self.saved
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
