@@ -196,7 +196,8 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
         raise ZSADError(f"Settings {fixed} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
         backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
-    loaded = AutoModel.from_pretrained(model, clip_model=backbone).eval()
+    # With the config given, transformers does not deep-copy the keyword arguments (the whole shared backbone among them).
+    loaded = AutoModel.from_pretrained(model, config=checkpoint_config(model), clip_model=backbone).eval()
     for key, value in config_overrides.items():
         setattr(loaded.config, key, value)  # checked where it is used: CLIPBackbone.encode_image
     return loaded

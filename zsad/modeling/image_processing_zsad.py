@@ -247,7 +247,7 @@ class ZSADImageProcessor:
 
 
 def check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ZSADError(f"The threshold must be a number between 0 and 1, got {threshold!r}.")
 
 

@@ -37,6 +37,11 @@ class LRUCache:
                 self._entries.popitem(last=False)
         return value
 
+    def __deepcopy__(self, memo) -> "LRUCache":
+        # A copy starts empty (a lock cannot be copied); transformers' AutoModel.from_pretrained deep-copies its keyword
+        # arguments, a shared backbone passed as clip_model (and so its feature cache) among them.
+        return LRUCache(self.max_entries)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
