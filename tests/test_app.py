@@ -121,7 +121,7 @@ def test_clipboard_data_url_is_read(detect, good_files):
         (lambda files: upload(files["good"]), "bottle", "nosuch", 0.5, "Unknown method"),
         (lambda files: upload(files["good"]), "bottle", "baseline", 7, "between 0 and 1"),
         (lambda files: upload(files["good"]), "bottle", "baseline", True, "between 0 and 1, got True"),  # not 1.0
-        (lambda files: upload(files["good"]), "bottle", ["baseline"], 0.5, r"Unknown method '\['baseline'\]'"),
+        (lambda files: upload(files["good"]), "bottle", ["baseline"], 0.5, r"'method' must be one method name .a string., got \['baseline'\]"),
     ],
 )
 def test_user_errors_become_gradio_errors_and_the_handler_keeps_working(
@@ -654,3 +654,5 @@ def test_the_raw_api_takes_only_json_booleans_for_switches(detect, detector, goo
     batch = handlers.make_batch_handler(detector, FOLDERS)
     with pytest.raises(gr.Error, match="'mutual' must be true or false .a JSON boolean., got 'false'"):
         batch([upload(good_files["rgb"][0])], "bottle", "baseline", 0.5, "false")
+    with pytest.raises(gr.Error, match="'method' must be one method name"):
+        batch([upload(good_files["rgb"][0])], "bottle", ["baseline"], 0.5)
