@@ -231,17 +231,18 @@ def test_predict_command_with_a_checkpoint_and_bad_arguments(tmp_path, tiny_back
     assert "Could not read the config" in capsys.readouterr().err
 
 
-def test_compare_runs_the_vision_tower_once(monkeypatch, tiny_clip_path):
+def test_compare_runs_the_vision_tower_once_per_size_and_interpolation(monkeypatch, tiny_clip_path):
     detector = AnomalyDetector.load(clip=str(tiny_clip_path), image_size=112)
     passes = []
     original = detector.backbone._run_vision_tower
-    monkeypatch.setattr(detector.backbone, "_run_vision_tower", lambda *a: passes.append(1) or original(*a))
+    monkeypatch.setattr(detector.backbone, "_run_vision_tower", lambda *a: passes.append(a[-1]) or original(*a))
     image = Image.new("RGB", (80, 60), (120, 90, 30))
     results = detector.compare(image, "wood")
-    assert len(passes) == 1 and len(results) == len(detector.method_names) > 1
+    # AnomalyCLIP resizes position embeddings bilinearly (its authors' way), every other method bicubically.
+    assert sorted(passes) == ["bicubic", "bilinear"] and len(results) == len(detector.method_names) > 2
     assert not hasattr(detector.backbone, "_reused_features")  # no shared mutable state between requests
     separate = {name: detector.detect(image, "wood", method=name) for name in detector.method_names}
-    assert len(passes) == 1 + len(detector.method_names)
+    assert len(passes) == 2 + len(detector.method_names)
     for name, result in results.items():
         np.testing.assert_array_equal(result.anomaly_map, separate[name].anomaly_map)
 

@@ -63,27 +63,27 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     normal = read_images(normal_images, "good")
     defective = read_images(defective_images, "defective") if defective_images is not None else []
     defective_masks = read_masks(masks, defective_images, len(defective)) if masks is not None else None
-    by_size = detector.layers_by_image_size(methods)
+    passes = detector.vision_passes(methods)
     encoded = {}
-    with tqdm(total=(len(normal) + len(defective)) * len(by_size), unit="image", desc="encoding reference images",
+    with tqdm(total=(len(normal) + len(defective)) * len(passes), unit="image", desc="encoding reference images",
               disable=not progress) as bar:
-        for size, streams in by_size.items():
-            encoded[size] = (_encode_batches(detector, normal, size, streams, batch_size, bar),
-                             _encode_batches(detector, defective, size, streams, batch_size, bar))
+        for key, streams in passes.items():
+            encoded[key] = (_encode_batches(detector, normal, key, streams, batch_size, bar),
+                            _encode_batches(detector, defective, key, streams, batch_size, bar))
     profiles = {}
     memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers and stream of one input size share one memory
     for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
         model = detector.model(method)
-        encoded_normal, encoded_defective = encoded[model.config.image_size]
+        encoded_normal, encoded_defective = encoded[model.config.vision_pass]
         profiles[method] = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, quantile, margin,
                                     fusion_weight, memories)
     return profiles
 
 
-def _encode_batches(detector, pictures: list[Image.Image], size: int, streams: dict, batch_size: int, bar) -> list[dict]:
+def _encode_batches(detector, pictures: list[Image.Image], vision_pass: tuple, streams: dict, batch_size: int, bar) -> list[dict]:
     batches = []
     for start in range(0, len(pictures), batch_size):
-        batches.append(detector.encode(pictures[start:start + batch_size], size, streams))
+        batches.append(detector.encode(pictures[start:start + batch_size], vision_pass, streams))
         bar.update(len(pictures[start:start + batch_size]))
     return batches
 
@@ -91,9 +91,9 @@ def _encode_batches(detector, pictures: list[Image.Image], size: int, streams: d
 def _profile(model: ZSADPreTrainedModel, method: str, name: str, normal: list[dict], defective: list[dict], masks,
              quantile: float, margin: float, fusion_weight: float | None, memories: dict[tuple, ReferenceMemory]) -> ProductProfile:
     start, layers = model.config.vv_attention_from, model.config.feature_layers
-    normal = [batch[start].select(layers, start) for batch in normal]
-    defective = [batch[start].select(layers, start) for batch in defective]
-    key = (model.config.image_size, tuple(layers), start)
+    normal = [model.features_from_streams(batch) for batch in normal]
+    defective = [model.features_from_streams(batch) for batch in defective]
+    key = (*model.config.vision_pass, tuple(layers), start)
     if key not in memories:
         memories[key] = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in normal])
     memory = memories[key]

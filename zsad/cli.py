@@ -22,6 +22,14 @@ def _tiny_clip(args: argparse.Namespace) -> None:
     print(tiny_clip_summary(save_tiny_clip(args.directory, seed=args.seed)))
 
 
+def _convert_anomalyclip(args: argparse.Namespace) -> None:
+    from .convert_anomalyclip import convert_anomalyclip
+
+    out = convert_anomalyclip(args.file, args.out, clip=args.clip, base_model=args.base_model, trained_on=args.trained_on,
+                              image_size=args.image_size)
+    print(f"wrote {out}: AnomalyCLIP converted from {args.file}; run it with `zsad predict --model {out} IMAGE`")
+
+
 def _publish(args: argparse.Namespace) -> None:
     from .hub import export, publish
     from .summaries import dry_run_summary
@@ -176,7 +184,7 @@ def _dataset_push(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"tiny_clip": _tiny_clip, "predict": _predict, "calibrate": _calibrate, "export": _export, "evaluate": evaluate,
-            "publish": _publish, "dataset_push": _dataset_push}
+            "publish": _publish, "dataset_push": _dataset_push, "convert_anomalyclip": _convert_anomalyclip}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,5 +24,5 @@ def fused(model: ZSADPreTrainedModel, features: ImageFeatures, anomaly_map, glob
           scale: FusionScale) -> ReferenceScores:
     """``anomaly_map`` fused with the reference map on ``scale`` (each standardised by the good images' scores), on the
     memory's layers and value-value stream of ``features``; the image score from the fused map and ``global_score``."""
-    features = features.select(memory.layers, memory.vv_attention_from)
+    features = features.select(memory.layers, memory.vv_attention_from, memory.position_interpolation)
     return apply_references(memory, features, anomaly_map, global_score, scale, model.config)

@@ -134,9 +134,11 @@ class AnomalyDetector:
                                  display_side=display_side)[0]
 
     def detect_tiled(self, image, class_name: str, method: str | None = None, threshold: float | None = None,
-                     overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
-        """``image`` at full resolution in overlapping windows of the model's input size: ``zsad.tiling.detect_tiled``."""
-        return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress)
+                     overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                     profile: ProductProfile | None = None) -> Detection:
+        """``image`` at full resolution in overlapping windows of the model's input size, each fused with ``profile``'s
+        references when given: ``zsad.tiling.detect_tiled``."""
+        return tiling.detect_tiled(self, image, class_name, method, threshold, overlap, batch_size, progress, profile)
 
     def detect_mutual(self, images: Sequence, class_name: str, method: str = "baseline", **options) -> list[Detection]:
         """Score ``images`` (N >= 2 of one product) against each other, no text or references needed; one Detection
@@ -154,11 +156,11 @@ class AnomalyDetector:
         picture = loaded.image
         check_optional_threshold(threshold)
         name = clean_class_name(class_name)
-        shared = {size: self.encode([picture], size, streams) for size, streams in self.layers_by_image_size().items()}
+        shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
-            features = shared[model.config.image_size][model.config.vv_attention_from]
+            features = model.features_from_streams(shared[model.config.vision_pass])
             results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
@@ -166,25 +168,28 @@ class AnomalyDetector:
         first.seconds += shared_seconds
         return results
 
-    def encode(self, pictures: list[Image.Image], size: int, streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
-        """One vision pass over ``pictures`` at input ``size``: {value-value start (None: the stock tokens): features
-        at the layers ``streams`` names for it}."""
+    def encode(self, pictures: list[Image.Image], vision_pass: tuple[int, str],
+               streams: dict[int | None, list[int]]) -> dict[int | None, ImageFeatures]:
+        """One vision pass over ``pictures`` at ``vision_pass`` (input size, position interpolation): {value-value
+        start (None: the stock tokens): features at the layers ``streams`` names for it}."""
+        size, position_interpolation = vision_pass
         pixel_values = self.image_processor(size).pixel_values(pictures)
         with torch.inference_mode():
-            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams)
+            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams, position_interpolation)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
         return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
 
-    def layers_by_image_size(self, methods: Sequence[str] | None = None) -> dict[int, dict[int | None, list[int]]]:
-        """{input size: {vv_attention_from: every layer the ``methods`` (default: all held) of that size and start tap}}:
-        one vision pass per size, one stream per value-value start."""
-        layers: dict[int, dict] = {}
+    def vision_passes(self, methods: Sequence[str] | None = None) -> dict[tuple[int, str], dict[int | None, list[int]]]:
+        """{(input size, position interpolation): {vv_attention_from: every layer the ``methods`` (default: all held)
+        of that pass read from that stream}}: one vision pass per input size and interpolation, one stream per start."""
+        layers: dict[tuple, dict] = {}
         for method in methods or self.method_names:
-            config = self.model(method).config
-            layers.setdefault(config.image_size, {}).setdefault(config.vv_attention_from, set()).update(config.feature_layers)
-        return {size: {start: sorted(tapped) for start, tapped in streams.items()} for size, streams in layers.items()}
+            model = self.model(method)
+            for start, tapped in model.vision_streams().items():
+                layers.setdefault(model.config.vision_pass, {}).setdefault(start, set()).update(tapped)
+        return {key: {start: sorted(tapped) for start, tapped in streams.items()} for key, streams in layers.items()}
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,
@@ -206,29 +211,34 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [clean_class_name(name) for name in names]
-        start = model.config.vv_attention_from
-        features = self.encode(pictures, model.config.image_size, {start: model.config.feature_layers})[start]
+        features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
-    def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
-                            started: float, profile: ProductProfile | None = None) -> list[Detection]:
-        """The model's heads on an encoded batch (fused with the profile's references), then one Detection per image."""
+    def run_heads(self, method: str, features: ImageFeatures, names: list[str], profile: ProductProfile | None = None):
+        """The model's heads on an encoded batch, fused with the profile's references when one is given: (the model's
+        output, what the verdict reads: the fused scores or that output)."""
         model = self.model(method)
         for name in sorted(set(names)) if profile else ():
             profile.check_compatible(method, name, model.config)
         with torch.inference_mode():
             output, fused = scored(model, features, names, profile.memory if profile else None, profile.fusion if profile else None)
-            result = fused or output
-            model_maps = result.anomaly_map.float().cpu().numpy()
-            scores = result.image_score.float().cpu().tolist()
+        return output, fused or output
+
+    def _detect_on_features(self, method: str, features, loaded: list[LoadedImage], names: list[str], threshold: float | None,
+                            started: float, profile: ProductProfile | None = None) -> list[Detection]:
+        """``run_heads`` on an encoded batch, then one Detection per image."""
+        output, result = self.run_heads(method, features, names, profile)
+        model_maps = result.anomaly_map.float().cpu().numpy()
+        scores = result.image_score.float().cpu().tolist()
         chosen = self.verdict_thresholds(names[0], threshold, profile)
         seconds = (time.perf_counter() - started) / len(loaded)
         return [
             build_detection(
-                method=method, status=status(model), class_name=names[i], score=scores[i], picture=loaded[i].image,
+                method=method, status=status(self.model(method)), class_name=names[i], score=scores[i], picture=loaded[i].image,
                 thresholds=chosen, model_map=model_maps[i], details=output.image_details(i), seconds=seconds,
                 references=profile.num_references if profile else 0,
-                note=profile.mismatch_note(float(fused.mean_distance[i])) if fused else None, original_size=loaded[i].original_size,
+                note=profile.mismatch_note(float(result.mean_distance[i])) if result is not output else None,
+                original_size=loaded[i].original_size,
             )
             for i in range(len(loaded))
         ]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig
 
 from zsad_cli import DEVICE_HELP, PRECISIONS, add_device_argument  # noqa: F401  (the parser's vocabulary, public here too)
 
@@ -196,8 +196,9 @@ def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | Non
         raise ZSADError(f"Settings {fixed} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
         backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
-    # With the config given, transformers does not deep-copy the keyword arguments (the whole shared backbone among them).
-    loaded = AutoModel.from_pretrained(model, config=checkpoint_config(model), clip_model=backbone).eval()
+    # The method's class, not AutoModel: AutoModel deep-copies its keywords, here the whole backbone (whose caches hold
+    # locks that cannot be copied).
+    loaded = METHODS[checkpoint_method(model)].from_pretrained(model, clip_model=backbone).eval()
     for key, value in config_overrides.items():
         setattr(loaded.config, key, value)  # checked where it is used: CLIPBackbone.encode_image
     return loaded

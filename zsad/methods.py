@@ -12,6 +12,7 @@ Importing this module registers every method with ``AutoConfig`` / ``AutoModel``
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from .errors import ZSADError
+from .modeling.modeling_anomalyclip import AnomalyCLIPModel
 from .modeling.modeling_genclip import GenCLIPModel
 from .modeling.modeling_stackclip import StackCLIPModel
 from .modeling.modeling_zeroshot_clip import ZeroShotCLIPModel
@@ -19,6 +20,7 @@ from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 
 METHODS: dict[str, type[ZSADPreTrainedModel]] = {
     "baseline": ZeroShotCLIPModel,
+    "anomalyclip": AnomalyCLIPModel,
     "genclip": GenCLIPModel,
     "stackclip": StackCLIPModel,
 }

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .detection import DEFAULT_THRESHOLD, MUTUAL_CALIBRATION, Detection, check_optional_threshold
+from .detection import MUTUAL_CALIBRATION, Detection, check_optional_threshold
 from .errors import ZSADError
 from .images import IMAGE_SUFFIXES, bounded, image_files, read_image
 from .modeling.class_names import clean_class_name
@@ -246,9 +246,7 @@ def _detect(detector: "AnomalyDetector", pictures: list, *, class_name: str, thr
         return detector.detect_mutual(pictures, class_name, method=detector.method_names[0], threshold=threshold, profile=profile,
                                       batch_size=batch_size, display_side=display_side, progress=progress)
     if tiles:
-        if profile is not None:
-            raise ZSADError("Tiled detection does not use product profiles yet; run --tiles without --profile/--reference.")
-        return [detector.detect_tiled(picture, class_name, threshold=DEFAULT_THRESHOLD if threshold is None else threshold) for picture in pictures]
+        return [detector.detect_tiled(picture, class_name, threshold=threshold, profile=profile) for picture in pictures]
     return detector.detect_batch(pictures, class_name, threshold=threshold, profile=profile, display_side=display_side)
 
 

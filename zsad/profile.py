@@ -219,6 +219,9 @@ class ProductProfile:
         if config.vv_attention_from != self.memory.vv_attention_from:
             problems.append(f"it holds features of vv_attention_from={self.memory.vv_attention_from}, the model uses "
                             f"{config.vv_attention_from}")
+        if config.position_interpolation != self.memory.position_interpolation:
+            problems.append(f"it holds features of position_interpolation={self.memory.position_interpolation!r}, the model "
+                            f"uses {config.position_interpolation!r}")
         if problems:
             raise ZSADError("This product profile does not fit: " + "; ".join(problems) +
                             ". Build a new one with detector.build_profile(...) or `zsad calibrate`.")
@@ -256,7 +259,7 @@ class ProductProfile:
         return {
             "format_version": FORMAT_VERSION, "memory_sha256": memory_sha256, "method": self.method, "class_name": self.class_name,
             "num_references": self.num_references, "fusion": asdict(self.fusion),
-            "vv_attention_from": self.memory.vv_attention_from,
+            "vv_attention_from": self.memory.vv_attention_from, "position_interpolation": self.memory.position_interpolation,
             "calibration": asdict(self.calibration) if self.calibration else None,
             "backbone": self.backbone, "backbone_revision": self.backbone_revision, "backbone_hub_id": self.backbone_hub_id,
             "dtype": str(self.memory.dtype),
@@ -273,7 +276,8 @@ class ProductProfile:
         try:
             layers = [int(layer) for layer in meta["feature_layers"]]
             features = [tensors[f"layer_{layer}"] for layer in layers]
-            memory = ReferenceMemory(layers, features, int(meta["grid_size"]), int(meta["image_size"]), meta["vv_attention_from"])
+            memory = ReferenceMemory(layers, features, int(meta["grid_size"]), int(meta["image_size"]), meta["vv_attention_from"],
+                                     meta.get("position_interpolation", "bicubic"))  # profiles from before the field: bicubic
             _check_memory(memory, int(meta["num_references"]))
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
             fusion = FusionScale(**meta["fusion"])

@@ -41,20 +41,22 @@ class ReferenceMemory:
     grid_size: int
     image_size: int
     vv_attention_from: int | None = None
+    position_interpolation: str = "bicubic"
 
     @classmethod
     def from_features(cls, features: ImageFeatures) -> "ReferenceMemory":
         """The memory of an encoded batch of good images (every layer the features hold)."""
         patches = [F.normalize(features.patch_tokens(i).float(), dim=-1).to(features.layer_tokens[i].dtype)
                    for i in range(len(features.layers))]
-        return cls(list(features.layers), patches, features.grid_size, features.image_size, features.vv_attention_from)
+        return cls(list(features.layers), patches, features.grid_size, features.image_size, features.vv_attention_from,
+                   features.position_interpolation)
 
     @classmethod
     def concatenate(cls, memories: list["ReferenceMemory"]) -> "ReferenceMemory":
         """One memory from several (batches of references encoded apart)."""
         first = memories[0]
         features = [torch.cat([memory.features[i] for memory in memories]) for i in range(len(first.layers))]
-        return cls(first.layers, features, first.grid_size, first.image_size, first.vv_attention_from)
+        return cls(first.layers, features, first.grid_size, first.image_size, first.vv_attention_from, first.position_interpolation)
 
     @property
     def num_images(self) -> int:
@@ -74,18 +76,18 @@ class ReferenceMemory:
             raise ZSADError("Leaving a reference out needs at least two reference images.")
         keep = [i for i in range(self.num_images) if i != index]
         return ReferenceMemory(self.layers, [layer[keep] for layer in self.features], self.grid_size, self.image_size,
-                               self.vv_attention_from)
+                               self.vv_attention_from, self.position_interpolation)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "ReferenceMemory":
         return ReferenceMemory(self.layers, [layer.to(device=device, dtype=dtype) for layer in self.features],
-                               self.grid_size, self.image_size, self.vv_attention_from)
+                               self.grid_size, self.image_size, self.vv_attention_from, self.position_interpolation)
 
     def patch_distances(self, features: ImageFeatures) -> torch.Tensor:
         """(B, L, N) float32: 1 - cosine similarity of each test patch to its nearest reference patch, per layer."""
         if features.grid_size != self.grid_size:
             raise ZSADError(f"Test images were encoded at {features.image_size} px, the references at {self.image_size} px; "
                             "encode both at the model's image_size.")
-        features = features.select(self.layers, self.vv_attention_from)
+        features = features.select(self.layers, self.vv_attention_from, self.position_interpolation)
         distances = []
         for i, memory in enumerate(self.features):
             queries = F.normalize(features.patch_tokens(i).float(), dim=-1).to(memory.dtype)
@@ -235,7 +237,15 @@ def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_ma
 
 
 def single_image(features: ImageFeatures, index: int) -> ImageFeatures:
-    """Image ``index`` of an encoded batch, as a batch of one."""
-    return ImageFeatures(features.layers, [tokens[index:index + 1] for tokens in features.layer_tokens],
-                         features.image_embeds[index:index + 1], features.grid_size, features.image_size,
-                         features.vv_attention_from)
+    """Image ``index`` of an encoded batch, as a batch of one (of the same class: a method's features may carry more
+    per-image tensors, e.g. AnomalyCLIP's class tokens)."""
+    return dataclasses.replace(features, **{field.name: _image_of(getattr(features, field.name), index)
+                                            for field in dataclasses.fields(features)})
+
+
+def _image_of(value, index: int):
+    if isinstance(value, torch.Tensor):
+        return value[index:index + 1]
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [tensor[index:index + 1] for tensor in value]
+    return value

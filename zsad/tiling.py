@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
 from .detection import Detection, build_detection, check_optional_threshold, thresholds
 from .errors import ZSADError
@@ -40,11 +39,13 @@ def tile_boxes(size: tuple[int, int], tile: int, overlap: float = 0.25) -> list[
 
 
 def detect_tiled(detector, image, class_name: str, method: str | None = None, threshold: float | None = None,
-                 overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Detection:
+                 overlap: float = 0.25, batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                 profile=None) -> Detection:
     """Score ``image`` at full resolution with ``detector``'s ``method``: the windows (``tile_boxes``) run in batches
-    of ``batch_size``, their maps are averaged where they overlap, and the image score is the highest window score.
-    ``threshold`` follows the one rule (``zsad.detection.thresholds``: default 0.5); ``progress(done, total)`` is
-    called after each batch."""
+    of ``batch_size`` through the detector's one route (vision pass, heads, ``profile``'s references when given),
+    their maps are averaged where they overlap, and the image score is the highest window score. ``threshold``
+    follows the one rule (``zsad.detection.thresholds``: given, else the profile's, else 0.5); ``progress(done,
+    total)`` is called after each batch."""
     started = time.perf_counter()
     method = detector.resolve_method(method)
     model = detector.model(method)
@@ -58,16 +59,19 @@ def detect_tiled(detector, image, class_name: str, method: str | None = None, th
     best_score, best_details = -1.0, None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        with torch.inference_mode():
-            output = model(processor.pixel_values([picture.crop(box) for box in chunk]), class_names=[name] * len(chunk))
-        maps = output.anomaly_map.float().cpu().numpy()
+        start_block = model.config.vv_attention_from
+        features = detector.encode([picture.crop(box) for box in chunk], model.config.vision_pass,
+                                   {start_block: model.config.feature_layers})[start_block]
+        output, result = detector.run_heads(method, features, [name] * len(chunk), profile)
+        maps, scores = result.anomaly_map.float().cpu().numpy(), result.image_score.float().cpu().tolist()
         for i, (left, top, right, bottom) in enumerate(chunk):
             total[top:bottom, left:right] += resize_map(maps[i], (right - left, bottom - top))
             counts[top:bottom, left:right] += 1.0
-            if float(output.image_score[i]) > best_score:
-                best_score, best_details = float(output.image_score[i]), output.image_details(i)
+            if scores[i] > best_score:
+                best_score, best_details = scores[i], output.image_details(i)
         if progress is not None:
             progress(min(start + batch_size, len(boxes)), len(boxes))
     return build_detection(method=method, status=status(model), class_name=name, score=best_score, picture=picture,
-                           thresholds=thresholds(threshold), anomaly_map=total / counts, details=best_details,
-                           seconds=time.perf_counter() - started, original_size=loaded.original_size, tiles=len(boxes))
+                           thresholds=thresholds(threshold, profile.calibration if profile else None), anomaly_map=total / counts,
+                           details=best_details, seconds=time.perf_counter() - started, original_size=loaded.original_size,
+                           tiles=len(boxes), references=profile.num_references if profile else 0)

@@ -155,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "knows the backbone only as a local path)")
     publish.set_defaults(command_name="publish")
 
+    convert = commands.add_parser("convert", help="a published model of another code base as a zsad checkpoint")
+    sources = convert.add_subparsers(dest="source", required=True)
+    anomalyclip = sources.add_parser("anomalyclip", help="AnomalyCLIP's prompt weights (github zqhang/AnomalyCLIP, "
+                                     "checkpoints/*/epoch_15.pth)")
+    anomalyclip.add_argument("file", help="the authors' {'prompt_learner': state_dict} .pth file")
+    anomalyclip.add_argument("--out", required=True, help="new folder to write the zsad checkpoint to")
+    anomalyclip.add_argument("--clip", help="the CLIP it was trained on, Hub id or local copy (default "
+                             "openai/clip-vit-large-patch14-336, the authors')")
+    anomalyclip.add_argument("--base-model", metavar="HUB_ID", help="the Hub id a local --clip copy was downloaded from")
+    anomalyclip.add_argument("--trained-on", metavar="NAME", help="the dataset the prompts were trained on (read from the "
+                             "authors' folder names 9_12_4_multiscale: VisA, 9_12_4_multiscale_visa: MVTec AD)")
+    anomalyclip.add_argument("--image-size", type=int, default=518, help="input size (default 518, the authors')")
+    anomalyclip.set_defaults(command_name="convert_anomalyclip")
+
     dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
     push = dataset_commands.add_parser("push", help="upload a layout to the Hub as a dataset (images, masks, labels, categories, defect types)")

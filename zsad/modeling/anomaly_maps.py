@@ -71,3 +71,25 @@ def image_scores(global_probs: torch.Tensor, anomaly_map: torch.Tensor, map_weig
     map_scores = anomaly_map.flatten(1).amax(dim=1)
     return (1.0 - map_weight) * global_probs + map_weight * map_scores, map_scores
 
+
+
+def reflected_indices(size: int, radius: int) -> torch.Tensor:
+    """Indices of a side of ``size`` padded by ``radius`` on each end with scipy.ndimage's 'reflect' border
+    (d c b a | a b c d | d c b a), repeated as often as the radius needs."""
+    period = torch.arange(-radius, size + radius).remainder(2 * size)
+    return torch.where(period < size, period, 2 * size - 1 - period)
+
+
+def gaussian_blur_reflect(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(map, sigma)`` of each (H, W) map of a (B, H, W) batch: its kernel (radius
+    round(truncate * sigma)) and its default 'reflect' border, which torch's padding modes lack ('reflect' there is
+    scipy's 'mirror'). In torch so that batches stay on the model's device and in the exported graph."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype)
+    radius = kernel.numel() // 2
+    height, width = maps.shape[-2:]
+    x = maps.unsqueeze(1)
+    x = F.conv2d(x.index_select(3, reflected_indices(width, radius).to(maps.device)), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x.index_select(2, reflected_indices(height, radius).to(maps.device)), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)

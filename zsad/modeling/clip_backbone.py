@@ -38,7 +38,8 @@ class ImageFeatures:
     ``layer_tokens[i]`` is ``hidden_states[layers[i]]`` of the vision tower, shape (B, 1 + N, D) with the
     class token first, or, for ``layers[i] >= vv_attention_from``, the value-value stream's tokens after that block
     (``CLIPBackbone.encode_image``); ``image_embeds`` is the projected, L2-normalised global embedding (B, P),
-    always the stock one.
+    always the stock one; ``class_token`` (B, D) is the last block's stock class token before CLIP's final LayerNorm
+    (what AnomalyCLIP projects for its image score).
     """
 
     layers: list[int]
@@ -47,6 +48,8 @@ class ImageFeatures:
     grid_size: int
     image_size: int
     vv_attention_from: int | None = None
+    position_interpolation: str = "bicubic"
+    class_token: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -56,18 +59,22 @@ class ImageFeatures:
         """Patch tokens (B, N, D) of the ``index``-th requested layer, class token dropped."""
         return self.layer_tokens[index][:, 1:]
 
-    def select(self, layers: list[int], vv_attention_from: int | None = None) -> "ImageFeatures":
+    def select(self, layers: list[int], vv_attention_from: int | None = None, position_interpolation: str = "bicubic") -> "ImageFeatures":
         """The same pass restricted to ``layers`` (each must have been tapped), in that order; the features must
-        come from the value-value stream starting at ``vv_attention_from`` (None: the stock tokens)."""
+        come from the value-value stream starting at ``vv_attention_from`` (None: the stock tokens), with positions
+        resized by ``position_interpolation``."""
         if vv_attention_from != self.vv_attention_from:
             raise ZSADError(f"These image features were encoded with vv_attention_from={self.vv_attention_from}, the model "
                             f"asks for {vv_attention_from}; encode them with the model's vv_attention_from.")
+        if position_interpolation != self.position_interpolation:
+            raise ZSADError(f"These image features were encoded with position_interpolation={self.position_interpolation!r}, "
+                            f"the model asks for {position_interpolation!r}; encode them with the model's setting.")
         missing = sorted(set(layers) - set(self.layers))
         if missing:
             raise ZSADError(f"These image features hold layers {self.layers}, not {missing}; encode them with every layer needed.")
         tokens = dict(zip(self.layers, self.layer_tokens))
         return ImageFeatures(list(layers), [tokens[layer] for layer in layers], self.image_embeds, self.grid_size,
-                             self.image_size, self.vv_attention_from)
+                             self.image_size, self.vv_attention_from, self.position_interpolation, self.class_token)
 
 
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
@@ -269,7 +276,8 @@ class CLIPBackbone(nn.Module):
         image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(hidden[:, 0])), dim=-1)
         image_size = pixel_values.shape[-1]
         grid_size = image_size // self.vision_config.patch_size
-        return {start: ImageFeatures(list(layers), [taps[start][k] for k in layers], image_embeds, grid_size, image_size, start)
+        return {start: ImageFeatures(list(layers), [taps[start][k] for k in layers], image_embeds, grid_size, image_size, start,
+                                     position_interpolation, hidden[:, 0])
                 for start, layers in layers_by_start.items()}
 
     def embed_patches(self, pixel_values: torch.Tensor, position_interpolation: str = "bicubic") -> torch.Tensor:

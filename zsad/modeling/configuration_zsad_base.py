@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub.dataclasses import type_validator
 from transformers import PreTrainedConfig
 
-from .clip_backbone import quarter_point_layers
+from .clip_backbone import POSITION_INTERPOLATIONS, quarter_point_layers
 from .exceptions import ZSADError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -48,6 +48,10 @@ class ZSADBaseConfig(PreTrainedConfig):
         "from there on give; None: CLIP's own tokens. from_clip sets a quarter of the depth (6 of 24, AnomalyCLIP's "
         "DPAM_layer 20); a config.json without the field (a checkpoint saved before it existed) means None."
     )
+    position_interpolation: str = setting(
+        "bicubic", "How the positional embeddings are resized to image_size's patch grid: 'bicubic' as transformers "
+        "does, 'bilinear' as AnomalyCLIP's VisionTransformer does."
+    )
     num_vision_layers: int = setting(24, "Depth of the backbone's vision transformer.")
     patch_size: int = setting(14, "The backbone's patch side in pixels.")
     vision_hidden_size: int = setting(1024, "Width of the backbone's vision transformer (input of the patch adapters).")
@@ -78,7 +82,14 @@ class ZSADBaseConfig(PreTrainedConfig):
         check_range("logit_scale", self.logit_scale, low=0.0, low_open=True)
         check_range("smoothing_sigma", self.smoothing_sigma, low=0.0)
         check_range("image_score_map_weight", self.image_score_map_weight, low=0.0, high=1.0)
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ZSADError(f"position_interpolation must be one of {list(POSITION_INTERPOLATIONS)}, got {self.position_interpolation!r}.")
         super().__post_init__(**kwargs)
+
+    @property
+    def vision_pass(self) -> tuple[int, str]:
+        """What one vision pass can be shared by: models with the same input size and position interpolation."""
+        return self.image_size, self.position_interpolation
 
     @property
     def backbone_hub_id(self) -> str | None:

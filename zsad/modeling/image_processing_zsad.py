@@ -111,7 +111,7 @@ def _open(source, name: str | None) -> Image.Image:
         return Image.open(source)
     except Image.DecompressionBombError as error:
         called = f"The image '{name}'" if name else "The image"
-        raise ZSADError(f"{called} is too large to decode safely ({error}); downscale it to at most "
+        raise ZSADError(f"{called} is too large to decode safely ({error}); downscale it to no more than "
                         f"{MAX_IMAGE_PIXELS:,} pixels.") from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         reason = str(error).replace(str(source), name) if name and isinstance(source, (str, Path)) else str(error)

@@ -38,8 +38,8 @@ class LRUCache:
         return value
 
     def __deepcopy__(self, memo) -> "LRUCache":
-        # A copy starts empty (a lock cannot be copied); transformers' AutoModel.from_pretrained deep-copies its keyword
-        # arguments, a shared backbone passed as clip_model (and so its feature cache) among them.
+        # A copy starts empty (a lock cannot be copied; transformers' AutoModel deep-copies its keyword arguments,
+        # e.g. a backbone passed as clip_model).
         return LRUCache(self.max_entries)
 
     def clear(self) -> None:

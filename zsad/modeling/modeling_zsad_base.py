@@ -239,14 +239,32 @@ class ZSADPreTrainedModel(PreTrainedModel):
 
     # ----- shared forward pieces ---------------------------------------------------------------
 
-    def encode_image(self, pixel_values: torch.Tensor | None, image_features: ImageFeatures | None = None) -> ImageFeatures:
+    def vision_streams(self) -> dict:
+        """{value-value start (None: the stock tokens): tapped layers} this model reads from one vision pass."""
+        return {self.config.vv_attention_from: list(self.config.feature_layers)}
+
+    def features_from_streams(self, streams: dict) -> ImageFeatures:
+        """This model's features out of one pass's streams ({start: ImageFeatures}, ``encode_image_streams``)."""
+        start = self.config.vv_attention_from
+        if start not in streams:
+            raise ZSADError(f"These image features hold the streams {list(streams)}, the model reads vv_attention_from={start}; "
+                            "encode them with model.vision_streams().")
+        return streams[start].select(self.config.feature_layers, start, self.config.position_interpolation)
+
+    def encode_image(self, pixel_values: torch.Tensor | None, image_features=None) -> ImageFeatures:
         """This model's layers of ``image_features`` when given (one vision pass shared by several models on the
-        backbone), else a vision pass over ``pixel_values``."""
+        backbone: an ``ImageFeatures`` or the dict of streams ``encode_image_streams`` returns), else a vision pass
+        over ``pixel_values``."""
+        if isinstance(image_features, dict):
+            return self.features_from_streams(image_features)
         if image_features is not None:
-            return image_features.select(self.config.feature_layers, self.config.vv_attention_from)
+            return image_features.select(self.config.feature_layers, self.config.vv_attention_from, self.config.position_interpolation)
         if pixel_values is None:
             raise ZSADError("Pass pixel_values (a (batch, 3, size, size) tensor) or image_features from encode_image.")
-        return self.require_backbone().encode_image(pixel_values, self.config.feature_layers, self.config.vv_attention_from)
+        streams = self.require_backbone().encode_image_streams(
+            pixel_values, self.vision_streams(), position_interpolation=self.config.position_interpolation
+        )
+        return self.features_from_streams(streams)
 
     def cached_text(self, key: tuple, compute):
         """``compute()`` once per key while no parameter changes; training (grad enabled) bypasses the cache.

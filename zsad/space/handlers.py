@@ -12,7 +12,7 @@ from PIL import Image
 
 import zsad.images
 from zsad.errors import ZSADError
-from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector, Detection, check_threshold
+from zsad.inference import AnomalyDetector, Detection, check_threshold
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
@@ -125,7 +125,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
     calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
     otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
-    overlapping windows of the model's input size (one method at a time, without references).
+    overlapping windows of the model's input size (one method at a time, with its references when given).
     """
     profiles = profiles or ReferenceProfiles(detector)
 
@@ -166,10 +166,8 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             return [result], loaded.image
         if method == COMPARE:
             raise ZSADError("Tiles run one method at a time: pick a method instead of 'compare all'.")
-        if by_method:
-            raise ZSADError("Tiles do not use reference images yet: clear the references or the tiles option.")
         loaded = read_upload(upload)
-        result = detector.detect_tiled(loaded, class_name, method=method, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        result = detector.detect_tiled(loaded, class_name, method=method, threshold=threshold, profile=by_method.get(method),
                                        progress=lambda done, total: progress(done / total, desc=f"{done} of {total} tiles"))
         return [result], zsad.images.bounded(loaded.image, display_side)
 
