@@ -35,6 +35,7 @@ from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, k
 from .modeling.modeling_genclip import GenCLIPModel
 from .modeling.prompting import clean_class_name
 from .profile import ProductProfile
+from .provenance import provenance
 
 ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
@@ -216,6 +217,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
         "class_names": class_names,
         "thresholds": thresholds,
         "references": references,
+        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu"),
         "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
         "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
                                                                          model.config.image_size]},
@@ -250,7 +252,7 @@ def export(
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
-        model = load_model(model, clip=clip, dtype=torch.float32, **overrides)
+        model = load_model(model, clip=clip, precision="float32", **overrides)
     if profile is not None:
         check_profile(profile, model, names)
     if model.require_backbone().dtype != torch.float32:

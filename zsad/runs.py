@@ -6,7 +6,7 @@ continues only the run recorded there and otherwise names what differs. While a 
 operating system releases it when its process ends, however it ends: a crash or a kill leaves no stale lock.
 
 ```python
->>> record = run_record(detector, "stackclip", {"class_name": "screw", "threshold": None})
+>>> record = run_record(detector.provenance("stackclip", "screw", "screw", rule), {"tiles": False})
 >>> with folder_lock("results/"):
 ...     claim_folder("results/", record, resume=False, clear=["records-*.jsonl"])
 ```
@@ -26,22 +26,10 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".zsad.lock"
 
 
-def model_provenance(detector, method: str) -> dict:
-    """The provenance block of the model ``method`` of ``detector`` (``zsad.provenance``'s record of a loaded model; an
-    exported graph's deploy config). The one place a run's model identity comes from."""
-    if callable(getattr(detector, "model", None)):
-        from .provenance import model_record  # torch: not imported for an exported graph
-
-        model = detector.model(method)
-        return {**model_record(model, model.config._name_or_path or method), "image_size": model.config.image_size,
-                "backbone": model.config.base_model_name_or_path, "backbone_revision": model.config.base_model_revision}
-    exported = detector.detector
-    return {"engine": exported.engine, "deploy_config": exported.config}
-
-
-def run_record(detector, method: str, settings: dict) -> dict:
-    """What ``run.json`` holds: the run's settings and its model's provenance, as JSON values."""
-    return json.loads(json.dumps({"settings": settings, "provenance": model_provenance(detector, method)}))
+def run_record(provenance: dict, settings: dict) -> dict:
+    """What ``run.json`` holds: the run's provenance block (``zsad.provenance``: model, backbone, precision, product,
+    threshold rule) and its other settings, as JSON values."""
+    return json.loads(json.dumps({"settings": settings, "provenance": provenance}))
 
 
 @contextlib.contextmanager
