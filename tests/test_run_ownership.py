@@ -45,9 +45,9 @@ def first_run(detectors, parts, tmp_path):
 
 
 @pytest.mark.parametrize(("method", "class_name", "threshold", "named"), [
-    ("baseline", "screw", 0.4, "class_name: \"bottle\" then, \"screw\" now"),
-    ("baseline", "bottle", 0.6, "threshold: 0.4 then, 0.6 now"),
-    ("stackclip", "bottle", 0.4, "model_type: \"zeroshot_clip\" then, \"stackclip\" now"),
+    ("baseline", "screw", 0.4, 'product: {"given": "bottle", "used": "bottle"} then, {"given": "screw", "used": "screw"} now'),
+    ("baseline", "bottle", 0.6, '"image": 0.4, "pixel": 0.4} then, '),
+    ("stackclip", "bottle", 0.4, 'method: "baseline" then, "stackclip" now'),
 ])
 def test_resume_refuses_another_run_and_names_what_differs(detectors, parts, first_run, method, class_name, threshold, named):
     before = (first_run / "scores.json").read_text()
@@ -69,7 +69,7 @@ def test_resume_of_the_same_run_reuses_its_records_and_says_so(detectors, parts,
 def test_a_new_run_without_resume_takes_the_folder_over(detectors, parts, first_run):
     summary = predict_files(detectors["stackclip"], [parts], "screw", first_run)
     owner = json.loads((first_run / RUN_FILE).read_text())
-    assert owner["settings"]["class_name"] == "screw" and owner["provenance"]["model_type"] == "stackclip"
+    assert owner["provenance"]["product"]["used"] == "screw" and owner["provenance"]["method"] == "stackclip"
     assert [record["score"] for record in read_records(first_run)] == [record["score"] for record in summary["images"]]
     assert "reused" not in summary
 
