@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import logging
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing zsad
 
 from zsad import __version__ as zsad_version
+from zsad.atomic import atomic_file, atomic_folder, write_text_atomic
 from zsad.data import load_dataset
 from zsad.data.model_input import TrainingSet
 from zsad.distributed import process_group_closed_at_end
@@ -99,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--resume", nargs="?", const="latest",
-                        help="continue from an epoch-N folder (without a value: the latest one in --output-dir)")
+                        help="continue from an epoch-N folder (without a value: the latest complete one in --output-dir)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: accept other hyperparameters than the run's so far, recorded in the config as a "
+                             "change at the resumed epoch")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field of the method (VALUE is read as JSON, else as text)")
     for flag, (field, value, help_text) in METHOD_FLAGS.items():
@@ -136,10 +141,61 @@ def config_overrides(args: argparse.Namespace, config_class) -> dict:
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
-    epochs = sorted((int(path.name.split("-")[1]), path) for path in output_dir.glob("epoch-*") if (path / STATE_FILE).is_file())
-    if not epochs:
-        raise ZSADError(f"--resume: no epoch-N checkpoint with {STATE_FILE} in {output_dir}.")
-    return epochs[-1][1]
+    """The latest epoch-N folder whose training state reads back; a later, incomplete one (a kill during its save by
+    an older zsad, which did not save atomically) is skipped with a line saying so."""
+    epochs = sorted(((int(path.name.split("-")[1]), path) for path in output_dir.glob("epoch-*")
+                     if path.name.split("-")[1].isdigit()), reverse=True)
+    for epoch, path in epochs:
+        problem = unreadable_state(path / STATE_FILE)
+        if problem is None:
+            return path
+        print(f"train.py: {path.name} is incomplete ({problem}); resuming from the epoch before it.", file=sys.stderr)
+    raise ZSADError(f"--resume: no complete epoch-N checkpoint (with a readable {STATE_FILE}) in {output_dir}; "
+                    "start again without --resume.")
+
+
+def unreadable_state(path: Path) -> str | None:
+    """None when ``path`` is a training state torch can read, else what is wrong with it."""
+    if not path.is_file():
+        return f"no {STATE_FILE}"
+    try:
+        torch.load(path, weights_only=False)
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+        return f"{STATE_FILE} unreadable: {type(error).__name__}"
+    return None
+
+
+def read_state(resume_dir: Path) -> dict:
+    problem = unreadable_state(resume_dir / STATE_FILE)
+    if problem:
+        raise ZSADError(f"--resume {resume_dir}: {problem}; resume from another epoch (--resume without a value picks the latest "
+                        "complete one).")
+    return torch.load(resume_dir / STATE_FILE, weights_only=False)
+
+
+def hyperparameters(args: argparse.Namespace) -> dict:
+    """What must stay the same for a resumed run to be the run it continues."""
+    return {"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "betas": list(args.betas), "bf16": args.bf16,
+            "train_dataset": args.train_dataset, "train_categories": args.train_categories}
+
+
+def check_resumed_hyperparameters(state: dict, args: argparse.Namespace, config, resume_dir: Path) -> None:
+    """A ZSADError naming what differs from the run so far, unless ``--force``: then the change is recorded in the
+    config (``training_changes``: the epoch it took effect after, and each setting's values before and after)."""
+    now = hyperparameters(args)
+    # A state saved before hyperparameters were stored in it: the ones its config records.
+    before = state.get("hyperparameters") or {"lr": getattr(config, "training_learning_rate", args.lr),
+                                              "batch_size": getattr(config, "training_batch_size", args.batch_size),
+                                              "seed": getattr(config, "training_seed", args.seed)}
+    changed = {key: [value, now[key]] for key, value in before.items() if value != now[key]}
+    if not changed:
+        return
+    if not args.force:
+        listed = ", ".join(f"--{key.replace('_', '-')} {old} then, {new} now" for key, (old, new) in changed.items())
+        raise ZSADError(f"--resume continues the run in {resume_dir.parent} with its own settings, and these differ: {listed}. "
+                        "Pass the run's values, or add --force to change them from here on (recorded in the checkpoint's "
+                        "config), or train into a new --output-dir.")
+    config.training_changes = [*(getattr(config, "training_changes", None) or []), {"after_epoch": state["epoch"], **changed}]
 
 
 def build_model(args: argparse.Namespace, resume_dir: Path | None):
@@ -203,7 +259,7 @@ def read_loss_rows(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def write_loss_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOSS_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -240,7 +296,7 @@ def make_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](model.adapter_parameters(), lr=args.lr, betas=tuple(args.betas))
 
 
-def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, global_step: int) -> Path:
+def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, global_step: int, args: argparse.Namespace) -> Path:
     """``save_pretrained`` checkpoint + resume state, after checking all processes hold the same weights."""
     unwrapped = accelerator.unwrap_model(model)
     checksums = accelerator.gather(parameter_checksums(unwrapped).to(accelerator.device)[None]).cpu()
@@ -250,16 +306,24 @@ def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, glob
     if accelerator.is_main_process:
         unwrapped.config.is_trained = True
         unwrapped.config.training_epochs = epoch
-        unwrapped.save_pretrained(folder)
         state = {"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                 "rng": rng_state(), "parameter_checksums": checksums}
-        torch.save(state, folder / STATE_FILE)
+                 "rng": rng_state(), "parameter_checksums": checksums, "hyperparameters": hyperparameters(args)}
+        # One artefact: a kill leaves the previous epochs and no half-written epoch-N.
+        with atomic_folder(folder, marker="config.json") as staging:
+            unwrapped.save_pretrained(staging)
+            torch.save(state, staging / STATE_FILE)
     accelerator.wait_for_everyone()
     return folder
 
 
 def train(args: argparse.Namespace) -> Path:
     """Run the training; returns the last epoch's checkpoint folder."""
+    if not METHODS[args.method].has_adapters:
+        raise ZSADError(f"'{args.method}' is training-free: it has no weights to train. Use it as it is "
+                        f"(zsad predict --model {args.method} ...), or train one of "
+                        f"{sorted(name for name, model in METHODS.items() if model.has_adapters)}.")
+    if args.force and not args.resume:
+        raise ZSADError("--force applies only with --resume (to change hyperparameters of a resumed run).")
     with process_group_closed_at_end(make_accelerator(args)) as accelerator:
         return train_with(accelerator, args)
 
@@ -274,10 +338,13 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
         torch.use_deterministic_algorithms(True)
     output_dir = Path(args.output_dir)
     resume_dir = (latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)) if args.resume else None
+    state = read_state(resume_dir) if resume_dir is not None else None
 
     model = build_model(args, resume_dir)
     loader = make_loader(args, model)
     categories = sorted({sample.category for sample in loader.dataset.samples})
+    if state is not None:
+        check_resumed_hyperparameters(state, args, model.config, resume_dir)
     model.prepare_for_training(categories)
     record_training(model.config, args, categories)
     model.train()
@@ -285,14 +352,13 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     start_epoch, global_step = 0, 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        write_text_atomic(output_dir / "training_args.json", json.dumps(vars(args), indent=2, default=str))
     rows = read_loss_rows(output_dir / "loss.csv", start_epoch)
 
     folder = resume_dir
@@ -309,7 +375,7 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
             mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             rows.append({"epoch": epoch, "step": step, "global_step": global_step, "loss": mean_loss})
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-        folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step)
+        folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step, args)
         if accelerator.is_main_process:
             write_loss_rows(output_dir / "loss.csv", rows)
             loss_curve_figure(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
@@ -323,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     except ZSADError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted; the finished epochs are kept in {Path(args.output_dir).resolve()}. Continue with the same "
+              "command and --resume.", file=sys.stderr)
+        return 130
     print(f"Trained {args.method} on {args.train_dataset} for {args.epochs} epochs; checkpoint: {folder.resolve()}")
     print(f"Loss per step: {Path(args.output_dir).resolve() / 'loss.csv'} (curve: loss.png)")
     return 0

@@ -98,7 +98,8 @@ def _predict(args: argparse.Namespace) -> None:
     failed = [record for record in summary["images"] if "error" in record]
     print(predict_summary(summary, args.out))
     if failed:
-        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read or scored (their errors are in "
+                        "scores.json).")
 
 
 def _runs_exported_graph(args: argparse.Namespace) -> bool:
@@ -228,4 +229,21 @@ def run(args: argparse.Namespace) -> int:
     except ZSADError as error:
         print(f"zsad {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"zsad {args.command}: {interrupted_line(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """The one line Ctrl-C ends a command with: what was kept and how to go on."""
+    if args.command_name == "predict":
+        from pathlib import Path
+
+        from .predict import read_records
+
+        out = Path(args.out)
+        kept = sum("score" in record for record in read_records(out)) if out.is_dir() else 0
+        return (f"interrupted; the results of {kept} image{'s' if kept != 1 else ''} are kept in {out.resolve()}. "
+                "Run the same command with --resume to score the rest.")
+    return "interrupted; nothing was written that a later run could mistake for a finished one. Run the command again."

@@ -30,6 +30,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .atomic import write_text_atomic
 from .data import Sample, load_dataset, read_mask
 from .data.model_input import ImageSet
 from .data.synthetic import is_synthetic
@@ -268,8 +269,8 @@ def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["markdown"], markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
     notes = report.get("notes", {})
     level_notes = {"Pixel": "; ".join(f"{name}: {note}" for name, note in notes.items())} if notes else {}
     if report.get("mutual"):

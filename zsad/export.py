@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_folder
 from .deploy import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
 from .detection import check_optional_threshold, thresholds
 from .errors import ZSADError
@@ -258,17 +259,17 @@ def export(
         model.require_backbone().set_vision_dtype(torch.float32)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ZSADError(f"--out {out_dir} is a file; give a folder (new or existing) for the graph and {CONFIG_NAME}.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graph_path = out_dir / GRAPH_FILES[format]
-    with tempfile.TemporaryDirectory() as scratch:
+        raise ZSADError(f"--out {out_dir} is a file; give a folder (new, empty or an earlier export) for the graph and {CONFIG_NAME}.")
+    # One artefact: a kill leaves the earlier export or this one, never one's graph with the other's config.
+    with atomic_folder(out_dir, marker=CONFIG_NAME) as staging, tempfile.TemporaryDirectory() as scratch:
+        staged_graph = staging / GRAPH_FILES[format]
         direct = format == "onnx" and precision == "float32"
-        onnx_path = export_onnx(ExportGraph(model, names, profile), graph_path if direct else Path(scratch) / "fp32.onnx")
+        onnx_path = export_onnx(ExportGraph(model, names, profile), staged_graph if direct else Path(scratch) / "fp32.onnx")
         if format == "openvino":
-            convert_openvino(onnx_path, graph_path, int8=precision == "int8")
+            convert_openvino(onnx_path, staged_graph, int8=precision == "int8")
         elif precision == "int8":
-            quantize_onnx_int8(onnx_path, graph_path)
-    config = deploy_config(model, names, format, precision, graph_thresholds(profile, names, threshold), str(source), profile)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
-    model.image_processor.save_pretrained(out_dir)
-    return graph_path
+            quantize_onnx_int8(onnx_path, staged_graph)
+        config = deploy_config(model, names, format, precision, graph_thresholds(profile, names, threshold), str(source), profile)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+        model.image_processor.save_pretrained(staging)
+    return out_dir / GRAPH_FILES[format]

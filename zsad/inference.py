@@ -133,7 +133,7 @@ class AnomalyDetector:
                           threshold_rule=threshold_rule)
 
     def model(self, method: str) -> ZSADPreTrainedModel:
-        if method not in self.models:
+        if not isinstance(method, str) or method not in self.models:
             raise ZSADError(f"Unknown method '{method}'; this detector holds {self.method_names}.")
         return self.models[method]
 

@@ -147,6 +147,8 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
         try:
             if threshold_mode not in THRESHOLD_MODES:
                 raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
+            check_flag("tiles", tiles)
+            check_method(method)
             upload = received_file(image)
             if upload is None:
                 raise ZSADError("No image was given; upload or pass an image.")
@@ -199,6 +201,17 @@ class BatchOutput:
 
     def as_gradio(self) -> tuple:
         return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
+
+
+def check_flag(name: str, value) -> None:
+    """The raw API sends JSON: a switch must be a JSON boolean (the string "false" would otherwise read as true)."""
+    if not isinstance(value, bool):
+        raise ZSADError(f"'{name}' must be true or false (a JSON boolean), got {value!r}.")
+
+
+def check_method(value) -> None:
+    if not isinstance(value, str):
+        raise ZSADError(f"'method' must be one method name (a string), got {value!r}.")
 
 
 def made_by(detector: AnomalyDetector, results: list[Detection], class_name: str) -> dict[str, dict]:
@@ -281,6 +294,8 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
     def detect_batch(uploads, class_name, method, threshold, mutual=False, progress=gr.Progress()):
         started = time.perf_counter()
         try:
+            check_flag("mutual", mutual)
+            check_method(method)
             images = batch_images(list(uploads or []), caps)
             status = detector.status(method)
             class_name = batch_class_name(class_name, mutual, status)
