@@ -39,7 +39,6 @@ from .modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
-from .modeling.prompting import clean_class_name
 from .references import reference_map
 
 __all__ = ["MutualBatch", "MutualDetails", "MutualScores", "MutualSettings", "aggregate", "check_batch", "comparison_groups",
@@ -76,7 +75,7 @@ def detect_mutual(detector, images: Sequence, class_name: str, method: str = "ba
     loaded = [read_image(image, max_side=display_side) for image in images]
     keys = [content_key(item.image) for item in loaded]
     check_batch(keys)
-    name = clean_class_name(class_name)
+    name = detector.product_name(class_name, method)
     text_weight = default_text_weight(settings, status(model) == "trained")
     reference = None
     if profile is not None:

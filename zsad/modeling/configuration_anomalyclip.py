@@ -53,6 +53,11 @@ class AnomalyCLIPConfig(ZSADBaseConfig):
     source_code: str = setting(ANOMALYCLIP_CODE, "The authors' code.")
     source_license: str = setting(ANOMALYCLIP_LICENSE, "Licence of the authors' code and published weights.")
 
+    @property
+    def uses_class_names(self) -> bool:
+        """Object-agnostic prompts: "object." and "damaged object." name no product."""
+        return False
+
     def __post_init__(self, **kwargs):
         if self.feature_layers is None:
             self.feature_layers = [self.num_vision_layers]

@@ -29,6 +29,7 @@ class AnomalyCLIPModel(ZSADPreTrainedModel):
     """Frozen CLIP + learned prompt context (2 states x n_ctx tokens) + deep prompt tokens (depth - 1 sets)."""
 
     config_class = AnomalyCLIPConfig
+    works_untrained = False
 
     def __init__(self, config: AnomalyCLIPConfig):
         super().__init__(config)

@@ -95,6 +95,9 @@ class ZSADPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # False for a method with nothing to train (the baseline): its status is "training-free".
     has_adapters = True
+    # False for a method whose untrained start is a random one (AnomalyCLIP's learned prompts): the Space offers it
+    # only with a trained checkpoint.
+    works_untrained = True
 
     def __init__(self, config: ZSADBaseConfig):
         super().__init__(config)

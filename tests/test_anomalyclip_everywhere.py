@@ -1,0 +1,106 @@
+"""A converted AnomalyCLIP checkpoint goes where every zsad model goes: the Space (offered with a checkpoint, the
+product name optional), ``zsad predict`` without ``--class-name``, the model card and ``zsad publish --dry-run``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from zsad.convert_anomalyclip import convert_anomalyclip
+from zsad.inference import AnomalyDetector
+from zsad.modeling.class_names import UNNAMED_PRODUCT
+from zsad.space import config, files, handlers, layout, render
+from zsad.space.config import COMPARE
+from zsad.space.testing import upload
+
+FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
+CLIP = str(FIXTURES / "clip")
+SIZE = 56
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """The fixture file converted as the authors' VisA-trained file (its folder name says so)."""
+    source = tmp_path_factory.mktemp("authors") / "9_12_4_multiscale" / "epoch_15.pth"
+    source.parent.mkdir()
+    shutil.copy(FIXTURES / "epoch_15.pth", source)
+    return convert_anomalyclip(source, tmp_path_factory.mktemp("converted") / "model", clip=CLIP, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def detector(converted) -> AnomalyDetector:
+    """The Space's detector with an AnomalyCLIP checkpoint configured."""
+    checkpoints = {"anomalyclip": str(converted)}
+    return AnomalyDetector.load(methods=config.offered_methods(checkpoints), checkpoints=checkpoints, clip=CLIP,
+                                image_size=SIZE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def part(tmp_path_factory) -> Path:
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 70, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("part") / "part.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# ----- the Space -----------------------------------------------------------------------------------------------------
+
+def test_the_space_offers_anomalyclip_only_with_a_checkpoint(converted):
+    assert "anomalyclip" not in config.offered_methods({})
+    from_flag = config.configured_checkpoints([f"anomalyclip={converted}"], {})
+    from_environment = config.configured_checkpoints([], {"ZSAD_ANOMALYCLIP_CHECKPOINT": str(converted)})
+    assert from_flag == from_environment == {"anomalyclip": str(converted)}
+    assert config.offered_methods(from_flag)[0] == "anomalyclip"  # the trained model is the page's default
+    assert config.display_name("anomalyclip") == "AnomalyCLIP"
+
+
+def test_the_product_name_box_is_optional_for_anomalyclip_only(detector):
+    assert "optional" in render.product_label(detector, "anomalyclip")
+    assert render.product_label(detector, "baseline") == render.PRODUCT_LABEL
+    assert render.product_label(detector, COMPARE) == render.PRODUCT_LABEL  # the baseline in compare needs the name
+
+
+def test_picking_a_method_on_the_page_relabels_the_product_box(detector):
+    demo = layout.build_demo(detector, tiny=True)
+    boxes = {block._id: block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "class-name"}
+    assert len(boxes) == 1 and "optional" in next(iter(boxes.values())).label  # AnomalyCLIP is the default method
+    relabel = [fn for fn in demo.fns.values() if [block._id for block in fn.outputs] == list(boxes)]
+    assert len(relabel) == 1
+    assert relabel[0].fn("baseline").label == render.PRODUCT_LABEL
+    assert "optional" in relabel[0].fn("anomalyclip").label
+
+
+def test_the_space_scores_anomalyclip_without_a_product_name(detector, part):
+    detect = handlers.make_handler(detector)
+    unnamed, named = detect(upload(part), "", "anomalyclip", 0.5), detect(upload(part), "bottle", "anomalyclip", 0.5)
+    direct = detector.detect(part, UNNAMED_PRODUCT, method="anomalyclip", display_side=config.DISPLAY_SIDE)
+    assert unnamed.score == named.score == round(direct.score, 4)
+    with pytest.raises(gr.Error, match="class name is empty"):
+        detect(upload(part), "  ", "baseline", 0.5)
+    with pytest.raises(gr.Error, match="class name is empty"):
+        detect(upload(part), "", COMPARE, 0.5)
+
+
+def test_the_batch_tab_scores_anomalyclip_without_a_product_name(detector, part):
+    output = handlers.make_batch_handler(detector, files.OutputFolders())([upload(part), upload(part)], "", "anomalyclip", 0.5)
+    direct = detector.detect(part, UNNAMED_PRODUCT, method="anomalyclip")
+    assert [row[1] for row in output.table] == [round(direct.score, 4)] * 2
+
+
+# ----- zsad predict --------------------------------------------------------------------------------------------------
+
+def test_predict_needs_no_class_name_for_anomalyclip(converted, part, tmp_path, capsys):
+    from zsad.cli import main
+
+    out = tmp_path / "predictions"
+    assert main(["predict", str(part), "--model", str(converted), "--out", str(out), "--device", "cpu",
+                 "--precision", "float32"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    expected = AnomalyDetector.for_model(str(converted), device="cpu").detect(part, "bottle")
+    assert scores["class_name"] == UNNAMED_PRODUCT and scores["images"][0]["score"] == pytest.approx(expected.score, abs=1e-6)
+    assert main(["predict", str(part), "--model", "baseline", "--clip", CLIP, "--out", str(tmp_path / "b"), "--device", "cpu"]) == 2
+    assert "--class-name" in capsys.readouterr().err
