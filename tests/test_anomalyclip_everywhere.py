@@ -104,3 +104,42 @@ def test_predict_needs_no_class_name_for_anomalyclip(converted, part, tmp_path, 
     assert scores["class_name"] == UNNAMED_PRODUCT and scores["images"][0]["score"] == pytest.approx(expected.score, abs=1e-6)
     assert main(["predict", str(part), "--model", "baseline", "--clip", CLIP, "--out", str(tmp_path / "b"), "--device", "cpu"]) == 2
     assert "--class-name" in capsys.readouterr().err
+
+
+# ----- the card and publishing ---------------------------------------------------------------------------------------
+
+def test_the_card_says_converted_and_gives_the_authors_results_as_reported(converted):
+    card = (converted / "README.md").read_text()
+    assert "converted from AnomalyCLIP's published weights" in card and "`epoch_15.pth`" in card
+    assert "reported by the authors (AnomalyCLIP, Table 1)" in card
+    assert "| MVTec AD | 91.5 | 91.1 | 81.4 |" in card  # the VisA-trained run, reported on MVTec AD
+    assert "license: mit" in card and "No evaluation results" in card  # nothing measured is claimed
+
+
+@pytest.mark.parametrize(("folder", "row"), [("9_12_4_multiscale_visa", "| VisA | 82.1 | 95.5 | 87.0 |"), ("my_run", None)])
+def test_reported_results_belong_to_the_authors_published_files_only(tmp_path, folder, row):
+    source = tmp_path / folder / "epoch_15.pth"
+    source.parent.mkdir()
+    shutil.copy(FIXTURES / "epoch_15.pth", source)
+    out = convert_anomalyclip(source, tmp_path / "out", clip=CLIP, image_size=SIZE, trained_on="MVTec AD")
+    card = (out / "README.md").read_text()
+    if row:
+        assert row in card
+    else:
+        assert "## Reported by the authors" not in card and json.loads((out / "config.json").read_text())["reported_results"] is None
+
+
+def test_publish_dry_run_of_a_converted_checkpoint(converted, tmp_path, capsys):
+    from zsad.cli import main
+
+    folder = tmp_path / "upload"
+    assert main(["publish", str(converted), "--repo-id", "someone/anomalyclip-visa", "--dry-run", str(folder),
+                 "--base-model", "someone/tiny-clip"]) == 0
+    assert "Dry run: nothing was uploaded" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "README.md", "modeling_anomalyclip.py"} <= {p.name for p in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    assert "someone/anomalyclip-visa" in card and "| MVTec AD | 91.5 | 91.1 | 81.4 |" in card
+    assert json.loads((folder / "config.json").read_text())["base_model_hub_id"] == "someone/tiny-clip"
+    from zsad.hub import publishable_config
+
+    assert publishable_config(folder).source_sha256 == json.loads((converted / "config.json").read_text())["source_sha256"]
