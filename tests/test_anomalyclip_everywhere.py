@@ -8,14 +8,22 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from zsad.convert_anomalyclip import convert_anomalyclip
+from zsad.deploy import ExportedDetector
+from zsad.export import export
 from zsad.inference import AnomalyDetector
 from zsad.modeling.class_names import UNNAMED_PRODUCT
+from zsad.modeling.modeling_anomalyclip import AnomalyCLIPModel
+from zsad.modeling.pipeline_zsad import ZeroShotAnomalyDetectionPipeline
 from zsad.space import config, files, handlers, layout, render
 from zsad.space.config import COMPARE
 from zsad.space.testing import upload
+
+from remote_code import run_without_zsad
 
 FIXTURES = Path(__file__).parent / "fixtures" / "anomalyclip"
 CLIP = str(FIXTURES / "clip")
@@ -143,3 +151,87 @@ def test_publish_dry_run_of_a_converted_checkpoint(converted, tmp_path, capsys):
     from zsad.hub import publishable_config
 
     assert publishable_config(folder).source_sha256 == json.loads((converted / "config.json").read_text())["source_sha256"]
+
+
+# ----- compare, references, mutual scoring, the pipeline, export -----------------------------------------------------
+
+def other_parts(tmp_path: Path, count: int, seed: int = 1) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = [tmp_path / f"good{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(90, 150, (50, 50, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_compare_gives_anomalyclip_what_detect_gives(detector, part):
+    compared = detector.compare(part, "bottle")
+    assert set(compared) == set(config.offered_methods({"anomalyclip": "x"}))
+    for method, result in compared.items():
+        alone = detector.detect(part, "bottle", method=method)
+        assert result.score == pytest.approx(alone.score, abs=1e-6)
+        np.testing.assert_allclose(result.anomaly_map, alone.anomaly_map, rtol=0, atol=1e-6)
+
+
+def test_a_profile_of_good_parts_fuses_references_into_anomalyclip(detector, part, tmp_path):
+    profile = detector.build_profile("anomalyclip", "", other_parts(tmp_path, 3))
+    assert profile.class_name == UNNAMED_PRODUCT and profile.num_references == 3 and profile.calibration is not None
+    profile.save(tmp_path / "profile")
+    with_references = detector.detect(part, None, method="anomalyclip", profile=profile)
+    zero_shot = detector.detect(part, None, method="anomalyclip")
+    assert with_references.references == 3 and zero_shot.references == 0
+    # The references change the map; the image score is the global embedding's alone (image_score_map_weight 0).
+    assert np.abs(with_references.anomaly_map - zero_shot.anomaly_map).max() > 1e-2
+    assert np.isfinite(with_references.anomaly_map).all() and with_references.score == pytest.approx(zero_shot.score, abs=1e-6)
+    assert with_references.threshold == pytest.approx(profile.calibration.image_threshold)
+
+
+def test_mutual_scoring_includes_anomalyclip_trained_text_map_and_needs_no_name(detector, tmp_path):
+    images = other_parts(tmp_path, 3, seed=2)
+    unnamed = detector.detect_mutual(images, "", method="anomalyclip")
+    named = detector.detect_mutual(images, "bottle", method="anomalyclip")
+    assert [result.details.compared_with for result in unnamed] == [2, 2, 2]
+    assert all(result.details.text_weight > 0 for result in unnamed)  # trained: its text map is part of the scores
+    assert [result.score for result in unnamed] == pytest.approx([result.score for result in named], abs=1e-6)
+
+
+def test_the_pipeline_runs_anomalyclip_without_a_product_name(converted, detector, part, tmp_path):
+
+    pipe = ZeroShotAnomalyDetectionPipeline(model=AnomalyCLIPModel.from_pretrained(converted), device="cpu")
+    result = pipe(str(part))
+    expected = detector.detect(part, None, method="anomalyclip")
+    assert result["class_name"] == UNNAMED_PRODUCT and result["score"] == pytest.approx(expected.score, abs=1e-5)
+    np.testing.assert_allclose(result["anomaly_map"], expected.anomaly_map, rtol=0, atol=1e-5)
+    lot = pipe([str(path) for path in other_parts(tmp_path, 2)], mutual=True)  # trained, yet no name needed
+    assert [item["compared_with"] for item in lot] == [1, 1]
+
+
+def test_the_checkpoint_carries_every_file_its_remote_code_needs(converted):
+    needed = {Path(path).name for path in get_relative_import_files(str(converted / "modeling_anomalyclip.py"))}
+    needed |= {Path(path).name for path in get_relative_import_files(str(converted / "pipeline_zsad.py"))}
+    assert {"deep_text_prompts.py", "configuration_anomalyclip.py", "class_names.py", "losses.py"} <= needed
+    assert needed <= {path.name for path in converted.iterdir()}
+
+
+@pytest.mark.integration
+def test_the_converted_checkpoint_loads_as_remote_code_without_zsad(converted, tmp_path):
+
+    pixels = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = AnomalyCLIPModel.from_pretrained(converted)(pixels)
+    assert run_without_zsad(converted, pixels, ["bottle"], expected, tmp_path)["class"] == "AnomalyCLIPModel"
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_exported_anomalyclip_matches_the_model(converted, tmp_path, engine):
+
+    model = AnomalyCLIPModel.from_pretrained(converted)
+    export(str(converted), None, tmp_path, format=engine)  # no product name: the graph's one column is 'object'
+    graph = ExportedDetector.load(tmp_path)
+    assert graph.class_names == [UNNAMED_PRODUCT]
+    for seed in (1, 2):
+        pixels = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+        scores, maps = graph.scores_and_maps(pixels.numpy())
+        with torch.inference_mode():
+            reference = model(pixels)
+        assert abs(float(reference.image_score[0]) - scores[0, 0]) <= 1e-5
+        assert np.abs(reference.anomaly_map[0].numpy() - maps[0, 0]).max() <= 1e-4
