@@ -3,6 +3,7 @@ product name optional), ``zsad predict`` without ``--class-name``, the model car
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -235,3 +236,32 @@ def test_exported_anomalyclip_matches_the_model(converted, tmp_path, engine):
             reference = model(pixels)
         assert abs(float(reference.image_score[0]) - scores[0, 0]) <= 1e-5
         assert np.abs(reference.anomaly_map[0].numpy() - maps[0, 0]).max() <= 1e-4
+
+
+# ----- training ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.integration  # train/train.py runs in its own process
+def test_a_training_step_lowers_the_loss_and_the_checkpoint_loads(tiny_clip_path, tiny_backbone, training_root, tmp_path):
+    from zsad.data import load_dataset
+
+    from conftest import whole_dataset_batch
+    from train_script import TRAIN_SCRIPT, run_command, training_arguments
+
+    samples = load_dataset("mvtec", training_root)
+    images = len(samples)
+    run_command([sys.executable, str(TRAIN_SCRIPT), *training_arguments("anomalyclip", tiny_clip_path, training_root,
+                                                                         tmp_path, 1, SIZE, images)])  # one step
+    trained = AnomalyCLIPModel.from_pretrained(tmp_path / "epoch-1", clip_model=tiny_backbone)
+    untrained = AnomalyCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=SIZE)
+    assert trained.config.is_trained and trained.config.training_epochs == 1
+    assert not torch.equal(trained.prompt_context, untrained.prompt_context)
+    batch = whole_dataset_batch(training_root, SIZE, tiny_backbone)
+    assert int(batch["labels"].sum()) > 0 and batch["pixel_values"].shape[0] == images
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return model(batch["pixel_values"], masks=batch["masks"], labels=batch["labels"]).loss.item()
+
+    assert loss(trained) < loss(untrained)
+    detection = AnomalyDetector.for_model(str(tmp_path / "epoch-1"), device="cpu").detect(samples[0].image_path, "")
+    assert detection.method == "anomalyclip" and detection.status == "trained"
