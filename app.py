@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"zsad app: {error}")
     turns = ComputeTurns()
     warm_example_names(detector, [name for _, name in example_rows()], turns)
-    demo = build_demo(detector, tiny=args.tiny, batch_caps=batch_caps(args), turns=turns)
+    demo = build_demo(detector, batch_caps=batch_caps(args), turns=turns)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch()
 
 

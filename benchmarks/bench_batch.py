@@ -32,7 +32,7 @@ from zsad.space.testing import upload
 
 return_large_buffers_to_the_system()
 clip, image, chunk, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-detector = AnomalyDetector.load(methods=["stackclip"], clip=clip, dtype=torch.bfloat16, image_size=518)
+detector = AnomalyDetector.load(methods=["stackclip"], clip=clip, precision="bfloat16", image_size=518)
 detector.detect(image, "metal nut", method="stackclip")  # text features cached, first-call allocations made
 loaded = status_mb("VmRSS")
 open(f"/proc/{os.getpid()}/clear_refs", "w").write("5")

@@ -28,7 +28,7 @@ from benchmarks.common import cpu_class_line, emulated_isa, full_size_inputs, ma
 from zsad.deploy import CONFIG_NAME, GRAPH_FILES, ExportedDetector  # noqa: E402
 from zsad.export import convert_openvino, export, quantize_onnx_int8  # noqa: E402
 from zsad.inference import AnomalyDetector  # noqa: E402
-from zsad.loading import cpu_has_native_bf16, resolve_precision  # noqa: E402
+from zsad.loading import cpu_has_native_bf16  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
@@ -64,7 +64,7 @@ def exported_variants(clip: str, method: str) -> dict[str, Path]:
 
 
 def torch_route(clip: str, method: str, precision: str):
-    detector = AnomalyDetector.for_model(method, clip=clip, dtype=resolve_precision(precision))
+    detector = AnomalyDetector.for_model(method, clip=clip, precision=precision)
 
     def run(image):
         result = detector.detect(image, CLASS_NAME)
@@ -143,7 +143,7 @@ def int8_auroc(method: str, image_size: int = 112) -> None:
         candidates = {
             "torch fp32": model,
             "onnxruntime int8 (exported)": GraphAsModel(model, ExportedDetector.load(work / "int8")),
-            "torch --precision int8": load_model(method, clip=clip, image_size=image_size, dtype=resolve_precision("int8")),
+            "torch --precision int8": load_model(method, clip=clip, image_size=image_size, precision="int8"),
         }
         print(f"\n{method}, untrained, tiny random CLIP at {image_size} px, synthetic held-out categories {categories}")
         print("| route | mean pixel AUROC | mean image AUROC |\n|---|---|---|")

@@ -138,7 +138,7 @@ def vv_cost(clip_path: str, image: str, repeats: int, precision: str = "auto") -
     on CLIP's own tokens, on one backbone in ``precision`` (auto: the fast one), runs interleaved; wall and CPU
     seconds (medians)."""
     dtype = resolve_precision(precision, "cpu")
-    detector = AnomalyDetector.load(methods=["baseline"], clip=clip_path, dtype=dtype, image_size=IMAGE_SIZE, device="cpu")
+    detector = AnomalyDetector.load(methods=["baseline"], clip=clip_path, precision=precision, image_size=IMAGE_SIZE, device="cpu")
     start = detector.model("baseline").config.vv_attention_from
     stock = load_model("baseline", backbone=detector.backbone, image_size=IMAGE_SIZE, vv_attention_from=None)
     detectors = {f"value-value from block {start}": detector, "CLIP's own tokens": AnomalyDetector(detector.backbone, {"baseline": stock})}
@@ -185,8 +185,8 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def fidelity(clip_path: str, image: str, image_size: int, methods: list[str]) -> dict[str, tuple[float, float]]:
     """Per method: (Pearson of the fast path's maps vs fp32 maps, |score difference|)."""
-    fast = AnomalyDetector.load(methods=methods, clip=clip_path, dtype=FAST, image_size=image_size, device="cpu")
-    exact = AnomalyDetector.load(methods=methods, clip=clip_path, dtype=torch.float32, image_size=image_size, device="cpu")
+    fast = AnomalyDetector.load(methods=methods, clip=clip_path, precision="auto", image_size=image_size, device="cpu")
+    exact = AnomalyDetector.load(methods=methods, clip=clip_path, precision="float32", image_size=image_size, device="cpu")
     results = {}
     for method in fast.method_names:
         a, b = fast.detect(image, CLASS_NAME, method=method), exact.detect(image, CLASS_NAME, method=method)
@@ -200,10 +200,10 @@ def latency_tables(clip_path: str, image: str, repeats: int, methods: list[str])
     The floor is timed before and after the methods and the faster of the two is used, so that a slow spell of
     the machine during one measurement cannot make the methods look closer to the floor than they are.
     """
-    fast = AnomalyDetector.load(methods=methods, clip=clip_path, dtype=FAST, image_size=IMAGE_SIZE, device="cpu")
+    fast = AnomalyDetector.load(methods=methods, clip=clip_path, precision="auto", image_size=IMAGE_SIZE, device="cpu")
     floor_before, _ = vision_floor(fast.backbone, repeats)
     stock_seconds = stock_vision_seconds(clip_path, repeats)
-    exact = AnomalyDetector.load(methods=methods, clip=clip_path, dtype=torch.float32, image_size=IMAGE_SIZE, device="cpu")
+    exact = AnomalyDetector.load(methods=methods, clip=clip_path, precision="float32", image_size=IMAGE_SIZE, device="cpu")
     fp32_floor, gflop = vision_floor(exact.backbone, repeats)  # FLOPs counted in float32: int8 linears are not counted
 
     rows = []

@@ -35,7 +35,7 @@ import torch
 from benchmarks.common import proc_status_mb as status_mb
 from zsad.inference import AnomalyDetector
 
-detector = AnomalyDetector.load(clip=sys.argv[1], dtype=torch.bfloat16, image_size=518)
+detector = AnomalyDetector.load(clip=sys.argv[1], precision="bfloat16", image_size=518)
 loaded, loading_peak = status_mb("VmRSS"), status_mb("VmHWM")
 open(f"/proc/{os.getpid()}/clear_refs", "w").write("5")
 for method in detector.method_names:

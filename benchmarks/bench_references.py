@@ -22,7 +22,7 @@ from PIL import Image
 
 from zsad.images import load_image, to_pixel_values
 from zsad.inference import AnomalyDetector
-from zsad.loading import PRECISIONS, resolve_precision
+from zsad.loading import PRECISIONS
 from zsad.references import FusionScale, ReferenceMemory, apply_references
 
 METHOD = "baseline"
@@ -71,7 +71,7 @@ def main(workdir: str, repeats: int, precision: str, cpu_share_only: bool) -> No
     clip_path, image = full_size_inputs(Path(workdir))
     print(machine_line())
     print(cpu_class_line())
-    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, dtype=resolve_precision(precision))
+    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, precision=precision)
     print(f"backbone dtype {detector.backbone.dtype}, image size {detector.model(METHOD).config.image_size}, "
           f"layers {detector.model(METHOD).config.feature_layers}")
     cpu_share(detector, image, repeats)

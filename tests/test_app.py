@@ -155,19 +155,20 @@ def test_only_files_in_gradios_upload_cache_are_read_and_a_refusal_does_not_tell
 
 
 def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detector):
-    demo = layout.build_demo(detector, tiny=True)
+    demo = layout.build_demo(detector)
     functions = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
     assert {"detect", "full_resolution", "detect_batch"} <= set(functions)
     inputs = [type(block).__name__ for block in functions["detect"].inputs]
-    assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio"]  # new inputs only at the end
-    assert functions["detect"].inputs[-1].value == handlers.CALIBRATED
+    assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio", "Radio"]  # new inputs only at the end
+    assert functions["detect"].inputs[-2].value == handlers.CALIBRATED
+    assert functions["detect"].inputs[-1].value == handlers.LOWEST_RATE  # the false-alarm rate: the default rule unless chosen
     assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider", "Checkbox"]
     assert functions["detect_batch"].inputs[-1].value is False  # mutual scoring: off unless asked for
     assert [value for _, value in functions["detect_batch"].inputs[2].choices] == detector.method_names  # no compare in batches
     assert not functions["detect"].preprocess and not functions["detect_batch"].preprocess  # uploads go through received_file
     methods = [value for _, value in render.method_choices(detector)]
     assert methods == detector.method_names + [COMPARE]
-    notice = render.banner(detector, tiny=True)
+    notice = render.banner(detector)
     assert "Tiny random CLIP" in notice
     untrained = [display_name(m) for m in detector.method_names if detector.status(m) == "untrained"]
     assert all(name in notice for name in untrained) and ("untrained" in notice) == bool(untrained)
@@ -516,7 +517,7 @@ def test_a_forged_batch_path_refuses_the_batch(detector, parts):
 
 
 def test_page_puts_batches_in_their_own_concurrency_group(detector):
-    demo = layout.build_demo(detector, tiny=True)
+    demo = layout.build_demo(detector)
     functions = {fn.api_name: fn for fn in demo.fns.values()}
     assert functions["detect_batch"].concurrency_id == layout.BATCH_CONCURRENCY_ID != functions["detect"].concurrency_id
 
@@ -560,7 +561,7 @@ def test_the_threshold_mode_decides_and_the_same_call_gives_the_same_answer(dete
     image = upload(next((product / "disk" / "test").rglob("*.png")))
     first = detect(image, "disk", "baseline", 0.5, good_parts(product))
     calibration = profiles.get(good_parts(product), "disk", "baseline").profiles["baseline"].calibration
-    assert "3 reference images of good parts; calibrated on 3 good images: image threshold" in first.report
+    assert "3 reference images of good parts; calibrated on 3 good images: at most 1 in 4 good parts flagged; image threshold" in first.report
     assert f"(threshold {calibration.image_threshold:.2f})" in first.report
     again = detect(image, "disk", "baseline", 0.5, good_parts(product))
     assert again.report.split("request took")[0] == first.report.split("request took")[0] and again.table[0][:5] == first.table[0][:5]
@@ -597,8 +598,8 @@ def test_references_are_decoded_one_at_a_time_at_display_size_within_a_pixel_bud
         large.append(upload(path))
     sizes = []
     build = detector.build_profiles
-    monkeypatch.setattr(detector, "build_profiles", lambda methods, name, pictures: sizes.extend(p.size for p in pictures) or build(
-        methods, name, pictures))
+    monkeypatch.setattr(detector, "build_profiles", lambda methods, name, pictures, **options: sizes.extend(p.size for p in pictures) or build(
+        methods, name, pictures, **options))
     handlers.ReferenceProfiles(detector).get(large, "disk", "baseline")
     assert sizes == [(DISPLAY_SIDE, 667)] * 2
     with pytest.raises(ZSADError, match=r"hold 12 megapixels; the Space takes at most 10 megapixels per set.*zsad predict --profile"):

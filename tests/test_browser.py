@@ -127,7 +127,7 @@ def test_two_reference_images_calibrate_the_result_unless_the_slider_is_chosen(b
 
     page = detect_with_references()
     report = page.locator("#report")
-    expect(report).to_contain_text("2 reference images of good parts; calibrated on 2 good images")
+    expect(report).to_contain_text("2 reference images of good parts; calibrated on 2 good images: at most 1 in 3 good parts flagged")
     calibrated = float(report.inner_text().split("image threshold ")[1].split(",")[0])
     shown = report.inner_text().split("(threshold ")[1].split(")")[0]
     # The verdict used the calibrated threshold (shown there with 2 decimals, in the calibration line with 3).

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from zsad.cli import build_parser, main
+from zsad.loading import Runtime
 from zsad.summaries import predict_summary
 
 from conftest import TEST_IMAGE_SIZE
@@ -47,8 +48,17 @@ def test_predict_ends_with_counts_threshold_score_range_and_where_the_files_are(
     values = [record["score"] for record in scores["images"]]
     anomalous = sum(record["verdict"] == "anomalous" for record in scores["images"])
     printed = capsys.readouterr().out
-    assert f"3 images scored with baseline (training-free) as 'bottle': {anomalous} anomalous, {3 - anomalous} normal at " \
+    precision = Runtime.resolve("cpu", "auto").precision  # the CLI's default, named in the summary
+    assert f"3 images scored with baseline (training-free) on a tiny random CLIP (noise), {precision} on CPU, " \
+           f"{TEST_IMAGE_SIZE} px as 'bottle': {anomalous} anomalous, {3 - anomalous} normal at " \
            "image threshold 0.500 (uncalibrated (threshold 0.5))." in printed
+    assert "Warning: the backbone is a tiny random CLIP (zsad tiny-clip / --tiny): its scores and maps are noise" in printed
+    block = scores["provenance"]
+    assert all(record["provenance"] == block for record in scores["images"])  # one block for the run, in every record
+    assert (block["method"], block["status"], block["precision"], block["image_size"]) == (
+        "baseline", "training-free", precision, TEST_IMAGE_SIZE)
+    assert block["backbone"]["tiny_random"] and block["backbone"]["shape"]["vision_layers"] == 4
+    assert block["threshold_rule"] == {"rule": "uncalibrated (threshold 0.5)", "image": 0.5, "pixel": 0.5}
     assert f"Image scores from {min(values):.3f} to {max(values):.3f}." in printed
     assert f"scores.json are in {out}" in printed
 
@@ -56,13 +66,19 @@ def test_predict_ends_with_counts_threshold_score_range_and_where_the_files_are(
 def summary_of(fractions: list[float]) -> dict:
     records = [{"image": f"{i}.png", "score": 0.2 + 0.3 * i, "verdict": "anomalous" if i else "normal",
                 "anomalous_pixel_fraction": fraction} for i, fraction in enumerate(fractions)]
+    block = {"method": "stackclip", "status": "untrained", "precision": "float32", "device": "cpu", "image_size": 518,
+             "backbone": {"tiny_random": False, "shape": {"vision_layers": 24, "vision_width": 1024, "patch_size": 14,
+                                                          "native_image_size": 336}},
+             "product": {"given": "Nut", "used": "nut"}}
     return {"method": "stackclip", "status": "untrained", "class_name": "nut", "threshold": 0.4, "pixel_threshold": 0.45,
-            "calibration": "uncalibrated (threshold 0.4)", "images": records + [{"image": "broken.png", "error": "not an image"}]}
+            "calibration": "uncalibrated (threshold 0.4)", "provenance": block,
+            "images": records + [{"image": "broken.png", "error": "not an image"}]}
 
 
 def test_predict_notes_when_every_mask_is_white(tmp_path):
     white = predict_summary(summary_of([1.0, 1.0]), tmp_path)
-    assert white.startswith("2 images scored with stackclip (untrained) as 'nut': 1 anomalous, 1 normal at image threshold 0.400")
+    assert white.startswith("2 images scored with stackclip (untrained) on CLIP ViT-L/14@336, float32 on CPU, 518 px as 'nut' "
+                            "(given as 'Nut'): 1 anomalous, 1 normal at image threshold 0.400")
     assert "Image scores from 0.200 to 0.500." in white
     assert "every mask is white: each pixel of each image reached the pixel threshold 0.450" in white
     assert "white" not in predict_summary(summary_of([1.0, 0.25]), tmp_path)

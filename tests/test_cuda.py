@@ -34,8 +34,8 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def detector_on(device: str, clip_path, dtype: torch.dtype = torch.float32) -> AnomalyDetector:
-    return AnomalyDetector.load(clip=str(clip_path), dtype=dtype, image_size=TEST_IMAGE_SIZE, device=device)
+def detector_on(device: str, clip_path, precision: str = "float32") -> AnomalyDetector:
+    return AnomalyDetector.load(clip=str(clip_path), precision=precision, image_size=TEST_IMAGE_SIZE, device=device)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,11 +81,12 @@ def test_cpu_and_cuda_detectors_agree_in_float32(tiny_clip_path, exact_float32):
             assert on_cuda.verdict == on_cpu.verdict or abs(on_cpu.score - on_cpu.threshold) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_forward_on_cuda_stays_close_to_float32(tiny_clip_path, dtype, exact_float32):
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"], ids=["bf16", "fp16"])
+def test_half_precision_forward_on_cuda_stays_close_to_float32(tiny_clip_path, precision, exact_float32):
+    dtype = getattr(torch, precision)
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bfloat16")
-    half, exact = detector_on("cuda", tiny_clip_path, dtype), detector_on("cuda", tiny_clip_path)
+    half, exact = detector_on("cuda", tiny_clip_path, precision), detector_on("cuda", tiny_clip_path)
     assert half.backbone.dtype == dtype
     image = parts()[1]
     for method in half.method_names:

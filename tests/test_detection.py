@@ -26,7 +26,7 @@ def test_the_threshold_rule_given_then_calibrated_then_half():
     assert thresholds(None) == (0.5, 0.5, "uncalibrated (threshold 0.5)")
     assert thresholds(0.3) == (0.3, 0.3, "uncalibrated (threshold 0.3)")
     assert thresholds(None, calibration) == (0.62, 0.41, "calibrated on 4 good images")
-    assert thresholds(0.7, calibration) == (0.7, 0.7, "calibrated on 4 good images; threshold 0.7 set by hand")
+    assert thresholds(0.7, calibration) == (0.7, 0.7, "calibrated on 4 good images; threshold 0.7 set by hand (the calibrated rate does not apply)")
 
 
 def detection_of(model_map: np.ndarray, picture_size: tuple[int, int], original_size: tuple[int, int], chosen):

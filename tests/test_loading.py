@@ -13,8 +13,6 @@ def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
     assert Runtime.resolve("cpu", "float32") == Runtime(torch.device("cpu"), "float32")
     assert Runtime.resolve("cpu", "int8").dtype == INT8
     assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if cpu_has_native_bf16() else "int8")
-    assert Runtime.of("cpu", None) == Runtime(torch.device("cpu"), "float32")
-    assert Runtime.of("cpu", torch.bfloat16).precision == "bfloat16"
     with pytest.raises(ZSADError, match="precision must be one of"):
         Runtime.resolve("cpu", "fp32")
 

@@ -1,7 +1,7 @@
 """Mutual scoring (zsad.mutual): the scores against a brute-force MuSc-style reference (cdist, unfold), a defect patch
 found on a hand-built batch, independence of image order, chunking and a cap of N - 1, exact duplicates, the
 batch-scale outputs, detect_mutual on the tiny CLIP (and as the detector's method), `zsad evaluate --mutual` and
-`zsad predict --mutual`."""
+`zsad predict --mutual`; tests/test_mutual_groups.py: lots scored group by group."""
 
 import contextlib
 import json
@@ -243,12 +243,6 @@ def test_text_and_reference_maps_are_fused_when_asked(detector):
     assert not np.allclose(both[-1].anomaly_map, alone[-1].anomaly_map)
 
 
-def test_the_default_block_is_the_references_one():
-    from zsad.references import SIMILARITY_BLOCK
-
-    assert MutualSettings().block == SIMILARITY_BLOCK  # written out in zsad/modeling, which cannot import zsad.references
-
-
 def test_the_cli_names_the_unnamed_product_as_zsad_does():
     import zsad_cli
     from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
@@ -318,7 +312,7 @@ def test_cli_predict_mutual_scores_the_folder_as_one_batch(detector, tiny_clip_p
     assert main(predict_args(parts_folder, out, "--clip", str(tiny_clip_path), "--mutual")) == 0  # no --class-name: untrained
     summary = json.loads((out / "scores.json").read_text())
     assert summary["mutual"] is True and summary["class_name"] == "object"
-    assert summary["calibration"].startswith("mutual: scored against the batch")
+    assert summary["calibration"].startswith("mutual: scored against its group")
     expected = detector.detect_mutual(sorted(parts_folder.iterdir()), "object")
     assert [record["score"] for record in summary["images"]] == pytest.approx([r.score for r in expected], abs=1e-5)
     assert [record["details"]["compared_with"] for record in summary["images"]] == [4] * 5
@@ -329,7 +323,6 @@ def test_cli_predict_mutual_scores_the_folder_as_one_batch(detector, tiny_clip_p
 @pytest.mark.parametrize(("extra", "message"), [
     (["--tiles"], "--mutual and --tiles cannot be combined"),
     (["--engine", "onnx"], "--mutual needs --engine torch"),
-    (["--resume"], "cannot be resumed"),
     (["--reference", "REFS"], "a profile .* belongs to a named product"),
 ])
 def test_cli_predict_mutual_refuses_what_it_cannot_do(tiny_clip_path, parts_folder, tmp_path, capsys, extra, message):

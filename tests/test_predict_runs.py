@@ -90,15 +90,16 @@ def test_two_processes_share_the_images_and_merge_one_scores_json(two_process_la
         assert Image.open(out / record["overlay"]).size == size and np.asarray(Image.open(out / record["mask"])).shape == size[::-1]
 
 
-def test_under_two_processes_mutual_scoring_takes_each_share_as_its_batch(two_process_launcher, tiny_clip_path, detector, parts, tmp_path):
+def test_under_two_processes_mutual_scoring_shares_whole_groups(two_process_launcher, tiny_clip_path, detector, parts, tmp_path):
     out = tmp_path / "out"
     run_command([*two_process_launcher(), "--module", "zsad", "predict", str(parts), "--model", "baseline", "--clip", str(tiny_clip_path),
                  "--image-size", str(TEST_IMAGE_SIZE), "--out", str(out), "--device", "cpu", "--precision", "float32", "--mutual"],
                 extra_env=LOOPBACK_ENV)
     records = json.loads((out / "scores.json").read_text())["images"]
     paths = sorted(parts.iterdir())
-    expected = detector.detect_mutual(paths[:3], "object") + detector.detect_mutual(paths[3:], "object")  # shares of 3 and 2
-    assert [record["details"]["compared_with"] for record in records] == [2, 2, 2, 1, 1]
+    expected = detector.detect_mutual(paths, "object")  # five images are one group: one process scores it whole
+    assert [record["details"]["compared_with"] for record in records] == [4] * 5
+    assert [len((out / f"records-{i}.jsonl").read_text().splitlines()) for i in (0, 1)] == [5, 0]
     assert [record["score"] for record in records] == pytest.approx([result.score for result in expected], abs=1e-5)
 
 

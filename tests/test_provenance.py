@@ -38,9 +38,10 @@ def test_evaluate_records_the_checkpoint_and_publish_takes_its_results_for_those
     assert evaluated == {"name_or_path": str(tmp_path / "checkpoint"), "model_type": "genclip", "status": "trained",
                          "training_dataset": "mvtec", "training_categories": ["wood"], "adapter_digest": model_digest(model)}
 
-    # Unseen categories (tile) of the training dataset: the results go on the card.
+    # Unseen categories (tile) of the training dataset: the results go on the card, as synthetic data (synthetic_root).
     assert main(["publish", "checkpoint", "--repo-id", "org/genclip", "--eval", "results/evaluation.json", "--dry-run", "upload"]) == 0
-    assert "### mvtec (test split)" in (tmp_path / "upload" / "README.md").read_text()
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "### mvtec (synthetic images in its layout, not the benchmark)" in card and "(test split)" not in card
 
     model.adapter_parameters()[0].data.add_(0.05)  # trained further and saved over: these results are not of it
     model.save_pretrained(tmp_path / "checkpoint")

@@ -50,6 +50,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.profile and args.reference:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
+    if args.rescore and not args.mutual:
+        raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     if args.engine != "torch":
         if args.mutual:
             raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
@@ -82,7 +84,8 @@ def _predict(args: argparse.Namespace) -> None:
                     print(f"Profile: {profile.describe()}")
             summary = predict_files(detector, args.images, class_name, args.out, threshold=args.threshold,
                                     batch_size=args.batch_size, profile=profile, display_side=args.display_side, tiles=args.tiles,
-                                    resume=args.resume, state=accelerator, mutual=args.mutual)
+                                    resume=args.resume, state=accelerator, mutual=args.mutual,
+                                    mutual_settings=_mutual_settings(args))
     if not summary:  # not the main process: the main one reports
         return
     from .summaries import predict_summary
@@ -105,6 +108,12 @@ def _product_name(detector, args: argparse.Namespace, profile) -> str:
     if args.mutual:
         return _unnamed_mutual_product(detector, args)
     raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
+
+
+def _mutual_settings(args: argparse.Namespace):
+    from .modeling.mutual_scoring import MutualSettings
+
+    return MutualSettings(rescore=args.rescore)
 
 
 def _unnamed_mutual_product(detector, args: argparse.Namespace) -> str:
@@ -133,22 +142,30 @@ def _export(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from .inference import AnomalyDetector
     from .loading import Runtime
+    from .profile import ProductProfile
+    from .summaries import calibrate_summary
 
     if args.masks and not args.defective:
         raise ZSADError("--masks needs --defective (the masks mark the defects in those images).")
+    if args.normal and not args.class_name:
+        raise ZSADError("--normal needs --class-name (what the product is, e.g. 'metal nut').")
+    if args.allow_higher_rate and args.false_alarm_rate is None and not args.add:
+        raise ZSADError("--allow-higher-rate goes with --false-alarm-rate (the rate it may exceed).")
+    if args.add and args.defective:
+        raise ZSADError("--add takes good images only; to calibrate on defective images, run `zsad calibrate --normal ... "
+                        "--defective ...` with all the good images.")
+    previous = ProductProfile.load(args.out) if args.add else None
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
                                          runtime=Runtime.resolve(args.device, args.precision))
-    profile = detector.build_profile(None, args.class_name, args.normal, args.defective, args.masks, quantile=args.quantile,
-                                     margin=args.margin, fusion_weight=args.fusion_weight, progress=True)
-    profile.save(args.out)
-    print(f"Profile of '{profile.class_name}' for {profile.method}: {profile.describe()}")
-    calibration = profile.calibration
-    if calibration is None:
-        print("Thresholds: uncalibrated (0.5); give at least two good images to calibrate.")
+    if previous is not None:
+        profile = detector.add_references(previous, args.add, false_alarm_rate=args.false_alarm_rate,
+                                          allow_higher_rate=True if args.allow_higher_rate else None, progress=True)
     else:
-        print(f"Thresholds ({calibration.rule}): image {calibration.image_threshold:.4f}, pixel {calibration.pixel_threshold:.4f}")
-        print(f"Leave-one-out false-alarm rate on the good images: {calibration.false_alarm_rate():.1%}")
-    print(f"Saved to {args.out}")
+        profile = detector.build_profile(None, args.class_name, args.normal, args.defective, args.masks, quantile=args.quantile,
+                                         margin=args.margin, fusion_weight=args.fusion_weight, false_alarm_rate=args.false_alarm_rate,
+                                         allow_higher_rate=args.allow_higher_rate, progress=True)
+    profile.save(args.out)
+    print(calibrate_summary(profile, args.out, previous))
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:
@@ -164,6 +181,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 
     if args.shots and args.mutual:
         raise ZSADError("--mutual and --shots cannot be combined; compare them in two runs.")
+    if args.rescore and not args.mutual:
+        raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
                        num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
@@ -172,7 +191,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         else:
             report, records = evaluate_zero_shot(args.model, args.dataset, args.root, normal_dirs=args.normal_dirs,
                                                  columns={role: getattr(args, f"{role}_column") for role in COLUMNS},
-                                                 tiles=args.tiles, mutual=args.mutual, **options)
+                                                 tiles=args.tiles, mutual=args.mutual, mutual_settings=_mutual_settings(args),
+                                                 **options)
     if not accelerator.is_main_process:
         return None
     paths = write_outputs(report, records, args.out)

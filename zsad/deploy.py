@@ -160,6 +160,15 @@ class ExportedGraphPredictor:
         """The graph's ``verdict_thresholds`` (``profile`` must be None, as in ``detect_batch``)."""
         return self.detector.verdict_thresholds(class_name, threshold)
 
+    def provenance(self, method: str, class_name_given: str | None, class_name_used: str,
+                   threshold_rule: tuple[float, float, str]) -> dict:
+        """The provenance block ``zsad export`` stored with the graph, for this run's product name and thresholds
+        (``zsad.provenance.provenance``'s keys), naming the engine that ran it."""
+        image, pixel, rule = threshold_rule
+        return {**self.detector.config.get("provenance", {}), "engine": self.detector.engine,
+                "product": {"given": class_name_given, "used": class_name_used},
+                "threshold_rule": {"rule": rule, "image": image, "pixel": pixel}}
+
     def detect_batch(self, images, class_names, method=None, threshold: float | None = None, profile=None,
                      display_side: int | None = None) -> list[Detection]:
         """``profile`` must be None: an exported graph carries its own reference images and thresholds;

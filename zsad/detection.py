@@ -15,8 +15,8 @@ from PIL import Image
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, mask_image, resize_map, verdict
 from .visualize import overlay_heatmap
 
-# How a mutual detection's calibration starts: its maps and scores are on the batch's own scale.
-MUTUAL_CALIBRATION = "mutual: scored against the batch; "
+# How a mutual detection's calibration starts: its maps and scores are on its group's own scale.
+MUTUAL_CALIBRATION = "mutual: scored against its group; "
 
 
 class CalibratedThresholds(Protocol):
@@ -39,7 +39,7 @@ def thresholds(threshold: float | None, calibration: CalibratedThresholds | None
         return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if calibration is not None:
-        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand"
+        return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand (the calibrated rate does not apply)"
     return threshold, threshold, uncalibrated_description(threshold)
 
 

@@ -20,6 +20,7 @@ float16 values; their 11-bit mantissa resolves scores to ~5e-4 near 1).
 import json
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +32,18 @@ from tqdm.auto import tqdm
 
 from .data import Sample, load_dataset, read_mask
 from .data.model_input import ImageSet
+from .data.synthetic import is_synthetic
 from .errors import ZSADError
 from .fusion import scored
 from .images import load_image
 from .inference import AnomalyDetector
-from .loading import Runtime, load_backbone, load_model
+from .loading import Runtime, load_model, runtime_backbone
 from .methods import METHODS
 from .metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curves, image_metrics, metric_name, pixel_metrics
 from .modeling.image_processing_zsad import resize_map
 from .modeling.prompting import clean_class_name
-from .mutual import detect_mutual
-from .provenance import model_record
+from .mutual import MutualSettings, detect_mutual_groups, lot_groups, lot_keys
+from .provenance import model_record, provenance
 from .references import FusionScale
 from .visualize import evaluation_figure, few_shot_figure
 
@@ -63,7 +65,8 @@ class Record:
 def evaluate(model, dataset: str, root=None, categories=None, clip: str | None = None, image_size: int | None = None,
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
              precision: str = "auto", normal_dirs=(), columns: dict[str, str | None] | None = None,
-             tiles: bool = False, device: str | None = None, mutual: bool = False) -> tuple[dict, list[Record]]:
+             tiles: bool = False, device: str | None = None, mutual: bool = False,
+             mutual_settings: MutualSettings = MutualSettings()) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
@@ -72,8 +75,9 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
 
     ``tiles`` scores each image at full resolution in overlapping windows of the input size
     (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
-    size like every other map. ``mutual`` scores each category's test images against each other as one unlabeled
-    batch (``zsad.mutual.detect_mutual``, no labels used); the report says ``"mutual": true``."""
+    size like every other map. ``mutual`` scores each category's test images against each other, unlabeled, group by
+    group (``zsad.mutual.detect_mutual_groups`` with ``mutual_settings``, no labels used); the report says
+    ``"mutual": true``."""
     accelerator = accelerator or Accelerator()
     with accelerator.main_process_first():  # a Hugging Face dataset's images are written once, by the main process
         samples = load_dataset(dataset, root, categories=categories, normal_dirs=normal_dirs, columns=columns)
@@ -83,15 +87,21 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     runtime = evaluation_runtime(accelerator, device, precision)
-    model = evaluation_model(model, clip, image_size, runtime.dtype).to(runtime.device)
-    score = _score_mutual if mutual else _score_tiled if tiles else score_samples
+    model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
+    score = partial(_score_mutual, settings=mutual_settings) if mutual else _score_tiled if tiles else score_samples
     records = score(model, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
-    report = {"dataset": dataset, "model": model_name, "evaluated_model": model_record(model, model_name),
+    report = {"dataset": dataset, "root": str(Path(root).resolve()) if root is not None else None,
+              "synthetic": is_synthetic(root), "model": model_name, "evaluated_model": model_record(model, model_name),
+              "provenance": provenance(model, name_or_path=model_name, threshold_rule=EVALUATION_THRESHOLD_RULE),
               "image_size": model.config.image_size, "tiles": tiles, **({"mutual": True} if mutual else {}),
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
+
+
+# The metrics sweep every threshold: no verdict, so no threshold, is part of an evaluation.
+EVALUATION_THRESHOLD_RULE = (None, None, "none: threshold-free metrics (AUROC, AP, F1-max, AUPRO)")
 
 
 def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: str) -> Runtime:
@@ -99,12 +109,12 @@ def evaluation_runtime(accelerator: Accelerator, device: str | None, precision: 
     return Runtime.resolve(accelerator.device if device is None or accelerator.num_processes > 1 else device, precision)
 
 
-def evaluation_model(model, clip: str | None, image_size: int | None, dtype):
+def evaluation_model(model, clip: str | None, image_size: int | None, runtime: Runtime):
     if not isinstance(model, str):
         return model.eval()
     overrides = {"image_size": image_size} if image_size and model in METHODS else {}
-    backbone = load_backbone(clip, dtype=dtype) if clip else None
-    return load_model(model, backbone=backbone, clip=clip, dtype=dtype, **overrides).eval()
+    backbone = runtime_backbone(clip, None, runtime) if clip else None
+    return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
 def score_samples(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
@@ -137,16 +147,25 @@ def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int
     return _gathered(local, samples, accelerator)
 
 
-def _score_mutual(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
-    """Each category's test images scored against each other as one unlabeled batch; categories are shared out
-    between processes."""
+def _score_mutual(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,
+                  settings: MutualSettings) -> list[Record]:
+    """Each category's test images scored against each other group by group (groups fixed from the files' bytes);
+    processes share whole groups, and only each image's score and float16 map are kept."""
     detector = AnomalyDetector(model.require_backbone(), {"model": model})
-    with accelerator.split_between_processes(list(by_category_samples(samples))) as categories:
+    lots = {}
+    for category in sorted({sample.category for sample in samples}):
+        indices = [i for i, sample in enumerate(samples) if sample.category == category]
+        paths = [samples[i].image_path for i in indices]
+        keys = lot_keys(paths)
+        lots[category] = (indices, paths, keys, lot_groups(keys, settings, [str(path) for path in paths]))
+    work = [(category, group) for category, (*_, groups) in lots.items() for group in groups]
+    with accelerator.split_between_processes(work) as shard:
         local = []
-        for category in tqdm(categories, desc="evaluating (mutual)", disable=not accelerator.is_local_main_process):
-            indices = [i for i, sample in enumerate(samples) if sample.category == category]
-            results = detect_mutual(detector, [samples[i].image_path for i in indices], category, method="model", batch_size=batch_size)
-            local += [(i, result.score, result.model_map.astype(np.float16)) for i, result in zip(indices, results)]
+        for category, group in tqdm(shard, desc="evaluating (mutual)", unit="group", disable=not accelerator.is_local_main_process):
+            indices, paths, keys, _ = lots[category]
+            for scored in detect_mutual_groups(detector, paths, category, method="model", settings=settings, batch_size=batch_size,
+                                               keys=keys, groups=[group]):
+                local += [(indices[i], result.score, result.model_map.astype(np.float16)) for i, result in zip(scored.indices, scored.outcomes)]
     return _gathered(local, samples, accelerator)
 
 

@@ -31,7 +31,7 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
     accelerator = accelerator or Accelerator()
     name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
     runtime = evaluation_runtime(accelerator, device, precision)
-    model = evaluation_model(model, clip, image_size, runtime.dtype).to(runtime.device)
+    model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     report, records = evaluate(model, dataset, root, categories=categories, batch_size=batch_size, num_workers=num_workers,
                                accelerator=accelerator)
     per_seed = []

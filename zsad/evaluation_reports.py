@@ -44,6 +44,12 @@ class EvaluationReport:
     mean: dict[str, float]
     categories: dict[str, dict[str, float]]
     evaluated_model: dict | None = None
+    synthetic: bool = False
+
+    @property
+    def label(self) -> str:
+        """What the results were measured on, as the card's heading says it: "test split", or synthetic data."""
+        return "synthetic images in its layout, not the benchmark" if self.synthetic else f"{self.split} split"
 
     @property
     def is_percent(self) -> bool:
@@ -85,7 +91,9 @@ def _parse_report(raw: dict) -> EvaluationReport:
     if not mean:
         raise ZSADError(f"The evaluation report for {dataset} holds no metric values ('mean' or 'categories').")
     dataset_id = raw.get("dataset_id") or re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
-    return EvaluationReport(dataset, dataset_id, raw.get("split") or "test", mean, categories, raw.get("evaluated_model"))
+    synthetic = raw.get("synthetic", False) is True
+    split = "synthetic" if synthetic else raw.get("split") or "test"
+    return EvaluationReport(dataset, dataset_id, split, mean, categories, raw.get("evaluated_model"), synthetic)
 
 
 def _clean_metrics(metrics, where: str) -> dict[str, float]:

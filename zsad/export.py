@@ -34,6 +34,7 @@ from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, k
 from .modeling.class_names import UNNAMED_PRODUCT, clean_class_name
 from .modeling.modeling_genclip import GenCLIPModel
 from .profile import ProductProfile
+from .provenance import provenance
 
 ONNX_OPSET = 18
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
@@ -215,6 +216,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
         "class_names": class_names,
         "thresholds": thresholds,
         "references": references,
+        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu"),
         "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
         "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
                                                                          model.config.image_size]},
@@ -246,7 +248,7 @@ def export(
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
-        model = load_model(model, clip=clip, dtype=torch.float32, **overrides)
+        model = load_model(model, clip=clip, precision="float32", **overrides)
     names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
     if not names and not model.config.uses_class_names:
         names = [UNNAMED_PRODUCT]  # prompts that name no product: one column, whatever the product

@@ -34,6 +34,7 @@ from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
+from .provenance import provenance
 from .tiling import tile_boxes
 
 # Detection, the threshold helpers and tile_boxes are public here too (``from zsad.inference import Detection``).
@@ -56,7 +57,7 @@ class AnomalyDetector:
         methods: Sequence[str] | None = None,
         checkpoints: Mapping[str, str | None] | None = None,
         clip: str | CLIPBackbone | None = None,
-        dtype: torch.dtype | None = None,
+        precision: str = "auto",
         image_size: int | None = None,
         device: str | torch.device | None = "auto",
         runtime: Runtime | None = None,
@@ -66,16 +67,17 @@ class AnomalyDetector:
 
         Without ``clip``, the backbone is the one the first checkpoint was trained on (or the default CLIP).
         ``image_size`` overrides the input size of untrained models only (checkpoints keep theirs).
-        ``runtime`` (``zsad.loading.Runtime.resolve(device, precision)``) says where the backbone and every model run
-        and in which precision; without it, ``device`` ("auto": CUDA when available) and ``dtype`` (the vision
-        tower's, default float32) say so.
+        ``device`` ("auto": the first CUDA GPU, then MPS, else the CPU) and ``precision`` ("auto", "float32",
+        "bfloat16", "float16", "int8") say where the backbone and every model run and in which precision, decided by
+        ``zsad.loading.Runtime.resolve`` as on every other surface (``runtime``: an already resolved one). A ready
+        ``CLIPBackbone`` passed as ``clip`` keeps its own.
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
         if unknown:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
-        runtime = runtime or Runtime.of(device, dtype)
-        backbone = shared_backbone(clip, checkpoints.values(), runtime.dtype).to(runtime.device)
+        runtime = runtime or Runtime.resolve(device, precision)
+        backbone = shared_backbone(clip, checkpoints.values(), runtime)
         detector = cls(backbone)
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
@@ -83,16 +85,16 @@ class AnomalyDetector:
 
     @classmethod
     def for_model(
-        cls, model: str, clip: str | CLIPBackbone | None = None, dtype: torch.dtype | None = None, image_size: int | None = None,
+        cls, model: str, clip: str | CLIPBackbone | None = None, precision: str = "auto", image_size: int | None = None,
         device: str | torch.device | None = "auto", runtime: Runtime | None = None,
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, dtype=dtype, image_size=image_size, device=device, runtime=runtime)
+            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, dtype=dtype, device=device, runtime=runtime)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -125,6 +127,12 @@ class AnomalyDetector:
         """``class_name`` as the prompts of ``methods`` (default: every held one) use it. It may be empty or None when
         none of them names the product (e.g. AnomalyCLIP): then ``UNNAMED_PRODUCT``."""
         return product_name(class_name, required=self.names_the_product(methods))
+
+    def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
+                   threshold_rule: tuple[float, float, str] | None) -> dict:
+        """The provenance block (``zsad.provenance.provenance``) of results of ``method`` for that product name and rule."""
+        return provenance(self.model(method), class_name_given=class_name_given, class_name_used=class_name_used,
+                          threshold_rule=threshold_rule)
 
     def model(self, method: str) -> ZSADPreTrainedModel:
         if method not in self.models:
@@ -257,19 +265,28 @@ class AnomalyDetector:
     # ----- product profiles: zsad.calibration -------------------------------------------------------------
 
     def build_profile(self, method: str | None, class_name: str, normal_images, defective_images=None, masks=None, *,
-                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                      fusion_weight: float | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+                      quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN, fusion_weight: float | None = None,
+                      false_alarm_rate: float | None = None, allow_higher_rate: bool = False, batch_size: int = 8,
+                      progress: bool = False) -> ProductProfile:
         """A product profile (reference images and calibrated thresholds): ``zsad.calibration.build_profile``."""
         return calibration.build_profile(self, method, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                         margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                         margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                         allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def build_profiles(self, methods: Sequence[str], class_name: str, normal_images, defective_images=None, masks=None, *,
                        quantile: float = DEFAULT_QUANTILE, margin: float = DEFAULT_MARGIN,
-                       fusion_weight: float | None = None, batch_size: int = 8,
-                       progress: bool = False) -> dict[str, ProductProfile]:
+                       fusion_weight: float | None = None, false_alarm_rate: float | None = None, allow_higher_rate: bool = False,
+                       batch_size: int = 8, progress: bool = False) -> dict[str, ProductProfile]:
         """Profiles of several methods, each image encoded once per input size: ``zsad.calibration.build_profiles``."""
         return calibration.build_profiles(self, methods, class_name, normal_images, defective_images, masks, quantile=quantile,
-                                          margin=margin, fusion_weight=fusion_weight, batch_size=batch_size, progress=progress)
+                                          margin=margin, fusion_weight=fusion_weight, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
+
+    def add_references(self, profile: ProductProfile, normal_images, *, false_alarm_rate: float | None = None,
+                       allow_higher_rate: bool | None = None, batch_size: int = 8, progress: bool = False) -> ProductProfile:
+        """``profile`` recalibrated with more good images: ``zsad.calibration.add_references``."""
+        return calibration.add_references(self, profile, normal_images, false_alarm_rate=false_alarm_rate,
+                                          allow_higher_rate=allow_higher_rate, batch_size=batch_size, progress=progress)
 
     def resolve_method(self, method: str | None) -> str:
         if method is not None:

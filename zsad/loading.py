@@ -21,9 +21,9 @@ from .modeling.modeling_zsad_base import ZSADPreTrainedModel
 # "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
 INT8 = torch.qint8
 MISSING_BACKBONE_HINT = (
-    "Without the Hub the backbone must be on disk: pass --clip PATH with a local copy of the CLIP (the app also reads "
-    "ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with `zsad tiny-clip tiny-clip` "
-    "and pass --clip tiny-clip."
+    "Without the Hub the backbone must be on disk: pass a local copy of the CLIP as --clip PATH (in Python: "
+    "clip=PATH; the app also reads ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with "
+    "`zsad tiny-clip tiny-clip` and pass --clip tiny-clip (clip='tiny-clip')."
 )
 SLOW_CPU_BF16 = (
     "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
@@ -117,11 +117,6 @@ class Runtime:
         chosen = resolve_device(device)
         return cls(chosen, DTYPE_NAMES[resolve_precision(precision, chosen)])
 
-    @classmethod
-    def of(cls, device: str | torch.device | None = "auto", dtype: torch.dtype | None = None) -> "Runtime":
-        """From a device name and a vision dtype (None: float32), as ``AnomalyDetector.load`` takes them."""
-        return cls(resolve_device(device), DTYPE_NAMES[dtype or torch.float32])
-
     @property
     def dtype(self) -> torch.dtype:
         return INT8 if self.precision == "int8" else getattr(torch, self.precision)
@@ -179,23 +174,25 @@ def _quantize_linears(encoder: torch.nn.Module) -> None:
             release_free_memory()  # the block's float32 weights, before the next block's int8 ones are made
 
 
-def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, dtype=None, **config_overrides):
+def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, precision: str = "auto",
+               device: str | torch.device | None = "cpu", **config_overrides):
     """``model`` is a method name from ``zsad.METHODS`` ("baseline", "stackclip", "genclip": untrained,
     training-free start on ``clip``) or the path / Hub id of a saved checkpoint.
 
-    Pass ``backbone`` to share one loaded CLIP between several models; ``dtype`` is the vision precision of a
-    backbone loaded here. ``config_overrides`` set config fields of untrained models; of a checkpoint, only
-    ``vv_attention_from`` (an int, or None for CLIP's own tokens) can be changed.
+    Pass ``backbone`` to share one loaded CLIP between several models (it keeps its own precision and device); a
+    backbone loaded here runs on ``device`` in ``precision`` as ``Runtime.resolve`` decides it for every surface.
+    ``config_overrides`` set config fields of untrained models; of a checkpoint, only ``vv_attention_from`` (an int,
+    or None for CLIP's own tokens) can be changed.
     """
     if model in METHODS:
-        backbone = backbone or load_backbone(clip, dtype=dtype)
+        backbone = backbone or runtime_backbone(clip, None, Runtime.resolve(device, precision))
         name = clip or backbone.model.config._name_or_path or DEFAULT_CLIP
         return METHODS[model].from_clip(name, clip_model=backbone, **config_overrides)
     fixed = sorted(set(config_overrides) - {"vv_attention_from"})
     if fixed:
         raise ZSADError(f"Settings {fixed} apply only to untrained models {sorted(METHODS)}.")
     if backbone is None:
-        backbone = load_backbone(*checkpoint_backbone([model]), dtype=dtype)
+        backbone = runtime_backbone(*checkpoint_backbone([model]), Runtime.resolve(device, precision))
     # The method's class, not AutoModel: AutoModel deep-copies its keywords, here the whole backbone (whose caches hold
     # locks that cannot be copied).
     loaded = METHODS[checkpoint_method(model)].from_pretrained(model, clip_model=backbone).eval()
@@ -215,12 +212,20 @@ def load_method(method: str, checkpoint: str | None, backbone: CLIPBackbone, ima
     return model
 
 
-def shared_backbone(clip: str | CLIPBackbone | None, checkpoints: Iterable[str], dtype) -> CLIPBackbone:
-    """``clip`` when given, else the backbone the first checkpoint was trained on (or the default CLIP)."""
+def shared_backbone(clip: str | CLIPBackbone | None, checkpoints: Iterable[str], runtime: "Runtime") -> CLIPBackbone:
+    """``clip`` when given, else the backbone the first checkpoint was trained on (or the default CLIP), on
+    ``runtime`` (a ready ``CLIPBackbone`` keeps its own precision and device)."""
     if isinstance(clip, CLIPBackbone):
         return clip
     name, revision = (clip, None) if clip else checkpoint_backbone(checkpoints)
-    return text_on_the_fast_route(load_backbone(name, revision=revision, dtype=dtype), dtype)
+    return runtime_backbone(name, revision, runtime)
+
+
+def runtime_backbone(clip: str | None, revision: str | None, runtime: "Runtime") -> CLIPBackbone:
+    """The one way every surface (CLI, ``AnomalyDetector.load``, ``load_model``, the Space, evaluation) loads a backbone
+    to serve with: vision tower and text transformer as ``runtime.precision`` says, on ``runtime.device``; so the same
+    image gets the same score on each of them."""
+    return text_on_the_fast_route(load_backbone(clip, revision=revision, dtype=runtime.dtype), runtime.dtype).to(runtime.device)
 
 
 def text_on_the_fast_route(backbone: CLIPBackbone, dtype) -> CLIPBackbone:

@@ -9,6 +9,7 @@
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy) is run through here 
     from accelerate import PartialState
 
     from .inference import AnomalyDetector
+    from .modeling.mutual_scoring import MutualSettings
     from .profile import ProductProfile
 
 RECORDS_GLOB = "records-*.jsonl"
@@ -46,6 +48,7 @@ def predict_files(
     resume: bool = False,
     state: "PartialState | None" = None,
     mutual: bool = False,
+    mutual_settings: "MutualSettings | None" = None,
 ) -> dict:
     """Overlays and masks as PNGs plus ``scores.json`` in ``out_dir``, in batches with a progress bar.
 
@@ -56,19 +59,18 @@ def predict_files(
     processes (``state``: the Accelerate state; default one process) and the main process merges every record, in
     input order, into ``scores.json``. Overlays and masks are at each image's full size unless ``display_side`` bounds
     the longest side; ``tiles`` scores each image at full resolution in model-size windows
-    (``AnomalyDetector.detect_tiled``). ``mutual`` scores the images against each other
-    (``AnomalyDetector.detect_mutual``): every image to do, or each process's share of them, is one batch. Unreadable
-    images are recorded with their error and skipped; the returned dict is what ``scores.json`` holds (an empty dict
-    on the other processes).
+    (``AnomalyDetector.detect_tiled``). ``mutual`` scores the images against each other in groups fixed from the
+    files' bytes (``zsad.mutual.detect_mutual_groups``, ``mutual_settings``): each group is decoded, scored and
+    written on its own, so memory stays that of one group; processes share whole groups, and ``resume`` skips the
+    groups whose every image was recorded as part of that same group. Unreadable images are recorded with their error
+    and skipped; the returned dict is what ``scores.json`` holds (an empty dict on the other processes).
     """
     if batch_size < 1:
         raise ZSADError(f"The batch size must be at least 1, got {batch_size}.")
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
-    if mutual and resume:
-        raise ZSADError("--mutual scores are relative to the whole batch, so a run cannot be resumed; run it again without --resume.")
     check_optional_threshold(threshold)
-    class_name = clean_class_name(class_name)
+    given_name, class_name = class_name, clean_class_name(class_name)
     paths = image_files(images)
     if not paths:
         raise ZSADError("No image files were given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ").")
@@ -81,39 +83,121 @@ def predict_files(
         raise ZSADError(f"The output folder '{out_dir}' is a file; give --out a folder (it is made if it does not exist).")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(zip(paths, _output_names(paths)))
-    finished = {record["image"] for record in read_records(out_dir) if "score" in record} if resume else set()
+    records = read_records(out_dir) if resume else []
     if not resume and state.is_main_process:
         for stale in out_dir.glob(RECORDS_GLOB):
             stale.unlink()
     state.wait_for_everyone()
-    todo = [job for job in jobs if str(job[0]) not in finished]
-    if mutual and len(todo) < 2 * state.num_processes:
-        raise ZSADError(f"Mutual scoring compares images with each other: give at least two images per process, got {len(todo)} "
-                        f"for {state.num_processes}.")
-    detect = partial(_detect, detector, class_name=class_name, threshold=threshold, profile=profile, display_side=display_side,
-                     tiles=tiles, mutual=mutual, batch_size=batch_size, progress=state.is_local_main_process)
-    with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
-        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
-            step = len(shard) if mutual else 1 if tiles else batch_size
-            for start in range(0, len(shard), step):
-                chunk = shard[start : start + step]
-                for record in _predict_chunk(detect, chunk, out_dir, display_side, tiles):
-                    stream.write(json.dumps(record) + "\n")
-                stream.flush()
-                progress.update(len(chunk))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {}
     method = detector.method_names[0]
-    by_image = {record["image"]: record for record in read_records(out_dir)}
-    # Mutual verdicts are on the batch's own scale: a profile adds its reference map, not its thresholds.
+    # Mutual verdicts are on each group's own scale: a profile adds its reference map, not its thresholds.
     image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
+    calibration = f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration
+    block = detector.provenance(method, given_name, class_name, (image_threshold, pixel_threshold, calibration))
+    options = dict(class_name=class_name, threshold=threshold, profile=profile, display_side=display_side, batch_size=batch_size,
+                   block=block)
+    if mutual:
+        plan = _MutualPlan.of(jobs, mutual_settings)
+        _predict_mutual(detector, plan, records, out_dir, state, **options)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return {}
+        by_image = plan.current_records(read_records(out_dir))
+    else:
+        _predict_each(detector, jobs, records, out_dir, state, tiles=tiles, **options)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return {}
+        by_image = {record["image"]: record for record in read_records(out_dir)}
     summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": f"{MUTUAL_CALIBRATION}{calibration}" if mutual else calibration,
-               "references": profile.num_references if profile else 0, **({"mutual": True} if mutual else {}),
+               "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
+               "references": profile.num_references if profile else 0,
+               "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),
+               **({"mutual": True} if mutual else {}),
                "images": [by_image[str(path)] for path, _ in jobs]}
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def stated_bound(profile) -> float | None:
+    """The false-alarm rate a profile's calibrated thresholds guarantee on good parts (None: no profile, uncalibrated,
+    or F1-max thresholds, which guarantee none)."""
+    return profile.calibration.false_alarm_bound if profile is not None and profile.calibration is not None else None
+
+
+def _predict_each(detector: "AnomalyDetector", jobs: list[tuple[Path, str]], records: list[dict], out_dir: Path,
+                  state: "PartialState", *, tiles: bool, batch_size: int, block: dict, **options) -> None:
+    """Every image not yet scored, in batches (one image at a time when tiled), each process its share; each record
+    carries the run's provenance ``block``."""
+    finished = {record["image"] for record in records if "score" in record}
+    todo = [job for job in jobs if str(job[0]) not in finished]
+    detect = partial(_detect, detector, tiles=tiles, batch_size=batch_size, **options)
+    step = 1 if tiles else batch_size
+    with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
+        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+            for start in range(0, len(shard), step):
+                chunk = shard[start : start + step]
+                for record in _predict_chunk(detect, chunk, out_dir, options["display_side"], tiles):
+                    stream.write(json.dumps({**record, "provenance": block}) + "\n")
+                stream.flush()
+                progress.update(len(chunk))
+
+
+class _MutualPlan:
+    """A lot's comparison groups, fixed from the files' bytes before anything is scored, and the group each image
+    belongs to (by id)."""
+
+    def __init__(self, jobs: list[tuple[Path, str]], keys: list[str], groups: list[list[int]], settings: "MutualSettings"):
+        from .mutual import group_id
+
+        self.jobs, self.keys, self.groups, self.settings = jobs, keys, groups, settings
+        self.ids = [group_id([keys[i] for i in group]) for group in groups]
+        self.group_of = {str(jobs[i][0]): gid for group, gid in zip(groups, self.ids) for i in group}
+
+    @classmethod
+    def of(cls, jobs: list[tuple[Path, str]], settings: "MutualSettings | None") -> "_MutualPlan":
+        from .mutual import MutualSettings, lot_groups, lot_keys
+
+        settings = settings or MutualSettings()
+        paths = [path for path, _ in jobs]
+        keys = lot_keys(paths)
+        return cls(jobs, keys, lot_groups(keys, settings, [str(path) for path in paths]), settings)
+
+    def to_do(self, records: list[dict]) -> list[list[int]]:
+        """The groups not every image of which has a score recorded as part of this very group."""
+        done = {record["image"] for record in records if "score" in record and record.get("group") == self.group_of.get(record["image"])}
+        return [group for group in self.groups if any(str(self.jobs[i][0]) not in done for i in group)]
+
+    def current_records(self, records: list[dict]) -> dict[str, dict]:
+        """Each image's latest record of its current group, else its latest error."""
+        by_image: dict[str, dict] = {}
+        for record in records:
+            current = record.get("group") == self.group_of.get(record["image"])
+            if current or ("error" in record and "score" not in by_image.get(record["image"], {})):
+                by_image[record["image"]] = record
+        return by_image
+
+
+def _predict_mutual(detector: "AnomalyDetector", plan: _MutualPlan, records: list[dict], out_dir: Path, state: "PartialState", *,
+                    class_name: str, threshold: float | None, profile: "ProductProfile | None", display_side: int | None,
+                    batch_size: int, block: dict) -> None:
+    """The groups left to do, each process its share of whole groups, each group's records written (and synced) as
+    soon as its files are, so that a killed run resumes at its next group."""
+    from .mutual import detect_mutual_groups
+
+    paths = [str(path) for path, _ in plan.jobs]
+    with state.split_between_processes(plan.to_do(records)) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
+        with tqdm(total=sum(map(len, shard)), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+            scored = detect_mutual_groups(detector, paths, class_name, method=detector.method_names[0], threshold=threshold,
+                                          profile=profile, settings=plan.settings, batch_size=batch_size, display_side=display_side,
+                                          keys=plan.keys, groups=shard, skip_unreadable=True)
+            for group in scored:
+                for index, outcome in zip(group.indices, group.outcomes):
+                    path, name = plan.jobs[index]
+                    record = _error_record(path, outcome) if isinstance(outcome, ZSADError) else _write_outputs(path, name, outcome, out_dir, None)
+                    stream.write(json.dumps({**record, "group": group.id, "provenance": block}) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+                progress.update(len(group.indices))
 
 
 def _record_stream(path: Path):
@@ -177,8 +261,7 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def _predict_chunk(detect: Callable[[list], list[Detection]], chunk, out_dir: Path, display_side: int | None, tiles: bool) -> list[dict]:
-    """One batch (one image when tiled, every image when mutual); records in input order, unreadable images recorded
-    with their error."""
+    """One batch (one image when tiled); records in input order, unreadable images recorded with their error."""
     pictures, errors = {}, {}
     for index, (path, _) in enumerate(chunk):
         try:
@@ -187,26 +270,27 @@ def _predict_chunk(detect: Callable[[list], list[Detection]], chunk, out_dir: Pa
             errors[index] = str(error)
     detections = detect(list(pictures.values())) if pictures else []
     results = dict(zip(pictures, detections))
-    records = []
-    for index, (path, name) in enumerate(chunk):
-        if index in errors:
-            records.append({"image": str(path), "error": errors[index]})
-            continue
-        result = results[index]
-        overlay, mask = result.overlay, result.mask_image()
-        if tiles and display_side:
-            overlay, mask = bounded(overlay, display_side), bounded(mask, display_side)
-        overlay.save(out_dir / f"{name}_overlay.png")
-        mask.save(out_dir / f"{name}_mask.png")
-        records.append({"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(result)})
-    return records
+    return [{"image": str(path), "error": errors[index]} if index in errors
+            else _write_outputs(path, name, results[index], out_dir, display_side if tiles else None)
+            for index, (path, name) in enumerate(chunk)]
+
+
+def _write_outputs(path: Path, name: str, result: Detection, out_dir: Path, bound: int | None) -> dict:
+    """The image's overlay and mask written (their longest side at most ``bound`` when given), and its record."""
+    overlay, mask = result.overlay, result.mask_image()
+    if bound:
+        overlay, mask = bounded(overlay, bound), bounded(mask, bound)
+    overlay.save(out_dir / f"{name}_overlay.png")
+    mask.save(out_dir / f"{name}_mask.png")
+    return {"image": str(path), "overlay": f"{name}_overlay.png", "mask": f"{name}_mask.png", **_image_summary(result)}
+
+
+def _error_record(path: Path, error: ZSADError) -> dict:
+    return {"image": str(path), "error": str(error)}
 
 
 def _detect(detector: "AnomalyDetector", pictures: list, *, class_name: str, threshold: float | None, profile: "ProductProfile | None",
-            display_side: int | None, tiles: bool, mutual: bool, batch_size: int, progress: bool) -> list[Detection]:
-    if mutual:
-        return detector.detect_mutual(pictures, class_name, method=detector.method_names[0], threshold=threshold, profile=profile,
-                                      batch_size=batch_size, display_side=display_side, progress=progress)
+            display_side: int | None, tiles: bool, batch_size: int) -> list[Detection]:
     if tiles:
         return [detector.detect_tiled(picture, class_name, threshold=threshold, profile=profile) for picture in pictures]
     return detector.detect_batch(pictures, class_name, threshold=threshold, profile=profile, display_side=display_side)

@@ -2,7 +2,7 @@
 
 ```python
 >>> profile = detector.build_profile("stackclip", "metal nut", "good_parts/", defective_images="bad_parts/")
->>> profile.calibration.describe()                 # 'calibrated on 8 good (+ 5 defective) images'
+>>> profile.calibration.describe()   # 'calibrated on 8 good (+ 5 defective) images: F1-max, 0 of 8 good images flagged ...'
 >>> profile.save("metal_nut_profile/")             # memory.safetensors + profile.json
 >>> detector.detect("part.png", "metal nut", method="stackclip", profile=ProductProfile.load("metal_nut_profile/"))
 ```
@@ -14,7 +14,6 @@ itself) and, when given, the scores of defective images (docs/METHODS.md, "Calib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .conformal import conformal_threshold, false_alarm_bound, good_images_needed, rate_in_words
 from .detection import uncalibrated_description  # noqa: F401  (its name here is public)
 from .errors import ZSADError
-from .references import FusionScale, ReferenceMemory, SourceMaps
+from .profile_card import CARD_FILE, profile_card
+from .provenance import zsad_version
+from .references import FusionScale, MethodOutputs, ReferenceMemory, SourceMaps
 
 PROFILE_JSON = "profile.json"
 MEMORY_FILE = "memory.safetensors"
+# The references' own method maps and global probabilities, kept next to their features in MEMORY_FILE.
+METHOD_MAPS, GLOBAL_SCORES = "method_maps", "global_scores"
 # 2: the fused maps' scale (FusionScale) and the value-value stream's start; format 1 fused raw maps.
 FORMAT_VERSION = 2
 # Reference-map shares tried when defective images are given to calibration (references first: ties keep them).
@@ -46,11 +50,19 @@ class Calibration:
     Args:
         image_threshold: the verdict is "anomalous" when the image score is at least this.
         pixel_threshold: the mask holds the pixels whose map value is at least this.
-        rule: "good quantile" (good images only) or "F1-max" (labelled defective images too).
+        rule: "conformal" (good images, a false-alarm rate asked), "good quantile" (good images, quantile + margin) or
+            "F1-max" (labelled defective images too).
         good_scores: leave-one-out image scores of the good images.
         defective_scores: image scores of the defective images.
         quantile, margin: of the good-quantile rule (thresholds = quantile of the good values + margin).
         reference_mean_distance: the largest leave-one-out mean patch distance among the references.
+        false_alarm_target: the false-alarm rate asked for (the conformal rule), else None.
+        allow_higher_rate: whether the best reachable rate 1 / (n + 1) was accepted when the good images were too few
+            for ``false_alarm_target``.
+        rank: k, the thresholds lie above the k-th smallest good value (image scores, map maxima) whatever the scores
+            (None for F1-max, whose thresholds follow the defective images).
+        false_alarm_bound: (n + 1 - k) / (n + 1), the most a new good part from the same process is flagged
+            (docs/METHODS.md, "Calibrated false-alarm rate"); None for F1-max.
     """
 
     image_threshold: float
@@ -61,6 +73,18 @@ class Calibration:
     quantile: float = DEFAULT_QUANTILE
     margin: float = DEFAULT_MARGIN
     reference_mean_distance: float = 0.0
+    false_alarm_target: float | None = None
+    allow_higher_rate: bool = False
+    rank: int | None = None
+    false_alarm_bound: float | None = None
+
+    def __post_init__(self):
+        if (self.rank is None) != (self.false_alarm_bound is None):
+            raise ValueError("rank and false_alarm_bound go together")
+        if self.rank is not None and not (0 <= self.rank <= self.num_good and
+                                          self.false_alarm_bound == false_alarm_bound(self.num_good, self.rank)):
+            raise ValueError(f"false_alarm_bound {self.false_alarm_bound} is not (n + 1 - k) / (n + 1) for n = {self.num_good}, "
+                             f"k = {self.rank}")
 
     @property
     def num_good(self) -> int:
@@ -71,8 +95,21 @@ class Calibration:
         return len(self.defective_scores)
 
     def describe(self) -> str:
+        """E.g. 'calibrated on 19 good images: at most 1 in 20 good parts flagged'."""
         defective = f" (+ {self.num_defective} defective)" if self.num_defective else ""
-        return f"calibrated on {self.num_good} good{defective} images"
+        return f"calibrated on {self.num_good} good{defective} images: {self.rate_statement()}"
+
+    def rate_statement(self) -> str:
+        """What the thresholds promise on good parts: the guaranteed bound (and a rate asked but not reached), or for
+        F1-max the measured leave-one-out share of the good images flagged."""
+        if self.rank is None:
+            flagged = int(np.sum(np.asarray(self.good_scores) >= self.image_threshold))
+            return f"F1-max, {flagged} of {self.num_good} good images flagged leave-one-out (no guaranteed rate)"
+        statement = f"at most {rate_in_words(self.num_good, self.rank)} good parts flagged"
+        if self.false_alarm_target is not None and self.false_alarm_bound > self.false_alarm_target + 1e-12:
+            statement += (f" (asked {self.false_alarm_target:g}, which needs {good_images_needed(self.false_alarm_target)} "
+                          "good images)")
+        return statement
 
     def false_alarm_rate(self) -> float:
         """Share of the good images whose leave-one-out score reaches the image threshold."""
@@ -89,6 +126,14 @@ def check_quantile(quantile: float, margin: float) -> None:
 def good_quantile_threshold(values, quantile: float, margin: float) -> float:
     """``quantile`` of ``values`` plus ``margin``, at most 1 (quantile 1: the largest value)."""
     return float(min(1.0, np.quantile(np.asarray(values, dtype=np.float64), quantile) + margin))
+
+
+def quantile_rule_rank(num_good: int, quantile: float, margin: float) -> int:
+    """The k whose k-th smallest good value the good-quantile threshold always exceeds: numpy's linear quantile lies
+    at or above the value at index floor((n - 1) * quantile) (0-based), strictly above it with a margin (quantile 1 and
+    margin 0.01: k = n)."""
+    rank = int(np.floor((num_good - 1) * quantile)) + (1 if margin > 0 else 0)
+    return max(0, min(rank, num_good))
 
 
 def f1_max_threshold(labels, scores) -> float:
@@ -133,32 +178,34 @@ def choose_weight(scale: FusionScale, good: list[SourceMaps], defective: list[So
 
 
 def calibrate(good_scores, good_maps, defective_scores=(), defective_maps=(), masks=None, quantile: float = DEFAULT_QUANTILE,
-              margin: float = DEFAULT_MARGIN, reference_mean_distance: float = 0.0) -> Calibration:
+              margin: float = DEFAULT_MARGIN, reference_mean_distance: float = 0.0, false_alarm_rate: float | None = None,
+              allow_higher_rate: bool = False) -> Calibration:
     """Thresholds from leave-one-out good scores and maps (S, S) and, optionally, defective ones (with masks (S, S)).
 
-    Good images only: each threshold is ``quantile`` of the good values (image scores, map maxima) plus ``margin``.
-    With defective images, the image threshold maximises F1; with masks too, so does the pixel threshold.
+    ``false_alarm_rate``: each threshold is the split-conformal threshold for that rate on the good values (image
+    scores, map maxima), ``zsad.conformal.conformal_threshold``; defective images then only choose the fusion weight.
+    Else, good images only: each threshold is ``quantile`` of the good values plus ``margin``; with defective images,
+    the image threshold maximises F1, and with masks too, so does the pixel threshold.
     """
     check_quantile(quantile, margin)
     good_scores, defective_scores = [float(s) for s in good_scores], [float(s) for s in defective_scores]
-    image_threshold = good_quantile_threshold(good_scores, quantile, margin)
-    pixel_threshold = good_quantile_threshold([float(m.max()) for m in good_maps], quantile, margin)
-    rule = "good quantile"
+    maxima = [float(m.max()) for m in good_maps]
+    common = dict(defective_scores=defective_scores, quantile=quantile, margin=margin, reference_mean_distance=reference_mean_distance)
+    if false_alarm_rate is not None:
+        image = conformal_threshold(good_scores, false_alarm_rate, allow_higher_rate)
+        pixel = conformal_threshold(maxima, false_alarm_rate, allow_higher_rate)
+        return Calibration(image.threshold, pixel.threshold, "conformal", good_scores, false_alarm_target=false_alarm_rate,
+                           allow_higher_rate=allow_higher_rate, rank=image.rank, false_alarm_bound=image.bound, **common)
     if defective_scores:
         image_threshold = f1_max_threshold([0] * len(good_scores) + [1] * len(defective_scores), good_scores + defective_scores)
-        rule = "F1-max"
+        pixel_threshold = good_quantile_threshold(maxima, quantile, margin)
         if masks is not None:
             pixels = np.concatenate([np.zeros(m.size, dtype=bool) for m in good_maps] + [np.ravel(m) for m in masks])
             pixel_threshold = f1_max_threshold(pixels, np.concatenate([np.ravel(m) for m in [*good_maps, *defective_maps]]))
-    return Calibration(image_threshold, pixel_threshold, rule, good_scores, defective_scores, quantile, margin,
-                       reference_mean_distance)
-
-
-def zsad_version() -> str:
-    try:
-        return version("zsad")
-    except PackageNotFoundError:
-        return "unknown"
+        return Calibration(image_threshold, pixel_threshold, "F1-max", good_scores, **common)
+    rank = quantile_rule_rank(len(good_scores), quantile, margin)
+    return Calibration(good_quantile_threshold(good_scores, quantile, margin), good_quantile_threshold(maxima, quantile, margin),
+                       "good quantile", good_scores, rank=rank, false_alarm_bound=false_alarm_bound(len(good_scores), rank), **common)
 
 
 @dataclass
@@ -167,7 +214,8 @@ class ProductProfile:
 
     ``calibration`` is None with a single reference (leave-one-out needs two); the references are used all the same.
     ``backbone`` is the model config's backbone (a Hub id or an absolute path) and ``backbone_hub_id`` its Hub id, so
-    the profile also fits the same backbone loaded from another copy.
+    the profile also fits the same backbone loaded from another copy. ``outputs`` are the method's own map and global
+    probability of each reference (what adding references recalibrates with); None in a profile saved without them.
     """
 
     method: str
@@ -180,6 +228,8 @@ class ProductProfile:
     zsad_version: str = field(default_factory=zsad_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     backbone_hub_id: str | None = None
+    provenance: dict | None = None  # zsad.provenance's block of the model that built it (None: a profile saved before it)
+    outputs: MethodOutputs | None = None
 
     @property
     def num_references(self) -> int:
@@ -241,12 +291,16 @@ class ProductProfile:
     # ----- files -----------------------------------------------------------------------------------
 
     def save(self, directory) -> Path:
-        """Write ``memory.safetensors`` (the reference features) and ``profile.json`` (everything else)."""
+        """Write ``memory.safetensors`` (the reference features), ``profile.json`` (everything else) and its card
+        ``README.md``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{layer}": features.contiguous() for layer, features in zip(self.memory.layers, self.memory.features)}
+        if self.outputs is not None:
+            tensors |= {METHOD_MAPS: self.outputs.maps.cpu().contiguous(), GLOBAL_SCORES: self.outputs.global_scores.cpu().contiguous()}
         save_file(tensors, directory / MEMORY_FILE, metadata={"format": "pt"})
         (directory / PROFILE_JSON).write_text(json.dumps(self._json(), indent=1) + "\n")
+        (directory / CARD_FILE).write_text(profile_card(self))
         return directory
 
     def _json(self) -> dict:
@@ -258,7 +312,7 @@ class ProductProfile:
             "backbone": self.backbone, "backbone_revision": self.backbone_revision, "backbone_hub_id": self.backbone_hub_id,
             "dtype": str(self.memory.dtype),
             "image_size": self.image_size, "grid_size": self.memory.grid_size, "feature_layers": self.feature_layers,
-            "zsad_version": self.zsad_version, "created": self.created,
+            "zsad_version": self.zsad_version, "created": self.created, "provenance": self.provenance,
         }
 
     @classmethod
@@ -275,7 +329,8 @@ class ProductProfile:
             _check_memory(memory, int(meta["num_references"]))
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
             return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
-                       FusionScale(**meta["fusion"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"))
+                       FusionScale(**meta["fusion"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"),
+                       meta.get("provenance"), _read_outputs(tensors, memory))
         except (KeyError, TypeError, ValueError) as error:
             raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
                             "build it again with `zsad calibrate` or detector.build_profile(...).") from error
@@ -305,6 +360,17 @@ def _read_memory(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise ZSADError(f"{path} could not be read ({error}); the file is truncated or corrupt, build the profile again.") from error
+
+
+def _read_outputs(tensors: dict[str, torch.Tensor], memory: ReferenceMemory) -> MethodOutputs | None:
+    if METHOD_MAPS not in tensors and GLOBAL_SCORES not in tensors:
+        return None
+    outputs = MethodOutputs(tensors[METHOD_MAPS], tensors[GLOBAL_SCORES])
+    size, count = memory.image_size, memory.num_images
+    if tuple(outputs.maps.shape) != (count, size, size) or tuple(outputs.global_scores.shape) != (count,):
+        raise ValueError(f"{METHOD_MAPS} {tuple(outputs.maps.shape)} and {GLOBAL_SCORES} {tuple(outputs.global_scores.shape)} "
+                         f"do not fit {count} references at {size} px")
+    return outputs
 
 
 def _check_memory(memory: ReferenceMemory, num_references: int) -> None:

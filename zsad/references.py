@@ -23,12 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ZSADError
-from .modeling.anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
+from .modeling.anomaly_maps import SIMILARITY_BLOCK, combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .modeling.clip_backbone import ImageFeatures
-
-# Largest (query patches x reference patches) block of similarities computed at once: 2^24 values are 64 MB in
-# float32, whatever the number of references.
-SIMILARITY_BLOCK = 1 << 24
 
 
 @dataclass
@@ -112,11 +108,11 @@ def nearest_similarity(queries: torch.Tensor, memory: torch.Tensor, block: int =
 def reference_map(memory: ReferenceMemory, features: ImageFeatures, sigma: float) -> torch.Tensor:
     """(B, S, S) reference-distance map in [0, 1]: per-layer distances upsampled like the zero-shot maps, averaged
     over layers and smoothed with ``sigma`` pixels."""
-    return distance_map(memory.patch_distances(features), features, sigma)
+    return distance_map(memory.patch_distances(features), features.grid_size, features.image_size, sigma)
 
 
-def distance_map(distances: torch.Tensor, features: ImageFeatures, sigma: float) -> torch.Tensor:
-    layer_maps = upsample_patch_maps(distances, features.grid_size, features.image_size)
+def distance_map(distances: torch.Tensor, grid_size: int, image_size: int, sigma: float) -> torch.Tensor:
+    layer_maps = upsample_patch_maps(distances, grid_size, image_size)
     return combine_layer_maps(layer_maps, sigma).clamp_(0.0, 1.0)
 
 
@@ -213,21 +209,59 @@ def reference_sources(memory: ReferenceMemory, features: ImageFeatures, method_m
     memory = memory.to(features.image_embeds.device, features.layer_tokens[0].dtype)
     sigma = scaled_sigma(config.smoothing_sigma, features.image_size, config.smoothing_reference_size)
     distances = memory.patch_distances(features)
-    return SourceMaps(method_map.float(), distance_map(distances, features, sigma), global_score.float(), distances.mean(dim=(1, 2)))
+    return SourceMaps(method_map.float(), distance_map(distances, features.grid_size, features.image_size, sigma), global_score.float(),
+                      distances.mean(dim=(1, 2)))
+
+
+@dataclass
+class MethodOutputs:
+    """Each reference image's own map from the method (K, S, S) and global probability (K,), float32: what fusing a
+    reference's leave-one-out scores needs besides the memory. Neither depends on the other references, so a profile
+    keeps them and more references can be added without the first images (``zsad.calibration.add_references``)."""
+
+    maps: torch.Tensor
+    global_scores: torch.Tensor
+
+    @classmethod
+    def concatenate(cls, parts: list["MethodOutputs"]) -> "MethodOutputs":
+        return cls(torch.cat([part.maps.cpu() for part in parts]), torch.cat([part.global_scores.cpu() for part in parts]))
+
+    @property
+    def num_images(self) -> int:
+        return self.maps.shape[0]
+
+
+def method_outputs(model, batches: list[ImageFeatures], class_name: str) -> MethodOutputs:
+    """The method's map and global probability of every image of ``batches``, one image at a time (as detection
+    scores it)."""
+    maps, scores = [], []
+    for batch in batches:
+        for i in range(batch.batch_size):
+            with torch.inference_mode():
+                output = model(image_features=single_image(batch, i), class_names=[class_name])
+            maps.append(output.anomaly_map.float())
+            scores.append(output.global_score.float())
+    return MethodOutputs(torch.cat(maps), torch.cat(scores))
+
+
+def memory_leave_one_out(memory: ReferenceMemory, outputs: MethodOutputs, config) -> list[SourceMaps]:
+    """Each reference's maps against the other references, never itself, from the memory alone: its stored patch
+    features are the normalised tokens ``patch_distances`` would compute from the image."""
+    sigma = scaled_sigma(config.smoothing_sigma, memory.image_size, config.smoothing_reference_size)
+    results = []
+    for index in range(memory.num_images):
+        others = memory.leave_out(index)
+        distances = torch.stack([1.0 - nearest_similarity(features[index:index + 1], rest.flatten(0, 1))
+                                 for features, rest in zip(memory.features, others.features)], dim=1)
+        device = distances.device
+        results.append(SourceMaps(outputs.maps[index:index + 1].to(device), distance_map(distances, memory.grid_size, memory.image_size, sigma),
+                                  outputs.global_scores[index:index + 1].to(device), distances.mean(dim=(1, 2))))
+    return results
 
 
 def leave_one_out_sources(model, memory: ReferenceMemory, batches: list[ImageFeatures], class_name: str) -> list[SourceMaps]:
     """Each reference image's maps (``batches`` in memory order) against the other references, never itself."""
-    results, index = [], 0
-    for batch in batches:
-        for i in range(batch.batch_size):
-            features = single_image(batch, i)
-            with torch.inference_mode():
-                output = model(image_features=features, class_names=[class_name])
-                results.append(reference_sources(memory.leave_out(index), features, output.anomaly_map, output.global_score,
-                                                 model.config))
-            index += 1
-    return results
+    return memory_leave_one_out(memory, method_outputs(model, batches, class_name), model.config)
 
 
 def apply_references(memory: ReferenceMemory, features: ImageFeatures, method_map: torch.Tensor, global_score: torch.Tensor,

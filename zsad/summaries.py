@@ -6,6 +6,8 @@ Plain functions of their results (no model, no torch), so the texts are tested o
 from collections.abc import Sequence
 from pathlib import Path
 
+from .provenance import noise_warning, short_form
+
 
 def predict_summary(summary: dict, out_dir) -> str:
     """``zsad predict``'s closing lines from the ``scores.json`` summary ``predict_files`` returns."""
@@ -15,13 +17,16 @@ def predict_summary(summary: dict, out_dir) -> str:
         return f"No image could be scored; the errors are in {out_dir / 'scores.json'}."
     scores = [record["score"] for record in scored]
     anomalous = sum(record["verdict"] == "anomalous" for record in scored)
+    block = summary["provenance"]
     lines = [
-        f"{len(scored)} image{'s' if len(scored) != 1 else ''} scored with {summary['method']} ({summary['status']}) as "
-        f"'{summary['class_name']}': {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
+        f"{len(scored)} image{'s' if len(scored) != 1 else ''} scored with {short_form(block)} as "
+        f"'{summary['class_name']}'{renamed(block)}: {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
         f"{summary['threshold']:.3f} ({summary['calibration']}).",
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if noise_warning(block):
+        lines.append(noise_warning(block))
     if summary.get("mutual"):
         lines += mutual_lines([record["details"]["compared_with"] for record in scored], [record["note"] for record in scored])
     if all(record["anomalous_pixel_fraction"] >= 1.0 for record in scored):
@@ -31,6 +36,36 @@ def predict_summary(summary: dict, out_dir) -> str:
             "zsad predict ... --profile PROFILE) or pass a higher --threshold."
         )
     return "\n".join(lines)
+
+
+def calibrate_summary(profile, out_dir, previous=None) -> str:
+    """``zsad calibrate``'s closing lines: the profile, its thresholds and the false-alarm rate they promise, the
+    measured share of the good images flagged leave-one-out, and (``--add``) what the added references changed."""
+    lines = [f"Profile of '{profile.class_name}' for {profile.method}: {profile.describe()}"]
+    if previous is not None:
+        before = previous.calibration.rate_statement() if previous.calibration else "uncalibrated"
+        lines.append(f"Added {profile.num_references - previous.num_references} good images to the {previous.num_references} "
+                     f"references; before: {before}")
+    calibration = profile.calibration
+    if calibration is None:
+        lines.append("Thresholds: uncalibrated (0.5); give at least two good images to calibrate.")
+    else:
+        asked = f", false-alarm rate {calibration.false_alarm_target:g} asked" if calibration.false_alarm_target is not None else ""
+        lines.append(f"Thresholds ({calibration.rule}{asked}): image {calibration.image_threshold:.4f}, "
+                     f"pixel {calibration.pixel_threshold:.4f}")
+        lines.append(f"Measured on the good images (leave-one-out): {calibration.false_alarm_rate():.1%} flagged "
+                     f"({round(calibration.false_alarm_rate() * calibration.num_good)} of {calibration.num_good})")
+        if calibration.false_alarm_bound is not None:
+            lines.append(f"Guaranteed for new good parts from the same process: {calibration.rate_statement()} "
+                         f"({calibration.false_alarm_bound:.1%})")
+    lines.append(f"Saved to {Path(out_dir)}")
+    return "\n".join(lines)
+
+
+def renamed(block: dict) -> str:
+    """" (given as 'Metal-Nut')" when the product name used is not the one given."""
+    given = block["product"]["given"]
+    return f" (given as '{given}')" if given is not None and given != block["product"]["used"] else ""
 
 
 def mutual_lines(compared: Sequence[int], notes: Sequence[str | None]) -> list[str]:

@@ -18,6 +18,10 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPToken
 from .modeling.prompting import ABNORMAL_STATES, NORMAL_STATES, TEMPLATES
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# Stored in the tiny CLIP's config.json, so every surface recognises it wherever it is loaded from (zsad.provenance).
+TINY_RANDOM_MARKER = "zsad_tiny_random"
+# (vision layers, width, patch) of the tiny CLIP: recognised by shape too, e.g. in a checkpoint trained on it.
+TINY_VISION_SHAPE = (4, 48, 14)
 # Words the tests and the synthetic datasets use, so the tiny tokenizer splits them like a real one would.
 EXTRA_WORDS = (
     "object damaged bottle cable capsule carpet grid hazelnut leather metal nut pill screw tile toothbrush "
@@ -58,10 +62,11 @@ def tiny_clip_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> C
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
     )
+    layers, width, patch = TINY_VISION_SHAPE
     vision_config = dict(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4, image_size=56, patch_size=patch,
     )
-    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=24)
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=24, **{TINY_RANDOM_MARKER: True})
 
 
 def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:

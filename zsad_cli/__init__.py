@@ -35,6 +35,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
 
 
+def add_rescore_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rescore", action="store_true",
+                        help="with --mutual: re-score each image by the scores of its nearest images in its group, by global "
+                             "embedding (MuSc's RsCIN, windows 1, 2, 3)")
+
+
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation options, shared by ``zsad evaluate`` and ``train/evaluate.py``."""
     parser.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
@@ -63,8 +69,9 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiles", action="store_true",
                         help="score each image at full resolution in overlapping windows of the input size (small defects)")
     parser.add_argument("--mutual", action="store_true",
-                        help="score each category's test images against each other as one unlabeled batch (zsad.mutual; a trained "
-                             "method's text map is fused in, an untrained one's is left out)")
+                        help="score each category's test images against each other, unlabeled, in groups of at most 16 (zsad.mutual; "
+                             "a trained method's text map is fused in, an untrained one's is left out)")
+    add_rescore_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,22 +108,35 @@ def build_parser() -> argparse.ArgumentParser:
                          help="score each image at full resolution in overlapping windows of the model's input size "
                          "(small defects on large images; one pass per window)")
     predict.add_argument("--mutual", action="store_true",
-                         help="score the images against each other, no text or references needed (zsad.mutual): the images "
-                         "(each process's share under accelerate launch) are one batch of one product, at least 2; each is "
-                         "compared with at most 15 others; a trained method's text map is fused in; not with --tiles or --engine onnx|openvino")
-    predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest")
+                         help="score the images against each other, no text or references needed (zsad.mutual): the images, "
+                         "at least 2 of one product, are split into groups of at most 16 by their files' bytes, each scored and "
+                         "written on its own (memory stays that of one group; processes under accelerate launch share whole "
+                         "groups); a trained method's text map is fused in; not with --tiles or --engine onnx|openvino")
+    add_rescore_argument(predict)
+    predict.add_argument("--resume", action="store_true", help="keep the images already done in --out (records-*.jsonl), do the rest "
+                         "(with --mutual: the groups not yet finished)")
     predict.set_defaults(command_name="predict")
 
     calibrate = commands.add_parser("calibrate", help="a product profile: reference images of good parts and calibrated thresholds")
     calibrate.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
-    calibrate.add_argument("--class-name", required=True, help="what the product is, e.g. 'metal nut'")
-    calibrate.add_argument("--normal", required=True, nargs="+", metavar="GOOD", help="images or folders of good parts (the references)")
+    calibrate.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (needed with --normal; --add reads the profile's)")
+    good = calibrate.add_mutually_exclusive_group(required=True)
+    good.add_argument("--normal", nargs="+", metavar="GOOD", help="images or folders of good parts (the references)")
+    good.add_argument("--add", nargs="+", metavar="MORE_GOOD",
+                      help="images or folders of more good parts for the profile at --out: memory, leave-one-out scores and "
+                           "thresholds recalibrated on all its references (the same as calibrating on all of them)")
     calibrate.add_argument("--defective", nargs="+", metavar="BAD", help="images or folders of defective parts (F1-optimal thresholds)")
     calibrate.add_argument("--masks", metavar="DIR", help="folder of defect masks named like the defective images (000.png or 000_mask.png)")
     calibrate.add_argument("--out", required=True, help="folder for the profile (profile.json, memory.safetensors)")
     calibrate.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE,
                            help=f"good images only: thresholds at this quantile of the good scores (default {DEFAULT_QUANTILE}: the maximum)")
     calibrate.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"added to that quantile (default {DEFAULT_MARGIN})")
+    calibrate.add_argument("--false-alarm-rate", type=float, metavar="ALPHA",
+                           help="thresholds that flag at most this share of good parts (split-conformal on the leave-one-out "
+                                "scores, e.g. 0.05: at most 1 in 20; needs at least 1/ALPHA - 1 good images); with --add, "
+                                "replaces the profile's rule")
+    calibrate.add_argument("--allow-higher-rate", action="store_true",
+                           help="with too few good images for --false-alarm-rate, use the best they reach, 1 in (n + 1), and say so")
     calibrate.add_argument("--fusion-weight", type=float, default=None,
                            help="share of the reference map in the fused map (both on the good images' scale); default: "
                                 "chosen on the defective images when given, else 1 untrained, 0.5 trained")

@@ -16,6 +16,7 @@ Written files: ``<cat>/train/good/000.png``, ``<cat>/test/good/000.png``, ``<cat
 ``<cat>/ground_truth/<defect>/000_mask.png`` (0 / 255). The same arguments always give the same pixels.
 """
 
+import json
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ OBJECTS = ("disk", "plate", "capsule", "tube")
 CATEGORIES = TEXTURES + OBJECTS
 TEXTURE_DEFECTS = ("scratch", "hole", "stain", "crack", "cut_paste", "color")
 OBJECT_DEFECTS = ("scratch", "hole", "stain", "crack", "missing", "cut_paste", "color")
+# Written at the root, so evaluations and model cards label results on it as synthetic, never as a benchmark split.
+SYNTHETIC_MARKER = "zsad_synthetic.json"
 MIN_DEFECT_PIXELS = 12  # a drawn defect that lands (almost) outside the object is drawn again
 
 
@@ -52,7 +55,14 @@ def generate(
         raise ZSADError(f"image_size must be at least 32 pixels, got {image_size}.")
     for category in categories:
         _write_category(root / category, category, num_good, num_defective, image_size, seed, num_train_good)
+    marker = {"generator": "zsad.data.synthetic", "categories": list(categories), "seed": seed, "image_size": image_size}
+    (root / SYNTHETIC_MARKER).write_text(json.dumps(marker) + "\n")
     return root
+
+
+def is_synthetic(root) -> bool:
+    """Whether a dataset root was written by ``generate`` (its results are not a benchmark's)."""
+    return root is not None and (Path(root) / SYNTHETIC_MARKER).is_file()
 
 
 def defect_types(category: str) -> tuple[str, ...]:

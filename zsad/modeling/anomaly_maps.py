@@ -3,6 +3,10 @@
 import torch
 import torch.nn.functional as F
 
+# Largest block of patch similarities computed at once (reference images' nearest patches, mutual scoring): 2^24
+# values are 64 MB in float32, whatever the number of images compared.
+SIMILARITY_BLOCK = 1 << 24
+
 
 def state_logits(features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Scaled cosine similarities of L2-normalised ``features`` (B, N, P) or (B, P) against text pairs.

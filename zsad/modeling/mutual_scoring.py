@@ -3,9 +3,12 @@ checkpoints' pipeline (``pipeline_zsad.py``) runs it without zsad; ``zsad.mutual
 
 A normal patch finds close matches in most other images of the same product, a defect in few. Per tapped layer and
 aggregation degree, each patch's distance to its nearest patch in every compared image is averaged over the closest
-fraction of those images; layers and degrees are averaged. ``score_batch`` encodes a batch group by group (at most
-``max_compared + 1`` images each, MuSc's subsets), fuses the mutual map with the method's text map and a reference
-map where given, each standardised over the batch, and puts maps and image scores on the batch's scale.
+fraction of those images; layers and degrees are averaged. A lot is split into groups of at most ``max_compared + 1``
+images (MuSc's subsets), fixed from content keys before anything is encoded. ``score_group`` encodes one group, fuses
+its mutual map with the method's text map and a reference map where given, each standardised over the group, and puts
+maps and image scores on the group's scale: a group's results depend on its own images alone, so a lot can be scored
+group by group in flat memory, resumed at the next group and shared between processes by whole groups.
+``score_batch`` runs every group of an in-memory batch.
 
 Cost: for N images of P patches and width D, L layers and R degrees, each compared pair costs one (P x D) @ (D x P)
 product per layer and degree (both directions from one product); time grows like N * max_compared and memory like
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .anomaly_maps import combine_layer_maps, scaled_sigma, upsample_patch_maps
+from .anomaly_maps import SIMILARITY_BLOCK, combine_layer_maps, scaled_sigma, upsample_patch_maps
 from .class_names import UNNAMED_PRODUCT  # noqa: F401  (the name mutual results carry when none is given)
 from .exceptions import ZSADError
 
@@ -45,8 +48,10 @@ class MutualSettings:
             which keeps mutual scoring near half the vision passes' time (docs/PERFORMANCE.md); 31 scores it whole].
         image_score: "max" of the image's map [code] or "top_k_mean" of its highest ``top_fraction`` pixels [choice].
         top_fraction: share of pixels averaged by "top_k_mean" [choice: 1%].
-        rescore: MuSc's RsCIN image re-scoring over the global embeddings' k nearest images [code; choice: off].
-        rescore_k: RsCIN's window sizes [code: 1, 2, 3, its MVTec AD setting].
+        rescore: MuSc's RsCIN image re-scoring over the global embeddings' k nearest images of the group [code;
+            choice: off].
+        rescore_k: RsCIN's window sizes, each at least 1 [code: 1, 2, 3, its MVTec AD setting; its k = 0 means "off",
+            which here is ``rescore=False``].
         text_weight: the method's text map's share in the fused standardised map; None: 0 for untrained and
             training-free methods (their text map is near chance and would drown the mutual map), 0.5 for trained
             ones [choice].
@@ -58,7 +63,7 @@ class MutualSettings:
             that a batch of near-identical images does not magnify noise [choice: 0.01].
         far_distance: a median nearest-patch distance above this means an image unlike the others (the distance of
             unit vectors with cosine 0.5) [choice].
-        block: most similarities computed at once (64 MB in float32) [choice, as the references' SIMILARITY_BLOCK].
+        block: most similarities computed at once (64 MB in float32) [choice, the references' SIMILARITY_BLOCK].
     """
 
     degrees: tuple[int, ...] = (1, 3, 5)
@@ -74,7 +79,7 @@ class MutualSettings:
     temperature: float = 2.0
     min_spread: float = 0.01
     far_distance: float = 1.0
-    block: int = 1 << 24
+    block: int = SIMILARITY_BLOCK
 
     def __post_init__(self):
         low, high = self.interval
@@ -86,6 +91,9 @@ class MutualSettings:
             raise ZSADError(f"Aggregation degrees must be odd and positive (e.g. 1, 3, 5), got {self.degrees}.")
         if self.image_score not in ("max", "top_k_mean"):
             raise ZSADError(f"image_score must be 'max' or 'top_k_mean', got '{self.image_score}'.")
+        if not self.rescore_k or any(k < 1 for k in self.rescore_k):
+            raise ZSADError(f"Re-scoring window sizes must be at least 1, got {self.rescore_k}; to turn re-scoring off "
+                            "(MuSc's k = 0), set rescore=False.")
 
 
 @dataclass
@@ -117,13 +125,16 @@ def check_batch(keys: Sequence[str]) -> None:
         raise ZSADError("All the images are identical; mutual scoring needs at least two different images of the product.")
 
 
-def comparison_groups(keys: Sequence[str], max_compared: int) -> list[list[int]]:
+def comparison_groups(keys: Sequence[str], max_compared: int, names: Sequence[str] | None = None) -> list[list[int]]:
     """Indices split into groups of at most ``max_compared + 1`` images (at least 2 each), independent of the input
-    order: sorted by content key, then dealt round-robin, so exact duplicates (equal keys) land in different groups."""
+    order: sorted by content key (then ``names``, which orders exact duplicates), dealt round-robin, so exact
+    duplicates (equal keys) land in different groups. Each group lists its images in that sorted order, so its
+    scores do not depend on the input order either."""
     count = len(keys)
     groups = max(1, min(math.ceil(count / (max_compared + 1)), count // 2))
-    order = sorted(range(count), key=lambda i: keys[i])
-    return [sorted(order[g::groups]) for g in range(groups)]
+    names = names if names is not None else [""] * count
+    order = sorted(range(count), key=lambda i: (keys[i], names[i]))
+    return [order[g::groups] for g in range(groups)]
 
 
 def aggregate(tokens: torch.Tensor, degree: int) -> torch.Tensor:
@@ -275,10 +286,9 @@ def mutual_map(patch_maps: torch.Tensor, grid_size: int, image_size: int, sigma:
     return combine_layer_maps(upsample_patch_maps(patch_maps[:, None], grid_size, image_size), sigma)
 
 @dataclass
-class _Group:
-    """One scored group: its mutual maps and optional text and reference maps (g, S, S), and embeddings (g, E)."""
+class _Encoded:
+    """One group encoded: its mutual maps and optional text and reference maps (g, S, S), and embeddings (g, E)."""
 
-    indices: list[int]
     mutual: torch.Tensor
     median_distance: torch.Tensor
     compared: torch.Tensor
@@ -290,9 +300,9 @@ class _Group:
 
 @dataclass
 class MutualBatch:
-    """A scored batch, in input order: ``maps`` (N, S, S) and ``scores`` (N,) in (0, 1) on the batch's scale,
-    ``compared`` (N,) how many images each was compared with, ``median_distance`` (N,) its patches' typical distance
-    to the closest images', ``notes`` on images unlike the others and the method's own ``method_details``."""
+    """A scored group or batch, in its images' order: ``maps`` (N, S, S) and ``scores`` (N,) in (0, 1) on the group's
+    scale, ``compared`` (N,) how many images each was compared with, ``median_distance`` (N,) its patches' typical
+    distance to the closest images', ``notes`` on images unlike the others and the method's own ``method_details``."""
 
     maps: torch.Tensor
     scores: torch.Tensor
@@ -305,38 +315,50 @@ class MutualBatch:
 def score_batch(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings = MutualSettings(),
                 batch_size: int = 8, progress: bool = False, turn: Callable[[], AbstractContextManager] = nullcontext,
                 reference: Callable | None = None) -> MutualBatch:
-    """``pictures`` (PIL images, keys from ``content_key``) scored against each other with ``model``'s backbone at its
-    input size and tapped layers, group by group; the method's text map fused in with ``text_weight`` and
-    ``reference(features, sigma)``'s map (g, S, S) with ``settings.reference_weight`` when given. Each encoding batch and
-    each group's scoring runs inside ``turn()``."""
+    """Every group of ``pictures`` (PIL images, keys from ``content_key``) scored by ``score_group``, in input order."""
     check_batch(keys)
-    scored = [_score_group(model, [pictures[i] for i in group], group, [keys[i] for i in group], name, text_weight, settings,
-                           batch_size, progress, turn, reference) for group in comparison_groups(keys, settings.max_compared)]
-    order = [i for group in scored for i in group.indices]
-    position = torch.empty(len(order), dtype=torch.long)
-    position[torch.tensor(order)] = torch.arange(len(order))
+    groups = comparison_groups(keys, settings.max_compared)
+    scored = [score_group(model, [pictures[i] for i in group], [keys[i] for i in group], name, text_weight, settings, batch_size,
+                          progress, turn, reference) for group in groups]
+    position = torch.empty(len(keys), dtype=torch.long)
+    position[torch.tensor([i for group in groups for i in group])] = torch.arange(len(keys))
 
     def gathered(field: str) -> torch.Tensor:
-        return torch.cat([getattr(group, field) for group in scored])[position]
+        return torch.cat([getattr(batch, field) for batch in scored])[position]
 
-    sources = [(gathered("mutual"), 1.0)]
+    def listed(field: str) -> list:
+        values = [value for batch in scored for value in getattr(batch, field)]
+        return [values[p] for p in position.tolist()]
+
+    return MutualBatch(gathered("maps"), gathered("scores"), gathered("compared"), gathered("median_distance"), listed("notes"),
+                       listed("method_details"))
+
+
+def score_group(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings = MutualSettings(),
+                batch_size: int = 8, progress: bool = False, turn: Callable[[], AbstractContextManager] = nullcontext,
+                reference: Callable | None = None) -> MutualBatch:
+    """One group's ``pictures`` (PIL images, keys from ``content_key``) scored against each other with ``model``'s
+    backbone at its input size and tapped layers, whatever ``settings.max_compared``; the method's text map fused in
+    with ``text_weight`` and ``reference(features, sigma)``'s map (g, S, S) with ``settings.reference_weight`` when
+    given, each standardised over the group, then image scores (re-scored by RsCIN when asked) and maps on the
+    group's scale. Each encoding batch and the scoring run inside ``turn()``."""
+    check_batch(keys)
+    encoded = _encode_group(model, pictures, keys, name, text_weight, settings, batch_size, progress, turn, reference)
+    sources = [(encoded.mutual, 1.0)]
     if text_weight > 0:
-        sources.append((gathered("text"), text_weight))
+        sources.append((encoded.text, text_weight))
     if reference is not None:
-        sources.append((gathered("reference"), settings.reference_weight))
+        sources.append((encoded.reference, settings.reference_weight))
     z_maps = fused(sources, settings.min_spread)
     raw_scores = map_image_scores(z_maps, settings)
     if settings.rescore:
-        raw_scores = rescore(raw_scores, gathered("embeddings"), settings.rescore_k)
-    method_details = [details for group in scored for details in group.method_details]
-    median_distance = gathered("median_distance")
-    return MutualBatch(to_unit(z_maps, settings), to_unit(standardise(raw_scores), settings), gathered("compared"), median_distance,
-                       far_notes(median_distance, settings.far_distance), [method_details[p] for p in position.tolist()])
+        raw_scores = rescore(raw_scores, encoded.embeddings, settings.rescore_k)
+    return MutualBatch(to_unit(z_maps, settings), to_unit(standardise(raw_scores), settings), encoded.compared,
+                       encoded.median_distance, far_notes(encoded.median_distance, settings.far_distance), encoded.method_details)
 
 
-def _score_group(model, pictures: list, indices: list[int], keys: list[str], name: str, text_weight: float,
-                 settings: MutualSettings, batch_size: int, progress: bool, turn: Callable[[], AbstractContextManager],
-                 reference: Callable | None) -> _Group:
+def _encode_group(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings,
+                  batch_size: int, progress: bool, turn: Callable[[], AbstractContextManager], reference: Callable | None) -> _Encoded:
     """Encode one group (in batches), run the method's text map and the reference map where they are used, and score
     the group's images against each other."""
     config = model.config
@@ -359,6 +381,6 @@ def _score_group(model, pictures: list, indices: list[int], keys: list[str], nam
     with turn(), torch.inference_mode():
         scores = mutual_scores(patch_tokens, replace(settings, max_compared=len(pictures) - 1), keys, progress)
     mutual = mutual_map(scores.patch_maps, features.grid_size, config.image_size, sigma)
-    return _Group(indices, mutual, scores.patch_maps.median(dim=1).values, scores.compared, torch.cat(embeddings),
-                  torch.cat(text) if text else None, torch.cat(references) if references else None,
-                  details or [None] * len(pictures))
+    return _Encoded(mutual, scores.patch_maps.median(dim=1).values, scores.compared, torch.cat(embeddings),
+                    torch.cat(text) if text else None, torch.cat(references) if references else None,
+                    details or [None] * len(pictures))

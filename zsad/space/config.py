@@ -9,7 +9,7 @@ from pathlib import Path
 import zsad
 from zsad.errors import BackboneLoadError, ZSADError
 from zsad.inference import AnomalyDetector
-from zsad.loading import PRECISIONS, add_device_argument, resolve_device, resolve_precision
+from zsad.loading import PRECISIONS, Runtime, add_device_argument
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 
 COMPARE = "compare"
@@ -107,12 +107,9 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
 
 def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto") -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
-    device = resolve_device(device)
     try:
-        return AnomalyDetector.load(
-            methods=offered_methods(checkpoints), checkpoints=checkpoints, clip=clip,
-            dtype=resolve_precision(precision, device), device=device,
-        )
+        return AnomalyDetector.load(methods=offered_methods(checkpoints), checkpoints=checkpoints, clip=clip,
+                                    runtime=Runtime.resolve(device, precision))
     except BackboneLoadError as error:
         sys.exit(
             f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"

@@ -4,6 +4,7 @@ with zsad's message; the app keeps serving."""
 
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from zsad.inference import AnomalyDetector, Detection, check_threshold
 from zsad.modeling.class_names import product_name
 from zsad.modeling.lru_cache import LRUCache
 from zsad.modeling.prompting import clean_class_name
+from zsad.mutual import detect_mutual_groups
 from zsad.profile import ProductProfile
 from zsad.summaries import mutual_lines
 
@@ -27,6 +29,10 @@ from .uploads import BatchImage, Upload, batch_images, content_hash, mask_names,
 
 CALIBRATED = "calibrated"  # the calibrated thresholds when the references give them, else the slider's
 SLIDER = "slider"  # the slider's threshold, references or not
+# The reference box's false-alarm rates (the API's values): "lowest" is the good-quantile default, whose bound is
+# 1 in (n + 1) for n distinct references; the others are the conformal rule, reachable within MAX_REFERENCES (16).
+LOWEST_RATE = "lowest"
+FALSE_ALARM_RATES = {LOWEST_RATE: None, "1 in 10": 0.1, "1 in 5": 0.2}
 THRESHOLD_MODES = (CALIBRATED, SLIDER)
 
 
@@ -54,7 +60,9 @@ class ReferenceProfiles:
         self._cache = LRUCache(size)
         self.builds = 0
 
-    def get(self, payloads, class_name: str, method: str) -> ReferenceSet:
+    def get(self, payloads, class_name: str, method: str, false_alarm_rate: str = LOWEST_RATE) -> ReferenceSet:
+        if false_alarm_rate not in FALSE_ALARM_RATES:
+            raise ZSADError(f"The false-alarm rate must be one of {', '.join(FALSE_ALARM_RATES)}, got {false_alarm_rate!r}.")
         uploads = received_files(payloads)
         if not uploads:
             return ReferenceSet()
@@ -70,8 +78,9 @@ class ReferenceProfiles:
             else:
                 distinct[digest] = upload
         self._check_pixels(list(distinct.values()))
-        key = (tuple(distinct), method, clean_class_name(class_name))
-        profiles = self._cache.get(key, lambda: self._build(list(distinct.values()), class_name, method))
+        key = (tuple(distinct), method, clean_class_name(class_name), false_alarm_rate)
+        profiles = self._cache.get(key, lambda: self._build(list(distinct.values()), class_name, method,
+                                                            FALSE_ALARM_RATES[false_alarm_rate]))
         return ReferenceSet(profiles, duplicates)
 
     def _check_pixels(self, uploads: list[Upload]) -> None:
@@ -87,7 +96,7 @@ class ReferenceProfiles:
                             f"{self.caps.max_megapixels:g} megapixels per set. Use fewer or smaller images, or build the profile "
                             "with `zsad calibrate` and run `zsad predict --profile DIR` (no limit).")
 
-    def _build(self, uploads: list[Upload], class_name: str, method: str) -> dict[str, ProductProfile]:
+    def _build(self, uploads: list[Upload], class_name: str, method: str, rate: float | None) -> dict[str, ProductProfile]:
         pictures = []
         for number, upload in enumerate(uploads, start=1):
             try:
@@ -96,7 +105,7 @@ class ReferenceProfiles:
                 raise ZSADError(f"Reference image {number}: {error}") from error
         methods = self.detector.method_names if method == COMPARE else [method]
         self.builds += 1
-        return self.detector.build_profiles(methods, class_name, pictures)
+        return self.detector.build_profiles(methods, class_name, pictures, false_alarm_rate=rate)
 
 
 @dataclass
@@ -119,17 +128,22 @@ class DetectOutput:
 
 
 def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None = None, display_side: int = DISPLAY_SIDE):
-    """``detect(image, class_name, method, threshold, references, tiles, threshold_mode)`` -> ``DetectOutput``.
+    """``detect(image, class_name, method, threshold, references, tiles, threshold_mode, false_alarm_rate)`` ->
+    ``DetectOutput``.
 
     ``threshold_mode`` says which threshold decides mask and verdict: ``"calibrated"`` (the default) uses the
     calibrated thresholds when the reference images give them (two or more distinct images) and ``threshold``
     otherwise; ``"slider"`` always uses ``threshold``. The same inputs give the same answer every time. The page shows
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
     overlapping windows of the model's input size (one method at a time, with its references when given).
+    ``false_alarm_rate`` (a ``FALSE_ALARM_RATES`` key) is the most the calibrated thresholds may flag of good parts:
+    "lowest" (1 in n + 1 for n references), "1 in 10" or "1 in 5"; a rate the references cannot reach is refused with
+    the number needed.
     """
     profiles = profiles or ReferenceProfiles(detector)
 
-    def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED, progress=gr.Progress()):
+    def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED,
+               false_alarm_rate=LOWEST_RATE, progress=gr.Progress()):
         try:
             if threshold_mode not in THRESHOLD_MODES:
                 raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
@@ -138,7 +152,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
                 raise ZSADError("No image was given; upload or pass an image.")
             check_threshold(threshold)
             class_name = detector.product_name(class_name, None if method == COMPARE else method)
-            reference_set = profiles.get(references, class_name, method)
+            reference_set = profiles.get(references, class_name, method, false_alarm_rate)
             chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
             results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
         except ZSADError as error:
@@ -148,7 +162,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             (picture, zsad.images.bounded(first.overlay, display_side)),
             zsad.images.bounded(first.mask_image(), display_side),
             round(first.score, 4),
-            report(results, reference_set.profiles, reference_set.duplicates),
+            report(results, reference_set.profiles, reference_set.duplicates, made_by(detector, results, class_name)),
             [table_row(result) for result in results],
             gallery(results) if method == COMPARE else [],
             FullResolution.of(first, Path(upload.name).stem),
@@ -188,6 +202,12 @@ class BatchOutput:
         return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
 
 
+def made_by(detector: AnomalyDetector, results: list[Detection], class_name: str) -> dict[str, dict]:
+    """Each result's provenance block: the product name as typed and as used, the thresholds the result applied."""
+    return {result.method: detector.provenance(result.method, class_name, result.class_name,
+                                               (result.threshold, result.mask_threshold, result.calibration)) for result in results}
+
+
 def read_chunk(chunk: list[BatchImage], max_side: int | None = None) -> list:
     """Each image of the chunk decoded (its longest side at most ``max_side``), or its error: unreadable, or a row
     already refused."""
@@ -217,17 +237,24 @@ def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name:
 
 
 def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_name: str, method: str, threshold: float,
-                    turns: ComputeTurns) -> list[Detection | ZSADError]:
-    """The batch's readable images scored against each other (``AnomalyDetector.detect_mutual``), decoded at the page's
-    ``DISPLAY_SIDE`` (all are held at once); each encoding chunk and each group's scoring in its own compute turn."""
+                    turns: ComputeTurns) -> Iterator[tuple[int, Detection | ZSADError]]:
+    """The batch's readable images scored against each other (``zsad.mutual.detect_mutual_groups``), decoded at the
+    page's ``DISPLAY_SIDE`` (the batch caps bound them), as (position, outcome): the errors first, then each group's
+    detections as soon as it is scored; each encoding chunk and each group's scoring in its own compute turn."""
     outcomes = read_chunk(images, max_side=DISPLAY_SIDE)
-    pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
-    if len(pictures) < 2:
+    readable = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, ZSADError)]
+    if len(readable) < 2:
         raise ZSADError(f"Scoring the images against each other needs at least two readable images of the product; "
-                        f"{len(pictures)} of {len(images)} could be read.")
-    detections = detector.detect_mutual(pictures, class_name, method=method, threshold=threshold, batch_size=BATCH_CHUNK,
-                                        turn=turns.batch_chunk)
-    return scored_outcomes(outcomes, detections)
+                        f"{len(readable)} of {len(images)} could be read.")
+    groups = detect_mutual_groups(detector, [outcomes[i] for i in readable], class_name, method=method, threshold=threshold,
+                                  batch_size=BATCH_CHUNK, turn=turns.batch_chunk)
+
+    def scored() -> Iterator[tuple[int, Detection | ZSADError]]:
+        yield from ((i, outcome) for i, outcome in enumerate(outcomes) if isinstance(outcome, ZSADError))
+        for group in groups:
+            yield from ((readable[i], outcome) for i, outcome in zip(group.indices, group.outcomes))
+
+    return scored()
 
 
 def batch_class_name(detector: AnomalyDetector, class_name, method: str, mutual: bool) -> str:
@@ -276,30 +303,42 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
 
     def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, mutual: bool, folder: Path, progress):
         """Rows, gallery views and the summary's lines on mutual scoring; the masks written to the folder's masks.zip."""
-        rows, views, notes = [], [], []
+        notes: list[str] = []
         names = mask_names([image.name for image in images])
-        step = len(images) if mutual else BATCH_CHUNK
         with zipfile.ZipFile(folder / "masks.zip", "w", compression=zipfile.ZIP_STORED) as masks:
-            for start in range(0, len(images), step):
-                chunk = images[start:start + step]
-                if mutual:
-                    progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")
-                    outcomes = detect_mutually(detector, chunk, class_name, method, threshold, turns)
-                    scored = [outcome for outcome in outcomes if isinstance(outcome, Detection)]
-                    notes = mutual_lines([result.details.compared_with for result in scored], [result.note for result in scored])
-                else:
+
+            def written(position: int, outcome: Detection | ZSADError) -> tuple[list, tuple | None]:
+                """The image's row and gallery view, its mask added to masks.zip."""
+                image = images[position]
+                if not isinstance(outcome, Detection):
+                    return batch_row(image, outcome, names[position]), None
+                masks.writestr(names[position], png_bytes(outcome.mask_image()))
+                return batch_row(image, outcome, names[position]), (thumbnail(outcome.overlay, folder / f"{position + 1}.webp"),
+                                                                     f"{image.name}: {outcome.score:.3f} {outcome.verdict}")
+
+            if mutual:
+                progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")
+                done, compared, image_notes = {}, [], []
+                for position, outcome in detect_mutually(detector, images, class_name, method, threshold, turns):
+                    done[position] = written(position, outcome)  # the detection itself is freed with its group
+                    if isinstance(outcome, Detection):
+                        compared.append(outcome.details.compared_with)
+                        image_notes.append(outcome.note)
+                notes = mutual_lines(compared, image_notes)
+                finished = [done[position] for position in range(len(images))]
+            else:
+                finished = []
+                for start in range(0, len(images), BATCH_CHUNK):
                     progress((start, len(images)), desc=f"{start} of {len(images)} images done", unit="images")
                     with turns.batch_chunk():
-                        outcomes = detect_chunk(detector, chunk, class_name, method, threshold)
-                for image, outcome, mask_name in zip(chunk, outcomes, names[start:start + step]):
-                    rows.append(batch_row(image, outcome, mask_name))
-                    if isinstance(outcome, Detection):
-                        masks.writestr(mask_name, png_bytes(outcome.mask_image()))
-                        views.append((thumbnail(outcome.overlay, folder / f"{len(rows)}.webp"),
-                                      f"{image.name}: {outcome.score:.3f} {outcome.verdict}"))
+                        outcomes = detect_chunk(detector, images[start:start + BATCH_CHUNK], class_name, method, threshold)
+                    finished += [written(start + offset, outcome) for offset, outcome in enumerate(outcomes)]
+        rows = [row for row, _ in finished]
+        views = [view for _, view in finished if view is not None]
         return rows, views, notes
 
     return detect_batch
 
 
-__all__ = ["CALIBRATED", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles", "make_batch_handler", "make_handler"]
+__all__ = ["CALIBRATED", "FALSE_ALARM_RATES", "LOWEST_RATE", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles",
+           "make_batch_handler", "make_handler"]

@@ -10,7 +10,7 @@ from zsad.inference import DEFAULT_THRESHOLD, AnomalyDetector
 
 from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import OutputFolders, full_resolution_files, serving_files
-from .handlers import CALIBRATED, SLIDER, make_batch_handler, make_handler
+from .handlers import CALIBRATED, FALSE_ALARM_RATES, LOWEST_RATE, SLIDER, make_batch_handler, make_handler
 from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, product_label, runtime
 from .scheduling import ComputeTurns, taking_turns
 
@@ -84,7 +84,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
     )
 
 
-def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchCaps = BatchCaps(),
+def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
                turns: ComputeTurns | None = None) -> gr.Blocks:
     """The Blocks page around ``detector`` (not launched)."""
     choices = method_choices(detector)
@@ -96,7 +96,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
             "pick a method and see where the defect is. "
             "The Batch tab takes many images (or a zip) at once."
         )
-        notice = banner(detector, tiny)
+        notice = banner(detector)
         if notice:
             gr.Markdown(notice, elem_id="banner")
         with gr.Tab("One image", id="single"):
@@ -115,6 +115,10 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
                                               info="calibrated: the thresholds calibrated on the reference images when they "
                                               "give them, else the slider; slider: always the slider",
                                               elem_id="threshold-mode")
+                    false_alarm_rate = gr.Radio(choices=list(FALSE_ALARM_RATES), value=LOWEST_RATE, label="False-alarm rate",
+                                                info="the most good parts the calibrated thresholds may flag: lowest (1 in "
+                                                "references + 1), 1 in 10 (needs 9 references) or 1 in 5 (needs 4)",
+                                                elem_id="false-alarm-rate")
                     tiles = gr.Checkbox(False, label="Tiles: score the full-resolution image in overlapping model-size windows "
                                         "(small defects on large images; slower, one method at a time)", elem_id="tiles")
                     run = gr.Button("Detect", variant="primary", elem_id="run")
@@ -134,7 +138,7 @@ def build_demo(detector: AnomalyDetector, tiny: bool = False, batch_caps: BatchC
             folders = OutputFolders()
             run.click(
                 serving_files(taking_turns(make_handler(detector), turns), folders),
-                inputs=[image, class_name, method, threshold, references, tiles, threshold_mode],
+                inputs=[image, class_name, method, threshold, references, tiles, threshold_mode, false_alarm_rate],
                 outputs=[overlay, mask, score, verdict, table, views, downloads, last],
                 api_name="detect",
                 preprocess=False,  # every upload goes through zsad.space.uploads.received_file (zsad's own messages)

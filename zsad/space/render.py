@@ -12,6 +12,7 @@ from zsad.inference import AnomalyDetector, Detection
 from zsad.modeling.class_name_filter import ClassNameChoice
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.profile import ProductProfile
+from zsad.provenance import is_tiny_random, noise_warning, short_form
 
 from .config import COMPARE, checkpoint_variable, display_name
 
@@ -32,14 +33,21 @@ def escaped(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", html.escape(text, quote=False))
 
 
-def report(results: list[Detection], profiles: dict[str, ProductProfile] | None = None, duplicates: list[str] = ()) -> str:
-    """Markdown: the verdict of each method, its status, thresholds and where they come from, details and time."""
+def report(results: list[Detection], profiles: dict[str, ProductProfile] | None = None, duplicates: list[str] = (),
+           made_by: dict[str, dict] | None = None) -> str:
+    """Markdown: the verdict of each method, its status, thresholds and where they come from, details and time;
+    ``made_by``: each method's provenance block (``AnomalyDetector.provenance``), shown in its short form."""
     lines = []
     for result in results:
         lines.append(
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
             f"score {result.score:.3f} (threshold {result.threshold:.2f})"
         )
+        block = (made_by or {}).get(result.method)
+        if block is not None:
+            lines.append(f"- made by {escaped(short_form(block))}")
+            if noise_warning(block):
+                lines.append(f"- ⚠️ {escaped(noise_warning(block))}")
         if result.status != "trained":
             lines.append(f"- {UNTRAINED_MAP_NOTE}")
         lines.append(f"- {reference_line(result, (profiles or {}).get(result.method))}")
@@ -59,16 +67,18 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
 
 
 def reference_line(result: Detection, profile: ProductProfile | None) -> str:
-    """Where the verdict's thresholds come from, e.g. "4 reference images of good parts; calibrated on 4 good images:
-    image threshold 0.63, pixel threshold 0.66"."""
+    """Where the verdict's thresholds come from and the false-alarm rate they promise, e.g. "4 reference images of good
+    parts; calibrated on 4 good images: at most 1 in 5 good parts flagged; image threshold 0.632, pixel threshold
+    0.661 (leave-one-out: 0 of 4 references flagged)"."""
     if profile is None:
         return f"No reference images (zero-shot); {result.calibration}"
     line = f"{profile.num_references} reference image{'s' if profile.num_references != 1 else ''} of good parts; {result.calibration}"
     if profile.calibration is None:
         return line + " (calibration needs at least two distinct reference images)"
     calibration = profile.calibration
-    return (f"{line}: image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
-            f"(leave-one-out false-alarm rate {calibration.false_alarm_rate():.0%})")
+    flagged = round(calibration.false_alarm_rate() * calibration.num_good)
+    return (f"{line}; image threshold {calibration.image_threshold:.3f}, pixel threshold {calibration.pixel_threshold:.3f} "
+            f"(leave-one-out: {flagged} of {calibration.num_good} references flagged)")
 
 
 def class_name_filter_decision(choice: ClassNameChoice) -> str:
@@ -136,12 +146,14 @@ def method_choices(detector: AnomalyDetector, compare: bool = True) -> list[tupl
     return choices + [("compare all", COMPARE)] if compare and len(choices) > 1 else choices
 
 
-def banner(detector: AnomalyDetector, tiny: bool) -> str:
+def banner(detector: AnomalyDetector) -> str:
+    """The notes above the page: a tiny random backbone (recognised wherever it came from: --tiny, or --clip of a
+    `zsad tiny-clip` folder), untrained methods."""
     notes = []
-    if tiny:
+    if is_tiny_random(detector.backbone.model.config):
         notes.append(
-            "⚠️ **Tiny random CLIP** (`--tiny`): scores and maps are noise. This mode is for UI work only; "
-            "start without `--tiny` (or with `--clip PATH`) for real results."
+            "⚠️ **Tiny random CLIP** (`--tiny`, or `--clip` of a `zsad tiny-clip` folder): scores and maps are noise. "
+            "This mode is for UI work only; start with `--clip PATH` of a real CLIP (or the default) for real results."
         )
     untrained = [name for name in detector.method_names if detector.status(name) == "untrained"]
     if untrained:
