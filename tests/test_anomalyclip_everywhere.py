@@ -45,7 +45,7 @@ def detector(converted) -> AnomalyDetector:
     """The Space's detector with an AnomalyCLIP checkpoint configured."""
     checkpoints = {"anomalyclip": str(converted)}
     return AnomalyDetector.load(methods=config.offered_methods(checkpoints), checkpoints=checkpoints, clip=CLIP,
-                                image_size=SIZE, device="cpu")
+                                image_size=SIZE, precision="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_the_product_name_box_is_optional_for_anomalyclip_only(detector):
 
 
 def test_picking_a_method_on_the_page_relabels_the_product_box(detector):
-    demo = layout.build_demo(detector, tiny=True)
+    demo = layout.build_demo(detector)
     boxes = {block._id: block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "class-name"}
     assert len(boxes) == 1 and "optional" in next(iter(boxes.values())).label  # AnomalyCLIP is the default method
     relabel = [fn for fn in demo.fns.values() if [block._id for block in fn.outputs] == list(boxes)]
@@ -109,7 +109,7 @@ def test_predict_needs_no_class_name_for_anomalyclip(converted, part, tmp_path, 
     assert main(["predict", str(part), "--model", str(converted), "--out", str(out), "--device", "cpu",
                  "--precision", "float32"]) == 0
     scores = json.loads((out / "scores.json").read_text())
-    expected = AnomalyDetector.for_model(str(converted), device="cpu").detect(part, "bottle")
+    expected = AnomalyDetector.for_model(str(converted), precision="float32", device="cpu").detect(part, "bottle")
     assert scores["class_name"] == UNNAMED_PRODUCT and scores["images"][0]["score"] == pytest.approx(expected.score, abs=1e-6)
     assert main(["predict", str(part), "--model", "baseline", "--clip", CLIP, "--out", str(tmp_path / "b"), "--device", "cpu"]) == 2
     assert "--class-name" in capsys.readouterr().err
@@ -263,5 +263,5 @@ def test_a_training_step_lowers_the_loss_and_the_checkpoint_loads(tiny_clip_path
             return model(batch["pixel_values"], masks=batch["masks"], labels=batch["labels"]).loss.item()
 
     assert loss(trained) < loss(untrained)
-    detection = AnomalyDetector.for_model(str(tmp_path / "epoch-1"), device="cpu").detect(samples[0].image_path, "")
+    detection = AnomalyDetector.for_model(str(tmp_path / "epoch-1"), precision="float32", device="cpu").detect(samples[0].image_path, "")
     assert detection.method == "anomalyclip" and detection.status == "trained"
