@@ -28,6 +28,4 @@ def product_name(name: str | None, required: bool = True) -> str:
     missing name is ``UNNAMED_PRODUCT``."""
     if not required and (name is None or (isinstance(name, str) and not name.strip())):
         return UNNAMED_PRODUCT
-    if name is None:
-        raise ZSADError("Say what the product is (a class name such as 'bottle' or 'metal nut'): this method's prompts name it.")
     return clean_class_name(name)
