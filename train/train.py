@@ -56,6 +56,8 @@ STATE_FILE = "training_state.pt"
 # A method's config may name its optimizer in an ``optimizer`` field; Adam is the lineage default (METHODS.md).
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSS_FIELDS = ("epoch", "step", "global_step", "loss")
+# Defaults of the optimisation options; a method's ``training_recipe`` overrides them (AnomalyCLIP: 15 epochs).
+GENERIC_RECIPE = {"epochs": 5, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
 # Switches for method settings: flag -> (config field, value, help). Any field can also be set with --set KEY=VALUE.
 METHOD_FLAGS = {
     "--cluster-specific": ("efa_training", EFA_CLUSTER_SPECIFIC, "StackCLIP: a cluster's EFA heads see only its categories (default)"),
@@ -88,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-root", required=True, help="folder of the training dataset")
     parser.add_argument("--train-categories", nargs="+", help="train on these categories only (default: all)")
     parser.add_argument("--output-dir", required=True, help="folder for epoch-N/ checkpoints, loss.csv, loss.png, training_args.json")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training images")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapters' optimizer")
-    parser.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam betas")
+    recipe = "default: the method's recipe, else {}"
+    parser.add_argument("--epochs", type=int, help=f"passes over the training images ({recipe.format(GENERIC_RECIPE['epochs'])}; "
+                        "anomalyclip 15, the authors')")
+    parser.add_argument("--batch-size", type=int, help=f"images per step and process ({recipe.format(GENERIC_RECIPE['batch_size'])})")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the adapters' optimizer ({recipe.format(GENERIC_RECIPE['lr'])})")
+    parser.add_argument("--betas", type=float, nargs=2, help=f"Adam betas ({recipe.format(GENERIC_RECIPE['betas'])})")
     parser.add_argument("--image-size", type=int, help="model input size (default: the config's, 518)")
     parser.add_argument("--feature-layers", type=int, nargs="+", help="tapped vision blocks (default: quarter points)")
     parser.add_argument("--seed", type=int, default=111, help="seed of the shuffling, initialisation and every random draw")
@@ -110,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, value, help_text) in METHOD_FLAGS.items():
         parser.add_argument(flag, dest="flag_settings", action="append_const", const=(field, value), help=help_text)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the optimisation options it leaves out taken from the method's recipe."""
+    args = build_parser().parse_args(argv)
+    recipe = GENERIC_RECIPE | METHODS[args.method].training_recipe
+    for option, value in recipe.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    args.betas = tuple(args.betas)
+    return args
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -383,7 +398,7 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         folder = train(args)
     except ZSADError as error:

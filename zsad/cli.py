@@ -71,15 +71,13 @@ def _predict(args: argparse.Namespace) -> None:
         from .loading import Runtime
         from .profile import ProductProfile
 
-        if args.class_name is None and not args.mutual:
-            raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
         # Under `accelerate launch` every process takes its own share of the images on its own device.
         with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
             device = accelerator.device if accelerator.num_processes > 1 else args.device
             detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
                                                  runtime=Runtime.resolve(device, args.precision), engine=args.engine)
-            class_name = _unnamed_mutual_product(detector, args) if args.class_name is None else args.class_name
             profile = ProductProfile.load(args.profile) if args.profile else None
+            class_name = _product_name(detector, args, profile)
             if args.reference:
                 profile = detector.build_profile(None, class_name, args.reference, progress=accelerator.is_main_process)
                 if accelerator.is_main_process:
@@ -111,6 +109,20 @@ def _runs_exported_graph(args: argparse.Namespace) -> bool:
     if args.engine == "onnx" and not exported:
         raise ZSADError(f"--engine onnx runs a folder written by `zsad export`; {args.model} is not one (no zsad_deploy.json).")
     return args.engine == "onnx" or (args.engine == "openvino" and exported)
+
+
+def _product_name(detector, args: argparse.Namespace, profile) -> str:
+    """``--class-name``; without it, the profile's product or the generic name for a method whose prompts name no
+    product (AnomalyCLIP), or the generic name for ``--mutual`` where no text is used."""
+    from .modeling.class_names import UNNAMED_PRODUCT
+
+    if args.class_name is not None:
+        return args.class_name
+    if not detector.names_the_product():
+        return profile.class_name if profile else UNNAMED_PRODUCT
+    if args.mutual:
+        return _unnamed_mutual_product(detector, args)
+    raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
 
 
 def _mutual_settings(args: argparse.Namespace):

@@ -32,8 +32,8 @@ from .fusion import scored
 from .loading import load_model
 from .methods import method_of
 from .modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
+from .modeling.class_names import UNNAMED_PRODUCT, clean_class_name
 from .modeling.modeling_genclip import GenCLIPModel
-from .modeling.prompting import clean_class_name
 from .profile import ProductProfile
 from .provenance import provenance
 
@@ -246,13 +246,15 @@ def export(
     check_optional_threshold(threshold)
     if isinstance(profile, (str, Path)):
         profile = ProductProfile.load(profile)
-    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
-    if not names:
-        raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
         model = load_model(model, clip=clip, precision="float32", **overrides)
+    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
+    if not names and not model.config.uses_class_names:
+        names = [UNNAMED_PRODUCT]  # prompts that name no product: one column, whatever the product
+    if not names:
+        raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
     if profile is not None:
         check_profile(profile, model, names)
     if model.require_backbone().dtype != torch.float32:

@@ -31,10 +31,10 @@ from .fusion import scored
 from .images import LoadedImage, read_image
 from .loading import Runtime, checkpoint_method, load_method, shared_backbone
 from .methods import METHODS, status
+from .modeling.class_names import product_name
 from .modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from .modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from .modeling.modeling_zsad_base import ZSADPreTrainedModel
-from .modeling.prompting import clean_class_name
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile
 from .provenance import provenance
 from .tiling import tile_boxes
@@ -126,6 +126,17 @@ class AnomalyDetector:
         """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
         return thresholds(threshold, profile.calibration if profile else None)
 
+    def names_the_product(self, methods: str | Sequence[str] | None = None) -> bool:
+        """Whether the prompts of ``methods`` (default: every held one) name the product (``config.uses_class_names``),
+        so that a class name must be given."""
+        methods = [methods] if isinstance(methods, str) else methods or self.method_names
+        return any(self.model(method).config.uses_class_names for method in methods)
+
+    def product_name(self, class_name: str | None, methods: str | Sequence[str] | None = None) -> str:
+        """``class_name`` as the prompts of ``methods`` (default: every held one) use it. It may be empty or None when
+        none of them names the product (e.g. AnomalyCLIP): then ``UNNAMED_PRODUCT``."""
+        return product_name(class_name, required=self.names_the_product(methods))
+
     def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
                    threshold_rule: tuple[float, float, str] | None) -> dict:
         """The provenance block (``zsad.provenance.provenance``) of results of ``method`` for that product name and rule."""
@@ -172,7 +183,7 @@ class AnomalyDetector:
         loaded = read_image(image, max_side=display_side)
         picture = loaded.image
         check_optional_threshold(threshold)
-        name = clean_class_name(class_name)
+        name = self.product_name(class_name)
         shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
@@ -225,7 +236,7 @@ class AnomalyDetector:
         names = list(class_names) if isinstance(class_names, (list, tuple)) else [class_names] * len(pictures)
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
-        names = [clean_class_name(name) for name in names]
+        names = [self.product_name(name, method) for name in names]
         features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained), a checkpoint folder / Hub id, "
                          "or with --engine onnx|openvino a folder written by `zsad export`")
     predict.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (an exported graph's only name by default; "
+                         "optional for a method whose prompts name no product (AnomalyCLIP); "
                          f"optional with --mutual for an untrained method without --profile/--reference: its text map is not "
                          f"used, and the results name the product '{MUTUAL_CLASS_NAME}')")
     add_engine_argument(predict, exported=True)

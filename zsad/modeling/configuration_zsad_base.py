@@ -87,6 +87,12 @@ class ZSADBaseConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @property
+    def uses_class_names(self) -> bool:
+        """Whether the method's prompts name the product; where not, class names are accepted and not used, and may
+        be left out."""
+        return True
+
+    @property
     def vision_pass(self) -> tuple[int, str]:
         """What one vision pass can be shared by: models with the same input size and position interpolation."""
         return self.image_size, self.position_interpolation

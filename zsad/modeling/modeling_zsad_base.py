@@ -95,6 +95,12 @@ class ZSADPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # False for a method with nothing to train (the baseline): its status is "training-free".
     has_adapters = True
+    # False for a method whose untrained start is a random one (AnomalyCLIP's learned prompts): the Space offers it
+    # only with a trained checkpoint.
+    works_untrained = True
+    # train/train.py's defaults for this method where they differ from its generic ones (epochs, batch_size, lr,
+    # betas); input size and tapped layers are config fields.
+    training_recipe: dict = {}
 
     def __init__(self, config: ZSADBaseConfig):
         super().__init__(config)

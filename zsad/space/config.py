@@ -15,7 +15,7 @@ from zsad_cli import add_engine_argument
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
-DISPLAY_NAMES = {"stackclip": "StackCLIP", "genclip": "GenCLIP", "baseline": "CLIP baseline"}
+DISPLAY_NAMES = {"anomalyclip": "AnomalyCLIP", "stackclip": "StackCLIP", "genclip": "GenCLIP", "baseline": "CLIP baseline"}
 # One request at a time uses both cores of a CPU Space; a bounded queue tells the rest it is full.
 QUEUE_SIZE = 16
 CONCURRENCY_LIMIT = 1
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=PATH",
         help=f"trained checkpoint (Hub id or folder) for a method; repeatable (env {variables}). "
-        "Methods without one run untrained.",
+        "Methods without one run untrained; AnomalyCLIP is offered only with one (e.g. anomalyclip=DIR from "
+        "`zsad convert anomalyclip`).",
     )
     parser.add_argument(
         "--precision",
@@ -110,7 +111,7 @@ def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str 
                   engine: str | None = None) -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
     try:
-        return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
+        return AnomalyDetector.load(methods=offered_methods(checkpoints), checkpoints=checkpoints, clip=clip,
                                     runtime=Runtime.resolve(device, precision), engine=engine)
     except BackboneLoadError as error:
         sys.exit(
@@ -118,6 +119,12 @@ def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str 
             "Point the app at a local copy with --clip PATH (or ZSAD_CLIP=PATH), "
             "or start it with --tiny (a tiny random CLIP) for UI work."
         )
+
+
+def offered_methods(checkpoints: dict[str, str]) -> list[str]:
+    """The methods the Space offers, in selector order: each one with a checkpoint, and the others that work
+    untrained (not AnomalyCLIP, whose untrained prompts are a random start)."""
+    return [method for method in ordered_methods(zsad.METHODS) if method in checkpoints or zsad.METHODS[method].works_untrained]
 
 
 def ordered_methods(methods) -> list[str]:

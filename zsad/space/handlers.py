@@ -14,8 +14,8 @@ from PIL import Image
 import zsad.images
 from zsad.errors import ZSADError
 from zsad.inference import AnomalyDetector, Detection, check_threshold
+from zsad.modeling.class_names import product_name
 from zsad.modeling.lru_cache import LRUCache
-from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
 from zsad.mutual import detect_mutual_groups
 from zsad.profile import ProductProfile
@@ -153,6 +153,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             if upload is None:
                 raise ZSADError("No image was given; upload or pass an image.")
             check_threshold(threshold)
+            class_name = detector.product_name(class_name, None if method == COMPARE else method)
             reference_set = profiles.get(references, class_name, method, false_alarm_rate)
             chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
             results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
@@ -269,12 +270,13 @@ def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_n
     return scored()
 
 
-def batch_class_name(class_name, mutual: bool, status: str) -> str:
-    """The product's name; it may be left empty when the images are scored against each other by a method whose text
-    map mutual scoring leaves out (not trained), and is then recorded as the generic ``UNNAMED_PRODUCT``."""
-    if mutual and status != "trained" and not (class_name or "").strip():
-        return UNNAMED_PRODUCT
-    return clean_class_name(class_name)
+def batch_class_name(detector: AnomalyDetector, class_name, method: str, mutual: bool) -> str:
+    """The product's name; it may be left empty for a method whose prompts name no product, or when the images are
+    scored against each other by a method whose text map mutual scoring leaves out (not trained), and is then recorded
+    as the generic ``UNNAMED_PRODUCT``."""
+    if mutual and detector.status(method) != "trained":
+        return product_name(class_name, required=False)
+    return detector.product_name(class_name, method)
 
 
 def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str) -> list:
@@ -298,7 +300,7 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
             check_method(method)
             images = batch_images(list(uploads or []), caps)
             status = detector.status(method)
-            class_name = batch_class_name(class_name, mutual, status)
+            class_name = batch_class_name(detector, class_name, method, mutual)
             check_threshold(threshold)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error

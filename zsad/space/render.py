@@ -129,6 +129,17 @@ def batch_summary(rows: list[list], method: str, status: str, threshold: float, 
     return "\n".join(lines)
 
 
+PRODUCT_LABEL = "Product name"
+
+
+def product_label(detector: AnomalyDetector, method: str) -> str:
+    """The product-name box's label for ``method`` (or compare): marked optional where no prompt of it names the
+    product (e.g. AnomalyCLIP's object-agnostic prompts)."""
+    if detector.names_the_product(None if method == COMPARE else method):
+        return PRODUCT_LABEL
+    return f"{PRODUCT_LABEL} (optional: {display_name(method)}'s prompts name no product)"
+
+
 def method_choices(detector: AnomalyDetector, compare: bool = True) -> list[tuple[str, str]]:
     """(label, value) of every method, and "compare all" when asked for and there are several."""
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
