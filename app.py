@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
         clip = str(save_tiny_clip(tempfile.mkdtemp(prefix="zsad-tiny-clip-")))
     try:
-        detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision, args.device)
+        detector = load_detector(clip, configured_checkpoints(args.checkpoint), args.precision, args.device, args.engine)
     except ZSADError as error:
         sys.exit(f"zsad app: {error}")
     turns = ComputeTurns()

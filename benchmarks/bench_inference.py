@@ -14,13 +14,22 @@ Prints, all measured in this run:
 The fast path runs in the precision ``--precision auto`` picks on this CPU (bf16 where it is native, int8 vision
 linears on CPUs without native bf16, where bf16 is ~100x slower); the CPU class is printed first.
 
-The allocator is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
+The allocator is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given. ``--methods``
+picks the methods timed (default: every registered one), each at its own input size and position interpolation
+(518 px; AnomalyCLIP bilinear, one tapped layer), with its time as a ratio to the baseline's when the baseline is
+among them. ``--tiny`` runs everything on the tiny random CLIP instead (a check that the script runs, not a
+measurement).
 
     python benchmarks/bench_inference.py [--repeats 3] [--workdir /tmp/zsad-bench] [--default-malloc]
+    python benchmarks/bench_inference.py --methods baseline anomalyclip
     python benchmarks/bench_inference.py --vv-only [--vv-precision auto|float32|bfloat16|int8]
+    python benchmarks/bench_inference.py --tiny --repeats 1 --methods baseline anomalyclip
+    python benchmarks/bench_inference.py --engines [--tiny]   # each vision engine route (zsad.runtime.engine), fidelity and time
 """
 
 import argparse
+import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -34,12 +43,21 @@ from transformers import CLIPConfig, CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import VIT_L14_336, cpu_class, cpu_class_line, full_size_inputs, machine_line, timed  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    VIT_L14_336,
+    cpu_class,
+    cpu_class_line,
+    full_size_inputs,
+    machine_line,
+    photo_like_image,
+    timed,
+)
 from zsad import AnomalyDetector  # noqa: E402
 from zsad.modeling.clip_backbone import CLIPBackbone, quarter_point_layers  # noqa: E402
 from zsad.modeling.configuration_zsad_base import lineage_vv_attention_from  # noqa: E402
 from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.runtime.loading import INT8, load_model, resolve_precision  # noqa: E402
+from zsad.runtime.methods import METHODS  # noqa: E402
 from zsad.runtime.tiny_clip import save_tiny_clip  # noqa: E402
 
 IMAGE_SIZE = 518
@@ -81,7 +99,7 @@ def straightforward_path(detector: AnomalyDetector):
 
     def all_hidden_states(pixel_values, layers_by_start, position_interpolation):
         streams = original_tower(pixel_values.float(), {start: every_layer for start in layers_by_start}, position_interpolation)
-        return {start: streams[start].select(layers, start) for start, layers in layers_by_start.items()}
+        return {start: streams[start].select(layers, start, position_interpolation) for start, layers in layers_by_start.items()}
 
     def uncached(key, compute):
         return compute()
@@ -168,10 +186,10 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-def fidelity(clip_path: str, image: str, image_size: int) -> dict[str, tuple[float, float]]:
+def fidelity(clip_path: str, image: str, image_size: int, methods: list[str]) -> dict[str, tuple[float, float]]:
     """Per method: (Pearson of the fast path's maps vs fp32 maps, |score difference|)."""
-    fast = AnomalyDetector.load(clip=clip_path, precision="auto", image_size=image_size, device="cpu")
-    exact = AnomalyDetector.load(clip=clip_path, precision="float32", image_size=image_size, device="cpu")
+    fast = AnomalyDetector.load(methods=methods, clip=clip_path, precision="auto", image_size=image_size, device="cpu")
+    exact = AnomalyDetector.load(methods=methods, clip=clip_path, precision="float32", image_size=image_size, device="cpu")
     results = {}
     for method in fast.method_names:
         a, b = fast.detect(image, CLASS_NAME, method=method), exact.detect(image, CLASS_NAME, method=method)
@@ -179,16 +197,16 @@ def fidelity(clip_path: str, image: str, image_size: int) -> dict[str, tuple[flo
     return results
 
 
-def latency_tables(clip_path: str, image: str, repeats: int) -> None:
+def latency_tables(clip_path: str, image: str, repeats: int, methods: list[str]) -> None:
     """The floor, then per method the fast path, the straightforward path and the text share.
 
     The floor is timed before and after the methods and the faster of the two is used, so that a slow spell of
     the machine during one measurement cannot make the methods look closer to the floor than they are.
     """
-    fast = AnomalyDetector.load(clip=clip_path, precision="auto", image_size=IMAGE_SIZE, device="cpu")
+    fast = AnomalyDetector.load(methods=methods, clip=clip_path, precision="auto", image_size=IMAGE_SIZE, device="cpu")
     floor_before, _ = vision_floor(fast.backbone, repeats)
     stock_seconds = stock_vision_seconds(clip_path, repeats)
-    exact = AnomalyDetector.load(clip=clip_path, precision="float32", image_size=IMAGE_SIZE, device="cpu")
+    exact = AnomalyDetector.load(methods=methods, clip=clip_path, precision="float32", image_size=IMAGE_SIZE, device="cpu")
     fp32_floor, gflop = vision_floor(exact.backbone, repeats)  # FLOPs counted in float32: int8 linears are not counted
 
     rows = []
@@ -209,22 +227,66 @@ def latency_tables(clip_path: str, image: str, repeats: int) -> None:
     stock_name = str(STOCK_DTYPE).removeprefix("torch.")
     print(f"stock transformers vision forward, {stock_name} (three-pass quick-GELU): {stock_seconds:.2f} s ({stock_seconds / floor:.2f}x the floor)")
     print(f"fp32 vision forward: {fp32_floor:.2f} s ({fp32_floor / floor:.2f}x the floor)")
-    print("\n| method | fast path (s) | / floor | straightforward fp32 (s) | speed-up | text per image (s) | text / floor "
-          "| first request with a new class name (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    baseline_seconds = next((row[1] for row in rows if row[0] == "baseline"), None)
+    print("\n| method | fast path (s) | / floor | / baseline | straightforward fp32 (s) | speed-up | text per image (s) "
+          "| text / floor | first request with a new class name (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for method, fast_seconds, slow_seconds, text, first_seconds in rows:
+        versus_baseline = f"{fast_seconds / baseline_seconds:.2f}" if baseline_seconds else "-"
         print(
-            f"| {method} | {fast_seconds:.2f} | {fast_seconds / floor:.2f} | {slow_seconds:.2f} | "
+            f"| {method} | {fast_seconds:.2f} | {fast_seconds / floor:.2f} | {versus_baseline} | {slow_seconds:.2f} | "
             f"{slow_seconds / fast_seconds:.1f}x | {text:.3f} | {text / floor:.1%} | {first_seconds:.2f} |"
         )
-    print(f"\ncompare (all {len(fast.method_names)} methods, one vision pass): {compare_seconds:.2f} s ({compare_seconds / floor:.2f}x the floor); "
+    print(f"\ncompare (all {len(fast.method_names)} methods, one vision pass per input size and interpolation): "
+          f"{compare_seconds:.2f} s ({compare_seconds / floor:.2f}x the floor); "
           f"first request with a new class name {compare_new_name_seconds:.2f} s")
 
 
-def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool, vv_precision: str) -> None:
+def engine_routes(clip_path: str, image: str, image_size: int, repeats: int) -> None:
+    """Per method, each (engine, precision) route this CPU runs natively: end-to-end seconds per image (median of
+    ``repeats`` after a warm-up that builds or reads the OpenVINO graph, in a fresh cache) and fidelity against torch
+    float32 (Pearson of maps, |score difference|); then what ``--engine auto`` chooses here."""
+    precisions = ["float32", "int8"] + (["bfloat16"] if FAST == torch.bfloat16 else [])
+    engines = ["torch", "openvino"] if importlib.util.find_spec("openvino") else ["torch"]
+    with tempfile.TemporaryDirectory() as cache:
+        exact = AnomalyDetector.load(clip=clip_path, precision="float32", image_size=image_size, device="cpu", engine="torch")
+        references = {method: exact.detect(image, CLASS_NAME, method=method) for method in exact.method_names}
+        print(f"\nvision engine routes, {image_size} px (seconds per image end to end; fidelity against torch float32):")
+        for engine in engines:
+            for precision in precisions:
+                if engine == "openvino" and precision == "int8":
+                    continue  # int8 backbones run on torch (zsad.runtime.engine.OPENVINO_PRECISION_HINTS)
+                detector = AnomalyDetector.load(clip=clip_path, precision=precision, image_size=image_size, device="cpu",
+                                                engine=vision_engine_in(engine, cache))
+                for method, reference in references.items():
+                    seconds = timed(lambda: detector.detect(image, CLASS_NAME, method=method), repeats=repeats)
+                    result = detector.detect(image, CLASS_NAME, method=method)
+                    print(f"  {engine:9s} {precision:9s} {method:11s} {seconds:7.3f} s  pearson "
+                          f"{pearson(result.anomaly_map, reference.anomaly_map):.5f}  score diff {abs(result.score - reference.score):.5f}")
+        auto = AnomalyDetector.load(clip=clip_path, precision="auto", image_size=image_size, device="cpu", engine=vision_engine_in("auto", cache))
+        auto.detect(image, CLASS_NAME, method="baseline")
+        print(f"  --engine auto, --precision auto here: {auto.engine.describe()}")
+
+
+def vision_engine_in(name: str, cache: str) -> str:
+    """``name``, with the engine cache in ``cache`` (a fresh folder, so first builds are part of the warm-up)."""
+    os.environ["ZSAD_ENGINE_CACHE"] = cache  # read when the engine is made; this script is its only user
+    return name
+
+
+def tiny_inputs(workdir: Path) -> tuple[str, str]:
+    """(the tiny random CLIP's folder, the photo-like test image) in ``workdir``: the script's own check."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return str(save_tiny_clip(workdir / "tiny-clip")), str(photo_like_image(workdir / "part.png"))
+
+
+def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool, vv_precision: str, methods: list[str],
+         tiny: bool = False) -> None:
     if space_malloc:
         return_large_buffers_to_the_system()
-    clip_path, image = full_size_inputs(Path(workdir))
+    clip_path, image = tiny_inputs(Path(workdir)) if tiny else full_size_inputs(Path(workdir))
+    if tiny:
+        print("tiny random CLIP (--tiny): a check that the script runs; the times below measure nothing useful")
     print(machine_line())
     print(cpu_class_line() if vv_only else cpu_class())
     print(f"fast path precision (--precision auto on this CPU): {FAST_NAME}")
@@ -234,12 +296,14 @@ def main(workdir: str, repeats: int, space_malloc: bool, vv_only: bool, vv_preci
     if vv_only:
         return
 
-    latency_tables(clip_path, image, repeats)
+    latency_tables(clip_path, image, repeats, methods)
 
     print(f"\nfidelity of {FAST_NAME} against fp32 (Pearson of maps, |score difference|):")
-    models = [("full-size random", clip_path, IMAGE_SIZE), ("tiny", str(save_tiny_clip(tempfile.mkdtemp())), 224)]
+    models = [("tiny", str(save_tiny_clip(tempfile.mkdtemp())), 224)]
+    if not tiny:
+        models.insert(0, ("full-size random", clip_path, IMAGE_SIZE))
     for label, path, size in models:
-        for method, (correlation, score_gap) in fidelity(path, image, size).items():
+        for method, (correlation, score_gap) in fidelity(path, image, size, methods).items():
             print(f"  {label:16s} {method:10s} pearson {correlation:.5f}  score diff {score_gap:.4f}")
 
 
@@ -250,5 +314,19 @@ if __name__ == "__main__":
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--vv-only", action="store_true", help="only the value-value attention cost")
     parser.add_argument("--vv-precision", default="auto", help="the route the value-value cost is measured on (default auto)")
+    parser.add_argument("--engines", action="store_true", help="only the vision engine routes (zsad.runtime.engine)")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
+                        help="the methods timed end to end (default: all), e.g. --methods baseline anomalyclip")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random CLIP instead of the full-size one (checks the script)")
     args = parser.parse_args()
-    main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only, vv_precision=args.vv_precision)
+    if args.engines:
+        print(machine_line())
+        print(cpu_class_line())
+        if args.tiny:
+            clip_path, image = tiny_inputs(Path(args.workdir))
+            engine_routes(clip_path, image, 224, args.repeats)
+        else:
+            engine_routes(*full_size_inputs(Path(args.workdir)), IMAGE_SIZE, args.repeats)
+        sys.exit()
+    main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only, vv_precision=args.vv_precision,
+         methods=args.methods, tiny=args.tiny)

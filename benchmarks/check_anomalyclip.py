@@ -194,6 +194,17 @@ def their_learner(prompts_module, clip_model, design: dict, seed: int):
 # ----- runs -----------------------------------------------------------------------------------------------------
 
 def write_fixtures(clone: Path, out: Path, seed: int) -> None:
+    """The fixtures on the tiny CLIP, their ``tokenize`` swapped for the tiny tokenizer's meanwhile only (a ``--full``
+    run after it in the same process needs their own)."""
+    prompts_module = their_modules(clone)[1]
+    their_tokenize = prompts_module.tokenize
+    try:
+        _write_fixtures(clone, out, seed)
+    finally:
+        prompts_module.tokenize = their_tokenize
+
+
+def _write_fixtures(clone: Path, out: Path, seed: int) -> None:
     module, prompts_module, functions = their_modules(clone)
     out.mkdir(parents=True, exist_ok=True)
     clip_dir = save_oracle_clip(out / "clip", seed)

@@ -17,9 +17,12 @@ FOLDER = Path(__file__).resolve().parent
 
 
 def space_cards() -> dict[str, str]:
-    """{file name: card text} for every registered method at its training-free start on the default CLIP."""
+    """{file name: card text} for every registered method the Space runs untrained (not AnomalyCLIP, offered only with
+    a checkpoint), at its training-free start on the default CLIP."""
     cards = {}
     for method, model_class in METHODS.items():
+        if not model_class.works_untrained:
+            continue
         config = model_class.config_class()
         config.vv_attention_from = lineage_vv_attention_from(config.num_vision_layers)  # what from_clip sets
         cards[f"{method}.md"] = str(render_model_card(config))

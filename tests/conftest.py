@@ -8,6 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# The vision pass on torch, as before engines existed; tests/test_engine.py tests the others (and auto) by name.
+os.environ.setdefault("ZSAD_ENGINE", "torch")
 
 TEST_IMAGE_SIZE = 112  # 8x8 patch grid on the tiny CLIP's 14-px patches
 

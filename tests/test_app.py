@@ -128,6 +128,8 @@ def test_clipboard_data_url_is_read(detect, good_files):
         (lambda files: upload(files["good"]), "a" * 500, "baseline", 0.5, "500 characters"),
         (lambda files: upload(files["good"]), "bottle", "nosuch", 0.5, "Unknown method"),
         (lambda files: upload(files["good"]), "bottle", "baseline", 7, "between 0 and 1"),
+        (lambda files: upload(files["good"]), "bottle", "baseline", True, "between 0 and 1, got True"),  # not 1.0
+        (lambda files: upload(files["good"]), "bottle", ["baseline"], 0.5, r"'method' must be one method name .a string., got \['baseline'\]"),
     ],
 )
 def test_user_errors_become_gradio_errors_and_the_handler_keeps_working(
@@ -653,3 +655,13 @@ def test_example_names_warm_in_the_background_taking_turns_with_requests(fresh_b
     warmed = prompt_ensemble_features(fresh_backbone, ["capsule", "metal nut"])
     monkeypatch.setattr(fresh_backbone, "encode_prompts", lambda *args: pytest.fail("a warmed name was encoded again"))
     torch.testing.assert_close(detector.model("baseline").class_text_features(["metal nut", "capsule"]), warmed.flip(0))
+
+
+def test_the_raw_api_takes_only_json_booleans_for_switches(detect, detector, good_files):
+    with pytest.raises(gr.Error, match="'tiles' must be true or false .a JSON boolean., got 'false'"):
+        detect(upload(good_files["rgb"][0]), "bottle", "baseline", 0.5, None, "false")
+    batch = handlers.make_batch_handler(detector, FOLDERS)
+    with pytest.raises(gr.Error, match="'mutual' must be true or false .a JSON boolean., got 'false'"):
+        batch([upload(good_files["rgb"][0])], "bottle", "baseline", 0.5, "false")
+    with pytest.raises(gr.Error, match="'method' must be one method name"):
+        batch([upload(good_files["rgb"][0])], "bottle", ["baseline"], 0.5)

@@ -147,7 +147,8 @@ def test_the_space_picks_device_and_precision_together(monkeypatch):
     monkeypatch.setattr(AnomalyDetector, "load", classmethod(lambda cls, **options: calls.append(options)))
     load_detector(None, {}, precision="auto", device="auto")
     load_detector(None, {}, precision="auto", device="cpu")
-    assert [(call["device"], call["dtype"]) for call in calls] == [(torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.qint8)]
+    chosen = [(call["runtime"].device, call["runtime"].dtype) for call in calls]
+    assert chosen == [(torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.qint8)]
 
 
 def test_device_option_reads_zsad_device(monkeypatch):
@@ -161,5 +162,5 @@ def test_device_option_reads_zsad_device(monkeypatch):
 
 def test_the_space_shows_where_it_runs(tiny_backbone):
     detector = AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, device="cpu")
-    assert runtime(detector) == "Runs on CPU · vision tower in float32, text in float32"
+    assert runtime(detector) == "Runs on CPU · vision tower in float32, text in float32 · vision pass: torch float32"
     assert runtime(detector) in build_demo(detector).config["components"].__repr__()

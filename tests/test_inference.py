@@ -205,7 +205,8 @@ def test_predict_command_writes_overlays_masks_and_scores(tmp_path, tiny_clip_pa
         str(tmp_path / "a" / "part.png"), str(tmp_path / "b" / "deeper" / "part.png"), str(tmp_path / "b" / "part.png"), str(missing)
     ]
     assert "not found" in records[3]["error"]
-    assert [record["overlay"] for record in records[:3]] == ["part_overlay.png", "part_1_overlay.png", "part_2_overlay.png"]
+    assert [record["overlay"] for record in records[:3]] == ["part.png_overlay.png", "part.png (2)_overlay.png",
+                                                               "part.png (3)_overlay.png"]
     for record in records[:3]:
         expected = detector.detect(record["image"], "bottle", method="baseline")  # same backbone and size
         original_size = Image.open(record["image"]).size

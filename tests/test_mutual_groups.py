@@ -154,6 +154,7 @@ def test_a_killed_run_resumes_at_its_next_group_with_the_same_scores(detector, l
     # What a kill during the second group's records leaves: the first group's records and files, half a line.
     killed = tmp_path / "killed"
     killed.mkdir()
+    shutil.copyfile(whole / "run.json", killed / "run.json")  # written before any record, so a kill leaves it
     (killed / "records-0.jsonl").write_text("\n".join(finished) + "\n" + lines[len(finished)][:40])
     for line in finished:
         for name in ("overlay", "mask"):

@@ -23,7 +23,7 @@ from remote_code import WITHOUT_ZSAD
 THRESHOLD = 0.3
 CLASS_NAME = "metal nut"
 # The files the pipeline needs next to the model code (pipeline_zsad.py imports the image processing).
-PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "prompting.py", "exceptions.py", "mutual_scoring.py", "anomaly_maps.py"}
+PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "class_names.py", "exceptions.py", "mutual_scoring.py", "anomaly_maps.py"}
 
 SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
     """
@@ -57,14 +57,15 @@ SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def models(tiny_backbone):
-    """Each method on the tiny CLIP: the baseline, GenCLIP untrained, StackCLIP with changed ("trained") weights, so
-    a pipeline that ignored the checkpoint's weights would not match."""
-    made = {name: tiny_model(name, tiny_backbone) for name in ("baseline", "genclip", "stackclip")}
+    """Each method on the tiny CLIP: the baseline, GenCLIP untrained, StackCLIP and AnomalyCLIP with changed
+    ("trained") weights, so a pipeline that ignored the checkpoint's weights would not match."""
+    made = {name: tiny_model(name, tiny_backbone) for name in ("baseline", "genclip", "stackclip", "anomalyclip")}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in made["stackclip"].adapter_parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    made["stackclip"].config.is_trained = True
+        for trained in ("stackclip", "anomalyclip"):
+            for parameter in made[trained].adapter_parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+            made[trained].config.is_trained = True
     return made
 
 

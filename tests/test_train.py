@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -136,3 +137,37 @@ def test_two_process_accelerate_run_saves_the_weights_both_processes_hold(two_pr
     num_images = len(load_dataset("mvtec", training_root))
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert len(rows) == 1 + math.ceil(num_images / (2 * BATCH_SIZE))
+
+
+def test_resume_skips_an_epoch_whose_state_a_kill_left_empty_and_says_so(two_epoch_run, tiny_clip_path, training_root, tmp_path):
+    for epoch in (1, 2):
+        shutil.copytree(two_epoch_run / f"epoch-{epoch}", tmp_path / f"epoch-{epoch}")
+    (tmp_path / "epoch-2" / train_script.STATE_FILE).write_bytes(b"")  # what a kill during torch.save left before
+    completed = run_command([sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, tmp_path, 2, "--resume")])
+    assert "epoch-2 is incomplete (training_state.pt unreadable: EOFError); resuming from the epoch before it." in completed.stderr
+    resumed, uninterrupted = load_file(tmp_path / "epoch-2" / "model.safetensors"), load_file(two_epoch_run / "epoch-2" / "model.safetensors")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging folder left
+
+
+def test_resume_with_other_hyperparameters_is_refused_unless_forced_and_then_recorded(two_epoch_run, tiny_clip_path, training_root,
+                                                                                      tmp_path):
+    shutil.copytree(two_epoch_run / "epoch-1", tmp_path / "epoch-1")
+    command = [sys.executable, str(TRAIN_SCRIPT), *_training_args(tiny_clip_path, training_root, tmp_path, 2, "--resume", "--lr", "0.01",
+                                                                  "--seed", "5")]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "--lr 0.001 then, 0.01 now" in refused.stderr and "--seed 111 then, 5 now" in refused.stderr and "--force" in refused.stderr
+    assert not (tmp_path / "epoch-2").exists()
+    run_command([*command, "--force"])
+    config = json.loads((tmp_path / "epoch-2" / "config.json").read_text())
+    assert config["training_changes"] == [{"after_epoch": 1, "lr": [0.001, 0.01], "seed": [111, 5]}]
+    assert config["training_learning_rate"] == 0.01
+
+
+def test_training_the_training_free_baseline_is_refused_clearly(tiny_clip_path, training_root, tmp_path, capsys):
+    arguments = training_arguments("baseline", tiny_clip_path, training_root, tmp_path, 1, IMAGE_SIZE, BATCH_SIZE)
+    assert train_script.main(arguments) == 2
+    assert "'baseline' is training-free: it has no weights to train" in capsys.readouterr().err

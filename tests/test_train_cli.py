@@ -7,9 +7,9 @@ from train import train as train_script  # train/ is a script folder; the reposi
 from zsad import StackCLIPModel, ZSADError
 
 
-def _parse(*extra):
-    return train_script.build_parser().parse_args(
-        ["--method", "stackclip", "--train-dataset", "mvtec", "--train-root", "r", "--output-dir", "o", *extra]
+def _parse(*extra, method="stackclip"):
+    return train_script.parse_args(
+        ["--method", method, "--train-dataset", "mvtec", "--train-root", "r", "--output-dir", "o", *extra]
     )
 
 
@@ -18,6 +18,17 @@ def test_method_switches_and_settings_become_config_overrides():
     overrides = train_script.config_overrides(args, StackCLIPModel.config_class)
     assert overrides == {"efa_training": "all-data", "fusion_weight": 0.7, "ctx_init": "a photo of the", "image_size": 112}
     assert _parse().epochs == 5 and _parse().batch_size == 8 and _parse().seed == 111 and _parse().lr == 1e-3
+
+
+def test_anomalyclip_trains_by_the_authors_recipe_unless_told_otherwise():
+    from zsad.modeling.configuration_anomalyclip import AnomalyCLIPConfig
+
+    args = _parse(method="anomalyclip")
+    assert (args.epochs, args.batch_size, args.lr, args.betas) == (15, 8, 1e-3, (0.5, 0.999))
+    config = AnomalyCLIPConfig(**train_script.config_overrides(args, AnomalyCLIPConfig))
+    assert (config.image_size, config.feature_layers, config.map_loss_weight) == (518, [24], 4.0)
+    assert _parse("--epochs", "2", "--lr", "0.01", method="anomalyclip").epochs == 2
+    assert _parse("--epochs", "2", "--lr", "0.01", method="anomalyclip").lr == 0.01
 
 
 def test_unknown_settings_are_refused():

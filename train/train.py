@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import json
 import logging
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ from zsad.data.model_input import TrainingSet
 from zsad.detection.visualize import loss_curve_figure
 from zsad.modeling.configuration_stackclip import EFA_ALL_DATA, EFA_CLUSTER_SPECIFIC
 from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
+from zsad.runtime.atomic import atomic_file, atomic_folder, write_text_atomic
 from zsad.runtime.distributed import process_group_closed_at_end
 from zsad.runtime.loading import load_backbone
 from zsad.runtime.methods import METHODS
@@ -54,6 +56,8 @@ STATE_FILE = "training_state.pt"
 # A method's config may name its optimizer in an ``optimizer`` field; Adam is the lineage default (METHODS.md).
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSS_FIELDS = ("epoch", "step", "global_step", "loss")
+# Defaults of the optimisation options; a method's ``training_recipe`` overrides them (AnomalyCLIP: 15 epochs).
+GENERIC_RECIPE = {"epochs": 5, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
 # Switches for method settings: flag -> (config field, value, help). Any field can also be set with --set KEY=VALUE.
 METHOD_FLAGS = {
     "--cluster-specific": ("efa_training", EFA_CLUSTER_SPECIFIC, "StackCLIP: a cluster's EFA heads see only its categories (default)"),
@@ -86,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-root", required=True, help="folder of the training dataset")
     parser.add_argument("--train-categories", nargs="+", help="train on these categories only (default: all)")
     parser.add_argument("--output-dir", required=True, help="folder for epoch-N/ checkpoints, loss.csv, loss.png, training_args.json")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training images")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapters' optimizer")
-    parser.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam betas")
+    recipe = "default: the method's recipe, else {}"
+    parser.add_argument("--epochs", type=int, help=f"passes over the training images ({recipe.format(GENERIC_RECIPE['epochs'])}; "
+                        "anomalyclip 15, the authors')")
+    parser.add_argument("--batch-size", type=int, help=f"images per step and process ({recipe.format(GENERIC_RECIPE['batch_size'])})")
+    parser.add_argument("--lr", type=float, help=f"learning rate of the adapters' optimizer ({recipe.format(GENERIC_RECIPE['lr'])})")
+    parser.add_argument("--betas", type=float, nargs=2, help=f"Adam betas ({recipe.format(GENERIC_RECIPE['betas'])})")
     parser.add_argument("--image-size", type=int, help="model input size (default: the config's, 518)")
     parser.add_argument("--feature-layers", type=int, nargs="+", help="tapped vision blocks (default: quarter points)")
     parser.add_argument("--seed", type=int, default=111, help="seed of the shuffling, initialisation and every random draw")
@@ -99,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--resume", nargs="?", const="latest",
-                        help="continue from an epoch-N folder (without a value: the latest one in --output-dir)")
+                        help="continue from an epoch-N folder (without a value: the latest complete one in --output-dir)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: accept other hyperparameters than the run's so far, recorded in the config as a "
+                             "change at the resumed epoch")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config field of the method (VALUE is read as JSON, else as text)")
     for flag, (field, value, help_text) in METHOD_FLAGS.items():
         parser.add_argument(flag, dest="flag_settings", action="append_const", const=(field, value), help=help_text)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the optimisation options it leaves out taken from the method's recipe."""
+    args = build_parser().parse_args(argv)
+    recipe = GENERIC_RECIPE | METHODS[args.method].training_recipe
+    for option, value in recipe.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    args.betas = tuple(args.betas)
+    return args
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -136,10 +156,61 @@ def config_overrides(args: argparse.Namespace, config_class) -> dict:
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
-    epochs = sorted((int(path.name.split("-")[1]), path) for path in output_dir.glob("epoch-*") if (path / STATE_FILE).is_file())
-    if not epochs:
-        raise ZSADError(f"--resume: no epoch-N checkpoint with {STATE_FILE} in {output_dir}.")
-    return epochs[-1][1]
+    """The latest epoch-N folder whose training state reads back; a later, incomplete one (a kill during its save by
+    an older zsad, which did not save atomically) is skipped with a line saying so."""
+    epochs = sorted(((int(path.name.split("-")[1]), path) for path in output_dir.glob("epoch-*")
+                     if path.name.split("-")[1].isdigit()), reverse=True)
+    for epoch, path in epochs:
+        problem = unreadable_state(path / STATE_FILE)
+        if problem is None:
+            return path
+        print(f"train.py: {path.name} is incomplete ({problem}); resuming from the epoch before it.", file=sys.stderr)
+    raise ZSADError(f"--resume: no complete epoch-N checkpoint (with a readable {STATE_FILE}) in {output_dir}; "
+                    "start again without --resume.")
+
+
+def unreadable_state(path: Path) -> str | None:
+    """None when ``path`` is a training state torch can read, else what is wrong with it."""
+    if not path.is_file():
+        return f"no {STATE_FILE}"
+    try:
+        torch.load(path, weights_only=False)
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+        return f"{STATE_FILE} unreadable: {type(error).__name__}"
+    return None
+
+
+def read_state(resume_dir: Path) -> dict:
+    problem = unreadable_state(resume_dir / STATE_FILE)
+    if problem:
+        raise ZSADError(f"--resume {resume_dir}: {problem}; resume from another epoch (--resume without a value picks the latest "
+                        "complete one).")
+    return torch.load(resume_dir / STATE_FILE, weights_only=False)
+
+
+def hyperparameters(args: argparse.Namespace) -> dict:
+    """What must stay the same for a resumed run to be the run it continues."""
+    return {"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "betas": list(args.betas), "bf16": args.bf16,
+            "train_dataset": args.train_dataset, "train_categories": args.train_categories}
+
+
+def check_resumed_hyperparameters(state: dict, args: argparse.Namespace, config, resume_dir: Path) -> None:
+    """A ZSADError naming what differs from the run so far, unless ``--force``: then the change is recorded in the
+    config (``training_changes``: the epoch it took effect after, and each setting's values before and after)."""
+    now = hyperparameters(args)
+    # A state saved before hyperparameters were stored in it: the ones its config records.
+    before = state.get("hyperparameters") or {"lr": getattr(config, "training_learning_rate", args.lr),
+                                              "batch_size": getattr(config, "training_batch_size", args.batch_size),
+                                              "seed": getattr(config, "training_seed", args.seed)}
+    changed = {key: [value, now[key]] for key, value in before.items() if value != now[key]}
+    if not changed:
+        return
+    if not args.force:
+        listed = ", ".join(f"--{key.replace('_', '-')} {old} then, {new} now" for key, (old, new) in changed.items())
+        raise ZSADError(f"--resume continues the run in {resume_dir.parent} with its own settings, and these differ: {listed}. "
+                        "Pass the run's values, or add --force to change them from here on (recorded in the checkpoint's "
+                        "config), or train into a new --output-dir.")
+    config.training_changes = [*(getattr(config, "training_changes", None) or []), {"after_epoch": state["epoch"], **changed}]
 
 
 def build_model(args: argparse.Namespace, resume_dir: Path | None):
@@ -203,7 +274,7 @@ def read_loss_rows(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def write_loss_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=LOSS_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -240,7 +311,7 @@ def make_optimizer(model, args: argparse.Namespace) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](model.adapter_parameters(), lr=args.lr, betas=tuple(args.betas))
 
 
-def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, global_step: int) -> Path:
+def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, global_step: int, args: argparse.Namespace) -> Path:
     """``save_pretrained`` checkpoint + resume state, after checking all processes hold the same weights."""
     unwrapped = accelerator.unwrap_model(model)
     checksums = accelerator.gather(parameter_checksums(unwrapped).to(accelerator.device)[None]).cpu()
@@ -250,16 +321,24 @@ def save_epoch(accelerator, model, optimizer, output_dir: Path, epoch: int, glob
     if accelerator.is_main_process:
         unwrapped.config.is_trained = True
         unwrapped.config.training_epochs = epoch
-        unwrapped.save_pretrained(folder)
         state = {"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                 "rng": rng_state(), "parameter_checksums": checksums}
-        torch.save(state, folder / STATE_FILE)
+                 "rng": rng_state(), "parameter_checksums": checksums, "hyperparameters": hyperparameters(args)}
+        # One artefact: a kill leaves the previous epochs and no half-written epoch-N.
+        with atomic_folder(folder, marker="config.json") as staging:
+            unwrapped.save_pretrained(staging)
+            torch.save(state, staging / STATE_FILE)
     accelerator.wait_for_everyone()
     return folder
 
 
 def train(args: argparse.Namespace) -> Path:
     """Run the training; returns the last epoch's checkpoint folder."""
+    if not METHODS[args.method].has_adapters:
+        raise ZSADError(f"'{args.method}' is training-free: it has no weights to train. Use it as it is "
+                        f"(zsad predict --model {args.method} ...), or train one of "
+                        f"{sorted(name for name, model in METHODS.items() if model.has_adapters)}.")
+    if args.force and not args.resume:
+        raise ZSADError("--force applies only with --resume (to change hyperparameters of a resumed run).")
     with process_group_closed_at_end(make_accelerator(args)) as accelerator:
         return train_with(accelerator, args)
 
@@ -274,10 +353,13 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
         torch.use_deterministic_algorithms(True)
     output_dir = Path(args.output_dir)
     resume_dir = (latest_checkpoint(output_dir) if args.resume == "latest" else Path(args.resume)) if args.resume else None
+    state = read_state(resume_dir) if resume_dir is not None else None
 
     model = build_model(args, resume_dir)
     loader = make_loader(args, model)
     categories = sorted({sample.category for sample in loader.dataset.samples})
+    if state is not None:
+        check_resumed_hyperparameters(state, args, model.config, resume_dir)
     model.prepare_for_training(categories)
     record_training(model.config, args, categories)
     model.train()
@@ -285,14 +367,13 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     start_epoch, global_step = 0, 0
-    if resume_dir is not None:
-        state = torch.load(resume_dir / STATE_FILE, weights_only=False)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        write_text_atomic(output_dir / "training_args.json", json.dumps(vars(args), indent=2, default=str))
     rows = read_loss_rows(output_dir / "loss.csv", start_epoch)
 
     folder = resume_dir
@@ -309,7 +390,7 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
             mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
             rows.append({"epoch": epoch, "step": step, "global_step": global_step, "loss": mean_loss})
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-        folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step)
+        folder = save_epoch(accelerator, model, optimizer, output_dir, epoch, global_step, args)
         if accelerator.is_main_process:
             write_loss_rows(output_dir / "loss.csv", rows)
             loss_curve_figure(rows, output_dir / "loss.png", f"{args.method} on {args.train_dataset}")
@@ -317,12 +398,16 @@ def train_with(accelerator: Accelerator, args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         folder = train(args)
     except ZSADError as error:
         print(f"train.py: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"train.py: interrupted; the finished epochs are kept in {Path(args.output_dir).resolve()}. Continue with the same "
+              "command and --resume.", file=sys.stderr)
+        return 130
     print(f"Trained {args.method} on {args.train_dataset} for {args.epochs} epochs; checkpoint: {folder.resolve()}")
     print(f"Loss per step: {Path(args.output_dir).resolve() / 'loss.csv'} (curve: loss.png)")
     return 0

@@ -18,6 +18,7 @@ from .choices import (
     DEFAULT_MARGIN,
     DEFAULT_QUANTILE,
     DEVICE_HELP,
+    ENGINES,
     EXPORT_PRECISIONS,
     MUTUAL_CLASS_NAME,
     PRECISION_HELP,
@@ -35,6 +36,17 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision`` (default auto), the same for every command that runs a model."""
     add_device_argument(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+
+
+def add_engine_argument(parser: argparse.ArgumentParser, exported: bool = False) -> None:
+    """``--engine`` (env ``ZSAD_ENGINE``, default auto): what runs the vision pass (``zsad.runtime.engine_choice``); with
+    ``exported``, onnx|openvino also run a folder written by ``zsad export``."""
+    choices = ENGINES + (("onnx",) if exported else ())
+    parser.add_argument("--engine", choices=choices, default=os.environ.get("ZSAD_ENGINE", "auto"),
+                        help="what runs the vision pass (env ZSAD_ENGINE, default auto: the faster of torch and openvino here, "
+                             "measured on first use and remembered); torch; openvino (a graph built once and cached next to the "
+                             "Hugging Face cache)" + ("; with --model a folder written by `zsad export`, onnx|openvino run that "
+                                                      "exported graph" if exported else ""))
 
 
 def add_rescore_argument(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained), a checkpoint folder / Hub id, "
                          "or with --engine onnx|openvino a folder written by `zsad export`")
     predict.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (an exported graph's only name by default; "
+                         "optional for a method whose prompts name no product (AnomalyCLIP); "
                          f"optional with --mutual for an untrained method without --profile/--reference: its text map is not "
                          f"used, and the results name the product '{MUTUAL_CLASS_NAME}')")
-    predict.add_argument("--engine", choices=["torch", "onnx", "openvino"], default="torch",
-                         help="torch (default), or run an exported graph with ONNX Runtime / OpenVINO")
+    add_engine_argument(predict, exported=True)
     predict.add_argument("--out", required=True, help="folder for <image>_overlay.png, <image>_mask.png and scores.json")
     predict.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     predict.add_argument("--threshold", type=float,
@@ -144,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--clip", help="CLIP backbone Hub id or local path (default: the checkpoint's own)")
     calibrate.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     add_runtime_arguments(calibrate)
+    add_engine_argument(calibrate)
     calibrate.set_defaults(command_name="calibrate")
 
     export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")

@@ -50,11 +50,11 @@ def _predict(args: argparse.Namespace) -> None:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
     if args.rescore and not args.mutual:
         raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
-    if args.engine != "torch":
+    if _runs_exported_graph(args):
         if args.mutual:
-            raise ZSADError("--mutual needs --engine torch: an exported graph scores one image at a time.")
+            raise ZSADError("--mutual runs a model, not an exported graph (which scores one image at a time).")
         if args.profile or args.reference:
-            raise ZSADError("--profile and --reference need --engine torch; an exported graph carries its own thresholds.")
+            raise ZSADError("--profile and --reference run a model, not an exported graph (which carries its own thresholds).")
         from ..deploy.runtime import ExportedGraphPredictor, OneProcess
 
         detector = ExportedGraphPredictor.load(args.model, args.engine)
@@ -69,15 +69,13 @@ def _predict(args: argparse.Namespace) -> None:
         from ..runtime.distributed import process_group_closed_at_end
         from ..runtime.loading import Runtime
 
-        if args.class_name is None and not args.mutual:
-            raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
         # Under `accelerate launch` every process takes its own share of the images on its own device.
         with process_group_closed_at_end(Accelerator(cpu=args.device == "cpu")) as accelerator:
             device = accelerator.device if accelerator.num_processes > 1 else args.device
             detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
-                                                 runtime=Runtime.resolve(device, args.precision))
-            class_name = _unnamed_mutual_product(detector, args) if args.class_name is None else args.class_name
+                                                 runtime=Runtime.resolve(device, args.precision), engine=args.engine)
             profile = ProductProfile.load(args.profile) if args.profile else None
+            class_name = _product_name(detector, args, profile)
             if args.reference:
                 profile = detector.build_profile(None, class_name, args.reference, progress=accelerator.is_main_process)
                 if accelerator.is_main_process:
@@ -90,10 +88,39 @@ def _predict(args: argparse.Namespace) -> None:
         return
     from .summaries import predict_summary
 
+    if not _runs_exported_graph(args):
+        summary["vision_engine"] = detector.engine.describe()
+
     failed = [record for record in summary["images"] if "error" in record]
     print(predict_summary(summary, args.out))
     if failed:
-        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read (their errors are in scores.json).")
+        raise ZSADError(f"{len(failed)} of {len(summary['images'])} images could not be read or scored (their errors are in "
+                        "scores.json).")
+
+
+def _runs_exported_graph(args: argparse.Namespace) -> bool:
+    """``--engine onnx``, or ``--engine openvino`` with ``--model`` a folder written by ``zsad export``; otherwise the
+    engine runs the vision pass of a model."""
+    from pathlib import Path
+
+    exported = (Path(args.model) / "zsad_deploy.json").is_file()
+    if args.engine == "onnx" and not exported:
+        raise ZSADError(f"--engine onnx runs a folder written by `zsad export`; {args.model} is not one (no zsad_deploy.json).")
+    return args.engine == "onnx" or (args.engine == "openvino" and exported)
+
+
+def _product_name(detector, args: argparse.Namespace, profile) -> str:
+    """``--class-name``; without it, the profile's product or the generic name for a method whose prompts name no
+    product (AnomalyCLIP), or the generic name for ``--mutual`` where no text is used."""
+    from ..modeling.class_names import UNNAMED_PRODUCT
+
+    if args.class_name is not None:
+        return args.class_name
+    if not detector.names_the_product():
+        return profile.class_name if profile else UNNAMED_PRODUCT
+    if args.mutual:
+        return _unnamed_mutual_product(detector, args)
+    raise ZSADError("Say what the product is with --class-name, e.g. --class-name 'metal nut'.")
 
 
 def _mutual_settings(args: argparse.Namespace):
@@ -142,7 +169,7 @@ def _calibrate(args: argparse.Namespace) -> None:
                         "--defective ...` with all the good images.")
     previous = ProductProfile.load(args.out) if args.add else None
     detector = AnomalyDetector.for_model(args.model, clip=args.clip, image_size=args.image_size,
-                                         runtime=Runtime.resolve(args.device, args.precision))
+                                         runtime=Runtime.resolve(args.device, args.precision), engine=args.engine)
     if previous is not None:
         profile = detector.add_references(previous, args.add, false_alarm_rate=args.false_alarm_rate,
                                           allow_higher_rate=True if args.allow_higher_rate else None, progress=True)
@@ -152,6 +179,7 @@ def _calibrate(args: argparse.Namespace) -> None:
                                          allow_higher_rate=args.allow_higher_rate, progress=True)
     profile.save(args.out)
     print(calibrate_summary(profile, args.out, previous))
+    print(f"Vision pass: {detector.engine.describe()}")
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:
@@ -211,4 +239,21 @@ def run(args: argparse.Namespace) -> int:
     except ZSADError as error:
         print(f"zsad {args.command}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"zsad {args.command}: {interrupted_line(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """The one line Ctrl-C ends a command with: what was kept and how to go on."""
+    if args.command_name == "predict":
+        from pathlib import Path
+
+        from .predict import read_records
+
+        out = Path(args.out)
+        kept = sum("score" in record for record in read_records(out)) if out.is_dir() else 0
+        return (f"interrupted; the results of {kept} image{'s' if kept != 1 else ''} are kept in {out.resolve()}. "
+                "Run the same command with --resume to score the rest.")
+    return "interrupted; nothing was written that a later run could mistake for a finished one. Run the command again."

@@ -7,10 +7,12 @@
 ```
 """
 
+import contextlib
 import json
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,7 +23,10 @@ from tqdm.auto import tqdm
 from ..detection.results import MUTUAL_CALIBRATION, Detection, check_optional_threshold
 from ..modeling.class_names import clean_class_name
 from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import is_finite_score, non_finite_message
+from ..runtime.atomic import write_text_atomic
 from ..runtime.images import IMAGE_SUFFIXES, bounded, image_files, read_image
+from .runs import claim_folder, folder_lock, run_record
 
 if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy.runtime) is run through here without it
     from accelerate import PartialState
@@ -31,6 +36,7 @@ if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy.runtime) is run throu
     from ..modeling.mutual_scoring import MutualSettings
 
 RECORDS_GLOB = "records-*.jsonl"
+SCORES_JSON = "scores.json"
 # What a scored image's record holds (an unreadable image's record holds "image" and "error").
 RECORD_KEYS = ("image", "overlay", "mask", "score", "verdict")
 
@@ -83,11 +89,6 @@ def predict_files(
         raise ZSADError(f"The output folder '{out_dir}' is a file; give --out a folder (it is made if it does not exist).")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(zip(paths, _output_names(paths)))
-    records = read_records(out_dir) if resume else []
-    if not resume and state.is_main_process:
-        for stale in out_dir.glob(RECORDS_GLOB):
-            stale.unlink()
-    state.wait_for_everyone()
     method = detector.method_names[0]
     # Mutual verdicts are on each group's own scale: a profile adds its reference map, not its thresholds.
     image_threshold, pixel_threshold, calibration = detector.verdict_thresholds(class_name, threshold, None if mutual else profile)
@@ -95,27 +96,48 @@ def predict_files(
     block = detector.provenance(method, given_name, class_name, (image_threshold, pixel_threshold, calibration))
     options = dict(class_name=class_name, threshold=threshold, profile=profile, display_side=display_side, batch_size=batch_size,
                    block=block)
-    if mutual:
-        plan = _MutualPlan.of(jobs, mutual_settings)
-        _predict_mutual(detector, plan, records, out_dir, state, **options)
+    settings = {"profile": _profile_identity(profile), "tiles": tiles, "display_side": display_side, "mutual": mutual,
+                "mutual_settings": repr(mutual_settings) if mutual else None}
+    with folder_lock(out_dir) if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            claim_folder(out_dir, run_record(block, settings), resume, clear=[RECORDS_GLOB, SCORES_JSON])
         state.wait_for_everyone()
-        if not state.is_main_process:
-            return {}
-        by_image = plan.current_records(read_records(out_dir))
-    else:
-        _predict_each(detector, jobs, records, out_dir, state, tiles=tiles, **options)
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            return {}
-        by_image = {record["image"]: record for record in read_records(out_dir)}
-    summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
-               "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
-               "references": profile.num_references if profile else 0,
-               "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),
-               **({"mutual": True} if mutual else {}),
-               "images": [by_image[str(path)] for path, _ in jobs]}
-    (out_dir / "scores.json").write_text(json.dumps(summary, indent=1) + "\n")
+        records = read_records(out_dir) if resume else []
+        if mutual:
+            plan = _MutualPlan.of(jobs, mutual_settings)
+            reused = len(jobs) - sum(map(len, plan.to_do(records)))
+            _predict_mutual(detector, plan, records, out_dir, state, **options)
+            state.wait_for_everyone()
+            if not state.is_main_process:
+                return {}
+            by_image = plan.current_records(read_records(out_dir))
+        else:
+            finished = {record["image"] for record in records if "score" in record}
+            reused = sum(str(path) in finished for path, _ in jobs)
+            _predict_each(detector, jobs, records, out_dir, state, tiles=tiles, **options)
+            state.wait_for_everyone()
+            if not state.is_main_process:
+                return {}
+            by_image = {record["image"]: record for record in read_records(out_dir)}
+        summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
+                   "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
+                   "references": profile.num_references if profile else 0,
+                   "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),
+                   **({"mutual": True} if mutual else {}), **({"reused": reused} if reused else {}),
+                   "images": [by_image[str(path)] for path, _ in jobs]}
+        write_text_atomic(out_dir / SCORES_JSON, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _profile_identity(profile: "ProductProfile | None") -> dict | None:
+    """What tells one profile from another in a run record: its product, method, references and calibration (not the time
+    it was made: ``--reference DIR`` builds the same profile afresh on every run)."""
+    if profile is None:
+        return None
+    calibration = profile.calibration
+    return {"class_name": profile.class_name, "method": profile.method, "references": profile.num_references,
+            "fusion_weight": profile.fusion.weight,
+            "thresholds": [calibration.image_threshold, calibration.pixel_threshold] if calibration else None}
 
 
 def stated_bound(profile) -> float | None:
@@ -250,13 +272,20 @@ def _parsed_record(line: bytes) -> tuple[dict | None, str | None]:
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with a counter where two inputs share one (``a/x.png``, ``b/x.png``)."""
-    seen: dict[str, int] = {}
+    """One name per input for its overlay and mask, unique case-insensitively (as the Space's ``masks.zip``): the file's
+    stem where no other input shares it, else its full name (``x.jpg``, ``x.png``), numbered where even that repeats
+    (``a/x.png``, ``b/x.png``: ``x.png``, ``x.png (2)``)."""
+    stems = Counter(path.stem.casefold() for path in paths)
+    taken: set[str] = set()
     names = []
     for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+        base = path.stem if stems[path.stem.casefold()] == 1 else path.name
+        candidate, number = base, 1
+        while candidate.casefold() in taken:
+            number += 1
+            candidate = f"{base} ({number})"
+        taken.add(candidate.casefold())
+        names.append(candidate)
     return names
 
 
@@ -276,7 +305,10 @@ def _predict_chunk(detect: Callable[[list], list[Detection]], chunk, out_dir: Pa
 
 
 def _write_outputs(path: Path, name: str, result: Detection, out_dir: Path, bound: int | None) -> dict:
-    """The image's overlay and mask written (their longest side at most ``bound`` when given), and its record."""
+    """The image's overlay and mask written (their longest side at most ``bound`` when given), and its record; a
+    non-finite score is an error record instead (never a verdict)."""
+    if not is_finite_score(result.score):
+        return _error_record(path, ZSADError(non_finite_message(result.score)))
     overlay, mask = result.overlay, result.mask_image()
     if bound:
         overlay, mask = bounded(overlay, bound), bounded(mask, bound)

@@ -23,8 +23,12 @@ def predict_summary(summary: dict, out_dir) -> str:
         f"'{summary['class_name']}'{renamed(block)}: {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
         f"{summary['threshold']:.3f} ({summary['calibration']}).",
         f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
+        *([f"{len(summary['images']) - summary['reused']} scored now, {summary['reused']} reused from the interrupted run."]
+          if summary.get("reused") else []),
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",
     ]
+    if summary.get("vision_engine"):
+        lines.append(f"Vision pass: {summary['vision_engine']}")
     if noise_warning(block):
         lines.append(noise_warning(block))
     if summary.get("mutual"):

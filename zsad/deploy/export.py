@@ -16,7 +16,6 @@ pre-processing, names and thresholds.
 """
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -30,10 +29,11 @@ from ..detection.fusion import scored
 from ..detection.profile import ProductProfile
 from ..detection.results import check_optional_threshold, thresholds
 from ..modeling.class_name_filter import CNF_HARD, CNF_SOFT, ClassNameDecision, keeps_name
+from ..modeling.class_names import UNNAMED_PRODUCT, clean_class_name
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import PROCESSOR_FILE
 from ..modeling.modeling_genclip import GenCLIPModel
-from ..modeling.prompting import clean_class_name
+from ..runtime.atomic import atomic_folder
 from ..runtime.loading import load_model
 from ..runtime.methods import method_of
 from ..runtime.provenance import provenance
@@ -248,57 +248,57 @@ def export(
     check_optional_threshold(threshold)
     if isinstance(profile, (str, Path)):
         profile = ProductProfile.load(profile)
-    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
-    if not names:
-        raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
     source = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or method_of(model)
     if isinstance(model, str):
         overrides = {"image_size": image_size} if image_size else {}
         model = load_model(model, clip=clip, precision="float32", **overrides)
+    names = list(dict.fromkeys(clean_class_name(name) for name in class_names or ([profile.class_name] if profile else [])))
+    if not names and not model.config.uses_class_names:
+        names = [UNNAMED_PRODUCT]  # prompts that name no product: one column, whatever the product
+    if not names:
+        raise ZSADError("Give at least one --class-name: the product names the exported graph scores.")
     if profile is not None:
         check_profile(profile, model, names)
     if model.require_backbone().dtype != torch.float32:
         model.require_backbone().set_vision_dtype(torch.float32)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ZSADError(f"--out {out_dir} is a file; give a folder (new or existing) for the graph and {CONFIG_NAME}.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = deploy_config(model, names, "onnx", "float32", graph_thresholds(profile, names, threshold), str(source), profile)
-    direct = format == "onnx" and precision == "float32"
-    with tempfile.TemporaryDirectory() as scratch:
-        fp32 = out_dir if direct else Path(scratch)
-        graph_path = export_onnx(ExportGraph(model, names, profile), fp32 / GRAPH_FILES["onnx"])
+        raise ZSADError(f"--out {out_dir} is a file; give a folder (new, empty or an earlier export) for the graph and {CONFIG_NAME}.")
+    # One artefact: a kill leaves the earlier export or this one, never one's graph with the other's config.
+    with atomic_folder(out_dir, marker=CONFIG_NAME) as staging, tempfile.TemporaryDirectory() as scratch:
+        direct = format == "onnx" and precision == "float32"
+        fp32 = staging if direct else Path(scratch)
+        export_onnx(ExportGraph(model, names, profile), fp32 / GRAPH_FILES["onnx"])
+        config = deploy_config(model, names, "onnx", "float32", graph_thresholds(profile, names, threshold), str(source), profile)
+        (fp32 / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
         model.image_processor.save_pretrained(fp32)
-        write_text_atomically(fp32 / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
-        return graph_path if direct else convert_graph_folder(fp32, out_dir, format, precision)
+        if not direct:
+            write_converted_graph(fp32, staging, format, precision)
+    return out_dir / GRAPH_FILES[format]
 
 
 def convert_graph_folder(source: str | Path, out_dir: str | Path, format: str, precision: str) -> Path:
-    """A graph folder of another format / precision made from a float32 ONNX folder written by ``export`` (what
-    ``export`` itself ends with): the graph, ``preprocessor_config.json`` and ``zsad_deploy.json``, the config
-    written last so that a folder holding it is complete. Returns the graph's path."""
-    source, out_dir = Path(source), Path(out_dir)
+    """A graph folder of another format / precision made from a float32 ONNX folder written by ``export`` (as
+    ``export`` itself makes them), written as one artefact like ``export``'s. Returns the graph's path."""
+    with atomic_folder(out_dir, marker=CONFIG_NAME) as staging:
+        write_converted_graph(Path(source), staging, format, precision)
+    return Path(out_dir) / GRAPH_FILES[format]
+
+
+def write_converted_graph(source: Path, target: Path, format: str, precision: str) -> None:
+    """The graph converted from ``source``'s float32 ONNX graph, its ``preprocessor_config.json`` and its
+    ``zsad_deploy.json`` naming the new format and precision, into the folder ``target``."""
     config = json.loads((source / CONFIG_NAME).read_text())
     if (config["format"], config["precision"]) != ("onnx", "float32"):
         raise ZSADError(f"{source} holds a {config['format']} {config['precision']} graph; convert from a float32 ONNX export.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path, graph_path = source / GRAPH_FILES["onnx"], out_dir / GRAPH_FILES[format]
+    onnx_path, graph_path = source / GRAPH_FILES["onnx"], target / GRAPH_FILES[format]
     if format == "openvino":
         convert_openvino(onnx_path, graph_path, int8=precision == "int8")
     elif precision == "int8":
         quantize_onnx_int8(onnx_path, graph_path)
     else:
         shutil.copyfile(onnx_path, graph_path)
-    shutil.copyfile(source / PROCESSOR_FILE, out_dir / PROCESSOR_FILE)
-    config.update(format=format, precision=precision, graph=graph_path.name)
-    write_text_atomically(out_dir / CONFIG_NAME, json.dumps(config, indent=1) + "\n")
-    return graph_path
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """A temporary file beside ``path``, flushed to disk, then renamed over it."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    shutil.copyfile(source / PROCESSOR_FILE, target / PROCESSOR_FILE)
+    provenance_block = {**config["provenance"], "precision": precision}
+    config.update(format=format, precision=precision, graph=graph_path.name, provenance=provenance_block)
+    (target / CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")

@@ -21,7 +21,6 @@ from ..data.model_input import resized_mask
 from ..modeling.clip_backbone import ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from ..modeling.prompting import clean_class_name
 from ..runtime.images import image_files, load_image
 from .conformal import reachable_rank
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, choose_weight
@@ -70,7 +69,7 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     check_quantile(quantile, margin)
     if fusion_weight is not None and not 0.0 <= fusion_weight <= 1.0:
         raise ZSADError(f"The fusion weight must be between 0 and 1, got {fusion_weight}.")
-    name = clean_class_name(class_name)
+    name = detector.product_name(class_name, methods)
     normal = read_images(normal_images, "good")
     rule = ThresholdRule(quantile, margin, false_alarm_rate, allow_higher_rate)
     rule.check_reachable(len(normal))

@@ -22,11 +22,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
+from ..modeling.class_names import product_name
 from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from ..modeling.prompting import clean_class_name
+from ..runtime.engine import TorchEngine
+from ..runtime.engine_choice import vision_engine
 from ..runtime.errors import BackboneLoadError
 from ..runtime.images import LoadedImage, read_image
 from ..runtime.loading import Runtime, checkpoint_method, load_method, shared_backbone
@@ -46,8 +48,10 @@ __all__ = ["DEFAULT_THRESHOLD", "AnomalyDetector", "BackboneLoadError", "Detecti
 class AnomalyDetector:
     """Holds one shared backbone and any number of method models by name; does pre- and post-processing."""
 
-    def __init__(self, backbone: CLIPBackbone, models: Mapping[str, ZSADPreTrainedModel] | None = None):
+    def __init__(self, backbone: CLIPBackbone, models: Mapping[str, ZSADPreTrainedModel] | None = None, engine=None):
         self.backbone = backbone
+        # What runs the vision pass (``zsad.runtime.engine``): torch unless an engine is given (``load`` picks one by name).
+        self.engine = engine or TorchEngine(backbone)
         self.models: dict[str, ZSADPreTrainedModel] = {}
         for name, model in (models or {}).items():
             self.add(name, model)
@@ -62,6 +66,7 @@ class AnomalyDetector:
         image_size: int | None = None,
         device: str | torch.device | None = "auto",
         runtime: Runtime | None = None,
+        engine: str | None = None,
     ) -> "AnomalyDetector":
         """Load the backbone once, then every method: from its checkpoint (path or Hub id) where one is
         given, else untrained on the backbone. ``methods`` defaults to all of ``zsad.METHODS``.
@@ -71,7 +76,9 @@ class AnomalyDetector:
         ``device`` ("auto": the first CUDA GPU, then MPS, else the CPU) and ``precision`` ("auto", "float32",
         "bfloat16", "float16", "int8") say where the backbone and every model run and in which precision, decided by
         ``zsad.runtime.loading.Runtime.resolve`` as on every other surface (``runtime``: an already resolved one). A ready
-        ``CLIPBackbone`` passed as ``clip`` keeps its own.
+        ``CLIPBackbone`` passed as ``clip`` keeps its own. ``engine`` runs the vision pass: "torch", "openvino" (a graph
+        cached on disk, ``zsad.runtime.engine``) or "auto" (the faster of them here, measured on first use:
+        ``zsad.runtime.engine_choice``); default ``$ZSAD_ENGINE``, else "auto".
         """
         checkpoints = {name: path for name, path in (checkpoints or {}).items() if path}
         unknown = sorted(set(checkpoints) - set(METHODS))
@@ -79,7 +86,7 @@ class AnomalyDetector:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
         runtime = runtime or Runtime.resolve(device, precision)
         backbone = shared_backbone(clip, checkpoints.values(), runtime)
-        detector = cls(backbone)
+        detector = cls(backbone, engine=vision_engine(backbone, engine))
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
         return detector
@@ -87,15 +94,17 @@ class AnomalyDetector:
     @classmethod
     def for_model(
         cls, model: str, clip: str | CLIPBackbone | None = None, precision: str = "auto", image_size: int | None = None,
-        device: str | torch.device | None = "auto", runtime: Runtime | None = None,
+        device: str | torch.device | None = "auto", runtime: Runtime | None = None, engine: str | None = None,
     ) -> "AnomalyDetector":
         """A detector holding one model: a method name (untrained) or a checkpoint's path / Hub id."""
         if model in METHODS:
-            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime)
+            return cls.load(methods=[model], clip=clip, precision=precision, image_size=image_size, device=device, runtime=runtime,
+                            engine=engine)
         if image_size:
             raise ZSADError("An image size can be set only for untrained models; a checkpoint keeps the size it was trained at.")
         method = checkpoint_method(model)
-        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime)
+        return cls.load(methods=[method], checkpoints={method: model}, clip=clip, precision=precision, device=device, runtime=runtime,
+                        engine=engine)
 
     def add(self, name: str, model: ZSADPreTrainedModel) -> None:
         """Hold ``model`` under ``name``; it must run on this detector's backbone."""
@@ -118,6 +127,17 @@ class AnomalyDetector:
         """(image threshold, pixel threshold, where they come from): ``threshold``, else the profile's, else 0.5."""
         return thresholds(threshold, profile.calibration if profile else None)
 
+    def names_the_product(self, methods: str | Sequence[str] | None = None) -> bool:
+        """Whether the prompts of ``methods`` (default: every held one) name the product (``config.uses_class_names``),
+        so that a class name must be given."""
+        methods = [methods] if isinstance(methods, str) else methods or self.method_names
+        return any(self.model(method).config.uses_class_names for method in methods)
+
+    def product_name(self, class_name: str | None, methods: str | Sequence[str] | None = None) -> str:
+        """``class_name`` as the prompts of ``methods`` (default: every held one) use it. It may be empty or None when
+        none of them names the product (e.g. AnomalyCLIP): then ``UNNAMED_PRODUCT``."""
+        return product_name(class_name, required=self.names_the_product(methods))
+
     def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
                    threshold_rule: tuple[float, float, str] | None) -> dict:
         """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name and rule."""
@@ -125,7 +145,7 @@ class AnomalyDetector:
                           threshold_rule=threshold_rule)
 
     def model(self, method: str) -> ZSADPreTrainedModel:
-        if method not in self.models:
+        if not isinstance(method, str) or method not in self.models:
             raise ZSADError(f"Unknown method '{method}'; this detector holds {self.method_names}.")
         return self.models[method]
 
@@ -164,7 +184,7 @@ class AnomalyDetector:
         loaded = read_image(image, max_side=display_side)
         picture = loaded.image
         check_optional_threshold(threshold)
-        name = clean_class_name(class_name)
+        name = self.product_name(class_name)
         shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
@@ -182,9 +202,7 @@ class AnomalyDetector:
         """One vision pass over ``pictures`` at ``vision_pass`` (input size, position interpolation): {value-value
         start (None: the stock tokens): features at the layers ``streams`` names for it}."""
         size, position_interpolation = vision_pass
-        pixel_values = self.image_processor(size).pixel_values(pictures)
-        with torch.inference_mode():
-            return self.backbone.encode_image_streams(pixel_values.to(self.device), streams, position_interpolation)
+        return self.engine.encode_streams(self.image_processor(size).pixel_values(pictures), streams, position_interpolation)
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
@@ -219,7 +237,7 @@ class AnomalyDetector:
         names = list(class_names) if isinstance(class_names, (list, tuple)) else [class_names] * len(pictures)
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
-        names = [clean_class_name(name) for name in names]
+        names = [self.product_name(name, method) for name in names]
         features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 

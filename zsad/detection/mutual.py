@@ -48,7 +48,6 @@ from ..modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
-from ..modeling.prompting import clean_class_name
 from ..runtime.images import read_image
 from ..runtime.methods import status
 from .references import reference_map
@@ -152,7 +151,7 @@ def detect_mutual_groups(detector, images: Iterable, class_name: str, method: st
     keys = lot_keys(images) if keys is None else list(keys)
     groups = lot_groups(keys, settings, names) if groups is None else [list(group) for group in groups]
     model = detector.model(method)
-    name = clean_class_name(class_name)
+    name = detector.product_name(class_name, method)
     text_weight = default_text_weight(settings, status(model) == "trained")
     reference = None
     if profile is not None:

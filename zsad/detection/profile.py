@@ -11,7 +11,9 @@ Thresholds come from leave-one-out scores of the good images (each scored agains
 itself) and, when given, the scores of defective images (docs/METHODS.md, "Calibration").
 """
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from ..modeling.exceptions import ZSADError
+from ..runtime.atomic import atomic_folder
 from ..runtime.provenance import zsad_version
 from .conformal import conformal_threshold, false_alarm_bound, good_images_needed, rate_in_words
 from .profile_card import CARD_FILE, profile_card
@@ -291,21 +294,24 @@ class ProductProfile:
     # ----- files -----------------------------------------------------------------------------------
 
     def save(self, directory) -> Path:
-        """Write ``memory.safetensors`` (the reference features), ``profile.json`` (everything else) and its card
-        ``README.md``."""
+        """Write ``memory.safetensors`` (the reference features), ``profile.json`` (everything else, with the memory's
+        sha256) and its card ``README.md`` as one artefact: into a temporary folder that then replaces ``directory`` (an
+        earlier profile there is replaced whole; a kill leaves the old profile or the new one, never one's memory with the
+        other's json)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"layer_{layer}": features.contiguous() for layer, features in zip(self.memory.layers, self.memory.features)}
         if self.outputs is not None:
             tensors |= {METHOD_MAPS: self.outputs.maps.cpu().contiguous(), GLOBAL_SCORES: self.outputs.global_scores.cpu().contiguous()}
-        save_file(tensors, directory / MEMORY_FILE, metadata={"format": "pt"})
-        (directory / PROFILE_JSON).write_text(json.dumps(self._json(), indent=1) + "\n")
-        (directory / CARD_FILE).write_text(profile_card(self))
+        memory = save(tensors, metadata={"format": "pt"})
+        with atomic_folder(directory, marker=PROFILE_JSON) as staging:
+            (staging / MEMORY_FILE).write_bytes(memory)
+            (staging / PROFILE_JSON).write_text(json.dumps(self._json(sha256(memory)), indent=1) + "\n")
+            (staging / CARD_FILE).write_text(profile_card(self))
         return directory
 
-    def _json(self) -> dict:
+    def _json(self, memory_sha256: str) -> dict:
         return {
-            "format_version": FORMAT_VERSION, "method": self.method, "class_name": self.class_name,
+            "format_version": FORMAT_VERSION, "memory_sha256": memory_sha256, "method": self.method, "class_name": self.class_name,
             "num_references": self.num_references, "fusion": asdict(self.fusion),
             "vv_attention_from": self.memory.vv_attention_from, "position_interpolation": self.memory.position_interpolation,
             "calibration": asdict(self.calibration) if self.calibration else None,
@@ -320,7 +326,7 @@ class ProductProfile:
         """Read a profile written by ``save``; a missing, truncated or inconsistent file is a ZSADError."""
         directory = Path(directory)
         meta = _read_json(directory / PROFILE_JSON)
-        tensors = _read_memory(directory / MEMORY_FILE)
+        tensors = _read_memory(directory / MEMORY_FILE, meta.get("memory_sha256"))
         try:
             layers = [int(layer) for layer in meta["feature_layers"]]
             features = [tensors[f"layer_{layer}"] for layer in layers]
@@ -328,8 +334,10 @@ class ProductProfile:
                                      meta.get("position_interpolation", "bicubic"))  # profiles from before the field: bicubic
             _check_memory(memory, int(meta["num_references"]))
             calibration = Calibration(**meta["calibration"]) if meta["calibration"] else None
+            fusion = FusionScale(**meta["fusion"])
+            _check_numbers(calibration, fusion)
             return cls(meta["method"], meta["class_name"], memory, calibration, meta["backbone"], meta["backbone_revision"],
-                       FusionScale(**meta["fusion"]), meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"),
+                       fusion, meta["zsad_version"], meta["created"], meta.get("backbone_hub_id"),
                        meta.get("provenance"), _read_outputs(tensors, memory))
         except (KeyError, TypeError, ValueError) as error:
             raise ZSADError(f"The product profile in {directory} is incomplete or inconsistent ({type(error).__name__}: {error}); "
@@ -353,13 +361,47 @@ def _read_json(path: Path) -> dict:
     return meta
 
 
-def _read_memory(path: Path) -> dict[str, torch.Tensor]:
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _read_memory(path: Path, expected_sha256) -> dict[str, torch.Tensor]:
+    """The memory's tensors, after checking its bytes are the ones ``profile.json`` was written with."""
     if not path.is_file():
         raise ZSADError(f"No {MEMORY_FILE} in {path.parent}: the reference features are missing; build the profile again.")
+    if not isinstance(expected_sha256, str):
+        raise ZSADError(f"{path.parent / PROFILE_JSON} records no sha256 of {MEMORY_FILE} (a profile written by an older zsad, "
+                        "or edited); build the profile again with `zsad calibrate`.")
+    data = path.read_bytes()
+    if sha256(data) != expected_sha256:
+        raise ZSADError(f"{path} is not the memory {PROFILE_JSON} was written with (sha256 differs): the file was replaced, "
+                        "copied from another profile or damaged. Build the profile again with `zsad calibrate`.")
     try:
-        return load_file(path)
+        return load(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise ZSADError(f"{path} could not be read ({error}); the file is truncated or corrupt, build the profile again.") from error
+
+
+def _check_numbers(calibration: Calibration | None, fusion: FusionScale) -> None:
+    """ValueError naming the first threshold outside [0, 1], spread not positive or number not finite."""
+    unit_interval = {"fusion weight": fusion.weight}
+    if calibration is not None:
+        unit_interval |= {"image threshold": calibration.image_threshold, "pixel threshold": calibration.pixel_threshold}
+    for name, value in unit_interval.items():
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"the {name} {value!r} is not a number in [0, 1]")
+    for name in ("method_spread", "reference_spread"):
+        value = getattr(fusion, name)
+        if value is not None and (not _is_number(value) or value <= 0.0):
+            raise ValueError(f"the fusion's {name} {value!r} is not a positive number")
+    for name in ("method_location", "reference_location"):
+        value = getattr(fusion, name)
+        if value is not None and not _is_number(value):
+            raise ValueError(f"the fusion's {name} {value!r} is not a finite number")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_outputs(tensors: dict[str, torch.Tensor], memory: ReferenceMemory) -> MethodOutputs | None:

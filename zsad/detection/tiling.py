@@ -15,7 +15,6 @@ import numpy as np
 
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import resize_map
-from ..modeling.prompting import clean_class_name
 from ..runtime.images import read_image
 from ..runtime.methods import status
 from .results import Detection, build_detection, check_optional_threshold, thresholds
@@ -51,7 +50,7 @@ def detect_tiled(detector, image, class_name: str, method: str | None = None, th
     model = detector.model(method)
     check_optional_threshold(threshold)
     loaded = read_image(image)
-    picture, name = loaded.image, clean_class_name(class_name)
+    picture, name = loaded.image, detector.product_name(class_name, method)
     processor = detector.image_processor(model.config.image_size)
     boxes = tile_boxes(picture.size, processor.size, overlap)
     total = np.zeros((picture.height, picture.width), dtype=np.float32)

@@ -42,6 +42,7 @@ from ..metrics import METRICS, PIXEL_METRICS, Curves, ThresholdCurve, image_curv
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import resize_map
 from ..modeling.prompting import clean_class_name
+from ..runtime.atomic import write_text_atomic
 from ..runtime.images import load_image
 from ..runtime.loading import Runtime, load_model, runtime_backbone
 from ..runtime.methods import METHODS
@@ -268,8 +269,8 @@ def write_outputs(report: dict, records: list[Record], out_dir) -> dict[str, Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["markdown"].write_text(markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
+    write_text_atomic(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_text_atomic(paths["markdown"], markdown_table(report) + (few_shot_table(report) if "few_shot" in report else ""))
     notes = report.get("notes", {})
     level_notes = {"Pixel": "; ".join(f"{name}: {note}" for name, note in notes.items())} if notes else {}
     if report.get("mutual"):

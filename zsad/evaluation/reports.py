@@ -134,8 +134,9 @@ def model_index_results(reports: list[EvaluationReport]) -> list[EvalResult]:
 
 
 def training_dataset(config: PreTrainedConfig) -> str | None:
-    """The auxiliary training dataset's name from the training metadata (None when the config does not record it)."""
-    return getattr(config, "training_dataset", None)
+    """The auxiliary training dataset's name from the training metadata, or what a converted checkpoint's authors
+    trained it on (None when the config records neither)."""
+    return getattr(config, "training_dataset", None) or getattr(config, "trained_on", None)
 
 
 def check_evaluation(report: EvaluationReport, config: PreTrainedConfig, digest: str | None = None) -> None:

@@ -116,7 +116,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
-        license="apache-2.0",
+        license=(getattr(config, "source_license", None) or "apache-2.0").lower(),  # converted weights keep theirs
         pipeline_tag="image-segmentation",
         inference=False,  # the Hub's hosted widget does not run custom code; the card shows the pipeline instead
         tags=["zsad", method_of(config), "anomaly-detection", "zero-shot", "clip", "industrial-inspection"],

@@ -3,6 +3,9 @@
 from .exceptions import ZSADError
 
 MAX_CLASS_NAME_CHARS = 200
+# The product's name where none is given and none is needed: a method whose prompts name no product (AnomalyCLIP),
+# or mutual scoring without text; AnomalyCLIP's own object-agnostic word.
+UNNAMED_PRODUCT = "object"
 
 
 def clean_class_name(name: str) -> str:
@@ -18,3 +21,11 @@ def clean_class_name(name: str) -> str:
             "(a short product name such as 'screw' works best)."
         )
     return cleaned
+
+
+def product_name(name: str | None, required: bool = True) -> str:
+    """``clean_class_name(name)``; when the name is not ``required`` (the prompts name no product), an empty or
+    missing name is ``UNNAMED_PRODUCT``."""
+    if not required and (name is None or (isinstance(name, str) and not name.strip())):
+        return UNNAMED_PRODUCT
+    return clean_class_name(name)

@@ -244,6 +244,11 @@ class CLIPBackbone(nn.Module):
                              position_interpolation: str = "bicubic") -> dict:
         """``encode_image`` for several ``vv_attention_from`` values ({K or None: layers}) in one vision pass: each
         extra K costs its own value-value stream, not another pass."""
+        self.check_streams(pixel_values, layers_by_start, position_interpolation)
+        return self._run_vision_tower(pixel_values.to(device=self.device, dtype=self.dtype), layers_by_start, position_interpolation)
+
+    def check_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> None:
+        """A ZSADError unless ``encode_image_streams`` can run these pixels, streams and interpolation."""
         num_layers = self.vision_config.num_hidden_layers
         for start, layers in layers_by_start.items():
             if not layers or any(not 1 <= layer <= num_layers for layer in layers):
@@ -253,7 +258,6 @@ class CLIPBackbone(nn.Module):
         if position_interpolation not in POSITION_INTERPOLATIONS:
             raise ZSADError(f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got {position_interpolation!r}.")
         check_pixel_values(pixel_values, self.vision_config.patch_size)
-        return self._run_vision_tower(pixel_values.to(device=self.device, dtype=self.dtype), layers_by_start, position_interpolation)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
         """The vision tower as one loop over its blocks; every intermediate is a local, so concurrent calls share

@@ -49,9 +49,18 @@ class AnomalyCLIPConfig(ZSADBaseConfig):
     source_file: str | None = setting(None, "Converted checkpoints: the authors' .pth file this model was made from.")
     source_sha256: str | None = setting(None, "Converted checkpoints: sha256 of that file.")
     trained_on: str | None = setting(None, "The auxiliary dataset the prompts were trained on (e.g. VisA, MVTec AD).")
+    reported_results: dict | None = setting(
+        None, "Converted checkpoints of the authors' published runs: what the authors report for that run (AnomalyCLIP, "
+        "Table 1), never measured by zsad."
+    )
     paper: str = setting(ANOMALYCLIP_PAPER, "The method's paper.")
     source_code: str = setting(ANOMALYCLIP_CODE, "The authors' code.")
     source_license: str = setting(ANOMALYCLIP_LICENSE, "Licence of the authors' code and published weights.")
+
+    @property
+    def uses_class_names(self) -> bool:
+        """Object-agnostic prompts: "object." and "damaged object." name no product."""
+        return False
 
     def __post_init__(self, **kwargs):
         if self.feature_layers is None:

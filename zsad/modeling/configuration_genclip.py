@@ -86,6 +86,7 @@ class GenCLIPConfig(ZSADBaseConfig):
     )
 
     def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)  # field types first
         if self.cnf_generic_nouns is None:
             self.cnf_generic_nouns = list(DEFAULT_CNF_GENERIC_NOUNS)
         self.cnf_generic_nouns = [str(noun) for noun in self.cnf_generic_nouns]
@@ -97,7 +98,6 @@ class GenCLIPConfig(ZSADBaseConfig):
             raise ZSADError(f"image_loss_branch must be one of {IMAGE_LOSS_BRANCHES}, got {self.image_loss_branch!r}.")
         if self.image_loss_weight < 0:
             raise ZSADError(f"image_loss_weight must be at least 0 (0 trains on the maps only), got {self.image_loss_weight}.")
-        super().__post_init__(**kwargs)
 
 
 GenCLIPConfig.register_for_auto_class()

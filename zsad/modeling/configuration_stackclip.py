@@ -49,6 +49,7 @@ class StackCLIPConfig(ZSADBaseConfig):
     rpl_regularizer_weight: float = setting(1.0, "lambda of lambda * (1 - cos(learned, stacked)) per state.")
 
     def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)  # field types first
         if self.efa_training not in EFA_TRAINING_MODES:
             raise ZSADError(f"efa_training must be one of {EFA_TRAINING_MODES}, got '{self.efa_training}'.")
         if self.cluster_spread not in SPREAD_REDUCTIONS:
@@ -57,7 +58,6 @@ class StackCLIPConfig(ZSADBaseConfig):
             raise ZSADError(f"num_clusters must be at least 1 (or None to choose it), got {self.num_clusters}.")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ZSADError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}.")
-        super().__post_init__(**kwargs)
 
     @property
     def num_head_sets(self) -> int:

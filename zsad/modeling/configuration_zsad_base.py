@@ -5,10 +5,14 @@ its value and this text (``zsad.hub.publish.config_settings``).
 """
 
 import json
+import math
 import re
-from dataclasses import field
+import types
+import typing
+from dataclasses import field, fields
 from pathlib import Path
 
+from huggingface_hub.dataclasses import type_validator
 from transformers import PreTrainedConfig
 
 from .clip_backbone import POSITION_INTERPOLATIONS, quarter_point_layers
@@ -62,17 +66,31 @@ class ZSADBaseConfig(PreTrainedConfig):
     is_trained: bool = setting(False, "False for a training-free model made by from_clip.")
 
     def __post_init__(self, **kwargs):
+        check_field_types(self)
+        for name in ("num_vision_layers", "patch_size", "vision_hidden_size", "text_hidden_size", "projection_dim",
+                     "smoothing_reference_size"):
+            check_range(name, getattr(self, name), low=1)
+        check_range("image_size", self.image_size, low=self.patch_size)
         if self.feature_layers is None:
             self.feature_layers = quarter_point_layers(self.num_vision_layers)
-        self.feature_layers = [int(layer) for layer in self.feature_layers]
-        if self.vv_attention_from is not None:
-            self.vv_attention_from = int(self.vv_attention_from)
-            if not 1 <= self.vv_attention_from <= self.num_vision_layers:
-                raise ZSADError(f"vv_attention_from must be a vision block in 1..{self.num_vision_layers} or None, "
-                                f"got {self.vv_attention_from}.")
+        if not self.feature_layers or not all(1 <= layer <= self.num_vision_layers for layer in self.feature_layers):
+            raise ZSADError(f"feature_layers must be a non-empty list of vision blocks in 1..{self.num_vision_layers}, "
+                            f"got {self.feature_layers}.")
+        if self.vv_attention_from is not None and not 1 <= self.vv_attention_from <= self.num_vision_layers:
+            raise ZSADError(f"vv_attention_from must be a vision block in 1..{self.num_vision_layers} or None, "
+                            f"got {self.vv_attention_from}.")
+        check_range("logit_scale", self.logit_scale, low=0.0, low_open=True)
+        check_range("smoothing_sigma", self.smoothing_sigma, low=0.0)
+        check_range("image_score_map_weight", self.image_score_map_weight, low=0.0, high=1.0)
         if self.position_interpolation not in POSITION_INTERPOLATIONS:
             raise ZSADError(f"position_interpolation must be one of {list(POSITION_INTERPOLATIONS)}, got {self.position_interpolation!r}.")
         super().__post_init__(**kwargs)
+
+    @property
+    def uses_class_names(self) -> bool:
+        """Whether the method's prompts name the product; where not, class names are accepted and not used, and may
+        be left out."""
+        return True
 
     @property
     def vision_pass(self) -> tuple[int, str]:
@@ -93,6 +111,52 @@ class ZSADBaseConfig(PreTrainedConfig):
         if self.base_model_hub_id and not Path(name).exists():
             return self.base_model_hub_id, self.base_model_revision
         return name, self.base_model_revision
+
+
+def check_field_types(config: PreTrainedConfig) -> None:
+    """Every zsad field (one declared with ``setting``) holds its annotated type, else a ZSADError naming it: a
+    config.json edited to ``"image_size": "112"`` is refused here rather than failing deep inside torch.
+
+    huggingface_hub's ``type_validator`` does the checking; its ``@strict`` decorator is not used on the classes
+    because it refuses an int for a float field (``"fusion_weight": 1`` in configs already saved) and raises its own
+    error type. Ints given for float fields are stored as floats here.
+    """
+    for config_field in fields(config):
+        if "description" not in config_field.metadata:
+            continue
+        name, expected = config_field.name, config_field.type
+        value = getattr(config, name)
+        if _is_int(value) and float in _allowed_types(expected):
+            value = float(value)
+            setattr(config, name, value)
+        try:
+            type_validator(name, value, expected)
+        except (TypeError, ValueError) as error:
+            raise ZSADError(f"Config field '{name}' must be {_type_name(expected)}, got {value!r} "
+                            f"({type(value).__name__}); fix it in config.json or pass a valid value.") from error
+
+
+def check_range(name: str, value, low=None, high=None, low_open: bool = False) -> None:
+    """A ZSADError unless ``value`` is finite and within [low, high] (low excluded when ``low_open``)."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if not math.isfinite(value) or too_low or too_high:
+        bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ZSADError(f"Config field '{name}' must be a finite number in {bounds}, got {value!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _allowed_types(expected) -> tuple:
+    """The members of a union annotation (``int | None``), else the annotation alone."""
+    return typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+
+
+def _type_name(expected) -> str:
+    return " or ".join("None" if allowed is type(None) else str(allowed) if typing.get_args(allowed) else allowed.__name__
+                       for allowed in _allowed_types(expected))
 
 
 def backbone_reference(clip_name_or_path, revision: str | None = None, hub_id: str | None = None) -> dict:

@@ -12,6 +12,7 @@ Importing this module does not import torch (the two functions that return or ta
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,13 +247,25 @@ class ZSADImageProcessor:
 
 
 def check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ZSADError(f"The threshold must be a number between 0 and 1, got {threshold!r}.")
 
 
 def verdict(score: float, threshold: float) -> str:
-    """"anomalous" when the image score reaches the threshold, else "normal"."""
+    """"anomalous" when the image score reaches the threshold, else "normal"; a non-finite score is a ZSADError, never
+    a verdict (NaN compares false with everything, so it would read "normal")."""
+    if not is_finite_score(score):
+        raise ZSADError(non_finite_message(score))
     return "anomalous" if score >= threshold else "normal"
+
+
+def is_finite_score(score) -> bool:
+    return math.isfinite(float(score))
+
+
+def non_finite_message(score) -> str:
+    return (f"the model returned {float(score)} as the image score, so there is no verdict; its weights or the product "
+            "profile's scale are broken: load the checkpoint and profile again, or rebuild them")
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:

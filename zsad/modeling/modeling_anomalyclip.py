@@ -29,6 +29,11 @@ class AnomalyCLIPModel(ZSADPreTrainedModel):
     """Frozen CLIP + learned prompt context (2 states x n_ctx tokens) + deep prompt tokens (depth - 1 sets)."""
 
     config_class = AnomalyCLIPConfig
+    works_untrained = False
+    # The authors' train.py / train.sh: 15 epochs, batch 8, Adam lr 1e-3 betas (0.5, 0.999); 518 px and the last
+    # layer are the config's defaults, the loss (focal + two Dice terms per map, times 4, plus the image
+    # cross-entropy) is this forward's.
+    training_recipe = {"epochs": 15, "batch_size": 8, "lr": 1e-3, "betas": (0.5, 0.999)}
 
     def __init__(self, config: AnomalyCLIPConfig):
         super().__init__(config)

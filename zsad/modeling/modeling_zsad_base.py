@@ -95,6 +95,12 @@ class ZSADPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # False for a method with nothing to train (the baseline): its status is "training-free".
     has_adapters = True
+    # False for a method whose untrained start is a random one (AnomalyCLIP's learned prompts): the Space offers it
+    # only with a trained checkpoint.
+    works_untrained = True
+    # train/train.py's defaults for this method where they differ from its generic ones (epochs, batch_size, lr,
+    # betas); input size and tapped layers are config fields.
+    training_recipe: dict = {}
 
     def __init__(self, config: ZSADBaseConfig):
         super().__init__(config)
@@ -126,15 +132,23 @@ class ZSADPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, clip_model=None, clip_dtype=None, **kwargs):
         """Load adapters from a folder or Hub repo, then the backbone named in the config unless
-        ``clip_model`` (a ready ``CLIPModel`` or ``CLIPBackbone``) is given to share one."""
+        ``clip_model`` (a ready ``CLIPModel`` or ``CLIPBackbone``) is given to share one.
+
+        Loading is strict: weights missing from the file (transformers would leave them uninitialised), unexpected or
+        of the wrong shape (a ``model_type`` that does not match the weights), or not finite are a ZSADError."""
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        # transformers then lists wrong-shaped tensors by name instead of raising a generic error; they are refused below.
+        kwargs["ignore_mismatched_sizes"] = True
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                                          **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
             raise ZSADError(
                 f"Could not load the zsad checkpoint '{pretrained_model_name_or_path}': {error}\n"
                 "Check the path or Hub id; a checkpoint folder needs config.json and model.safetensors as written "
                 "by save_pretrained. If the weights file is truncated, download or save it again."
             ) from error
+        check_loaded_weights(pretrained_model_name_or_path, model, loading_info)
         config = model.config
         backbone = (
             _as_backbone(clip_model, config.base_model_name_or_path, config.base_model_revision)
@@ -142,7 +156,7 @@ class ZSADPreTrainedModel(PreTrainedModel):
             else CLIPBackbone.from_pretrained(*config.backbone_source(), dtype=clip_dtype)
         )
         model.attach_backbone(backbone)
-        return model.eval()
+        return (model.eval(), loading_info) if wants_loading_info else model.eval()
 
     def attach_backbone(self, backbone: CLIPBackbone) -> None:
         """Use ``backbone`` (kept frozen) for this model after checking it matches the config's dimensions."""
@@ -299,6 +313,24 @@ class ZSADPreTrainedModel(PreTrainedModel):
             layer_maps=layer_maps,
             **parts,
         )
+
+
+def check_loaded_weights(source, model: "ZSADPreTrainedModel", loading_info: dict) -> None:
+    """A ZSADError naming what is wrong when the file's tensors are not exactly the model's adapters, or not finite."""
+    problems = {"missing": loading_info.get("missing_keys"), "unexpected": loading_info.get("unexpected_keys"),
+                "of the wrong shape": loading_info.get("mismatched_keys")}
+    listed = [f"{kind}: {', '.join(sorted(str(name) for name in names))}" for kind, names in problems.items() if names]
+    if listed:
+        raise ZSADError(
+            f"The weights of the checkpoint '{source}' do not match its config (model_type '{model.config.model_type}'); "
+            f"tensors {'; '.join(listed)}. The weights file or config.json was damaged, edited or copied from another "
+            "checkpoint: save or download the checkpoint again."
+        )
+    not_finite = sorted(name for name, tensor in model.adapter_state_dict().items()
+                        if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    if not_finite:
+        raise ZSADError(f"The checkpoint '{source}' holds NaN or infinite weights in {', '.join(not_finite)}; it cannot give "
+                        "meaningful scores. Use an earlier checkpoint or train again (a lower learning rate may help).")
 
 
 def _as_backbone(clip_model, fallback_name: str, revision: str | None) -> CLIPBackbone:

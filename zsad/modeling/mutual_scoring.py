@@ -26,10 +26,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .anomaly_maps import SIMILARITY_BLOCK, combine_layer_maps, scaled_sigma, upsample_patch_maps
+from .class_names import UNNAMED_PRODUCT  # noqa: F401  (the name mutual results carry when none is given)
 from .exceptions import ZSADError
-
-# The product's name where mutual scoring uses no text and none is given (AnomalyCLIP's object-agnostic word).
-UNNAMED_PRODUCT = "object"
 
 # 1.4826 * MAD estimates a normal distribution's standard deviation.
 MAD_TO_STD = 1.4826

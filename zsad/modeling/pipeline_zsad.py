@@ -30,10 +30,10 @@ from transformers import AutoModel, Pipeline
 from transformers.image_utils import load_image as fetch_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .class_names import product_name
 from .exceptions import ZSADError
 from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, verdict
 from .mutual_scoring import UNNAMED_PRODUCT, MutualSettings, content_key, default_text_weight, score_batch
-from .prompting import clean_class_name
 
 TASK = "zero-shot-anomaly-detection"
 PARAMETERS = ("class_name", "threshold", "mutual")
@@ -68,10 +68,10 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             raise ZSADError("mutual=True scores images against each other: pass a list of at least two images of the product.")
         check_threshold(threshold)
         trained = bool(self.model.config.is_trained)
-        if class_name is None and trained:
+        if class_name is None and trained and self.model.config.uses_class_names:
             raise ZSADError("Pass the product's name: pipe(images, class_name='metal nut', mutual=True); this model is trained, "
                             "so its text map is part of the mutual scores.")
-        name = UNNAMED_PRODUCT if class_name is None else clean_class_name(class_name)
+        name = UNNAMED_PRODUCT if class_name is None else product_name(class_name, self.model.config.uses_class_names)
         pictures = [self.read(image) for image in images]
         settings = MutualSettings()
         batch = score_batch(self.model, pictures, [content_key(picture) for picture in pictures], name,
@@ -92,15 +92,16 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
             raise ZSADError(f"Unknown argument(s) {sorted(unknown)}; this pipeline takes {', '.join(PARAMETERS)}.")
         preprocess_params, postprocess_params = {}, {}
         if class_name is not None:
-            preprocess_params["class_name"] = clean_class_name(class_name)
+            preprocess_params["class_name"] = product_name(class_name, self.model.config.uses_class_names)
         if threshold is not None:
             check_threshold(threshold)
             postprocess_params["threshold"] = float(threshold)
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, class_name=None):
-        if class_name is None:
+        if class_name is None and self.model.config.uses_class_names:
             raise ZSADError("Pass the product's name: pipe(image, class_name='metal nut').")
+        class_name = class_name or UNNAMED_PRODUCT  # a model whose prompts name no product (AnomalyCLIP)
         picture = self.read(image)
         pixel_values = self.model.image_processor.pixel_values([picture])
         return {"pixel_values": pixel_values, "class_name": class_name, "size": picture.size}

@@ -12,12 +12,12 @@ from zsad.modeling.configuration_zsad_base import DEFAULT_CLIP
 from zsad.modeling.exceptions import ZSADError
 from zsad.runtime.errors import BackboneLoadError
 from zsad.runtime.loading import Runtime
-from zsad_cli import add_device_argument
+from zsad_cli import add_device_argument, add_engine_argument
 from zsad_cli.choices import PRECISIONS
 
 COMPARE = "compare"
 # Selector order and labels; methods registered later without an entry here are shown under their own name.
-DISPLAY_NAMES = {"stackclip": "StackCLIP", "genclip": "GenCLIP", "baseline": "CLIP baseline"}
+DISPLAY_NAMES = {"anomalyclip": "AnomalyCLIP", "stackclip": "StackCLIP", "genclip": "GenCLIP", "baseline": "CLIP baseline"}
 # One request at a time uses both cores of a CPU Space; a bounded queue tells the rest it is full.
 QUEUE_SIZE = 16
 CONCURRENCY_LIMIT = 1
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=PATH",
         help=f"trained checkpoint (Hub id or folder) for a method; repeatable (env {variables}). "
-        "Methods without one run untrained.",
+        "Methods without one run untrained; AnomalyCLIP is offered only with one (e.g. anomalyclip=DIR from "
+        "`zsad convert anomalyclip`).",
     )
     parser.add_argument(
         "--precision",
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "float16 on GPUs without bfloat16, int8 vision linears on other CPUs",
     )
     add_device_argument(parser)
+    add_engine_argument(parser)
     parser.add_argument("--tiny", action="store_true", help="use a tiny random CLIP (no download; for UI work only)")
     parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests waiting before 'queue full'")
     parser.add_argument("--batch-max-images", type=int, default=BatchCaps.max_images, help="most images in one batch (Batch tab)")
@@ -107,17 +109,24 @@ def configured_checkpoints(flags: list[str], environ=os.environ) -> dict[str, st
     return checkpoints
 
 
-def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto") -> AnomalyDetector:
+def load_detector(clip: str | None, checkpoints: dict[str, str], precision: str = "auto", device: str = "auto",
+                  engine: str | None = None) -> AnomalyDetector:
     """The backbone once, then every registered method on it; exits with a hint if the backbone is missing."""
     try:
-        return AnomalyDetector.load(methods=ordered_methods(zsad.METHODS), checkpoints=checkpoints, clip=clip,
-                                    runtime=Runtime.resolve(device, precision))
+        return AnomalyDetector.load(methods=offered_methods(checkpoints), checkpoints=checkpoints, clip=clip,
+                                    runtime=Runtime.resolve(device, precision), engine=engine)
     except BackboneLoadError as error:
         sys.exit(
             f"zsad app: could not load the CLIP backbone '{error.clip}' (offline, or not in the Hugging Face cache?).\n"
             "Point the app at a local copy with --clip PATH (or ZSAD_CLIP=PATH), "
             "or start it with --tiny (a tiny random CLIP) for UI work."
         )
+
+
+def offered_methods(checkpoints: dict[str, str]) -> list[str]:
+    """The methods the Space offers, in selector order: each one with a checkpoint, and the others that work
+    untrained (not AnomalyCLIP, whose untrained prompts are a random start)."""
+    return [method for method in ordered_methods(zsad.METHODS) if method in checkpoints or zsad.METHODS[method].works_untrained]
 
 
 def ordered_methods(methods) -> list[str]:

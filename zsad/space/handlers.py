@@ -17,10 +17,10 @@ from zsad.detection.detector import AnomalyDetector
 from zsad.detection.mutual import detect_mutual_groups
 from zsad.detection.profile import ProductProfile
 from zsad.detection.results import Detection
+from zsad.modeling.class_names import product_name
 from zsad.modeling.exceptions import ZSADError
 from zsad.modeling.image_processing_zsad import check_threshold
 from zsad.modeling.lru_cache import LRUCache
-from zsad.modeling.mutual_scoring import UNNAMED_PRODUCT
 from zsad.modeling.prompting import clean_class_name
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
@@ -149,10 +149,13 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
         try:
             if threshold_mode not in THRESHOLD_MODES:
                 raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
+            check_flag("tiles", tiles)
+            check_method(method)
             upload = received_file(image)
             if upload is None:
                 raise ZSADError("No image was given; upload or pass an image.")
             check_threshold(threshold)
+            class_name = detector.product_name(class_name, None if method == COMPARE else method)
             reference_set = profiles.get(references, class_name, method, false_alarm_rate)
             chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
             results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
@@ -201,6 +204,17 @@ class BatchOutput:
 
     def as_gradio(self) -> tuple:
         return self.table, self.gallery, str(self.csv_path), str(self.masks_path), self.summary
+
+
+def check_flag(name: str, value) -> None:
+    """The raw API sends JSON: a switch must be a JSON boolean (the string "false" would otherwise read as true)."""
+    if not isinstance(value, bool):
+        raise ZSADError(f"'{name}' must be true or false (a JSON boolean), got {value!r}.")
+
+
+def check_method(value) -> None:
+    if not isinstance(value, str):
+        raise ZSADError(f"'method' must be one method name (a string), got {value!r}.")
 
 
 def made_by(detector: AnomalyDetector, results: list[Detection], class_name: str) -> dict[str, dict]:
@@ -258,12 +272,13 @@ def detect_mutually(detector: AnomalyDetector, images: list[BatchImage], class_n
     return scored()
 
 
-def batch_class_name(class_name, mutual: bool, status: str) -> str:
-    """The product's name; it may be left empty when the images are scored against each other by a method whose text
-    map mutual scoring leaves out (not trained), and is then recorded as the generic ``UNNAMED_PRODUCT``."""
-    if mutual and status != "trained" and not (class_name or "").strip():
-        return UNNAMED_PRODUCT
-    return clean_class_name(class_name)
+def batch_class_name(detector: AnomalyDetector, class_name, method: str, mutual: bool) -> str:
+    """The product's name; it may be left empty for a method whose prompts name no product, or when the images are
+    scored against each other by a method whose text map mutual scoring leaves out (not trained), and is then recorded
+    as the generic ``UNNAMED_PRODUCT``."""
+    if mutual and detector.status(method) != "trained":
+        return product_name(class_name, required=False)
+    return detector.product_name(class_name, method)
 
 
 def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str) -> list:
@@ -283,9 +298,11 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
     def detect_batch(uploads, class_name, method, threshold, mutual=False, progress=gr.Progress()):
         started = time.perf_counter()
         try:
+            check_flag("mutual", mutual)
+            check_method(method)
             images = batch_images(list(uploads or []), caps)
             status = detector.status(method)
-            class_name = batch_class_name(class_name, mutual, status)
+            class_name = batch_class_name(detector, class_name, method, mutual)
             check_threshold(threshold)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error

@@ -11,7 +11,7 @@ from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector
 from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import OutputFolders, full_resolution_files, serving_files
 from .handlers import CALIBRATED, FALSE_ALARM_RATES, LOWEST_RATE, SLIDER, make_batch_handler, make_handler
-from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, runtime
+from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, product_label, runtime
 from .scheduling import ComputeTurns, taking_turns
 
 BATCH_CONCURRENCY_ID = "batch"
@@ -39,6 +39,17 @@ def gradio_tuple(handler):
     return call
 
 
+def product_box(detector: AnomalyDetector, method: str, elem_id: str) -> gr.Textbox:
+    """The product-name box as ``method`` needs it (its label says when the name is optional)."""
+    return gr.Textbox(label=product_label(detector, method), placeholder="e.g. bottle, metal nut, pcb", elem_id=elem_id)
+
+
+def relabel_on_change(detector: AnomalyDetector, method: gr.Radio, class_name: gr.Textbox) -> None:
+    """Picking a method relabels the product-name box (a page event, not part of the public API)."""
+    method.change(lambda picked: gr.Textbox(label=product_label(detector, picked)), inputs=[method], outputs=[class_name],
+                  queue=False, api_visibility="private")
+
+
 def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
     """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
     choices = method_choices(detector, compare=False)
@@ -47,8 +58,9 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
             uploads = gr.File(label=f"Images or a zip of images (up to {caps.max_images} images, {caps.max_megabytes:g} MB, "
                               f"{caps.max_megapixels:g} megapixels)", file_count="multiple", file_types=["image", ".zip"],
                               type="filepath", elem_id="batch-files")
-            class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="batch-class-name")
+            class_name = product_box(detector, choices[0][1], "batch-class-name")
             method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="batch-method")
+            relabel_on_change(detector, method, class_name)
             threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)")
             mutual = gr.Checkbox(False, label="Score the images against each other (no text, no references needed)",
                                  info="at least 2 images of one product; the product name may stay empty for an untrained "
@@ -80,7 +92,8 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
     with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
         gr.Markdown(
             "# zsad: zero-shot anomaly detection\n"
-            "Drop an image of a product, type what the product is, pick a method and see where the defect is. "
+            "Drop an image of a product, type what the product is (optional for a method whose prompts name no product), "
+            "pick a method and see where the defect is. "
             "The Batch tab takes many images (or a zip) at once."
         )
         notice = banner(detector)
@@ -90,8 +103,9 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(label="Image", sources=["upload", "webcam", "clipboard"], type="filepath", elem_id="input-image")
-                    class_name = gr.Textbox(label="Product name", placeholder="e.g. bottle, metal nut, pcb", elem_id="class-name")
+                    class_name = product_box(detector, choices[0][1], "class-name")
                     method = gr.Radio(choices=choices, value=choices[0][1], label="Method", elem_id="method")
+                    relabel_on_change(detector, method, class_name)
                     threshold = gr.Slider(0.0, 1.0, value=DEFAULT_THRESHOLD, step=0.01, label="Threshold (mask and verdict)",
                                           elem_id="threshold")
                     references = gr.File(label=f"Reference images of good parts (optional, up to {MAX_REFERENCES}): calibrated "

@@ -130,6 +130,17 @@ def batch_summary(rows: list[list], method: str, status: str, threshold: float, 
     return "\n".join(lines)
 
 
+PRODUCT_LABEL = "Product name"
+
+
+def product_label(detector: AnomalyDetector, method: str) -> str:
+    """The product-name box's label for ``method`` (or compare): marked optional where no prompt of it names the
+    product (e.g. AnomalyCLIP's object-agnostic prompts)."""
+    if detector.names_the_product(None if method == COMPARE else method):
+        return PRODUCT_LABEL
+    return f"{PRODUCT_LABEL} (optional: {display_name(method)}'s prompts name no product)"
+
+
 def method_choices(detector: AnomalyDetector, compare: bool = True) -> list[tuple[str, str]]:
     """(label, value) of every method, and "compare all" when asked for and there are several."""
     choices = [(f"{display_name(name)} ({detector.status(name)})", name) for name in detector.method_names]
@@ -156,8 +167,9 @@ def banner(detector: AnomalyDetector) -> str:
 
 
 def runtime(detector: AnomalyDetector) -> str:
-    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16"."""
+    """Where the models run, e.g. "Runs on CPU · vision tower in bfloat16, text in bfloat16 · vision
+    pass: torch bfloat16"."""
     device = detector.device
     where = f"GPU {device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type.upper()
     vision, text = (str(dtype).removeprefix("torch.") for dtype in (detector.backbone.dtype, detector.backbone.text_dtype))
-    return f"Runs on {where} · vision tower in {vision}, text in {text}"
+    return f"Runs on {where} · vision tower in {vision}, text in {text} · vision pass: {detector.engine.describe()}"

@@ -1,0 +1,225 @@
+"""The vision engines (zsad.runtime.engine, zsad.runtime.engine_choice) on the tiny CLIP: the OpenVINO graph gives torch's features and
+maps within the bound docs/PERFORMANCE.md states, its cache is never used damaged and survives concurrent builders, and
+auto records its measured choice."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEST_IMAGE_SIZE, random_pixels, tiny_model
+
+pytest.importorskip("openvino")
+
+from zsad import AnomalyDetector  # noqa: E402
+from zsad.runtime.engine import GRAPH_FILES, MANIFEST, OpenVINOEngine, TorchEngine, cached_graph, graph_fingerprint  # noqa: E402
+from zsad.runtime.engine_choice import MeasuredEngine, vision_engine, write_choice  # noqa: E402
+from zsad import ZSADError  # noqa: E402
+
+STREAMS = {None: [1, 2], 3: [3, 4]}  # stock tokens and a value-value stream from block 3, as AnomalyCLIP reads them
+# The float32 route's bound (docs/PERFORMANCE.md): map Pearson and image-score difference against torch float32.
+FLOAT32_MAP_PEARSON, FLOAT32_SCORE_DIFFERENCE = 0.99999, 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="module")
+def openvino_engine(tiny_backbone, engine_cache):
+    return OpenVINOEngine(tiny_backbone, engine_cache)
+
+
+def test_openvino_features_equal_torch_float32(tiny_backbone, openvino_engine):
+    pixels = random_pixels(3)
+    ours = openvino_engine.encode_streams(pixels, STREAMS, "bilinear")
+    expected = TorchEngine(tiny_backbone).encode_streams(pixels, STREAMS, "bilinear")
+    for start in STREAMS:
+        assert ours[start].layers == expected[start].layers and ours[start].vv_attention_from == start
+        for got, want in zip(ours[start].layer_tokens, expected[start].layer_tokens):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours[start].image_embeds, expected[start].image_embeds, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours[start].class_token, expected[start].class_token, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["baseline", "anomalyclip"])
+def test_openvino_maps_and_scores_within_the_float32_bound(tiny_backbone, openvino_engine, method):
+    model = tiny_model(method, tiny_backbone)
+    image = (np.random.default_rng(5).random((90, 120, 3)) * 255).astype(np.uint8)
+    on_torch = AnomalyDetector(tiny_backbone, {method: model}).detect(image, "metal nut")
+    on_openvino = AnomalyDetector(tiny_backbone, {method: model}, engine=openvino_engine).detect(image, "metal nut")
+    pearson = np.corrcoef(on_torch.anomaly_map.ravel(), on_openvino.anomaly_map.ravel())[0, 1]
+    assert pearson >= FLOAT32_MAP_PEARSON
+    assert abs(on_torch.score - on_openvino.score) <= FLOAT32_SCORE_DIFFERENCE
+
+
+def test_openvino_engine_checks_its_inputs_like_torch(openvino_engine):
+    with pytest.raises(ZSADError, match="square"):
+        openvino_engine.encode_streams(torch.zeros(1, 3, 112, 98), STREAMS, "bicubic")
+    with pytest.raises(ZSADError, match="position_interpolation"):
+        openvino_engine.encode_streams(random_pixels(1), STREAMS, "nearest")
+
+
+def test_explicit_engines_are_honoured(tiny_backbone, engine_cache):
+    assert isinstance(vision_engine(tiny_backbone, "torch", engine_cache), TorchEngine)
+    assert isinstance(vision_engine(tiny_backbone, "openvino", engine_cache), OpenVINOEngine)
+    with pytest.raises(ZSADError, match="engine must be one of"):
+        vision_engine(tiny_backbone, "tensorrt", engine_cache)
+
+
+# ----- the cache folder, with a small hand-built OpenVINO graph ---------------------------------------------------
+
+
+def doubling_graph(scale: float):
+    """A real (1, 4) -> (1, 4) OpenVINO graph multiplying by ``scale``, small enough to build many times."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    inputs = ops.parameter([1, 4], np.float32)
+    return ov.Model([ops.multiply(inputs, ops.constant(np.full((1, 4), scale, np.float32)))], [inputs])
+
+
+def counting_build(builds: list, scale: float = 2.0):
+    import openvino as ov
+
+    def build(folder: Path) -> None:
+        builds.append(folder)
+        ov.save_model(doubling_graph(scale), str(folder / GRAPH_FILES[0]), compress_to_fp16=False)
+
+    return build
+
+
+def run_graph(compiled) -> np.ndarray:
+    return compiled.create_infer_request().infer({0: np.ones((1, 4), np.float32)}).to_tuple()[0]
+
+
+GRAPH_INPUTS = {"precision": "float32", "test": "doubling"}
+
+
+def test_cache_is_built_once_then_read(tmp_path):
+    builds = []
+    first = cached_graph(tmp_path, GRAPH_INPUTS, counting_build(builds))
+    again = cached_graph(tmp_path, GRAPH_INPUTS, counting_build(builds))
+    assert len(builds) == 1 and run_graph(first).tolist() == run_graph(again).tolist() == [[2.0] * 4]
+    folder = tmp_path / graph_fingerprint(GRAPH_INPUTS)
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*GRAPH_FILES, MANIFEST])
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no temporary folder left
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def stale_fingerprint(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "fingerprint": "0" * 32}))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: flip_last_byte(folder / "vision.bin"),         # a weight changed: bad hash
+    lambda folder: flip_last_byte(folder / "vision.xml"),
+    lambda folder: (folder / "vision.bin").unlink(),              # a file missing
+    lambda folder: (folder / MANIFEST).write_text("{not json"),   # manifest unreadable
+    lambda folder: stale_fingerprint(folder / MANIFEST),          # manifest of another graph
+], ids=["weights", "graph", "missing", "manifest", "stale"])
+def test_damaged_or_stale_cache_is_rebuilt_never_used(tmp_path, damage):
+    builds = []
+    cached_graph(tmp_path, GRAPH_INPUTS, counting_build(builds, scale=2.0))
+    folder = tmp_path / graph_fingerprint(GRAPH_INPUTS)
+    damage(folder)
+    # The rebuild writes a graph multiplying by 3: its output proves the damaged folder was not run.
+    rebuilt = cached_graph(tmp_path, GRAPH_INPUTS, counting_build(builds, scale=3.0))
+    assert len(builds) == 2 and run_graph(rebuilt).tolist() == [[3.0] * 4]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["fingerprint"] == graph_fingerprint(GRAPH_INPUTS) and set(manifest["files"]) == set(GRAPH_FILES)
+
+
+def test_threads_building_at_once_leave_one_valid_cache(tmp_path):
+    builds, results, barrier = [], [], threading.Barrier(6)
+
+    def build_and_run():
+        barrier.wait()
+        results.append(run_graph(cached_graph(tmp_path, GRAPH_INPUTS, counting_build(builds))).tolist())
+
+    threads = [threading.Thread(target=build_and_run) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and results == [[[2.0] * 4]] * 6
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == [graph_fingerprint(GRAPH_INPUTS)]
+
+
+PROCESS_BUILDER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_engine import GRAPH_INPUTS, counting_build, run_graph
+from zsad.runtime.engine import cached_graph
+builds = []
+slow = counting_build(builds)
+def build(folder):
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    slow(folder)
+output = run_graph(cached_graph(Path(sys.argv[1]), GRAPH_INPUTS, build)).tolist()[0][0]
+print(len(builds), output)
+"""
+
+
+@pytest.mark.integration
+def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path):
+    tests_dir = str(Path(__file__).parent)
+    processes = [subprocess.Popen([sys.executable, "-c", PROCESS_BUILDER, str(tmp_path), tests_dir], stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = sorted(process.communicate(timeout=120)[0].split() for process in processes)
+    assert all(process.returncode == 0 for process in processes)
+    assert outputs == [["0", "2.0"], ["1", "2.0"]]  # one built, the other waited and read it
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == [graph_fingerprint(GRAPH_INPUTS)]
+
+
+# ----- auto: the choice by measurement ----------------------------------------------------------------------------
+
+
+def test_auto_measures_once_then_reads_its_record(tiny_backbone, engine_cache):
+    pixels = random_pixels(1)
+    measured = MeasuredEngine(tiny_backbone, engine_cache)
+    measured.encode_streams(pixels, STREAMS, "bicubic")
+    choice = measured.choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
+    assert set(choice["seconds"]) == {"torch", "openvino"} and all(s > 0 for s in choice["seconds"].values())
+    assert choice["engine"] == min(choice["seconds"], key=choice["seconds"].get)
+    assert measured.describe().startswith(f"auto: {choice['engine']}")
+    records = list((engine_cache / "choices").iterdir())
+    assert len(records) == 1
+    # A record naming the slower engine is what the next start runs: it reads, it does not measure again.
+    slower = max(choice["seconds"], key=choice["seconds"].get)
+    write_choice(records[0], {"engine": slower, "seconds": {**choice["seconds"], slower: 0.0}})
+    assert MeasuredEngine(tiny_backbone, engine_cache).choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")["engine"] == slower
+    # A damaged record is measured again, and replaced.
+    records[0].write_text("{}")
+    remeasured = MeasuredEngine(tiny_backbone, engine_cache).choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
+    assert remeasured["seconds"][slower] > 0
+    assert json.loads(records[0].read_text())["engine"] == remeasured["engine"]
+
+
+def test_detector_load_takes_the_engine_by_name(tiny_backbone):
+    def loaded(engine):
+        return AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, engine=engine).engine
+
+    assert isinstance(loaded("auto"), MeasuredEngine) and isinstance(loaded("torch"), TorchEngine)
+    assert isinstance(loaded("openvino"), OpenVINOEngine)
+
+
+def test_openvino_is_no_candidate_off_the_cpu():
+    from types import SimpleNamespace
+
+    from zsad.runtime.engine import openvino_unsupported
+
+    assert "on cuda" in openvino_unsupported(SimpleNamespace(device=torch.device("cuda")))

@@ -1,0 +1,318 @@
+"""Where the vision pass runs: torch, or an OpenVINO graph of it built once and kept in a cache folder on disk.
+
+The vision pass (``CLIPBackbone.encode_image_streams``: the tapped layers of each stream, the class token, the global
+embedding) does not depend on the product name, so one graph per backbone, input size, streams, position
+interpolation and precision serves every name; the text heads, references, mutual scoring and post-processing stay
+in torch. ``zsad.runtime.engine_choice`` picks between the engines by measuring them.
+
+```python
+>>> engine = OpenVINOEngine(backbone)            # the graph is built (or read from the cache) on first use
+>>> streams = engine.encode_streams(pixel_values, {None: [6, 12], 6: [18, 24]}, "bicubic")
+```
+
+The cache lives in ``$ZSAD_ENGINE_CACHE``, else ``$HF_HOME/zsad/engines`` (``engine_cache_dir``): one folder per
+``graph_fingerprint``, holding the graph and a manifest with each file's SHA-256. A folder is built in a temporary
+folder beside it, synced and renamed into place under a file lock, so concurrent builders leave one whole folder; a
+folder whose manifest, files or hashes do not check out is rebuilt, never used.
+"""
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
+from ..modeling.exceptions import ZSADError
+from .provenance import vision_precision, zsad_version
+
+CACHE_FORMAT = 1
+GRAPH_FILES = ("vision.xml", "vision.bin")
+MANIFEST = "manifest.json"
+# OpenVINO's CPU plug-in computes in bfloat16 by default where the CPU has it; float32 asks for float32 explicitly.
+# No int8 route: NNCF's int8 weights of every linear (projections included) moved StackCLIP's image score by 0.24 on the
+# tiny CLIP (benchmarks/bench_inference.py --engines --tiny); int8 backbones run on torch.
+OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
+# The graph is exported at batch 2 with the batch left free (at batch 1 torch.export fixes it to 1).
+EXAMPLE_BATCH = 2
+
+
+def engine_cache_dir() -> Path:
+    """``$ZSAD_ENGINE_CACHE``, else ``zsad/engines`` in the Hugging Face cache (``$HF_HOME``, default ~/.cache/huggingface)."""
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("ZSAD_ENGINE_CACHE") or Path(os.environ.get("HF_HOME") or constants.HF_HOME) / "zsad" / "engines")
+
+
+def stream_key(layers_by_start: dict) -> tuple:
+    """A hashable, ordered form of {start: layers}: the graph's outputs follow this order."""
+    return tuple(sorted(((start, tuple(layers)) for start, layers in layers_by_start.items()), key=lambda item: (item[0] is not None, item[0] or 0)))
+
+
+class TorchEngine:
+    """The vision pass as zsad has always run it: ``CLIPBackbone.encode_image_streams``."""
+
+    name = "torch"
+
+    def __init__(self, backbone: CLIPBackbone):
+        self.backbone = backbone
+
+    def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
+        with torch.inference_mode():
+            return self.backbone.encode_image_streams(pixel_values.to(self.backbone.device), layers_by_start, position_interpolation)
+
+    def describe(self) -> str:
+        return f"torch {vision_precision(self.backbone)}"
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_unsupported(backbone: CLIPBackbone) -> str | None:
+    """Why the OpenVINO engine cannot run this backbone (None: it can)."""
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install openvino)"
+    if backbone.device.type != "cpu":
+        return f"OpenVINO runs on the CPU here, the backbone is on {backbone.device}"
+    precision = vision_precision(backbone)
+    if precision not in OPENVINO_PRECISION_HINTS:
+        return f"the OpenVINO engine runs float32 or bfloat16, not {precision}"
+    return None
+
+
+class OpenVINOEngine:
+    """The vision pass as an OpenVINO graph, one per (input size, streams, interpolation), in the backbone's precision
+    (float32 or bfloat16).
+
+    Thread-safe: each graph is compiled once (under a lock) and every call runs its own infer request."""
+
+    name = "openvino"
+
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None):
+        reason = openvino_unsupported(backbone)
+        if reason:
+            raise ZSADError(f"The openvino engine cannot run here: {reason}; use --engine torch or auto.")
+        self.backbone = backbone
+        self.precision = vision_precision(backbone)
+        self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
+        self._weights = weights_identity(backbone)
+        self._compiled: dict = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"openvino {self.precision}"
+
+    def fingerprint(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        return graph_fingerprint(self.graph_inputs(size, layers_by_start, position_interpolation))
+
+    def graph_inputs(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
+        """Everything the graph depends on: what its cache folder's name is the hash of."""
+        import openvino
+
+        return {"cache_format": CACHE_FORMAT, "zsad": zsad_version(), "openvino": openvino.__version__, "torch": torch.__version__,
+                "backbone": self._weights, "precision": self.precision, "image_size": size,
+                "streams": [[start, list(layers)] for start, layers in stream_key(layers_by_start)],
+                "position_interpolation": position_interpolation}
+
+    def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
+        self.backbone.check_streams(pixel_values, layers_by_start, position_interpolation)
+        size = pixel_values.shape[-1]
+        compiled = self.compiled(size, layers_by_start, position_interpolation)
+        results = compiled.create_infer_request().infer({0: pixel_values.float().cpu().numpy()})
+        outputs = [torch.from_numpy(np.array(value, copy=True)) for value in results.to_tuple()]
+        return features_from_outputs(outputs, layers_by_start, size, self.backbone.vision_config.patch_size, position_interpolation)
+
+    def compiled(self, size: int, layers_by_start: dict, position_interpolation: str):
+        """The compiled graph for this pass, read from the cache (built there first when missing or damaged)."""
+        key = (size, stream_key(layers_by_start), position_interpolation)
+        with self._lock:
+            if key not in self._compiled:
+                inputs = self.graph_inputs(size, layers_by_start, position_interpolation)
+                self._compiled[key] = cached_graph(self.cache_dir, inputs,
+                                                   lambda folder: self._build(folder, size, layers_by_start, position_interpolation))
+            return self._compiled[key]
+
+    def _build(self, folder: Path, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+        build_openvino_graph(self.backbone, folder, size, layers_by_start, position_interpolation)
+
+
+def features_from_outputs(outputs: list[torch.Tensor], layers_by_start: dict, size: int, patch_size: int,
+                          position_interpolation: str) -> dict:
+    """The graph's flat outputs (each stream's layers in ``stream_key`` order, then image_embeds and class_token) as
+    ``encode_image_streams`` returns them."""
+    image_embeds, class_token = outputs[-2], outputs[-1]
+    tokens = iter(outputs[:-2])
+    by_start = {start: [next(tokens) for _ in layers] for start, layers in stream_key(layers_by_start)}
+    return {start: ImageFeatures(list(layers), by_start[start], image_embeds, size // patch_size, size, start,
+                                 position_interpolation, class_token)
+            for start, layers in layers_by_start.items()}
+
+
+class VisionGraph(torch.nn.Module):
+    """``encode_image_streams`` for fixed streams, with flat outputs (what an exported graph returns)."""
+
+    def __init__(self, backbone: CLIPBackbone, layers_by_start: dict, position_interpolation: str):
+        super().__init__()
+        self.backbone = backbone
+        self.streams = {start: list(layers) for start, layers in stream_key(layers_by_start)}
+        self.position_interpolation = position_interpolation
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple:
+        features = self.backbone.encode_image_streams(pixel_values, self.streams, self.position_interpolation)
+        tokens = [token for start in self.streams for token in features[start].layer_tokens]
+        first = next(iter(features.values()))
+        return (*tokens, first.image_embeds, first.class_token)
+
+
+def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+    """Export the vision pass (``torch.export``, batch left free) of a float32 copy of ``backbone`` and write it as
+    OpenVINO IR to ``folder`` (the precision is chosen when it is compiled)."""
+    import openvino as ov
+
+    float_backbone = float32_copy(backbone)
+    pixels = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        program = torch.export.export(VisionGraph(float_backbone, layers_by_start, position_interpolation).eval(), (pixels,),
+                                      dynamic_shapes=({0: batch},))
+    model = ov.convert_model(program)
+    model.reshape({model.input(0): ov.PartialShape([-1, 3, size, size])})
+    ov.save_model(model, str(folder / GRAPH_FILES[0]), compress_to_fp16=False)
+
+
+def float32_copy(backbone: CLIPBackbone) -> CLIPBackbone:
+    """A float32 copy of ``backbone``'s CLIP (int8 text linears dequantised), for export only; ``backbone`` is left as it is."""
+    clip = copy.deepcopy(backbone.model).float()
+    for parent in list(clip.modules()):  # the text linears too: torch.export reads every module the graph holds
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.ao.nn.quantized.dynamic.Linear):
+                setattr(parent, child_name, dequantized_linear(child))
+    return CLIPBackbone(clip, backbone.tokenizer, backbone.image_mean, backbone.image_std)
+
+
+def dequantized_linear(quantized) -> torch.nn.Linear:
+    weight, bias = quantized.weight().dequantize(), quantized.bias()
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def weights_identity(backbone: CLIPBackbone) -> dict:
+    """What names the backbone's weights: its Hub id and revision, or a local folder's weight files (name, size,
+    modification time); a backbone built in memory is named by the SHA-256 of its vision weights."""
+    config = backbone.model.config
+    source = config._name_or_path
+    folder = Path(source) if source else None
+    if folder is not None and folder.is_dir():
+        files = sorted(path for path in folder.iterdir() if path.suffix in (".safetensors", ".bin"))
+        stats = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+        return {"folder": str(folder.resolve()), "files": stats}
+    if source and getattr(config, "_commit_hash", None):
+        return {"hub_id": source, "revision": config._commit_hash}
+    return {"vision_sha256": state_digest(backbone.model.vision_model.state_dict())}
+
+
+def state_digest(state: dict) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(state.items()):
+        if isinstance(value, torch.Tensor):
+            tensor = value.dequantize() if value.is_quantized else value
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def graph_fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ----- the cache folder -------------------------------------------------------------------------------------------
+
+
+def cached_graph(cache_dir: Path, inputs: dict, build):
+    """The compiled graph of the cache folder for ``inputs``, built there by ``build(folder)`` first when the folder
+    is missing or does not check out (``read_graph``). One builder at a time per folder (a file lock, released by the
+    operating system if its holder dies); the others wait, then read what it wrote."""
+    fingerprint = graph_fingerprint(inputs)
+    folder = cache_dir / fingerprint
+    compiled = read_graph(folder, fingerprint)
+    if compiled is not None:
+        return compiled
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / f"{fingerprint}.lock")):
+        compiled = read_graph(folder, fingerprint)
+        if compiled is None:
+            write_cache_folder(folder, fingerprint, inputs, build)
+            compiled = read_graph(folder, fingerprint)
+    if compiled is None:
+        raise ZSADError(f"The vision graph written to {folder} cannot be read back; remove that folder and retry, or use --engine torch.")
+    return compiled
+
+
+def read_graph(folder: Path, fingerprint: str):
+    """The compiled graph of ``folder``, or None unless its manifest names ``fingerprint`` and every file is there
+    with the SHA-256 the manifest records. The bytes hashed are the bytes compiled, so a file changed after the
+    check is never run."""
+    import openvino as ov
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("fingerprint") != fingerprint or sorted(manifest.get("files", {})) != sorted(GRAPH_FILES):
+            return None
+        contents = {name: (folder / name).read_bytes() for name in GRAPH_FILES}
+        if any(hashlib.sha256(contents[name]).hexdigest() != manifest["files"][name] for name in GRAPH_FILES):
+            return None
+        core = ov.Core()
+        model = core.read_model(model=contents["vision.xml"], weights=ov.Tensor(np.frombuffer(contents["vision.bin"], np.uint8)))
+        precision = manifest["inputs"]["precision"]
+        return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION_HINTS[precision]})
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+
+
+def write_cache_folder(folder: Path, fingerprint: str, inputs: dict, build) -> None:
+    """``build`` into a temporary folder beside ``folder``, add the manifest, sync, and rename it into place
+    (a damaged ``folder`` is moved aside and removed first)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=folder.parent))
+    try:
+        build(scratch)
+        hashes = {name: hashlib.sha256((scratch / name).read_bytes()).hexdigest() for name in GRAPH_FILES}
+        manifest = {"fingerprint": fingerprint, "inputs": inputs, "files": hashes}
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        for path in scratch.iterdir():
+            fsync(path)
+        scratch.chmod(0o755)  # mkdtemp's folders are private; the cache is readable like the Hugging Face cache beside it
+        fsync(scratch)
+        if folder.exists():
+            discard(folder)
+        os.rename(scratch, folder)
+        fsync(folder.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def discard(folder: Path) -> None:
+    """Move ``folder`` aside (one rename, so its name never holds half a folder), then remove it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    os.rename(folder, aside / folder.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

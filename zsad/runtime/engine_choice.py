@@ -1,0 +1,166 @@
+"""``--engine auto|torch|openvino``: which engine runs the vision pass, ``auto`` chosen by measuring.
+
+``auto`` times a few forwards of each engine this machine can run on the first pass of each (input size, streams,
+interpolation), keeps the fastest, and records the choice in the engine cache (``zsad.runtime.engine.engine_cache_dir``), keyed
+by this machine (CPU model and flags, torch threads) and the graph's fingerprint (backbone, precision, pass), so the
+next start reads it instead of measuring. An explicit engine is always the one that runs.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from zsad_cli.choices import ENGINES
+
+from ..modeling.clip_backbone import CLIPBackbone
+from ..modeling.exceptions import ZSADError
+from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, fsync, openvino_unsupported, stream_key
+
+# Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
+MEASURED_FORWARDS = 3
+CHOICE_FORMAT = 1
+
+
+def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None):
+    """The engine named ``engine`` (default: ``$ZSAD_ENGINE``, else "auto") for ``backbone``."""
+    name = engine or os.environ.get("ZSAD_ENGINE") or "auto"
+    if name not in ENGINES:
+        raise ZSADError(f"engine must be one of {ENGINES}, got '{name}'.")
+    if name == "torch":
+        return TorchEngine(backbone)
+    if name == "openvino":
+        return OpenVINOEngine(backbone, cache_dir)
+    return MeasuredEngine(backbone, cache_dir)
+
+
+def machine_identity() -> dict:
+    """The CPU's model name and a digest of its feature flags (Linux: /proc/cpuinfo), and torch's thread count."""
+    fields: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags") or fields.get("Features") or ""
+    return {"cpu": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "threads": torch.get_num_threads(),
+            "system": platform.system()}
+
+
+class MeasuredEngine:
+    """``auto``: per vision pass, the fastest of the engines this machine can run, measured on first use or read from
+    the recorded choice. Thread-safe: one choice at a time, the chosen engines are themselves thread-safe."""
+
+    name = "auto"
+
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None):
+        self.backbone = backbone
+        self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
+        self.candidates = {"torch": TorchEngine(backbone)}
+        self.unavailable = openvino_unsupported(backbone)
+        if self.unavailable is None:
+            self.candidates["openvino"] = OpenVINOEngine(backbone, self.cache_dir)
+        self.choices: dict = {}  # (size, streams, interpolation) -> {"engine": name, "seconds": {name: s}}
+        self._lock = threading.Lock()
+
+    def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
+        self.backbone.check_streams(pixel_values, layers_by_start, position_interpolation)
+        choice = self.choice(pixel_values.shape[-1], layers_by_start, position_interpolation)
+        return self.candidates[choice["engine"]].encode_streams(pixel_values, layers_by_start, position_interpolation)
+
+    def choice(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
+        """The engine for this pass: measured once per machine and graph fingerprint, then read from disk."""
+        key = (size, stream_key(layers_by_start), position_interpolation)
+        with self._lock:
+            if key not in self.choices:
+                self.choices[key] = self._recorded_or_measured(size, layers_by_start, position_interpolation)
+            return self.choices[key]
+
+    def describe(self) -> str:
+        """E.g. "auto: openvino bfloat16 (measured per image: torch 0.41 s, openvino 0.30 s)"."""
+        if len(self.candidates) == 1:
+            return f"auto: {self.candidates['torch'].describe()} (only candidate: {self.unavailable})"
+        if not self.choices:
+            return "auto (measured on the first image)"
+        return "; ".join(dict.fromkeys(describe_choice(self.candidates[choice["engine"]], choice) for choice in self.choices.values()))
+
+    def _recorded_or_measured(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
+        if len(self.candidates) == 1:
+            return {"engine": "torch", "seconds": {}}
+        record = self.cache_dir / "choices" / f"{self._choice_key(size, layers_by_start, position_interpolation)}.json"
+        recorded = read_choice(record, self.candidates)
+        if recorded is not None:
+            return recorded
+        choice = self._measure(size, layers_by_start, position_interpolation)
+        write_choice(record, choice)
+        return choice
+
+    def _choice_key(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        graph = self.candidates["openvino"].fingerprint(size, layers_by_start, position_interpolation)
+        identity = json.dumps({"format": CHOICE_FORMAT, "machine": machine_identity(), "graph": graph}, sort_keys=True)
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+    def _measure(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
+        """Median seconds of ``MEASURED_FORWARDS`` forwards of one image per candidate; a candidate that fails is
+        left out with a warning (torch, today's route, always stays)."""
+        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        seconds = {}
+        for name, engine in self.candidates.items():
+            try:
+                seconds[name] = median_seconds(lambda engine=engine: engine.encode_streams(pixels, layers_by_start, position_interpolation))
+            except (ZSADError, RuntimeError, OSError) as error:
+                if name == "torch":
+                    raise
+                warnings.warn(f"The {name} engine was left out of the measurement: {error}", RuntimeWarning, stacklevel=2)
+        return {"engine": min(seconds, key=seconds.get), "seconds": seconds}
+
+
+def median_seconds(forward) -> float:
+    forward()  # warm-up: builds or reads a graph, fills caches
+    times = []
+    for _ in range(MEASURED_FORWARDS):
+        started = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def describe_choice(engine, choice: dict) -> str:
+    measured = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in choice["seconds"].items())
+    return f"auto: {engine.describe()} (measured per image: {measured})"
+
+
+def read_choice(path: Path, candidates: dict) -> dict | None:
+    """A recorded choice, or None when it is missing, unreadable or names an engine not available now."""
+    try:
+        record = json.loads(path.read_text())
+        seconds = {str(name): float(value) for name, value in record["seconds"].items()}
+        if record["engine"] not in candidates or record["engine"] not in seconds:
+            return None
+        return {"engine": record["engine"], "seconds": seconds}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_choice(path: Path, choice: dict) -> None:
+    """Write the choice atomically (temporary file, fsync, rename): concurrent writers leave one whole record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump({**choice, "machine": machine_identity()}, handle, indent=1, sort_keys=True)
+        fsync(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
