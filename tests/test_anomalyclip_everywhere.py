@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from zsad import AnomalyDetector
 from zsad.deploy.export import export
 from zsad.deploy.runtime import ExportedDetector
-from zsad import AnomalyDetector
 from zsad.hub.convert_anomalyclip import convert_anomalyclip
 from zsad.modeling.class_names import UNNAMED_PRODUCT
 from zsad.modeling.modeling_anomalyclip import AnomalyCLIPModel

@@ -16,10 +16,12 @@ from conftest import TEST_IMAGE_SIZE, random_pixels, tiny_model
 
 pytest.importorskip("openvino")
 
-from zsad import AnomalyDetector  # noqa: E402
+from zsad import (
+    AnomalyDetector,  # noqa: E402
+    ZSADError,  # noqa: E402
+)
 from zsad.runtime.engine import GRAPH_FILES, MANIFEST, OpenVINOEngine, TorchEngine, cached_graph, graph_fingerprint  # noqa: E402
 from zsad.runtime.engine_choice import MeasuredEngine, vision_engine, write_choice  # noqa: E402
-from zsad import ZSADError  # noqa: E402
 
 STREAMS = {None: [1, 2], 3: [3, 4]}  # stock tokens and a value-value stream from block 3, as AnomalyCLIP reads them
 # The float32 route's bound (docs/PERFORMANCE.md): map Pearson and image-score difference against torch float32.

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsad import ZSADError
+from zsad import AnomalyDetector, ZSADError
 from zsad.cli.predict import _output_names, predict_files, read_records
 from zsad.cli.runs import RUN_FILE
 from zsad.cli.summaries import predict_summary
-from zsad import AnomalyDetector
 
 from conftest import TEST_IMAGE_SIZE
 from image_files import random_rgb

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, pipeline
 
 import zsad
-from zsad_cli import main
-from zsad.cli.predict import predict_files
 from zsad import AnomalyDetector
+from zsad.cli.predict import predict_files
 from zsad.modeling.pipeline_zsad import ZeroShotAnomalyDetectionPipeline
+from zsad_cli import main
 
 from conftest import tiny_model
 from image_files import random_rgb
