@@ -1,6 +1,7 @@
 """One image (or a batch) in, ``Detection`` out: the ``AnomalyDetector`` (``detector``), the results and their one
 threshold rule (``results``, numpy only: the torch-free deploy runtime returns the same type), reference memories
-(``references``), calibrated product profiles (``profile``, ``calibration``), fusion of model and reference maps
+(``references``), calibrated product profiles (``profile``, ``calibration``, ``conformal`` thresholds with a stated
+false-alarm rate, ``profile_card`` the profile's README), fusion of model and reference maps
 (``fusion``), full-resolution windows (``tiling``), mutual scoring of unlabeled batches (``mutual``) and overlays
 and figures (``visualize``).
 

@@ -1,2 +1,3 @@
-"""Publishing to the Hugging Face Hub (``publish``): the folder a checkpoint is uploaded as (adapter weights, config,
-remote code, rendered model card) and its upload in one commit."""
+"""Checkpoints to and from the outside: publishing to the Hugging Face Hub (``publish``: the folder a checkpoint is
+uploaded as, with adapter weights, config, remote code and the rendered model card, in one commit) and the authors'
+published AnomalyCLIP weights converted into a checkpoint (``convert_anomalyclip``)."""
