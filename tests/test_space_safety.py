@@ -108,3 +108,26 @@ def test_a_pasted_image_over_the_limit_is_refused_before_it_is_decoded():
         uploads.received_file({"path": None, "url": url})
     small = "data:image/png;base64," + "A" * 400
     assert uploads.received_file({"path": None, "url": small}).source == bytes(300)
+
+
+def test_bounding_the_longest_side_keeps_the_short_side_the_model_sees():
+    from zsad.images import bounded_size
+
+    assert bounded_size((4000, 3000), 1000) == (1000, 750)  # photos: the longest side bounded as before
+    assert bounded_size((5000, 64), 1000) == (5000, 64)  # a line-scan image stays whole (was 1000x13, refused)
+    assert bounded_size((8000, 600), 1000) == (6907, 518)  # the short side not below 518 px
+    assert bounded_size((600, 400), 1000) == (600, 400)  # never enlarged
+    assert bounded_size((5000, 64), 300) == (1250, 16)  # a bound under the model's side: still never refused
+
+
+def test_a_line_scan_image_is_scored_by_the_space_as_by_the_detector_at_full_size(detector, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from zsad.space import handlers
+
+    path = tmp_path / "line.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 5000, 3), dtype=np.uint8)).save(path)
+    output = handlers.make_handler(detector)(upload(path), "bottle", "baseline", 0.5)
+    assert output.score == round(detector.detect(str(path), "bottle", method="baseline").score, 4)
+    assert output.pair[0].size == output.pair[1].size == output.mask.size == (5000, 64)
