@@ -131,3 +131,21 @@ def test_a_line_scan_image_is_scored_by_the_space_as_by_the_detector_at_full_siz
     output = handlers.make_handler(detector)(upload(path), "bottle", "baseline", 0.5)
     assert output.score == round(detector.detect(str(path), "bottle", method="baseline").score, 4)
     assert output.pair[0].size == output.pair[1].size == output.mask.size == (5000, 64)
+
+
+def test_a_profile_is_refused_when_built_from_flat_or_non_finite_maps():
+    import torch
+
+    from zsad.references import FusionScale, SourceMaps
+
+    def good(method_map, reference_map):
+        return [SourceMaps(method_map, reference_map, torch.zeros(2), torch.zeros(2))]
+
+    varied = torch.linspace(0, 1, 2 * 8 * 8).reshape(2, 8, 8)
+    scale = FusionScale.from_good(good(varied, varied * 2), 0.5)
+    assert scale.method_location == pytest.approx(0.5) and scale.method_spread == pytest.approx(0.49, abs=1e-6)
+    assert scale.reference_spread == pytest.approx(2 * 0.49, abs=1e-6)
+    with pytest.raises(zsad.ZSADError, match="good images' reference maps are flat"):
+        FusionScale.from_good(good(varied, torch.full((2, 8, 8), 0.3)), 0.5)
+    with pytest.raises(zsad.ZSADError, match="method's maps hold non-finite values"):
+        FusionScale.from_good(good(varied.clone().fill_(float("nan")), varied), 0.5)
