@@ -1,5 +1,6 @@
 """The Space's files and limits: the upload size limit given to Gradio, Gradio's cache cleaned like zsad's own
-folders, the output folders removed when the app is stopped (SIGTERM, normal exit), pasted images bounded."""
+folders, the output folders removed when the app is stopped (SIGTERM, normal exit), pasted images bounded; elongated
+(line-scan) images scored as at full size; profiles refused when built from flat or non-finite maps."""
 
 import signal
 import subprocess
