@@ -14,12 +14,14 @@ Host and port follow Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from zsad import ZSADError
 from zsad.runtime.allocator import return_large_buffers_to_the_system
-from zsad.space.config import CONCURRENCY_LIMIT, batch_caps, build_parser, configured_checkpoints, load_detector
+from zsad.space.config import CONCURRENCY_LIMIT, batch_caps, build_parser, configured_checkpoints, launch_options, load_detector
 from zsad.space.layout import build_demo, example_rows
 from zsad.space.scheduling import ComputeTurns, warm_example_names
+from zsad.space.shutdown import remove_when_stopped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,8 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"zsad app: {error}")
     turns = ComputeTurns()
     warm_example_names(detector, [name for _, name in example_rows()], turns)
-    demo = build_demo(detector, batch_caps=batch_caps(args), turns=turns)
-    demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch()
+    output_root = Path(tempfile.mkdtemp(prefix="zsad-space-"))
+    remove_when_stopped(output_root)
+    demo = build_demo(detector, batch_caps=batch_caps(args), turns=turns, output_root=output_root)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=CONCURRENCY_LIMIT).launch(**launch_options(args))
 
 
 if __name__ == "__main__":

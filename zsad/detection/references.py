@@ -121,6 +121,8 @@ def distance_map(distances: torch.Tensor, grid_size: int, image_size: int, sigma
 FUSED_SLOPE = 4.0
 # The good images' pixel quantile that is a source's spread above its median.
 SPREAD_QUANTILE = 0.99
+# A spread under this is a flat map (standardising by it would blow any difference up); refused when a profile is built.
+MIN_SPREAD = 1e-6
 # Reference-map share with good images only: the method's map of an untrained model is at chance on real weights
 # (docs/METHODS.md, "Reference images"), so references only; a trained model's map keeps half (not measured here).
 UNTRAINED_WEIGHT, TRAINED_WEIGHT = 1.0, 0.5
@@ -163,8 +165,8 @@ class FusionScale:
     @classmethod
     def from_good(cls, good: list[SourceMaps], weight: float) -> "FusionScale":
         """The scale of leave-one-out maps of the good images (never of test images: that would be transductive)."""
-        method = location_and_spread(torch.cat([batch.method_map for batch in good]))
-        reference = location_and_spread(torch.cat([batch.reference_map for batch in good]))
+        method = location_and_spread(torch.cat([batch.method_map for batch in good]), "method's")
+        reference = location_and_spread(torch.cat([batch.reference_map for batch in good]), "reference")
         return cls(weight, *method, *reference)
 
     @property
@@ -191,11 +193,18 @@ class FusionScale:
         return ReferenceScores(fused, score.clamp_(0.0, 1.0), sources.mean_distance)
 
 
-def location_and_spread(maps: torch.Tensor) -> tuple[float, float]:
-    """(median, SPREAD_QUANTILE - median) of the pixel values; the spread is at least 1e-6."""
+def location_and_spread(maps: torch.Tensor, source: str) -> tuple[float, float]:
+    """(median, SPREAD_QUANTILE - median) of the pixel values of the good images' ``source`` maps; a spread that is
+    not positive (flat maps: nothing to standardise by) or not finite is refused, as loading refuses it."""
     values = maps.float().flatten().cpu().numpy()
     median, high = np.quantile(values, [0.5, SPREAD_QUANTILE])
-    return float(median), float(max(high - median, 1e-6))
+    if not (np.isfinite(median) and np.isfinite(high)):
+        raise ZSADError(f"The good images' {source} maps hold non-finite values (NaN or inf), so no profile can be built "
+                        "from them; the model's weights are damaged: load the checkpoint again or train it again.")
+    if high - median < MIN_SPREAD:
+        raise ZSADError(f"The good images' {source} maps are flat (spread {high - median:.1e}, under {MIN_SPREAD:g}), so the "
+                        "profile has nothing to standardise them by; use more or different reference images of good parts.")
+    return float(median), float(high - median)
 
 
 def default_weight(is_trained: bool) -> float:

@@ -27,6 +27,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_THRESHOLD = 0.5
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; larger files are refused before decoding (decompression bombs)
 MIN_IMAGE_SIDE = 16
+# The largest input side of zsad's models (518 px): bounding an image's longest side for display never takes its short
+# side below this, so the model still gets at least the resolution it resizes to.
+KEPT_SHORT_SIDE = 518
 
 
 @dataclass
@@ -74,16 +77,21 @@ def read_image(source, name: str | None = None, max_side: int | None = None) -> 
 
 
 def bounded(image: Image.Image, side: int) -> Image.Image:
-    """``image`` with its longest side at most ``side`` pixels (one-channel masks resized nearest, staying binary)."""
-    if max(image.size) <= side:
+    """``image`` with its longest side at most ``side`` pixels, short side kept as ``bounded_size`` says (one-channel
+    masks resized nearest, staying binary)."""
+    if bounded_size(image.size, side) == image.size:
         return image
     resample = Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.BICUBIC
     return image.resize(bounded_size(image.size, side), resample, reducing_gap=2.0)
 
 
 def bounded_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """``size`` scaled down so that its longest side is ``max_side`` (aspect kept, each side at least 1)."""
-    scale = max_side / max(size)
+    """``size`` scaled down so that its longest side is ``max_side`` (aspect kept, never enlarged), but its short side
+    never below ``KEPT_SHORT_SIDE`` (or its own length, when shorter): an elongated image (a line-scan's 5000x64)
+    keeps the rows the model sees and is scored as at full size. A bound under ``KEPT_SHORT_SIDE`` asks for less
+    than the model sees anyway; the short side then stays at least ``MIN_IMAGE_SIDE``, so the result is never refused."""
+    floor = KEPT_SHORT_SIDE if max_side >= KEPT_SHORT_SIDE else MIN_IMAGE_SIDE
+    scale = min(1.0, max(max_side / max(size), floor / min(size)))
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ PROFILE_CACHE_SIZE = 2
 # camera's 12 MP would cost seconds in overlays and image encoding; the full-resolution map and mask are offered as
 # files. At 1000, a 4000x3000 JPEG decodes at 1/4 scale straight to this size (benchmarks/bench_camera.py).
 DISPLAY_SIDE = 1000
+# Largest file one upload may be (Gradio refuses a larger one before it reaches zsad): a batch's zip within the batch
+# caps' megabytes fits; a 24 MP camera JPEG is about 10 MB.
+MAX_FILE_SIZE = "200mb"
+FILE_SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most megabytes of images in one batch, zips counted uncompressed")
     parser.add_argument("--batch-max-megapixels", type=float, default=BatchCaps.max_megapixels,
                         help="most megapixels in one batch, all images together (read from the headers)")
+    parser.add_argument("--max-file-size", type=file_size, default=os.environ.get("ZSAD_MAX_FILE_SIZE", MAX_FILE_SIZE),
+                        help=f"largest file one upload may be, e.g. 50mb or 1gb (env ZSAD_MAX_FILE_SIZE; default {MAX_FILE_SIZE})")
     return parser
+
+
+def file_size(text: str) -> int:
+    """Bytes from ``<number><unit>`` (b, kb, mb, gb; 1 kb = 1024 b), as Gradio's ``max_file_size`` reads it."""
+    match = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)\s*", str(text).lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 200mb or 1gb (units b, kb, mb, gb), got {text!r}")
+    return int(match[1]) * FILE_SIZE_UNITS[match[2]]
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """What ``Blocks.launch`` is given: the upload size limit."""
+    return {"max_file_size": args.max_file_size}
 
 
 def batch_caps(args: argparse.Namespace) -> BatchCaps:

@@ -48,15 +48,18 @@ class OutputFolders:
     file in place each time; a client still downloading it for an earlier request with the same output (two visitors
     on the same example) then gets a truncated file. A returned file path is copied into the cache atomically."""
 
-    def __init__(self, linger: float = FOLDER_LINGER_SECONDS):
-        self._root = tempfile.TemporaryDirectory(prefix="zsad-space-")
+    def __init__(self, linger: float = FOLDER_LINGER_SECONDS, root: Path | None = None):
+        """``root``: the folder to make the request folders in (the app's, removed on SIGTERM); by default a
+        temporary folder of its own, removed when the object is collected or the interpreter exits."""
+        self._own_root = None if root else tempfile.TemporaryDirectory(prefix="zsad-space-")
+        self._root = Path(root) if root else Path(self._own_root.name)
         self._done: dict[Path, float] = {}
         self._lock = threading.Lock()
         self._linger = linger
 
     def new_folder(self) -> Path:
         self._remove_expired()
-        return Path(tempfile.mkdtemp(prefix="request-", dir=self._root.name))
+        return Path(tempfile.mkdtemp(prefix="request-", dir=self._root))
 
     def done(self, folder: Path) -> None:
         with self._lock:

@@ -3,13 +3,14 @@
 
 import functools
 import json
+from pathlib import Path
 
 import gradio as gr
 
 from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector
 
 from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
-from .files import OutputFolders, full_resolution_files, serving_files
+from .files import FOLDER_LINGER_SECONDS, OutputFolders, full_resolution_files, serving_files
 from .handlers import CALIBRATED, FALSE_ALARM_RATES, LOWEST_RATE, SLIDER, make_batch_handler, make_handler
 from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, product_label, runtime
 from .scheduling import ComputeTurns, taking_turns
@@ -19,6 +20,9 @@ BATCH_CONCURRENCY_LIMIT = 1
 # A visitor's last detection (what the full-resolution files are made from) is dropped this long after it was set,
 # and when the visitor's tab closes (Gradio's own session end).
 LAST_RESULT_SECONDS = 1800
+# Gradio's cache (its copies of every returned file: overlays, CSVs, masks.zip) is cleaned like zsad's own request
+# folders: every (frequency, age) seconds, the files older than the age zsad's folders linger.
+DELETE_CACHE = (int(FOLDER_LINGER_SECONDS) // 2, int(FOLDER_LINGER_SECONDS))
 
 
 def example_rows() -> list[list]:
@@ -50,7 +54,7 @@ def relabel_on_change(detector: AnomalyDetector, method: gr.Radio, class_name: g
                   queue=False, api_visibility="private")
 
 
-def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -> None:
+def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns, output_root: Path | None) -> None:
     """The batch tab's inputs, outputs and event (inside an open ``gr.Tab``)."""
     choices = method_choices(detector, compare=False)
     with gr.Row():
@@ -74,7 +78,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
                          interactive=False, elem_id="batch-table")
     views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
     run.click(
-        gradio_tuple(make_batch_handler(detector, OutputFolders(), caps, turns)),
+        gradio_tuple(make_batch_handler(detector, OutputFolders(root=output_root), caps, turns)),
         inputs=[uploads, class_name, method, threshold, mutual],
         outputs=[table, views, csv_file, masks_zip, summary],
         api_name="detect_batch",
@@ -85,11 +89,12 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns) -
 
 
 def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
-               turns: ComputeTurns | None = None) -> gr.Blocks:
-    """The Blocks page around ``detector`` (not launched)."""
+               turns: ComputeTurns | None = None, output_root: Path | None = None) -> gr.Blocks:
+    """The Blocks page around ``detector`` (not launched); ``output_root`` holds the requests' output folders (by
+    default, temporary folders of their own)."""
     choices = method_choices(detector)
     turns = turns or ComputeTurns()
-    with gr.Blocks(title="zsad: zero-shot anomaly detection") as demo:
+    with gr.Blocks(title="zsad: zero-shot anomaly detection", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# zsad: zero-shot anomaly detection\n"
             "Drop an image of a product, type what the product is (optional for a method whose prompts name no product), "
@@ -135,7 +140,7 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
             rows = example_rows()
             if rows:
                 gr.Examples(rows, inputs=[image, class_name], label="Synthetic examples")
-            folders = OutputFolders()
+            folders = OutputFolders(root=output_root)
             run.click(
                 serving_files(taking_turns(make_handler(detector), turns), folders),
                 inputs=[image, class_name, method, threshold, references, tiles, threshold_mode, false_alarm_rate],
@@ -146,6 +151,6 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
             full_resolution.click(serving_files(full_resolution_files, folders), inputs=[last], outputs=[downloads],
                                   api_name="full_resolution")
         with gr.Tab("Batch", id="batch"):
-            batch_tab(detector, batch_caps, turns)
+            batch_tab(detector, batch_caps, turns, output_root)
         gr.Markdown(runtime(detector), elem_id="runtime")
     return demo

@@ -20,6 +20,9 @@ from zsad.runtime.images import IMAGE_SUFFIXES, LoadedImage, header_size, read_i
 
 from .config import BatchCaps
 
+# A pasted image (a data URL in the request itself, not an upload, so Gradio's max_file_size does not bound it) is
+# refused above this many megabytes of image before it is decoded.
+MAX_PASTED_MEGABYTES = 25
 NOT_UPLOADED = "A file of this request was not uploaded to the Space; upload it (through the page, or gradio_client's handle_file)."
 ADVICE = "Split it into smaller batches, or run `zsad predict` on a folder (no limit)."
 # Member failures a zip can raise on reading; each becomes its row's error.
@@ -63,8 +66,12 @@ def in_upload_cache(path: str) -> bool:
 
 
 def pasted_bytes(url: str) -> bytes:
+    encoded = url.partition(",")[2]
+    if len(encoded) * 3 / 4 > MAX_PASTED_MEGABYTES * 2**20:  # base64: 4 characters per 3 bytes
+        raise ZSADError(f"The pasted image is {len(encoded) * 3 / 4 / 2**20:.0f} MB; the Space takes at most {MAX_PASTED_MEGABYTES} MB "
+                        "pasted. Upload it as a file instead (the Space's upload limit applies), or downscale it.")
     try:
-        return base64.b64decode(url.partition(",")[2], validate=True)
+        return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ZSADError("The pasted image could not be read; paste or upload it again.") from error
 
