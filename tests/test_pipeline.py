@@ -82,14 +82,15 @@ def images(tmp_path_factory):
 
 def published_folders(models, tiny_clip_path, root) -> dict[str, str]:
     """``zsad publish --dry-run`` of each model's checkpoint; the backbone path points at the tiny CLIP (loaded from
-    there, since it exists) and ``--base-model`` names a Hub id for it, as publishing requires."""
+    there, since it exists) and ``--base-model`` names a Hub id for it, as publishing requires (with
+    --tiny-backbone-for-tests: it is the tiny CLIP)."""
     folders = {}
     for method, model in models.items():
         model.config.base_model_name_or_path = str(tiny_clip_path)
         model.save_pretrained(root / f"{method}-checkpoint")
         upload = root / f"{method}-upload"
         assert main(["publish", str(root / f"{method}-checkpoint"), "--repo-id", f"org/{method}", "--dry-run", str(upload),
-                     "--base-model", "openai/clip-vit-base-patch32"]) == 0
+                     "--base-model", "zsad-tests/tiny-random-clip", "--tiny-backbone-for-tests"]) == 0
         folders[method] = str(upload)
     return folders
 
