@@ -41,8 +41,10 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
     for result in results:
         lines.append(
             f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, score {result.score:.3f}"
+            + (f" (threshold {result.threshold:.2f})" if result.gives_verdict else "")
         )
-        lines.append(f"- {escaped(result.verdict_line)}")
+        if not result.gives_verdict:
+            lines.append(f"- {escaped(result.verdict_line)}")
         block = (made_by or {}).get(result.method)
         if block is not None:
             lines.append(f"- made by {escaped(short_form(block))}")
