@@ -55,7 +55,7 @@ def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files
     assert f"**{verdict}**" in output.report and "CLIP baseline (training-free)" in output.report and "request took" in output.report
     assert output.table[0][:4] == ["CLIP baseline", "training-free", output.score, verdict]
     assert output.gallery == []  # the gallery is for compare mode
-    assert "No reference images (zero-shot); uncalibrated (threshold 0.5)" in output.report
+    assert "No reference images (zero-shot); uncalibrated (threshold 0.5 set by hand)" in output.report
     assert output.full_resolution.original_size == size  # full-resolution files are made on request
     assert output.as_gradio()[6] is None and len(output.as_gradio()) == 8  # the last request's downloads are cleared
 
@@ -579,7 +579,7 @@ def test_the_threshold_mode_decides_and_the_same_call_gives_the_same_answer(dete
     by_hand = detect(image, "disk", "baseline", 0.3, good_parts(product), False, handlers.SLIDER)
     assert "threshold 0.3 set by hand" in by_hand.report and "(threshold 0.30)" in by_hand.report
     without = detect(image, "disk", "baseline", 0.3)
-    assert "uncalibrated (threshold 0.3)" in without.report  # no profile: the slider, whatever the mode
+    assert "uncalibrated (threshold 0.3 set by hand)" in without.report  # no profile: the slider, whatever the mode
     with pytest.raises(gr.Error, match="threshold mode must be one of calibrated, slider"):
         detect(image, "disk", "baseline", 0.5, None, False, "auto")
     detect(image, "disk", COMPARE, 0.5, good_parts(product))
@@ -626,7 +626,7 @@ def test_bad_references_are_clear_messages_and_the_app_keeps_serving(detector, p
         detect(image, "disk", "baseline", 0.5, good_parts(product)[:1] * 200)
     assert "No reference images (zero-shot)" in detect(image, "disk", "baseline", 0.5, []).report
     one = detect(image, "disk", "baseline", 0.5, good_parts(product)[:1]).report
-    assert "1 reference image of good parts; uncalibrated (threshold 0.5) (calibration needs at least two distinct" in one
+    assert "1 reference image of good parts; uncalibrated (threshold 0.5 set by hand) (calibration needs at least two distinct" in one
     other_product = detect(upload(next((product / "wood" / "test").rglob("*.png"))), "disk", "baseline", 0.5, good_parts(product)).report
     assert "does not look like the reference images" in other_product
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -51,16 +52,31 @@ def test_predict_ends_with_counts_threshold_score_range_and_where_the_files_are(
     precision = Runtime.resolve("cpu", "auto").precision  # the CLI's default, named in the summary
     assert f"3 images scored with baseline (training-free) on a tiny random CLIP (noise), {precision} on CPU, " \
            f"{TEST_IMAGE_SIZE} px as 'bottle': {anomalous} anomalous, {3 - anomalous} normal at " \
-           "image threshold 0.500 (uncalibrated (threshold 0.5))." in printed
+           "image threshold 0.500 (uncalibrated (threshold 0.5 set by hand))." in printed
     assert "Warning: the backbone is a tiny random CLIP (zsad tiny-clip / --tiny): its scores and maps are noise" in printed
     block = scores["provenance"]
     assert all(record["provenance"] == block for record in scores["images"])  # one block for the run, in every record
     assert (block["method"], block["status"], block["precision"], block["image_size"]) == (
         "baseline", "training-free", precision, TEST_IMAGE_SIZE)
     assert block["backbone"]["tiny_random"] and block["backbone"]["shape"]["vision_layers"] == 4
-    assert block["threshold_rule"] == {"rule": "uncalibrated (threshold 0.5)", "image": 0.5, "pixel": 0.5}
-    assert f"Image scores from {min(values):.3f} to {max(values):.3f}." in printed
+    assert block["threshold_rule"] == {"rule": "uncalibrated (threshold 0.5 set by hand)", "image": 0.5, "pixel": 0.5}
+    assert f"Image scores from {min(values):.3f} to {max(values):.3f}; highest first: " in printed
     assert f"scores.json are in {out}" in printed
+
+
+def test_an_uncalibrated_untrained_run_gives_scores_and_a_rank_but_no_verdict(tiny_clip_path, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(images), "--model", "stackclip", "--clip", str(tiny_clip_path), "--class-name", "bottle",
+                 "--image-size", str(TEST_IMAGE_SIZE), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "scores.json").read_text())
+    assert "anomalous" not in printed and " normal" not in printed
+    assert "'bottle': no verdict: the default threshold means nothing for an untrained or training-free method" in printed
+    assert "references of good parts (zsad calibrate, a profile), use a trained checkpoint, or set a threshold" in printed
+    ranked = sorted(scores["images"], key=lambda record: record["score"], reverse=True)
+    assert "highest first: " + ", ".join(f"{Path(r['image']).name} ({r['score']:.3f})" for r in ranked) + "." in printed
+    assert (scores["gives_verdict"], scores["threshold"]) == (False, None)
+    assert {record["verdict"] for record in scores["images"]} == {"none"}
 
 
 def summary_of(fractions: list[float]) -> dict:
@@ -71,7 +87,8 @@ def summary_of(fractions: list[float]) -> dict:
                                                           "native_image_size": 336}},
              "product": {"given": "Nut", "used": "nut"}}
     return {"method": "stackclip", "status": "untrained", "class_name": "nut", "threshold": 0.4, "pixel_threshold": 0.45,
-            "calibration": "uncalibrated (threshold 0.4)", "provenance": block,
+            "calibration": "uncalibrated (threshold 0.4 set by hand)", "provenance": block, "gives_verdict": True,
+            "verdict_line": "image threshold 0.400 (uncalibrated (threshold 0.4 set by hand))",
             "images": records + [{"image": "broken.png", "error": "not an image"}]}
 
 
@@ -79,7 +96,7 @@ def test_predict_notes_when_every_mask_is_white(tmp_path):
     white = predict_summary(summary_of([1.0, 1.0]), tmp_path)
     assert white.startswith("2 images scored with stackclip (untrained) on CLIP ViT-L/14@336, float32 on CPU, 518 px as 'nut' "
                             "(given as 'Nut'): 1 anomalous, 1 normal at image threshold 0.400")
-    assert "Image scores from 0.200 to 0.500." in white
+    assert "Image scores from 0.200 to 0.500; highest first: 1.png (0.500), 0.png (0.200)." in white
     assert "every mask is white: each pixel of each image reached the pixel threshold 0.450" in white
     assert "white" not in predict_summary(summary_of([1.0, 0.25]), tmp_path)
 

@@ -132,7 +132,7 @@ def test_deploy_json_holds_names_and_thresholds_and_the_processor_file_the_prepr
     assert processor.size == TEST_IMAGE_SIZE and processor.resample == "bicubic"
     assert processor.image_mean == tuple(tiny_backbone.image_mean) and processor.image_std == tuple(tiny_backbone.image_std)
     assert config["class_names"] == NAMES
-    assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "uncalibrated (threshold 0.3)"}
+    assert config["thresholds"]["metal nut"] == {"image": 0.3, "pixel": 0.3, "source": "uncalibrated (threshold 0.3 set by hand)"}
     assert config["references"] is None
     assert (folder / config["graph"]).is_file()
 

@@ -18,10 +18,13 @@ from transformers.dynamic_module_utils import get_relative_import_files
 import zsad
 from zsad.evaluation.reports import load_evaluation
 from zsad.hub.publish import publish, render_model_card, write_publish_folder
-from zsad.runtime.provenance import model_record
+from zsad.runtime.provenance import model_record, provenance
 from zsad_cli import main
 
-HUB_BACKBONE = "openai/clip-vit-large-patch14-336"
+# The Hub id the tests publish the tiny random CLIP under: publishing a tiny backbone needs tiny_backbone_for_tests,
+# and the card then says its scores are noise.
+HUB_BACKBONE = "zsad-tests/tiny-random-clip"
+FOR_TESTS = {"tiny_backbone_for_tests": True}
 REPO = Path(__file__).resolve().parent.parent
 BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt")  # what setuptools reads besides the packages
 # Renders every method's card with zsad imported from the wheel archive alone (no checkout on the path).
@@ -85,8 +88,9 @@ def checkpoint(trained_genclip, tmp_path_factory):
 
 
 def evaluation_of(model, name_or_path, **changes) -> dict:
-    """EVALUATION as ``zsad evaluate`` writes it for ``model`` (its record of the evaluated model)."""
-    return {**EVALUATION, "evaluated_model": model_record(model, str(name_or_path)), **changes}
+    """EVALUATION as ``zsad evaluate`` writes it for ``model`` (its record of the evaluated model and its provenance)."""
+    return {**EVALUATION, "evaluated_model": model_record(model, str(name_or_path)),
+            "provenance": provenance(model, name_or_path=str(name_or_path)), **changes}
 
 
 @pytest.fixture
@@ -115,7 +119,7 @@ def code_files_needed(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize("source", ["folder", "model"])
 def test_publish_is_one_commit_with_weights_code_and_card(fake_hub, checkpoint, trained_genclip, eval_json, source):
-    publish(checkpoint if source == "folder" else trained_genclip, "org/genclip-mvtec", eval_json=eval_json)
+    publish(checkpoint if source == "folder" else trained_genclip, "org/genclip-mvtec", eval_json=eval_json, **FOR_TESTS)
 
     assert len(fake_hub["commits"]) == 1
     commit = fake_hub["commits"][0]
@@ -214,7 +218,7 @@ def test_an_evaluation_on_the_training_data_is_refused(fake_hub, trained_genclip
     on_training_data = tmp_path / "mvtec.json"
     on_training_data.write_text(json.dumps(evaluation_of(trained_genclip, checkpoint, dataset="MVTec-AD")))
     with pytest.raises(zsad.ZSADError, match=r"made on the model's own training data \(MVTec-AD: candle, pcb1\)"):
-        publish(checkpoint, "org/genclip-mvtec", eval_json=on_training_data)
+        publish(checkpoint, "org/genclip-mvtec", eval_json=on_training_data, **FOR_TESTS)
     assert fake_hub["commits"] == []
 
 
@@ -244,13 +248,13 @@ def test_an_evaluation_of_the_untrained_method_or_of_another_model_is_refused(fa
         path = tmp_path / f"{case}.json"
         path.write_text(json.dumps(evaluation_of(model, name)))
         with pytest.raises(zsad.ZSADError, match=message):
-            publish(checkpoint, "org/genclip-mvtec", eval_json=path)
+            publish(checkpoint, "org/genclip-mvtec", eval_json=path, **FOR_TESTS)
         with pytest.raises(zsad.ZSADError, match=message):
-            write_publish_folder(checkpoint, tmp_path / "dry-run", eval_json=path)
+            write_publish_folder(checkpoint, tmp_path / "dry-run", eval_json=path, **FOR_TESTS)
     unrecorded = tmp_path / "unrecorded.json"
     unrecorded.write_text(json.dumps(EVALUATION))
     with pytest.raises(zsad.ZSADError, match="does not say which model it evaluated"):
-        publish(checkpoint, "org/genclip-mvtec", eval_json=unrecorded)
+        publish(checkpoint, "org/genclip-mvtec", eval_json=unrecorded, **FOR_TESTS)
     assert fake_hub["commits"] == []
 
 
@@ -265,7 +269,8 @@ def test_a_backbone_known_only_as_a_local_path_is_refused_until_its_hub_id_is_na
     assert f"zsad publish {tmp_path / 'local'} --repo-id org/genclip --base-model ORG/NAME" in error
     assert fake_hub["commits"] == []
 
-    assert main(["publish", str(tmp_path / "local"), "--repo-id", "org/genclip", "--base-model", HUB_BACKBONE]) == 0
+    assert main(["publish", str(tmp_path / "local"), "--repo-id", "org/genclip", "--base-model", HUB_BACKBONE,
+                 "--tiny-backbone-for-tests"]) == 0
     files = fake_hub["commits"][0]["files"]
     uploaded = json.loads(files["config.json"])
     assert uploaded["base_model_hub_id"] == HUB_BACKBONE and uploaded["base_model_name_or_path"] == str(tiny_clip_path)
@@ -312,7 +317,8 @@ def test_publish_refuses_folders_that_are_not_zsad_checkpoints(fake_hub, tmp_pat
 
 def test_cli_dry_run_writes_the_upload_folder(fake_hub, checkpoint, eval_json, tmp_path, capsys):
     out = tmp_path / "upload"
-    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--eval", str(eval_json), "--dry-run", str(out)]) == 0
+    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--eval", str(eval_json), "--dry-run", str(out),
+                 "--tiny-backbone-for-tests"]) == 0
     assert fake_hub["commits"] == [] and fake_hub["repos"] == []
     written = {path.name for path in out.iterdir()}
     printed = capsys.readouterr().out
@@ -327,7 +333,8 @@ def test_cli_dry_run_writes_the_upload_folder(fake_hub, checkpoint, eval_json, t
 
 
 def test_cli_publish_prints_the_commit(fake_hub, checkpoint, capsys):
-    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--private"]) == 0
+    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--private",
+                 "--tiny-backbone-for-tests"]) == 0
     assert fake_hub["repos"][0]["private"] is True
     assert len(fake_hub["commits"]) == 1
     assert "org/genclip-mvtec/commit/fake" in capsys.readouterr().out
@@ -367,3 +374,88 @@ def test_space_model_cards_are_current():
 
     for name, text in space_cards().items():
         assert (FOLDER / name).read_text(encoding="utf-8") == text, f"model_cards/{name} is stale: run python model_cards/render.py"
+
+
+# ----- honest publishing: the backbone ------------------------------------------------------------------------------
+
+# CLIP ViT-L/14's shape as the Hub's config of openai/clip-vit-large-patch14-336 states it.
+VIT_L_CONFIG = {"model_type": "clip", "projection_dim": 768,
+                "vision_config": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "patch_size": 14,
+                                  "image_size": 336},
+                "text_config": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12}}
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local Hub cache; ``cache(repo_id, config)`` stores a config.json as a download would (offline reads)."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+
+    def cache(repo_id: str, config: dict) -> None:
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        commit = "0" * 40
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text(json.dumps(config))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+
+    return cache
+
+
+def test_a_tiny_backbone_is_refused_unless_for_tests_and_then_the_card_says_noise(fake_hub, checkpoint, hub_cache, tmp_path, capsys):
+    with pytest.raises(zsad.ZSADError, match="built on the tiny random CLIP .* its scores are noise, so it is not published"):
+        publish(checkpoint, "org/genclip-mvtec")
+    assert main(["publish", str(checkpoint), "--repo-id", "org/genclip-mvtec", "--dry-run", str(tmp_path / "refused")]) == 2
+    assert "--tiny-backbone-for-tests" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert fake_hub["commits"] == []
+
+    publish(checkpoint, "org/genclip-mvtec", **FOR_TESTS)
+    card = fake_hub["commits"][0]["files"]["README.md"].decode()
+    assert "**Warning: built on a tiny random CLIP, for tests of publishing only.**" in card
+    assert "scores and maps are noise" in card
+    assert "tiny random CLIP" not in str(render_model_card(zsad.StackCLIPConfig()))  # a real shape: no warning
+
+
+def test_base_model_is_checked_against_its_hub_config(fake_hub, tiny_backbone, tiny_clip_path, hub_cache, tmp_path, capsys):
+    local = zsad.GenCLIPModel.from_clip(str(tiny_clip_path), clip_model=tiny_backbone, image_size=112)
+    local.config.is_trained = True
+    local.save_pretrained(tmp_path / "local")
+    hub_cache("openai/clip-vit-large-patch14-336", VIT_L_CONFIG)
+    tiny_config = json.loads((tiny_clip_path / "config.json").read_text())
+    hub_cache(HUB_BACKBONE, tiny_config)
+    hub_cache("org/a-vit", {**tiny_config, "model_type": "vit"})
+    command = ["publish", str(tmp_path / "local"), "--repo-id", "org/genclip", "--tiny-backbone-for-tests"]
+
+    # The issue's case: a checkpoint on the 4-layer, width-48 CLIP named as ViT-L/14.
+    assert main([*command, "--base-model", "openai/clip-vit-large-patch14-336"]) == 2
+    error = capsys.readouterr().err
+    assert "built on a CLIP with vision layers 4, vision width 48, patch size 14" in error
+    assert "but openai/clip-vit-large-patch14-336 on the Hub has vision layers 24, vision width 1024, patch size 14" in error
+    assert main([*command, "--base-model", "org/a-vit"]) == 2
+    assert "is a 'vit' model on the Hub, not a CLIP" in capsys.readouterr().err
+    assert fake_hub["commits"] == []
+
+    assert main([*command, "--base-model", HUB_BACKBONE, "--dry-run", str(tmp_path / "checked")]) == 0
+    assert f"Checked: {HUB_BACKBONE} on the Hub has the backbone shape the checkpoint records" in capsys.readouterr().out
+    # Offline with the id's config not in the cache: the dry run says it could not check.
+    assert main([*command, "--base-model", "org/never-downloaded", "--dry-run", str(tmp_path / "unchecked")]) == 0
+    printed = capsys.readouterr().out
+    assert "Could not check the backbone org/never-downloaded against its config on the Hub (offline" in printed
+    assert "the checkpoint records vision layers 4, vision width 48" in printed
+
+
+def test_an_evaluation_made_on_another_backbone_is_refused(fake_hub, trained_genclip, checkpoint, tmp_path):
+    report = evaluation_of(trained_genclip, checkpoint)
+    report["provenance"]["backbone"]["shape"] |= {"vision_layers": 24, "vision_width": 1024}
+    other_backbone = tmp_path / "vit-l.json"
+    other_backbone.write_text(json.dumps(report))
+    with pytest.raises(zsad.ZSADError, match=r"was made on another backbone .*'vision_layers': 24.* than the checkpoint's"):
+        publish(checkpoint, "org/genclip-mvtec", eval_json=other_backbone, **FOR_TESTS)
+    del report["provenance"]
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps(report))
+    with pytest.raises(zsad.ZSADError, match="does not say which backbone made it"):
+        write_publish_folder(checkpoint, tmp_path / "dry-run", eval_json=unnamed, **FOR_TESTS)
+    assert fake_hub["commits"] == [] and not (tmp_path / "dry-run").exists()

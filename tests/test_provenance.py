@@ -8,7 +8,7 @@ import zsad
 from zsad.runtime.provenance import adapter_digest, checkpoint_digest, model_digest
 from zsad_cli import main
 
-HUB_BACKBONE = "openai/clip-vit-base-patch32"
+HUB_BACKBONE = "zsad-tests/tiny-random-clip"  # published with --tiny-backbone-for-tests
 
 
 def test_the_digest_covers_names_shapes_and_values():
@@ -39,13 +39,15 @@ def test_evaluate_records_the_checkpoint_and_publish_takes_its_results_for_those
                          "training_dataset": "mvtec", "training_categories": ["wood"], "adapter_digest": model_digest(model)}
 
     # Unseen categories (tile) of the training dataset: the results go on the card, as synthetic data (synthetic_root).
-    assert main(["publish", "checkpoint", "--repo-id", "org/genclip", "--eval", "results/evaluation.json", "--dry-run", "upload"]) == 0
+    assert main(["publish", "checkpoint", "--repo-id", "org/genclip", "--eval", "results/evaluation.json", "--dry-run", "upload",
+                 "--tiny-backbone-for-tests"]) == 0
     card = (tmp_path / "upload" / "README.md").read_text()
     assert "### mvtec (synthetic images in its layout, not the benchmark)" in card and "(test split)" not in card
 
     model.adapter_parameters()[0].data.add_(0.05)  # trained further and saved over: these results are not of it
     model.save_pretrained(tmp_path / "checkpoint")
     capsys.readouterr()
-    assert main(["publish", "checkpoint", "--repo-id", "org/genclip", "--eval", "results/evaluation.json", "--dry-run", "again"]) == 2
+    assert main(["publish", "checkpoint", "--repo-id", "org/genclip", "--eval", "results/evaluation.json", "--dry-run", "again",
+                 "--tiny-backbone-for-tests"]) == 2
     assert f"is of another model: {tmp_path / 'checkpoint'} with weights sha256:" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()

@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR instead, and list it")
     publish.add_argument("--base-model", metavar="HUB_ID",
                          help="the Hub id the checkpoint's local backbone copy was downloaded from (needed when its config "
-                         "knows the backbone only as a local path)")
+                         "knows the backbone only as a local path); checked against that id's config on the Hub")
+    publish.add_argument("--tiny-backbone-for-tests", action="store_true",
+                         help="publish a checkpoint built on the tiny random CLIP, for tests of publishing only; its card "
+                         "then says its scores are noise (without it such a checkpoint is refused)")
     publish.set_defaults(command_name="publish")
 
     convert = commands.add_parser("convert", help="a published model of another code base as a zsad checkpoint")

@@ -33,11 +33,13 @@ def _publish(args: argparse.Namespace) -> None:
     from .summaries import dry_run_summary
 
     if args.dry_run:
-        folder = write_publish_folder(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id, base_model=args.base_model)
+        folder, backbone_check = write_publish_folder(args.checkpoint, args.dry_run, eval_json=args.eval, repo_id=args.repo_id,
+                                                      base_model=args.base_model, tiny_backbone_for_tests=args.tiny_backbone_for_tests)
+        print(backbone_check)
         print(dry_run_summary(folder, args.repo_id))
         return
     commit = publish(args.checkpoint, args.repo_id, eval_json=args.eval, token=args.token, private=args.private,
-                     base_model=args.base_model)
+                     base_model=args.base_model, tiny_backbone_for_tests=args.tiny_backbone_for_tests)
     print(f"Published to https://huggingface.co/{args.repo_id}: {commit.commit_url}")
     print(f"Load it with AutoModel.from_pretrained('{args.repo_id}', trust_remote_code=True) or zsad predict IMAGE "
           f"--model {args.repo_id} --class-name NAME --out predictions")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from ..detection.results import MUTUAL_CALIBRATION, Detection, check_optional_threshold
+from ..detection.results import MUTUAL_CALIBRATION, NO_VERDICT_LINE, Detection, check_optional_threshold, gives_verdict
 from ..modeling.class_names import clean_class_name
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import is_finite_score, non_finite_message
@@ -119,7 +119,10 @@ def predict_files(
             if not state.is_main_process:
                 return {}
             by_image = {record["image"]: record for record in read_records(out_dir)}
-        summary = {"method": method, "status": detector.status(method), "class_name": class_name, "threshold": image_threshold,
+        verdicts = gives_verdict(detector.status(method), calibration)
+        summary = {"method": method, "status": detector.status(method), "class_name": class_name,
+                   "threshold": image_threshold if verdicts else None, "gives_verdict": verdicts,
+                   "verdict_line": f"image threshold {image_threshold:.3f} ({calibration})" if verdicts else NO_VERDICT_LINE,
                    "pixel_threshold": pixel_threshold, "calibration": calibration, "provenance": block,
                    "references": profile.num_references if profile else 0,
                    "false_alarm_bound": None if mutual or threshold is not None else stated_bound(profile),

@@ -9,6 +9,12 @@ from pathlib import Path
 from ..runtime.provenance import noise_warning, short_form
 
 
+def ranking(records: list[dict], shown: int = 3) -> str:
+    """The ``shown`` highest-scoring images, "name (0.612), ...": the rank is there with or without a verdict."""
+    top = sorted(records, key=lambda record: record["score"], reverse=True)[:shown]
+    return ", ".join(f"{Path(record['image']).name} ({record['score']:.3f})" for record in top)
+
+
 def predict_summary(summary: dict, out_dir) -> str:
     """``zsad predict``'s closing lines from the ``scores.json`` summary ``predict_files`` returns."""
     scored = [record for record in summary["images"] if "error" not in record]
@@ -18,11 +24,12 @@ def predict_summary(summary: dict, out_dir) -> str:
     scores = [record["score"] for record in scored]
     anomalous = sum(record["verdict"] == "anomalous" for record in scored)
     block = summary["provenance"]
+    outcome = f"{anomalous} anomalous, {len(scored) - anomalous} normal at {summary['verdict_line']}" \
+        if summary["gives_verdict"] else f"{summary['verdict_line']}"
     lines = [
         f"{len(scored)} image{'s' if len(scored) != 1 else ''} scored with {short_form(block)} as "
-        f"'{summary['class_name']}'{renamed(block)}: {anomalous} anomalous, {len(scored) - anomalous} normal at image threshold "
-        f"{summary['threshold']:.3f} ({summary['calibration']}).",
-        f"Image scores from {min(scores):.3f} to {max(scores):.3f}.",
+        f"'{summary['class_name']}'{renamed(block)}: {outcome}.",
+        f"Image scores from {min(scores):.3f} to {max(scores):.3f}; highest first: {ranking(scored)}.",
         *([f"{len(summary['images']) - summary['reused']} scored now, {summary['reused']} reused from the interrupted run."]
           if summary.get("reused") else []),
         f"Overlays (*_overlay.png), masks (*_mask.png) and scores.json are in {out_dir}",

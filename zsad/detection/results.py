@@ -28,19 +28,40 @@ class CalibratedThresholds(Protocol):
     def describe(self) -> str: ...
 
 
+# Statuses of a text method whose scores no data has set a scale for (zsad.methods.status).
+UNSCALED_STATUSES = ("untrained", "training-free")
+# Where an untrained or training-free text method's verdict would come from, said instead of a verdict.
+NO_VERDICT_LINE = ("no verdict: the default threshold means nothing for an untrained or training-free method. For a verdict, "
+                   "calibrate on references of good parts (zsad calibrate, a profile), use a trained checkpoint, or set a "
+                   "threshold (--threshold, threshold=)")
+NO_VERDICT = "none"
+
+
 def uncalibrated_description(threshold: float) -> str:
     return f"uncalibrated (threshold {threshold:g})"
 
 
+# The rule of the default threshold: nobody chose it, so it gives a verdict only for a trained model.
+DEFAULT_RULE = uncalibrated_description(DEFAULT_THRESHOLD)
+
+
+def gives_verdict(status: str, calibration: str) -> bool:
+    """Whether a threshold means something: set by hand, calibrated, mutual (on its group's scale), or the default one
+    for a trained model."""
+    return calibration != DEFAULT_RULE or status not in UNSCALED_STATUSES
+
+
 def thresholds(threshold: float | None, calibration: CalibratedThresholds | None = None) -> tuple[float, float, str]:
     """(image threshold, pixel threshold, where they come from): a given ``threshold`` for both, else the
-    calibration's thresholds, else 0.5."""
+    calibration's thresholds, else 0.5 (``DEFAULT_RULE``: no verdict for an untrained or training-free method)."""
     if threshold is None and calibration is not None:
         return calibration.image_threshold, calibration.pixel_threshold, calibration.describe()
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    if threshold is None:
+        return DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, DEFAULT_RULE
+    threshold = float(threshold)
     if calibration is not None:
         return threshold, threshold, f"{calibration.describe()}; threshold {threshold:g} set by hand (the calibrated rate does not apply)"
-    return threshold, threshold, uncalibrated_description(threshold)
+    return threshold, threshold, f"uncalibrated (threshold {threshold:g} set by hand)"
 
 
 def check_optional_threshold(threshold: float | None) -> None:
@@ -58,7 +79,8 @@ class Detection:
             "exported (...)" (a graph run by ``zsad.deploy.runtime``).
         class_name: the cleaned class name the prompts used.
         score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
-        threshold: the verdict's threshold.
+        threshold: the verdict's threshold (the one applied; no verdict is given at the default threshold for an
+            untrained or training-free method: ``verdict`` is "none", ``is_anomalous`` None).
         anomaly_map: (H, W) float32 map in [0, 1] at the size of the image as read: the original image's size,
             or, when ``display_side`` was passed to ``detect``, that image scaled so that its longest side is at
             most ``display_side`` (``full_resolution_map()`` gives the map at the original size then).
@@ -97,12 +119,25 @@ class Detection:
     tiles: int = 0
 
     @property
-    def is_anomalous(self) -> bool:
-        return self.score >= self.threshold
+    def gives_verdict(self) -> bool:
+        return gives_verdict(self.status, self.calibration)
+
+    @property
+    def is_anomalous(self) -> bool | None:
+        return self.verdict == "anomalous" if self.gives_verdict else None
 
     @property
     def verdict(self) -> str:
-        return verdict(self.score, self.threshold)
+        """"anomalous", "normal", or "none" where no threshold means anything (``NO_VERDICT_LINE`` says how to get one)."""
+        reached = verdict(self.score, self.threshold)  # a non-finite score raises here, verdict or not
+        return reached if self.gives_verdict else NO_VERDICT
+
+    @property
+    def verdict_line(self) -> str:
+        """The verdict with the one threshold applied and where it comes from, or how to get a verdict."""
+        if not self.gives_verdict:
+            return NO_VERDICT_LINE
+        return f"{self.verdict} at threshold {self.threshold:.3f} ({self.calibration})"
 
     @property
     def mask_threshold(self) -> float:
@@ -131,7 +166,8 @@ class Detection:
             "class_name": self.class_name,
             "score": self.score,
             "verdict": self.verdict,
-            "threshold": self.threshold,
+            "verdict_line": self.verdict_line,
+            "threshold": self.threshold if self.gives_verdict else None,
             "pixel_threshold": self.mask_threshold,
             "calibration": self.calibration,
             "references": self.references,

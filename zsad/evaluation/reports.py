@@ -8,10 +8,11 @@ or ``{"reports": [...]}``; a report is ::
      "dataset_id": "visa", "split": "test",  # optional
      "categories": {"pcb1": {"image_auroc": 0.91, "pixel_aupro": 0.85, ...}, ...},
      "mean": {"image_auroc": 0.88, ...},     # optional: computed from "categories" when missing
-     "evaluated_model": {...}}               # which model was evaluated (zsad.runtime.provenance.model_record)
+     "evaluated_model": {...},               # which model was evaluated (zsad.runtime.provenance.model_record)
+     "provenance": {...}}                    # what made the results, its backbone's shape among it (zsad.runtime.provenance)
 
-``publish`` and ``export`` take results only for the checkpoint they publish (same adapter digest), never for the
-untrained method, and never measured on the model's own training categories (``check_evaluation``).
+``publish`` and ``export`` take results only for the checkpoint they publish (same adapter digest, on a backbone of
+the shape it records), never for the untrained method, and never measured on the model's own training categories (``check_evaluation``).
 
 Metric values are fractions in [0, 1] or percentages; they go into ``model-index`` exactly as written.
 ``null``/NaN values (e.g. pixel metrics of an image-level-only dataset) are left out.
@@ -29,6 +30,7 @@ from transformers import PreTrainedConfig
 from ..metrics import metric_name
 from ..modeling.exceptions import ZSADError
 from ..runtime.methods import status
+from ..runtime.provenance import recorded_shape
 
 IMAGE_TASK = {"task_type": "image-classification", "task_name": "Zero-shot anomaly detection (image level)"}
 PIXEL_TASK = {"task_type": "image-segmentation", "task_name": "Zero-shot anomaly segmentation (pixel level)"}
@@ -45,6 +47,7 @@ class EvaluationReport:
     categories: dict[str, dict[str, float]]
     evaluated_model: dict | None = None
     synthetic: bool = False
+    provenance: dict | None = None
 
     @property
     def label(self) -> str:
@@ -93,7 +96,8 @@ def _parse_report(raw: dict) -> EvaluationReport:
     dataset_id = raw.get("dataset_id") or re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_")
     synthetic = raw.get("synthetic", False) is True
     split = "synthetic" if synthetic else raw.get("split") or "test"
-    return EvaluationReport(dataset, dataset_id, split, mean, categories, raw.get("evaluated_model"), synthetic)
+    return EvaluationReport(dataset, dataset_id, split, mean, categories, raw.get("evaluated_model"), synthetic,
+                            raw.get("provenance"))
 
 
 def _clean_metrics(metrics, where: str) -> dict[str, float]:
@@ -142,7 +146,8 @@ def training_dataset(config: PreTrainedConfig) -> str | None:
 def check_evaluation(report: EvaluationReport, config: PreTrainedConfig, digest: str | None = None) -> None:
     """Refuse (ZSADError, with the reason) results that do not belong on this model's card: those of another method
     or of the untrained one, those measured on its own training categories, and, when ``digest`` (the published
-    adapters' ``zsad.runtime.provenance`` digest) is given, those of other weights or of an unrecorded model."""
+    adapters' ``zsad.runtime.provenance`` digest) is given, those of other weights, of an unrecorded model, or made on another
+    backbone than the one the config records."""
     where = f"The evaluation on {report.dataset}"
     evaluated = report.evaluated_model
     if evaluated is not None and evaluated.get("model_type") != config.model_type:
@@ -165,6 +170,22 @@ def check_evaluation(report: EvaluationReport, config: PreTrainedConfig, digest:
         raise ZSADError(f"{where} is of another model: {evaluated.get('name_or_path')} with weights "
                         f"{str(evaluated.get('adapter_digest'))[:19]}..., while the published weights are {digest[:19]}... "
                         "Evaluate the checkpoint you publish: zsad evaluate --model CHECKPOINT ...")
+    _check_evaluated_backbone(report, config)
+
+
+def _check_evaluated_backbone(report: EvaluationReport, config: PreTrainedConfig) -> None:
+    """The report's provenance must name a backbone of the shape the checkpoint records (same depth, widths, patch)."""
+    where = f"The evaluation on {report.dataset}"
+    backbone = (report.provenance or {}).get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("shape"), dict):
+        raise ZSADError(f"{where} does not say which backbone made it (no provenance block: written by an older zsad "
+                        "evaluate). Evaluate the checkpoint again: zsad evaluate --model CHECKPOINT ...")
+    recorded = recorded_shape(config)
+    evaluated = {key: backbone["shape"].get(key) for key in recorded}
+    if evaluated != recorded:
+        raise ZSADError(f"{where} was made on another backbone ({backbone.get('hub_id') or backbone.get('name_or_path')}: "
+                        f"{evaluated}) than the checkpoint's ({config.backbone_hub_id or config.base_model_name_or_path}: "
+                        f"{recorded}). Evaluate the checkpoint on its own backbone: zsad evaluate --model CHECKPOINT ...")
 
 
 def _training_categories_in(report: EvaluationReport, config: PreTrainedConfig) -> list[str]:

@@ -19,10 +19,10 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import PreTrainedConfig
+from transformers import CLIPConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import CONFIG_NAME
 
@@ -31,7 +31,7 @@ from ..metrics import metric_name
 from ..modeling.exceptions import ZSADError
 from ..modeling.modeling_zsad_base import commit_files
 from ..runtime.methods import config_class, method_of, model_class, status
-from ..runtime.provenance import checkpoint_digest, model_digest
+from ..runtime.provenance import checkpoint_digest, clip_config_shape, model_digest, recorded_shape, records_tiny_backbone
 
 TEMPLATE_DIR = resources.files("zsad") / "model_cards"  # package data (pyproject.toml), so it ships in the wheel
 MACROS_TEMPLATE = "_sections.md"
@@ -142,6 +142,7 @@ def render_model_card(model_or_config, eval_results=None, repo_id: str | None = 
         config=config,  # for method-specific sections (StackCLIP's clusters, GenCLIP's training losses)
         reports=reports,
         metric_name=metric_name,
+        tiny_backbone=records_tiny_backbone(config),
     )
 
 
@@ -202,11 +203,14 @@ def checkpoint_files(folder) -> list[Path]:
     return sorted({path for pattern in CHECKPOINT_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()})
 
 
-def write_publish_folder(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None, base_model: str | None = None) -> Path:
+def write_publish_folder(checkpoint_or_model, directory, eval_json=None, repo_id: str | None = None, base_model: str | None = None,
+                         tiny_backbone_for_tests: bool = False) -> tuple[Path, str]:
     """Write the folder ``publish`` would upload (dry run): weights, config, code and the full card; refused for the
-    same reasons as ``publish``."""
+    same reasons as ``publish``. Returns the folder and the line saying how the backbone was checked (offline, the
+    Hub's config of the backbone id cannot be read unless it is cached)."""
     directory = Path(directory)
-    card, source, config = _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model)
+    card, source, config, backbone_check = _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model,
+                                                               tiny_backbone_for_tests)
     if isinstance(source, Path):
         directory.mkdir(parents=True, exist_ok=True)
         for path in checkpoint_files(source):
@@ -216,19 +220,21 @@ def write_publish_folder(checkpoint_or_model, directory, eval_json=None, repo_id
             config.to_json_file(directory / CONFIG_NAME)
     else:
         source.save_pretrained(directory, model_card=str(card))
-    return directory
+    return directory, backbone_check
 
 
 def publish(checkpoint_dir_or_model, repo_id: str, eval_json=None, token: str | None = None, private: bool | None = None,
-            base_model: str | None = None):
+            base_model: str | None = None, tiny_backbone_for_tests: bool = False):
     """One Hub commit with weights, config, code and the full model card; returns the ``CommitInfo``.
 
     ``checkpoint_dir_or_model`` is a zsad model or a checkpoint folder (published as is, without loading the CLIP).
-    Its backbone must be known by a Hub id (``base_model`` names it for a local copy that does not record it), and
-    evaluation results must be of these very weights (``check_evaluation``).
+    Its backbone must be known by a Hub id (``base_model`` names it for a local copy that does not record it) whose
+    config on the Hub has the shape the checkpoint records; a checkpoint on the tiny random CLIP is refused unless
+    ``tiny_backbone_for_tests`` (tests of publishing; the card then says its scores are noise). Evaluation results
+    must be of these very weights on that backbone (``check_evaluation``).
     """
     _checked_repo_id(repo_id, "--repo-id")
-    card, source, config = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id, base_model)
+    card, source, config, _ = _card_source_config(checkpoint_dir_or_model, eval_json, repo_id, base_model, tiny_backbone_for_tests)
     message = f"Upload {model_class(config.model_type).__name__} ({status(config)}) with zsad"
     try:
         if isinstance(source, Path):
@@ -252,8 +258,9 @@ def _checked_repo_id(repo_id: str, option: str) -> str:
     return repo_id
 
 
-def _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model: str | None):
-    """(card, source, config) after every check; source is the checkpoint folder (a Path) or the model object."""
+def _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model: str | None, tiny_backbone_for_tests: bool):
+    """(card, source, config, backbone check line) after every check; source is the checkpoint folder (a Path) or the
+    model object."""
     if isinstance(checkpoint_or_model, (str, Path)):
         source = Path(checkpoint_or_model)
         config = publishable_config(source)
@@ -265,9 +272,55 @@ def _card_source_config(checkpoint_or_model, eval_json, repo_id, base_model: str
     if base_model:
         config.base_model_hub_id = _checked_repo_id(base_model, "--base-model")
     _require_hub_backbone(config, source, repo_id)
+    _refuse_tiny_backbone(config, tiny_backbone_for_tests)
+    backbone_check = check_hub_backbone(config)
     for report in load_evaluation(eval_json) if eval_json is not None else []:
         check_evaluation(report, config, digest)
-    return render_model_card(config, eval_json, repo_id), source, config
+    return render_model_card(config, eval_json, repo_id), source, config, backbone_check
+
+
+def _refuse_tiny_backbone(config: PreTrainedConfig, tiny_backbone_for_tests: bool) -> None:
+    if records_tiny_backbone(config) and not tiny_backbone_for_tests:
+        raise ZSADError(
+            "This checkpoint was built on the tiny random CLIP (zsad tiny-clip / --tiny): its scores are noise, so it is "
+            "not published. Build or train it on a real CLIP (e.g. --clip openai/clip-vit-large-patch14-336). Tests of "
+            "publishing itself pass --tiny-backbone-for-tests, and the card then says its scores are noise."
+        )
+
+
+def check_hub_backbone(config: PreTrainedConfig) -> str:
+    """Compare the backbone shape the checkpoint records with the config of its backbone's Hub id; a mismatch or an
+    id that is no CLIP on the Hub is refused. Returns the line saying what was checked, or why it could not be (offline,
+    with the config not in the local cache)."""
+    hub_id, revision = config.backbone_hub_id, config.base_model_revision
+    try:
+        config_file = hf_hub_download(hub_id, CONFIG_NAME, revision=revision)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        return f"Could not check the backbone {hub_id} against its config on the Hub (offline: {type(error).__name__}); " \
+               f"the checkpoint records {_shape_text(recorded_shape(config))}."
+    except (EntryNotFoundError, HfHubHTTPError) as error:
+        raise ZSADError(f"The backbone {hub_id} has no readable {CONFIG_NAME} on the Hub ({error}). Name the Hub id of the "
+                        "CLIP the checkpoint was built on: --base-model ORG/NAME.") from error
+    hub_config = read_json(config_file)
+    if hub_config.get("model_type") != "clip":
+        raise ZSADError(f"The backbone {hub_id} is a {hub_config.get('model_type')!r} model on the Hub, not a CLIP. Name the "
+                        "Hub id of the CLIP the checkpoint was built on: --base-model ORG/NAME.")
+    try:
+        on_hub = clip_config_shape(CLIPConfig.from_dict(hub_config))
+    except (ValueError, TypeError) as error:
+        raise ZSADError(f"The config of the backbone {hub_id} on the Hub is not a valid CLIP config ({error}).") from error
+    recorded = recorded_shape(config)
+    if recorded != on_hub:
+        raise ZSADError(
+            f"The checkpoint was built on a CLIP with {_shape_text(recorded)}, but {hub_id} on the Hub has "
+            f"{_shape_text(on_hub)}: the card would describe another backbone. Name the Hub id of the CLIP it was built "
+            "on: --base-model ORG/NAME."
+        )
+    return f"Checked: {hub_id} on the Hub has the backbone shape the checkpoint records ({_shape_text(recorded)})."
+
+
+def _shape_text(shape: dict) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in shape.items())
 
 
 def _require_hub_backbone(config: PreTrainedConfig, source, repo_id: str | None) -> None:

@@ -41,9 +41,11 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
     lines = []
     for result in results:
         lines.append(
-            f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, "
-            f"score {result.score:.3f} (threshold {result.threshold:.2f})"
+            f"### {display_name(result.method)} ({result.status}): **{result.verdict}**, score {result.score:.3f}"
+            + (f" (threshold {result.threshold:.2f})" if result.gives_verdict else "")
         )
+        if not result.gives_verdict:
+            lines.append(f"- {escaped(result.verdict_line)}")
         block = (made_by or {}).get(result.method)
         if block is not None:
             lines.append(f"- made by {escaped(short_form(block))}")
