@@ -33,6 +33,7 @@ RUNS = {
     "bench_space_memory.py": (["--workdir", "{work}", "--images", "1"], "now / before"),
     "bench_startup.py": (["--repeats", "1"], "|"),
     "bench_training.py": (["--batch-size", "2", "--workdir", "{work}"], "|"),
+    "bench_vision_loop.py": (["--repeats", "1", "--against", "HEAD"], "ratio this tree"),
     "heldout.py": (["--method", "stackclip", "--epochs", "1", "--work-dir", "{work}"], "AUROC"),
 }
 ELSEWHERE = {  # scripts that cannot run here, and where they are run
