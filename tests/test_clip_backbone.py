@@ -183,10 +183,11 @@ def test_packed_prompts_equal_the_padded_batch(tiny_backbone):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 def test_serving_puts_the_text_tower_on_the_precision_fast_route_training_keeps_float32(tiny_clip_path, tiny_backbone, precision):
     from zsad.modeling.prompting import prompt_ensemble_features
-    from zsad.runtime.loading import load_backbone, resolve_precision, shared_backbone
+    from zsad.runtime.loading import Runtime, load_backbone, shared_backbone
 
-    dtype = resolve_precision(precision)
-    served = shared_backbone(str(tiny_clip_path), [], dtype)
+    runtime = Runtime.resolve("cpu", precision)
+    dtype = runtime.dtype
+    served = shared_backbone(str(tiny_clip_path), [], runtime)
     text = served.model.text_model
     quantised = [module for module in text.encoder.modules()
                  if type(module).__name__ == "Linear" and module.__module__.startswith("torch.ao.nn.quantized")]

@@ -235,7 +235,10 @@ def test_detect_mutual_scores_are_those_of_mutual_scores_on_the_encoded_images(d
 def test_text_and_reference_maps_are_fused_when_asked(detector):
     images = part_images(4)
     alone = detect_mutual(detector, images, "striped plate")
-    profile = detector.build_profile("baseline", "striped plate", part_images(3)[:2])
+    rng = np.random.default_rng(0)
+    noisy = [Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-25, 26, np.asarray(image).shape), 0, 255)
+                             .astype(np.uint8)) for image in part_images(3)[:2]]  # identical stripes would give flat maps
+    profile = detector.build_profile("baseline", "striped plate", noisy)
     settings = MutualSettings(text_weight=0.5)
     both = detect_mutual(detector, images, "striped plate", profile=profile, settings=settings)
     assert [(r.details.text_weight, r.details.reference_weight, r.references) for r in both] == [(0.5, 1.0, 2)] * 4
@@ -321,7 +324,7 @@ def test_cli_predict_mutual_scores_the_folder_as_one_batch(detector, tiny_clip_p
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--tiles"], "--mutual and --tiles cannot be combined"),
-    (["--engine", "onnx"], "--mutual needs --engine torch"),
+    (["--engine", "onnx"], "--mutual runs a model, not an exported graph"),
     (["--reference", "REFS"], "a profile .* belongs to a named product"),
 ])
 def test_cli_predict_mutual_refuses_what_it_cannot_do(tiny_clip_path, parts_folder, tmp_path, capsys, extra, message):

@@ -52,6 +52,8 @@ def _predict(args: argparse.Namespace) -> None:
         raise ZSADError("Pass either --profile (a saved profile) or --reference (good images to build one from), not both.")
     if args.rescore and not args.mutual:
         raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
+    if args.mutual and args.engine == "onnx":
+        raise ZSADError("--mutual runs a model, not an exported graph (which scores one image at a time): use --engine torch or openvino.")
     if _runs_exported_graph(args):
         if args.mutual:
             raise ZSADError("--mutual runs a model, not an exported graph (which scores one image at a time).")
