@@ -39,9 +39,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     temporary.chmod(FILE_MODE)
     try:
         yield temporary
-        _fsync(temporary)
+        fsync(temporary)
         os.replace(temporary, path)
-        _fsync(path.parent)
+        fsync(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -73,7 +73,7 @@ def atomic_folder(target: str | Path, marker: str) -> Iterator[Path]:
         yield staging
         for path in staging.rglob("*"):
             if path.is_file():
-                _fsync(path)
+                fsync(path)
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,10 +99,10 @@ def _replace_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside)
     else:
         os.rename(staging, target)
-    _fsync(target.parent)
+    fsync(target.parent)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a folder's entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:

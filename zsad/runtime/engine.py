@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from ..modeling.exceptions import ZSADError
+from .atomic import fsync
 from .provenance import vision_precision, zsad_version
 
 CACHE_FORMAT = 1
@@ -308,11 +309,3 @@ def discard(folder: Path) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
     os.rename(folder, aside / folder.name)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

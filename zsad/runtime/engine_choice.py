@@ -23,7 +23,8 @@ from zsad_cli.choices import ENGINES
 
 from ..modeling.clip_backbone import CLIPBackbone
 from ..modeling.exceptions import ZSADError
-from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, fsync, openvino_unsupported, stream_key
+from .atomic import fsync
+from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsupported, stream_key
 
 # Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
 MEASURED_FORWARDS = 3
