@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import cpu_class_line, full_size_inputs, machine_line, photo_like_image, timed  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
-from zsad.runtime.loading import resolve_precision  # noqa: E402
 
 CLASS_NAME = "metal nut"
 NEW_CLASS_NAMES = iter(f"part number {index}" for index in range(1000))  # a name never seen before, per call
@@ -82,7 +81,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def fidelity(fast: AnomalyDetector, clip_path: str, image: str, image_size: int, device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    exact = AnomalyDetector.load(clip=clip_path, dtype=torch.float32, image_size=image_size, device=device)
+    exact = AnomalyDetector.load(clip=clip_path, precision="float32", image_size=image_size, device=device)
     print(f"\nfidelity of {str(fast.backbone.dtype).removeprefix('torch.')} against float32 on the same device:")
     for method in fast.method_names:
         a, b = fast.detect(image, CLASS_NAME, method=method), exact.detect(image, CLASS_NAME, method=method)
@@ -98,10 +97,9 @@ def main(workdir: str, repeats: int, device_name: str, clip: str | None, image_s
     print(gpu_line(device))
     print(cpu_class_line())
     print(machine_line())
-    precision = resolve_precision("auto", device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    detector = AnomalyDetector.load(clip=clip, dtype=precision, image_size=image_size, device=device)
+    detector = AnomalyDetector.load(clip=clip, precision="auto", image_size=image_size, device=device)
     latency_table(detector, image, image_size, repeats)
     if device.type == "cuda":
         print(f"peak GPU memory, detector with every method: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

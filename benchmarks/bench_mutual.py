@@ -24,7 +24,6 @@ from PIL import Image
 from zsad import AnomalyDetector
 from zsad.detection.mutual import MutualSettings, comparison_groups, mutual_scores
 from zsad.runtime.images import to_pixel_values
-from zsad.runtime.loading import resolve_precision
 from zsad_cli.choices import PRECISIONS
 
 METHOD = "baseline"
@@ -81,7 +80,7 @@ def main(workdir: str, sizes: list[int], precision: str, max_compared: int) -> N
     clip_path, image = full_size_inputs(Path(workdir))
     print(machine_line())
     print(cpu_class_line())
-    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, dtype=resolve_precision(precision), device="cpu")
+    detector = AnomalyDetector.load(methods=[METHOD], clip=clip_path, precision=precision, device="cpu")
     config = detector.model(METHOD).config
     settings = MutualSettings(max_compared=max_compared)
     print(f"backbone dtype {detector.backbone.dtype}, image size {config.image_size}, layers {config.feature_layers}, "
