@@ -204,6 +204,10 @@ class AnomalyDetector:
         size, position_interpolation = vision_pass
         return self.engine.encode_streams(self.image_processor(size).pixel_values(pictures), streams, position_interpolation)
 
+    def model_features(self, model: ZSADPreTrainedModel, pictures: list[Image.Image]) -> ImageFeatures:
+        """One vision pass over ``pictures`` for ``model`` alone: its streams, then its features out of them."""
+        return model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
+
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""
         return ZSADImageProcessor(size, self.backbone.image_mean, self.backbone.image_std)
@@ -238,7 +242,7 @@ class AnomalyDetector:
         if len(names) != len(pictures):
             raise ZSADError(f"Got {len(names)} class names for {len(pictures)} images; pass one name per image or one for all.")
         names = [self.product_name(name, method) for name in names]
-        features = model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
+        features = self.model_features(model, pictures)
         return self._detect_on_features(method, features, loaded, names, threshold, started, profile)
 
     def run_heads(self, method: str, features: ImageFeatures, names: list[str], profile: ProductProfile | None = None):

@@ -58,9 +58,7 @@ def detect_tiled(detector, image, class_name: str, method: str | None = None, th
     best_score, best_details = -1.0, None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        start_block = model.config.vv_attention_from
-        features = detector.encode([picture.crop(box) for box in chunk], model.config.vision_pass,
-                                   {start_block: model.config.feature_layers})[start_block]
+        features = detector.model_features(model, [picture.crop(box) for box in chunk])
         output, result = detector.run_heads(method, features, [name] * len(chunk), profile)
         maps, scores = result.anomaly_map.float().cpu().numpy(), result.image_score.float().cpu().tolist()
         for i, (left, top, right, bottom) in enumerate(chunk):
