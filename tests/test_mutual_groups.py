@@ -28,9 +28,13 @@ from zsad.detection.mutual import (
     map_image_scores,
     mutual_scores,
     rescore,
+    score_group,
     standardise,
     to_unit,
 )
+from zsad.detection.visualize import overlay_heatmap
+from zsad.modeling.image_processing_zsad import resize_map
+from zsad.runtime.images import read_image
 from zsad_cli import main
 
 IMAGE_SIZE = 56
@@ -258,3 +262,41 @@ def test_cli_rescore_turns_rsc_in_on(detector, tiny_clip_path, tmp_path, capsys)
     assert [record["score"] for record in records] == pytest.approx([r.score for r in expected], abs=1e-5)
     assert main(["predict", str(folder), "--model", "baseline", "--out", str(tmp_path / "x"), "--rescore"]) == 2
     assert "--rescore re-scores mutual scores; add --mutual" in capsys.readouterr().err
+
+
+def camera_part(seed: int) -> Image.Image:
+    """A part photographed larger than the model's input and not square, so that reading, resizing and overlays at the
+    image's own size all matter."""
+    return part(seed, defect=seed == 2).resize((150, 110), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("display_side", [None, 120])
+def test_each_detection_is_made_at_full_size_as_scoring_the_whole_pictures_makes_it(detector, tmp_path, display_side):
+    """A group keeps its pictures at the model's input size only and makes each image's full-size outputs when asked
+    for; scores, maps, masks, overlays and predict's records and files equal those of the group scored from the whole
+    pictures as read."""
+    folder = tmp_path / "lot"
+    folder.mkdir()
+    for i in range(5):
+        camera_part(i).save(folder / f"{i}.jpg", quality=90)
+    paths = sorted(folder.iterdir())
+    settings = MutualSettings(degrees=(1, 3))  # one group of five
+    (order,) = lot_groups(lot_keys(paths), settings, [str(path) for path in paths])
+    pictures = [read_image(path, max_side=display_side).image for path in paths]
+    whole = score_group(detector.model("baseline"), [pictures[i] for i in order], [content_key(pictures[i]) for i in order],
+                        detector.product_name("plate", "baseline"), 0.0, settings)
+    results = detect_mutual(detector, paths, "plate", settings=settings, display_side=display_side)
+    for position, i in enumerate(order):
+        result, picture, model_map = results[i], pictures[i], whole.maps[position].numpy()
+        assert result.score == float(whole.scores[position]) and np.array_equal(result.model_map, model_map)
+        expected_map = resize_map(model_map, picture.size)
+        assert result.anomaly_map.shape == (picture.height, picture.width) and np.array_equal(result.anomaly_map, expected_map)
+        assert np.array_equal(result.mask, expected_map >= 0.5)
+        assert np.array_equal(np.asarray(result.overlay), np.asarray(overlay_heatmap(picture, expected_map)))
+    if display_side is None:
+        predict_files(detector, [folder], "plate", tmp_path / "out", mutual=True, mutual_settings=settings, state=one_process())
+        records = json.loads((tmp_path / "out" / "scores.json").read_text())["images"]
+        for record, result, picture in zip(records, results, pictures):
+            assert record["score"] == result.score and record["anomalous_pixel_fraction"] == float(result.mask.mean())
+            overlay = Image.open(tmp_path / "out" / record["overlay"])
+            assert overlay.size == picture.size and np.array_equal(np.asarray(overlay), np.asarray(result.overlay))

@@ -216,13 +216,19 @@ def _predict_mutual(detector: "AnomalyDetector", plan: _MutualPlan, records: lis
                                           profile=profile, settings=plan.settings, batch_size=batch_size, display_side=display_side,
                                           keys=plan.keys, groups=shard, skip_unreadable=True)
             for group in scored:
-                for index, outcome in zip(group.indices, group.outcomes):
-                    path, name = plan.jobs[index]
-                    record = _error_record(path, outcome) if isinstance(outcome, ZSADError) else _write_outputs(path, name, outcome, out_dir, None)
+                for position, index in enumerate(group.indices):
+                    record = _mutual_record(plan.jobs[index], group.outcomes[position], out_dir)
                     stream.write(json.dumps({**record, "group": group.id, "provenance": block}) + "\n")
                 stream.flush()
                 os.fsync(stream.fileno())
                 progress.update(len(group.indices))
+
+
+def _mutual_record(job: tuple[Path, str], outcome: Detection | ZSADError, out_dir: Path) -> dict:
+    """One image's record, its overlay and mask written; its Detection (the group makes each when asked for) is let go
+    on return, so that one image's full-size outputs are held at a time."""
+    path, name = job
+    return _error_record(path, outcome) if isinstance(outcome, ZSADError) else _write_outputs(path, name, outcome, out_dir, None)
 
 
 def _record_stream(path: Path):

@@ -4,8 +4,9 @@ only, shared with the checkpoints' pipeline); its names are public here too.
 
 A lot is split into groups of at most ``max_compared + 1`` images before any image is decoded for scoring, from the
 files' bytes (or an in-memory image's pixels), so the same lot always gives the same groups whatever the order of its
-images. Each group is decoded, encoded, scored and handed back on its own, then freed: memory is that of one group,
-whatever the size of the lot.
+images. Each group is decoded (and kept at the model's input size only), encoded, scored and handed back on its own,
+then freed; each image's full-size map, mask and overlay are made when asked for, one image at a time: memory is that
+of one group's model-size pictures and maps plus one image's full-size outputs, whatever the size of the lot.
 
 ```python
 >>> from zsad.detection.mutual import MutualSettings, detect_mutual, detect_mutual_groups, mutual_scores
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..modeling.exceptions import ZSADError
+from ..modeling.image_processing_zsad import RESAMPLING
 from ..modeling.mutual_scoring import (
     MutualBatch,
     MutualScores,
@@ -48,7 +51,7 @@ from ..modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
-from ..runtime.images import read_image
+from ..runtime.images import LoadedImage, read_image
 from ..runtime.methods import status
 from .references import reference_map
 from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
@@ -75,10 +78,12 @@ class MutualDetails:
 class MutualGroup:
     """One scored group of a lot: ``indices`` its images' positions in the lot, ``outcomes`` the ``Detection`` of
     each (or, when unreadable images are skipped, the ``ZSADError`` that kept it from being scored), ``id`` a hash of
-    its images' keys (the same group of the same images always has the same id)."""
+    its images' keys (the same group of the same images always has the same id). Each Detection of ``outcomes`` is
+    made, at its image's size, when it is asked for and not kept by the group: one image's full-size map, mask and
+    overlay at a time for a caller that writes each and lets it go."""
 
     indices: list[int]
-    outcomes: list[Detection | ZSADError]
+    outcomes: Sequence[Detection | ZSADError]
     id: str
 
 
@@ -184,34 +189,46 @@ class _GroupScoring:
     chosen: tuple[float, float, str]
     skip_unreadable: bool
 
-    def outcomes(self, images: list, names: list[str], group: list[int]) -> list[Detection | ZSADError]:
-        """The group decoded, scored and turned into Detections; errors in place of images that could not be read
-        (and of the whole group when fewer than two different images are left) when they are skipped."""
+    def outcomes(self, images: list, names: list[str], group: list[int]) -> Sequence[Detection | ZSADError]:
+        """The group decoded and scored, its Detections made one at a time as they are asked for (``_GroupOutcomes``);
+        errors in place of images that could not be read (and of the whole group when fewer than two different images
+        are left) when they are skipped."""
         started = time.perf_counter()
-        outcomes: dict[int, Any] = {}
+        inputs: dict[int, _ModelInput | ZSADError] = {}
         for index in group:
             try:
-                outcomes[index] = read_image(images[index], name=names[index] or None, max_side=self.display_side)
+                inputs[index] = self.model_input(images[index], names[index])
             except ZSADError as error:
                 if not self.skip_unreadable:
                     raise
-                outcomes[index] = error
-        readable = [index for index in group if not isinstance(outcomes[index], ZSADError)]
-        loaded = [outcomes[index] for index in readable]
+                inputs[index] = error
+        readable = [index for index in group if not isinstance(inputs[index], ZSADError)]
         try:
-            batch = score_group(self.model, [item.image for item in loaded], [content_key(item.image) for item in loaded], self.name,
-                                self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference)
+            batch = score_group(self.model, [inputs[index].picture for index in readable], [inputs[index].key for index in readable],
+                                self.name, self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference)
         except ZSADError as error:
             if not self.skip_unreadable:
                 raise
-            return [outcomes[index] if isinstance(outcomes[index], ZSADError) else ZSADError(f"Not scored with its group: {error}")
+            return [inputs[index] if isinstance(inputs[index], ZSADError) else ZSADError(f"Not scored with its group: {error}")
                     for index in group]
-        seconds = (time.perf_counter() - started) / len(loaded)
-        for position, (index, item) in enumerate(zip(readable, loaded)):
-            outcomes[index] = self.detection(batch, position, item, seconds)
-        return [outcomes[index] for index in group]
+        seconds = (time.perf_counter() - started) / len(readable)
+        errors = {index: error for index, error in inputs.items() if isinstance(error, ZSADError)}
+        return _GroupOutcomes(self, images, names, group, errors, batch, seconds)
 
-    def detection(self, batch: MutualBatch, i: int, item, seconds: float) -> Detection:
+    def read(self, source, name: str):
+        """The image as ``detect`` reads it (its longest side bounded by ``display_side`` when given)."""
+        return read_image(source, name=name or None, max_side=self.display_side)
+
+    def model_input(self, source, name: str) -> "_ModelInput":
+        """The image read, then kept only at the model's input size, resized as the model's processor resizes it (the
+        processor's own resize of an image already at that size is a copy, so the model sees the same pixels), with
+        the content key of the image as read."""
+        picture = self.read(source, name).image
+        processor = self.model.image_processor
+        side = processor.size
+        return _ModelInput(picture.resize((side, side), RESAMPLING[processor.resample]), content_key(picture))
+
+    def detection(self, batch: MutualBatch, i: int, item: LoadedImage, seconds: float) -> Detection:
         return build_detection(
             method=self.method, status=status(self.model), class_name=self.name, score=float(batch.scores[i]), picture=item.image,
             thresholds=self.chosen, model_map=batch.maps[i].numpy(),
@@ -220,3 +237,37 @@ class _GroupScoring:
             seconds=seconds, references=self.profile.num_references if self.profile is not None else 0, note=batch.notes[i],
             original_size=item.original_size,
         )
+
+
+@dataclass
+class _ModelInput:
+    """What a group keeps of an image while it is scored: the picture at the model's input size and the content key
+    of the image as read."""
+
+    picture: Image.Image
+    key: str
+
+
+class _GroupOutcomes(Sequence):
+    """A scored group's outcomes in its order. Each Detection is made when it is asked for (its image read again, its
+    map resized to the image's size, its mask and overlay drawn) and not kept, so that going through a group holds
+    its maps at the model's size and one image's full-size outputs; ask once and keep the ones you need."""
+
+    def __init__(self, scoring: _GroupScoring, images: list, names: list[str], group: list[int], errors: dict[int, ZSADError],
+                 batch: MutualBatch, seconds: float):
+        self.scoring, self.images, self.names, self.group, self.errors = scoring, images, names, group, errors
+        self.batch, self.seconds = batch, seconds
+        readable = [index for index in group if index not in errors]
+        self.positions = {index: position for position, index in enumerate(readable)}
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return [self[i] for i in range(len(self))[position]]
+        index = self.group[position]
+        if index in self.errors:
+            return self.errors[index]
+        item = self.scoring.read(self.images[index], self.names[index])
+        return self.scoring.detection(self.batch, self.positions[index], item, self.seconds)
