@@ -75,6 +75,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     add_runtime_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--shots", type=int, default=0,
                         help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers "
                              "(default 0: zero-shot only)")

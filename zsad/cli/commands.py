@@ -203,7 +203,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
+                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device,
+                       engine=args.engine)
         if args.shots:
             report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
         else:

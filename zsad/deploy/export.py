@@ -219,7 +219,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
         "class_names": class_names,
         "thresholds": thresholds,
         "references": references,
-        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu"),
+        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu", vision_engine=f"{format} graph"),
         "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
         "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
                                                                          model.config.image_size]},

@@ -27,7 +27,7 @@ from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from ..runtime.engine import TorchEngine
+from ..runtime.engine import TorchEngine, model_features, model_route
 from ..runtime.engine_choice import vision_engine
 from ..runtime.errors import BackboneLoadError
 from ..runtime.images import LoadedImage, read_image
@@ -140,9 +140,10 @@ class AnomalyDetector:
 
     def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
                    threshold_rule: tuple[float, float, str] | None) -> dict:
-        """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name and rule."""
+        """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name
+        and rule; its vision engine is the route this detector runs the method's pass on (``auto`` decides it now)."""
         return provenance(self.model(method), class_name_given=class_name_given, class_name_used=class_name_used,
-                          threshold_rule=threshold_rule)
+                          threshold_rule=threshold_rule, vision_engine=model_route(self.engine, self.model(method)))
 
     def model(self, method: str) -> ZSADPreTrainedModel:
         if not isinstance(method, str) or method not in self.models:
@@ -206,7 +207,7 @@ class AnomalyDetector:
 
     def model_features(self, model: ZSADPreTrainedModel, pictures: list[Image.Image]) -> ImageFeatures:
         """One vision pass over ``pictures`` for ``model`` alone: its streams, then its features out of them."""
-        return model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
+        return model_features(self.engine, model, self.image_processor(model.config.image_size).pixel_values(pictures))
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""

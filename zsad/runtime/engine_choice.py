@@ -87,6 +87,10 @@ class MeasuredEngine:
                 self.choices[key] = self._recorded_or_measured(size, layers_by_start, position_interpolation)
             return self.choices[key]
 
+    def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        """The chosen engine's route for this pass (measured now when it has not been chosen yet)."""
+        return self.candidates[self.choice(size, layers_by_start, position_interpolation)["engine"]].describe()
+
     def describe(self) -> str:
         """E.g. "auto: openvino bfloat16 (measured per image: torch 0.41 s, openvino 0.30 s)"."""
         if len(self.candidates) == 1:
