@@ -296,3 +296,32 @@ def test_provenance_names_the_route_that_ran_the_vision_pass(tiny_backbone, engi
     measured = MeasuredEngine(tiny_backbone, engine_cache)
     chosen = route(measured)  # auto decides the route when a result first needs to name it
     assert chosen == f"{measured.choice(TEST_IMAGE_SIZE, model.vision_streams(), model.config.position_interpolation)['engine']} float32"
+
+
+def test_background_choice_serves_torch_until_the_measurement_is_done(tiny_backbone, tmp_path):
+    from contextlib import contextmanager
+
+    measuring_may_start = threading.Event()
+
+    @contextmanager
+    def turn():  # a server's turn on the model: held back here until the test lets the measurement run
+        measuring_may_start.wait(timeout=60)
+        yield
+
+    measured = MeasuredEngine(tiny_backbone, tmp_path)
+    measured.choose_in_background([(TEST_IMAGE_SIZE, STREAMS, "bicubic")], turn)
+    pixels = random_pixels(1)
+    meanwhile = measured.encode_streams(pixels, STREAMS, "bicubic")
+    expected = TorchEngine(tiny_backbone).encode_streams(pixels, STREAMS, "bicubic")
+    assert torch.equal(meanwhile[3].layer_tokens[0], expected[3].layer_tokens[0])
+    assert measured.route(TEST_IMAGE_SIZE, STREAMS, "bicubic") == "torch float32"
+    assert "measured in the background" in measured.describe()
+    measuring_may_start.set()
+    for _ in range(600):
+        if measured.choices:
+            break
+        threading.Event().wait(0.1)
+    choice = measured.choices[(TEST_IMAGE_SIZE, ((None, (1, 2)), (3, (3, 4))), "bicubic")]
+    assert set(choice["seconds"]) == {"torch", "openvino"}
+    assert measured.route(TEST_IMAGE_SIZE, STREAMS, "bicubic") == f"{choice['engine']} float32"
+    assert len(list((tmp_path / "choices").iterdir())) == 1  # recorded: the next start reads it

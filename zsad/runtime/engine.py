@@ -77,6 +77,9 @@ class TorchEngine:
         """What runs this pass, e.g. "torch bfloat16" (the provenance of its results)."""
         return self.describe()
 
+    def prepare(self, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+        """Nothing to build for torch (``OpenVINOEngine.prepare`` builds or reads its graph)."""
+
 
 def model_features(engine, model, pixel_values: torch.Tensor) -> ImageFeatures:
     """``model``'s features of one vision pass over ``pixel_values`` run by ``engine`` (its streams, then its selection)."""
@@ -129,6 +132,10 @@ class OpenVINOEngine:
 
     def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         return self.describe()
+
+    def prepare(self, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+        """Build (or read from the cache) and compile this pass's graph now, before its first image."""
+        self.compiled(size, layers_by_start, position_interpolation)
 
     def fingerprint(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         return graph_fingerprint(self.graph_inputs(size, layers_by_start, position_interpolation))
