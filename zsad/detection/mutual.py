@@ -50,6 +50,7 @@ from ..modeling.mutual_scoring import (
 )
 from ..runtime.images import read_image
 from ..runtime.methods import status
+from ..runtime.noise import bar_disable
 from .references import reference_map
 from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 
@@ -164,7 +165,7 @@ def detect_mutual_groups(detector, images: Iterable, class_name: str, method: st
     scoring = _GroupScoring(model, method, name, text_weight, reference, profile, settings, batch_size, display_side, turn,
                             (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable)
     return (MutualGroup(group, scoring.outcomes(images, names, group), group_id([keys[i] for i in group]))
-            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=not progress))
+            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=bar_disable(progress)))
 
 
 @dataclass
