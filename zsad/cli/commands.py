@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from ..modeling.exceptions import ZSADError
+from ..runtime.noise import quiet_library_progress
 
 __all__ = ["evaluate", "run"]
 
@@ -239,6 +240,8 @@ COMMANDS = {"tiny_clip": _tiny_clip, "predict": _predict, "calibrate": _calibrat
 
 def run(args: argparse.Namespace) -> int:
     """Run a command parsed by ``zsad_cli.build_parser``; a ``ZSADError`` is printed (exit status 2)."""
+    if not args.verbose:
+        quiet_library_progress()  # the command owns its process: once, for every library
     try:
         COMMANDS[args.command_name](args)
     except ZSADError as error:

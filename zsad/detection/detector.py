@@ -176,22 +176,24 @@ class AnomalyDetector:
         display_side, progress)."""
         return mutual.detect_mutual(self, images, class_name, method=method, **options)
 
-    def compare(self, image, class_name: str, threshold: float | None = None,
+    def compare(self, image, class_name: str, threshold: float | Mapping[str, float | None] | None = None,
                 profiles: Mapping[str, ProductProfile] | None = None, display_side: int | None = None) -> dict[str, Detection]:
         """Every held method on the same image: read once, one vision pass per input size (with every layer any
-        of those methods taps), passed to each model as ``image_features``; ``profiles`` by method name,
-        ``display_side`` as in ``detect``."""
+        of those methods taps), passed to each model as ``image_features``; ``threshold`` one for every method or by
+        method name (a method left out: None), ``profiles`` by method name, ``display_side`` as in ``detect``."""
         started = time.perf_counter()
         loaded = read_image(image, max_side=display_side)
         picture = loaded.image
-        check_optional_threshold(threshold)
+        by_method = threshold if isinstance(threshold, Mapping) else dict.fromkeys(self.models, threshold)
+        for chosen in by_method.values():
+            check_optional_threshold(chosen)
         name = self.product_name(class_name)
         shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
             features = model.features_from_streams(shared[model.config.vision_pass])
-            results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
+            results[method] = self._detect_on_features(method, features, [loaded], [name], by_method.get(method),
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))

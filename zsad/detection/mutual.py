@@ -52,6 +52,7 @@ from ..modeling.mutual_scoring import (
 from ..runtime.engine import model_features
 from ..runtime.images import read_image
 from ..runtime.methods import status
+from ..runtime.noise import bar_disable
 from .references import reference_map
 from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 
@@ -167,7 +168,7 @@ def detect_mutual_groups(detector, images: Iterable, class_name: str, method: st
                             (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable,
                             partial(model_features, detector.engine, model))
     return (MutualGroup(group, scoring.outcomes(images, names, group), group_id([keys[i] for i in group]))
-            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=not progress))
+            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=bar_disable(progress)))
 
 
 @dataclass

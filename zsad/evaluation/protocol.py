@@ -48,6 +48,7 @@ from ..runtime.engine_choice import vision_engine
 from ..runtime.images import load_image
 from ..runtime.loading import Runtime, load_model, runtime_backbone
 from ..runtime.methods import METHODS
+from ..runtime.noise import bar_disable
 from ..runtime.provenance import model_record, provenance
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
@@ -137,7 +138,7 @@ def score_samples(detector: AnomalyDetector, samples: list[Sample], batch_size: 
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():
-            for batch in tqdm(loader, desc=label, disable=not accelerator.is_local_main_process):
+            for batch in tqdm(loader, desc=label, disable=bar_disable(accelerator.is_local_main_process)):
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
                 features = model_features(detector.engine, model, pixel_values.to(device))
@@ -153,7 +154,7 @@ def _score_tiled(detector: AnomalyDetector, samples: list[Sample], batch_size: i
     size = detector.model("model").config.image_size
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         local = []
-        for index in tqdm(shard, desc="evaluating in tiles", disable=not accelerator.is_local_main_process):
+        for index in tqdm(shard, desc="evaluating in tiles", disable=bar_disable(accelerator.is_local_main_process)):
             result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
             local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
     return _gathered(local, samples, accelerator)
@@ -172,7 +173,7 @@ def _score_mutual(detector: AnomalyDetector, samples: list[Sample], batch_size: 
     work = [(category, group) for category, (*_, groups) in lots.items() for group in groups]
     with accelerator.split_between_processes(work) as shard:
         local = []
-        for category, group in tqdm(shard, desc="evaluating (mutual)", unit="group", disable=not accelerator.is_local_main_process):
+        for category, group in tqdm(shard, desc="evaluating (mutual)", unit="group", disable=bar_disable(accelerator.is_local_main_process)):
             indices, paths, keys, _ = lots[category]
             for scored in detect_mutual_groups(detector, paths, category, method="model", settings=settings, batch_size=batch_size,
                                                keys=keys, groups=[group]):
