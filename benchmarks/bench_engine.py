@@ -33,7 +33,7 @@ from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_class, full_size_inputs, machine_line, timed, tiny_instead  # noqa: E402
+from benchmarks.common import cpu_class, full_size_inputs, machine_line, proc_status_mb, timed, tiny_instead  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
 from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
 
@@ -101,8 +101,11 @@ def route_rows(clip_path: str, image: str, repeats: int, reference) -> list[dict
     return rows
 
 
-def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str]:
+def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str, float]:
+    """The rows, what auto chose, and how much the process's resident memory grew while auto built, compiled and ran
+    its graphs (MB, after the detector was loaded)."""
     detector = load(clip_path, "auto", "auto")
+    loaded_mb = proc_status_mb("VmRSS")
     rows = []
     for method in AUTO_METHODS:
         first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method=method), repeats)
@@ -112,7 +115,7 @@ def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tup
                      "score_diff": abs(result.score - references[method].score)})
     first, seconds = first_and_median(lambda: detector.compare(image, CLASS_NAME), repeats)
     rows.append({"route": f"compare ({len(detector.method_names)} methods)", "first": first, "seconds": seconds})
-    return rows, detector.engine.describe()
+    return rows, detector.engine.describe(), proc_status_mb("VmRSS") - loaded_mb
 
 
 def print_table(title: str, rows: list[dict], yardstick: float, yardstick_name: str) -> None:
@@ -140,7 +143,9 @@ def main() -> None:
         references = {method: exact.detect(image, CLASS_NAME, method=method) for method in AUTO_METHODS}
         del exact
         candidates = route_rows(clip_path, image, args.repeats, references["baseline"])
-        automatic, chosen = auto_rows(clip_path, image, args.repeats, references)
+        automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references)
+        cache_mb = sum(path.stat().st_size for path in Path(cache).rglob("*") if path.is_file()) / 2**20
+        graphs = len(list(Path(cache).glob("*/manifest.json")))
         stock_after = stock_forwards(clip_path, args.repeats)
     stock = {name: min(seconds, stock_after[name]) for name, seconds in stock_before.items()}
     yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
@@ -150,6 +155,8 @@ def main() -> None:
     print_table(f"candidate routes, baseline end to end (median of {args.repeats}):", candidates, yardstick, yardstick_name)
     print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick,
                 yardstick_name)
+    print(f"\nauto's graphs: {graphs} in the engine cache, {cache_mb:.0f} MB on disk; resident memory grew by {auto_growth_mb:.0f} MB "
+          "while auto built, compiled and ran them (after the detector was loaded)")
     previous = next((row["seconds"] for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
     if previous:
         print(f"\nauto baseline / the route auto ran before the engines (torch {previous_auto()}): "
