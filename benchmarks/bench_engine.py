@@ -11,7 +11,9 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
   graph build and the measurement ``auto`` makes) for the baseline, StackCLIP, GenCLIP and ``compare``, and what it
   chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed.
 
-    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench]
+    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--default-malloc]
+
+glibc's malloc is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
 
 ``ZSAD_BENCH_TINY=1`` runs it on the tiny random CLIP (a check that it runs; the numbers mean nothing). With
 ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` torch runs its AVX2 kernels (the
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import cpu_class, full_size_inputs, machine_line, proc_status_mb, timed, tiny_instead  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
+from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
 
 IMAGE_SIZE = 518
@@ -130,10 +133,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
+    if not args.default_malloc:
+        return_large_buffers_to_the_system()
     clip_path, image = full_size_inputs(Path(args.workdir))
     print(machine_line())
     print(cpu_class())
+    print(f"malloc: {'glibc defaults' if args.default_malloc else 'the Space settings (zsad.runtime.allocator)'}")
     if tiny_instead():
         print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
     with tempfile.TemporaryDirectory() as cache:
