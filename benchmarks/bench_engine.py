@@ -11,7 +11,9 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
   graph build and the measurement ``auto`` makes) for the baseline, StackCLIP, GenCLIP and ``compare``, and what it
   chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed.
 
-    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench]
+    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--default-malloc]
+
+glibc's malloc is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
 
 ``ZSAD_BENCH_TINY=1`` runs it on the tiny random CLIP (a check that it runs; the numbers mean nothing). With
 ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` torch runs its AVX2 kernels (the
@@ -33,8 +35,9 @@ from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_class, full_size_inputs, machine_line, timed, tiny_instead  # noqa: E402
+from benchmarks.common import cpu_class, full_size_inputs, machine_line, proc_status_mb, timed, tiny_instead  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
+from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
 from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
 
 IMAGE_SIZE = 518
@@ -101,8 +104,11 @@ def route_rows(clip_path: str, image: str, repeats: int, reference) -> list[dict
     return rows
 
 
-def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str]:
+def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str, float]:
+    """The rows, what auto chose, and how much the process's resident memory grew while auto built, compiled and ran
+    its graphs (MB, after the detector was loaded)."""
     detector = load(clip_path, "auto", "auto")
+    loaded_mb = proc_status_mb("VmRSS")
     rows = []
     for method in AUTO_METHODS:
         first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method=method), repeats)
@@ -112,7 +118,7 @@ def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tup
                      "score_diff": abs(result.score - references[method].score)})
     first, seconds = first_and_median(lambda: detector.compare(image, CLASS_NAME), repeats)
     rows.append({"route": f"compare ({len(detector.method_names)} methods)", "first": first, "seconds": seconds})
-    return rows, detector.engine.describe()
+    return rows, detector.engine.describe(), proc_status_mb("VmRSS") - loaded_mb
 
 
 def print_table(title: str, rows: list[dict], yardstick: float, yardstick_name: str) -> None:
@@ -127,10 +133,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
+    if not args.default_malloc:
+        return_large_buffers_to_the_system()
     clip_path, image = full_size_inputs(Path(args.workdir))
     print(machine_line())
     print(cpu_class())
+    print(f"malloc: {'glibc defaults' if args.default_malloc else 'the Space settings (zsad.runtime.allocator)'}")
     if tiny_instead():
         print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
     with tempfile.TemporaryDirectory() as cache:
@@ -140,7 +150,9 @@ def main() -> None:
         references = {method: exact.detect(image, CLASS_NAME, method=method) for method in AUTO_METHODS}
         del exact
         candidates = route_rows(clip_path, image, args.repeats, references["baseline"])
-        automatic, chosen = auto_rows(clip_path, image, args.repeats, references)
+        automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references)
+        cache_mb = sum(path.stat().st_size for path in Path(cache).rglob("*") if path.is_file()) / 2**20
+        graphs = len(list(Path(cache).glob("*/manifest.json")))
         stock_after = stock_forwards(clip_path, args.repeats)
     stock = {name: min(seconds, stock_after[name]) for name, seconds in stock_before.items()}
     yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
@@ -150,6 +162,8 @@ def main() -> None:
     print_table(f"candidate routes, baseline end to end (median of {args.repeats}):", candidates, yardstick, yardstick_name)
     print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick,
                 yardstick_name)
+    print(f"\nauto's graphs: {graphs} in the engine cache, {cache_mb:.0f} MB on disk; resident memory grew by {auto_growth_mb:.0f} MB "
+          "while auto built, compiled and ran them (after the detector was loaded)")
     previous = next((row["seconds"] for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
     if previous:
         print(f"\nauto baseline / the route auto ran before the engines (torch {previous_auto()}): "

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,14 @@ from ..modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
+<<<<<<< HEAD
 from ..runtime.images import LoadedImage, read_image
+=======
+from ..runtime.engine import model_features
+from ..runtime.images import read_image
+>>>>>>> main
 from ..runtime.methods import status
+from ..runtime.noise import bar_disable
 from .references import reference_map
 from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 
@@ -167,9 +174,10 @@ def detect_mutual_groups(detector, images: Iterable, class_name: str, method: st
 
     image_threshold, pixel_threshold, calibration = thresholds(threshold, None)
     scoring = _GroupScoring(model, method, name, text_weight, reference, profile, settings, batch_size, display_side, turn,
-                            (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable)
+                            (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable,
+                            partial(model_features, detector.engine, model))
     return (MutualGroup(group, scoring.outcomes(images, names, group), group_id([keys[i] for i in group]))
-            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=not progress))
+            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=bar_disable(progress)))
 
 
 @dataclass
@@ -188,6 +196,7 @@ class _GroupScoring:
     turn: Callable[[], AbstractContextManager]
     chosen: tuple[float, float, str]
     skip_unreadable: bool
+    encode: Callable  # pixel values -> the model's features, on the detector's engine
 
     def outcomes(self, images: list, names: list[str], group: list[int]) -> Sequence[Detection | ZSADError]:
         """The group decoded and scored, its Detections made one at a time as they are asked for (``_GroupOutcomes``);
@@ -205,7 +214,7 @@ class _GroupScoring:
         readable = [index for index in group if not isinstance(inputs[index], ZSADError)]
         try:
             batch = score_group(self.model, [inputs[index].picture for index in readable], [inputs[index].key for index in readable],
-                                self.name, self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference)
+                                self.name, self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference, self.encode)
         except ZSADError as error:
             if not self.skip_unreadable:
                 raise
