@@ -52,12 +52,8 @@ from ..modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
-<<<<<<< HEAD
-from ..runtime.images import LoadedImage, read_image
-=======
 from ..runtime.engine import model_features
-from ..runtime.images import read_image
->>>>>>> main
+from ..runtime.images import LoadedImage, read_image
 from ..runtime.methods import status
 from ..runtime.noise import bar_disable
 from .references import reference_map
