@@ -4,9 +4,10 @@ Each run is a fresh ``zsad predict DIR --model baseline --clip TINY --out OUT [-
 (its maximum resident set and wall time), on N photo-like 3-megapixel JPEGs (2048 x 1536, quality 90, each with a
 patch of its own so that no two files are alike), overlays and masks written at full size.
 
-    python benchmarks/bench_mutual_lot.py --sizes 20 80 320 [--plain 20 80] [--workdir /tmp/zsad-lot]
+    python benchmarks/bench_mutual_lot.py --sizes 20 80 320 [--plain 20 80] [--workdir /tmp/zsad-lot] [--full-size]
 
-The tiny random CLIP leaves decoding, the maps at full size and PNG writing as the work that grows with the lot.
+The tiny random CLIP leaves decoding, the maps at full size and PNG writing as the work that grows with the lot;
+``--full-size`` runs the random full-size ViT-L/14@336 instead (minutes per lot on a few cores).
 """
 
 import argparse
@@ -20,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_class_line  # noqa: E402
+from benchmarks.common import cpu_class_line, full_size_inputs  # noqa: E402
 
 SIZE = (2048, 1536)  # 3 MP
 
@@ -53,16 +54,22 @@ def measured(command: list[str]) -> tuple[float, float]:
     return peak_kb / 1024, seconds
 
 
+def tiny_clip(folder: Path) -> Path:
+    if not folder.exists():
+        subprocess.run([sys.executable, "-m", "zsad", "tiny-clip", str(folder)], check=True, capture_output=True)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 80, 320])
     parser.add_argument("--plain", type=int, nargs="*", default=[20, 80], help="lot sizes also run without --mutual")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/zsad-lot"))
+    parser.add_argument("--full-size", action="store_true", help="the random full-size ViT-L/14@336 instead of the tiny CLIP")
     args = parser.parse_args()
-    clip = args.workdir / "tiny-clip"
-    if not clip.exists():
-        subprocess.run([sys.executable, "-m", "zsad", "tiny-clip", str(clip)], check=True, capture_output=True)
+    clip = Path(full_size_inputs(args.workdir)[0]) if args.full_size else tiny_clip(args.workdir / "tiny-clip")
     print(cpu_class_line())
+    print(f"backbone: {'random ViT-L/14@336' if args.full_size else 'tiny random CLIP'}")
     print("| N | mode | peak RSS MB | wall s | wall s per image |\n|---|---|---:|---:|---:|")
     for count in args.sizes:
         lot = camera_lot(args.workdir / f"lot-{count}", count)
