@@ -12,8 +12,8 @@ from PIL import Image
 
 from zsad import AnomalyDetector, ZSADError, load_model
 from zsad.deploy.export import ExportGraph, export
-from zsad.detection.results import NO_VERDICT_LINE
 from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector, read_processor
+from zsad.detection.results import NO_VERDICT_LINE
 from zsad_cli import main
 
 from conftest import TEST_IMAGE_SIZE
@@ -361,7 +361,7 @@ def test_a_graph_exported_before_statuses_were_recorded_keeps_its_verdicts(basel
     for path in folder.iterdir():
         (old / path.name).write_bytes(path.read_bytes())
     config = json.loads((old / CONFIG_NAME).read_text())
-    config["thresholds"] = {name: {"image": 0.5, "pixel": 0.5} for name in NAMES}  # as zsad wrote them then
+    config["thresholds"] = {name: {"image": 0.5, "pixel": 0.5, "source": "uncalibrated (threshold 0.5)"} for name in NAMES}
     del config["provenance"]
     (old / CONFIG_NAME).write_text(json.dumps(config))
     result = ExportedDetector.load(old).detect(np.zeros((32, 32, 3), dtype=np.uint8), "bottle")
