@@ -20,7 +20,7 @@ from zsad import ZSADError
 from zsad.runtime.allocator import return_large_buffers_to_the_system
 from zsad.space.config import CONCURRENCY_LIMIT, batch_caps, build_parser, configured_checkpoints, launch_options, load_detector
 from zsad.space.layout import build_demo, example_rows
-from zsad.space.scheduling import ComputeTurns, warm_example_names
+from zsad.space.scheduling import ComputeTurns, choose_engine_in_background, warm_example_names
 from zsad.space.shutdown import remove_when_stopped
 
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"zsad app: {error}")
     turns = ComputeTurns()
     warm_example_names(detector, [name for _, name in example_rows()], turns)
+    choose_engine_in_background(detector, turns)
     output_root = Path(tempfile.mkdtemp(prefix="zsad-space-"))
     remove_when_stopped(output_root)
     demo = build_demo(detector, batch_caps=batch_caps(args), turns=turns, output_root=output_root)

@@ -24,12 +24,9 @@ measurement).
     python benchmarks/bench_inference.py --methods baseline anomalyclip
     python benchmarks/bench_inference.py --vv-only [--vv-precision auto|float32|bfloat16|int8]
     python benchmarks/bench_inference.py --tiny --repeats 1 --methods baseline anomalyclip
-    python benchmarks/bench_inference.py --engines [--tiny]   # each vision engine route (zsad.runtime.engine), fidelity and time
 """
 
 import argparse
-import importlib.util
-import os
 import sys
 import tempfile
 import time
@@ -242,38 +239,6 @@ def latency_tables(clip_path: str, image: str, repeats: int, methods: list[str])
           f"first request with a new class name {compare_new_name_seconds:.2f} s")
 
 
-def engine_routes(clip_path: str, image: str, image_size: int, repeats: int) -> None:
-    """Per method, each (engine, precision) route this CPU runs natively: end-to-end seconds per image (median of
-    ``repeats`` after a warm-up that builds or reads the OpenVINO graph, in a fresh cache) and fidelity against torch
-    float32 (Pearson of maps, |score difference|); then what ``--engine auto`` chooses here."""
-    precisions = ["float32", "int8"] + (["bfloat16"] if FAST == torch.bfloat16 else [])
-    engines = ["torch", "openvino"] if importlib.util.find_spec("openvino") else ["torch"]
-    with tempfile.TemporaryDirectory() as cache:
-        exact = AnomalyDetector.load(clip=clip_path, precision="float32", image_size=image_size, device="cpu", engine="torch")
-        references = {method: exact.detect(image, CLASS_NAME, method=method) for method in exact.method_names}
-        print(f"\nvision engine routes, {image_size} px (seconds per image end to end; fidelity against torch float32):")
-        for engine in engines:
-            for precision in precisions:
-                if engine == "openvino" and precision == "int8":
-                    continue  # int8 backbones run on torch (zsad.runtime.engine.OPENVINO_PRECISION_HINTS)
-                detector = AnomalyDetector.load(clip=clip_path, precision=precision, image_size=image_size, device="cpu",
-                                                engine=vision_engine_in(engine, cache))
-                for method, reference in references.items():
-                    seconds = timed(lambda: detector.detect(image, CLASS_NAME, method=method), repeats=repeats)
-                    result = detector.detect(image, CLASS_NAME, method=method)
-                    print(f"  {engine:9s} {precision:9s} {method:11s} {seconds:7.3f} s  pearson "
-                          f"{pearson(result.anomaly_map, reference.anomaly_map):.5f}  score diff {abs(result.score - reference.score):.5f}")
-        auto = AnomalyDetector.load(clip=clip_path, precision="auto", image_size=image_size, device="cpu", engine=vision_engine_in("auto", cache))
-        auto.detect(image, CLASS_NAME, method="baseline")
-        print(f"  --engine auto, --precision auto here: {auto.engine.describe()}")
-
-
-def vision_engine_in(name: str, cache: str) -> str:
-    """``name``, with the engine cache in ``cache`` (a fresh folder, so first builds are part of the warm-up)."""
-    os.environ["ZSAD_ENGINE_CACHE"] = cache  # read when the engine is made; this script is its only user
-    return name
-
-
 def tiny_inputs(workdir: Path) -> tuple[str, str]:
     """(the tiny random CLIP's folder, the photo-like test image) in ``workdir``: the script's own check."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -314,19 +279,9 @@ if __name__ == "__main__":
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--vv-only", action="store_true", help="only the value-value attention cost")
     parser.add_argument("--vv-precision", default="auto", help="the route the value-value cost is measured on (default auto)")
-    parser.add_argument("--engines", action="store_true", help="only the vision engine routes (zsad.runtime.engine)")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
                         help="the methods timed end to end (default: all), e.g. --methods baseline anomalyclip")
     parser.add_argument("--tiny", action="store_true", help="the tiny random CLIP instead of the full-size one (checks the script)")
     args = parser.parse_args()
-    if args.engines:
-        print(machine_line())
-        print(cpu_class_line())
-        if args.tiny:
-            clip_path, image = tiny_inputs(Path(args.workdir))
-            engine_routes(clip_path, image, 224, args.repeats)
-        else:
-            engine_routes(*full_size_inputs(Path(args.workdir)), IMAGE_SIZE, args.repeats)
-        sys.exit()
     main(args.workdir, args.repeats, space_malloc=not args.default_malloc, vv_only=args.vv_only, vv_precision=args.vv_precision,
          methods=args.methods, tiny=args.tiny)

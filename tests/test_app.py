@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -46,7 +47,7 @@ def detect(detector):
 @pytest.mark.parametrize("kind", ["rgb", "gray16", "cmyk", "rgba", "gray", "exif_rotated"])
 def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files, kind):
     path, size = good_files[kind]
-    output = detect(upload(path), "bottle", "baseline", 0.5)
+    output = detect(upload(path), "bottle", "baseline", 0.5, None, False, handlers.SLIDER)
     original, overlay = output.pair
     assert original.size == overlay.size == output.mask.size == size  # the image's own (upright) size
     assert original.mode == overlay.mode == "RGB" and output.mask.mode == "L"
@@ -63,7 +64,7 @@ def test_every_image_kind_gives_overlay_mask_score_and_report(detect, good_files
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_mask_matches_the_threshold(detect, detector, good_files, threshold):
     path, _ = good_files["rgb"]
-    output = detect(upload(path), "bottle", "baseline", threshold)
+    output = detect(upload(path), "bottle", "baseline", threshold, None, False, handlers.SLIDER)
     expected = detector.detect(str(path), "bottle", method="baseline", threshold=threshold, display_side=DISPLAY_SIDE)
     np.testing.assert_array_equal(np.asarray(output.mask) > 0, expected.anomaly_map >= threshold)
     assert output.table[0][4] == round(100.0 * float((expected.anomaly_map >= threshold).mean()), 2)
@@ -76,7 +77,7 @@ def test_compare_shows_every_method_side_by_side(detect, detector, good_files):
     output = detect(upload(path), "bottle", COMPARE, 0.5)
     names = [display_name(method) for method in detector.method_names]
     assert [row[0] for row in output.table] == names
-    assert [caption for _, caption in output.gallery[:2]] == [f"{names[0]}: {output.score:.3f} {output.table[0][3]}",
+    assert [caption for _, caption in output.gallery[:2]] == [f"{names[0]}: {output.score:.3f}",  # untrained: no verdict
                                                               f"{names[0]}: mask at 0.50"]
     assert len(output.gallery) == 2 * len(names)
     assert all(f"### {name} (" in output.report for name in names)
@@ -172,8 +173,9 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     assert inputs == ["Image", "Textbox", "Radio", "Slider", "File", "Checkbox", "Radio", "Radio"]  # new inputs only at the end
     assert functions["detect"].inputs[-2].value == handlers.CALIBRATED
     assert functions["detect"].inputs[-1].value == handlers.LOWEST_RATE  # the false-alarm rate: the default rule unless chosen
-    assert [type(block).__name__ for block in functions["detect_batch"].inputs] == ["File", "Textbox", "Radio", "Slider", "Checkbox"]
-    assert functions["detect_batch"].inputs[-1].value is False  # mutual scoring: off unless asked for
+    batch_inputs = functions["detect_batch"].inputs
+    assert [type(block).__name__ for block in batch_inputs] == ["File", "Textbox", "Radio", "Slider", "Checkbox", "Radio"]
+    assert batch_inputs[-2].value is False and batch_inputs[-1].value == handlers.CALIBRATED  # mutual scoring: off unless asked for
     assert [value for _, value in functions["detect_batch"].inputs[2].choices] == detector.method_names  # no compare in batches
     assert not functions["detect"].preprocess and not functions["detect_batch"].preprocess  # uploads go through received_file
     methods = [value for _, value in render.method_choices(detector)]
@@ -182,6 +184,23 @@ def test_page_has_the_public_endpoints_with_their_inputs_and_every_method(detect
     assert "Tiny random CLIP" in notice
     untrained = [display_name(m) for m in detector.method_names if detector.status(m) == "untrained"]
     assert all(name in notice for name in untrained) and ("untrained" in notice) == bool(untrained)
+
+
+def readme_api_table() -> dict[str, tuple[list[str], list[str]]]:
+    """The README's API table: each endpoint's parameter names and output labels (the `quoted` names of its cells)."""
+    rows = [line.strip().strip("|").split("|") for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `/")]
+    return {re.findall(r"`([^`]*)`", endpoint)[0]: (re.findall(r"`([^`]*)`", inputs), re.findall(r"`([^`]*)`", outputs))
+            for endpoint, inputs, outputs in rows}
+
+
+def test_every_output_is_named_and_the_readmes_api_table_is_what_view_api_reports(detector):
+    """``get_api_info`` is what gradio_client's ``view_api`` prints: parameters by name, outputs by label (an output
+    without a label would read ``value_N``)."""
+    endpoints = layout.build_demo(detector).get_api_info()["named_endpoints"]
+    served = {name: ([parameter["parameter_name"] for parameter in endpoint["parameters"]],
+                     [output["label"] for output in endpoint["returns"]]) for name, endpoint in endpoints.items()}
+    assert not [label for _, labels in served.values() for label in labels if re.fullmatch(r"value_\d+", label or "")]
+    assert readme_api_table() == served
 
 
 def test_examples_exist_and_are_readable():
@@ -339,8 +358,9 @@ def png(array: np.ndarray) -> bytes:
 FOLDERS = files.OutputFolders()  # the app's folders live as long as the app
 
 
-def run_batch(detector, paths, caps=BatchCaps(), class_name="metal nut", method="stackclip"):
-    return handlers.make_batch_handler(detector, FOLDERS, caps)([upload(path) for path in paths], class_name, method, 0.5)
+def run_batch(detector, paths, caps=BatchCaps(), class_name="metal nut", method="stackclip", threshold_mode=handlers.SLIDER):
+    return handlers.make_batch_handler(detector, FOLDERS, caps)([upload(path) for path in paths], class_name, method, 0.5,
+                                                                False, threshold_mode)
 
 
 def read_csv(path) -> list[dict]:
@@ -578,8 +598,8 @@ def test_the_threshold_mode_decides_and_the_same_call_gives_the_same_answer(dete
     assert profiles.builds == 1  # the profile of a set of references is built once
     by_hand = detect(image, "disk", "baseline", 0.3, good_parts(product), False, handlers.SLIDER)
     assert "threshold 0.3 set by hand" in by_hand.report and "(threshold 0.30)" in by_hand.report
-    without = detect(image, "disk", "baseline", 0.3)
-    assert "uncalibrated (threshold 0.3 set by hand)" in without.report  # no profile: the slider, whatever the mode
+    without = detect(image, "disk", "baseline", 0.3, None, False, handlers.SLIDER)
+    assert "uncalibrated (threshold 0.3 set by hand)" in without.report  # no profile: the slider decides in its mode
     with pytest.raises(gr.Error, match="threshold mode must be one of calibrated, slider"):
         detect(image, "disk", "baseline", 0.5, None, False, "auto")
     detect(image, "disk", COMPARE, 0.5, good_parts(product))
@@ -626,7 +646,8 @@ def test_bad_references_are_clear_messages_and_the_app_keeps_serving(detector, p
         detect(image, "disk", "baseline", 0.5, good_parts(product)[:1] * 200)
     assert "No reference images (zero-shot)" in detect(image, "disk", "baseline", 0.5, []).report
     one = detect(image, "disk", "baseline", 0.5, good_parts(product)[:1]).report
-    assert "1 reference image of good parts; uncalibrated (threshold 0.5 set by hand) (calibration needs at least two distinct" in one
+    assert "1 reference image of good parts; uncalibrated (threshold 0.5) (calibration needs at least two distinct" in one
+    assert render.NO_VERDICT_ADVICE in one  # one reference calibrates nothing: no verdict for the training-free baseline
     other_product = detect(upload(next((product / "wood" / "test").rglob("*.png"))), "disk", "baseline", 0.5, good_parts(product)).report
     assert "does not look like the reference images" in other_product
 
@@ -665,3 +686,67 @@ def test_the_raw_api_takes_only_json_booleans_for_switches(detect, detector, goo
         batch([upload(good_files["rgb"][0])], "bottle", "baseline", 0.5, "false")
     with pytest.raises(gr.Error, match="'method' must be one method name"):
         batch([upload(good_files["rgb"][0])], "bottle", ["baseline"], 0.5)
+
+
+# ----- verdicts only where a threshold means something --------------------------------------------
+
+
+def test_an_untrained_method_without_calibration_gets_no_verdict_unless_the_slider_is_chosen(detect, detector, good_files):
+    """The CLI's rule (``gives_verdict``): in "calibrated" mode without references a training-free method gives score,
+    map and rank, no verdict, and its mask is at the default threshold as the CLI writes it; "slider" sets the threshold."""
+    path, _ = good_files["rgb"]
+    expected = detector.detect(str(path), "bottle", method="baseline", display_side=DISPLAY_SIDE)
+    unscaled = detect(upload(path), "bottle", "baseline", 0.2)
+    assert unscaled.score == round(expected.score, 4) and unscaled.table[0][3] == "none"
+    assert unscaled.report.splitlines()[0] == f"### CLIP baseline (training-free): **none**, score {expected.score:.3f}"  # no threshold
+    assert render.NO_VERDICT_ADVICE in unscaled.report
+    assert "“slider” under “Threshold used”" in render.NO_VERDICT_ADVICE and "reference images of good parts" in render.NO_VERDICT_ADVICE
+    np.testing.assert_array_equal(np.asarray(unscaled.mask) > 0, expected.anomaly_map >= 0.5)  # not the slider's 0.2
+    by_hand = detect(upload(path), "bottle", "baseline", 0.2, None, False, handlers.SLIDER)
+    reached = "anomalous" if expected.score >= 0.2 else "normal"
+    assert by_hand.table[0][3] == reached and f"**{reached}**" in by_hand.report and "(threshold 0.20)" in by_hand.report
+    assert "uncalibrated (threshold 0.2 set by hand)" in by_hand.report and render.NO_VERDICT_ADVICE not in by_hand.report
+    np.testing.assert_array_equal(np.asarray(by_hand.mask) > 0, expected.anomaly_map >= 0.2)
+
+
+@pytest.fixture(scope="module")
+def mixed_detector(tiny_backbone):
+    """A trained StackCLIP (its config says so) beside the training-free baseline."""
+    trained = load_model("stackclip", backbone=tiny_backbone, image_size=TEST_IMAGE_SIZE)
+    trained.config.is_trained = True
+    return AnomalyDetector(tiny_backbone, {"stackclip": trained, "baseline": load_model("baseline", backbone=tiny_backbone,
+                                                                                        image_size=TEST_IMAGE_SIZE)})
+
+
+def test_a_trained_method_without_calibration_decides_at_the_slider_and_compare_decides_per_method(mixed_detector, good_files):
+    path, _ = good_files["rgb"]
+    detect = handlers.make_handler(mixed_detector)
+    expected = mixed_detector.detect(str(path), "bottle", method="stackclip", threshold=0.3, display_side=DISPLAY_SIDE)
+    trained = detect(upload(path), "bottle", "stackclip", 0.3)
+    assert trained.table[0][3] == expected.verdict != "none" and "uncalibrated (threshold 0.3 set by hand)" in trained.report
+    compared = detect(upload(path), "bottle", COMPARE, 0.3)
+    assert [row[3] for row in compared.table] == [expected.verdict, "none"]  # the baseline's 0.3 means nothing
+    assert [caption for _, caption in compared.gallery[::2]] == [f"StackCLIP: {compared.table[0][2]:.3f} {expected.verdict}",
+                                                                 f"CLIP baseline: {compared.table[1][2]:.3f}"]
+    assert compared.report.count(render.NO_VERDICT_ADVICE) == 1
+
+
+def test_a_batch_gives_verdicts_only_where_a_threshold_means_something(detector, parts):
+    paths, arrays = parts
+    unscaled = run_batch(detector, paths[:3], method="baseline", threshold_mode=handlers.CALIBRATED)
+    expected = [detector.detect(arrays[f"part{i}.png"], "metal nut", method="baseline") for i in range(3)]
+    assert [row[1:3] for row in unscaled.table] == [[round(result.score, 4), "none"] for result in expected]
+    assert [record["verdict"] for record in read_csv(unscaled.csv_path)] == ["none"] * 3
+    assert "### 3 images scored: no verdict" in unscaled.summary and render.BATCH_NO_VERDICT_ADVICE in unscaled.summary
+    assert [caption for _, caption in unscaled.gallery] == [f"part{i}.png: {result.score:.3f}" for i, result in enumerate(expected)]
+    with zipfile.ZipFile(unscaled.masks_path) as masks:  # the masks at the default threshold, as the CLI writes them
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(masks.read("part0_mask.png")))) > 0, expected[0].mask)
+    by_hand = run_batch(detector, paths[:3], method="baseline", threshold_mode=handlers.SLIDER)
+    assert [row[2] for row in by_hand.table] == [result.verdict_line.split()[0] for result in
+                                                 (detector.detect(arrays[f"part{i}.png"], "metal nut", method="baseline",
+                                                                  threshold=0.5) for i in range(3))]
+    assert "of 3 images anomalous at threshold 0.50" in by_hand.summary
+    mutual = handlers.make_batch_handler(detector, FOLDERS)([upload(path) for path in paths[:3]], "", "baseline", 0.5, True)
+    assert {row[2] for row in mutual.table} <= {"normal", "anomalous"}  # on the group's own scale: a verdict
+    with pytest.raises(gr.Error, match="threshold mode must be one of calibrated, slider"):
+        run_batch(detector, paths[:1], method="baseline", threshold_mode="auto")

@@ -229,8 +229,8 @@ def test_batch_of_twenty_matches_the_detector_and_single_requests_are_answered_m
     url, _ = server
     call_detect(Client(url, verbose=False), example)  # the single request's text features are cached beforehand
     paths = batch_files[:BATCH_IMAGES]
-    job = Client(url, verbose=False).submit([handle_file(path) for path in paths], "metal nut", "baseline", 0.5,
-                                           api_name="/detect_batch")
+    job = Client(url, verbose=False).submit([handle_file(path) for path in paths], "metal nut", "baseline", 0.5, False, "slider",
+                                           api_name="/detect_batch")  # the slider decides: verdicts for the training-free baseline
     wait_until_processing(job)
     started = time.perf_counter()
     score = call_detect(Client(url, verbose=False), example)[2]

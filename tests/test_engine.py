@@ -225,3 +225,103 @@ def test_openvino_is_no_candidate_off_the_cpu():
     from zsad.runtime.engine import openvino_unsupported
 
     assert "on cuda" in openvino_unsupported(SimpleNamespace(device=torch.device("cuda")))
+
+
+class CountingEngine(TorchEngine):
+    """torch's vision pass, counting the calls that reach it: proves a surface runs its pass on the engine it is given."""
+
+    def __init__(self, backbone):
+        super().__init__(backbone)
+        self.calls = 0
+
+    def encode_streams(self, pixel_values, layers_by_start, position_interpolation):
+        self.calls += 1
+        return super().encode_streams(pixel_values, layers_by_start, position_interpolation)
+
+
+def test_mutual_scoring_runs_its_vision_pass_on_the_detector_engine(tiny_backbone):
+    from zsad.detection.mutual import detect_mutual
+
+    images = [(np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8) for seed in range(3)]
+    model = tiny_model("baseline", tiny_backbone)
+    counting = CountingEngine(tiny_backbone)
+    on_engine = detect_mutual(AnomalyDetector(tiny_backbone, {"baseline": model}, engine=counting), images, "plate")
+    assert counting.calls >= 1
+    on_torch = detect_mutual(AnomalyDetector(tiny_backbone, {"baseline": model}), images, "plate")
+    assert [r.score for r in on_engine] == [r.score for r in on_torch]
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_evaluation_runs_its_vision_pass_on_the_named_engine(tiny_backbone, synthetic_root, tmp_path, monkeypatch, mutual):
+    from zsad.evaluation.protocol import evaluate
+
+    monkeypatch.setenv("ZSAD_ENGINE_CACHE", str(tmp_path / "engines"))
+    root = synthetic_root(["tile"], 2)
+
+    def scores(engine):
+        _, records = evaluate(tiny_model("baseline", tiny_backbone), "mvtec", root, batch_size=4, mutual=mutual, engine=engine)
+        return np.array([record.score for record in records])
+
+    on_torch = scores("torch")
+    assert not (tmp_path / "engines").exists()
+    on_openvino = scores("openvino")
+    assert any((tmp_path / "engines").glob("*/manifest.json"))  # the pass was built, then run, as an OpenVINO graph
+    np.testing.assert_allclose(on_openvino, on_torch, atol=FLOAT32_SCORE_DIFFERENCE)
+
+
+def test_few_shot_references_and_scores_run_on_the_detector_engine(tiny_backbone, synthetic_root):
+    from accelerate import Accelerator
+
+    from zsad.data import load_dataset
+    from zsad.evaluation.few_shot import reference_memory
+    from zsad.evaluation.protocol import score_samples
+
+    samples = load_dataset("mvtec", synthetic_root(["tile"], 2), categories=["tile"])
+    counting = CountingEngine(tiny_backbone)
+    detector = AnomalyDetector(tiny_backbone, {"model": tiny_model("baseline", tiny_backbone)}, engine=counting)
+    memory, scale = reference_memory(detector, samples[:2], "tile")
+    assert counting.calls == 1 and memory.num_images == 2
+    records = score_samples(detector, samples, 8, 0, Accelerator(), memory=memory, scale=scale)
+    assert counting.calls == 2 and len(records) == len(samples)
+
+
+def test_provenance_names_the_route_that_ran_the_vision_pass(tiny_backbone, engine_cache):
+    model = tiny_model("baseline", tiny_backbone)
+
+    def route(engine):
+        return AnomalyDetector(tiny_backbone, {"baseline": model}, engine=engine).provenance("baseline", "plate", "plate", None)["vision_engine"]
+
+    assert route(TorchEngine(tiny_backbone)) == "torch float32"
+    assert route(OpenVINOEngine(tiny_backbone, engine_cache)) == "openvino float32"
+    measured = MeasuredEngine(tiny_backbone, engine_cache)
+    chosen = route(measured)  # auto decides the route when a result first needs to name it
+    assert chosen == f"{measured.choice(TEST_IMAGE_SIZE, model.vision_streams(), model.config.position_interpolation)['engine']} float32"
+
+
+def test_background_choice_serves_torch_until_the_measurement_is_done(tiny_backbone, tmp_path):
+    from contextlib import contextmanager
+
+    measuring_may_start = threading.Event()
+
+    @contextmanager
+    def turn():  # a server's turn on the model: held back here until the test lets the measurement run
+        measuring_may_start.wait(timeout=60)
+        yield
+
+    measured = MeasuredEngine(tiny_backbone, tmp_path)
+    measured.choose_in_background([(TEST_IMAGE_SIZE, STREAMS, "bicubic")], turn)
+    pixels = random_pixels(1)
+    meanwhile = measured.encode_streams(pixels, STREAMS, "bicubic")
+    expected = TorchEngine(tiny_backbone).encode_streams(pixels, STREAMS, "bicubic")
+    assert torch.equal(meanwhile[3].layer_tokens[0], expected[3].layer_tokens[0])
+    assert measured.route(TEST_IMAGE_SIZE, STREAMS, "bicubic") == "torch float32"
+    assert "measured in the background" in measured.describe()
+    measuring_may_start.set()
+    for _ in range(600):
+        if measured.choices:
+            break
+        threading.Event().wait(0.1)
+    choice = measured.choices[(TEST_IMAGE_SIZE, ((None, (1, 2)), (3, (3, 4))), "bicubic")]
+    assert set(choice["seconds"]) == {"torch", "openvino"}
+    assert measured.route(TEST_IMAGE_SIZE, STREAMS, "bicubic") == f"{choice['engine']} float32"
+    assert len(list((tmp_path / "choices").iterdir())) == 1  # recorded: the next start reads it

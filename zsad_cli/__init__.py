@@ -75,6 +75,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
     add_runtime_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--shots", type=int, default=0,
                         help="few-shot: K reference images per category from its train/good split, next to the zero-shot numbers "
                              "(default 0: zero-shot only)")
@@ -90,14 +91,17 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="Zero-shot industrial anomaly detection with CLIP.")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true",
+                         help="show the libraries' own progress bars and warnings (off by default: nothing there to act on)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tiny = commands.add_parser("tiny-clip", help="write a tiny random CLIP for offline tests and UI work")
+    tiny = commands.add_parser("tiny-clip", parents=[verbose], help="write a tiny random CLIP for offline tests and UI work")
     tiny.add_argument("directory", help="folder to write the model, tokenizer and image processor to")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(command_name="tiny_clip")
 
-    predict = commands.add_parser("predict", help="anomaly scores, overlays and masks for image files")
+    predict = commands.add_parser("predict", parents=[verbose], help="anomaly scores, overlays and masks for image files")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     predict.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained), a checkpoint folder / Hub id, "
                          "or with --engine onnx|openvino a folder written by `zsad export`")
@@ -130,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(with --mutual: the groups not yet finished)")
     predict.set_defaults(command_name="predict")
 
-    calibrate = commands.add_parser("calibrate", help="a product profile: reference images of good parts and calibrated thresholds")
+    calibrate = commands.add_parser("calibrate", parents=[verbose],
+                                                 help="a product profile: reference images of good parts and calibrated thresholds")
     calibrate.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
     calibrate.add_argument("--class-name", help="what the product is, e.g. 'metal nut' (needed with --normal; --add reads the profile's)")
     good = calibrate.add_mutually_exclusive_group(required=True)
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_argument(calibrate)
     calibrate.set_defaults(command_name="calibrate")
 
-    export = commands.add_parser("export", help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
+    export = commands.add_parser("export", parents=[verbose],
+                                           help="one method and fixed product names as an ONNX / OpenVINO graph that runs without torch")
     export.add_argument("--model", required=True, help="a method name (baseline, stackclip, genclip: untrained) or a checkpoint folder / Hub id")
     export.add_argument("--class-name", action="append", help="a product name the graph scores (repeat for several; default: the profile's product)")
     export.add_argument("--format", required=True, choices=["onnx", "openvino"], help="the graph format: ONNX (ONNX Runtime) or OpenVINO IR")
@@ -174,11 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--image-size", type=int, help="input size of an untrained model (default 518)")
     export.set_defaults(command_name="export")
 
-    evaluate = commands.add_parser("evaluate", help="per-category and mean metrics of a model on a benchmark (JSON, Markdown, figure)")
+    evaluate = commands.add_parser("evaluate", parents=[verbose],
+                                               help="per-category and mean metrics of a model on a benchmark (JSON, Markdown, figure)")
     add_evaluation_arguments(evaluate)
     evaluate.set_defaults(command_name="evaluate")
 
-    publish = commands.add_parser("publish", help="upload a checkpoint (weights, config, code, model card) in one Hub commit")
+    publish = commands.add_parser("publish", parents=[verbose], help="upload a checkpoint (weights, config, code, model card) in one Hub commit")
     publish.add_argument("checkpoint", help="checkpoint folder written by save_pretrained or training")
     publish.add_argument("--repo-id", required=True, help="Hub repo, ORG/NAME")
     publish.add_argument("--eval", help="evaluation JSON from `zsad evaluate`; fills the card's model-index")
@@ -195,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="a published model of another code base as a zsad checkpoint")
     sources = convert.add_subparsers(dest="source", required=True)
-    anomalyclip = sources.add_parser("anomalyclip", help="AnomalyCLIP's prompt weights (github zqhang/AnomalyCLIP, "
+    anomalyclip = sources.add_parser("anomalyclip", parents=[verbose], help="AnomalyCLIP's prompt weights (github zqhang/AnomalyCLIP, "
                                      "checkpoints/*/epoch_15.pth)")
     anomalyclip.add_argument("file", help="the authors' {'prompt_learner': state_dict} .pth file")
     anomalyclip.add_argument("--out", required=True, help="new folder to write the zsad checkpoint to")
@@ -209,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("dataset", help="Hugging Face datasets from the layouts zsad reads")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
-    push = dataset_commands.add_parser("push", help="upload a layout to the Hub as a dataset (images, masks, labels, categories, defect types)")
+    push = dataset_commands.add_parser("push", parents=[verbose],
+                                               help="upload a layout to the Hub as a dataset (images, masks, labels, categories, defect types)")
     push.add_argument("layout", help="mvtec, visa, mpdd, btad, sdd, dagm, dtd, meta or folder")
     push.add_argument("root", help="the dataset's root folder")
     push.add_argument("repo_id", help="Hub dataset repo, ORG/NAME")

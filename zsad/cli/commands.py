@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from ..modeling.exceptions import ZSADError
+from ..runtime.noise import quiet_library_progress
 
 __all__ = ["evaluate", "run"]
 
@@ -203,7 +204,8 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         raise ZSADError("--rescore re-scores mutual scores; add --mutual.")
     with process_group_closed_at_end(Accelerator()) as accelerator:
         options = dict(categories=args.categories, clip=args.clip, image_size=args.image_size, batch_size=args.batch_size,
-                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device)
+                       num_workers=args.num_workers, accelerator=accelerator, precision=args.precision, device=args.device,
+                       engine=args.engine)
         if args.shots:
             report, records = evaluate_few_shot(args.model, args.dataset, args.root, args.shots, args.seeds, **options)
         else:
@@ -238,6 +240,8 @@ COMMANDS = {"tiny_clip": _tiny_clip, "predict": _predict, "calibrate": _calibrat
 
 def run(args: argparse.Namespace) -> int:
     """Run a command parsed by ``zsad_cli.build_parser``; a ``ZSADError`` is printed (exit status 2)."""
+    if not args.verbose:
+        quiet_library_progress()  # the command owns its process: once, for every library
     try:
         COMMANDS[args.command_name](args)
     except ZSADError as error:

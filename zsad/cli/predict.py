@@ -26,6 +26,7 @@ from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import is_finite_score, non_finite_message
 from ..runtime.atomic import write_text_atomic
 from ..runtime.images import IMAGE_SUFFIXES, bounded, image_files, read_image
+from ..runtime.noise import bar_disable
 from .runs import claim_folder, folder_lock, run_record
 
 if TYPE_CHECKING:  # torch: an exported graph (zsad.deploy.runtime) is run through here without it
@@ -158,7 +159,7 @@ def _predict_each(detector: "AnomalyDetector", jobs: list[tuple[Path, str]], rec
     detect = partial(_detect, detector, tiles=tiles, batch_size=batch_size, **options)
     step = 1 if tiles else batch_size
     with state.split_between_processes(todo) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
-        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+        with tqdm(total=len(shard), unit="image", desc="zsad predict", disable=bar_disable(state.is_local_main_process)) as progress:
             for start in range(0, len(shard), step):
                 chunk = shard[start : start + step]
                 for record in _predict_chunk(detect, chunk, out_dir, options["display_side"], tiles):
@@ -211,7 +212,7 @@ def _predict_mutual(detector: "AnomalyDetector", plan: _MutualPlan, records: lis
 
     paths = [str(path) for path, _ in plan.jobs]
     with state.split_between_processes(plan.to_do(records)) as shard, _record_stream(out_dir / f"records-{state.process_index}.jsonl") as stream:
-        with tqdm(total=sum(map(len, shard)), unit="image", desc="zsad predict", disable=not state.is_local_main_process) as progress:
+        with tqdm(total=sum(map(len, shard)), unit="image", desc="zsad predict", disable=bar_disable(state.is_local_main_process)) as progress:
             scored = detect_mutual_groups(detector, paths, class_name, method=detector.method_names[0], threshold=threshold,
                                           profile=profile, settings=plan.settings, batch_size=batch_size, display_side=display_side,
                                           keys=plan.keys, groups=shard, skip_unreadable=True)

@@ -16,6 +16,7 @@ pre-processing, names and thresholds.
 """
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -36,10 +37,13 @@ from ..modeling.modeling_genclip import GenCLIPModel
 from ..runtime.atomic import atomic_folder
 from ..runtime.loading import load_model
 from ..runtime.methods import method_of
+from ..runtime.noise import logger_level
 from ..runtime.provenance import provenance
 from .runtime import CONFIG_NAME, FORMATS, GRAPH_FILES, PRECISIONS, require_extra
 
 ONNX_OPSET = 18
+TORCH_ONNX_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+NNCF_LOGGER = "nncf"
 # The vision transformer's linear layers are ~99% of the FLOPs; int8 is applied to them only. The heads' cosine
 # similarities are multiplied by a logit scale of 100, which magnifies int8 rounding (as it does bfloat16's).
 INT8_NODE_SCOPE = "vision_model.encoder"
@@ -126,7 +130,8 @@ def export_onnx(graph: ExportGraph, path: Path) -> Path:
     pixels = example_pixels(graph.model)
     with torch.inference_mode():
         graph(pixels)  # fills the text-feature caches, so the features enter the graph as constants
-    with torch.no_grad(), warnings.catch_warnings():
+    # The exporter's registry says, once per torchvision operator, that torchvision is not installed; zsad's graphs use none.
+    with torch.no_grad(), warnings.catch_warnings(), logger_level(TORCH_ONNX_REGISTRATION_LOGGER, logging.ERROR):
         # torch.export's own pytree code calls its deprecated LeafSpec check; nothing zsad passes causes it.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(
@@ -180,8 +185,9 @@ def convert_openvino(onnx_path: Path, xml_path: Path, int8: bool) -> Path:
         vision = set(vision_linear_nodes(onnx_path))  # OpenVINO keeps the ONNX node names
         others = [op.get_friendly_name() for op in model.get_ops()
                   if op.get_type_name() in WEIGHTED_OPENVINO_OPS and op.get_friendly_name() not in vision]
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
-                                      ignored_scope=nncf.IgnoredScope(names=others, validate=False))
+        with logger_level(NNCF_LOGGER, logging.WARNING):  # its statistics table, logged at INFO to stdout
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                          ignored_scope=nncf.IgnoredScope(names=others, validate=False))
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
     return xml_path
 
@@ -219,7 +225,7 @@ def deploy_config(model, class_names: list[str], format: str, precision: str, th
         "class_names": class_names,
         "thresholds": thresholds,
         "references": references,
-        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu"),
+        "provenance": provenance(model, name_or_path=source, precision=precision, device="cpu", vision_engine=f"{format} graph"),
         "inputs": {"pixel_values": [1, 3, model.config.image_size, model.config.image_size]},
         "outputs": {"image_score": [1, len(class_names)], "anomaly_map": [1, len(class_names), model.config.image_size,
                                                                          model.config.image_size]},

@@ -22,6 +22,7 @@ from ..modeling.clip_backbone import ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
 from ..runtime.images import image_files, load_image
+from ..runtime.noise import bar_disable
 from .conformal import reachable_rank
 from .profile import DEFAULT_MARGIN, DEFAULT_QUANTILE, ProductProfile, calibrate, check_quantile, choose_weight
 from .references import (
@@ -78,13 +79,13 @@ def build_profiles(detector, methods: Sequence[str], class_name: str, normal_ima
     passes = detector.vision_passes(methods)
     encoded = {}
     with tqdm(total=(len(normal) + len(defective)) * len(passes), unit="image", desc="encoding reference images",
-              disable=not progress) as bar:
+              disable=bar_disable(progress)) as bar:
         for key, streams in passes.items():
             encoded[key] = (_encode_batches(detector, normal, key, streams, batch_size, bar),
                             _encode_batches(detector, defective, key, streams, batch_size, bar))
     profiles = {}
     memories: dict[tuple, ReferenceMemory] = {}  # methods tapping the same layers and stream of one input size share one memory
-    for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=not progress):
+    for method in tqdm(methods, unit="method", desc="calibrating thresholds (leave-one-out)", disable=bar_disable(progress)):
         model = detector.model(method)
         encoded_normal, encoded_defective = encoded[model.config.vision_pass]
         profile = _profile(model, method, name, encoded_normal, encoded_defective, defective_masks, rule, fusion_weight, memories)
@@ -147,7 +148,7 @@ def add_references(detector, profile: ProductProfile, normal_images, *, false_al
     kept.check_reachable(profile.num_references + len(added))
     vision_pass = model.config.vision_pass
     streams = detector.vision_passes([profile.method])[vision_pass]
-    with tqdm(total=len(added), unit="image", desc="encoding added reference images", disable=not progress) as bar:
+    with tqdm(total=len(added), unit="image", desc="encoding added reference images", disable=bar_disable(progress)) as bar:
         batches = [model.features_from_streams(batch) for batch in _encode_batches(detector, added, vision_pass, streams, batch_size, bar)]
     new_memory = ReferenceMemory.concatenate([ReferenceMemory.from_features(batch) for batch in batches])
     memory = ReferenceMemory.concatenate([profile.memory, new_memory.to(profile.memory.features[0].device, profile.memory.dtype)])

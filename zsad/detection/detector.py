@@ -27,7 +27,7 @@ from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from ..runtime.engine import TorchEngine
+from ..runtime.engine import TorchEngine, model_features, model_route
 from ..runtime.engine_choice import vision_engine
 from ..runtime.errors import BackboneLoadError
 from ..runtime.images import LoadedImage, read_image
@@ -140,9 +140,10 @@ class AnomalyDetector:
 
     def provenance(self, method: str, class_name_given: str | None, class_name_used: str | None,
                    threshold_rule: tuple[float, float, str] | None) -> dict:
-        """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name and rule."""
+        """The provenance block (``zsad.runtime.provenance.provenance``) of results of ``method`` for that product name
+        and rule; its vision engine is the route this detector runs the method's pass on (``auto`` decides it now)."""
         return provenance(self.model(method), class_name_given=class_name_given, class_name_used=class_name_used,
-                          threshold_rule=threshold_rule)
+                          threshold_rule=threshold_rule, vision_engine=model_route(self.engine, self.model(method)))
 
     def model(self, method: str) -> ZSADPreTrainedModel:
         if not isinstance(method, str) or method not in self.models:
@@ -175,22 +176,24 @@ class AnomalyDetector:
         display_side, progress)."""
         return mutual.detect_mutual(self, images, class_name, method=method, **options)
 
-    def compare(self, image, class_name: str, threshold: float | None = None,
+    def compare(self, image, class_name: str, threshold: float | Mapping[str, float | None] | None = None,
                 profiles: Mapping[str, ProductProfile] | None = None, display_side: int | None = None) -> dict[str, Detection]:
         """Every held method on the same image: read once, one vision pass per input size (with every layer any
-        of those methods taps), passed to each model as ``image_features``; ``profiles`` by method name,
-        ``display_side`` as in ``detect``."""
+        of those methods taps), passed to each model as ``image_features``; ``threshold`` one for every method or by
+        method name (a method left out: None), ``profiles`` by method name, ``display_side`` as in ``detect``."""
         started = time.perf_counter()
         loaded = read_image(image, max_side=display_side)
         picture = loaded.image
-        check_optional_threshold(threshold)
+        by_method = threshold if isinstance(threshold, Mapping) else dict.fromkeys(self.models, threshold)
+        for chosen in by_method.values():
+            check_optional_threshold(chosen)
         name = self.product_name(class_name)
         shared = {key: self.encode([picture], key, streams) for key, streams in self.vision_passes().items()}
         shared_seconds = time.perf_counter() - started
         results = {}
         for method, model in self.models.items():
             features = model.features_from_streams(shared[model.config.vision_pass])
-            results[method] = self._detect_on_features(method, features, [loaded], [name], threshold,
+            results[method] = self._detect_on_features(method, features, [loaded], [name], by_method.get(method),
                                                        time.perf_counter(), (profiles or {}).get(method))[0]
         # The shared reading and vision pass are counted once, with the first method.
         first = next(iter(results.values()))
@@ -206,7 +209,7 @@ class AnomalyDetector:
 
     def model_features(self, model: ZSADPreTrainedModel, pictures: list[Image.Image]) -> ImageFeatures:
         """One vision pass over ``pictures`` for ``model`` alone: its streams, then its features out of them."""
-        return model.features_from_streams(self.encode(pictures, model.config.vision_pass, model.vision_streams()))
+        return model_features(self.engine, model, self.image_processor(model.config.image_size).pixel_values(pictures))
 
     def image_processor(self, size: int) -> ZSADImageProcessor:
         """The pre- and post-processing of this detector's models at input ``size``."""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ from ..modeling.mutual_scoring import (
     standardise,
     to_unit,
 )
+from ..runtime.engine import model_features
 from ..runtime.images import read_image
 from ..runtime.methods import status
+from ..runtime.noise import bar_disable
 from .references import reference_map
 from .results import MUTUAL_CALIBRATION, Detection, build_detection, thresholds
 
@@ -162,9 +165,10 @@ def detect_mutual_groups(detector, images: Iterable, class_name: str, method: st
 
     image_threshold, pixel_threshold, calibration = thresholds(threshold, None)
     scoring = _GroupScoring(model, method, name, text_weight, reference, profile, settings, batch_size, display_side, turn,
-                            (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable)
+                            (image_threshold, pixel_threshold, f"{MUTUAL_CALIBRATION}{calibration}"), skip_unreadable,
+                            partial(model_features, detector.engine, model))
     return (MutualGroup(group, scoring.outcomes(images, names, group), group_id([keys[i] for i in group]))
-            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=not progress))
+            for group in tqdm(groups, unit="group", desc="mutual scoring", disable=bar_disable(progress)))
 
 
 @dataclass
@@ -183,6 +187,7 @@ class _GroupScoring:
     turn: Callable[[], AbstractContextManager]
     chosen: tuple[float, float, str]
     skip_unreadable: bool
+    encode: Callable  # pixel values -> the model's features, on the detector's engine
 
     def outcomes(self, images: list, names: list[str], group: list[int]) -> list[Detection | ZSADError]:
         """The group decoded, scored and turned into Detections; errors in place of images that could not be read
@@ -200,7 +205,7 @@ class _GroupScoring:
         loaded = [outcomes[index] for index in readable]
         try:
             batch = score_group(self.model, [item.image for item in loaded], [content_key(item.image) for item in loaded], self.name,
-                                self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference)
+                                self.text_weight, self.settings, self.batch_size, False, self.turn, self.reference, self.encode)
         except ZSADError as error:
             if not self.skip_unreadable:
                 raise

@@ -31,7 +31,8 @@ class CalibratedThresholds(Protocol):
 # Statuses of a text method whose scores no data has set a scale for (zsad.methods.status).
 UNSCALED_STATUSES = ("untrained", "training-free")
 # Where an untrained or training-free text method's verdict would come from, said instead of a verdict.
-NO_VERDICT_LINE = ("no verdict: the default threshold means nothing for an untrained or training-free method. For a verdict, "
+NO_VERDICT_REASON = "no verdict: the default threshold means nothing for an untrained or training-free method"
+NO_VERDICT_LINE = (f"{NO_VERDICT_REASON}. For a verdict, "
                    "calibrate on references of good parts (zsad calibrate, a profile), use a trained checkpoint, or set a "
                    "threshold (--threshold, threshold=)")
 NO_VERDICT = "none"

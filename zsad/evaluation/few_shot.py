@@ -14,14 +14,25 @@ from ..detection.references import FusionScale, ReferenceMemory, default_weight,
 from ..metrics import METRICS
 from ..modeling.exceptions import ZSADError
 from ..modeling.prompting import clean_class_name
+from ..runtime.engine import model_features
 from ..runtime.provenance import model_record
-from .protocol import Record, by_category_samples, category_report, evaluate, evaluation_model, evaluation_runtime, json_values, score_samples
+from .protocol import (
+    Record,
+    by_category_samples,
+    category_report,
+    evaluate,
+    evaluation_detector,
+    evaluation_model,
+    evaluation_runtime,
+    json_values,
+    score_samples,
+)
 
 
 def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, categories=None, clip: str | None = None,
                       image_size: int | None = None, batch_size: int = 8, num_workers: int = 0,
-                      accelerator: Accelerator | None = None, precision: str = "auto", device: str | None = None
-                      ) -> tuple[dict, list[Record]]:
+                      accelerator: Accelerator | None = None, precision: str = "auto", device: str | None = None,
+                      engine: str | None = None) -> tuple[dict, list[Record]]:
     """The zero-shot report of ``evaluate`` plus ``"few_shot"``: for each seed, ``shots`` reference images drawn per
     category from its train/good split fuse their reference map with the model's (docs/METHODS.md, "Reference
     images"); the metrics' mean and standard deviation over seeds, and each seed's report. Records are zero-shot."""
@@ -33,15 +44,16 @@ def evaluate_few_shot(model, dataset: str, root, shots: int, seeds: int = 3, cat
     runtime = evaluation_runtime(accelerator, device, precision)
     model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     report, records = evaluate(model, dataset, root, categories=categories, batch_size=batch_size, num_workers=num_workers,
-                               accelerator=accelerator)
+                               accelerator=accelerator, engine=engine)
+    detector = evaluation_detector(model, engine)
     per_seed = []
     for seed in range(seeds):
         seed_records = []
         for category, samples in by_category_samples(load_dataset(dataset, root, categories=categories)).items():
             pool = pools[category]
             drawn = [pool[i] for i in sorted(np.random.default_rng(seed).choice(len(pool), shots, replace=False))]
-            memory, scale = reference_memory(model, drawn, category)
-            seed_records += score_samples(model, samples, batch_size, num_workers, accelerator, memory=memory, scale=scale,
+            memory, scale = reference_memory(detector, drawn, category)
+            seed_records += score_samples(detector, samples, batch_size, num_workers, accelerator, memory=memory, scale=scale,
                                    label=f"evaluating {category}, {shots}-shot, seed {seed}")
         if accelerator.is_main_process:
             per_seed.append({"seed": seed, **category_report(seed_records)})
@@ -68,14 +80,15 @@ def reference_pools(dataset: str, root, categories, shots: int) -> dict[str, lis
     return pools
 
 
-def reference_memory(model, samples: list[Sample], category: str) -> tuple[ReferenceMemory, FusionScale]:
-    """The patch-feature memory of reference images, encoded in one batch, and the fusion scale of their leave-one-out
-    maps with the model's default weight (as a profile built from them without defective images)."""
-    backbone = model.require_backbone()
+def reference_memory(detector, samples: list[Sample], category: str) -> tuple[ReferenceMemory, FusionScale]:
+    """The patch-feature memory of reference images, encoded in one batch on the detector's engine, and the fusion
+    scale of their leave-one-out maps with the model's default weight (as a profile built from them without defective
+    images)."""
+    model = detector.model("model")
     dataset = ImageSet(samples, model.image_processor)
     pixel_values = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     with torch.inference_mode():
-        features = model.encode_image(pixel_values.to(backbone.device))
+        features = model_features(detector.engine, model, pixel_values.to(detector.backbone.device))
     memory, scale = ReferenceMemory.from_features(features), FusionScale(default_weight(model.config.is_trained))
     if memory.num_images < 2:
         return memory, scale

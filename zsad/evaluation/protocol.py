@@ -43,9 +43,12 @@ from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import resize_map
 from ..modeling.prompting import clean_class_name
 from ..runtime.atomic import write_text_atomic
+from ..runtime.engine import model_features, model_route
+from ..runtime.engine_choice import vision_engine
 from ..runtime.images import load_image
 from ..runtime.loading import Runtime, load_model, runtime_backbone
 from ..runtime.methods import METHODS
+from ..runtime.noise import bar_disable
 from ..runtime.provenance import model_record, provenance
 
 NUM_EXAMPLES = 3  # per row of the figure: best detections, missed defects, false alarms
@@ -67,12 +70,13 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
              batch_size: int = 8, num_workers: int = 0, accelerator: Accelerator | None = None,
              precision: str = "auto", normal_dirs=(), columns: dict[str, str | None] | None = None,
              tiles: bool = False, device: str | None = None, mutual: bool = False,
-             mutual_settings: MutualSettings = MutualSettings()) -> tuple[dict, list[Record]]:
+             mutual_settings: MutualSettings = MutualSettings(), engine: str | None = None) -> tuple[dict, list[Record]]:
     """Score every test image of ``dataset`` (a layout read from ``root``, or ``hf:ORG/NAME[:split]`` /
     ``hf-disk:PATH``, see ``zsad.data.load_dataset``) with ``model`` (a loaded model, method name or checkpoint) and
     return the report ``{"dataset", "model", "image_size", "categories": {cat: metrics}, "mean": metrics}``
     and the records (on the main process; other processes get ``({}, [])``). ``device`` and ``precision`` are
-    as ``zsad.runtime.loading.Runtime.resolve`` takes them (default: the accelerator's device, auto precision).
+    as ``zsad.runtime.loading.Runtime.resolve`` takes them (default: the accelerator's device, auto precision);
+    ``engine`` runs the vision pass as in ``AnomalyDetector.load`` (default ``$ZSAD_ENGINE``, else auto).
 
     ``tiles`` scores each image at full resolution in overlapping windows of the input size
     (``AnomalyDetector.detect_tiled``, ``batch_size`` windows at a time); the blended map is then kept at the input
@@ -90,12 +94,14 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     runtime = evaluation_runtime(accelerator, device, precision)
     model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     score = partial(_score_mutual, settings=mutual_settings) if mutual else _score_tiled if tiles else score_samples
-    records = score(model, samples, batch_size, num_workers, accelerator)
+    detector = evaluation_detector(model, engine)
+    records = score(detector, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
     report = {"dataset": dataset, "root": str(Path(root).resolve()) if root is not None else None,
               "synthetic": is_synthetic(root), "model": model_name, "evaluated_model": model_record(model, model_name),
-              "provenance": provenance(model, name_or_path=model_name, threshold_rule=EVALUATION_THRESHOLD_RULE),
+              "provenance": provenance(model, name_or_path=model_name, threshold_rule=EVALUATION_THRESHOLD_RULE,
+                                       vision_engine=model_route(detector.engine, model)),
               "image_size": model.config.image_size, "tiles": tiles, **({"mutual": True} if mutual else {}),
               "num_images": len(records), "num_processes": accelerator.num_processes, **category_report(records)}
     return report, records
@@ -118,18 +124,24 @@ def evaluation_model(model, clip: str | None, image_size: int | None, runtime: R
     return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
-def score_samples(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator, memory=None,
-           scale: FusionScale | None = None, label: str = "evaluating zero-shot") -> list[Record]:
+def evaluation_detector(model, engine: str | None) -> AnomalyDetector:
+    """``model`` (held as "model") on its backbone, its vision pass run by ``engine`` (``zsad.runtime.engine_choice``)."""
     backbone = model.require_backbone()
+    return AnomalyDetector(backbone, {"model": model}, engine=vision_engine(backbone, engine))
+
+
+def score_samples(detector: AnomalyDetector, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,
+                  memory=None, scale: FusionScale | None = None, label: str = "evaluating zero-shot") -> list[Record]:
+    model, device = detector.model("model"), detector.backbone.device
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         dataset = ImageSet([samples[i] for i in shard], model.image_processor)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         local = []
         with torch.inference_mode():
-            for batch in tqdm(loader, desc=label, disable=not accelerator.is_local_main_process):
+            for batch in tqdm(loader, desc=label, disable=bar_disable(accelerator.is_local_main_process)):
                 pixel_values, positions = batch["pixel_values"], batch["index"]
                 names = [clean_class_name(dataset.samples[p].category) for p in positions.tolist()]
-                features = model.encode_image(pixel_values.to(backbone.device))
+                features = model_features(detector.engine, model, pixel_values.to(device))
                 output, fused = scored(model, features, names, memory, scale)  # few-shot: fused with the references
                 result = fused or output
                 maps = result.anomaly_map.float().cpu().numpy().astype(np.float16)
@@ -137,22 +149,21 @@ def score_samples(model, samples: list[Sample], batch_size: int, num_workers: in
     return _gathered(local, samples, accelerator)
 
 
-def _score_tiled(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator) -> list[Record]:
-    detector = AnomalyDetector(model.require_backbone(), {"model": model})
-    size = model.config.image_size
+def _score_tiled(detector: AnomalyDetector, samples: list[Sample], batch_size: int, num_workers: int,
+                 accelerator: Accelerator) -> list[Record]:
+    size = detector.model("model").config.image_size
     with accelerator.split_between_processes(list(range(len(samples)))) as shard:
         local = []
-        for index in tqdm(shard, desc="evaluating in tiles", disable=not accelerator.is_local_main_process):
+        for index in tqdm(shard, desc="evaluating in tiles", disable=bar_disable(accelerator.is_local_main_process)):
             result = detector.detect_tiled(samples[index].image_path, clean_class_name(samples[index].category), batch_size=batch_size)
             local.append((index, result.score, native_map(result.anomaly_map, (size, size))))
     return _gathered(local, samples, accelerator)
 
 
-def _score_mutual(model, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,
+def _score_mutual(detector: AnomalyDetector, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,
                   settings: MutualSettings) -> list[Record]:
     """Each category's test images scored against each other group by group (groups fixed from the files' bytes);
     processes share whole groups, and only each image's score and float16 map are kept."""
-    detector = AnomalyDetector(model.require_backbone(), {"model": model})
     lots = {}
     for category in sorted({sample.category for sample in samples}):
         indices = [i for i, sample in enumerate(samples) if sample.category == category]
@@ -162,7 +173,7 @@ def _score_mutual(model, samples: list[Sample], batch_size: int, num_workers: in
     work = [(category, group) for category, (*_, groups) in lots.items() for group in groups]
     with accelerator.split_between_processes(work) as shard:
         local = []
-        for category, group in tqdm(shard, desc="evaluating (mutual)", unit="group", disable=not accelerator.is_local_main_process):
+        for category, group in tqdm(shard, desc="evaluating (mutual)", unit="group", disable=bar_disable(accelerator.is_local_main_process)):
             indices, paths, keys, _ = lots[category]
             for scored in detect_mutual_groups(detector, paths, category, method="model", settings=settings, batch_size=batch_size,
                                                keys=keys, groups=[group]):

@@ -314,12 +314,12 @@ class MutualBatch:
 
 def score_batch(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings = MutualSettings(),
                 batch_size: int = 8, progress: bool = False, turn: Callable[[], AbstractContextManager] = nullcontext,
-                reference: Callable | None = None) -> MutualBatch:
+                reference: Callable | None = None, encode: Callable | None = None) -> MutualBatch:
     """Every group of ``pictures`` (PIL images, keys from ``content_key``) scored by ``score_group``, in input order."""
     check_batch(keys)
     groups = comparison_groups(keys, settings.max_compared)
     scored = [score_group(model, [pictures[i] for i in group], [keys[i] for i in group], name, text_weight, settings, batch_size,
-                          progress, turn, reference) for group in groups]
+                          progress, turn, reference, encode) for group in groups]
     position = torch.empty(len(keys), dtype=torch.long)
     position[torch.tensor([i for group in groups for i in group])] = torch.arange(len(keys))
 
@@ -336,14 +336,16 @@ def score_batch(model, pictures: list, keys: list[str], name: str, text_weight: 
 
 def score_group(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings = MutualSettings(),
                 batch_size: int = 8, progress: bool = False, turn: Callable[[], AbstractContextManager] = nullcontext,
-                reference: Callable | None = None) -> MutualBatch:
+                reference: Callable | None = None, encode: Callable | None = None) -> MutualBatch:
     """One group's ``pictures`` (PIL images, keys from ``content_key``) scored against each other with ``model``'s
     backbone at its input size and tapped layers, whatever ``settings.max_compared``; the method's text map fused in
     with ``text_weight`` and ``reference(features, sigma)``'s map (g, S, S) with ``settings.reference_weight`` when
     given, each standardised over the group, then image scores (re-scored by RsCIN when asked) and maps on the
-    group's scale. Each encoding batch and the scoring run inside ``turn()``."""
+    group's scale. Each encoding batch and the scoring run inside ``turn()``; ``encode(pixel_values)`` runs the vision
+    pass (default ``model.encode_image``; zsad passes its engine's)."""
     check_batch(keys)
-    encoded = _encode_group(model, pictures, keys, name, text_weight, settings, batch_size, progress, turn, reference)
+    encoded = _encode_group(model, pictures, keys, name, text_weight, settings, batch_size, progress, turn, reference,
+                            encode or model.encode_image)
     sources = [(encoded.mutual, 1.0)]
     if text_weight > 0:
         sources.append((encoded.text, text_weight))
@@ -358,7 +360,8 @@ def score_group(model, pictures: list, keys: list[str], name: str, text_weight: 
 
 
 def _encode_group(model, pictures: list, keys: list[str], name: str, text_weight: float, settings: MutualSettings,
-                  batch_size: int, progress: bool, turn: Callable[[], AbstractContextManager], reference: Callable | None) -> _Encoded:
+                  batch_size: int, progress: bool, turn: Callable[[], AbstractContextManager], reference: Callable | None,
+                  encode: Callable) -> _Encoded:
     """Encode one group (in batches), run the method's text map and the reference map where they are used, and score
     the group's images against each other."""
     config = model.config
@@ -369,7 +372,7 @@ def _encode_group(model, pictures: list, keys: list[str], name: str, text_weight
         batch = pictures[start:start + batch_size]
         pixel_values = model.image_processor.pixel_values(batch)
         with turn(), torch.inference_mode():
-            features = model.encode_image(pixel_values.to(device))
+            features = encode(pixel_values.to(device))
             if text_weight > 0:
                 output = model(image_features=features, class_names=[name] * len(batch))
                 text.append(output.anomaly_map.float().cpu())

@@ -73,6 +73,24 @@ class TorchEngine:
     def describe(self) -> str:
         return f"torch {vision_precision(self.backbone)}"
 
+    def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        """What runs this pass, e.g. "torch bfloat16" (the provenance of its results)."""
+        return self.describe()
+
+    def prepare(self, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+        """Nothing to build for torch (``OpenVINOEngine.prepare`` builds or reads its graph)."""
+
+
+def model_features(engine, model, pixel_values: torch.Tensor) -> ImageFeatures:
+    """``model``'s features of one vision pass over ``pixel_values`` run by ``engine`` (its streams, then its selection)."""
+    streams = engine.encode_streams(pixel_values, model.vision_streams(), model.config.position_interpolation)
+    return model.features_from_streams(streams)
+
+
+def model_route(engine, model) -> str:
+    """The route ``engine`` runs ``model``'s vision pass on, e.g. "openvino bfloat16" (``auto`` decides it now)."""
+    return engine.route(model.config.image_size, model.vision_streams(), model.config.position_interpolation)
+
 
 def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
@@ -111,6 +129,13 @@ class OpenVINOEngine:
 
     def describe(self) -> str:
         return f"openvino {self.precision}"
+
+    def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        return self.describe()
+
+    def prepare(self, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+        """Build (or read from the cache) and compile this pass's graph now, before its first image."""
+        self.compiled(size, layers_by_start, position_interpolation)
 
     def fingerprint(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         return graph_fingerprint(self.graph_inputs(size, layers_by_start, position_interpolation))

@@ -4,17 +4,24 @@
 interpolation), keeps the fastest, and records the choice in the engine cache (``zsad.runtime.engine.engine_cache_dir``), keyed
 by this machine (CPU model and flags, torch threads) and the graph's fingerprint (backbone, precision, pass), so the
 next start reads it instead of measuring. An explicit engine is always the one that runs.
+
+A command (``zsad predict``, ``evaluate``, ``calibrate``) chooses before its first image, so one run has one engine. A
+server (the Space) calls ``choose_in_background``: torch serves while a background thread builds the graphs and times
+them, and each pass switches to its chosen engine when that is known (every result names the route that made it).
 """
 
 import hashlib
 import json
 import os
 import platform
+import queue
 import statistics
 import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +36,7 @@ from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsu
 # Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
 MEASURED_FORWARDS = 3
 CHOICE_FORMAT = 1
+TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
 
 
 def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None):
@@ -73,6 +81,9 @@ class MeasuredEngine:
             self.candidates["openvino"] = OpenVINOEngine(backbone, self.cache_dir)
         self.choices: dict = {}  # (size, streams, interpolation) -> {"engine": name, "seconds": {name: s}}
         self._lock = threading.Lock()
+        self._pending: dict | None = None  # background mode: passes queued, not chosen yet -> their arguments
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._turn: Callable[[], AbstractContextManager] = nullcontext
 
     def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
         self.backbone.check_streams(pixel_values, layers_by_start, position_interpolation)
@@ -83,17 +94,60 @@ class MeasuredEngine:
         """The engine for this pass: measured once per machine and graph fingerprint, then read from disk."""
         key = (size, stream_key(layers_by_start), position_interpolation)
         with self._lock:
+            if key not in self.choices and self._pending is not None:
+                self._enqueue(key, (size, layers_by_start, position_interpolation))
+                return TORCH_MEANWHILE
             if key not in self.choices:
                 self.choices[key] = self._recorded_or_measured(size, layers_by_start, position_interpolation)
             return self.choices[key]
+
+    def choose_in_background(self, passes: Iterable[tuple[int, dict, str]] = (),
+                             turn: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """From now on a pass not chosen yet runs on torch while a background thread chooses it: ``passes`` ((size,
+        streams, interpolation)) first, then any pass first seen later. The OpenVINO graph is built (or read) outside
+        ``turn()``; each timed forward runs inside it (a server's turn on the model), so a request waits for one forward
+        at most and the timings are not shared with requests."""
+        with self._lock:
+            if self._pending is None:
+                self._pending, self._turn = {}, turn
+                threading.Thread(target=self._choose_queued, name="zsad-engine-choice", daemon=True).start()
+            for size, layers_by_start, position_interpolation in passes:
+                key = (size, stream_key(layers_by_start), position_interpolation)
+                if key not in self.choices:
+                    self._enqueue(key, (size, layers_by_start, position_interpolation))
+
+    def _enqueue(self, key: tuple, arguments: tuple) -> None:
+        if key not in self._pending:
+            self._pending[key] = arguments
+            self._queue.put(key)
+
+    def _choose_queued(self) -> None:
+        while True:
+            key = self._queue.get()
+            size, layers_by_start, position_interpolation = self._pending[key]
+            try:
+                choice = self._recorded_or_measured(size, layers_by_start, position_interpolation)
+            except (ZSADError, RuntimeError, OSError) as error:
+                warnings.warn(f"auto could not measure the vision engines, torch serves: {error}", RuntimeWarning, stacklevel=1)
+                choice = {"engine": "torch", "seconds": {}}
+            with self._lock:
+                self.choices[key] = choice
+                del self._pending[key]
+
+    def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
+        """The chosen engine's route for this pass (measured now when it has not been chosen yet)."""
+        return self.candidates[self.choice(size, layers_by_start, position_interpolation)["engine"]].describe()
 
     def describe(self) -> str:
         """E.g. "auto: openvino bfloat16 (measured per image: torch 0.41 s, openvino 0.30 s)"."""
         if len(self.candidates) == 1:
             return f"auto: {self.candidates['torch'].describe()} (only candidate: {self.unavailable})"
-        if not self.choices:
-            return "auto (measured on the first image)"
-        return "; ".join(dict.fromkeys(describe_choice(self.candidates[choice["engine"]], choice) for choice in self.choices.values()))
+        with self._lock:
+            chosen = [describe_choice(self.candidates[choice["engine"]], choice) for choice in self.choices.values()]
+            if self._pending:
+                chosen.append(f"auto: {self.candidates['torch'].describe()} while {len(self._pending)} vision pass(es) are "
+                              "measured in the background")
+        return "; ".join(dict.fromkeys(chosen)) or "auto (measured on the first image)"
 
     def _recorded_or_measured(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
         if len(self.candidates) == 1:
@@ -118,7 +172,9 @@ class MeasuredEngine:
         seconds = {}
         for name, engine in self.candidates.items():
             try:
-                seconds[name] = median_seconds(lambda engine=engine: engine.encode_streams(pixels, layers_by_start, position_interpolation))
+                engine.prepare(size, layers_by_start, position_interpolation)
+                seconds[name] = median_seconds(lambda engine=engine: engine.encode_streams(pixels, layers_by_start, position_interpolation),
+                                               self._turn)
             except (ZSADError, RuntimeError, OSError) as error:
                 if name == "torch":
                     raise
@@ -126,13 +182,16 @@ class MeasuredEngine:
         return {"engine": min(seconds, key=seconds.get), "seconds": seconds}
 
 
-def median_seconds(forward) -> float:
-    forward()  # warm-up: builds or reads a graph, fills caches
+def median_seconds(forward, turn: Callable[[], AbstractContextManager] = nullcontext) -> float:
+    """The median of ``MEASURED_FORWARDS`` timed ``forward()`` after a warm-up (first-call allocations), each in its own ``turn()``."""
+    with turn():
+        forward()
     times = []
     for _ in range(MEASURED_FORWARDS):
-        started = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - started)
+        with turn():
+            started = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 

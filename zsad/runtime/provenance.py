@@ -14,7 +14,8 @@ The block::
      "backbone": {"name_or_path": "/models/clip", "hub_id": "openai/clip-vit-large-patch14-336", "revision": null,
                   "tiny_random": false, "shape": {"vision_layers": 24, "vision_width": 1024, "patch_size": 14,
                   "native_image_size": 336, "text_layers": 12, "text_width": 768, "projection_dim": 768}},
-     "precision": "bfloat16", "text_precision": "bfloat16", "device": "cpu", "image_size": 518, "vv_attention_from": 6,
+     "precision": "bfloat16", "text_precision": "bfloat16", "device": "cpu", "vision_engine": "openvino bfloat16",
+     "image_size": 518, "vv_attention_from": 6,
      "product": {"given": "Metal Nut", "used": "metal nut"},
      "threshold_rule": {"rule": "uncalibrated (threshold 0.5)", "image": 0.5, "pixel": 0.5}}
 
@@ -45,11 +46,12 @@ def zsad_version() -> str:
 
 def provenance(model, *, name_or_path: str | None = None, class_name_given: str | None = None, class_name_used: str | None = None,
                threshold_rule: tuple[float, float, str] | None = None, precision: str | None = None,
-               device: str | None = None) -> dict:
+               device: str | None = None, vision_engine: str | None = None) -> dict:
     """The provenance block of results of ``model`` (a loaded zsad model on its backbone), loaded from ``name_or_path``
     (default: its config's name, else its method name), for the product name given and the one used, under the
     ``zsad.detection.results.thresholds`` triple ``threshold_rule``. ``precision`` and ``device`` name what ran the model when
-    it was not the backbone itself (an exported graph); by default they are read from the backbone."""
+    it was not the backbone itself (an exported graph); by default they are read from the backbone. ``vision_engine``
+    is the route that ran the vision pass (``zsad.runtime.engine``, e.g. "openvino bfloat16"), when one did."""
     from .methods import method_of, status
 
     config, backbone = model.config, model.require_backbone()
@@ -66,6 +68,7 @@ def provenance(model, *, name_or_path: str | None = None, class_name_given: str 
         "precision": precision or vision_precision(backbone),
         "text_precision": precision or text_precision(backbone),
         "device": device or str(backbone.device),
+        "vision_engine": vision_engine,
         "image_size": config.image_size,
         "vv_attention_from": config.vv_attention_from,
         "product": {"given": class_name_given, "used": class_name_used},

@@ -17,7 +17,7 @@ from zsad.detection.conformal import good_images_needed
 from zsad.detection.detector import AnomalyDetector
 from zsad.detection.mutual import detect_mutual_groups
 from zsad.detection.profile import ProductProfile
-from zsad.detection.results import Detection
+from zsad.detection.results import UNSCALED_STATUSES, Detection
 from zsad.modeling.class_names import product_name
 from zsad.modeling.exceptions import ZSADError
 from zsad.modeling.image_processing_zsad import check_threshold
@@ -26,7 +26,7 @@ from zsad.modeling.prompting import clean_class_name
 
 from .config import COMPARE, DISPLAY_SIDE, PROFILE_CACHE_SIZE, BatchCaps, ReferenceCaps
 from .files import FullResolution, OutputFolders, png_bytes, thumbnail, write_batch_csv
-from .render import anomalous_percent, batch_summary, gallery, report, table_row
+from .render import anomalous_percent, batch_summary, gallery, report, scored_caption, table_row
 from .scheduling import BATCH_CHUNK, ComputeTurns
 from .uploads import BatchImage, Upload, batch_images, content_hash, mask_names, read_upload, received_file, received_files, upload_size
 
@@ -54,9 +54,22 @@ class ReferenceSet:
     profiles: dict[str, ProductProfile] = field(default_factory=dict)
     duplicates: list[str] = field(default_factory=list)
 
-    @property
-    def calibrated(self) -> bool:
-        return any(profile.calibration is not None for profile in self.profiles.values())
+    def calibrated(self, method: str) -> bool:
+        profile = self.profiles.get(method)
+        return profile is not None and profile.calibration is not None
+
+
+def decided_threshold(threshold_mode: str, slider: float, status: str, calibrated: bool = False, mutual: bool = False) -> float | None:
+    """The threshold a method's detection is given: the slider's in "slider" mode; in "calibrated" mode None (the
+    calibrated thresholds) where references calibrated it, else the slider's, except for an untrained or training-free
+    text method, whose unscaled scores the slider's default means nothing for: None then gives score, map and rank but
+    no verdict (``zsad.detection.results.gives_verdict``, as the CLI without --threshold). Choosing "slider" is
+    setting the threshold by hand."""
+    if threshold_mode == SLIDER:
+        return slider
+    if calibrated:
+        return None
+    return slider if mutual or status not in UNSCALED_STATUSES else None
 
 
 class ReferenceProfiles:
@@ -155,8 +168,7 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
     def detect(image, class_name, method, threshold, references=None, tiles=False, threshold_mode=CALIBRATED,
                false_alarm_rate=LOWEST_RATE, progress=gr.Progress()):
         try:
-            if threshold_mode not in THRESHOLD_MODES:
-                raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}.")
+            check_threshold_mode(threshold_mode)
             check_flag("tiles", tiles)
             check_method(method)
             upload = received_file(image)
@@ -165,7 +177,8 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             check_threshold(threshold)
             class_name = detector.product_name(class_name, None if method == COMPARE else method)
             reference_set = profiles.get(references, class_name, method, false_alarm_rate)
-            chosen = None if threshold_mode == CALIBRATED and reference_set.calibrated else threshold
+            chosen = {name: decided_threshold(threshold_mode, threshold, detector.status(name), reference_set.calibrated(name))
+                      for name in (detector.method_names if method == COMPARE else [method])}
             results, picture = run_detection(upload, class_name, method, chosen, reference_set.profiles, tiles, progress)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
@@ -180,17 +193,20 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
             FullResolution.of(first, Path(upload.name).stem),
         )
 
-    def run_detection(upload: Upload, class_name, method, threshold, by_method, tiles, progress) -> tuple[list[Detection], Image.Image]:
+    def run_detection(upload: Upload, class_name, method, chosen, by_method, tiles, progress) -> tuple[list[Detection], Image.Image]:
+        """The detections (``chosen``: each method's threshold, ``by_method``: its profile) and the picture shown."""
+        if method == COMPARE and tiles:
+            raise ZSADError("Tiles run one method at a time: pick a method instead of 'compare all'.")
+        if method == COMPARE:
+            loaded = read_upload(upload, max_side=display_side)
+            results = detector.compare(loaded, class_name, threshold=chosen, profiles=by_method, display_side=display_side)
+            return list(results.values()), loaded.image
+        threshold = chosen[method]
         if not tiles:
             loaded = read_upload(upload, max_side=display_side)
-            if method == COMPARE:
-                results = detector.compare(loaded, class_name, threshold=threshold, profiles=by_method, display_side=display_side)
-                return list(results.values()), loaded.image
             result = detector.detect(loaded, class_name, method=method, threshold=threshold, profile=by_method.get(method),
                                      display_side=display_side)
             return [result], loaded.image
-        if method == COMPARE:
-            raise ZSADError("Tiles run one method at a time: pick a method instead of 'compare all'.")
         loaded = read_upload(upload)
         result = detector.detect_tiled(loaded, class_name, method=method, threshold=threshold, profile=by_method.get(method),
                                        progress=lambda done, total: progress(done / total, desc=f"{done} of {total} tiles"))
@@ -218,6 +234,11 @@ def check_flag(name: str, value) -> None:
     """The raw API sends JSON: a switch must be a JSON boolean (the string "false" would otherwise read as true)."""
     if not isinstance(value, bool):
         raise ZSADError(f"'{name}' must be true or false (a JSON boolean), got {value!r}.")
+
+
+def check_threshold_mode(value) -> None:
+    if value not in THRESHOLD_MODES:
+        raise ZSADError(f"The threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {value!r}.")
 
 
 def check_method(value) -> None:
@@ -252,7 +273,7 @@ def scored_outcomes(outcomes: list, detections: list[Detection]) -> list[Detecti
 
 
 def detect_chunk(detector: AnomalyDetector, chunk: list[BatchImage], class_name: str, method: str,
-                 threshold: float) -> list[Detection | ZSADError]:
+                 threshold: float | None) -> list[Detection | ZSADError]:
     """One forward pass over the chunk's readable images; an unreadable one (or a row already refused) gets its error."""
     outcomes = read_chunk(chunk)
     pictures = [outcome for outcome in outcomes if not isinstance(outcome, ZSADError)]
@@ -297,21 +318,25 @@ def batch_row(image: BatchImage, outcome: Detection | ZSADError, mask_name: str)
 
 
 def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: BatchCaps = BatchCaps(), turns: ComputeTurns | None = None):
-    """``detect_batch(files, class_name, method, threshold, mutual)`` -> ``BatchOutput``. ``files`` are uploaded image
-    files and zips of images; errors that concern the whole batch (caps, class name, method, threshold, fewer than two
-    readable images when ``mutual``) come back as ``gr.Error``, a file or zip member that cannot be scored as its row's
-    error. ``mutual`` scores the images against each other (no text, no references needed) instead of one by one."""
+    """``detect_batch(files, class_name, method, threshold, mutual, threshold_mode)`` -> ``BatchOutput``. ``files`` are
+    uploaded image files and zips of images; errors that concern the whole batch (caps, class name, method, threshold,
+    fewer than two readable images when ``mutual``) come back as ``gr.Error``, a file or zip member that cannot be scored
+    as its row's error. ``mutual`` scores the images against each other (no text, no references needed) instead of one
+    by one. ``threshold_mode`` as for /detect (a batch has no references): "calibrated" gives an untrained or
+    training-free method scored one by one no verdict, "slider" decides at ``threshold``."""
     turns = turns or ComputeTurns()
 
-    def detect_batch(uploads, class_name, method, threshold, mutual=False, progress=gr.Progress()):
+    def detect_batch(uploads, class_name, method, threshold, mutual=False, threshold_mode=CALIBRATED, progress=gr.Progress()):
         started = time.perf_counter()
         try:
             check_flag("mutual", mutual)
+            check_threshold_mode(threshold_mode)
             check_method(method)
             images = batch_images(list(uploads or []), caps)
             status = detector.status(method)
             class_name = batch_class_name(detector, class_name, method, mutual)
             check_threshold(threshold)
+            threshold = decided_threshold(threshold_mode, threshold, status, mutual=mutual)
         except ZSADError as error:
             raise gr.Error(str(error), print_exception=False) from error
         folder = folders.new_folder()
@@ -326,7 +351,7 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
         table = [[name, None if score is None else round(score, 4), verdict, percent, mask] for name, score, verdict, percent, mask, _ in rows]
         return BatchOutput(table, views, table_path, folder / "masks.zip", summary)
 
-    def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float, mutual: bool, folder: Path, progress):
+    def run_batch(images: list[BatchImage], class_name: str, method: str, threshold: float | None, mutual: bool, folder: Path, progress):
         """Rows, gallery views and the summary's lines on mutual scoring; the masks written to the folder's masks.zip."""
         notes: list[str] = []
         names = mask_names([image.name for image in images])
@@ -339,7 +364,7 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
                     return batch_row(image, outcome, names[position]), None
                 masks.writestr(names[position], png_bytes(outcome.mask_image()))
                 return batch_row(image, outcome, names[position]), (thumbnail(outcome.overlay, folder / f"{position + 1}.webp"),
-                                                                     f"{image.name}: {outcome.score:.3f} {outcome.verdict}")
+                                                                     f"{image.name}: {scored_caption(outcome)}")
 
             if mutual:
                 progress((0, len(images)), desc=f"scoring {len(images)} images against each other", unit="images")

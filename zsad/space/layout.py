@@ -69,9 +69,13 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns, o
             mutual = gr.Checkbox(False, label="Score the images against each other (no text, no references needed)",
                                  info="at least 2 images of one product; the product name may stay empty for an untrained "
                                  f"method; masks at most {DISPLAY_SIDE} px", elem_id="batch-mutual")
+            threshold_mode = gr.Radio(choices=[CALIBRATED, SLIDER], value=CALIBRATED, label="Threshold used",
+                                      info="calibrated: the slider for a trained method or images scored against each other, "
+                                      "no verdict for an untrained one scored alone; slider: always the slider",
+                                      elem_id="batch-threshold-mode")
             run = gr.Button("Run batch", variant="primary", elem_id="batch-run")
         with gr.Column():
-            summary = gr.Markdown(elem_id="batch-summary")
+            summary = gr.Markdown(label="Summary", elem_id="batch-summary")  # the label names the output in view_api
             csv_file = gr.File(label="Scores (CSV)", elem_id="batch-csv")
             masks_zip = gr.File(label="Masks (zip of PNGs)", elem_id="batch-masks")
     table = gr.Dataframe(headers=BATCH_TABLE_HEADERS, datatype=BATCH_TABLE_TYPES, label="Results (click a header to sort)",
@@ -79,7 +83,7 @@ def batch_tab(detector: AnomalyDetector, caps: BatchCaps, turns: ComputeTurns, o
     views = gr.Gallery(label="Overlays", columns=5, height=420, object_fit="contain", elem_id="batch-gallery")
     run.click(
         gradio_tuple(make_batch_handler(detector, OutputFolders(root=output_root), caps, turns)),
-        inputs=[uploads, class_name, method, threshold, mutual],
+        inputs=[uploads, class_name, method, threshold, mutual, threshold_mode],
         outputs=[table, views, csv_file, masks_zip, summary],
         api_name="detect_batch",
         preprocess=False,  # every upload goes through zsad.space.uploads.received_file
@@ -118,7 +122,8 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
                     # Choices are the API's own values: with preprocess=False the page sends what it shows.
                     threshold_mode = gr.Radio(choices=[CALIBRATED, SLIDER], value=CALIBRATED, label="Threshold used",
                                               info="calibrated: the thresholds calibrated on the reference images when they "
-                                              "give them, else the slider; slider: always the slider",
+                                              "give them, else the slider for a trained method and no verdict for an untrained "
+                                              "one; slider: always the slider",
                                               elem_id="threshold-mode")
                     false_alarm_rate = gr.Radio(choices=list(FALSE_ALARM_RATES), value=LOWEST_RATE, label="False-alarm rate",
                                                 info=rate_choice_info(),
@@ -130,7 +135,7 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
                     overlay = gr.ImageSlider(label="Heat map (drag: original / overlay)", type="pil", elem_id="overlay")
                     mask = gr.Image(label="Mask", type="pil", format="png", elem_id="mask")
                     score = gr.Number(label="Anomaly score", precision=4, elem_id="score")
-                    verdict = gr.Markdown(elem_id="report")
+                    verdict = gr.Markdown(label="Report", elem_id="report")  # the label names the output in view_api
                     full_resolution = gr.Button("Full-resolution map and mask (files)", elem_id="full-resolution")
                     downloads = gr.File(label="Full-resolution anomaly map (0-255) and mask", file_count="multiple", elem_id="downloads")
                     last = gr.State(None, time_to_live=LAST_RESULT_SECONDS)

@@ -10,8 +10,9 @@ import torch
 
 from zsad.detection.detector import AnomalyDetector
 from zsad.detection.profile import ProductProfile
-from zsad.detection.results import Detection
+from zsad.detection.results import NO_VERDICT_REASON, Detection
 from zsad.modeling.class_name_filter import ClassNameChoice
+from zsad.modeling.image_processing_zsad import DEFAULT_THRESHOLD
 from zsad.modeling.modeling_genclip import GenCLIPImageDetails
 from zsad.runtime.provenance import is_tiny_random, noise_warning, short_form
 
@@ -27,6 +28,13 @@ UNTRAINED_MAP_NOTE = (
     "localisation (AnomalyCLIP, Table 1: 38.4 pixel AUROC on MVTec AD); value-value attention helps. Reference images "
     "of good parts, and scoring a batch of parts against each other (Batch tab), are the stronger training-free signals."
 )
+# How the page gives a verdict where the default threshold means nothing (the CLI's words are NO_VERDICT_LINE).
+NO_VERDICT_ADVICE = (f"{NO_VERDICT_REASON}. For a verdict, add two or more reference images of good parts, use a trained "
+                     "checkpoint (`--checkpoint METHOD=PATH`), or choose “slider” under “Threshold used” to decide at the "
+                     f"slider's threshold. The mask marks the pixels at or above {DEFAULT_THRESHOLD:g}.")
+BATCH_NO_VERDICT_ADVICE = (f"{NO_VERDICT_REASON}. For a verdict, score the images against each other, use a trained "
+                           "checkpoint (`--checkpoint METHOD=PATH`), or choose “slider” under “Threshold used” to decide at "
+                           f"the slider's threshold. Masks mark the pixels at or above {DEFAULT_THRESHOLD:g}.")
 
 
 def escaped(text: str) -> str:
@@ -45,7 +53,7 @@ def report(results: list[Detection], profiles: dict[str, ProductProfile] | None 
             + (f" (threshold {result.threshold:.2f})" if result.gives_verdict else "")
         )
         if not result.gives_verdict:
-            lines.append(f"- {escaped(result.verdict_line)}")
+            lines.append(f"- {NO_VERDICT_ADVICE}")
         block = (made_by or {}).get(result.method)
         if block is not None:
             lines.append(f"- made by {escaped(short_form(block))}")
@@ -113,19 +121,29 @@ def gallery(results: list[Detection]) -> list:
     items = []
     for result in results:
         name = display_name(result.method)
-        items.append((result.overlay, f"{name}: {result.score:.3f} {result.verdict}"))
+        items.append((result.overlay, f"{name}: {scored_caption(result)}"))
         items.append((result.mask_image(), f"{name}: mask at {result.mask_threshold:.2f}"))
     return items
 
 
-def batch_summary(rows: list[list], method: str, status: str, threshold: float, seconds: float, notes: Sequence[str] = ()) -> str:
-    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored); ``notes``: lines
-    of zsad's own (mutual scoring's) shown under the heading."""
+def scored_caption(result: Detection) -> str:
+    """The score, and the verdict where there is one."""
+    return f"{result.score:.3f} {result.verdict}" if result.gives_verdict else f"{result.score:.3f}"
+
+
+def batch_summary(rows: list[list], method: str, status: str, threshold: float | None, seconds: float,
+                  notes: Sequence[str] = ()) -> str:
+    """rows: [file, score, verdict, anomalous %, mask file, error] (score None for a row not scored); ``threshold``:
+    the verdicts' (None: no verdict, ``BATCH_NO_VERDICT_ADVICE``); ``notes``: lines of zsad's own (mutual scoring's)
+    shown under the heading."""
     scored = [row for row in rows if row[1] is not None]
     anomalous = sum(row[2] == "anomalous" for row in scored)
+    heading = (f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}" if threshold is not None
+               else f"### {len(scored)} images scored: no verdict (sort by score to rank them)")
     lines = [
-        f"### {anomalous} of {len(scored)} images anomalous at threshold {threshold:.2f}",
+        heading,
         f"{display_name(method)} ({status}) · {len(rows)} files in {seconds:.1f} s",
+        *([] if threshold is not None else [f"- {BATCH_NO_VERDICT_ADVICE}"]),
         *(f"- {note}" for note in notes),
     ]
     lines += [f"- {escaped(row[0])}: {row[2]}: {escaped(row[5])}" for row in rows if row[1] is None]

@@ -1,5 +1,5 @@
 """Who computes when: one model computation at a time, a waiting single-image request before a batch's next chunk,
-and the example names' prompts warmed in the background between requests."""
+and, in the background between requests, the example names' prompts and ``--engine auto``'s choice."""
 
 import functools
 import threading
@@ -80,3 +80,14 @@ def warm_example_names(detector: AnomalyDetector, names: list[str], turns: Compu
     thread = threading.Thread(target=warm, name="zsad-warm-examples", daemon=True)
     thread.start()
     return thread
+
+
+def choose_engine_in_background(detector: AnomalyDetector, turns: ComputeTurns) -> None:
+    """With ``--engine auto``, torch serves from the first request while a background thread builds the other engines'
+    graphs and times them (``MeasuredEngine.choose_in_background``; each timed forward at a batch chunk's priority), for
+    every pass the page runs: each method's own, and each shared pass of "compare all methods"."""
+    if not hasattr(detector.engine, "choose_in_background"):
+        return  # an explicit engine: nothing to choose
+    passes = [(model.config.image_size, model.vision_streams(), model.config.position_interpolation) for model in detector.models.values()]
+    passes += [(size, streams, interpolation) for (size, interpolation), streams in detector.vision_passes().items()]
+    detector.engine.choose_in_background(passes, turns.batch_chunk)

@@ -1,0 +1,178 @@
+"""Which vision engine is fastest on this CPU, and how zsad's ``auto`` compares with the stock transformers forward.
+
+Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Prints, all measured in this run:
+
+- the stock transformers vision forward (``CLIPModel.vision_model``, ``interpolate_pos_encoding``) in float32 and,
+  where the CPU has native bf16, in bfloat16: the yardstick (the faster of a measurement before and after the rest);
+- each candidate route (engine x precision this CPU runs natively), end to end for the baseline (file decode -> score
+  and map at the original size): median seconds, ratio to the stock forward, fidelity against torch float32 (Pearson
+  of the maps, |image-score difference|), and the first call's time (which builds the OpenVINO graph);
+- zsad end to end with ``--precision auto --engine auto`` (a fresh engine cache, so the first call includes the
+  graph build and the measurement ``auto`` makes) for the baseline, StackCLIP, GenCLIP and ``compare``, and what it
+  chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed.
+
+    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--default-malloc]
+
+glibc's malloc is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
+
+``ZSAD_BENCH_TINY=1`` runs it on the tiny random CLIP (a check that it runs; the numbers mean nothing). With
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` torch runs its AVX2 kernels (the
+CPU class line says so); OpenVINO ignores these, so its rows are left out then.
+"""
+
+import argparse
+import gc
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import cpu_class, full_size_inputs, machine_line, proc_status_mb, timed, tiny_instead  # noqa: E402
+from zsad import AnomalyDetector  # noqa: E402
+from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
+from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
+
+IMAGE_SIZE = 518
+CLASS_NAME = "metal nut"
+AUTO_METHODS = ("baseline", "stackclip", "genclip")
+
+
+def torch_emulates_avx2() -> bool:
+    return os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default")
+
+
+def routes() -> list[tuple[str, str]]:
+    """(engine, precision) pairs this CPU runs natively: bfloat16 only with native bf16 (elsewhere it is 3-100x slower),
+    OpenVINO for float32 and bfloat16 (int8 backbones run on torch) and only when torch's kernels are not emulated."""
+    precisions = ["float32", "int8"] + (["bfloat16"] if cpu_has_native_bf16() else [])
+    rows = [("torch", precision) for precision in precisions]
+    if importlib.util.find_spec("openvino") and not torch_emulates_avx2():
+        rows += [("openvino", precision) for precision in precisions if precision != "int8"]
+    return rows
+
+
+def stock_forward_seconds(clip_path: str, dtype: torch.dtype, repeats: int) -> float:
+    """The unmodified transformers CLIP vision forward for one image at IMAGE_SIZE in ``dtype``."""
+    vision = CLIPModel.from_pretrained(clip_path, dtype=dtype).vision_model.eval()
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
+    with torch.inference_mode():
+        return timed(lambda: vision(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
+
+
+def stock_forwards(clip_path: str, repeats: int) -> dict[str, float]:
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
+    return {str(dtype).removeprefix("torch."): stock_forward_seconds(clip_path, dtype, repeats) for dtype in dtypes}
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def load(clip_path: str, precision: str, engine: str, methods=None) -> AnomalyDetector:
+    return AnomalyDetector.load(clip=clip_path, precision=precision, image_size=IMAGE_SIZE, device="cpu", engine=engine,
+                                methods=methods)
+
+
+def first_and_median(call, repeats: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    call()
+    first = time.perf_counter() - started
+    return first, timed(call, repeats=repeats, warmup=0)
+
+
+def route_row(clip_path: str, image: str, engine: str, precision: str, repeats: int, reference) -> dict:
+    detector = load(clip_path, precision, engine, methods=["baseline"])
+    first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method="baseline"), repeats)
+    result = detector.detect(image, CLASS_NAME, method="baseline")
+    return {"route": f"{engine} {precision}", "first": first, "seconds": seconds,
+            "pearson": pearson(result.anomaly_map, reference.anomaly_map), "score_diff": abs(result.score - reference.score)}
+
+
+def route_rows(clip_path: str, image: str, repeats: int, reference) -> list[dict]:
+    rows = []
+    for engine, precision in routes():
+        rows.append(route_row(clip_path, image, engine, precision, repeats, reference))
+        gc.collect()  # the route's detector, before the next one loads
+    return rows
+
+
+def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str, float]:
+    """The rows, what auto chose, and how much the process's resident memory grew while auto built, compiled and ran
+    its graphs (MB, after the detector was loaded)."""
+    detector = load(clip_path, "auto", "auto")
+    loaded_mb = proc_status_mb("VmRSS")
+    rows = []
+    for method in AUTO_METHODS:
+        first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method=method), repeats)
+        result = detector.detect(image, CLASS_NAME, method=method)
+        rows.append({"route": method, "first": first, "seconds": seconds,
+                     "pearson": pearson(result.anomaly_map, references[method].anomaly_map),
+                     "score_diff": abs(result.score - references[method].score)})
+    first, seconds = first_and_median(lambda: detector.compare(image, CLASS_NAME), repeats)
+    rows.append({"route": f"compare ({len(detector.method_names)} methods)", "first": first, "seconds": seconds})
+    return rows, detector.engine.describe(), proc_status_mb("VmRSS") - loaded_mb
+
+
+def print_table(title: str, rows: list[dict], yardstick: float, yardstick_name: str) -> None:
+    print(f"\n{title}\n| route | median s | / stock {yardstick_name} forward | first call s | Pearson vs torch float32 | score diff |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        fidelity = (f"{row['pearson']:.5f} | {row['score_diff']:.4f}" if "pearson" in row else "- | -")
+        print(f"| {row['route']} | {row['seconds']:.2f} | {row['seconds'] / yardstick:.2f} | {row['first']:.1f} | {fidelity} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
+    args = parser.parse_args()
+    if not args.default_malloc:
+        return_large_buffers_to_the_system()
+    clip_path, image = full_size_inputs(Path(args.workdir))
+    print(machine_line())
+    print(cpu_class())
+    print(f"malloc: {'glibc defaults' if args.default_malloc else 'the Space settings (zsad.runtime.allocator)'}")
+    if tiny_instead():
+        print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["ZSAD_ENGINE_CACHE"] = cache  # a fresh engine cache: first calls include the graph builds
+        stock_before = stock_forwards(clip_path, args.repeats)
+        exact = load(clip_path, "float32", "torch", methods=list(AUTO_METHODS))
+        references = {method: exact.detect(image, CLASS_NAME, method=method) for method in AUTO_METHODS}
+        del exact
+        candidates = route_rows(clip_path, image, args.repeats, references["baseline"])
+        automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references)
+        cache_mb = sum(path.stat().st_size for path in Path(cache).rglob("*") if path.is_file()) / 2**20
+        graphs = len(list(Path(cache).glob("*/manifest.json")))
+        stock_after = stock_forwards(clip_path, args.repeats)
+    stock = {name: min(seconds, stock_after[name]) for name, seconds in stock_before.items()}
+    yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
+    yardstick = stock[yardstick_name]
+    print(f"\nstock transformers vision forward, {IMAGE_SIZE} px (faster of before / after): "
+          + ", ".join(f"{name} {stock[name]:.2f} s ({stock_before[name]:.2f} / {stock_after[name]:.2f})" for name in stock))
+    print_table(f"candidate routes, baseline end to end (median of {args.repeats}):", candidates, yardstick, yardstick_name)
+    print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick,
+                yardstick_name)
+    print(f"\nauto's graphs: {graphs} in the engine cache, {cache_mb:.0f} MB on disk; resident memory grew by {auto_growth_mb:.0f} MB "
+          "while auto built, compiled and ran them (after the detector was loaded)")
+    previous = next((row["seconds"] for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
+    if previous:
+        print(f"\nauto baseline / the route auto ran before the engines (torch {previous_auto()}): "
+              f"{automatic[0]['seconds'] / previous:.2f}")
+
+
+def previous_auto() -> str:
+    return "bfloat16" if cpu_has_native_bf16() else "int8"
+
+
+if __name__ == "__main__":
+    main()
