@@ -37,9 +37,9 @@ from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsu
 MEASURED_FORWARDS = 3
 CHOICE_FORMAT = 1
 TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
-# Resident memory of one compiled OpenVINO graph per byte of the vision tower's float32 weights: measured 1.9 GB per
-# graph for ViT-L/14 (1.22 GB of float32 vision weights) after its first image, 2.8 GB at the peak while it compiles
-# (docs/PERFORMANCE.md); auto leaves OpenVINO out of a pass when the machine has less than the peak available.
+# Memory of one compiled OpenVINO graph per byte of the vision tower's float32 weights (1.22 GB for ViT-L/14): about
+# 1.9 GB resident per graph after its first image (benchmarks/bench_engine.py: 5.6 GB for 3), more while it compiles;
+# auto leaves OpenVINO out of a pass when the machine has less than this peak available.
 GRAPH_PEAK_MEMORY_FACTOR = 2.3
 
 
