@@ -28,7 +28,7 @@ from zsad import AnomalyDetector  # noqa: E402
 from zsad.deploy.export import convert_graph_folder, export  # noqa: E402
 from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector  # noqa: E402
 from zsad.modeling.modeling_zsad_base import ZeroShotAnomalyOutput  # noqa: E402
-from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
+from zsad.modeling.precision import cpu_has_native_bf16  # noqa: E402
 
 WORKDIR = Path("outputs/bench_deploy")
 CLASS_NAME = "metal nut"

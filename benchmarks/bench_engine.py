@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import cpu_class, full_size_inputs, machine_line, proc_status_mb, timed, tiny_instead  # noqa: E402
 from zsad import AnomalyDetector  # noqa: E402
+from zsad.modeling.precision import cpu_has_native_bf16  # noqa: E402
 from zsad.runtime.allocator import return_large_buffers_to_the_system  # noqa: E402
-from zsad.runtime.loading import cpu_has_native_bf16  # noqa: E402
 
 IMAGE_SIZE = 518
 CLASS_NAME = "metal nut"

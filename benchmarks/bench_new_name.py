@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from common import cpu_class_line, emulated_isa, full_size_inputs, machine_line, timed
 
 from zsad.modeling.clip_backbone import CLIPBackbone
+from zsad.modeling.precision import quantize_text_linears, resolve_precision
 from zsad.modeling.prompting import NORMAL_STATES, STATE_WORDS, TEMPLATES, TEXT_TOKENS_PER_CHUNK, prompt_ensemble_features
-from zsad.runtime.loading import quantize_text_linears, resolve_precision
 
 NAME = "metal nut"  # the name whose features are compared
 # Each timed encoding takes the next of these, so every one meets prompt lengths (tensor shapes) it has not seen,

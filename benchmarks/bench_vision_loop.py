@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import cpu_class_line, full_size_clip, machine_line, tiny_instead  # noqa: E402
 from zsad.modeling.clip_backbone import CLIPBackbone  # noqa: E402
 from zsad.modeling.clip_loading import fold_quick_gelu  # noqa: E402
-from zsad.runtime.loading import quantize_vision_linears  # noqa: E402
+from zsad.modeling.precision import quantize_vision_linears  # noqa: E402
 from zsad.runtime.tiny_clip import save_tiny_clip  # noqa: E402
 
 

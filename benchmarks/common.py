@@ -123,7 +123,7 @@ def cpu_class_line() -> str:
     """One line: model name, flags, whether bf16 is native, and the kernels torch actually dispatches to."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")
-    from zsad.runtime.loading import cpu_has_native_bf16
+    from zsad.modeling.precision import cpu_has_native_bf16
 
     emulated = emulated_isa()
     return (f"CPU: {model}; flags {' '.join(cpu_flags())}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; "
@@ -135,7 +135,7 @@ def cpu_class_line() -> str:
 def cpu_class() -> str:
     """``cpu_class_line`` plus the measured fp32 and bf16 matmul rates (bf16 on a smaller product where it is not
     native: ~100x slower there)."""
-    from zsad.runtime.loading import cpu_has_native_bf16
+    from zsad.modeling.precision import cpu_has_native_bf16
 
     bf16_size = 2048 if cpu_has_native_bf16() else 512
     return (f"{cpu_class_line()}; matmul fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s (2048^3), "

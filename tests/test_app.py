@@ -26,7 +26,7 @@ from zsad import AnomalyDetector, ZSADError
 from zsad.modeling.prompting import prompt_ensemble_features
 from zsad.runtime.loading import load_model
 from zsad.space import config, files, handlers, layout, render, scheduling, uploads
-from zsad.space.config import COMPARE, DISPLAY_SIDE, BatchCaps, ReferenceCaps, display_name
+from zsad.space.config import COMPARE, DISPLAY_SIDE, REFERENCE_SIDE, BatchCaps, ReferenceCaps, display_name
 from zsad.space.testing import upload
 
 from conftest import TEST_IMAGE_SIZE
@@ -620,7 +620,7 @@ def test_duplicated_references_are_reported_and_calibration_uses_distinct_images
     assert "calibrated on 3 good images" in report
 
 
-def test_references_are_decoded_one_at_a_time_at_display_size_within_a_pixel_budget(detector, product, tmp_path, monkeypatch):
+def test_references_are_decoded_one_at_a_time_at_the_reference_side_within_a_pixel_budget(detector, product, tmp_path, monkeypatch):
     large = []
     for index in range(2):
         path = tmp_path / f"large{index}.png"
@@ -631,7 +631,7 @@ def test_references_are_decoded_one_at_a_time_at_display_size_within_a_pixel_bud
     monkeypatch.setattr(detector, "build_profiles", lambda methods, name, pictures, **options: sizes.extend(p.size for p in pictures) or build(
         methods, name, pictures, **options))
     handlers.ReferenceProfiles(detector).get(large, "disk", "baseline")
-    assert sizes == [(DISPLAY_SIDE, 667)] * 2
+    assert sizes == [(REFERENCE_SIDE, 596)] * 2  # 3000x2000 bounded to 894 px: 894 x 596
     with pytest.raises(ZSADError, match=r"hold 12 megapixels; the Space takes at most 10 megapixels per set.*zsad predict --profile"):
         handlers.ReferenceProfiles(detector, caps=ReferenceCaps(max_megapixels=10)).get(large, "disk", "baseline")
 

@@ -18,7 +18,7 @@ from gradio_client.utils import Status
 from PIL import Image
 
 from zsad import AnomalyDetector
-from zsad.space.config import offered_methods
+from zsad.space.config import MAX_REFERENCES, offered_methods
 from zsad.space.layout import example_rows
 from zsad.space.testing import serving_app
 
@@ -312,6 +312,7 @@ def test_reference_images_calibrate_the_verdict_through_the_api(server, example,
     with pytest.raises(Exception, match="Reference image 2: Not a readable image"):
         client.predict(handle_file(path), class_name, "baseline", 0.5, [references[0], handle_file(str(not_an_image))],
                        api_name="/detect")
-    with pytest.raises(Exception, match="at most 16 are used"):
-        client.predict(handle_file(path), class_name, "baseline", 0.5, references * 7, api_name="/detect")
+    too_many = (references * MAX_REFERENCES)[:MAX_REFERENCES + 1]
+    with pytest.raises(Exception, match=f"{MAX_REFERENCES + 1} reference images were given; at most {MAX_REFERENCES} are used"):
+        client.predict(handle_file(path), class_name, "baseline", 0.5, too_many, api_name="/detect")
     assert "No reference images (zero-shot)" in call_detect(client, example)[3]  # still serving, references optional

@@ -20,7 +20,7 @@ RUNS = {
     "bench_camera.py": (["--repeats", "1", "--clip", "{tiny}", "--workdir", "{work}"], "|"),
     "bench_deploy.py": (["--repeats", "1", "--workdir", "{work}"], "onnxruntime int8"),
     "bench_false_alarm.py": (["--categories", "disk", "--shots", "4", "--rates", "0.2", "--draws", "1", "--held-out", "4",
-                              "--defective", "2", "--train-good", "6"], "|"),
+                              "--defective", "2"], "|"),
     "bench_engine.py": (["--repeats", "1", "--workdir", "{work}"], "chosen: auto"),
     "bench_evaluate.py": (["--images-per-category", "2", "--workdir", "{work}"], "|"),
     "bench_inference.py": (["--repeats", "1", "--workdir", "{work}"], "|"),

@@ -292,7 +292,7 @@ def test_value_value_start_outside_the_depth_is_refused(tiny_backbone):
 def test_value_value_stream_runs_on_the_routes_precision(tiny_clip_path, tiny_backbone, precision):
     """The extra attention reads the V of the block's own v_proj, so bfloat16 blocks give a bfloat16 stream and int8
     linears an int8-projected one; both stay close to float32."""
-    from zsad.runtime.loading import quantize_vision_linears
+    from zsad.modeling.precision import quantize_vision_linears
 
     backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
     backbone = backbone.set_vision_dtype(torch.bfloat16) if precision == "bfloat16" else quantize_vision_linears(backbone)

@@ -25,6 +25,13 @@ def good_parts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def twenty_one_good_parts(tmp_path_factory):
+    root = generate(tmp_path_factory.mktemp("conformal21"), categories=["disk"], num_good=1, num_defective=1, image_size=64,
+                    seed=4, num_train_good=21)
+    return sorted(str(path) for path in (root / "disk" / "train" / "good").glob("*.png")), root / "disk"
+
+
+@pytest.fixture(scope="module")
 def detector(tiny_backbone):
     return AnomalyDetector.load(clip=tiny_backbone, image_size=TEST_IMAGE_SIZE)
 
@@ -171,5 +178,34 @@ def test_the_space_report_states_the_rate_chosen_in_the_reference_box(detector, 
     assert "calibrated on 9 good images: at most 1 in 5 good parts flagged; image threshold" in one_in_five
     with pytest.raises(gr.Error, match="needs at least 9 good images; 4 were given"):
         detect(image, "disk", "baseline", 0.5, references[:4], False, handlers.CALIBRATED, "1 in 10")
-    with pytest.raises(gr.Error, match="false-alarm rate must be one of lowest, 1 in 10, 1 in 5"):
+    with pytest.raises(gr.Error, match="false-alarm rate must be one of lowest, 1 in 20, 1 in 10, 1 in 5"):
         detect(image, "disk", "baseline", 0.5, references, False, handlers.CALIBRATED, "0.05")
+
+
+def test_the_space_reaches_one_in_twenty_with_nineteen_references_and_refuses_more_than_its_cap(detector, twenty_one_good_parts):
+    import gradio as gr
+
+    from zsad.space import config, handlers
+    from zsad.space.testing import upload as handle_file
+
+    files, category = twenty_one_good_parts
+    detect = handlers.make_handler(detector)
+    image = handle_file(str(next((category / "test").rglob("*.png"))))
+    references = [handle_file(path) for path in files]
+    assert config.MAX_REFERENCES == 20
+    report = detect(image, "disk", "baseline", 0.5, references[:19], False, handlers.CALIBRATED, "1 in 20").report
+    assert "19 reference images of good parts; calibrated on 19 good images: at most 1 in 20 good parts flagged" in report
+    with pytest.raises(gr.Error, match="needs at least 19 good images; 18 were given"):
+        detect(image, "disk", "baseline", 0.5, references[:18], False, handlers.CALIBRATED, "1 in 20")
+    with pytest.raises(gr.Error, match="21 reference images were given; at most 20 are used"):
+        detect(image, "disk", "baseline", 0.5, references, False, handlers.CALIBRATED, "1 in 20")
+    assert "1 in 20 (needs 19 references), 1 in 10 (needs 9 references), 1 in 5 (needs 4 references)" in handlers.rate_choice_info()
+
+
+def test_the_larger_reference_cap_keeps_the_decoded_pixel_budget_of_sixteen_display_size_images():
+    from zsad.modeling.image_processing_zsad import KEPT_SHORT_SIDE
+    from zsad.space.config import DISPLAY_SIDE, ReferenceCaps
+
+    caps = ReferenceCaps()
+    assert caps.max_images * caps.max_side**2 <= 16 * DISPLAY_SIDE**2  # 20 x 894^2 = 15.98 MP
+    assert caps.max_side == 894 and caps.max_side >= KEPT_SHORT_SIDE  # still above the 518 px the largest model sees

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from zsad import AnomalyDetector, ZSADError
+from zsad.modeling import precision as precision_rule
 from zsad.runtime import loading
 from zsad.runtime.loading import resolve_device, resolve_precision
 from zsad.space.config import build_parser as app_parser
@@ -93,14 +94,14 @@ def test_unknown_precision_is_refused():
 
 
 def test_bfloat16_on_a_cpu_without_native_bfloat16_warns_once(monkeypatch):
-    loading._warn_slow_cpu_bf16.cache_clear()
+    precision_rule._warn_slow_cpu_bf16.cache_clear()
     machine(monkeypatch, cpu_bf16=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_precision("bfloat16", "cpu") is torch.bfloat16
         resolve_precision("bfloat16", "cpu")
     assert len(caught) == 1 and "100x slower than float32" in str(caught[0].message) and "--precision float32" in str(caught[0].message)
-    loading._warn_slow_cpu_bf16.cache_clear()
+    precision_rule._warn_slow_cpu_bf16.cache_clear()
     machine(monkeypatch, cpu_bf16=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

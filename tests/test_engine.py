@@ -325,3 +325,17 @@ def test_background_choice_serves_torch_until_the_measurement_is_done(tiny_backb
     assert set(choice["seconds"]) == {"torch", "openvino"}
     assert measured.route(TEST_IMAGE_SIZE, STREAMS, "bicubic") == f"{choice['engine']} float32"
     assert len(list((tmp_path / "choices").iterdir())) == 1  # recorded: the next start reads it
+
+
+def test_auto_leaves_openvino_out_when_its_graph_would_not_fit_in_memory(tiny_backbone, tmp_path, monkeypatch):
+    from zsad.runtime import engine_choice
+
+    weights = sum(p.numel() for p in tiny_backbone.model.vision_model.parameters()) * 4
+    monkeypatch.setattr(engine_choice, "available_memory_bytes", lambda: int(weights))  # less than the compile's peak
+    measured = MeasuredEngine(tiny_backbone, tmp_path)
+    choice = measured.choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
+    assert choice["engine"] == "torch" and "openvino left out" in choice["note"]
+    assert "openvino left out" in measured.describe()
+    assert not (tmp_path / "choices").exists() and not list(tmp_path.glob("*/manifest.json"))  # nothing built or recorded
+    monkeypatch.setattr(engine_choice, "available_memory_bytes", lambda: int(10 * weights))
+    assert set(MeasuredEngine(tiny_backbone, tmp_path).choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")["seconds"]) == {"torch", "openvino"}

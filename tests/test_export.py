@@ -13,6 +13,7 @@ from PIL import Image
 from zsad import AnomalyDetector, ZSADError, load_model
 from zsad.deploy.export import ExportGraph, export
 from zsad.deploy.runtime import CONFIG_NAME, ExportedDetector, read_processor
+from zsad.detection.results import NO_VERDICT_LINE
 from zsad_cli import main
 
 from conftest import TEST_IMAGE_SIZE
@@ -216,10 +217,12 @@ def test_cli_export_openvino_int8_then_predict_with_openvino_engine(tiny_clip_pa
     Image.fromarray(np.full((64, 80, 3), 120, dtype=np.uint8)).save(image)
     assert main(["predict", str(image.parent), "--engine", "openvino", "--model", str(out), "--out", str(tmp_path / "pred")]) == 0
     summary = json.loads((tmp_path / "pred" / "scores.json").read_text())
-    assert summary["method"] == "baseline" and summary["class_name"] == "bottle" and summary["threshold"] == 0.5
+    assert summary["method"] == "baseline" and summary["class_name"] == "bottle" and summary["status"] == "training-free"
+    # Exported without a threshold or profile: the training-free graph gives no verdict, and says how to get one.
+    assert (summary["threshold"], summary["gives_verdict"], summary["verdict_line"]) == (None, False, NO_VERDICT_LINE)
     record = summary["images"][0]
     expected = ExportedDetector.load(out).detect(str(image))
-    assert record["score"] == pytest.approx(expected.score) and record["verdict"] == expected.verdict
+    assert record["score"] == pytest.approx(expected.score) and record["verdict"] == expected.verdict == "none"
     assert Image.open(tmp_path / "pred" / record["mask"]).size == (80, 64)
 
 
@@ -326,3 +329,40 @@ def test_a_profile_for_another_product_or_method_is_refused(disk_profile, tiny_b
         export(tiny_model("baseline", tiny_backbone), ["bottle"], tmp_path / "a", profile=profile)
     with pytest.raises(ZSADError, match="built for the method 'baseline', not 'stackclip'"):
         export(tiny_model("stackclip", tiny_backbone), ["disk"], tmp_path / "b", profile=profile)
+
+
+@pytest.mark.parametrize(("method", "trained", "gives_verdict"),
+                         [("baseline", False, False), ("stackclip", False, False), ("stackclip", True, True)])
+def test_an_exported_graph_gives_verdicts_where_its_method_status_says_a_threshold_means_something(
+        tiny_backbone, tmp_path, method, trained, gives_verdict):
+    """The status ``zsad export`` recorded decides, as for the loaded model: an untrained or training-free graph gives
+    no verdict at the default threshold, and one at a threshold the user sets (at export or per call)."""
+    model = tiny_model(method, tiny_backbone)
+    model.config.is_trained = trained
+    export(model, ["bottle"], tmp_path / "graph", format="onnx")
+    export(model, ["bottle"], tmp_path / "set", format="onnx", threshold=0.3)
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    graph = ExportedDetector.load(tmp_path / "graph")
+    expected = AnomalyDetector(tiny_backbone, {method: model}).detect(image, "bottle", method=method)
+    default = graph.detect(image, "bottle")
+    assert graph.status == expected.status == ("trained" if trained else "training-free" if method == "baseline" else "untrained")
+    assert (default.gives_verdict, default.verdict == "none", default.is_anomalous is None) == (
+        gives_verdict, not gives_verdict, not gives_verdict)
+    assert default.verdict == expected.verdict and default.verdict_line == expected.verdict_line
+    assert (default.verdict_line == NO_VERDICT_LINE) is not gives_verdict
+    for chosen in (graph.detect(image, "bottle", threshold=0.3), ExportedDetector.load(tmp_path / "set").detect(image, "bottle")):
+        assert chosen.gives_verdict and chosen.verdict == ("anomalous" if chosen.score >= 0.3 else "normal")
+
+
+def test_a_graph_exported_before_statuses_were_recorded_keeps_its_verdicts(baseline_onnx, tmp_path):
+    _, folder = baseline_onnx
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in folder.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    config = json.loads((old / CONFIG_NAME).read_text())
+    config["thresholds"] = {name: {"image": 0.5, "pixel": 0.5, "source": "uncalibrated (threshold 0.5)"} for name in NAMES}
+    del config["provenance"]
+    (old / CONFIG_NAME).write_text(json.dumps(config))
+    result = ExportedDetector.load(old).detect(np.zeros((32, 32, 3), dtype=np.uint8), "bottle")
+    assert result.status == "exported (status not recorded)" and result.verdict in ("anomalous", "normal")

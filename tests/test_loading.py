@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from zsad import ZSADError
-from zsad.runtime.loading import INT8, Runtime, cpu_has_native_bf16, load_backbone
+from zsad.modeling.precision import cpu_has_native_bf16
+from zsad.runtime.loading import INT8, Runtime, load_backbone
 
 
 def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
@@ -34,7 +35,7 @@ def test_int8_loading_frees_each_blocks_float32_linears_before_the_next_block(ti
     import weakref
 
     from zsad.modeling.clip_backbone import CLIPBackbone
-    from zsad.runtime.loading import quantize_vision_linears
+    from zsad.modeling.precision import quantize_vision_linears
 
     backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path))
     weights = [weakref.ref(module.weight) for module in backbone.model.vision_model.encoder.modules() if isinstance(module, torch.nn.Linear)]

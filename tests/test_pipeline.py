@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import pipeline
 
 import zsad
 from zsad import AnomalyDetector
 from zsad.modeling.image_processing_zsad import verdict
 from zsad.modeling.pipeline_zsad import TASK, ZeroShotAnomalyDetectionPipeline
+from zsad.runtime.loading import Runtime
+from zsad.runtime.provenance import text_precision, vision_precision
 from zsad_cli import main
 
 from conftest import tiny_model
@@ -24,7 +27,8 @@ from remote_code import WITHOUT_ZSAD
 THRESHOLD = 0.3
 CLASS_NAME = "metal nut"
 # The files the pipeline needs next to the model code (pipeline_zsad.py imports the image processing).
-PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "class_names.py", "exceptions.py", "mutual_scoring.py", "anomaly_maps.py"}
+PIPELINE_FILES = {"pipeline_zsad.py", "image_processing_zsad.py", "class_names.py", "exceptions.py", "mutual_scoring.py", "anomaly_maps.py",
+                  "precision.py"}
 
 SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
     """
@@ -34,7 +38,7 @@ SCRIPT = WITHOUT_ZSAD + textwrap.dedent(
     folders, images, threshold, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     arrays, facts = {}, {}
     for method, folder in folders.items():
-        detector = pipeline(model=folder, trust_remote_code=True)
+        detector = pipeline(model=folder, trust_remote_code=True, precision="float32")  # as the detector it is compared with
         assert type(detector).__module__.startswith("transformers_modules"), type(detector).__module__
         single = detector(images[0], class_name="metal_nut")  # default threshold; the name is cleaned
         several = detector(images, class_name="metal nut", threshold=threshold)
@@ -143,7 +147,7 @@ def test_pipeline_runs_without_zsad_on_published_folders_and_matches_the_detecto
 
 @pytest.fixture(scope="module")
 def local_pipeline(models):
-    return ZeroShotAnomalyDetectionPipeline(model=models["baseline"], device="cpu")
+    return ZeroShotAnomalyDetectionPipeline(model=models["baseline"], device="cpu", precision="float32")  # the shared backbone's
 
 
 @pytest.mark.parametrize(
@@ -184,7 +188,7 @@ def test_pipeline_scores_a_list_against_each_other_as_the_detector_does(local_pi
 def test_mutual_pipeline_errors_say_what_to_pass(models, images, pipe, lot, arguments, message):
     choices = {"one": images[0], "first": images[:1], "copies": [images[0], images[0]], "both": images}
     with pytest.raises(zsad.ZSADError, match=message):
-        ZeroShotAnomalyDetectionPipeline(model=models[pipe], device="cpu")(choices[lot], mutual=True, **arguments)
+        ZeroShotAnomalyDetectionPipeline(model=models[pipe], device="cpu", precision="float32")(choices[lot], mutual=True, **arguments)
 
 
 def test_pipeline_reads_images_as_zsad_does(local_pipeline, images, bad_files):
@@ -194,3 +198,31 @@ def test_pipeline_reads_images_as_zsad_does(local_pipeline, images, bad_files):
     assert from_path["score"] == from_image["score"]
     with pytest.raises(zsad.ZSADError, match="Not a readable image"):
         local_pipeline(str(bad_files["unreadable"]), class_name="screw")
+
+
+@pytest.fixture(scope="module")
+def stackclip_checkpoint(models, tiny_clip_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoint") / "stackclip"
+    models["stackclip"].config.base_model_name_or_path = str(tiny_clip_path)
+    models["stackclip"].save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("precision", ["auto", "int8", "float32"])
+def test_pipeline_precision_means_what_it_means_for_the_detector(stackclip_checkpoint, images, precision):
+    """One rule: the pipeline loaded as Hub users load it and ``AnomalyDetector.load`` put the backbone in the same
+    precision ("auto": bfloat16 on a CPU with native bfloat16, else int8 vision linears) and give the same score."""
+    pipe = pipeline(model=stackclip_checkpoint, trust_remote_code=True, precision=precision)
+    detector = AnomalyDetector.load(["stackclip"], {"stackclip": stackclip_checkpoint}, precision=precision, device="cpu",
+                                    engine="torch")
+    expected = Runtime.resolve("cpu", precision).precision
+    assert expected != "float32" or precision == "float32"  # "auto" on a CPU is never float32
+    for backbone in (pipe.model.clip, detector.backbone):
+        assert (vision_precision(backbone), text_precision(backbone)) == (expected, "float32" if expected == "float16" else expected)
+    single = pipe(images[0], class_name=CLASS_NAME)
+    assert single["score"] == pytest.approx(detector.detect(images[0], CLASS_NAME, method="stackclip").score, abs=1e-6)
+
+
+def test_pipeline_refuses_an_unknown_precision(models):
+    with pytest.raises(zsad.ZSADError, match="precision must be one of"):
+        ZeroShotAnomalyDetectionPipeline(model=models["baseline"], device="cpu", precision="fp8")

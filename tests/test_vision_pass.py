@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from zsad import CLIPBackbone
-from zsad.runtime.loading import quantize_vision_linears
+from zsad.modeling.precision import quantize_vision_linears
 
 FIXTURE = load_file(Path(__file__).parent / "fixtures" / "vision_pass_hooks.safetensors")
 CASES = {  # name: (image size, {vv_attention_from: layers})

@@ -1,6 +1,6 @@
 """The command line's vocabulary that zsad itself also checks against: precisions, defaults and help texts.
 
-A leaf: it imports nothing, so ``zsad.runtime.loading`` can read ``PRECISIONS`` without importing the parser, and
+A leaf: it imports nothing, so ``zsad.runtime.loading`` can read ``DEVICE_HELP`` without importing the parser, and
 the parser (``zsad_cli``) calls into the commands (``zsad.cli``), never the other way round.
 """
 

@@ -32,6 +32,8 @@ PRECISIONS = ("float32", "int8")  # the names zsad.runtime.loading uses for the 
 GRAPH_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # Which runtime runs which graph file: OpenVINO reads ONNX graphs too.
 ENGINES = {"onnx": ("onnx",), "openvino": ("onnx", "openvino")}
+# Graphs exported before zsad recorded provenance: their thresholds give verdicts, as they did then.
+UNRECORDED_STATUS = "exported (status not recorded)"
 EXTRA_HINT = "pip install -e '.[deploy]' in a checkout of zsad (or pip install -r requirements-deploy.txt)"
 
 
@@ -76,7 +78,9 @@ class ExportedDetector:
 
     @property
     def status(self) -> str:
-        return f"exported ({self.config['format']} {self.config['precision']}, run by {self.engine})"
+        """The exported method's status as ``zsad export`` recorded it ("trained", "untrained", "training-free"), which
+        decides as for a loaded model whether the graph's default threshold gives a verdict (``gives_verdict``)."""
+        return self.config.get("provenance", {}).get("status", UNRECORDED_STATUS)
 
     def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
         return np.ascontiguousarray(self.processor.preprocess(images))

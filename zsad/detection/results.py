@@ -76,8 +76,8 @@ class Detection:
 
     Args:
         method: the method name the detector holds the model under.
-        status: "trained", "untrained" (a method at its training-free start), "training-free" (the baseline) or
-            "exported (...)" (a graph run by ``zsad.deploy.runtime``).
+        status: "trained", "untrained" (a method at its training-free start) or "training-free" (the baseline); for a
+            graph run by ``zsad.deploy.runtime``, the status its export recorded.
         class_name: the cleaned class name the prompts used.
         score: image anomaly score in [0, 1] (fused with the reference images' when a profile is used).
         threshold: the verdict's threshold (the one applied; no verdict is given at the default threshold for an

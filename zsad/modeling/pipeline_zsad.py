@@ -10,7 +10,12 @@ without zsad installed (``trust_remote_code=True``):
 >>> result["anomaly_map"]                                               # (H, W) float32 numpy map in [0, 1]
 >>> detector(["a.png", "b.png"], class_name="metal nut", threshold=0.4)  # a list gives one dict per image
 >>> detector(["lot/1.png", "lot/2.png", "lot/3.png"], mutual=True)         # scored against each other (MuSc)
+>>> pipeline(model="org/zsad-stackclip", trust_remote_code=True, precision="float32")  # default "auto"
 ```
+
+``precision`` means what it means on every zsad surface (``precision.resolve_precision``, the one rule): "auto" is
+bfloat16 on a CPU with native bfloat16 and on newer CUDA GPUs, float16 on older ones and MPS, int8 vision linears on
+other CPUs; the backbone is then loaded as ``zsad.AnomalyDetector.load`` loads it, so both give the same scores.
 
 ``save_pretrained`` of every zsad model writes ``custom_pipelines`` into config.json and copies this file (and the
 files it imports) next to the model code; that is how ``pipeline()`` finds it (transformers' ``PIPELINE_REGISTRY``
@@ -34,6 +39,7 @@ from .class_names import product_name
 from .exceptions import ZSADError
 from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, verdict
 from .mutual_scoring import UNNAMED_PRODUCT, MutualSettings, content_key, default_text_weight, score_batch
+from .precision import in_precision, load_backbone_in, resolve_precision, text_on_the_fast_route, weights_dtype
 
 TASK = "zero-shot-anomaly-detection"
 PARAMETERS = ("class_name", "threshold", "mutual")
@@ -46,7 +52,10 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     both at the input image's own size. ``class_name`` (the product's name) is required, except with ``mutual=True``
     for a model that is not trained: a list of images of one product is then scored against each other
     (``mutual_scoring.score_batch``; no text, no references needed), each dict with ``compared_with`` (how many other
-    images it was compared with) and ``note`` (None, or why the score says little) added."""
+    images it was compared with) and ``note`` (None, or why the score says little) added.
+
+    ``precision`` ("auto", "float32", "bfloat16", "float16", "int8") puts the model's backbone in that precision on
+    the pipeline's device (in place: a model passed in is changed)."""
 
     # The model carries its own tokenizer and image statistics (its CLIP backbone); nothing else is loaded.
     _load_processor = False
@@ -54,6 +63,22 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     _load_video_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
+
+    def __init__(self, *args, precision: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serve_in(resolve_precision(precision, self.device))
+
+    def serve_in(self, dtype) -> None:
+        """The model's backbone in ``dtype`` as ``zsad.runtime.loading.runtime_backbone`` makes it. A float32 backbone
+        becomes int8 in place (int8 linears are made from float32 weights there too); other dtypes are read again from
+        the checkpoint's backbone, because reading in bfloat16 rounds the weights before CLIP's quick-GELU fold while
+        converting a float32 backbone rounds after it, which moves scores by more than 1e-6."""
+        backbone = self.model.require_backbone()
+        if backbone.dtype == weights_dtype(dtype):
+            text_on_the_fast_route(in_precision(backbone, dtype), dtype)
+            return
+        reread = load_backbone_in(*self.model.config.backbone_source(), dtype)
+        self.model.attach_backbone(text_on_the_fast_route(reread, dtype).to(self.device))
 
     def __call__(self, inputs, *args, mutual: bool = False, **kwargs):
         if mutual:

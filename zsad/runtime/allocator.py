@@ -25,15 +25,3 @@ def return_large_buffers_to_the_system() -> bool:
     except AttributeError:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-def release_free_memory() -> bool:
-    """Hand the pages glibc's malloc holds free back to the system now (``malloc_trim(0)``); after freeing many
-    buffers below the mmap threshold (a model's float32 weights, replaced one layer at a time by int8 ones) the
-    heap otherwise keeps them, and the process's peak grows by what the next allocations cannot fit into.
-    Returns False, doing nothing, where the C library has no ``malloc_trim`` (not glibc)."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except AttributeError:
-        return False
-    return bool(malloc_trim(0))

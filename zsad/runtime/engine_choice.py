@@ -37,6 +37,10 @@ from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsu
 MEASURED_FORWARDS = 3
 CHOICE_FORMAT = 1
 TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
+# Memory of one compiled OpenVINO graph per byte of the vision tower's float32 weights (1.22 GB for ViT-L/14): about
+# 1.9 GB resident per graph after its first image (benchmarks/bench_engine.py: 5.6 GB for 3), more while it compiles;
+# auto leaves OpenVINO out of a pass when the machine has less than this peak available.
+GRAPH_PEAK_MEMORY_FACTOR = 2.3
 
 
 def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None):
@@ -152,6 +156,9 @@ class MeasuredEngine:
     def _recorded_or_measured(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
         if len(self.candidates) == 1:
             return {"engine": "torch", "seconds": {}}
+        short_of_memory = memory_shortfall(self.backbone)
+        if short_of_memory:
+            return {"engine": "torch", "seconds": {}, "note": short_of_memory}  # not recorded: memory may be free next time
         record = self.cache_dir / "choices" / f"{self._choice_key(size, layers_by_start, position_interpolation)}.json"
         recorded = read_choice(record, self.candidates)
         if recorded is not None:
@@ -196,8 +203,32 @@ def median_seconds(forward, turn: Callable[[], AbstractContextManager] = nullcon
 
 
 def describe_choice(engine, choice: dict) -> str:
+    if "note" in choice:
+        return f"auto: {engine.describe()} ({choice['note']})"
     measured = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in choice["seconds"].items())
     return f"auto: {engine.describe()} (measured per image: {measured})"
+
+
+def available_memory_bytes() -> int | None:
+    """What the kernel says can be allocated without swapping (Linux's MemAvailable); None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_shortfall(backbone: CLIPBackbone) -> str | None:
+    """Why OpenVINO is left out of a pass for lack of memory (None: it fits, or the machine does not say)."""
+    available = available_memory_bytes()
+    weights = sum(parameter.numel() for parameter in backbone.model.vision_model.parameters()) * 4
+    needed = GRAPH_PEAK_MEMORY_FACTOR * weights
+    if available is None or available >= needed:
+        return None
+    return (f"openvino left out: compiling its graph needs about {needed / 2**30:.1f} GiB of memory, "
+            f"{available / 2**30:.1f} GiB is available")
 
 
 def read_choice(path: Path, candidates: dict) -> dict | None:

@@ -1,34 +1,26 @@
 """One entry point for "give me a model": a method name (untrained, on a CLIP) or a checkpoint; and what a
 checkpoint holds (its config, method and backbone) without loading its weights."""
 
-import functools
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
 
-from zsad_cli.choices import DEVICE_HELP, PRECISIONS
+from zsad_cli.choices import DEVICE_HELP
 
 from ..modeling.clip_backbone import CLIPBackbone
 from ..modeling.configuration_zsad_base import DEFAULT_CLIP
 from ..modeling.exceptions import ZSADError
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from .allocator import release_free_memory
+from ..modeling.precision import DTYPE_NAMES, INT8, load_backbone_in, resolve_precision, text_on_the_fast_route
 from .errors import BackboneLoadError
 from .methods import METHODS, method_of, method_of_model_type
 
-# "int8": a float32 backbone whose vision linear layers run with int8 weights and per-call int8 activations.
-INT8 = torch.qint8
 MISSING_BACKBONE_HINT = (
     "Without the Hub the backbone must be on disk: pass a local copy of the CLIP as --clip PATH (in Python: "
     "clip=PATH; the app also reads ZSAD_CLIP=PATH), or, to try zsad without real weights, write a tiny random CLIP with "
     "`zsad tiny-clip tiny-clip` and pass --clip tiny-clip (clip='tiny-clip')."
-)
-SLOW_CPU_BF16 = (
-    "bfloat16 was asked for on a CPU without native bfloat16 (no AVX512-BF16/AMX): torch falls back to reference "
-    "kernels there, about 100x slower than float32. Use --precision float32, or auto (int8 vision linears here)."
 )
 
 
@@ -52,54 +44,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     elif chosen.type not in ("cpu", "cuda", "mps"):
         raise ZSADError(f"Unknown device '{device}'; use {DEVICE_HELP}.")
     return chosen
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX) and torch uses its AVX512
-    kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off)."""
-    # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-    return has_instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
-    """The vision backbone's dtype for a precision name on ``device`` (the text side stays float32 whatever this
-    says: ``CLIPBackbone.set_vision_dtype``). "auto" picks, by where the model runs:
-
-    | device | auto |
-    |---|---|
-    | CUDA GPU with bfloat16 (Ampere and newer) | bfloat16 |
-    | CUDA GPU without it (T4, V100) | float16 |
-    | MPS | float16 |
-    | CPU with AVX512-BF16/AMX | bfloat16 |
-    | other CPUs | int8 vision linears (``INT8``): 2.1x float32 on AVX2 kernels, maps within Pearson 0.99998 on random
-    weights (benchmarks/bench_deploy.py); bfloat16 is ~100x slower there, and asking for it warns |
-    """
-    if precision not in PRECISIONS:
-        raise ZSADError(f"precision must be one of {PRECISIONS}, got '{precision}'.")
-    device = torch.device(device)
-    if precision == "int8":
-        if device.type != "cpu":
-            raise ZSADError(f"int8 (dynamic int8 linears) runs on the CPU only; on {device.type} use auto, bfloat16 or float16.")
-        return INT8
-    if precision != "auto":
-        if precision == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
-            _warn_slow_cpu_bf16()
-        return getattr(torch, precision)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else INT8
-
-
-@functools.cache
-def _warn_slow_cpu_bf16() -> None:
-    warnings.warn(SLOW_CPU_BF16, RuntimeWarning, stacklevel=3)
-
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", INT8: "int8"}
 
 
 @dataclass(frozen=True)
@@ -130,49 +74,9 @@ def load_backbone(clip: str | CLIPBackbone | None = None, revision: str | None =
         return clip
     name = clip or DEFAULT_CLIP
     try:
-        backbone = CLIPBackbone.from_pretrained(name, revision=revision, dtype=_weights_dtype(dtype))
+        return load_backbone_in(name, revision, dtype)
     except ZSADError as error:
         raise BackboneLoadError(name, f"{error}\n{MISSING_BACKBONE_HINT}") from error
-    return quantize_vision_linears(backbone) if dtype == INT8 else backbone
-
-
-def _weights_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    return torch.float32 if dtype == INT8 else dtype
-
-
-def quantize_vision_linears(backbone: CLIPBackbone) -> CLIPBackbone:
-    """PyTorch dynamic int8 quantisation of the vision transformer's linear layers (~99% of its FLOPs), in place."""
-    _quantize_linears(backbone.model.vision_model.encoder)
-    return backbone
-
-
-def quantize_text_linears(backbone: CLIPBackbone) -> CLIPBackbone:
-    """The same for the text transformer's linear layers (what a new name's prompt ensemble spends its time in)."""
-    _quantize_linears(backbone.model.text_model.encoder)
-    return backbone
-
-
-def _quantize_linears(encoder: torch.nn.Module) -> None:
-    """Run by oneDNN's int8 kernels, which use what the CPU has (VNNI, AVX2) and honour ONEDNN_MAX_CPU_ISA.
-
-    One transformer block at a time, so each block's float32 weights are freed before the next is quantised."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    torch.backends.quantized.engine = "onednn"
-    with warnings.catch_warnings():
-        # torch deprecates its quantised tensors in favour of torchao (not a zsad dependency); the modules it builds
-        # here are the ones zsad measures and serves (benchmarks/bench_deploy.py).
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
-        for block in encoder.layers:
-            # Per-channel weight scales: as fast as one scale per matrix, and closer to float32 (full-size random CLIP on
-            # AVX2: image-score difference 0.0083 vs 0.0104 for StackCLIP, 0.014 vs 0.020 for GenCLIP).
-            replaced = [module for module in block.modules() if isinstance(module, torch.nn.Linear)]
-            quantize_dynamic(block, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-            for linear in replaced:
-                # The qconfig quantize_dynamic gives each module closes over that module: a reference cycle that
-                # kept every float32 Linear alive until a full garbage collection (a load peaking at 1.3x float32).
-                del linear.qconfig
-            release_free_memory()  # the block's float32 weights, before the next block's int8 ones are made
 
 
 def load_model(model: str, backbone: CLIPBackbone | None = None, clip: str | None = None, precision: str = "auto",
@@ -227,15 +131,6 @@ def runtime_backbone(clip: str | None, revision: str | None, runtime: "Runtime")
     to serve with: vision tower and text transformer as ``runtime.precision`` says, on ``runtime.device``; so the same
     image gets the same score on each of them."""
     return text_on_the_fast_route(load_backbone(clip, revision=revision, dtype=runtime.dtype), runtime.dtype).to(runtime.device)
-
-
-def text_on_the_fast_route(backbone: CLIPBackbone, dtype) -> CLIPBackbone:
-    """For serving only (training keeps float32 text): the text transformer in bfloat16 next to a bfloat16 vision
-    tower, int8 linears next to int8 ones, so a new product name's 420-prompt ensemble does not keep a request
-    waiting; its features stay within cosine 0.999 of float32 (benchmarks/bench_new_name.py)."""
-    if dtype == INT8:
-        return quantize_text_linears(backbone)
-    return backbone.set_text_dtype(torch.bfloat16) if dtype == torch.bfloat16 else backbone
 
 
 def checkpoint_config(checkpoint: str):

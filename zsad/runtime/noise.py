@@ -29,7 +29,10 @@ def quiet_library_progress() -> None:
     """The libraries' progress bars off for the process: huggingface_hub's (downloads, "Writing model shards") and
     transformers' ("Loading weights")."""
     import huggingface_hub.utils
-    import transformers.utils.logging
 
     huggingface_hub.utils.disable_progress_bars()
+    try:
+        import transformers.utils.logging
+    except ImportError:  # a deployment without transformers runs exported graphs only (zsad predict --engine onnx)
+        return
     transformers.utils.logging.disable_progress_bar()

@@ -1,6 +1,7 @@
 """What the Space is configured with: the command line, checkpoints from the environment, the loaded detector."""
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -23,16 +24,22 @@ DISPLAY_NAMES = {"anomalyclip": "AnomalyCLIP", "stackclip": "StackCLIP", "gencli
 QUEUE_SIZE = 16
 CONCURRENCY_LIMIT = 1
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
-# Reference images per request: each adds its patch features at every tapped layer to the memory (about 11 MB at
-# 518 px in bfloat16, 22 MB in float32) and to the nearest-neighbour search.
-MAX_REFERENCES = 16
-# Profiles kept for the sets of references seen last (16 references at 518 px in bfloat16: 180 MB per set, shared by
+# Longest side of the images the page shows: the model sees 518 px anyway, and a camera's 12 MP would cost seconds
+# in overlays and image encoding; the full-resolution map and mask are offered as files. At 1000, a 4000x3000 JPEG
+# decodes at 1/4 scale straight to this size (benchmarks/bench_camera.py).
+DISPLAY_SIDE = 1000
+# Reference images per request: 19 distinct good images reach a false-alarm rate of 1 in 20 (docs/METHODS.md,
+# "Calibrated false-alarm rate"), and one more leaves room for a spare. Each adds its patch features at every tapped
+# layer to the memory (about 11 MB at 518 px in bfloat16, 22 MB in float32) and to the nearest-neighbour search.
+MAX_REFERENCES = 20
+# The decoded pixels of one set of references, all held at once while its profile is built: what 16 references at
+# DISPLAY_SIDE took. Each reference is decoded with its longest side at most REFERENCE_SIDE (894 px for 20), which
+# keeps the set within this budget and stays above the 518 px the model sees.
+REFERENCE_DECODED_PIXELS = 16 * DISPLAY_SIDE**2
+REFERENCE_SIDE = math.isqrt(REFERENCE_DECODED_PIXELS // MAX_REFERENCES)
+# Profiles kept for the sets of references seen last (20 references at 518 px in bfloat16: 225 MB per set, shared by
 # the methods).
 PROFILE_CACHE_SIZE = 2
-# Longest side of the images the page shows (and of the references as decoded): the model sees 518 px anyway, and a
-# camera's 12 MP would cost seconds in overlays and image encoding; the full-resolution map and mask are offered as
-# files. At 1000, a 4000x3000 JPEG decodes at 1/4 scale straight to this size (benchmarks/bench_camera.py).
-DISPLAY_SIDE = 1000
 # Largest file one upload may be (Gradio refuses a larger one before it reaches zsad): a batch's zip within the batch
 # caps' megabytes fits; a 24 MP camera JPEG is about 10 MB.
 MAX_FILE_SIZE = "200mb"
@@ -53,10 +60,11 @@ class BatchCaps:
 @dataclass(frozen=True)
 class ReferenceCaps:
     """What one set of reference images may hold: images, and megapixels in all (read from the headers); each is
-    decoded on its own at ``DISPLAY_SIDE``."""
+    decoded on its own with its longest side at most ``max_side``."""
 
     max_images: int = MAX_REFERENCES
     max_megapixels: float = 800.0
+    max_side: int = REFERENCE_SIDE
 
 
 def checkpoint_variable(method: str) -> str:

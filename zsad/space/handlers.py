@@ -13,6 +13,7 @@ from PIL import Image
 
 import zsad.runtime.images
 from zsad.cli.summaries import mutual_lines
+from zsad.detection.conformal import good_images_needed
 from zsad.detection.detector import AnomalyDetector
 from zsad.detection.mutual import detect_mutual_groups
 from zsad.detection.profile import ProductProfile
@@ -32,10 +33,17 @@ from .uploads import BatchImage, Upload, batch_images, content_hash, mask_names,
 CALIBRATED = "calibrated"  # the calibrated thresholds when the references give them, else the slider's
 SLIDER = "slider"  # the slider's threshold, references or not
 # The reference box's false-alarm rates (the API's values): "lowest" is the good-quantile default, whose bound is
-# 1 in (n + 1) for n distinct references; the others are the conformal rule, reachable within MAX_REFERENCES (16).
+# 1 in (n + 1) for n distinct references; the others are the conformal rule, each reachable within MAX_REFERENCES.
 LOWEST_RATE = "lowest"
-FALSE_ALARM_RATES = {LOWEST_RATE: None, "1 in 10": 0.1, "1 in 5": 0.2}
+FALSE_ALARM_RATES = {LOWEST_RATE: None, "1 in 20": 0.05, "1 in 10": 0.1, "1 in 5": 0.2}
 THRESHOLD_MODES = (CALIBRATED, SLIDER)
+
+
+def rate_choice_info() -> str:
+    """What the reference box's rate choice says: each rate with the distinct good images it needs."""
+    needs = ", ".join(f"{choice} (needs {good_images_needed(rate)} references)"
+                      for choice, rate in FALSE_ALARM_RATES.items() if rate is not None)
+    return f"the most good parts the calibrated thresholds may flag: {LOWEST_RATE} (1 in references + 1), {needs}"
 
 
 @dataclass
@@ -67,7 +75,7 @@ def decided_threshold(threshold_mode: str, slider: float, status: str, calibrate
 class ReferenceProfiles:
     """Product profiles built from uploaded reference images, once per set of distinct references: keyed on the
     files' contents, the method (or compare) and the class name, the last ``PROFILE_CACHE_SIZE`` kept. Each
-    reference is decoded on its own at ``DISPLAY_SIDE`` (the model sees 518 px), within ``ReferenceCaps``."""
+    reference is decoded on its own at ``ReferenceCaps.max_side`` (the model sees 518 px), within ``ReferenceCaps``."""
 
     def __init__(self, detector: AnomalyDetector, size: int = PROFILE_CACHE_SIZE, caps: ReferenceCaps = ReferenceCaps()):
         self.detector = detector
@@ -115,7 +123,7 @@ class ReferenceProfiles:
         pictures = []
         for number, upload in enumerate(uploads, start=1):
             try:
-                pictures.append(read_upload(upload, max_side=DISPLAY_SIDE).image)
+                pictures.append(read_upload(upload, max_side=self.caps.max_side).image)
             except ZSADError as error:
                 raise ZSADError(f"Reference image {number}: {error}") from error
         methods = self.detector.method_names if method == COMPARE else [method]
@@ -152,8 +160,8 @@ def make_handler(detector: AnomalyDetector, profiles: ReferenceProfiles | None =
     images at most ``display_side`` pixels on their longest side; ``tiles`` scores the full-resolution image in
     overlapping windows of the model's input size (one method at a time, with its references when given).
     ``false_alarm_rate`` (a ``FALSE_ALARM_RATES`` key) is the most the calibrated thresholds may flag of good parts:
-    "lowest" (1 in n + 1 for n references), "1 in 10" or "1 in 5"; a rate the references cannot reach is refused with
-    the number needed.
+    "lowest" (1 in n + 1 for n references), "1 in 20", "1 in 10" or "1 in 5" (``rate_choice_info``: the references
+    each needs); a rate the references cannot reach is refused with the number needed.
     """
     profiles = profiles or ReferenceProfiles(detector)
 
@@ -383,4 +391,4 @@ def make_batch_handler(detector: AnomalyDetector, folders: OutputFolders, caps: 
 
 
 __all__ = ["CALIBRATED", "FALSE_ALARM_RATES", "LOWEST_RATE", "SLIDER", "BatchOutput", "DetectOutput", "ReferenceProfiles",
-           "make_batch_handler", "make_handler"]
+           "make_batch_handler", "make_handler", "rate_choice_info"]

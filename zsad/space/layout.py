@@ -11,7 +11,7 @@ from zsad.detection.detector import DEFAULT_THRESHOLD, AnomalyDetector
 
 from .config import DISPLAY_SIDE, EXAMPLES_DIR, MAX_REFERENCES, BatchCaps
 from .files import FOLDER_LINGER_SECONDS, OutputFolders, full_resolution_files, serving_files
-from .handlers import CALIBRATED, FALSE_ALARM_RATES, LOWEST_RATE, SLIDER, make_batch_handler, make_handler
+from .handlers import CALIBRATED, FALSE_ALARM_RATES, LOWEST_RATE, SLIDER, make_batch_handler, make_handler, rate_choice_info
 from .render import BATCH_TABLE_HEADERS, BATCH_TABLE_TYPES, TABLE_HEADERS, TABLE_TYPES, banner, method_choices, product_label, runtime
 from .scheduling import ComputeTurns, taking_turns
 
@@ -126,8 +126,7 @@ def build_demo(detector: AnomalyDetector, batch_caps: BatchCaps = BatchCaps(),
                                               "one; slider: always the slider",
                                               elem_id="threshold-mode")
                     false_alarm_rate = gr.Radio(choices=list(FALSE_ALARM_RATES), value=LOWEST_RATE, label="False-alarm rate",
-                                                info="the most good parts the calibrated thresholds may flag: lowest (1 in "
-                                                "references + 1), 1 in 10 (needs 9 references) or 1 in 5 (needs 4)",
+                                                info=rate_choice_info(),
                                                 elem_id="false-alarm-rate")
                     tiles = gr.Checkbox(False, label="Tiles: score the full-resolution image in overlapping model-size windows "
                                         "(small defects on large images; slower, one method at a time)", elem_id="tiles")
