@@ -197,7 +197,7 @@ def test_mutual_scoring_includes_anomalyclip_trained_text_map_and_needs_no_name(
 
 def test_the_pipeline_runs_anomalyclip_without_a_product_name(converted, detector, part, tmp_path):
 
-    pipe = ZeroShotAnomalyDetectionPipeline(model=AnomalyCLIPModel.from_pretrained(converted), device="cpu")
+    pipe = ZeroShotAnomalyDetectionPipeline(model=AnomalyCLIPModel.from_pretrained(converted), device="cpu", precision="float32")
     result = pipe(str(part))
     expected = detector.detect(part, None, method="anomalyclip")
     assert result["class_name"] == UNNAMED_PRODUCT and result["score"] == pytest.approx(expected.score, abs=1e-5)

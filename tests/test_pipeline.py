@@ -226,3 +226,11 @@ def test_pipeline_precision_means_what_it_means_for_the_detector(stackclip_check
 def test_pipeline_refuses_an_unknown_precision(models):
     with pytest.raises(zsad.ZSADError, match="precision must be one of"):
         ZeroShotAnomalyDetectionPipeline(model=models["baseline"], device="cpu", precision="fp8")
+
+
+def test_a_pipeline_in_another_precision_leaves_a_shared_backbone_as_it_was(tiny_backbone):
+    model = tiny_model("baseline", tiny_backbone)
+    pipe = ZeroShotAnomalyDetectionPipeline(model=model, device="cpu", precision="int8")
+    assert vision_precision(pipe.model.require_backbone()) == "int8"
+    assert pipe.model.require_backbone() is not tiny_backbone
+    assert vision_precision(tiny_backbone) == "float32" and text_precision(tiny_backbone) == "float32"

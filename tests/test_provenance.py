@@ -32,9 +32,9 @@ def test_evaluate_records_the_checkpoint_and_publish_takes_its_results_for_those
     monkeypatch.chdir(tmp_path)  # the checkpoint given by a relative path
     assert main(["evaluate", "--model", "checkpoint", "--dataset", "mvtec", "--root", str(root), "--out", "results",
                  "--shots", "1", "--seeds", "1"]) == 0
-    progress = capsys.readouterr().err
-    assert "evaluating zero-shot" in progress and "evaluating tile, 1-shot, seed 0" in progress
-    evaluated = json.loads((tmp_path / "results" / "evaluation.json").read_text())["evaluated_model"]
+    report = json.loads((tmp_path / "results" / "evaluation.json").read_text())
+    assert report["few_shot"]["shots"] == 1 and report["few_shot"]["seeds"] == [0]  # the zero-shot and the 1-shot runs
+    evaluated = report["evaluated_model"]
     assert evaluated == {"name_or_path": str(tmp_path / "checkpoint"), "model_type": "genclip", "status": "trained",
                          "training_dataset": "mvtec", "training_categories": ["wood"], "adapter_digest": model_digest(model)}
 

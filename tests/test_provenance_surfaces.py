@@ -35,7 +35,7 @@ def test_the_same_image_gets_one_score_through_cli_python_pipeline_and_space(tin
     space = space_detector.detect(part, PRODUCT, method="baseline").score
     shown = handlers.make_handler(space_detector)(upload(part), PRODUCT, "baseline", 0.5).score
     zsad.load_model("baseline", clip=clip, precision="float32").save_pretrained(tmp_path / "checkpoint")
-    piped = pipeline(model=str(tmp_path / "checkpoint"), trust_remote_code=True)(str(part), class_name=PRODUCT)["score"]
+    piped = pipeline(model=str(tmp_path / "checkpoint"), trust_remote_code=True, precision="float32")(str(part), class_name=PRODUCT)["score"]
     assert max(python, space, piped) - min(python, space, piped) < 1e-6 and abs(cli - python) < 1e-6, (cli, python, space, piped)
     assert shown == round(python, 4)  # the Space shows 4 decimals
 

@@ -39,7 +39,7 @@ from .class_names import product_name
 from .exceptions import ZSADError
 from .image_processing_zsad import DEFAULT_THRESHOLD, check_threshold, load_image, mask_image, verdict
 from .mutual_scoring import UNNAMED_PRODUCT, MutualSettings, content_key, default_text_weight, score_batch
-from .precision import in_precision, load_backbone_in, resolve_precision, text_on_the_fast_route, weights_dtype
+from .precision import INT8, load_backbone_in, resolve_precision, text_on_the_fast_route
 
 TASK = "zero-shot-anomaly-detection"
 PARAMETERS = ("class_name", "threshold", "mutual")
@@ -55,7 +55,7 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
     images it was compared with) and ``note`` (None, or why the score says little) added.
 
     ``precision`` ("auto", "float32", "bfloat16", "float16", "int8") puts the model's backbone in that precision on
-    the pipeline's device (in place: a model passed in is changed)."""
+    the pipeline's device (a model passed in gets a backbone read in that precision; the one it had is not changed)."""
 
     # The model carries its own tokenizer and image statistics (its CLIP backbone); nothing else is loaded.
     _load_processor = False
@@ -69,13 +69,14 @@ class ZeroShotAnomalyDetectionPipeline(Pipeline):
         self.serve_in(resolve_precision(precision, self.device))
 
     def serve_in(self, dtype) -> None:
-        """The model's backbone in ``dtype`` as ``zsad.runtime.loading.runtime_backbone`` makes it. A float32 backbone
-        becomes int8 in place (int8 linears are made from float32 weights there too); other dtypes are read again from
-        the checkpoint's backbone, because reading in bfloat16 rounds the weights before CLIP's quick-GELU fold while
-        converting a float32 backbone rounds after it, which moves scores by more than 1e-6."""
+        """The model's backbone in ``dtype`` as ``zsad.runtime.loading.runtime_backbone`` makes it. A backbone already
+        in ``dtype`` is kept; otherwise it is read again from the checkpoint's backbone (and int8 linears made from its
+        float32 weights), never converted in place: a backbone may be shared with other models, and reading in
+        bfloat16 rounds the weights before CLIP's quick-GELU fold while converting rounds after it (scores move by
+        more than 1e-6)."""
         backbone = self.model.require_backbone()
-        if backbone.dtype == weights_dtype(dtype):
-            text_on_the_fast_route(in_precision(backbone, dtype), dtype)
+        if dtype != INT8 and backbone.dtype == dtype:
+            text_on_the_fast_route(backbone, dtype)
             return
         reread = load_backbone_in(*self.model.config.backbone_source(), dtype)
         self.model.attach_backbone(text_on_the_fast_route(reread, dtype).to(self.device))
