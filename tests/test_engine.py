@@ -20,7 +20,7 @@ from zsad import (
     AnomalyDetector,  # noqa: E402
     ZSADError,  # noqa: E402
 )
-from zsad.runtime.engine import GRAPH_FILES, MANIFEST, OpenVINOEngine, TorchEngine, cached_graph, graph_fingerprint  # noqa: E402
+from zsad.runtime.engine import GRAPH_FILES, MANIFEST, OpenVINOEngine, TorchEngine, cached_graph, covers, graph_fingerprint  # noqa: E402
 from zsad.runtime.engine_choice import MeasuredEngine, vision_engine, write_choice  # noqa: E402
 
 STREAMS = {None: [1, 2], 3: [3, 4]}  # stock tokens and a value-value stream from block 3, as AnomalyCLIP reads them
@@ -66,6 +66,52 @@ def test_openvino_engine_checks_its_inputs_like_torch(openvino_engine):
         openvino_engine.encode_streams(torch.zeros(1, 3, 112, 98), STREAMS, "bicubic")
     with pytest.raises(ZSADError, match="position_interpolation"):
         openvino_engine.encode_streams(random_pixels(1), STREAMS, "nearest")
+
+
+def graph_folders(cache: Path) -> list[Path]:
+    return [path for path in cache.iterdir() if path.is_dir() and not path.name.startswith(".")]
+
+
+def test_one_graph_serves_a_narrower_pass_with_its_own_positions(tiny_backbone, tmp_path):
+    engine = OpenVINOEngine(tiny_backbone, tmp_path)
+    pixels = random_pixels(2)
+    wide, narrow = {3: [2, 3, 4]}, {3: [4]}  # the shapes of the baseline's bicubic pass and AnomalyCLIP's bilinear one
+    engine.encode_streams(pixels, wide, "bicubic")
+    ours = engine.encode_streams(pixels, narrow, "bilinear")
+    expected = TorchEngine(tiny_backbone).encode_streams(pixels, narrow, "bilinear")
+    assert len(graph_folders(tmp_path)) == 1
+    assert ours[3].layers == [4] and ours[3].position_interpolation == "bilinear"
+    torch.testing.assert_close(ours[3].layer_tokens[0], expected[3].layer_tokens[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[3].class_token, expected[3].class_token, atol=1e-5, rtol=1e-4)
+    bicubic = TorchEngine(tiny_backbone).encode_streams(pixels, narrow, "bicubic")
+    assert not torch.allclose(ours[3].layer_tokens[0], bicubic[3].layer_tokens[0], atol=1e-3)  # the positions did change
+
+
+@pytest.mark.parametrize("graph, wanted, served", [
+    ({6: [6, 12, 18, 24]}, {6: [24]}, True),
+    ({6: [6, 12, 18, 24]}, {6: [12, 24]}, True),
+    ({6: [24]}, {6: [6, 24]}, False),  # a layer it does not output
+    ({None: [12, 24]}, {None: [12]}, False),  # it runs the last block whole, the pass needs only its class token
+    ({None: [12], 6: [24]}, {6: [24]}, False),  # it runs another value-value stream
+])
+def test_a_graph_serves_a_pass_only_at_no_extra_compute(graph, wanted, served):
+    assert covers(graph, wanted, num_layers=24) is served
+
+
+def test_a_bfloat16_graph_keeps_float16_weights_and_torch_bfloat16_features(tiny_clip_path, tmp_path):
+    from zsad import CLIPBackbone
+
+    pixels = random_pixels(1)
+    sizes = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path), dtype=dtype)
+        cache = tmp_path / str(dtype)
+        ours = OpenVINOEngine(backbone, cache).encode_streams(pixels, STREAMS, "bicubic")
+        sizes[dtype] = (graph_folders(cache)[0] / "vision.bin").stat().st_size
+        expected = TorchEngine(backbone).encode_streams(pixels, STREAMS, "bicubic")
+        pearson = np.corrcoef(ours[3].layer_tokens[-1].float().ravel(), expected[3].layer_tokens[-1].float().ravel())[0, 1]
+        assert pearson >= 0.999
+    assert sizes[torch.bfloat16] < 0.6 * sizes[torch.float32]
 
 
 def test_explicit_engines_are_honoured(tiny_backbone, engine_cache):

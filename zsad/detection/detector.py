@@ -27,7 +27,7 @@ from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
 from ..modeling.exceptions import ZSADError
 from ..modeling.image_processing_zsad import DEFAULT_THRESHOLD, ZSADImageProcessor, check_threshold, resize_map
 from ..modeling.modeling_zsad_base import ZSADPreTrainedModel
-from ..runtime.engine import TorchEngine, model_features, model_route
+from ..runtime.engine import TorchEngine, model_features, model_route, widest_first
 from ..runtime.engine_choice import vision_engine
 from ..runtime.errors import BackboneLoadError
 from ..runtime.images import LoadedImage, read_image
@@ -217,13 +217,15 @@ class AnomalyDetector:
 
     def vision_passes(self, methods: Sequence[str] | None = None) -> dict[tuple[int, str], dict[int | None, list[int]]]:
         """{(input size, position interpolation): {vv_attention_from: every layer the ``methods`` (default: all held)
-        of that pass read from that stream}}: one vision pass per input size and interpolation, one stream per start."""
+        of that pass read from that stream}}: one vision pass per input size and interpolation, one stream per start;
+        the passes tapping most layers first (an OpenVINO graph built for one serves the narrower ones after it)."""
         layers: dict[tuple, dict] = {}
         for method in methods or self.method_names:
             model = self.model(method)
             for start, tapped in model.vision_streams().items():
                 layers.setdefault(model.config.vision_pass, {}).setdefault(start, set()).update(tapped)
-        return {key: {start: sorted(tapped) for start, tapped in streams.items()} for key, streams in layers.items()}
+        passes = [(key, {start: sorted(tapped) for start, tapped in streams.items()}) for key, streams in layers.items()]
+        return dict(widest_first(passes))
 
     def detect_batch(
         self, images: Sequence, class_names: str | Sequence[str], method: str | None = None, threshold: float | None = None,

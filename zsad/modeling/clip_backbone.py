@@ -77,6 +77,12 @@ class ImageFeatures:
                              self.image_size, self.vv_attention_from, self.position_interpolation, self.class_token)
 
 
+def stock_taps(layers_by_start: dict) -> set[int]:
+    """The blocks whose stock output some stream reads: every block but the last runs whole anyway; the last runs
+    its class token alone unless it is in here."""
+    return {layer for start, layers in layers_by_start.items() for layer in layers if start is None or layer < start}
+
+
 def check_pixel_values(pixel_values: torch.Tensor, patch_size: int) -> None:
     """Raise a ZSADError unless ``pixel_values`` is a (B, 3, S, S) batch with S >= patch size."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
@@ -260,16 +266,25 @@ class CLIPBackbone(nn.Module):
         check_pixel_values(pixel_values, self.vision_config.patch_size)
 
     def _run_vision_tower(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
-        """The vision tower as one loop over its blocks; every intermediate is a local, so concurrent calls share
-        nothing but the (read-only) weights."""
+        grid_size = pixel_values.shape[-1] // self.vision_config.patch_size
+        positions = self.position_embeddings(grid_size, position_interpolation)
+        taps, image_embeds, class_token = self.vision_tower(pixel_values, positions, layers_by_start)
+        return {start: ImageFeatures(list(layers), taps[start], image_embeds, grid_size, pixel_values.shape[-1], start,
+                                     position_interpolation, class_token)
+                for start, layers in layers_by_start.items()}
+
+    def vision_tower(self, pixel_values: torch.Tensor, positions: torch.Tensor, layers_by_start: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The vision tower as one loop over its blocks, with ``positions`` (``position_embeddings``) added to the
+        patch embeddings: ({start: [tokens of each of its layers]}, image_embeds, the last block's class token). Every
+        intermediate is a local, so concurrent calls share nothing but the (read-only) weights."""
         blocks = self.model.vision_model.encoder.layers
-        stock_taps = {layer for start, layers in layers_by_start.items() for layer in layers if start is None or layer < start}
+        whole_blocks = stock_taps(layers_by_start)
         taps: dict = {start: {} for start in layers_by_start}
         streams: dict = {}  # value-value stream tokens, by start
-        hidden = self.embed_patches(pixel_values, position_interpolation)
+        hidden = self.embed_patches(pixel_values, positions)
         for number, block in enumerate(blocks, start=1):
             streams.update({start: hidden for start in layers_by_start if start == number})
-            class_token_only = number == len(blocks) and number not in stock_taps
+            class_token_only = number == len(blocks) and number not in whole_blocks
             hidden, values = vision_block(block, hidden, class_token_only)
             if streams:
                 added = value_value_attention(block.self_attn, values)
@@ -278,27 +293,23 @@ class CLIPBackbone(nn.Module):
                 if number in layers:
                     taps[start][number] = streams[start] if start is not None and number >= start else hidden
         image_embeds = F.normalize(self.model.visual_projection(self.post_layernorm(hidden[:, 0])), dim=-1)
-        image_size = pixel_values.shape[-1]
-        grid_size = image_size // self.vision_config.patch_size
-        return {start: ImageFeatures(list(layers), [taps[start][k] for k in layers], image_embeds, grid_size, image_size, start,
-                                     position_interpolation, hidden[:, 0])
-                for start, layers in layers_by_start.items()}
+        return {start: [taps[start][layer] for layer in layers] for start, layers in layers_by_start.items()}, image_embeds, hidden[:, 0]
 
-    def embed_patches(self, pixel_values: torch.Tensor, position_interpolation: str = "bicubic") -> torch.Tensor:
-        """The tokens entering the first block (B, 1 + G*G, D): class token and patch embeddings, plus positional
-        embeddings resized to the G x G grid, through CLIP's pre-block LayerNorm."""
+    def embed_patches(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The tokens entering the first block (B, 1 + G*G, D): class token and patch embeddings, plus ``positions``
+        (``position_embeddings`` for the G x G grid), through CLIP's pre-block LayerNorm."""
         vision = self.model.vision_model
         embeddings = vision.embeddings
         patches = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
         class_token = embeddings.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
-        grid = pixel_values.shape[-1] // self.vision_config.patch_size
-        tokens = torch.cat([class_token, patches], dim=1) + self.position_embeddings(grid, position_interpolation)
+        tokens = torch.cat([class_token, patches], dim=1) + positions.to(patches.dtype)
         return vision.pre_layrnorm(tokens)
 
-    def position_embeddings(self, grid: int, position_interpolation: str = "bicubic") -> torch.Tensor:
+    def position_embeddings(self, grid: int, position_interpolation: str = "bicubic", dtype: torch.dtype | None = None) -> torch.Tensor:
         """(1, 1 + grid*grid, D) positional embeddings, the patch part resized from CLIP's native grid (corners
-        not aligned, as transformers and AnomalyCLIP both do)."""
+        not aligned, as transformers and AnomalyCLIP both do), computed in ``dtype`` (default: the table's)."""
         table = self.model.vision_model.embeddings.position_embedding.weight
+        table = table.to(dtype) if dtype is not None else table
         native = round((table.shape[0] - 1) ** 0.5)
         if grid == native:
             return table[None]

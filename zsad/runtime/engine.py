@@ -1,13 +1,17 @@
 """Where the vision pass runs: torch, or an OpenVINO graph of it built once and kept in a cache folder on disk.
 
 The vision pass (``CLIPBackbone.encode_image_streams``: the tapped layers of each stream, the class token, the global
-embedding) does not depend on the product name, so one graph per backbone, input size, streams, position
-interpolation and precision serves every name; the text heads, references, mutual scoring and post-processing stay
-in torch. ``zsad.runtime.engine_choice`` picks between the engines by measuring them.
+embedding) does not depend on the product name, so one graph per backbone, input size, streams and precision serves
+every name; the positional embeddings are an input of the graph (computed in torch for the pass's interpolation), and
+a graph whose streams hold more layers at the same cost (same value-value starts, last block run the same way)
+serves a pass that needs fewer, so AnomalyCLIP's bilinear pass runs on the other methods' graph. The text heads,
+references, mutual scoring and post-processing stay in torch. ``zsad.runtime.engine_choice`` picks between the
+engines by measuring them.
 
 ```python
 >>> engine = OpenVINOEngine(backbone)            # the graph is built (or read from the cache) on first use
 >>> streams = engine.encode_streams(pixel_values, {None: [6, 12], 6: [18, 24]}, "bicubic")
+>>> streams = engine.encode_streams(pixel_values, {6: [24]}, "bilinear")   # the same graph, other positions
 ```
 
 The cache lives in ``$ZSAD_ENGINE_CACHE``, else ``$HF_HOME/zsad/engines`` (``engine_cache_dir``): one folder per
@@ -30,18 +34,21 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures
+from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures, stock_taps
 from ..modeling.exceptions import ZSADError
 from .atomic import fsync
 from .provenance import vision_precision, zsad_version
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 GRAPH_FILES = ("vision.xml", "vision.bin")
 MANIFEST = "manifest.json"
 # OpenVINO's CPU plug-in computes in bfloat16 by default where the CPU has it; float32 asks for float32 explicitly.
 # No int8 route: NNCF's int8 weights of every linear (projections included) moved StackCLIP's image score by 0.24 on the
 # tiny CLIP (benchmarks/bench_inference.py --engines --tiny); int8 backbones run on torch.
 OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
+# A bfloat16 graph keeps its weights as float16 on disk (half the file, and of the memory compiling it takes; float16
+# holds every bfloat16 value's precision and CLIP's weights' range); a float32 graph keeps float32 weights.
+WEIGHTS_IN_FLOAT16 = {"float32": False, "bfloat16": True}
 # The graph is exported at batch 2 with the batch left free (at batch 1 torch.export fixes it to 1).
 EXAMPLE_BATCH = 2
 
@@ -56,6 +63,12 @@ def engine_cache_dir() -> Path:
 def stream_key(layers_by_start: dict) -> tuple:
     """A hashable, ordered form of {start: layers}: the graph's outputs follow this order."""
     return tuple(sorted(((start, tuple(layers)) for start, layers in layers_by_start.items()), key=lambda item: (item[0] is not None, item[0] or 0)))
+
+
+def widest_first(passes: list, streams_of=lambda item: item[1]) -> list:
+    """``passes`` with those tapping the most layers first (stable), so that a graph built for one of them can serve
+    the narrower passes after it (``covers``)."""
+    return sorted(passes, key=lambda item: -sum(len(layers) for layers in streams_of(item).values()))
 
 
 class TorchEngine:
@@ -135,84 +148,104 @@ class OpenVINOEngine:
 
     def prepare(self, size: int, layers_by_start: dict, position_interpolation: str) -> None:
         """Build (or read from the cache) and compile this pass's graph now, before its first image."""
-        self.compiled(size, layers_by_start, position_interpolation)
+        self.compiled(size, layers_by_start)
 
-    def fingerprint(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
-        return graph_fingerprint(self.graph_inputs(size, layers_by_start, position_interpolation))
+    def fingerprint(self, size: int, layers_by_start: dict) -> str:
+        return graph_fingerprint(self.graph_inputs(size, layers_by_start))
 
-    def graph_inputs(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
+    def graph_inputs(self, size: int, layers_by_start: dict) -> dict:
         """Everything the graph depends on: what its cache folder's name is the hash of."""
         import openvino
 
         return {"cache_format": CACHE_FORMAT, "zsad": zsad_version(), "openvino": openvino.__version__, "torch": torch.__version__,
                 "backbone": self._weights, "precision": self.precision, "image_size": size,
-                "streams": [[start, list(layers)] for start, layers in stream_key(layers_by_start)],
-                "position_interpolation": position_interpolation}
+                "streams": [[start, list(layers)] for start, layers in stream_key(layers_by_start)]}
 
     def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
         self.backbone.check_streams(pixel_values, layers_by_start, position_interpolation)
         size = pixel_values.shape[-1]
-        compiled = self.compiled(size, layers_by_start, position_interpolation)
-        results = compiled.create_infer_request().infer({0: pixel_values.float().cpu().numpy()})
+        compiled, graph_streams = self.compiled(size, layers_by_start)
+        positions = self.positions(size, position_interpolation)
+        results = compiled.create_infer_request().infer({0: pixel_values.float().cpu().numpy(), 1: positions})
         outputs = [torch.from_numpy(np.array(value, copy=True)) for value in results.to_tuple()]
-        return features_from_outputs(outputs, layers_by_start, size, self.backbone.vision_config.patch_size, position_interpolation)
+        grid_size = size // self.backbone.vision_config.patch_size
+        return features_from_outputs(outputs, graph_streams, layers_by_start, grid_size, size, position_interpolation)
 
-    def compiled(self, size: int, layers_by_start: dict, position_interpolation: str):
-        """The compiled graph for this pass, read from the cache (built there first when missing or damaged)."""
-        key = (size, stream_key(layers_by_start), position_interpolation)
+    def positions(self, size: int, position_interpolation: str) -> np.ndarray:
+        """The graph's positional-embedding input for this size and interpolation, in float32 (as the graph computed
+        them before they were an input)."""
+        grid_size = size // self.backbone.vision_config.patch_size
+        with torch.inference_mode():
+            return self.backbone.position_embeddings(grid_size, position_interpolation, torch.float32).cpu().numpy()
+
+    def compiled(self, size: int, layers_by_start: dict) -> tuple:
+        """(the compiled graph serving this pass, the streams it outputs): one compiled already that covers the pass
+        (``covers``), else the one of the cache folder for these streams (built there first when missing or damaged)."""
+        wanted = stream_key(layers_by_start)
         with self._lock:
-            if key not in self._compiled:
-                inputs = self.graph_inputs(size, layers_by_start, position_interpolation)
-                self._compiled[key] = cached_graph(self.cache_dir, inputs,
-                                                   lambda folder: self._build(folder, size, layers_by_start, position_interpolation))
-            return self._compiled[key]
+            for (graph_size, graph_streams), compiled in self._compiled.items():
+                if graph_size == size and covers(dict(graph_streams), layers_by_start, self.backbone.vision_config.num_hidden_layers):
+                    return compiled, dict(graph_streams)
+            inputs = self.graph_inputs(size, layers_by_start)
+            compiled = cached_graph(self.cache_dir, inputs, lambda folder: self._build(folder, size, layers_by_start))
+            self._compiled[(size, wanted)] = compiled
+            return compiled, dict(wanted)
 
-    def _build(self, folder: Path, size: int, layers_by_start: dict, position_interpolation: str) -> None:
-        build_openvino_graph(self.backbone, folder, size, layers_by_start, position_interpolation)
+    def _build(self, folder: Path, size: int, layers_by_start: dict) -> None:
+        build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision])
 
 
-def features_from_outputs(outputs: list[torch.Tensor], layers_by_start: dict, size: int, patch_size: int,
-                          position_interpolation: str) -> dict:
-    """The graph's flat outputs (each stream's layers in ``stream_key`` order, then image_embeds and class_token) as
-    ``encode_image_streams`` returns them."""
+def covers(graph_streams: dict, layers_by_start: dict, num_layers: int) -> bool:
+    """Whether a graph of ``graph_streams`` serves ``layers_by_start`` at no extra compute: the same value-value
+    starts, every layer asked for among its outputs, and its last block run whole only when the pass needs it."""
+    if set(graph_streams) != set(layers_by_start):
+        return False
+    if any(not set(layers) <= set(graph_streams[start]) for start, layers in layers_by_start.items()):
+        return False
+    return (num_layers in stock_taps(graph_streams)) == (num_layers in stock_taps(layers_by_start))
+
+
+def features_from_outputs(outputs: list[torch.Tensor], graph_streams: dict, layers_by_start: dict, grid_size: int,
+                          size: int, position_interpolation: str) -> dict:
+    """The graph's flat outputs (each of ``graph_streams``' layers in ``stream_key`` order, then image_embeds and
+    class_token) as ``encode_image_streams`` returns ``layers_by_start`` (each stream's layers a subset of the graph's)."""
     image_embeds, class_token = outputs[-2], outputs[-1]
     tokens = iter(outputs[:-2])
-    by_start = {start: [next(tokens) for _ in layers] for start, layers in stream_key(layers_by_start)}
-    return {start: ImageFeatures(list(layers), by_start[start], image_embeds, size // patch_size, size, start,
-                                 position_interpolation, class_token)
+    by_start = {start: {layer: next(tokens) for layer in layers} for start, layers in stream_key(graph_streams)}
+    return {start: ImageFeatures(list(layers), [by_start[start][layer] for layer in layers], image_embeds, grid_size, size,
+                                 start, position_interpolation, class_token)
             for start, layers in layers_by_start.items()}
 
 
 class VisionGraph(torch.nn.Module):
-    """``encode_image_streams`` for fixed streams, with flat outputs (what an exported graph returns)."""
+    """``CLIPBackbone.vision_tower`` for fixed streams, with flat outputs (what an exported graph returns); the
+    positional embeddings are its second input."""
 
-    def __init__(self, backbone: CLIPBackbone, layers_by_start: dict, position_interpolation: str):
+    def __init__(self, backbone: CLIPBackbone, layers_by_start: dict):
         super().__init__()
         self.backbone = backbone
         self.streams = {start: list(layers) for start, layers in stream_key(layers_by_start)}
-        self.position_interpolation = position_interpolation
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple:
-        features = self.backbone.encode_image_streams(pixel_values, self.streams, self.position_interpolation)
-        tokens = [token for start in self.streams for token in features[start].layer_tokens]
-        first = next(iter(features.values()))
-        return (*tokens, first.image_embeds, first.class_token)
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor) -> tuple:
+        taps, image_embeds, class_token = self.backbone.vision_tower(pixel_values, positions, self.streams)
+        return (*[token for start in self.streams for token in taps[start]], image_embeds, class_token)
 
 
-def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, position_interpolation: str) -> None:
+def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, weights_in_float16: bool) -> None:
     """Export the vision pass (``torch.export``, batch left free) of a float32 copy of ``backbone`` and write it as
     OpenVINO IR to ``folder`` (the precision is chosen when it is compiled)."""
     import openvino as ov
 
     float_backbone = float32_copy(backbone)
     pixels = torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+    positions = float_backbone.position_embeddings(size // backbone.vision_config.patch_size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
-        program = torch.export.export(VisionGraph(float_backbone, layers_by_start, position_interpolation).eval(), (pixels,),
-                                      dynamic_shapes=({0: batch},))
+        program = torch.export.export(VisionGraph(float_backbone, layers_by_start).eval(), (pixels, positions),
+                                      dynamic_shapes=({0: batch}, None))
     model = ov.convert_model(program)
-    model.reshape({model.input(0): ov.PartialShape([-1, 3, size, size])})
-    ov.save_model(model, str(folder / GRAPH_FILES[0]), compress_to_fp16=False)
+    model.reshape({model.input(0): ov.PartialShape([-1, 3, size, size]), model.input(1): ov.PartialShape(list(positions.shape))})
+    ov.save_model(model, str(folder / GRAPH_FILES[0]), compress_to_fp16=weights_in_float16)
 
 
 def float32_copy(backbone: CLIPBackbone) -> CLIPBackbone:

@@ -31,7 +31,7 @@ from zsad_cli.choices import ENGINES
 from ..modeling.clip_backbone import CLIPBackbone
 from ..modeling.exceptions import ZSADError
 from .atomic import fsync
-from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsupported, stream_key
+from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsupported, stream_key, widest_first
 
 # Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
 MEASURED_FORWARDS = 3
@@ -115,7 +115,7 @@ class MeasuredEngine:
             if self._pending is None:
                 self._pending, self._turn = {}, turn
                 threading.Thread(target=self._choose_queued, name="zsad-engine-choice", daemon=True).start()
-            for size, layers_by_start, position_interpolation in passes:
+            for size, layers_by_start, position_interpolation in widest_first(list(passes)):
                 key = (size, stream_key(layers_by_start), position_interpolation)
                 if key not in self.choices:
                     self._enqueue(key, (size, layers_by_start, position_interpolation))
@@ -168,8 +168,9 @@ class MeasuredEngine:
         return choice
 
     def _choice_key(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
-        graph = self.candidates["openvino"].fingerprint(size, layers_by_start, position_interpolation)
-        identity = json.dumps({"format": CHOICE_FORMAT, "machine": machine_identity(), "graph": graph}, sort_keys=True)
+        graph = self.candidates["openvino"].fingerprint(size, layers_by_start)
+        identity = json.dumps({"format": CHOICE_FORMAT, "machine": machine_identity(), "graph": graph,
+                               "position_interpolation": position_interpolation}, sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
     def _measure(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
