@@ -3,7 +3,10 @@
 Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Prints, all measured in this run:
 
 - the stock transformers vision forward (``CLIPModel.vision_model``, ``interpolate_pos_encoding``) in float32 and,
-  where the CPU has native bf16, in bfloat16: the yardstick (the faster of a measurement before and after the rest);
+  where the CPU has native bf16, in bfloat16; the yardstick (bfloat16 where native, else float32) is timed again
+  interleaved with each route and with the ``auto`` surfaces (one stock forward, then one call of each, per repeat),
+  so that every ratio compares medians taken under the same conditions (a shared machine drifts by 10% or more
+  between minutes);
 - each candidate route (engine x precision this CPU runs natively), end to end for the baseline (file decode -> score
   and map at the original size): median seconds, ratio to the stock forward, fidelity against torch float32 (Pearson
   of the maps, |image-score difference|), and the first call's time (which builds the OpenVINO graph);
@@ -24,9 +27,11 @@ import argparse
 import gc
 import importlib.util
 import os
+import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +64,33 @@ def routes() -> list[tuple[str, str]]:
     return rows
 
 
-def stock_forward_seconds(clip_path: str, dtype: torch.dtype, repeats: int) -> float:
-    """The unmodified transformers CLIP vision forward for one image at IMAGE_SIZE in ``dtype``."""
+def stock_vision(clip_path: str, dtype: torch.dtype):
+    """The unmodified transformers CLIP vision forward for one image at IMAGE_SIZE in ``dtype``, as a call."""
     vision = CLIPModel.from_pretrained(clip_path, dtype=dtype).vision_model.eval()
     pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
-    with torch.inference_mode():
-        return timed(lambda: vision(pixel_values=pixels, interpolate_pos_encoding=True), repeats=repeats)
+
+    def forward():
+        with torch.inference_mode():
+            vision(pixel_values=pixels, interpolate_pos_encoding=True)
+
+    return forward
 
 
 def stock_forwards(clip_path: str, repeats: int) -> dict[str, float]:
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
-    return {str(dtype).removeprefix("torch."): stock_forward_seconds(clip_path, dtype, repeats) for dtype in dtypes}
+    return {str(dtype).removeprefix("torch."): timed(stock_vision(clip_path, dtype), repeats=repeats) for dtype in dtypes}
+
+
+def interleaved(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in turn within each of ``repeats`` rounds (after a warm-up round)."""
+    times = {name: [] for name in calls}
+    for round_number in range(repeats + 1):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if round_number:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,52 +102,57 @@ def load(clip_path: str, precision: str, engine: str, methods=None) -> AnomalyDe
                                 methods=methods)
 
 
-def first_and_median(call, repeats: int) -> tuple[float, float]:
+def first_call(call) -> float:
     started = time.perf_counter()
     call()
-    first = time.perf_counter() - started
-    return first, timed(call, repeats=repeats, warmup=0)
+    return time.perf_counter() - started
 
 
-def route_row(clip_path: str, image: str, engine: str, precision: str, repeats: int, reference) -> dict:
+def route_row(clip_path: str, image: str, engine: str, precision: str, repeats: int, reference, stock) -> dict:
     detector = load(clip_path, precision, engine, methods=["baseline"])
-    first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method="baseline"), repeats)
-    result = detector.detect(image, CLASS_NAME, method="baseline")
-    return {"route": f"{engine} {precision}", "first": first, "seconds": seconds,
+    call = partial(detector.detect, image, CLASS_NAME, method="baseline")
+    first = first_call(call)
+    seconds = interleaved({"stock": stock, "route": call}, repeats)
+    result = call()
+    return {"route": f"{engine} {precision}", "first": first, "seconds": seconds["route"], "stock": seconds["stock"],
             "pearson": pearson(result.anomaly_map, reference.anomaly_map), "score_diff": abs(result.score - reference.score)}
 
 
-def route_rows(clip_path: str, image: str, repeats: int, reference) -> list[dict]:
+def route_rows(clip_path: str, image: str, repeats: int, reference, stock) -> list[dict]:
     rows = []
     for engine, precision in routes():
-        rows.append(route_row(clip_path, image, engine, precision, repeats, reference))
+        rows.append(route_row(clip_path, image, engine, precision, repeats, reference, stock))
         gc.collect()  # the route's detector, before the next one loads
     return rows
 
 
-def auto_rows(clip_path: str, image: str, repeats: int, references: dict) -> tuple[list[dict], str, float]:
+def auto_rows(clip_path: str, image: str, repeats: int, references: dict, stock) -> tuple[list[dict], str, float]:
     """The rows, what auto chose, and how much the process's resident memory grew while auto built, compiled and ran
     its graphs (MB, after the detector was loaded)."""
     detector = load(clip_path, "auto", "auto")
     loaded_mb = proc_status_mb("VmRSS")
+    calls = {method: partial(detector.detect, image, CLASS_NAME, method=method) for method in AUTO_METHODS}
+    calls[f"compare ({len(detector.method_names)} methods)"] = partial(detector.compare, image, CLASS_NAME)
+    firsts = {name: first_call(call) for name, call in calls.items()}
+    seconds = interleaved({"stock": stock, **calls}, repeats)
     rows = []
-    for method in AUTO_METHODS:
-        first, seconds = first_and_median(lambda: detector.detect(image, CLASS_NAME, method=method), repeats)
-        result = detector.detect(image, CLASS_NAME, method=method)
-        rows.append({"route": method, "first": first, "seconds": seconds,
-                     "pearson": pearson(result.anomaly_map, references[method].anomaly_map),
-                     "score_diff": abs(result.score - references[method].score)})
-    first, seconds = first_and_median(lambda: detector.compare(image, CLASS_NAME), repeats)
-    rows.append({"route": f"compare ({len(detector.method_names)} methods)", "first": first, "seconds": seconds})
+    for name in calls:
+        row = {"route": name, "first": firsts[name], "seconds": seconds[name], "stock": seconds["stock"]}
+        if name in references:
+            result = calls[name]()
+            row.update(pearson=pearson(result.anomaly_map, references[name].anomaly_map), score_diff=abs(result.score - references[name].score))
+        rows.append(row)
     return rows, detector.engine.describe(), proc_status_mb("VmRSS") - loaded_mb
 
 
-def print_table(title: str, rows: list[dict], yardstick: float, yardstick_name: str) -> None:
-    print(f"\n{title}\n| route | median s | / stock {yardstick_name} forward | first call s | Pearson vs torch float32 | score diff |")
-    print("|---|---:|---:|---:|---:|---:|")
+def print_table(title: str, rows: list[dict], yardstick_name: str) -> None:
+    print(f"\n{title}\n| route | median s | stock {yardstick_name} forward, interleaved: median s | ratio | first call s "
+          "| Pearson vs torch float32 | score diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         fidelity = (f"{row['pearson']:.5f} | {row['score_diff']:.4f}" if "pearson" in row else "- | -")
-        print(f"| {row['route']} | {row['seconds']:.2f} | {row['seconds'] / yardstick:.2f} | {row['first']:.1f} | {fidelity} |")
+        print(f"| {row['route']} | {row['seconds']:.2f} | {row['stock']:.2f} | {row['seconds'] / row['stock']:.2f} | {row['first']:.1f} "
+              f"| {fidelity} |")
 
 
 def main() -> None:
@@ -145,29 +171,27 @@ def main() -> None:
         print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["ZSAD_ENGINE_CACHE"] = cache  # a fresh engine cache: first calls include the graph builds
-        stock_before = stock_forwards(clip_path, args.repeats)
+        stock = stock_forwards(clip_path, args.repeats)
+        yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
+        yardstick = stock_vision(clip_path, getattr(torch, yardstick_name))
         exact = load(clip_path, "float32", "torch", methods=list(AUTO_METHODS))
         references = {method: exact.detect(image, CLASS_NAME, method=method) for method in AUTO_METHODS}
         del exact
-        candidates = route_rows(clip_path, image, args.repeats, references["baseline"])
-        automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references)
+        candidates = route_rows(clip_path, image, args.repeats, references["baseline"], yardstick)
+        automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references, yardstick)
         cache_mb = sum(path.stat().st_size for path in Path(cache).rglob("*") if path.is_file()) / 2**20
         graphs = len(list(Path(cache).glob("*/manifest.json")))
-        stock_after = stock_forwards(clip_path, args.repeats)
-    stock = {name: min(seconds, stock_after[name]) for name, seconds in stock_before.items()}
-    yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
-    yardstick = stock[yardstick_name]
-    print(f"\nstock transformers vision forward, {IMAGE_SIZE} px (faster of before / after): "
-          + ", ".join(f"{name} {stock[name]:.2f} s ({stock_before[name]:.2f} / {stock_after[name]:.2f})" for name in stock))
-    print_table(f"candidate routes, baseline end to end (median of {args.repeats}):", candidates, yardstick, yardstick_name)
-    print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick,
-                yardstick_name)
-    print(f"\nauto's graphs: {graphs} in the engine cache, {cache_mb:.0f} MB on disk; resident memory grew by {auto_growth_mb:.0f} MB "
-          "while auto built, compiled and ran them (after the detector was loaded)")
-    previous = next((row["seconds"] for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
+    print("\nstock transformers vision forward, " + f"{IMAGE_SIZE} px, median of {args.repeats} at the start: "
+          + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stock.items()))
+    print_table(f"candidate routes, baseline end to end (median of {args.repeats}):", candidates, yardstick_name)
+    print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick_name)
+    print(f"\ngraphs in the engine cache (the routes' and auto's): {graphs}, {cache_mb:.0f} MB on disk; resident memory grew by "
+          f"{auto_growth_mb:.0f} MB while auto built, compiled and ran its graphs (after the detector was loaded)")
+    previous = next((row for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
     if previous:
-        print(f"\nauto baseline / the route auto ran before the engines (torch {previous_auto()}): "
-              f"{automatic[0]['seconds'] / previous:.2f}")
+        ratio = (automatic[0]["seconds"] / automatic[0]["stock"]) / (previous["seconds"] / previous["stock"])
+        print(f"\nauto baseline / the route auto ran before the engines (torch {previous_auto()}), each against its interleaved "
+              f"stock forward: {ratio:.2f}")
 
 
 def previous_auto() -> str:

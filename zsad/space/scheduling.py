@@ -16,8 +16,8 @@ BATCH_CHUNK = 1
 class ComputeTurns:
     """One model computation at a time, single requests first.
 
-    The backbone's activations must fit the Space's memory target once, and its hidden-state hooks belong to one
-    forward pass at a time. A single request waits for the running computation only (one batch chunk at most); a
+    The backbone's activations must fit the Space's memory once, and two passes at once on two cores would each run at
+    half speed. A single request waits for the running computation only (one batch chunk at most); a
     batch's next chunk waits while a single request waits or runs.
     """
 
