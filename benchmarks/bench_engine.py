@@ -12,7 +12,9 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
   of the maps, |image-score difference|), and the first call's time (which builds the OpenVINO graph);
 - zsad end to end with ``--precision auto --engine auto`` (a fresh engine cache, so the first call includes the
   graph build and the measurement ``auto`` makes) for the baseline, StackCLIP, GenCLIP and ``compare``, and what it
-  chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed.
+  chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed;
+- the work per image (``FlopCounterMode``) of the stock forward and of zsad's vision pass for the baseline (its
+  value-value stream adds work), and the rate each is done at, to set against the CPU's matmul rate on the first line.
 
     python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--default-malloc]
 
@@ -91,6 +93,20 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
             if round_number:
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def counted_flops(call) -> float:
+    """Floating-point operations of ``call()`` as torch's ``FlopCounterMode`` counts them (matrix products and
+    attention), with the CPU attention kernel counted too (torch's table names only the GPU ones)."""
+    from torch.utils import flop_counter
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.inference_mode():
+        call()
+    return float(counter.get_total_flops())
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -176,7 +192,12 @@ def main() -> None:
         yardstick = stock_vision(clip_path, getattr(torch, yardstick_name))
         exact = load(clip_path, "float32", "torch", methods=list(AUTO_METHODS))
         references = {method: exact.detect(image, CLASS_NAME, method=method) for method in AUTO_METHODS}
-        del exact
+        baseline, backbone = exact.model("baseline"), exact.backbone
+        pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        work = {"stock": counted_flops(stock_vision(clip_path, torch.float32)),
+                "zsad": counted_flops(partial(backbone.encode_image_streams, pixels, baseline.vision_streams(),
+                                              baseline.config.position_interpolation))}
+        del exact, baseline, backbone
         candidates = route_rows(clip_path, image, args.repeats, references["baseline"], yardstick)
         automatic, chosen, auto_growth_mb = auto_rows(clip_path, image, args.repeats, references, yardstick)
         cache_mb = sum(path.stat().st_size for path in Path(cache).rglob("*") if path.is_file()) / 2**20
@@ -187,6 +208,11 @@ def main() -> None:
     print_table(f"--precision auto --engine auto, end to end (median of {args.repeats}); chosen: {chosen}", automatic, yardstick_name)
     print(f"\ngraphs in the engine cache (the routes' and auto's): {graphs}, {cache_mb:.0f} MB on disk; resident memory grew by "
           f"{auto_growth_mb:.0f} MB while auto built, compiled and ran its graphs (after the detector was loaded)")
+    stock_seconds, zsad_seconds = automatic[0]["stock"], automatic[0]["seconds"]
+    print(f"\nwork per image: the stock forward {work['stock'] / 1e9:.0f} GFLOP, the baseline's vision pass {work['zsad'] / 1e9:.0f} "
+          f"GFLOP ({work['zsad'] / work['stock']:.2f}x: its value-value stream, less the last block's patch tokens); "
+          f"done at {work['stock'] / stock_seconds / 1e9:.0f} GFLOP/s by the stock {yardstick_name} forward and "
+          f"{work['zsad'] / zsad_seconds / 1e9:.0f} GFLOP/s by auto's baseline end to end")
     previous = next((row for row in candidates if row["route"] == f"torch {previous_auto()}"), None)
     if previous:
         ratio = (automatic[0]["seconds"] / automatic[0]["stock"]) / (previous["seconds"] / previous["stock"])
