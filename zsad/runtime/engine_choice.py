@@ -37,9 +37,9 @@ from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsu
 MEASURED_FORWARDS = 3
 CHOICE_FORMAT = 1
 TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
-# Memory of one compiled OpenVINO graph per byte of the vision tower's float32 weights (1.22 GB for ViT-L/14): about
-# 1.9 GB resident per graph after its first image (benchmarks/bench_engine.py: 5.6 GB for 3), more while it compiles;
-# auto leaves OpenVINO out of a pass when the machine has less than this peak available.
+# Peak memory of compiling and first running one OpenVINO graph, per byte of the vision tower's float32 weights (1.22 GB
+# for ViT-L/14): 2.4 GB for a float32 graph, 1.45 GB for a bfloat16 one (float16 weights on disk); auto leaves OpenVINO
+# out of a pass when the machine has less than this available.
 GRAPH_PEAK_MEMORY_FACTOR = 2.3
 
 
