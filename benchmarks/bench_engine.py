@@ -58,11 +58,13 @@ def torch_emulates_avx2() -> bool:
 
 def routes() -> list[tuple[str, str]]:
     """(engine, precision) pairs this CPU runs natively: bfloat16 only with native bf16 (elsewhere it is 3-100x slower),
-    OpenVINO for float32 and bfloat16 (int8 backbones run on torch) and only when torch's kernels are not emulated."""
+    OpenVINO (as-is and with int8 weights) for float32 and bfloat16 (int8 backbones run on torch) and only when torch's
+    kernels are not emulated."""
     precisions = ["float32", "int8"] + (["bfloat16"] if cpu_has_native_bf16() else [])
     rows = [("torch", precision) for precision in precisions]
     if importlib.util.find_spec("openvino") and not torch_emulates_avx2():
-        rows += [("openvino", precision) for precision in precisions if precision != "int8"]
+        engines = ["openvino"] + (["openvino-int8"] if importlib.util.find_spec("nncf") else [])
+        rows += [(engine, precision) for engine in engines for precision in precisions if precision != "int8"]
     return rows
 
 

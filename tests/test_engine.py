@@ -61,6 +61,36 @@ def test_openvino_maps_and_scores_within_the_float32_bound(tiny_backbone, openvi
     assert abs(on_torch.score - on_openvino.score) <= FLOAT32_SCORE_DIFFERENCE
 
 
+# The int8-weights route's bound (docs/PERFORMANCE.md); measured on the tiny CLIP: Pearson >= 0.99983, difference <= 0.0019.
+INT8_WEIGHTS_MAP_PEARSON, INT8_WEIGHTS_SCORE_DIFFERENCE = 0.9995, 5e-3
+
+
+@pytest.mark.parametrize("method", ["baseline", "stackclip", "anomalyclip"])
+def test_int8_weights_maps_and_scores_within_their_bound(tiny_backbone, engine_cache, method):
+    model = tiny_model(method, tiny_backbone)
+    image = (np.random.default_rng(6).random((90, 120, 3)) * 255).astype(np.uint8)
+    on_torch = AnomalyDetector(tiny_backbone, {method: model}).detect(image, "metal nut")
+    int8_weights = OpenVINOEngine(tiny_backbone, engine_cache, int8_weights=True)
+    on_openvino = AnomalyDetector(tiny_backbone, {method: model}, engine=int8_weights).detect(image, "metal nut")
+    pearson = np.corrcoef(on_torch.anomaly_map.ravel(), on_openvino.anomaly_map.ravel())[0, 1]
+    assert INT8_WEIGHTS_MAP_PEARSON <= pearson < 1 - 1e-7  # close, and not the float32 graph
+    assert abs(on_torch.score - on_openvino.score) <= INT8_WEIGHTS_SCORE_DIFFERENCE
+
+
+def test_int8_weights_are_their_own_graph_with_int8_constants(tiny_backbone, tmp_path):
+    pixels = random_pixels(1)
+    files = {}
+    for int8_weights in (False, True):
+        engine = OpenVINOEngine(tiny_backbone, tmp_path / str(int8_weights), int8_weights=int8_weights)
+        engine.encode_streams(pixels, STREAMS, "bicubic")
+        files[int8_weights] = graph_folders(tmp_path / str(int8_weights))[0]
+    assert engine.describe() == "openvino float32, int8 weights"
+    assert files[True].name != files[False].name  # another fingerprint, so another cache folder
+    assert 'element_type="u8"' in (files[True] / "vision.xml").read_text()
+    assert 'element_type="u8"' not in (files[False] / "vision.xml").read_text()
+    assert (files[True] / "vision.bin").stat().st_size < 0.5 * (files[False] / "vision.bin").stat().st_size
+
+
 def test_openvino_engine_checks_its_inputs_like_torch(openvino_engine):
     with pytest.raises(ZSADError, match="square"):
         openvino_engine.encode_streams(torch.zeros(1, 3, 112, 98), STREAMS, "bicubic")
@@ -262,7 +292,34 @@ def test_detector_load_takes_the_engine_by_name(tiny_backbone):
         return AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, engine=engine).engine
 
     assert isinstance(loaded("auto"), MeasuredEngine) and isinstance(loaded("torch"), TorchEngine)
-    assert isinstance(loaded("openvino"), OpenVINOEngine)
+    assert isinstance(loaded("openvino"), OpenVINOEngine) and not loaded("openvino").int8_weights
+    assert loaded("openvino-int8").int8_weights
+
+
+def test_auto_considers_int8_weights_only_when_the_precision_was_auto(tiny_clip_path, tiny_backbone):
+    from zsad.modeling.precision import cpu_has_native_bf16
+
+    def candidates(clip, precision):
+        detector = AnomalyDetector.load(methods=["baseline"], clip=clip, precision=precision, image_size=TEST_IMAGE_SIZE,
+                                        device="cpu", engine="auto")
+        return set(detector.engine.candidates)
+
+    # auto is bfloat16 with native bf16, else torch's int8 linears (which OpenVINO does not run).
+    assert candidates(str(tiny_clip_path), "auto") == ({"torch", "openvino", "openvino-int8"} if cpu_has_native_bf16() else {"torch"})
+    assert candidates(str(tiny_clip_path), "float32") == {"torch", "openvino"}
+    assert candidates(tiny_backbone, "auto") == {"torch", "openvino"}  # a ready backbone keeps its own precision
+
+
+def test_auto_frees_the_graphs_it_did_not_choose_and_records_per_candidate_set(tiny_backbone, tmp_path):
+    measured = MeasuredEngine(tiny_backbone, tmp_path, int8_weights=True)
+    choice = measured.choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
+    assert set(choice["seconds"]) == {"torch", "openvino", "openvino-int8"}
+    for name, engine in measured.candidates.items():
+        if name != "torch":
+            assert bool(engine._compiled) == (name == choice["engine"])
+    # Without int8 weights the candidates differ: another record, not the one above (which may name openvino-int8).
+    assert set(MeasuredEngine(tiny_backbone, tmp_path).choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")["seconds"]) == {"torch", "openvino"}
+    assert len(list((tmp_path / "choices").iterdir())) == 2
 
 
 def test_openvino_is_no_candidate_off_the_cpu():

@@ -43,9 +43,10 @@ def add_engine_argument(parser: argparse.ArgumentParser, exported: bool = False)
     ``exported``, onnx|openvino also run a folder written by ``zsad export``."""
     choices = ENGINES + (("onnx",) if exported else ())
     parser.add_argument("--engine", choices=choices, default=os.environ.get("ZSAD_ENGINE", "auto"),
-                        help="what runs the vision pass (env ZSAD_ENGINE, default auto: the faster of torch and openvino here, "
-                             "measured on first use and remembered); torch; openvino (a graph built once and cached next to the "
-                             "Hugging Face cache)" + ("; with --model a folder written by `zsad export`, onnx|openvino run that "
+                        help="what runs the vision pass (env ZSAD_ENGINE, default auto: the fastest of torch and openvino here, "
+                             "and with --precision auto also openvino-int8, measured on first use and remembered); torch; openvino "
+                             "(a graph built once and cached next to the Hugging Face cache); openvino-int8 (the same with int8 "
+                             "weights)" + ("; with --model a folder written by `zsad export`, onnx|openvino run that "
                                                       "exported graph" if exported else ""))
 
 

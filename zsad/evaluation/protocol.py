@@ -92,9 +92,10 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     if mutual and tiles:
         raise ZSADError("--mutual and --tiles cannot be combined; mutual scoring compares whole images.")
     runtime = evaluation_runtime(accelerator, device, precision)
+    loaded_here = isinstance(model, str)  # a model passed in keeps its precision, so auto keeps its weights as they are
     model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     score = partial(_score_mutual, settings=mutual_settings) if mutual else _score_tiled if tiles else score_samples
-    detector = evaluation_detector(model, engine)
+    detector = evaluation_detector(model, engine, int8_weights=runtime.precision_chosen and loaded_here)
     records = score(detector, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
@@ -124,10 +125,11 @@ def evaluation_model(model, clip: str | None, image_size: int | None, runtime: R
     return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
-def evaluation_detector(model, engine: str | None) -> AnomalyDetector:
-    """``model`` (held as "model") on its backbone, its vision pass run by ``engine`` (``zsad.runtime.engine_choice``)."""
+def evaluation_detector(model, engine: str | None, int8_weights: bool = False) -> AnomalyDetector:
+    """``model`` (held as "model") on its backbone, its vision pass run by ``engine`` (``zsad.runtime.engine_choice``;
+    ``int8_weights``: auto may run it with int8 weights)."""
     backbone = model.require_backbone()
-    return AnomalyDetector(backbone, {"model": model}, engine=vision_engine(backbone, engine))
+    return AnomalyDetector(backbone, {"model": model}, engine=vision_engine(backbone, engine, int8_weights=int8_weights))
 
 
 def score_samples(detector: AnomalyDetector, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,

@@ -43,13 +43,18 @@ CACHE_FORMAT = 2
 GRAPH_FILES = ("vision.xml", "vision.bin")
 MANIFEST = "manifest.json"
 # OpenVINO's CPU plug-in computes in bfloat16 by default where the CPU has it; float32 asks for float32 explicitly.
-# No int8 route: NNCF's int8 weights of every linear (projections included) moved StackCLIP's image score by 0.24 on the
-# tiny CLIP (benchmarks/bench_inference.py --engines --tiny); int8 backbones run on torch.
+# int8 backbones (torch's dynamic int8 linears) run on torch: OpenVINO with int8 weights computing in float32 took
+# 3.21 s against torch int8's 2.69 s on a Zen 4 (docs/PERFORMANCE.md, deploy routes).
 OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
 # A bfloat16 graph keeps its weights as float16 on disk: half the file, and for ViT-L 1.45 GB resident per compiled
 # graph instead of 2.0 (float16 holds every bfloat16 value's precision and CLIP's weights' range). A float32 graph
 # keeps float32 weights.
 WEIGHTS_IN_FLOAT16 = {"float32": False, "bfloat16": True}
+# ``--engine openvino-int8``: NNCF's weight compression, per output channel with a zero point; the graph still
+# computes in the backbone's precision (OpenVINO expands the weights inside its matmul kernels). On the full-size
+# ViT-L/14 with random weights, bfloat16: the tapped tokens within Pearson 0.99991 of torch float32 (0.99999 without
+# int8 weights), 0.75x the stock bfloat16 forward's time (0.87x without); symmetric int8 was slower (0.79x) and no closer.
+INT8_WEIGHTS = "INT8_ASYM"
 # The graph is exported at batch 2 with the batch left free (at batch 1 torch.export fixes it to 1).
 EXAMPLE_BATCH = 2
 
@@ -110,10 +115,16 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def openvino_unsupported(backbone: CLIPBackbone) -> str | None:
-    """Why the OpenVINO engine cannot run this backbone (None: it can)."""
+def openvino_engine_name(int8_weights: bool) -> str:
+    return "openvino-int8" if int8_weights else "openvino"
+
+
+def openvino_unsupported(backbone: CLIPBackbone, int8_weights: bool = False) -> str | None:
+    """Why the OpenVINO engine (with int8 weights: ``int8_weights``) cannot run this backbone (None: it can)."""
     if not openvino_available():
         return "OpenVINO is not installed (pip install openvino)"
+    if int8_weights and importlib.util.find_spec("nncf") is None:
+        return "NNCF, which makes the int8 weights, is not installed (pip install nncf)"
     if backbone.device.type != "cpu":
         return f"OpenVINO runs on the CPU here, the backbone is on {backbone.device}"
     precision = vision_precision(backbone)
@@ -123,18 +134,19 @@ def openvino_unsupported(backbone: CLIPBackbone) -> str | None:
 
 
 class OpenVINOEngine:
-    """The vision pass as an OpenVINO graph, one per (input size, streams, interpolation), in the backbone's precision
-    (float32 or bfloat16).
+    """The vision pass as an OpenVINO graph, one per (input size, streams), computing in the backbone's precision
+    (float32 or bfloat16); with ``int8_weights`` every linear's weights are int8 (``INT8_WEIGHTS``).
 
     Thread-safe: each graph is compiled once (under a lock) and every call runs its own infer request."""
 
-    name = "openvino"
 
-    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None):
-        reason = openvino_unsupported(backbone)
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, int8_weights: bool = False):
+        reason = openvino_unsupported(backbone, int8_weights)
         if reason:
-            raise ZSADError(f"The openvino engine cannot run here: {reason}; use --engine torch or auto.")
+            raise ZSADError(f"The {openvino_engine_name(int8_weights)} engine cannot run here: {reason}; use --engine torch or auto.")
         self.backbone = backbone
+        self.int8_weights = int8_weights
+        self.name = openvino_engine_name(int8_weights)
         self.precision = vision_precision(backbone)
         self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
         self._weights = weights_identity(backbone)
@@ -142,7 +154,7 @@ class OpenVINOEngine:
         self._lock = threading.Lock()
 
     def describe(self) -> str:
-        return f"openvino {self.precision}"
+        return f"openvino {self.precision}" + (", int8 weights" if self.int8_weights else "")
 
     def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         return self.describe()
@@ -159,7 +171,7 @@ class OpenVINOEngine:
         import openvino
 
         return {"cache_format": CACHE_FORMAT, "zsad": zsad_version(), "openvino": openvino.__version__, "torch": torch.__version__,
-                "backbone": self._weights, "precision": self.precision, "image_size": size,
+                "backbone": self._weights, "precision": self.precision, "int8_weights": self.int8_weights, "image_size": size,
                 "streams": [[start, list(layers)] for start, layers in stream_key(layers_by_start)]}
 
     def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
@@ -193,7 +205,12 @@ class OpenVINOEngine:
             return compiled, dict(wanted)
 
     def _build(self, folder: Path, size: int, layers_by_start: dict) -> None:
-        build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision])
+        build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision], self.int8_weights)
+
+    def release(self) -> None:
+        """Drop the compiled graphs (their memory); the next pass compiles again from the cache folder."""
+        with self._lock:
+            self._compiled.clear()
 
 
 def covers(graph_streams: dict, layers_by_start: dict, num_layers: int) -> bool:
@@ -232,9 +249,11 @@ class VisionGraph(torch.nn.Module):
         return (*[token for start in self.streams for token in taps[start]], image_embeds, class_token)
 
 
-def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, weights_in_float16: bool) -> None:
+def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, weights_in_float16: bool,
+                         int8_weights: bool = False) -> None:
     """Export the vision pass (``torch.export``, batch left free) of a float32 copy of ``backbone`` and write it as
-    OpenVINO IR to ``folder`` (the precision is chosen when it is compiled)."""
+    OpenVINO IR to ``folder`` (the precision it computes in is chosen when it is compiled), its linears' weights made
+    int8 by NNCF with ``int8_weights``."""
     import openvino as ov
 
     float_backbone = float32_copy(backbone)
@@ -246,6 +265,10 @@ def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers
                                       dynamic_shapes=({0: batch}, None))
     model = ov.convert_model(program)
     model.reshape({model.input(0): ov.PartialShape([-1, 3, size, size]), model.input(1): ov.PartialShape(list(positions.shape))})
+    if int8_weights:
+        import nncf
+
+        model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, INT8_WEIGHTS))
     ov.save_model(model, str(folder / GRAPH_FILES[0]), compress_to_fp16=weights_in_float16)
 
 

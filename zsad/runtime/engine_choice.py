@@ -1,9 +1,11 @@
-"""``--engine auto|torch|openvino``: which engine runs the vision pass, ``auto`` chosen by measuring.
+"""``--engine auto|torch|openvino|openvino-int8``: which engine runs the vision pass, ``auto`` chosen by measuring.
 
 ``auto`` times a few forwards of each engine this machine can run on the first pass of each (input size, streams,
 interpolation), keeps the fastest, and records the choice in the engine cache (``zsad.runtime.engine.engine_cache_dir``), keyed
-by this machine (CPU model and flags, torch threads) and the graph's fingerprint (backbone, precision, pass), so the
-next start reads it instead of measuring. An explicit engine is always the one that runs.
+by this machine (CPU model and flags, torch threads) and the graphs' fingerprints (backbone, precision, pass), so the
+next start reads it instead of measuring. The engines are torch and OpenVINO in the backbone's precision, and, when
+the precision itself was chosen by ``--precision auto`` (``Runtime.precision_chosen``), OpenVINO with int8 weights
+(``openvino-int8``, computing in the backbone's precision). An explicit engine or precision is always the one that runs.
 
 A command (``zsad predict``, ``evaluate``, ``calibrate``) chooses before its first image, so one run has one engine. A
 server (the Space) calls ``choose_in_background``: torch serves while a background thread builds the graphs and times
@@ -35,7 +37,7 @@ from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsu
 
 # Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
 MEASURED_FORWARDS = 3
-CHOICE_FORMAT = 1
+CHOICE_FORMAT = 2
 TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
 # Peak memory of compiling and first running one OpenVINO graph, per byte of the vision tower's float32 weights (1.22 GB
 # for ViT-L/14): 2.4 GB for a float32 graph, 1.45 GB for a bfloat16 one (float16 weights on disk); auto leaves OpenVINO
@@ -43,16 +45,18 @@ TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on whil
 GRAPH_PEAK_MEMORY_FACTOR = 2.3
 
 
-def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None):
-    """The engine named ``engine`` (default: ``$ZSAD_ENGINE``, else "auto") for ``backbone``."""
+def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None,
+                  int8_weights: bool = False):
+    """The engine named ``engine`` (default: ``$ZSAD_ENGINE``, else "auto") for ``backbone``; ``int8_weights``: auto
+    may choose OpenVINO with int8 weights (the precision was chosen by auto, ``Runtime.precision_chosen``)."""
     name = engine or os.environ.get("ZSAD_ENGINE") or "auto"
     if name not in ENGINES:
         raise ZSADError(f"engine must be one of {ENGINES}, got '{name}'.")
     if name == "torch":
         return TorchEngine(backbone)
-    if name == "openvino":
-        return OpenVINOEngine(backbone, cache_dir)
-    return MeasuredEngine(backbone, cache_dir)
+    if name.startswith("openvino"):
+        return OpenVINOEngine(backbone, cache_dir, int8_weights=name == "openvino-int8")
+    return MeasuredEngine(backbone, cache_dir, int8_weights)
 
 
 def machine_identity() -> dict:
@@ -76,13 +80,15 @@ class MeasuredEngine:
 
     name = "auto"
 
-    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None):
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, int8_weights: bool = False):
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
         self.candidates = {"torch": TorchEngine(backbone)}
         self.unavailable = openvino_unsupported(backbone)
         if self.unavailable is None:
             self.candidates["openvino"] = OpenVINOEngine(backbone, self.cache_dir)
+        if self.unavailable is None and int8_weights and openvino_unsupported(backbone, int8_weights=True) is None:
+            self.candidates["openvino-int8"] = OpenVINOEngine(backbone, self.cache_dir, int8_weights=True)
         self.choices: dict = {}  # (size, streams, interpolation) -> {"engine": name, "seconds": {name: s}}
         self._lock = threading.Lock()
         self._pending: dict | None = None  # background mode: passes queued, not chosen yet -> their arguments
@@ -103,6 +109,7 @@ class MeasuredEngine:
                 return TORCH_MEANWHILE
             if key not in self.choices:
                 self.choices[key] = self._recorded_or_measured(size, layers_by_start, position_interpolation)
+                self._release_unchosen()
             return self.choices[key]
 
     def choose_in_background(self, passes: Iterable[tuple[int, dict, str]] = (),
@@ -137,13 +144,14 @@ class MeasuredEngine:
             with self._lock:
                 self.choices[key] = choice
                 del self._pending[key]
+                self._release_unchosen()
 
     def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         """The chosen engine's route for this pass (measured now when it has not been chosen yet)."""
         return self.candidates[self.choice(size, layers_by_start, position_interpolation)["engine"]].describe()
 
     def describe(self) -> str:
-        """E.g. "auto: openvino bfloat16 (measured per image: torch 0.41 s, openvino 0.30 s)"."""
+        """E.g. "auto: openvino bfloat16, int8 weights (measured per image: torch 0.41 s, openvino 0.30 s, openvino-int8 0.26 s)"."""
         if len(self.candidates) == 1:
             return f"auto: {self.candidates['torch'].describe()} (only candidate: {self.unavailable})"
         with self._lock:
@@ -152,6 +160,14 @@ class MeasuredEngine:
                 chosen.append(f"auto: {self.candidates['torch'].describe()} while {len(self._pending)} vision pass(es) are "
                               "measured in the background")
         return "; ".join(dict.fromkeys(chosen)) or "auto (measured on the first image)"
+
+    def _release_unchosen(self) -> None:
+        """Free the compiled graphs of the OpenVINO candidates no pass has chosen (measuring compiled them); called
+        holding ``_lock``."""
+        chosen = {choice["engine"] for choice in self.choices.values()}
+        for name, engine in self.candidates.items():
+            if name not in chosen and hasattr(engine, "release"):
+                engine.release()
 
     def _recorded_or_measured(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
         if len(self.candidates) == 1:
@@ -168,8 +184,8 @@ class MeasuredEngine:
         return choice
 
     def _choice_key(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
-        graph = self.candidates["openvino"].fingerprint(size, layers_by_start)
-        identity = json.dumps({"format": CHOICE_FORMAT, "machine": machine_identity(), "graph": graph,
+        graphs = {name: engine.fingerprint(size, layers_by_start) for name, engine in self.candidates.items() if name != "torch"}
+        identity = json.dumps({"format": CHOICE_FORMAT, "machine": machine_identity(), "graphs": graphs,
                                "position_interpolation": position_interpolation}, sort_keys=True)
         return hashlib.sha256(identity.encode()).hexdigest()[:32]
 

@@ -51,16 +51,19 @@ class Runtime:
     """Where models run and in which precision, resolved once (``Runtime.resolve``) and passed along.
 
     ``precision`` is a name from ``PRECISIONS`` other than "auto" (the one vocabulary of zsad: the CLI, the Space,
-    exports); ``dtype`` is the vision tower's torch dtype for it (``INT8``: int8 vision linears)."""
+    exports); ``dtype`` is the vision tower's torch dtype for it (``INT8``: int8 vision linears). ``precision_chosen``:
+    it was "auto", so ``--engine auto`` may also run the vision linears with int8 weights where that measures faster
+    (an explicit precision is kept as asked)."""
 
     device: torch.device
     precision: str
+    precision_chosen: bool = False
 
     @classmethod
     def resolve(cls, device: str | torch.device | None = "auto", precision: str = "auto") -> "Runtime":
         """``resolve_device`` then ``resolve_precision`` on that device."""
         chosen = resolve_device(device)
-        return cls(chosen, DTYPE_NAMES[resolve_precision(precision, chosen)])
+        return cls(chosen, DTYPE_NAMES[resolve_precision(precision, chosen)], precision == "auto")
 
     @property
     def dtype(self) -> torch.dtype:
