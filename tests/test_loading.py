@@ -18,6 +18,22 @@ def test_runtime_resolves_device_and_precision_once_in_one_vocabulary():
         Runtime.resolve("cpu", "fp32")
 
 
+@pytest.mark.parametrize(("onednn_cap", "native"), [(None, True), ("AVX512_CORE_VNNI", False), ("avx2", False), ("AVX512_CORE_AMX", True)])
+def test_native_bf16_needs_the_instructions_and_onednn_allowed_to_use_them(monkeypatch, onednn_cap, native):
+    """A CPU with AMX whose oneDNN is capped below its bf16 kernels (how an AVX512 CPU without BF16 is emulated, or
+    how a user keeps oneDNN off AMX) gets emulated bf16 matrix products: auto must not choose bfloat16 there."""
+    from zsad.modeling import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    if onednn_cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_cap)
+    assert precision.cpu_has_native_bf16() is native
+    assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if native else "int8")
+
+
 def test_int8_loading_quantises_every_vision_linear_and_warns_nothing(tiny_clip_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch's quantised-tensor deprecation is a UserWarning

@@ -4,6 +4,7 @@ mean on a device, and how a CLIP backbone is loaded and converted to serve in it
 
 import ctypes
 import functools
+import os
 import warnings
 
 import torch
@@ -21,13 +22,20 @@ SLOW_CPU_BF16 = (
 )
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bfloat16 kernels: under them its bf16 matrix products
+# are emulated, about 3x slower than float32 (an AVX512 CPU without BF16) or far slower (AVX2).
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX) and torch uses its AVX512
-    kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off)."""
+    """Whether this CPU runs bfloat16 matrix products in hardware (AVX512-BF16 or AMX) and torch uses them: its
+    AVX512 kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off) and oneDNN's bf16 ones (``ONEDNN_MAX_CPU_ISA`` set
+    below ``AVX512_CORE_BF16`` turns them off)."""
     # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-    return has_instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    onednn_capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
+    return has_instructions and not onednn_capped and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
