@@ -128,7 +128,7 @@ def cpu_class_line() -> str:
     emulated = emulated_isa()
     return (f"CPU: {model}; flags {' '.join(cpu_flags())}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; "
             f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
-            + (f"; EMULATED without AVX512/bf16 via {emulated}" if emulated else "")
+            + (f"; EMULATED with fewer instructions than the CPU has, via {emulated}" if emulated else "")
             + f"; load average {os.getloadavg()[0]:.1f}")
 
 

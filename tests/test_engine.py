@@ -20,8 +20,17 @@ from zsad import (
     AnomalyDetector,  # noqa: E402
     ZSADError,  # noqa: E402
 )
-from zsad.runtime.engine import GRAPH_FILES, MANIFEST, OpenVINOEngine, TorchEngine, cached_graph, covers, graph_fingerprint  # noqa: E402
-from zsad.runtime.engine_choice import MeasuredEngine, vision_engine, write_choice  # noqa: E402
+from zsad.runtime.engine import (  # noqa: E402
+    GRAPH_FILES,
+    MANIFEST,
+    OpenVINOEngine,
+    TorchEngine,
+    cached_graph,
+    calibration_pixels,
+    covers,
+    graph_fingerprint,
+)
+from zsad.runtime.engine_choice import FIDELITY_FLOOR, MeasuredEngine, features_pearson, vision_engine, write_choice  # noqa: E402
 
 STREAMS = {None: [1, 2], 3: [3, 4]}  # stock tokens and a value-value stream from block 3, as AnomalyCLIP reads them
 # The float32 route's bound (docs/PERFORMANCE.md): map Pearson and image-score difference against torch float32.
@@ -70,25 +79,71 @@ def test_int8_weights_maps_and_scores_within_their_bound(tiny_backbone, engine_c
     model = tiny_model(method, tiny_backbone)
     image = (np.random.default_rng(6).random((90, 120, 3)) * 255).astype(np.uint8)
     on_torch = AnomalyDetector(tiny_backbone, {method: model}).detect(image, "metal nut")
-    int8_weights = OpenVINOEngine(tiny_backbone, engine_cache, int8_weights=True)
+    int8_weights = OpenVINOEngine(tiny_backbone, engine_cache, "openvino-int8")
     on_openvino = AnomalyDetector(tiny_backbone, {method: model}, engine=int8_weights).detect(image, "metal nut")
     pearson = np.corrcoef(on_torch.anomaly_map.ravel(), on_openvino.anomaly_map.ravel())[0, 1]
     assert INT8_WEIGHTS_MAP_PEARSON <= pearson < 1 - 1e-7  # close, and not the float32 graph
     assert abs(on_torch.score - on_openvino.score) <= INT8_WEIGHTS_SCORE_DIFFERENCE
 
 
-def test_int8_weights_are_their_own_graph_with_int8_constants(tiny_backbone, tmp_path):
+def test_int8_graphs_are_their_own_graphs_with_int8_constants(tiny_backbone, tmp_path):
     pixels = random_pixels(1)
-    files = {}
-    for int8_weights in (False, True):
-        engine = OpenVINOEngine(tiny_backbone, tmp_path / str(int8_weights), int8_weights=int8_weights)
-        engine.encode_streams(pixels, STREAMS, "bicubic")
-        files[int8_weights] = graph_folders(tmp_path / str(int8_weights))[0]
-    assert engine.describe() == "openvino float32, int8 weights"
-    assert files[True].name != files[False].name  # another fingerprint, so another cache folder
-    assert 'element_type="u8"' in (files[True] / "vision.xml").read_text()
-    assert 'element_type="u8"' not in (files[False] / "vision.xml").read_text()
-    assert (files[True] / "vision.bin").stat().st_size < 0.5 * (files[False] / "vision.bin").stat().st_size
+    files, engines = {}, {}
+    for name in ("openvino", "openvino-int8", "openvino-w8a8"):
+        engines[name] = OpenVINOEngine(tiny_backbone, tmp_path / name, name)
+        engines[name].encode_streams(pixels, STREAMS, "bicubic")
+        files[name] = graph_folders(tmp_path / name)[0]
+    assert engines["openvino-int8"].describe() == "openvino float32, int8 weights"
+    assert engines["openvino-w8a8"].describe() == "openvino float32, int8 weights and activations"
+    assert len({folder.name for folder in files.values()}) == 3  # each its own fingerprint, so its own cache folder
+    graphs = {name: (folder / "vision.xml").read_text() for name, folder in files.items()}
+    assert 'element_type="u8"' in graphs["openvino-int8"] and 'element_type="u8"' not in graphs["openvino"]
+    # int8 activations: every linear's input passes a FakeQuantize (the ranges calibrated at build time).
+    fake_quantizes = graphs["openvino-w8a8"].count('type="FakeQuantize"')
+    assert fake_quantizes >= tiny_backbone.vision_config.num_hidden_layers * 4 and 'type="FakeQuantize"' not in graphs["openvino-int8"]
+    for name in ("openvino-int8", "openvino-w8a8"):
+        assert (files[name] / "vision.bin").stat().st_size < 0.5 * (files["openvino"] / "vision.bin").stat().st_size
+
+
+# The int8 weights-and-activations route's bound (docs/PERFORMANCE.md); measured on the tiny CLIP: see there.
+W8A8_MAP_PEARSON, W8A8_SCORE_DIFFERENCE = 0.999, 0.02
+
+
+@pytest.mark.parametrize("method", ["baseline", "stackclip", "anomalyclip"])
+def test_int8_activations_maps_and_scores_within_their_bound(tiny_backbone, engine_cache, method):
+    model = tiny_model(method, tiny_backbone)
+    image = (np.random.default_rng(7).random((90, 120, 3)) * 255).astype(np.uint8)
+    on_torch = AnomalyDetector(tiny_backbone, {method: model}).detect(image, "metal nut")
+    w8a8 = OpenVINOEngine(tiny_backbone, engine_cache, "openvino-w8a8")
+    on_openvino = AnomalyDetector(tiny_backbone, {method: model}, engine=w8a8).detect(image, "metal nut")
+    pearson = np.corrcoef(on_torch.anomaly_map.ravel(), on_openvino.anomaly_map.ravel())[0, 1]
+    assert W8A8_MAP_PEARSON <= pearson < 1 - 1e-7
+    assert abs(on_torch.score - on_openvino.score) <= W8A8_SCORE_DIFFERENCE
+
+
+def test_int8_activations_run_an_int8_backbone_and_plain_openvino_refuses_it(tiny_clip_path, tmp_path):
+    int8 = AnomalyDetector.load(methods=["baseline"], clip=str(tiny_clip_path), precision="int8", image_size=TEST_IMAGE_SIZE,
+                                device="cpu", engine="torch").backbone
+    with pytest.raises(ZSADError, match="openvino engine runs float32 or bfloat16 backbones, not int8"):
+        OpenVINOEngine(int8, tmp_path, "openvino")
+    w8a8 = OpenVINOEngine(int8, tmp_path, "openvino-w8a8")
+    assert w8a8.describe() == "openvino float32, int8 weights and activations"
+    pixels = calibration_pixels(int8, TEST_IMAGE_SIZE, 2, seed=1)  # photo-like, as auto checks it
+    ours = w8a8.encode_streams(pixels, STREAMS, "bicubic")
+    expected = TorchEngine(int8).encode_streams(pixels, STREAMS, "bicubic")
+    assert features_pearson(ours, expected) >= FIDELITY_FLOOR
+
+
+def test_calibration_images_are_the_same_everywhere_and_normalised(tiny_backbone):
+    images = calibration_pixels(tiny_backbone, 56, 3)
+    assert images.shape == (3, 3, 56, 56) and torch.equal(images, calibration_pixels(tiny_backbone, 56, 3))
+    assert not torch.equal(images, calibration_pixels(tiny_backbone, 56, 3, seed=1))
+    # In [0, 1] before normalisation, each image spanning the whole range.
+    mean = torch.tensor(tiny_backbone.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_backbone.image_std).view(1, 3, 1, 1)
+    raw = images * std + mean
+    assert raw.amin() >= -1e-5 and raw.amax() <= 1 + 1e-5
+    torch.testing.assert_close(raw.amax(dim=(1, 2, 3)), torch.ones(3))
 
 
 def test_openvino_engine_checks_its_inputs_like_torch(openvino_engine):
@@ -292,11 +347,11 @@ def test_detector_load_takes_the_engine_by_name(tiny_backbone):
         return AnomalyDetector.load(methods=["baseline"], clip=tiny_backbone, image_size=TEST_IMAGE_SIZE, engine=engine).engine
 
     assert isinstance(loaded("auto"), MeasuredEngine) and isinstance(loaded("torch"), TorchEngine)
-    assert isinstance(loaded("openvino"), OpenVINOEngine) and not loaded("openvino").int8_weights
-    assert loaded("openvino-int8").int8_weights
+    assert isinstance(loaded("openvino"), OpenVINOEngine) and loaded("openvino").int8 is None
+    assert loaded("openvino-int8").int8 == "weights" and loaded("openvino-w8a8").int8 == "weights and activations"
 
 
-def test_auto_considers_int8_weights_only_when_the_precision_was_auto(tiny_clip_path, tiny_backbone):
+def test_auto_considers_int8_graphs_only_when_the_precision_was_auto_or_int8(tiny_clip_path, tiny_backbone):
     from zsad.modeling.precision import cpu_has_native_bf16
 
     def candidates(clip, precision):
@@ -304,22 +359,56 @@ def test_auto_considers_int8_weights_only_when_the_precision_was_auto(tiny_clip_
                                         device="cpu", engine="auto")
         return set(detector.engine.candidates)
 
-    # auto is bfloat16 with native bf16, else torch's int8 linears (which OpenVINO does not run).
-    assert candidates(str(tiny_clip_path), "auto") == ({"torch", "openvino", "openvino-int8"} if cpu_has_native_bf16() else {"torch"})
+    # auto is bfloat16 with native bf16, else torch's int8 linears (which only the w8a8 graph runs).
+    all_routes = {"torch", "openvino", "openvino-int8", "openvino-w8a8"}
+    assert candidates(str(tiny_clip_path), "auto") == (all_routes if cpu_has_native_bf16() else {"torch", "openvino-w8a8"})
     assert candidates(str(tiny_clip_path), "float32") == {"torch", "openvino"}
+    assert candidates(str(tiny_clip_path), "int8") == {"torch", "openvino-w8a8"}
     assert candidates(tiny_backbone, "auto") == {"torch", "openvino"}  # a ready backbone keeps its own precision
 
 
 def test_auto_frees_the_graphs_it_did_not_choose_and_records_per_candidate_set(tiny_backbone, tmp_path):
-    measured = MeasuredEngine(tiny_backbone, tmp_path, int8_weights=True)
+    measured = MeasuredEngine(tiny_backbone, tmp_path, quantised=True)
     choice = measured.choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
-    assert set(choice["seconds"]) == {"torch", "openvino", "openvino-int8"}
+    assert set(choice["seconds"]) == {"torch", "openvino", "openvino-int8", "openvino-w8a8"}
     for name, engine in measured.candidates.items():
         if name != "torch":
             assert bool(engine._compiled) == (name == choice["engine"])
-    # Without int8 weights the candidates differ: another record, not the one above (which may name openvino-int8).
+    # Without the int8 graphs the candidates differ: another record, not the one above (which may name one of them).
     assert set(MeasuredEngine(tiny_backbone, tmp_path).choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")["seconds"]) == {"torch", "openvino"}
     assert len(list((tmp_path / "choices").iterdir())) == 2
+
+
+class NoisyEngine(TorchEngine):
+    """torch's vision pass plus noise as large as the features: fast, and wrong."""
+
+    name = "noisy"
+
+    def describe(self):
+        return "noisy"
+
+    def fingerprint(self, size, layers_by_start):
+        return "noisy"
+
+    def prepare(self, size, layers_by_start, position_interpolation):
+        pass
+
+    def encode_streams(self, pixel_values, layers_by_start, position_interpolation):
+        features = super().encode_streams(pixel_values, layers_by_start, position_interpolation)
+        for feature in features.values():
+            feature.layer_tokens = [tokens + torch.randn_like(tokens) * tokens.std() for tokens in feature.layer_tokens]
+        return features
+
+
+def test_auto_leaves_out_a_route_whose_features_disagree_with_torch(tiny_backbone, tmp_path):
+    measured = MeasuredEngine(tiny_backbone, tmp_path)
+    measured.candidates["openvino"] = NoisyEngine(tiny_backbone)
+    with pytest.warns(RuntimeWarning, match="openvino engine was left out: its features at Pearson"):
+        choice = measured.choice(TEST_IMAGE_SIZE, STREAMS, "bicubic")
+    assert choice["engine"] == "torch" and set(choice["seconds"]) == {"torch"}
+    assert "openvino left out: its features at Pearson" in measured.describe()
+    record = json.loads(next((tmp_path / "choices").iterdir()).read_text())
+    assert "openvino" in record["left_out"]  # the next start reads why, and does not try it again
 
 
 def test_openvino_is_no_candidate_off_the_cpu():

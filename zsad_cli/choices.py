@@ -5,7 +5,7 @@ the parser (``zsad_cli``) calls into the commands (``zsad.cli``), never the othe
 """
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
-ENGINES = ("auto", "torch", "openvino", "openvino-int8")  # zsad.runtime.engine_choice.ENGINES
+ENGINES = ("auto", "torch", "openvino", "openvino-int8", "openvino-w8a8")  # zsad.runtime.engine_choice.ENGINES
 EXPORT_PRECISIONS = ("float32", "int8")
 DEFAULT_QUANTILE = 1.0
 DEFAULT_MARGIN = 0.01

@@ -86,8 +86,8 @@ class AnomalyDetector:
             raise ZSADError(f"Checkpoints were given for unknown methods {unknown}; known methods: {sorted(METHODS)}.")
         runtime = runtime or Runtime.resolve(device, precision)
         backbone = shared_backbone(clip, checkpoints.values(), runtime)
-        int8_weights = runtime.precision_chosen and not isinstance(clip, CLIPBackbone)  # a ready backbone keeps its precision
-        detector = cls(backbone, engine=vision_engine(backbone, engine, int8_weights=int8_weights))
+        quantised = runtime.precision_chosen and not isinstance(clip, CLIPBackbone)  # a ready backbone keeps its precision
+        detector = cls(backbone, engine=vision_engine(backbone, engine, quantised=quantised))
         for name in methods or list(METHODS):
             detector.add(name, load_method(name, checkpoints.get(name), backbone, image_size))
         return detector

@@ -95,7 +95,7 @@ def evaluate(model, dataset: str, root=None, categories=None, clip: str | None =
     loaded_here = isinstance(model, str)  # a model passed in keeps its precision, so auto keeps its weights as they are
     model = evaluation_model(model, clip, image_size, runtime).to(runtime.device)
     score = partial(_score_mutual, settings=mutual_settings) if mutual else _score_tiled if tiles else score_samples
-    detector = evaluation_detector(model, engine, int8_weights=runtime.precision_chosen and loaded_here)
+    detector = evaluation_detector(model, engine, quantised=runtime.precision_chosen and loaded_here)
     records = score(detector, samples, batch_size, num_workers, accelerator)
     if not accelerator.is_main_process:
         return {}, []
@@ -125,11 +125,11 @@ def evaluation_model(model, clip: str | None, image_size: int | None, runtime: R
     return load_model(model, backbone=backbone, clip=clip, precision=runtime.precision, device=runtime.device, **overrides).eval()
 
 
-def evaluation_detector(model, engine: str | None, int8_weights: bool = False) -> AnomalyDetector:
+def evaluation_detector(model, engine: str | None, quantised: bool = False) -> AnomalyDetector:
     """``model`` (held as "model") on its backbone, its vision pass run by ``engine`` (``zsad.runtime.engine_choice``;
-    ``int8_weights``: auto may run it with int8 weights)."""
+    ``quantised``: auto may run it on an int8 graph)."""
     backbone = model.require_backbone()
-    return AnomalyDetector(backbone, {"model": model}, engine=vision_engine(backbone, engine, int8_weights=int8_weights))
+    return AnomalyDetector(backbone, {"model": model}, engine=vision_engine(backbone, engine, quantised=quantised))
 
 
 def score_samples(detector: AnomalyDetector, samples: list[Sample], batch_size: int, num_workers: int, accelerator: Accelerator,

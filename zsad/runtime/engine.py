@@ -24,6 +24,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,24 +38,34 @@ from filelock import FileLock
 from ..modeling.clip_backbone import CLIPBackbone, ImageFeatures, stock_taps
 from ..modeling.exceptions import ZSADError
 from .atomic import fsync
+from .noise import logger_level
 from .provenance import vision_precision, zsad_version
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 GRAPH_FILES = ("vision.xml", "vision.bin")
 MANIFEST = "manifest.json"
 # OpenVINO's CPU plug-in computes in bfloat16 by default where the CPU has it; float32 asks for float32 explicitly.
-# int8 backbones (torch's dynamic int8 linears) run on torch: OpenVINO with int8 weights computing in float32 took
-# 3.21 s against torch int8's 2.69 s on a Zen 4 (docs/PERFORMANCE.md, deploy routes).
-OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
+# An int8 backbone (torch's dynamic int8 linears) runs on OpenVINO only with int8 activations too (openvino-w8a8),
+# computing the rest in float32: its linears' int8 weights are dequantised for the export and quantised again on the
+# same per-channel grid. With int8 weights alone it would compute in float32, slower than torch int8 (3.11 s against
+# 2.88 s per pass on an AVX512 CPU without BF16, docs/PERFORMANCE.md).
+OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
 # A bfloat16 graph keeps its weights as float16 on disk: half the file, and for ViT-L 1.45 GB resident per compiled
 # graph instead of 2.0 (float16 holds every bfloat16 value's precision and CLIP's weights' range). A float32 graph
 # keeps float32 weights.
-WEIGHTS_IN_FLOAT16 = {"float32": False, "bfloat16": True}
-# ``--engine openvino-int8``: NNCF's weight compression, per output channel with a zero point; the graph still
-# computes in the backbone's precision (OpenVINO expands the weights inside its matmul kernels). On the full-size
-# ViT-L/14 with random weights, bfloat16: the tapped tokens within Pearson 0.99991 of torch float32 (0.99999 without
-# int8 weights), 0.75x the stock bfloat16 forward's time (0.87x without); symmetric int8 was slower (0.79x) and no closer.
+WEIGHTS_IN_FLOAT16 = {"float32": False, "bfloat16": True, "int8": False}
+# What each OpenVINO engine makes int8, by name. ``openvino-int8``: NNCF's weight compression, per output channel with
+# a zero point; the graph still computes in the backbone's precision (OpenVINO expands the weights inside its matmul
+# kernels). On the full-size ViT-L/14 with random weights, bfloat16: the tapped tokens within Pearson 0.99991 of torch
+# float32 (0.99999 without int8 weights), 0.75x the stock bfloat16 forward's time (0.87x without); symmetric int8 was
+# slower (0.79x) and no closer. ``openvino-w8a8``: NNCF's post-training quantisation (transformer preset, SmoothQuant),
+# the linears' inputs as well as their weights int8 (``calibration_pixels`` sets the activations' ranges), the matrix
+# products run in int8 (VNNI or AMX); the rest computes in the backbone's precision.
+OPENVINO_INT8 = {"openvino": None, "openvino-int8": "weights", "openvino-w8a8": "weights and activations"}
 INT8_WEIGHTS = "INT8_ASYM"
+# Images the int8 activations' ranges are calibrated on: 8 took 100 s to quantise the full-size ViT-L/14 at 518 px on
+# 2 cores; their ranges, not their number, matter (``calibration_pixels``).
+CALIBRATION_IMAGES = 8
 # The graph is exported at batch 2 with the batch left free (at batch 1 torch.export fixes it to 1).
 EXAMPLE_BATCH = 2
 
@@ -115,38 +126,35 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def openvino_engine_name(int8_weights: bool) -> str:
-    return "openvino-int8" if int8_weights else "openvino"
-
-
-def openvino_unsupported(backbone: CLIPBackbone, int8_weights: bool = False) -> str | None:
-    """Why the OpenVINO engine (with int8 weights: ``int8_weights``) cannot run this backbone (None: it can)."""
+def openvino_unsupported(backbone: CLIPBackbone, name: str = "openvino") -> str | None:
+    """Why the OpenVINO engine ``name`` (a key of ``OPENVINO_INT8``) cannot run this backbone (None: it can)."""
     if not openvino_available():
         return "OpenVINO is not installed (pip install openvino)"
-    if int8_weights and importlib.util.find_spec("nncf") is None:
-        return "NNCF, which makes the int8 weights, is not installed (pip install nncf)"
+    if OPENVINO_INT8[name] and importlib.util.find_spec("nncf") is None:
+        return "NNCF, which makes the int8 graphs, is not installed (pip install nncf)"
     if backbone.device.type != "cpu":
         return f"OpenVINO runs on the CPU here, the backbone is on {backbone.device}"
     precision = vision_precision(backbone)
-    if precision not in OPENVINO_PRECISION_HINTS:
-        return f"the OpenVINO engine runs float32 or bfloat16, not {precision}"
+    runs = ("float32", "bfloat16", "int8") if name == "openvino-w8a8" else ("float32", "bfloat16")
+    if precision not in runs:
+        return f"the {name} engine runs {' or '.join(runs)} backbones, not {precision}"
     return None
 
 
 class OpenVINOEngine:
     """The vision pass as an OpenVINO graph, one per (input size, streams), computing in the backbone's precision
-    (float32 or bfloat16); with ``int8_weights`` every linear's weights are int8 (``INT8_WEIGHTS``).
+    (float32 or bfloat16; an int8 backbone's in float32); ``name`` says what is int8 in it (``OPENVINO_INT8``).
 
     Thread-safe: each graph is compiled once (under a lock) and every call runs its own infer request."""
 
 
-    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, int8_weights: bool = False):
-        reason = openvino_unsupported(backbone, int8_weights)
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, name: str = "openvino"):
+        reason = openvino_unsupported(backbone, name)
         if reason:
-            raise ZSADError(f"The {openvino_engine_name(int8_weights)} engine cannot run here: {reason}; use --engine torch or auto.")
+            raise ZSADError(f"The {name} engine cannot run here: {reason}; use --engine torch or auto.")
         self.backbone = backbone
-        self.int8_weights = int8_weights
-        self.name = openvino_engine_name(int8_weights)
+        self.name = name
+        self.int8 = OPENVINO_INT8[name]
         self.precision = vision_precision(backbone)
         self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
         self._weights = weights_identity(backbone)
@@ -154,7 +162,8 @@ class OpenVINOEngine:
         self._lock = threading.Lock()
 
     def describe(self) -> str:
-        return f"openvino {self.precision}" + (", int8 weights" if self.int8_weights else "")
+        computes = "float32" if self.precision == "int8" else self.precision
+        return f"openvino {computes}" + (f", int8 {self.int8}" if self.int8 else "")
 
     def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         return self.describe()
@@ -171,7 +180,7 @@ class OpenVINOEngine:
         import openvino
 
         return {"cache_format": CACHE_FORMAT, "zsad": zsad_version(), "openvino": openvino.__version__, "torch": torch.__version__,
-                "backbone": self._weights, "precision": self.precision, "int8_weights": self.int8_weights, "image_size": size,
+                "backbone": self._weights, "precision": self.precision, "int8": self.int8, "image_size": size,
                 "streams": [[start, list(layers)] for start, layers in stream_key(layers_by_start)]}
 
     def encode_streams(self, pixel_values: torch.Tensor, layers_by_start: dict, position_interpolation: str) -> dict:
@@ -205,7 +214,7 @@ class OpenVINOEngine:
             return compiled, dict(wanted)
 
     def _build(self, folder: Path, size: int, layers_by_start: dict) -> None:
-        build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision], self.int8_weights)
+        build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision], self.int8)
 
     def release(self) -> None:
         """Drop the compiled graphs (their memory); the next pass compiles again from the cache folder."""
@@ -250,10 +259,10 @@ class VisionGraph(torch.nn.Module):
 
 
 def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers_by_start: dict, weights_in_float16: bool,
-                         int8_weights: bool = False) -> None:
+                         int8: str | None = None) -> None:
     """Export the vision pass (``torch.export``, batch left free) of a float32 copy of ``backbone`` and write it as
-    OpenVINO IR to ``folder`` (the precision it computes in is chosen when it is compiled), its linears' weights made
-    int8 by NNCF with ``int8_weights``."""
+    OpenVINO IR to ``folder`` (the precision it computes in is chosen when it is compiled), made int8 by NNCF where
+    ``int8`` says (a value of ``OPENVINO_INT8``)."""
     import openvino as ov
 
     float_backbone = float32_copy(backbone)
@@ -265,11 +274,48 @@ def build_openvino_graph(backbone: CLIPBackbone, folder: Path, size: int, layers
                                       dynamic_shapes=({0: batch}, None))
     model = ov.convert_model(program)
     model.reshape({model.input(0): ov.PartialShape([-1, 3, size, size]), model.input(1): ov.PartialShape(list(positions.shape))})
-    if int8_weights:
+    if int8 == "weights":
         import nncf
 
         model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, INT8_WEIGHTS))
+    elif int8 == "weights and activations":
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        samples = [{0: image[None].numpy(), 1: positions.numpy()} for image in calibration_pixels(backbone, size, CALIBRATION_IMAGES)]
+        # Each activation's range over all the images (the transformer preset's default averages each image's): on the
+        # tiny CLIP, features at Pearson 0.99954 to float32 on another photo-like image against 0.99909.
+        ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+        with logger_level("nncf", logging.ERROR):
+            model = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples),
+                                  fast_bias_correction=True, advanced_parameters=ranges)
     ov.save_model(model, str(folder / GRAPH_FILES[0]), compress_to_fp16=weights_in_float16)
+
+
+def calibration_pixels(backbone: CLIPBackbone, size: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` photo-like images (count, 3, size, size), normalised as ``backbone`` normalises its input, made the
+    same on every machine: noise summed over octaves, each channel a mix of a shared luminance and its own colour, with
+    amplitude proportional to scale ** slope. Slope 1 is the 1/f spectrum of natural images; the slopes run from 0
+    (fine texture, as a woven or brushed surface) to 1.5 (smooth shading), one image at slope 1. The int8 activations'
+    ranges are set on these, and ``auto`` checks a quantised route's fidelity on others (another seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    slopes = torch.linspace(0.0, 1.5, count) if count > 1 else torch.ones(1)
+    images = torch.zeros(count, 3, size, size)
+    cell = size
+    while cell >= 2:
+        grid = max(1, size // cell)
+        luminance = torch.rand(count, 1, grid + 1, grid + 1, generator=generator)
+        colour = torch.rand(count, 3, grid + 1, grid + 1, generator=generator)
+        octave = torch.nn.functional.interpolate(0.7 * luminance + 0.3 * colour, size=(size, size), mode="bilinear", align_corners=True)
+        images += (cell / size) ** slopes.view(count, 1, 1, 1) * octave
+        cell //= 2
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    images = (images - low) / (high - low)
+    mean = torch.tensor(backbone.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.image_std).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def float32_copy(backbone: CLIPBackbone) -> CLIPBackbone:

@@ -1,11 +1,15 @@
-"""``--engine auto|torch|openvino|openvino-int8``: which engine runs the vision pass, ``auto`` chosen by measuring.
+"""``--engine auto|torch|openvino|openvino-int8|openvino-w8a8``: which engine runs the vision pass, ``auto`` chosen by
+measuring.
 
 ``auto`` times a few forwards of each engine this machine can run on the first pass of each (input size, streams,
 interpolation), keeps the fastest, and records the choice in the engine cache (``zsad.runtime.engine.engine_cache_dir``), keyed
 by this machine (CPU model and flags, torch threads) and the graphs' fingerprints (backbone, precision, pass), so the
 next start reads it instead of measuring. The engines are torch and OpenVINO in the backbone's precision, and, when
 the precision itself was chosen by ``--precision auto`` (``Runtime.precision_chosen``), OpenVINO with int8 weights
-(``openvino-int8``, computing in the backbone's precision). An explicit engine or precision is always the one that runs.
+(``openvino-int8``) and with int8 weights and activations (``openvino-w8a8``), both computing the rest in the
+backbone's precision. A candidate whose tapped tokens are not within ``FIDELITY_FLOOR`` of torch's on the same
+photo-like image is left out, so auto never trades the answer for speed. An explicit engine or precision is always
+the one that runs.
 
 A command (``zsad predict``, ``evaluate``, ``calibrate``) chooses before its first image, so one run has one engine. A
 server (the Space) calls ``choose_in_background``: torch serves while a background thread builds the graphs and times
@@ -33,11 +37,19 @@ from zsad_cli.choices import ENGINES
 from ..modeling.clip_backbone import CLIPBackbone
 from ..modeling.exceptions import ZSADError
 from .atomic import fsync
-from .engine import OpenVINOEngine, TorchEngine, engine_cache_dir, openvino_unsupported, stream_key, widest_first
+from .engine import OpenVINOEngine, TorchEngine, calibration_pixels, engine_cache_dir, openvino_unsupported, stream_key, widest_first
+from .provenance import vision_precision
 
 # Timed forwards per candidate after one untimed warm-up (which builds or reads the OpenVINO graph).
 MEASURED_FORWARDS = 3
-CHOICE_FORMAT = 2
+CHOICE_FORMAT = 3
+# The least Pearson correlation, over every tapped token and the global embedding, that a candidate's vision pass must
+# have with torch's on the measured image. OpenVINO in the backbone's precision reads 0.99999 or more; int8 weights
+# and activations 0.9998 on the full-size ViT-L/14 with random weights (docs/PERFORMANCE.md): the floor catches a
+# quantisation that real weights' outlier activations break, which random weights cannot show.
+FIDELITY_FLOOR = 0.999
+# The measured image: photo-like, not one the int8 activations were calibrated on.
+MEASURED_IMAGE_SEED = 1
 TORCH_MEANWHILE = {"engine": "torch", "seconds": {}}  # what a pass runs on while the background thread chooses it
 # Peak memory of compiling and first running one OpenVINO graph, per byte of the vision tower's float32 weights (1.22 GB
 # for ViT-L/14): 2.4 GB for a float32 graph, 1.45 GB for a bfloat16 one (float16 weights on disk); auto leaves OpenVINO
@@ -46,17 +58,26 @@ GRAPH_PEAK_MEMORY_FACTOR = 2.3
 
 
 def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: str | Path | None = None,
-                  int8_weights: bool = False):
-    """The engine named ``engine`` (default: ``$ZSAD_ENGINE``, else "auto") for ``backbone``; ``int8_weights``: auto
-    may choose OpenVINO with int8 weights (the precision was chosen by auto, ``Runtime.precision_chosen``)."""
+                  quantised: bool = False):
+    """The engine named ``engine`` (default: ``$ZSAD_ENGINE``, else "auto") for ``backbone``; ``quantised``: auto may
+    choose OpenVINO's int8 graphs (the precision was chosen by auto, ``Runtime.precision_chosen``)."""
     name = engine or os.environ.get("ZSAD_ENGINE") or "auto"
     if name not in ENGINES:
         raise ZSADError(f"engine must be one of {ENGINES}, got '{name}'.")
     if name == "torch":
         return TorchEngine(backbone)
     if name.startswith("openvino"):
-        return OpenVINOEngine(backbone, cache_dir, int8_weights=name == "openvino-int8")
-    return MeasuredEngine(backbone, cache_dir, int8_weights)
+        return OpenVINOEngine(backbone, cache_dir, name)
+    return MeasuredEngine(backbone, cache_dir, quantised)
+
+
+def candidate_openvino_engines(backbone: CLIPBackbone, quantised: bool) -> tuple[str, ...]:
+    """The OpenVINO engines auto measures: the graph in the backbone's precision, and its int8 graphs when the precision
+    was chosen by auto (``quantised``); an int8 backbone's int8 linears quantise their inputs already, so int8
+    activations are its own precision's route."""
+    if quantised:
+        return "openvino", "openvino-int8", "openvino-w8a8"
+    return ("openvino", "openvino-w8a8") if vision_precision(backbone) == "int8" else ("openvino",)
 
 
 def machine_identity() -> dict:
@@ -80,15 +101,16 @@ class MeasuredEngine:
 
     name = "auto"
 
-    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, int8_weights: bool = False):
+    def __init__(self, backbone: CLIPBackbone, cache_dir: str | Path | None = None, quantised: bool = False):
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir else engine_cache_dir()
         self.candidates = {"torch": TorchEngine(backbone)}
-        self.unavailable = openvino_unsupported(backbone)
-        if self.unavailable is None:
-            self.candidates["openvino"] = OpenVINOEngine(backbone, self.cache_dir)
-        if self.unavailable is None and int8_weights and openvino_unsupported(backbone, int8_weights=True) is None:
-            self.candidates["openvino-int8"] = OpenVINOEngine(backbone, self.cache_dir, int8_weights=True)
+        reasons = {}
+        for name in candidate_openvino_engines(backbone, quantised):
+            reasons[name] = openvino_unsupported(backbone, name)
+            if reasons[name] is None:
+                self.candidates[name] = OpenVINOEngine(backbone, self.cache_dir, name)
+        self.unavailable = next(iter(reasons.values()))  # why plain OpenVINO is not a candidate (None: it is)
         self.choices: dict = {}  # (size, streams, interpolation) -> {"engine": name, "seconds": {name: s}}
         self._lock = threading.Lock()
         self._pending: dict | None = None  # background mode: passes queued, not chosen yet -> their arguments
@@ -153,7 +175,7 @@ class MeasuredEngine:
     def describe(self) -> str:
         """E.g. "auto: openvino bfloat16, int8 weights (measured per image: torch 0.41 s, openvino 0.30 s, openvino-int8 0.26 s)"."""
         if len(self.candidates) == 1:
-            return f"auto: {self.candidates['torch'].describe()} (only candidate: {self.unavailable})"
+            return f"auto: {self.candidates['torch'].describe()} (only candidate: {self.unavailable or 'see --engine'})"
         with self._lock:
             chosen = [describe_choice(self.candidates[choice["engine"]], choice) for choice in self.choices.values()]
             if self._pending:
@@ -190,20 +212,50 @@ class MeasuredEngine:
         return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
     def _measure(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
-        """Median seconds of ``MEASURED_FORWARDS`` forwards of one image per candidate; a candidate that fails is
-        left out with a warning (torch, today's route, always stays)."""
-        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        seconds = {}
-        for name, engine in self.candidates.items():
+        """Median seconds of ``MEASURED_FORWARDS`` forwards of one image per candidate; a candidate that fails, or
+        whose features are not within ``FIDELITY_FLOOR`` of torch's, is left out with a warning (torch, today's route,
+        always stays)."""
+        pixels = calibration_pixels(self.backbone, size, 1, seed=MEASURED_IMAGE_SEED)
+        seconds, left_out, reference = {}, {}, None
+        for name, engine in self.candidates.items():  # torch first: the reference the others are checked against
+            def forward(engine=engine):
+                return engine.encode_streams(pixels, layers_by_start, position_interpolation)
+
             try:
                 engine.prepare(size, layers_by_start, position_interpolation)
-                seconds[name] = median_seconds(lambda engine=engine: engine.encode_streams(pixels, layers_by_start, position_interpolation),
-                                               self._turn)
+                timed = median_seconds(forward, self._turn)
+                with self._turn():
+                    features = forward()
             except (ZSADError, RuntimeError, OSError) as error:
                 if name == "torch":
                     raise
                 warnings.warn(f"The {name} engine was left out of the measurement: {error}", RuntimeWarning, stacklevel=2)
-        return {"engine": min(seconds, key=seconds.get), "seconds": seconds}
+                continue
+            reference = features if reference is None else reference
+            agreement = features_pearson(features, reference)
+            if agreement < FIDELITY_FLOOR:
+                left_out[name] = f"its features at Pearson {agreement:.5f} to torch's, below {FIDELITY_FLOOR}"
+                warnings.warn(f"The {name} engine was left out: {left_out[name]}", RuntimeWarning, stacklevel=2)
+            else:
+                seconds[name] = timed
+            self._release_slower(seconds)
+        return {"engine": min(seconds, key=seconds.get), "seconds": seconds, **({"left_out": left_out} if left_out else {})}
+
+    def _release_slower(self, seconds: dict) -> None:
+        """While measuring, keep only the fastest candidate's compiled graph so far (the others' memory is freed)."""
+        fastest = min(seconds, key=seconds.get)
+        for name, engine in self.candidates.items():
+            if name != fastest and hasattr(engine, "release"):
+                engine.release()
+
+
+def features_pearson(features: dict, reference: dict) -> float:
+    """Pearson correlation of every tapped token and the global embedding of two ``encode_streams`` results."""
+    def flat(streams: dict) -> torch.Tensor:
+        return torch.cat([tensor.float().ravel() for feature in streams.values()
+                          for tensor in (*feature.layer_tokens, feature.image_embeds)])
+
+    return torch.corrcoef(torch.stack([flat(features), flat(reference)]))[0, 1].item()
 
 
 def median_seconds(forward, turn: Callable[[], AbstractContextManager] = nullcontext) -> float:
@@ -223,7 +275,8 @@ def describe_choice(engine, choice: dict) -> str:
     if "note" in choice:
         return f"auto: {engine.describe()} ({choice['note']})"
     measured = ", ".join(f"{name} {seconds:.3g} s" for name, seconds in choice["seconds"].items())
-    return f"auto: {engine.describe()} (measured per image: {measured})"
+    left_out = "".join(f"; {name} left out: {why}" for name, why in choice.get("left_out", {}).items())
+    return f"auto: {engine.describe()} (measured per image: {measured}{left_out})"
 
 
 def available_memory_bytes() -> int | None:
@@ -253,9 +306,10 @@ def read_choice(path: Path, candidates: dict) -> dict | None:
     try:
         record = json.loads(path.read_text())
         seconds = {str(name): float(value) for name, value in record["seconds"].items()}
+        left_out = {str(name): str(why) for name, why in record.get("left_out", {}).items()}
         if record["engine"] not in candidates or record["engine"] not in seconds:
             return None
-        return {"engine": record["engine"], "seconds": seconds}
+        return {"engine": record["engine"], "seconds": seconds, **({"left_out": left_out} if left_out else {})}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
