@@ -172,6 +172,20 @@ def test_one_graph_serves_a_narrower_pass_with_its_own_positions(tiny_backbone, 
     assert not torch.allclose(ours[3].layer_tokens[0], bicubic[3].layer_tokens[0], atol=1e-3)  # the positions did change
 
 
+def test_after_a_restart_a_narrower_pass_reads_the_wider_graph_on_disk(tiny_backbone, tmp_path):
+    wide, narrow = {3: [2, 3, 4]}, {3: [4]}
+    OpenVINOEngine(tiny_backbone, tmp_path).prepare(TEST_IMAGE_SIZE, wide, "bicubic")
+    restarted = OpenVINOEngine(tiny_backbone, tmp_path)  # a new process, or the graph released: nothing compiled
+    assert restarted.cached_covering_streams(TEST_IMAGE_SIZE, narrow) == wide
+    assert restarted.cached_covering_streams(TEST_IMAGE_SIZE, {None: [4]}) is None  # another stream: not served
+    assert OpenVINOEngine(tiny_backbone, tmp_path, "openvino-int8").cached_covering_streams(TEST_IMAGE_SIZE, narrow) is None
+    pixels = random_pixels(1)
+    ours = restarted.encode_streams(pixels, narrow, "bilinear")
+    assert len(graph_folders(tmp_path)) == 1  # served by the wide graph, nothing built
+    expected = TorchEngine(tiny_backbone).encode_streams(pixels, narrow, "bilinear")
+    torch.testing.assert_close(ours[3].layer_tokens[0], expected[3].layer_tokens[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("graph, wanted, served", [
     ({6: [6, 12, 18, 24]}, {6: [24]}, True),
     ({6: [6, 12, 18, 24]}, {6: [12, 24]}, True),

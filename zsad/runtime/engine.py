@@ -46,9 +46,9 @@ GRAPH_FILES = ("vision.xml", "vision.bin")
 MANIFEST = "manifest.json"
 # OpenVINO's CPU plug-in computes in bfloat16 by default where the CPU has it; float32 asks for float32 explicitly.
 # An int8 backbone (torch's dynamic int8 linears) runs on OpenVINO only with int8 activations too (openvino-w8a8),
-# computing the rest in float32: its linears' int8 weights are dequantised for the export and quantised again on the
-# same per-channel grid. With int8 weights alone it would compute in float32, slower than torch int8 (3.11 s against
-# 2.88 s per pass on an AVX512 CPU without BF16, docs/PERFORMANCE.md).
+# computing the rest in float32: its linears' int8 weights are dequantised for the export and quantised again per
+# channel. With int8 weights alone it would compute in float32, slower than torch int8 (3.21 s against
+# 2.69 s on a Zen 4, docs/PERFORMANCE.md, deploy routes).
 OPENVINO_PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
 # A bfloat16 graph keeps its weights as float16 on disk: half the file, and for ViT-L 1.45 GB resident per compiled
 # graph instead of 2.0 (float16 holds every bfloat16 value's precision and CLIP's weights' range). A float32 graph
@@ -202,16 +202,34 @@ class OpenVINOEngine:
 
     def compiled(self, size: int, layers_by_start: dict) -> tuple:
         """(the compiled graph serving this pass, the streams it outputs): one compiled already that covers the pass
-        (``covers``), else the one of the cache folder for these streams (built there first when missing or damaged)."""
-        wanted = stream_key(layers_by_start)
+        (``covers``), else a cache folder's graph that covers it, else the one of the cache folder for these streams
+        (built there first when missing or damaged)."""
+        num_layers = self.backbone.vision_config.num_hidden_layers
         with self._lock:
             for (graph_size, graph_streams), compiled in self._compiled.items():
-                if graph_size == size and covers(dict(graph_streams), layers_by_start, self.backbone.vision_config.num_hidden_layers):
+                if graph_size == size and covers(dict(graph_streams), layers_by_start, num_layers):
                     return compiled, dict(graph_streams)
-            inputs = self.graph_inputs(size, layers_by_start)
-            compiled = cached_graph(self.cache_dir, inputs, lambda folder: self._build(folder, size, layers_by_start))
-            self._compiled[(size, wanted)] = compiled
-            return compiled, dict(wanted)
+            streams = self.cached_covering_streams(size, layers_by_start) or layers_by_start
+            inputs = self.graph_inputs(size, streams)
+            compiled = cached_graph(self.cache_dir, inputs, lambda folder: self._build(folder, size, streams))
+            self._compiled[(size, stream_key(streams))] = compiled
+            return compiled, dict(stream_key(streams))
+
+    def cached_covering_streams(self, size: int, layers_by_start: dict) -> dict | None:
+        """The streams of a graph in the cache folder, built for this backbone, size, precision and int8, that serves
+        ``layers_by_start`` (``covers``): a wider pass's graph, so a narrower pass first seen after a restart (or after
+        ``release``) is not built again. Its files are checked when it is read (``cached_graph``)."""
+        wanted = {key: value for key, value in self.graph_inputs(size, layers_by_start).items() if key != "streams"}
+        for manifest in sorted(self.cache_dir.glob(f"*/{MANIFEST}")):
+            try:
+                inputs = json.loads(manifest.read_text())["inputs"]
+                streams = {start: list(layers) for start, layers in inputs["streams"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            same_graph = {key: value for key, value in inputs.items() if key != "streams"} == wanted
+            if same_graph and covers(streams, layers_by_start, self.backbone.vision_config.num_hidden_layers):
+                return streams
+        return None
 
     def _build(self, folder: Path, size: int, layers_by_start: dict) -> None:
         build_openvino_graph(self.backbone, folder, size, layers_by_start, WEIGHTS_IN_FLOAT16[self.precision], self.int8)

@@ -131,7 +131,7 @@ class MeasuredEngine:
                 return TORCH_MEANWHILE
             if key not in self.choices:
                 self.choices[key] = self._recorded_or_measured(size, layers_by_start, position_interpolation)
-                self._release_unchosen()
+                self._release_all_but(self._chosen())
             return self.choices[key]
 
     def choose_in_background(self, passes: Iterable[tuple[int, dict, str]] = (),
@@ -166,7 +166,7 @@ class MeasuredEngine:
             with self._lock:
                 self.choices[key] = choice
                 del self._pending[key]
-                self._release_unchosen()
+                self._release_all_but(self._chosen())
 
     def route(self, size: int, layers_by_start: dict, position_interpolation: str) -> str:
         """The chosen engine's route for this pass (measured now when it has not been chosen yet)."""
@@ -183,13 +183,14 @@ class MeasuredEngine:
                               "measured in the background")
         return "; ".join(dict.fromkeys(chosen)) or "auto (measured on the first image)"
 
-    def _release_unchosen(self) -> None:
-        """Free the compiled graphs of the OpenVINO candidates no pass has chosen (measuring compiled them); called
-        holding ``_lock``."""
-        chosen = {choice["engine"] for choice in self.choices.values()}
+    def _release_all_but(self, keep: set) -> None:
+        """Free the compiled graphs of the OpenVINO candidates not in ``keep`` (measuring compiled them)."""
         for name, engine in self.candidates.items():
-            if name not in chosen and hasattr(engine, "release"):
+            if name not in keep and hasattr(engine, "release"):
                 engine.release()
+
+    def _chosen(self) -> set:
+        return {choice["engine"] for choice in self.choices.values()}
 
     def _recorded_or_measured(self, size: int, layers_by_start: dict, position_interpolation: str) -> dict:
         if len(self.candidates) == 1:
@@ -238,15 +239,8 @@ class MeasuredEngine:
                 warnings.warn(f"The {name} engine was left out: {left_out[name]}", RuntimeWarning, stacklevel=2)
             else:
                 seconds[name] = timed
-            self._release_slower(seconds)
+            self._release_all_but({min(seconds, key=seconds.get)} | self._chosen())  # the fastest so far stays compiled
         return {"engine": min(seconds, key=seconds.get), "seconds": seconds, **({"left_out": left_out} if left_out else {})}
-
-    def _release_slower(self, seconds: dict) -> None:
-        """While measuring, keep only the fastest candidate's compiled graph so far (the others' memory is freed)."""
-        fastest = min(seconds, key=seconds.get)
-        for name, engine in self.candidates.items():
-            if name != fastest and hasattr(engine, "release"):
-                engine.release()
 
 
 def features_pearson(features: dict, reference: dict) -> float:

@@ -52,8 +52,8 @@ class Runtime:
 
     ``precision`` is a name from ``PRECISIONS`` other than "auto" (the one vocabulary of zsad: the CLI, the Space,
     exports); ``dtype`` is the vision tower's torch dtype for it (``INT8``: int8 vision linears). ``precision_chosen``:
-    it was "auto", so ``--engine auto`` may also run the vision linears with int8 weights where that measures faster
-    (an explicit precision is kept as asked)."""
+    it was "auto", so ``--engine auto`` may also run the vision tower on an int8 graph where that measures faster and
+    agrees with torch (an explicit precision is kept as asked)."""
 
     device: torch.device
     precision: str
