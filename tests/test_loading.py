@@ -34,6 +34,33 @@ def test_native_bf16_needs_the_instructions_and_onednn_allowed_to_use_them(monke
     assert Runtime.resolve("cpu", "auto").precision == ("bfloat16" if native else "int8")
 
 
+@pytest.mark.parametrize(("cpuinfo", "onednn_cap", "may"), [
+    ("flags : fpu avx2 fma avx512f avx512_vnni", None, True),
+    ("flags : fpu avx2 fma avx_vnni", None, True),
+    ("flags : fpu avx2 fma avx512f", None, False),  # AVX512 without VNNI (Skylake-SP), or AVX2 alone
+    ("flags : fpu avx2 fma avx512f avx512_vnni amx_int8", "AVX2", False),  # oneDNN capped below VNNI
+    (None, None, True),  # no /proc/cpuinfo: measuring decides
+])
+def test_int8_dot_products_read_from_the_cpu_flags_and_onednn_cap(monkeypatch, cpuinfo, onednn_cap, may):
+    from zsad.modeling import precision
+
+    class CPUInfo:
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            if cpuinfo is None:
+                raise FileNotFoundError("/proc/cpuinfo")
+            return cpuinfo
+
+    monkeypatch.setattr(precision, "Path", CPUInfo)
+    if onednn_cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_cap)
+    assert precision.cpu_may_have_int8_dot_products() is may
+
+
 def test_int8_loading_quantises_every_vision_linear_and_warns_nothing(tiny_clip_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # torch's quantised-tensor deprecation is a UserWarning

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,24 @@ def cpu_has_native_bf16() -> bool:
     has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
     onednn_capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
     return has_instructions and not onednn_capped and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+# The int8 dot-product instructions (VNNI, AMX-INT8) as Linux's /proc/cpuinfo names them, and oneDNN's caps below them.
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+ONEDNN_ISAS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+
+
+def cpu_may_have_int8_dot_products() -> bool:
+    """False where this CPU surely has no int8 dot-product instructions oneDNN may use: /proc/cpuinfo lists none of
+    ``INT8_DOT_PRODUCT_FLAGS``, or ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below them. True elsewhere, a system without
+    /proc/cpuinfo included (there a measurement decides)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_VNNI:
+        return False
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True
+    return bool(words & INT8_DOT_PRODUCT_FLAGS)
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:

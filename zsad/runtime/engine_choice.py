@@ -36,6 +36,7 @@ from zsad_cli.choices import ENGINES
 
 from ..modeling.clip_backbone import CLIPBackbone
 from ..modeling.exceptions import ZSADError
+from ..modeling.precision import cpu_may_have_int8_dot_products
 from .atomic import fsync
 from .engine import OpenVINOEngine, TorchEngine, calibration_pixels, engine_cache_dir, openvino_unsupported, stream_key, widest_first
 from .provenance import vision_precision
@@ -74,10 +75,13 @@ def vision_engine(backbone: CLIPBackbone, engine: str | None = None, cache_dir: 
 def candidate_openvino_engines(backbone: CLIPBackbone, quantised: bool) -> tuple[str, ...]:
     """The OpenVINO engines auto measures: the graph in the backbone's precision, and its int8 graphs when the precision
     was chosen by auto (``quantised``); an int8 backbone's int8 linears quantise their inputs already, so int8
-    activations are its own precision's route."""
+    activations are its own precision's route. ``openvino-w8a8`` only where the CPU may have int8 dot products: on
+    AVX2's multiply-adds it lost to torch int8 (9.2 s against 6.7 s per image, docs/PERFORMANCE.md) after a
+    3-minute build."""
+    w8a8 = ("openvino-w8a8",) if cpu_may_have_int8_dot_products() else ()
     if quantised:
-        return "openvino", "openvino-int8", "openvino-w8a8"
-    return ("openvino", "openvino-w8a8") if vision_precision(backbone) == "int8" else ("openvino",)
+        return ("openvino", "openvino-int8", *w8a8)
+    return ("openvino", *w8a8) if vision_precision(backbone) == "int8" else ("openvino",)
 
 
 def machine_identity() -> dict:
