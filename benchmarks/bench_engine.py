@@ -10,9 +10,10 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
 - each candidate route (engine x precision this CPU runs natively), end to end for the baseline (file decode -> score
   and map at the original size): median seconds, ratio to the stock forward, fidelity against torch float32 (Pearson
   of the maps, |image-score difference|), and the first call's time (which builds the OpenVINO graph);
-- zsad end to end with ``--precision auto --engine auto`` (a fresh engine cache, so the first call includes the
-  graph build and the measurement ``auto`` makes) for the baseline, StackCLIP, GenCLIP and ``compare``, and what it
-  chose; ``torch`` with ``--precision auto`` is the route ``auto`` ran before the engines existed;
+- zsad end to end with ``--precision auto --engine auto`` (on the engine cache the route rows filled, so the first
+  call compiles their graphs and makes the measurement ``auto`` makes; a route row's first call shows its build) for
+  the baseline, StackCLIP, GenCLIP and ``compare``, and what it chose; ``torch`` with ``--precision auto`` is the
+  route ``auto`` ran before the engines existed;
 - the work per image (``FlopCounterMode``) of the stock forward and of zsad's vision pass for the baseline (its
   value-value stream adds work), and the rate each is done at, to set against the CPU's matmul rate on the first line.
 
@@ -187,7 +188,7 @@ def main() -> None:
     if tiny_instead():
         print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["ZSAD_ENGINE_CACHE"] = cache  # a fresh engine cache: first calls include the graph builds
+        os.environ["ZSAD_ENGINE_CACHE"] = cache  # a fresh engine cache: each route's first call includes its graph's build
         stock = stock_forwards(clip_path, args.repeats)
         yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
         yardstick = stock_vision(clip_path, getattr(torch, yardstick_name))

@@ -46,8 +46,9 @@ def add_engine_argument(parser: argparse.ArgumentParser, exported: bool = False)
                         help="what runs the vision pass (env ZSAD_ENGINE, default auto: the fastest of torch and openvino here, "
                              "and with --precision auto also openvino-int8 and openvino-w8a8, measured on first use and "
                              "remembered); torch; openvino (a graph built once and cached next to the Hugging Face cache); "
-                             "openvino-int8 (the same with int8 weights); openvino-w8a8 (int8 weights and activations)" + ("; with --model a folder written by `zsad export`, onnx|openvino run that "
-                                                      "exported graph" if exported else ""))
+                             "openvino-int8 (the same with int8 weights); openvino-w8a8 (int8 weights and activations)"
+                             + ("; with --model a folder written by `zsad export`, onnx|openvino run that exported graph"
+                                if exported else ""))
 
 
 def add_rescore_argument(parser: argparse.ArgumentParser) -> None:
