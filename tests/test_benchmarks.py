@@ -22,6 +22,7 @@ RUNS = {
     "bench_false_alarm.py": (["--categories", "disk", "--shots", "4", "--rates", "0.2", "--draws", "1", "--held-out", "4",
                               "--defective", "2"], "|"),
     "bench_engine.py": (["--repeats", "1", "--workdir", "{work}"], "chosen: auto"),
+    "bench_engine_fidelity.py": ([], "| openvino-w8a8 int8 |"),
     "bench_evaluate.py": (["--images-per-category", "2", "--workdir", "{work}"], "|"),
     "bench_inference.py": (["--repeats", "1", "--workdir", "{work}"], "|"),
     "bench_malloc.py": (["--workdir", "{work}"], "|"),
