@@ -22,10 +22,10 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
 glibc's malloc is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
 
 ``ZSAD_BENCH_TINY=1`` runs it on the tiny random CLIP (a check that it runs; the numbers mean nothing). The other
-CPU classes are emulated on a CPU with AMX (the CPU class line says so; OpenVINO's CPU plug-in, built on oneDNN,
-honours ``ONEDNN_MAX_CPU_ISA`` as torch does): AVX512 without BF16 with ``ATEN_CPU_CAPABILITY=avx512
-ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``, AVX2 with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-MKL_ENABLE_INSTRUCTIONS=AVX2``.
+CPU classes are emulated on a CPU with AMX (the CPU class line says so; OpenVINO's oneDNN kernels honour
+``ONEDNN_MAX_CPU_ISA`` as torch's do, though the plug-in picks some kernels by reading the CPU itself, see
+docs/PERFORMANCE.md): AVX512 without BF16 with ``ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``,
+AVX2 with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 """
 
 import argparse
@@ -59,12 +59,14 @@ def routes() -> list[tuple[str, str]]:
     """(engine, precision) pairs to time: torch in each precision this CPU runs natively (bfloat16 only with native
     bf16: elsewhere it is 3-100x slower), OpenVINO in float32, and each OpenVINO route ``auto`` measures in the
     precision ``--precision auto`` chooses (bfloat16 where native, else int8, which only ``openvino-w8a8`` runs)."""
-    automatic = "bfloat16" if cpu_has_native_bf16() else "int8"
-    rows = [("torch", precision) for precision in ("float32", "int8", "bfloat16") if precision != "bfloat16" or automatic == "bfloat16"]
+    native_bf16 = cpu_has_native_bf16()
+    rows = [("torch", "float32"), ("torch", "int8")] + ([("torch", "bfloat16")] if native_bf16 else [])
     if importlib.util.find_spec("openvino"):
-        int8_graphs = ("openvino-int8", "openvino-w8a8") if importlib.util.find_spec("nncf") else ()
-        automatic_routes = ("openvino", *int8_graphs) if automatic == "bfloat16" else int8_graphs[1:]
-        rows += [("openvino", "float32")] + [(engine, automatic) for engine in automatic_routes]
+        rows.append(("openvino", "float32"))
+        if native_bf16:
+            rows.append(("openvino", "bfloat16"))
+        if importlib.util.find_spec("nncf"):
+            rows += [("openvino-int8", "bfloat16"), ("openvino-w8a8", "bfloat16")] if native_bf16 else [("openvino-w8a8", "int8")]
     return rows
 
 

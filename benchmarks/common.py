@@ -110,7 +110,9 @@ EMULATION_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_I
 
 def cpu_flags() -> list[str]:
     """Which of ``CPU_FLAGS`` this CPU reports in /proc/cpuinfo (what the hardware has, whatever is emulated)."""
-    words = set(Path("/proc/cpuinfo").read_text().split())
+    from zsad.modeling.precision import cpu_flag_words
+
+    words = cpu_flag_words() or set()
     return [flag for flag in CPU_FLAGS if flag in words]
 
 

@@ -35,8 +35,21 @@ def cpu_has_native_bf16() -> bool:
     # torch exposes the CPU feature checks only under private names; absent ones mean "not supported".
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     has_instructions = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-    onednn_capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
+    onednn_capped = onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16
     return has_instructions and not onednn_capped and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def onednn_isa_cap() -> str:
+    """oneDNN's instruction-set cap (``ONEDNN_MAX_CPU_ISA``, upper-cased; "" when unset)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+
+
+def cpu_flag_words() -> set[str] | None:
+    """The words of Linux's /proc/cpuinfo, its feature flags among them (None where there is no such file)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
 
 
 # The int8 dot-product instructions (VNNI, AMX-INT8) as Linux's /proc/cpuinfo names them, and oneDNN's caps below them.
@@ -48,13 +61,10 @@ def cpu_may_have_int8_dot_products() -> bool:
     """False where this CPU surely has no int8 dot-product instructions oneDNN may use: /proc/cpuinfo lists none of
     ``INT8_DOT_PRODUCT_FLAGS``, or ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below them. True elsewhere, a system without
     /proc/cpuinfo included (there a measurement decides)."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_VNNI:
+    if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_VNNI:
         return False
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return True
-    return bool(words & INT8_DOT_PRODUCT_FLAGS)
+    words = cpu_flag_words()
+    return words is None or bool(words & INT8_DOT_PRODUCT_FLAGS)
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:

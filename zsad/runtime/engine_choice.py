@@ -228,9 +228,7 @@ class MeasuredEngine:
 
             try:
                 engine.prepare(size, layers_by_start, position_interpolation)
-                timed = median_seconds(forward, self._turn)
-                with self._turn():
-                    features = forward()
+                timed, features = median_seconds(forward, self._turn)
             except (ZSADError, RuntimeError, OSError) as error:
                 if name == "torch":
                     raise
@@ -256,17 +254,18 @@ def features_pearson(features: dict, reference: dict) -> float:
     return torch.corrcoef(torch.stack([flat(features), flat(reference)]))[0, 1].item()
 
 
-def median_seconds(forward, turn: Callable[[], AbstractContextManager] = nullcontext) -> float:
-    """The median of ``MEASURED_FORWARDS`` timed ``forward()`` after a warm-up (first-call allocations), each in its own ``turn()``."""
+def median_seconds(forward, turn: Callable[[], AbstractContextManager] = nullcontext) -> tuple[float, object]:
+    """(the median of ``MEASURED_FORWARDS`` timed ``forward()`` after a warm-up (first-call allocations), each in its
+    own ``turn()``; the warm-up's output)."""
     with turn():
-        forward()
+        output = forward()
     times = []
     for _ in range(MEASURED_FORWARDS):
         with turn():
             started = time.perf_counter()
             forward()
             times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(times), output
 
 
 def describe_choice(engine, choice: dict) -> str:
