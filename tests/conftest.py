@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The vision pass on torch, as before engines existed; tests/test_engine.py tests the others (and auto) by name.
 os.environ.setdefault("ZSAD_ENGINE", "torch")
 
+# Under pytest-xdist (.ci/run runs two workers) the cores are shared out among the workers, and the processes their
+# tests start inherit the share: torch threads outnumbering the cores would slow every test down.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 TEST_IMAGE_SIZE = 112  # 8x8 patch grid on the tiny CLIP's 14-px patches
 
 # Fixtures whose tests are integration tests wherever they are written (see pyproject's markers).
