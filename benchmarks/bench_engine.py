@@ -17,7 +17,10 @@ Full-size CLIP ViT-L/14@336 (random weights), 518 px, batch 1, a 900x700 PNG. Pr
 - the work per image (``FlopCounterMode``) of the stock forward and of zsad's vision pass for the baseline (its
   value-value stream adds work), and the rate each is done at, to set against the CPU's matmul rate on the first line.
 
-    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--default-malloc]
+    python benchmarks/bench_engine.py [--repeats 5] [--workdir /tmp/zsad-bench] [--engine-cache DIR] [--default-malloc]
+
+``--engine-cache`` keeps the graphs in DIR (reused by the next run, whose first calls then read rather than build them);
+by default each run builds them in a fresh folder, removed at the end.
 
 glibc's malloc is set up as in the Space (``zsad.runtime.allocator``) unless ``--default-malloc`` is given.
 
@@ -179,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsad-bench"))
+    parser.add_argument("--engine-cache", help="keep the graphs in this folder, and read those already there")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc settings")
     args = parser.parse_args()
     if not args.default_malloc:
@@ -189,8 +193,9 @@ def main() -> None:
     print(f"malloc: {'glibc defaults' if args.default_malloc else 'the Space settings (zsad.runtime.allocator)'}")
     if tiny_instead():
         print("tiny random CLIP (ZSAD_BENCH_TINY=1): a check that the script runs; the numbers mean nothing")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["ZSAD_ENGINE_CACHE"] = cache  # a fresh engine cache: each route's first call includes its graph's build
+    with tempfile.TemporaryDirectory() as fresh:
+        cache = args.engine_cache or fresh  # a fresh engine cache: each route's first call includes its graph's build
+        os.environ["ZSAD_ENGINE_CACHE"] = cache
         stock = stock_forwards(clip_path, args.repeats)
         yardstick_name = "bfloat16" if "bfloat16" in stock else "float32"
         yardstick = stock_vision(clip_path, getattr(torch, yardstick_name))

@@ -9,6 +9,7 @@ from scipy.ndimage import gaussian_filter
 from zsad import ZeroShotCLIPModel
 from zsad.modeling.anomaly_maps import (
     gaussian_blur,
+    gaussian_blur_reflect,
     image_scores,
     patch_state_probs,
     scaled_sigma,
@@ -20,11 +21,24 @@ from zsad.modeling.losses import dice_loss, focal_loss, image_loss, segmentation
 from conftest import TEST_IMAGE_SIZE
 
 
-@pytest.mark.parametrize("sigma, size", [(4.0, 64), (1.5, 37), (0.3, 20)])
-def test_gaussian_blur_matches_scipy_mirror_mode(sigma, size):
-    maps = torch.rand(2, size, size, dtype=torch.float64)
+@pytest.mark.parametrize("sigma, height, width", [(4.0, 64, 64), (1.5, 37, 37), (0.3, 20, 20), (2.0, 23, 41)])
+def test_gaussian_blur_matches_scipy_mirror_mode(sigma, height, width):
+    maps = torch.rand(2, height, width, dtype=torch.float64)
     expected = np.stack([gaussian_filter(m.numpy(), sigma=sigma, mode="mirror", truncate=4.0) for m in maps])
     np.testing.assert_allclose(gaussian_blur(maps, sigma).numpy(), expected, atol=1e-10)
+
+
+def test_gaussian_blur_repeats_the_edge_of_maps_narrower_than_its_kernel():
+    maps = torch.rand(1, 5, 9, dtype=torch.float64)  # radius 8 at sigma 2: more than the 5-pixel side can mirror
+    expected = gaussian_filter(maps[0].numpy(), sigma=2.0, mode="nearest", truncate=4.0)
+    np.testing.assert_allclose(gaussian_blur(maps, 2.0)[0].numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("sigma, height, width", [(4.0, 64, 64), (3.0, 7, 12)])  # the second: a radius beyond the side
+def test_gaussian_blur_reflect_matches_scipy_default_mode(sigma, height, width):
+    maps = torch.rand(2, height, width, dtype=torch.float64)
+    expected = np.stack([gaussian_filter(m.numpy(), sigma=sigma, truncate=4.0) for m in maps])
+    np.testing.assert_allclose(gaussian_blur_reflect(maps, sigma).numpy(), expected, atol=1e-10)
 
 
 def test_sigma_scales_with_input_size():

@@ -50,14 +50,45 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    kernel = gaussian_kernel1d(sigma)
     radius = kernel.numel() // 2
-    # Reflect padding needs the pad to be smaller than the side; tiny maps are padded by repeating.
-    mode = "reflect" if radius < min(maps.shape[-2:]) else "replicate"
-    x = maps.unsqueeze(1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    # Mirroring needs the pad to be smaller than the side (as torch's 'reflect' padding); tiny maps repeat their edge.
+    pad = mirrored_indices if radius < min(maps.shape[-2:]) else repeated_edge_indices
+    return separable_blur(maps, kernel, pad)
+
+
+def mirrored_indices(size: int, radius: int) -> torch.Tensor:
+    """Indices of a side of ``size`` padded by ``radius`` < ``size`` on each end, mirrored (c b | a b c d | c b)."""
+    period = torch.arange(-radius, size + radius).abs()
+    return torch.where(period < size, period, 2 * (size - 1) - period)
+
+
+def repeated_edge_indices(size: int, radius: int) -> torch.Tensor:
+    """Indices of a side of ``size`` padded by ``radius`` on each end with its edge values (a a | a b c | c c)."""
+    return torch.arange(-radius, size + radius).clamp(0, size - 1)
+
+
+def blur_matrix(size: int, kernel: torch.Tensor, padded_indices: torch.Tensor) -> torch.Tensor:
+    """(size, size) matrix M such that M @ x is ``kernel`` (odd length) run along a side x of ``size`` padded as
+    ``padded_indices`` (size + len(kernel) - 1 indices into x) says."""
+    radius = kernel.numel() // 2
+    rows = torch.arange(size)[:, None].expand(-1, 2 * radius + 1)
+    band = torch.zeros(size, size + 2 * radius, dtype=kernel.dtype)
+    band[rows, rows + torch.arange(2 * radius + 1)] = kernel
+    return torch.zeros(size, size, dtype=kernel.dtype).index_add_(1, padded_indices, band)
+
+
+def separable_blur(maps: torch.Tensor, kernel: torch.Tensor, padded_indices) -> torch.Tensor:
+    """(B, H, W) maps smoothed by ``kernel`` along both sides, each padded by ``padded_indices(side, radius)``.
+
+    As two matrix products rather than two convolutions: a 1-channel convolution runs at about 1 GFLOP/s on CPUs
+    (11 ms for a 518 x 518 map against 3 ms, full-size maps of the baseline), where a matrix product runs at the CPU's
+    full rate; the sums are the same up to float rounding."""
+    height, width = maps.shape[-2:]
+    radius = kernel.numel() // 2
+    rows = blur_matrix(height, kernel, padded_indices(height, radius)).to(maps.device, maps.dtype)
+    columns = blur_matrix(width, kernel, padded_indices(width, radius)).to(maps.device, maps.dtype)
+    return rows @ maps @ columns.T
 
 
 def scaled_sigma(sigma_at_reference: float, image_size: int, reference_size: int) -> float:
@@ -90,10 +121,4 @@ def gaussian_blur_reflect(maps: torch.Tensor, sigma: float, truncate: float = 4.
     scipy's 'mirror'). In torch so that batches stay on the model's device and in the exported graph."""
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype)
-    radius = kernel.numel() // 2
-    height, width = maps.shape[-2:]
-    x = maps.unsqueeze(1)
-    x = F.conv2d(x.index_select(3, reflected_indices(width, radius).to(maps.device)), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(x.index_select(2, reflected_indices(height, radius).to(maps.device)), kernel.view(1, 1, -1, 1))
-    return x.squeeze(1)
+    return separable_blur(maps, gaussian_kernel1d(sigma, truncate), reflected_indices)

@@ -243,9 +243,9 @@ class GenCLIPModel(ZSADPreTrainedModel):
 
     def patch_features(self, features: ImageFeatures, index: int) -> torch.Tensor:
         """(B, N, P) L2-normalised patch features of tapped layer ``index``: frozen post_layernorm, then its head."""
-        head = self.patch_heads[index]
-        tokens = self.require_backbone().post_layernorm(features.patch_tokens(index))
-        return F.normalize(head(tokens.to(head.weight.dtype)), dim=-1)
+        backbone = self.require_backbone()
+        tokens = backbone.post_layernorm(features.patch_tokens(index))
+        return F.normalize(backbone.project_patches(self.patch_heads[index], tokens), dim=-1)
 
     def global_state_probs(self, image_embeds: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(B, 2) state probabilities of the global image feature; (B, L, 2, P) text is averaged over layers."""

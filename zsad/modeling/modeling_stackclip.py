@@ -199,7 +199,7 @@ class StackCLIPModel(ZSADPreTrainedModel):
         return [
             [
                 patch_state_probs(
-                    F.normalize(head(tokens.to(head.weight.dtype)), dim=-1), text[:, cluster], self.config.logit_scale
+                    F.normalize(self.clip.project_patches(head, tokens), dim=-1), text[:, cluster], self.config.logit_scale
                 )
                 for head, tokens in zip(heads, normed_tokens)
             ]
