@@ -46,20 +46,19 @@ def test_project_patch_tokens_is_post_layernorm_then_projection(tiny_backbone):
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
-def test_patch_projections_compute_in_a_16_bit_towers_dtype_outside_training(tiny_clip_path, precision):
+def test_patch_projections_compute_in_a_16_bit_towers_dtype_unless_the_head_trains(tiny_clip_path, precision):
     backbone = CLIPBackbone.from_pretrained(str(tiny_clip_path), dtype=getattr(torch, precision))
     head = torch.nn.Linear(backbone.vision_config.hidden_size, 16)
     tokens = torch.randn(2, 9, backbone.vision_config.hidden_size)
-    with torch.inference_mode():
-        served = backbone.project_patches(head, tokens)
-    training = backbone.project_patches(head, tokens)
-    assert served.dtype == training.dtype == torch.float32 and training.requires_grad
+    training = backbone.project_patches(head.train(), tokens)
+    served = backbone.project_patches(head.eval(), tokens)  # gradients recorded or not: the mode decides
+    assert served.dtype == training.dtype == torch.float32 and served.requires_grad
     torch.testing.assert_close(training, head(tokens))
     if precision == "bfloat16":
         rounded = F.linear(tokens.bfloat16(), head.weight.bfloat16(), head.bias.bfloat16()).float()
-        assert torch.equal(served, rounded) and not torch.equal(served, training.detach())
+        assert torch.equal(served, rounded) and not torch.equal(served, training)
     else:
-        torch.testing.assert_close(served, training.detach())
+        torch.testing.assert_close(served, training)
 
 
 def test_text_features_equal_get_text_features(tiny_backbone):

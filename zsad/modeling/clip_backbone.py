@@ -329,10 +329,11 @@ class CLIPBackbone(nn.Module):
     def project_patches(self, head: nn.Linear, normed_tokens: torch.Tensor) -> torch.Tensor:
         """``head`` (a patch projection, float32) on (B, N, D) normed patch tokens, returned in float32.
 
-        Next to a 16-bit vision tower and outside training it computes in that dtype: the tokens already carry its
-        rounding, and on CPUs with native bf16 a float32 projection of every tapped layer took 30 ms of a baseline
-        call's 1.07 s (full-size CLIP, 518 px). Training, and float32 or int8 towers, keep float32."""
-        if self.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+        Next to a 16-bit vision tower and with ``head`` in eval mode (``from_pretrained`` models, every zsad surface,
+        the pipeline) it computes in that dtype: the tokens already carry its rounding, and on CPUs with native bf16 a
+        float32 projection of every tapped layer took 30 ms of a baseline call's 1.07 s (full-size CLIP, 518 px). A
+        head being trained (train mode), and float32 or int8 towers, keep float32."""
+        if self.dtype in (torch.bfloat16, torch.float16) and not head.training:
             bias = None if head.bias is None else head.bias.to(self.dtype)
             return F.linear(normed_tokens.to(self.dtype), head.weight.to(self.dtype), bias).float()
         return head(normed_tokens.to(head.weight.dtype))
